@@ -1,0 +1,57 @@
+"""Restoring pruned architectures from plain-data checkpoints.
+
+Every pruned layer (:class:`~lightning_eigendamage.layers.KFELayer`) stores a small architecture
+record (strings and integers) as its ``_extra_state``; a state_dict therefore describes the pruned
+architecture by itself and loads with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .surgery import records_in, reshape_to_records, swap_modules
+
+
+def _state_dict_of(checkpoint: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict):
+        raise TypeError(
+            f"checkpoint must be a path, a state_dict or a Lightning checkpoint dict, got "
+            f"{type(checkpoint).__name__}"
+        )
+    if "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], dict):
+        return checkpoint["state_dict"]
+    return checkpoint
+
+
+def restore_pruned(
+    model: nn.Module, checkpoint: str | os.PathLike | dict[str, Any], *, strict: bool = True
+) -> nn.Module:
+    """Reshape a freshly built ``model`` to the pruned architecture in ``checkpoint`` and load it.
+
+    Args:
+        model: the model as constructed (unpruned), or already pruned to the same architecture.
+        checkpoint: a path (loaded with ``torch.load(weights_only=True)``), a plain state_dict,
+            or a Lightning checkpoint dict (its ``"state_dict"`` is used). Keys must be relative
+            to ``model`` (for a Lightning checkpoint: pass the LightningModule).
+        strict: passed to ``load_state_dict``.
+
+    Returns:
+        ``model`` itself, pruned and loaded. If anything fails, ``model`` is left as it was.
+
+    Raises:
+        ValueError: the checkpoint's pruned-layer records do not fit this model.
+    """
+    state_dict = _state_dict_of(checkpoint)
+    old = reshape_to_records(model, records_in(state_dict))
+    try:
+        model.load_state_dict(state_dict, strict=strict)
+    except Exception:
+        swap_modules(model, old)
+        raise
+    return model

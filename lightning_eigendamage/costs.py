@@ -1,0 +1,100 @@
+"""Parameter and FLOP accounting.
+
+Model totals are counted with :class:`torch.utils.flop_counter.FlopCounterMode` (2 FLOPs per
+multiply-add, biases and element-wise ops ignored), per example, in eval mode under ``no_grad``.
+Per-layer costs of candidate forms are analytic (same convention) so that forms can be compared
+before any module is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a layer runs, per example.
+
+    ``loc_in`` is the number of input locations (``H_in·W_in`` for a conv, tokens for a Linear on
+    sequences, 1 for a plain Linear); ``loc_out`` likewise for the output; ``k2`` the number of
+    kernel offsets (``kh·kw``, 1 for Linear).
+    """
+
+    c_in: int
+    c_out: int
+    loc_in: int
+    loc_out: int
+    k2: int
+
+
+@dataclass(frozen=True)
+class Cost:
+    params: int
+    flops: int
+
+    def fits_in(self, other: Cost) -> bool:
+        return self.params <= other.params and self.flops <= other.flops
+
+
+def form_cost(geo: Geometry, form: str, r_in: int, r_out: int, *, bias: bool) -> Cost:
+    """Parameters and FLOPs (2·MACs, per example) of one layer in ``form`` with core ``r_in→r_out``.
+
+    MACs: ``rotate_in`` ``loc_in·C_in·r_in``; core ``loc_out·k²·a·b``; ``rotate_out``
+    ``loc_out·r_out·C_out``, where the core's widths ``a``/``b`` are ``C_in``/``C_out`` when the
+    adjoining rotation is folded into it. The bias (``C_out`` parameters) is counted once.
+    """
+    has_in = form in ("bottleneck", "fold_out")
+    has_out = form in ("bottleneck", "fold_in")
+    a = r_in if has_in else geo.c_in
+    b = r_out if has_out else geo.c_out
+    params = geo.k2 * a * b
+    macs = geo.loc_out * geo.k2 * a * b
+    if has_in:
+        params += geo.c_in * a
+        macs += geo.loc_in * geo.c_in * a
+    if has_out:
+        params += b * geo.c_out
+        macs += geo.loc_out * b * geo.c_out
+    if bias:
+        params += geo.c_out
+    return Cost(params=params, flops=2 * macs)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (trainable or not), each shared tensor counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, example: torch.Tensor | tuple | list | dict) -> int:
+    """FLOPs of one forward pass per example (FlopCounterMode: 2 per multiply-add), eval mode.
+
+    ``example`` is a model input with a leading batch dimension; its first example is used.
+    The model's training flags are restored afterwards.
+    """
+    x = _first_example(example)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            if isinstance(x, dict):
+                model(**x)
+            else:
+                model(x)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return int(counter.get_total_flops())
+
+
+def _first_example(example):
+    if isinstance(example, torch.Tensor):
+        return example[:1]
+    if isinstance(example, dict):
+        return {k: _first_example(v) for k, v in example.items()}
+    if isinstance(example, (tuple, list)):
+        return type(example)(_first_example(v) for v in example)
+    return example

@@ -1,0 +1,472 @@
+"""K-FAC factor capture for ``nn.Linear`` and ``nn.Conv2d``.
+
+For a layer with input activations ``a`` and pre-activation output ``s`` let ``D = ∂ℓ_n/∂s`` be
+the gradient of the per-example loss ``ℓ_n``. With PyTorch's row-major weight layout the
+per-example weight gradient is ``D aᵀ`` and the layer's Fisher block is ``F ≈ G ⊗ A`` with
+
+- Linear ``(C_out, C_in)`` on inputs ``(N, *, C_in)``: every leading position (token) is a
+  location; ``A = E_{n,t}[a aᵀ]`` ``(C_in, C_in)``, ``G = E_{n,t}[D Dᵀ]`` ``(C_out, C_out)``.
+- Conv2d, *channel* form (EigenDamage): ``A = E_{n,t,δ}[a_{tδ} a_{tδ}ᵀ]`` over output locations
+  ``t`` and kernel offsets ``δ``, ``(C_in, C_in)``; ``G = E_{n,t}[D_t D_tᵀ]``.
+- Conv2d, *patch* form (standard K-FAC, for baselines): ``A = E_{n,t}[p_t p_tᵀ]`` with ``p_t`` the
+  ``C_in·kh·kw`` patch in ``weight.view(C_out, -1)`` order.
+
+The channel form is computed without unfolding: every pixel ``p`` of the padded input is read by
+``c_p`` (offset, location) pairs, so ``Σ_{t,δ} a aᵀ = Xᵀ diag(c) X``; it is normalised by the
+number of reads ``N·T·kh·kw`` (zero-padded reads included). See ``method.md`` §2.
+
+Gradients ``D`` are taken with tensor hooks registered on each layer's output inside its forward
+hook, so in-place ops after the layer (``ReLU(inplace=True)``) do not change what is seen, and the
+backward is run with :func:`torch.autograd.grad`, so parameter ``.grad`` is never touched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .costs import Geometry
+
+FISHER_TYPES = ("true", "empirical")
+LIKELIHOODS = ("categorical", "gaussian")
+A_FORMS = ("channel", "patch")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-batch factor contributions (pure functions, tested against brute force)
+# ---------------------------------------------------------------------------------------------
+
+
+def conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """Explicit ``(top, bottom, left, right)`` padding of a Conv2d, resolving ``"same"``/``"valid"``.
+
+    ``"same"`` splits ``dilation·(k−1)`` as PyTorch does: ``total // 2`` before, the rest after.
+    """
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0, 0, 0)
+        pads = []
+        for d, k in zip(conv.dilation, conv.kernel_size):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return (pads[0], pads[1], pads[2], pads[3])
+    ph, pw = conv.padding
+    return (ph, ph, pw, pw)
+
+
+def _read_counts(size: int, pad_lo: int, pad_hi: int, k: int, s: int, d: int, n_out: int):
+    """Reads per padded-input position along one axis: ``c[p] = #{(t, δ): t·s + δ·d = p}``."""
+    c = torch.zeros(size + pad_lo + pad_hi, dtype=torch.float64)
+    starts = torch.arange(n_out) * s
+    for delta in range(k):
+        c.index_add_(0, starts + delta * d, torch.ones(n_out, dtype=torch.float64))
+    return c
+
+
+def conv_read_counts(conv: nn.Conv2d, h: int, w: int, h_out: int, w_out: int) -> torch.Tensor:
+    """The count map ``c`` over the padded input grid ``(H+pt+pb, W+pl+pr)``, float64 on CPU."""
+    top, bottom, left, right = conv_padding(conv)
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    ch = _read_counts(h, top, bottom, kh, sh, dh, h_out)
+    cw = _read_counts(w, left, right, kw, sw, dw, w_out)
+    return ch[:, None] * cw[None, :]
+
+
+def conv_channel_a(
+    x: torch.Tensor, conv: nn.Conv2d, h_out: int, w_out: int
+) -> tuple[torch.Tensor, int]:
+    """Channel-form ``Σ_{n,t,δ} a aᵀ`` for a conv input ``x`` ``(N, C_in, H, W)``.
+
+    Returns the ``(C_in, C_in)`` sum (not yet averaged) and the number of reads ``N·T·kh·kw``.
+    Uses ``Xᵀ diag(c) X``; pixels read by no (offset, location) pair (``c = 0``, e.g. the skipped
+    pixels of a strided 1×1 conv) are gathered out before the product.
+    """
+    n, c_in, h, w = x.shape
+    counts = conv_read_counts(conv, h, w, h_out, w_out)
+    top, bottom, left, right = conv_padding(conv)
+    if conv.padding_mode == "zeros":
+        # Zero-padded pixels add nothing to the sum; keep the interior only.
+        counts = counts[top : top + h, left : left + w]
+    elif any((top, bottom, left, right)):
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, (left, right, top, bottom), mode=mode)
+    counts = counts.reshape(-1).to(x.device)
+    xf = x.reshape(n, c_in, -1)
+    nz = counts > 0
+    if not bool(nz.all()):
+        idx = nz.nonzero().squeeze(1)
+        xf = xf.index_select(2, idx)
+        counts = counts[idx]
+    rows = xf.transpose(0, 1).reshape(c_in, -1)  # (C_in, N·P)
+    if bool((counts != counts[0]).any()):
+        rows = rows * counts.sqrt().to(rows.dtype).repeat(n)
+    else:
+        rows = rows * math.sqrt(float(counts[0]))
+    reads = n * h_out * w_out * conv.kernel_size[0] * conv.kernel_size[1]
+    return rows @ rows.T, reads
+
+
+def conv_patch_a(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, int]:
+    """Patch-form ``Σ_{n,t} p pᵀ`` ``(C_in·kh·kw, C_in·kh·kw)`` by unfolding, and ``N·T``."""
+    top, bottom, left, right = conv_padding(conv)
+    if any((top, bottom, left, right)):
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, (left, right, top, bottom), mode=mode)
+    patches = F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+    patches = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N·T, C_in·k²)
+    return patches.T @ patches, patches.shape[0]
+
+
+def linear_a(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``Σ a aᵀ`` over all examples and leading positions of ``x`` ``(N, *, C_in)``, and the count."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows.T @ rows, rows.shape[0]
+
+
+def output_g(grad: torch.Tensor, is_conv: bool) -> tuple[torch.Tensor, int]:
+    """``Σ D Dᵀ`` over examples and locations of an output gradient, and the number of rows.
+
+    ``grad`` is ``(N, C_out, H_out, W_out)`` for a conv, ``(N, *, C_out)`` for a Linear.
+    """
+    if is_conv:
+        rows = grad.transpose(0, 1).reshape(grad.shape[1], -1)
+        return rows @ rows.T, rows.shape[1]
+    rows = grad.reshape(-1, grad.shape[-1])
+    return rows.T @ rows, rows.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hook-based capture
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerFactors:
+    """Accumulated factors of one layer (sums; :meth:`a` / :meth:`g` give the averages)."""
+
+    a_sum: torch.Tensor | None = None
+    g_sum: torch.Tensor | None = None
+    a_rows: int = 0
+    g_rows: int = 0
+    examples: int = 0
+    geometry: Geometry | None = None
+    max_calls: int = 0  # most forward calls seen in one pass
+    fired: bool = False
+    reached: bool = False  # a gradient arrived at least once
+    _pending: dict[str, Any] = field(default_factory=dict)
+
+    def a(self) -> torch.Tensor:
+        return self.a_sum / self.a_rows
+
+    def g(self) -> torch.Tensor:
+        return self.g_sum / self.g_rows
+
+    @property
+    def locations(self) -> float:
+        """``T``: output locations per example (``H_out·W_out``, tokens, or 1)."""
+        return self.g_rows / max(self.examples, 1)
+
+
+class KFACapture:
+    """Registers hooks that accumulate K-FAC factors for the given modules.
+
+    Use as a context manager; hooks are removed on exit, also on exceptions. Between
+    :meth:`begin_batch` and :meth:`end_batch`, each forward call of a module records its ``A``
+    contribution, and the gradient that later reaches its output records ``G`` (multiplied by
+    ``grad_scale²``, which undoes a mean-reduced loss). :meth:`end_batch` commits the batch only if
+    every contribution is finite.
+
+    Args:
+        modules: name → module to hook (a ``nn.Conv2d`` or ``nn.Linear``).
+        factors_for: names whose factors are computed; others only record that they fired.
+        a_form: ``"channel"`` or ``"patch"`` (conv ``A``).
+    """
+
+    def __init__(
+        self,
+        modules: dict[str, nn.Module],
+        *,
+        factors_for: Iterable[str] | None = None,
+        a_form: str = "channel",
+        accum_dtype: torch.dtype = torch.float64,
+    ) -> None:
+        if a_form not in A_FORMS:
+            raise ValueError(f"a_form must be one of {A_FORMS}, got {a_form!r}")
+        self.modules = dict(modules)
+        self.factors_for = set(self.modules if factors_for is None else factors_for)
+        self.a_form = a_form
+        self.accum_dtype = accum_dtype
+        self.layers = {name: LayerFactors() for name in self.modules}
+        self.fire_order: list[str] = []
+        self.grad_scale = 1.0
+        self.batches = 0
+        self.skipped_batches = 0
+        self._handles: list[Any] = []
+        self._calls: dict[str, int] = {}
+        self._active = False
+
+    # -- context management ------------------------------------------------------------------
+    def __enter__(self) -> KFACapture:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._active = False
+
+    # -- batches -------------------------------------------------------------------------------
+    def begin_batch(self) -> None:
+        self._calls = {}
+        for lf in self.layers.values():
+            lf._pending = {}
+        self._active = True
+
+    def end_batch(self, n_examples: int) -> bool:
+        """Commit the batch's contributions; returns False (and counts it) if any is non-finite."""
+        self._active = False
+        for name, calls in self._calls.items():
+            lf = self.layers[name]
+            lf.max_calls = max(lf.max_calls, calls)
+        pend = [(lf, lf._pending) for lf in self.layers.values() if lf._pending]
+        checks = [p[k].sum() for _, p in pend for k in ("a", "g") if k in p]
+        if checks and not bool(torch.isfinite(torch.stack(checks)).all()):
+            self.skipped_batches += 1
+            for lf, _ in pend:
+                lf._pending = {}
+            return False
+        for lf, p in pend:
+            if "a" not in p or "g" not in p:
+                continue
+            lf.a_sum = p["a"] if lf.a_sum is None else lf.a_sum + p["a"]
+            lf.g_sum = p["g"] if lf.g_sum is None else lf.g_sum + p["g"]
+            lf.a_rows += p["a_rows"]
+            lf.g_rows += p["g_rows"]
+            lf.examples += n_examples
+            lf._pending = {}
+        self.batches += 1
+        return True
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _forward_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if not self._active:
+                return
+            calls = self._calls.get(name, 0) + 1
+            self._calls[name] = calls
+            lf = self.layers[name]
+            if not lf.fired:
+                self.fire_order.append(name)
+            lf.fired = True
+            if calls > 1 or name not in self.factors_for:
+                lf._pending = {}
+                return
+            x = inputs[0].detach()
+            is_conv = isinstance(module, nn.Conv2d)
+            n = x.shape[0]
+            if lf.geometry is None:
+                if is_conv:
+                    loc_in, loc_out = x.shape[2] * x.shape[3], output.shape[2] * output.shape[3]
+                    k2 = module.kernel_size[0] * module.kernel_size[1]
+                else:
+                    loc_in = loc_out = x[0].numel() // x.shape[-1]
+                    k2 = 1
+                c_in = module.in_channels if is_conv else module.in_features
+                c_out = module.out_channels if is_conv else module.out_features
+                lf.geometry = Geometry(c_in, c_out, loc_in, loc_out, k2)
+            xc = x.to(_compute_dtype(x.dtype))
+            if is_conv and self.a_form == "channel":
+                a, rows = conv_channel_a(xc, module, output.shape[2], output.shape[3])
+            elif is_conv:
+                a, rows = conv_patch_a(xc, module)
+            else:
+                a, rows = linear_a(xc)
+            lf._pending = {"a": a.to(self.accum_dtype), "a_rows": rows, "n": n}
+            if output.requires_grad:
+                output.register_hook(self._grad_hook(name, is_conv))
+
+        return hook
+
+    def _grad_hook(self, name: str, is_conv: bool) -> Callable:
+        def hook(grad: torch.Tensor) -> None:
+            lf = self.layers[name]
+            if not self._active or "a" not in lf._pending:
+                return
+            g, rows = output_g(grad.detach().to(_compute_dtype(grad.dtype)), is_conv)
+            scale = float(self.grad_scale) ** 2
+            lf._pending["g"] = g.to(self.accum_dtype) * scale
+            lf._pending["g_rows"] = rows
+            lf.reached = True
+
+        return hook
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Driving a model over batches
+# ---------------------------------------------------------------------------------------------
+
+
+def split_batch(batch: Any, input_fn: Callable | None) -> tuple[Any, Any]:
+    """``(input, target)`` of a batch: a tensor, an ``(input, target, ...)`` tuple, or via ``input_fn``."""
+    if input_fn is not None:
+        target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+        return input_fn(batch), target
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    raise TypeError(
+        f"cannot find the model input in a batch of type {type(batch).__name__}; pass "
+        "input_fn=lambda batch: ... that returns the model's input"
+    )
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def default_loss(output: torch.Tensor, target: torch.Tensor, class_dim: int = -1) -> torch.Tensor:
+    """Cross-entropy summed over locations, averaged over the ``N`` examples (leading dim)."""
+    logits = output.movedim(class_dim, -1)
+    flat = logits.reshape(-1, logits.shape[-1])
+    return F.cross_entropy(flat.float(), target.reshape(-1), reduction="sum") / output.shape[0]
+
+
+def sampled_loss(
+    output: torch.Tensor, likelihood: str, class_dim: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Loss of targets drawn from the model's own predictive distribution, summed over examples.
+
+    Categorical: ``ŷ ~ softmax(logits)`` along ``class_dim``; loss ``Σ −log p(ŷ)``.
+    Gaussian (unit variance): ``ŷ = output + ε``, loss ``½ Σ (ŷ − output)²``.
+    Its gradient w.r.t. a layer output is the per-example ``D`` of the true Fisher.
+    """
+    if likelihood == "categorical":
+        logits = output.movedim(class_dim, -1)
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        with torch.no_grad():
+            probs = torch.softmax(flat, dim=-1)
+            y = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return F.cross_entropy(flat, y, reduction="sum")
+    with torch.no_grad():
+        eps = torch.randn(
+            output.shape, generator=generator, device=output.device, dtype=torch.float32
+        )
+        y = output.detach().float() + eps
+    return 0.5 * ((y - output.float()) ** 2).sum()
+
+
+@dataclass
+class CaptureResult:
+    layers: dict[str, LayerFactors]
+    fire_order: list[str]
+    batches: int
+    skipped_batches: int
+
+
+def capture_factors(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    batches: Iterable[Any],
+    *,
+    factors_for: Iterable[str],
+    fisher: str = "true",
+    loss_fn: Callable | None = None,
+    input_fn: Callable | None = None,
+    likelihood: str = "categorical",
+    class_dim: int = -1,
+    generator: torch.Generator | None = None,
+    a_form: str = "channel",
+    max_batches: int | None = None,
+) -> CaptureResult:
+    """Run ``model`` over ``batches`` in eval mode and accumulate K-FAC factors of ``modules``.
+
+    The model is put in eval mode for the capture (BatchNorm uses and keeps its running
+    statistics, dropout is off) and its modes are restored afterwards. The backward goes through
+    :func:`torch.autograd.grad` to the hooked layers' weights: ``.grad`` is left untouched.
+
+    - ``fisher="true"``: targets are sampled from the model (see :func:`sampled_loss`) with
+      ``generator``; the global RNG is not used.
+    - ``fisher="empirical"``: ``loss_fn(output, target)`` (default :func:`default_loss`), which
+      must return the loss averaged over the batch's ``N`` examples; it is multiplied by ``N``.
+    """
+    if fisher not in FISHER_TYPES:
+        raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    if fisher == "true" and generator is None:
+        generator = torch.Generator(device=device).manual_seed(0)
+    factors_for = set(factors_for)
+    weights = [
+        m.weight for n, m in modules.items() if n in factors_for and m.weight.requires_grad
+    ]
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    cap = KFACapture(modules, factors_for=factors_for, a_form=a_form)
+    seen = 0
+    try:
+        with cap, torch.enable_grad():
+            for batch in _limit(batches, max_batches):
+                seen += 1
+                inp, target = split_batch(batch, input_fn)
+                inp = to_device(inp, device)
+                cap.begin_batch()
+                output = model(inp)
+                if not isinstance(output, torch.Tensor):
+                    raise TypeError(
+                        f"the model returned {type(output).__name__}; curvature capture needs a "
+                        "tensor of logits (wrap the model so that it returns one)"
+                    )
+                n = output.shape[0]
+                if fisher == "true":
+                    loss = sampled_loss(output, likelihood, class_dim, generator)
+                    cap.grad_scale = 1.0
+                else:
+                    if target is None:
+                        raise ValueError(
+                            "fisher='empirical' needs (input, target) batches; got no target"
+                        )
+                    target = to_device(target, device)
+                    fn = loss_fn or (lambda o, t: default_loss(o, t, class_dim))
+                    loss = fn(output, target)
+                    cap.grad_scale = float(n)
+                if weights and loss.requires_grad:
+                    torch.autograd.grad(loss, weights, allow_unused=True)
+                cap.end_batch(n)
+    finally:
+        cap.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    if seen == 0:
+        raise ValueError("batches is empty: curvature needs at least one batch")
+    return CaptureResult(cap.layers, cap.fire_order, cap.batches, cap.skipped_batches)
+
+
+def _limit(batches: Iterable[Any], n: int | None) -> Iterator[Any]:
+    for i, b in enumerate(batches):
+        if n is not None and i >= n:
+            return
+        yield b

@@ -1,0 +1,52 @@
+"""Eigendecomposition of K-FAC factors and rotation of weights into the eigenbasis (KFE).
+
+``A = Q_A diag(λ_A) Q_Aᵀ``, ``G = Q_G diag(λ_G) Q_Gᵀ`` (``torch.linalg.eigh`` in float64) and,
+for every kernel offset ``δ``, ``W*[:, δ, :] = Q_Gᵀ W[:, δ, :] Q_A``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+EIG_FLOOR = 1e-10
+
+
+def eigh_factor(factor: torch.Tensor, floor: float = EIG_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors (columns) of a symmetric PSD factor, float64.
+
+    Eigenvalues at or below ``floor · max(λ_max, 1)`` (including round-off negatives) are set to
+    0: such directions carry no curvature. The factor is symmetrised first.
+    """
+    f = factor.to(torch.float64)
+    f = 0.5 * (f + f.T)
+    evals, evecs = torch.linalg.eigh(f)
+    cutoff = floor * max(float(evals[-1]), 1.0) if evals.numel() else floor
+    evals = torch.where(evals <= cutoff, torch.zeros_like(evals), evals)
+    return evals, evecs
+
+
+def weight_as_3d(weight: torch.Tensor) -> torch.Tensor:
+    """A Conv2d ``(C_out, C_in, kh, kw)`` or Linear ``(C_out, C_in)`` weight as ``(C_out, k², C_in)``.
+
+    The conv layout is permuted (not viewed): ``W3[o, δ, i] = W[o, i, δh, δw]`` with
+    ``δ = δh·kw + δw``.
+    """
+    if weight.dim() == 4:
+        c_out, c_in, kh, kw = weight.shape
+        return weight.permute(0, 2, 3, 1).reshape(c_out, kh * kw, c_in)
+    return weight.unsqueeze(1)
+
+
+def weight_from_3d(w3: torch.Tensor, like: nn.Module) -> torch.Tensor:
+    """Inverse of :func:`weight_as_3d` for a module of ``like``'s type and kernel size."""
+    if isinstance(like, nn.Conv2d):
+        kh, kw = like.kernel_size
+        c_out, _, c_in = w3.shape
+        return w3.reshape(c_out, kh, kw, c_in).permute(0, 3, 1, 2).contiguous()
+    return w3.squeeze(1).contiguous()
+
+
+def to_kfe(w3: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor) -> torch.Tensor:
+    """``W*[:, δ, :] = Q_Gᵀ W[:, δ, :] Q_A`` for ``w3`` ``(C_out, k², C_in)``."""
+    return torch.einsum("oi,odj,jk->idk", q_g, w3, q_a)

@@ -1,0 +1,555 @@
+"""One EigenDamage pruning step, framework-free: factors → bases → scores → plan → surgery."""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .costs import Cost, Geometry, count_flops, count_params, form_cost
+from .criteria import eigendamage_scores, global_threshold, keep_side
+from .curvature import (
+    A_FORMS,
+    FISHER_TYPES,
+    LIKELIHOODS,
+    CaptureResult,
+    capture_factors,
+    split_batch,
+    to_device,
+)
+from .eigenbasis import eigh_factor, to_kfe
+from .layers import FORMS, KFELayer
+from .surgery import LayerState, build_layer, read_state, swap_modules
+
+METHODS = ("eigendamage",)
+TARGETS = ("directions", "params", "flops")
+FORM_CHOICES = ("auto",) + FORMS
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerReport:
+    """One Conv2d/Linear considered by a pruning call.
+
+    ``in_features``/``out_features`` are the original widths; ``kept_in``/``kept_out`` the
+    eigen-directions (core widths) after the call; ``skipped`` the reason the layer was left
+    alone, or None. Costs are per example (FLOPs = 2·MACs), None where unknown.
+    """
+
+    name: str
+    kind: str
+    in_features: int
+    out_features: int
+    kept_in: int
+    kept_out: int
+    form: str
+    skipped: str | None = None
+    removed_in: int = 0
+    removed_out: int = 0
+    params_before: int | None = None
+    params_after: int | None = None
+    flops_before: int | None = None
+    flops_after: int | None = None
+
+
+@dataclass
+class PruneReport:
+    """What a pruning call did. ``to_dict()`` gives plain data (checkpoint-safe)."""
+
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    ratio: float
+    target: str
+    realised_fraction: float
+    threshold: float
+    batches: int
+    skipped_batches: int
+    method: str = "eigendamage"
+    fisher: str = "true"
+    layers: list[LayerReport] = field(default_factory=list)
+
+    @property
+    def param_compression(self) -> float:
+        return self.params_before / max(self.params_after, 1)
+
+    @property
+    def flops_compression(self) -> float:
+        return self.flops_before / max(self.flops_after, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PruneReport:
+        d = dict(d)
+        layers = [LayerReport(**entry) for entry in d.pop("layers", [])]
+        return cls(**d, layers=layers)
+
+    def summary(self) -> str:
+        """A per-layer table (widths before → kept directions, form) with totals."""
+        w = max([len(r.name) for r in self.layers] + [5])
+        lines = [f"{'layer':<{w}}  {'in→out':>11}  {'kept in→out':>11}  {'form':<10}  note"]
+        for r in self.layers:
+            note = r.skipped or ""
+            lines.append(
+                f"{r.name:<{w}}  {f'{r.in_features}→{r.out_features}':>11}  "
+                f"{f'{r.kept_in}→{r.kept_out}':>11}  {r.form:<10}  {note}"
+            )
+        lines.append(
+            f"params {self.params_before:,} → {self.params_after:,} "
+            f"({self.param_compression:.2f}×), FLOPs/example {self.flops_before:,} → "
+            f"{self.flops_after:,} ({self.flops_compression:.2f}×), directions removed "
+            f"{self.realised_fraction:.1%} (target {self.target} {self.ratio:g})"
+        )
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding layers
+# ---------------------------------------------------------------------------------------------
+
+_TRANSFORMER_FASTPATH = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+@dataclass
+class Candidate:
+    name: str
+    unit: nn.Module  # plain Conv2d/Linear, or KFELayer
+    hook_module: nn.Module  # the module whose input/output define the factors
+    skipped: str | None = None
+
+    @property
+    def kind(self) -> str:
+        core = self.hook_module
+        return "conv2d" if isinstance(core, nn.Conv2d) else "linear"
+
+    @property
+    def widths(self) -> tuple[int, int]:
+        u = self.unit
+        if isinstance(u, KFELayer):
+            return u.in_features, u.out_features
+        if isinstance(u, nn.Conv2d):
+            return u.in_channels, u.out_channels
+        return u.in_features, u.out_features
+
+
+def _matches(name: str, module: nn.Module, exclude: Iterable[Any]) -> bool:
+    for e in exclude:
+        if isinstance(e, str):
+            if fnmatch.fnmatchcase(name, e):
+                return True
+        elif isinstance(e, re.Pattern):
+            if e.fullmatch(name):
+                return True
+        elif isinstance(e, type):
+            if isinstance(module, e):
+                return True
+        elif e is module:
+            return True
+    return False
+
+
+def _normalise_exclude(exclude: Any) -> list[Any]:
+    if exclude is None:
+        return []
+    if isinstance(exclude, (str, re.Pattern, type, nn.Module)):
+        return [exclude]
+    items = list(exclude)
+    for e in items:
+        if not isinstance(e, (str, re.Pattern, type, nn.Module)):
+            raise TypeError(
+                "exclude takes module instances, module types, name patterns (glob strings) or "
+                f"compiled regular expressions; got {type(e).__name__}"
+            )
+    return items
+
+
+def find_layers(model: nn.Module, exclude: Any = None) -> list[Candidate]:
+    """Every Conv2d/Linear (or already pruned :class:`KFELayer`) in ``model``, with skip reasons
+    known before running it."""
+    exclude = _normalise_exclude(exclude)
+    # Modules or parameters reachable under several names are shared: never rebuilt.
+    names_of: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        names_of[id(m)] = names_of.get(id(m), 0) + 1
+    owners: dict[int, set[int]] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(id(m))
+
+    found: list[Candidate] = []
+    seen: set[int] = set()
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for child_name, child in module.named_children():
+            name = f"{prefix}{child_name}"
+            if isinstance(child, (KFELayer, nn.Conv2d, nn.Linear)):
+                if id(child) in seen:
+                    continue
+                seen.add(id(child))
+                hook = child.core if isinstance(child, KFELayer) else child
+                cand = Candidate(name, child, hook)
+                cand.skipped = _static_reason(child, hook, module, child_name, names_of, owners)
+                if cand.skipped is None and _matches(name, child, exclude):
+                    cand.skipped = "excluded by user"
+                found.append(cand)
+            else:
+                visit(f"{name}.", child)
+
+    visit("", model)
+    return found
+
+
+def _static_reason(unit, core, parent, child_name, names_of, owners) -> str | None:
+    if isinstance(parent, nn.MultiheadAttention):
+        return "called functionally by nn.MultiheadAttention (its hooks never fire)"
+    if isinstance(parent, _TRANSFORMER_FASTPATH) and child_name in ("linear1", "linear2"):
+        return "read as .weight by PyTorch's fused Transformer fast path"
+    if not isinstance(unit, KFELayer) and type(unit) not in (nn.Conv2d, nn.Linear):
+        return f"{type(unit).__name__} subclasses {type(core).__mro__[1].__name__}; its forward may differ"
+    if isinstance(core.weight, nn.parameter.UninitializedParameter):
+        return "uninitialised lazy module"
+    if isinstance(core, nn.Conv2d) and core.groups > 1:
+        if core.groups == core.in_channels:
+            return "depthwise convolution"
+        return f"grouped convolution (groups={core.groups})"
+    if names_of.get(id(unit), 0) > 1:
+        return "module is shared (registered under several names)"
+    stage_params = list(unit.parameters())
+    if any(len(owners.get(id(p), ())) > 1 for p in stage_params):
+        return "tied or shared parameters"
+    if not core.weight.requires_grad:
+        return "frozen parameters"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Deciding
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _LayerWork:
+    cand: Candidate
+    state: LayerState
+    geo: Geometry
+    bias: bool
+    q_a: torch.Tensor
+    q_g: torch.Tensor
+    s_out: torch.Tensor
+    s_in: torch.Tensor
+    current: Cost
+
+
+def _choose(work: _LayerWork, r_in: int, r_out: int, form: str) -> tuple[str, Cost, bool]:
+    """(form, cost, changed): the cheapest equivalent form for core ``r_in→r_out``.
+
+    With ``form="auto"`` only forms that cost no more FLOPs *and* no more parameters than the layer
+    does now are eligible; if none is strictly cheaper, the layer is left unchanged.
+    """
+    d_out, _, d_in = work.state.core.shape
+    if form != "auto":
+        return form, form_cost(work.geo, form, r_in, r_out, bias=work.bias), True
+    if (r_in, r_out) == (d_in, d_out):
+        return work.state.form, work.current, False
+    best = None
+    for f in FORMS:
+        c = form_cost(work.geo, f, r_in, r_out, bias=work.bias)
+        if c.fits_in(work.current) and (best is None or (c.flops, c.params) < best[1:]):
+            best = (f, c.flops, c.params)
+    if best is None or (best[1], best[2]) == (work.current.flops, work.current.params):
+        return work.state.form, work.current, False
+    return best[0], Cost(params=best[2], flops=best[1]), True
+
+
+def _decide(works: list[_LayerWork], thr: float, layer_cap: float, min_rank: int, form: str):
+    """Per layer ``(kept_in, kept_out, form, cost, changed)`` for a threshold."""
+    out = []
+    for w in works:
+        ko = keep_side(w.s_out, thr, layer_cap, min_rank).kept
+        ki = keep_side(w.s_in, thr, layer_cap, min_rank).kept
+        f, cost, changed = _choose(w, len(ki), len(ko), form)
+        if not changed:
+            ki, ko = list(range(w.s_in.numel())), list(range(w.s_out.numel()))
+        out.append((ki, ko, f, cost, changed))
+    return out
+
+
+def _threshold_for_target(works, pooled, ratio, target, layer_cap, min_rank, form, totals):
+    """Bisect the quantile so that the removed fraction of ``target`` reaches ``ratio``."""
+    before = totals[target]
+    fixed = sum(getattr(w.current, target) for w in works)
+
+    def removed_fraction(q: float) -> float:
+        thr = global_threshold(pooled, q)
+        dec = _decide(works, thr, layer_cap, min_rank, form)
+        after = before - fixed + sum(getattr(d[3], target) for d in dec)
+        return 1.0 - after / before
+
+    if removed_fraction(0.9999) < ratio:
+        return global_threshold(pooled, 0.9999)
+    lo, hi = 0.0, 0.9999
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if removed_fraction(mid) >= ratio:
+            hi = mid
+        else:
+            lo = mid
+    return global_threshold(pooled, hi)
+
+
+# ---------------------------------------------------------------------------------------------
+# prune()
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_args(ratio, method, fisher, likelihood, target, layer_cap, min_rank, form, a_form):
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if fisher not in FISHER_TYPES:
+        raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if not isinstance(layer_cap, (int, float)) or not 0.0 < layer_cap <= 1.0:
+        raise ValueError(f"layer_cap must be in (0, 1], got {layer_cap!r}")
+    if not isinstance(min_rank, int) or min_rank < 1:
+        raise ValueError(f"min_rank must be an integer ≥ 1, got {min_rank!r}")
+    if form not in FORM_CHOICES:
+        raise ValueError(f"form must be one of {FORM_CHOICES}, got {form!r}")
+    if a_form not in A_FORMS:
+        raise ValueError(f"a_form must be one of {A_FORMS}, got {a_form!r}")
+
+
+def prune(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    ratio: float,
+    method: str = "eigendamage",
+    fisher: str = "true",
+    loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+    input_fn: Callable[[Any], Any] | None = None,
+    target: str = "directions",
+    exclude: Any = None,
+    exempt_last: bool = True,
+    layer_cap: float = 0.95,
+    min_rank: int = 1,
+    form: str = "auto",
+    train_rotations: bool = True,
+    likelihood: str = "categorical",
+    class_dim: int = -1,
+    max_batches: int | None = None,
+    seed: int = 0,
+    captured: CaptureResult | None = None,
+) -> PruneReport:
+    """Prune ``model`` in place with EigenDamage and return a :class:`PruneReport`.
+
+    Each prunable Conv2d/Linear is rewritten in its Kronecker-factored eigenbasis and the
+    eigen-directions (rows and columns of ``W*``) with the smallest loss increase
+    ``Σ ½·T·W*²·λ_G·λ_A`` are removed under one global threshold: the ``ratio``-quantile of all
+    pooled direction scores. Each layer then takes its cheapest equivalent form (bottleneck,
+    ``fold_in``, ``fold_out``) and is left whole if none is cheaper than it is now, so no layer
+    grows in FLOPs or parameters. Running it on an already pruned model prunes the cores further
+    and merges the new bases into the existing rotations.
+
+    Args:
+        model: any ``nn.Module``; it stays on its device and dtype, and keeps its train/eval mode.
+        batches: iterable of input tensors, ``(input, target, ...)`` tuples, or anything
+            ``input_fn`` understands. Tensors are moved to the model's device.
+        ratio: in ``[0, 1)``: with ``target="directions"`` the quantile of pooled direction scores
+            used as threshold (the realised fraction is at most this: see the report); with
+            ``"params"``/``"flops"`` the fraction of the model's parameters/FLOPs to remove (the
+            threshold is found by bisection).
+        fisher: ``"true"`` (targets sampled from the model, seeded by ``seed``) or
+            ``"empirical"`` (``loss_fn(output, target)``, default cross-entropy; it must return
+            the mean over the batch's examples).
+        exclude: module instances, module types, glob patterns on names, or compiled regexes of
+            layers to leave alone. ``exempt_last`` also exempts the last layer to run (the
+            classifier).
+        layer_cap: at most this fraction of one layer's input (and of its output) directions is
+            removed in one call. ``min_rank``: directions always kept per side.
+        form: ``"auto"`` (cheapest form) or a form forced on every pruned layer (for testing;
+            forced forms may cost more than the original layer).
+        train_rotations: if False, rotation stages are frozen (``requires_grad=False``).
+        likelihood: ``"categorical"`` (classes on ``class_dim``) or ``"gaussian"`` (regression).
+        max_batches: use at most this many batches.
+        captured: factors already accumulated for this model's layers (used by the callback).
+
+    Raises:
+        ValueError: bad arguments, empty ``batches``, no prunable layer.
+        RuntimeError: every batch gave non-finite curvature (the model is left unchanged).
+    """
+    _check_args(ratio, method, fisher, likelihood, target, layer_cap, min_rank, form, "channel")
+    cands = find_layers(model, exclude)
+    if not any(c.skipped is None for c in cands):
+        raise ValueError(_no_prunable_message(cands))
+    params = list(model.parameters())
+    device = params[0].device
+
+    it = iter(batches)
+    first = next(it, _EMPTY)
+    if first is _EMPTY and captured is None:
+        raise ValueError("batches is empty: pruning needs at least one batch to measure curvature")
+    example = to_device(split_batch(first, input_fn)[0], device) if first is not _EMPTY else None
+    params_before = count_params(model)
+    flops_before = count_flops(model, example) if example is not None else 0
+
+    if captured is None:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        captured = capture_factors(
+            model,
+            {c.name: c.hook_module for c in cands},
+            itertools.chain([first], it),
+            factors_for=[c.name for c in cands if c.skipped is None],
+            fisher=fisher,
+            loss_fn=loss_fn,
+            input_fn=input_fn,
+            likelihood=likelihood,
+            class_dim=class_dim,
+            generator=gen,
+            max_batches=max_batches,
+        )
+    if captured.batches == 0:
+        raise RuntimeError(
+            f"all {captured.skipped_batches} batches gave non-finite curvature (NaN/Inf in "
+            "activations or gradients); the model was left unchanged"
+        )
+
+    _dynamic_skips(cands, captured, exempt_last)
+    prunable = [c for c in cands if c.skipped is None]
+    if not prunable:
+        raise ValueError(_no_prunable_message(cands))
+
+    works = []
+    for c in prunable:
+        lf = captured.layers[c.name]
+        state = read_state(c.unit)
+        k2 = lf.geometry.k2
+        geo = Geometry(state.c_in, state.c_out, lf.geometry.loc_in, lf.geometry.loc_out, k2)
+        lam_a, q_a = eigh_factor(lf.a().to(device))
+        lam_g, q_g = eigh_factor(lf.g().to(device))
+        w_star = to_kfe(state.core.to(device), q_a, q_g)
+        s_out, s_in = eigendamage_scores(w_star, lam_a, lam_g, lf.locations)
+        bias = state.bias is not None
+        d_out, _, d_in = state.core.shape
+        current = form_cost(geo, state.form, d_in, d_out, bias=bias)
+        works.append(_LayerWork(c, state, geo, bias, q_a, q_g, s_out, s_in, current))
+
+    pooled = [s for w in works for s in (w.s_out, w.s_in)]
+    if target == "directions":
+        thr = global_threshold(pooled, ratio)
+    else:
+        totals = {"params": params_before, "flops": flops_before}
+        thr = _threshold_for_target(
+            works, pooled, ratio, target, layer_cap, min_rank, form, totals
+        )
+    decisions = _decide(works, thr, layer_cap, min_rank, form)
+
+    replacements = {}
+    for w, (ki, ko, f, _, changed) in zip(works, decisions):
+        if changed:
+            replacements[w.cand.name] = build_layer(
+                w.state, w.q_a, w.q_g, ki, ko, f, train_rotations=train_rotations
+            )
+    swap_modules(model, replacements)
+
+    total = sum(w.s_out.numel() + w.s_in.numel() for w in works)
+    removed = 0
+    layer_reports = {}
+    for w, (ki, ko, f, cost, changed) in zip(works, decisions):
+        d_out, _, d_in = w.state.core.shape
+        rem_in, rem_out = d_in - len(ki), d_out - len(ko)
+        removed += rem_in + rem_out
+        layer_reports[w.cand.name] = LayerReport(
+            name=w.cand.name,
+            kind=w.cand.kind,
+            in_features=w.state.c_in,
+            out_features=w.state.c_out,
+            kept_in=len(ki),
+            kept_out=len(ko),
+            form=f,
+            removed_in=rem_in,
+            removed_out=rem_out,
+            params_before=w.current.params,
+            params_after=cost.params,
+            flops_before=w.current.flops,
+            flops_after=cost.flops,
+        )
+    reports = []
+    for c in cands:
+        if c.name in layer_reports:
+            reports.append(layer_reports[c.name])
+            continue
+        c_in, c_out = c.widths
+        u = c.unit
+        reports.append(
+            LayerReport(
+                name=c.name,
+                kind=c.kind,
+                in_features=c_in,
+                out_features=c_out,
+                kept_in=u.rank_in if isinstance(u, KFELayer) else c_in,
+                kept_out=u.rank_out if isinstance(u, KFELayer) else c_out,
+                form=u.form if isinstance(u, KFELayer) else "dense",
+                skipped=c.skipped,
+            )
+        )
+    return PruneReport(
+        params_before=params_before,
+        params_after=count_params(model),
+        flops_before=flops_before,
+        flops_after=count_flops(model, example) if example is not None else 0,
+        ratio=float(ratio),
+        target=target,
+        realised_fraction=removed / total if total else 0.0,
+        threshold=thr,
+        batches=captured.batches,
+        skipped_batches=captured.skipped_batches,
+        method=method,
+        fisher=fisher,
+        layers=reports,
+    )
+
+
+_EMPTY = object()
+
+
+def _dynamic_skips(cands: list[Candidate], captured: CaptureResult, exempt_last: bool) -> None:
+    """Skip reasons only known after running the model."""
+    last = captured.fire_order[-1] if captured.fire_order else None
+    for c in cands:
+        lf = captured.layers.get(c.name)
+        if c.skipped is not None:
+            continue
+        if lf is None or not lf.fired:
+            c.skipped = "never called in the forward pass (called functionally, or unused)"
+        elif lf.max_calls > 1:
+            c.skipped = f"called {lf.max_calls} times per forward pass"
+        elif exempt_last and c.name == last:
+            c.skipped = "last layer (exempt_last=True)"
+        elif not lf.reached or lf.a_rows == 0 or lf.g_rows == 0:
+            c.skipped = "no gradient reached its output"
+
+
+def _no_prunable_message(cands: list[Candidate]) -> str:
+    if not cands:
+        return "no prunable layer: the model has no nn.Conv2d or nn.Linear"
+    reasons = "; ".join(f"{c.name}: {c.skipped}" for c in cands[:12])
+    more = f" (and {len(cands) - 12} more)" if len(cands) > 12 else ""
+    return f"no prunable layer: every Conv2d/Linear is skipped ({reasons}{more})"
