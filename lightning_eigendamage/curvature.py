@@ -78,9 +78,7 @@ def conv_read_counts(conv: nn.Conv2d, h: int, w: int, h_out: int, w_out: int) ->
     return ch[:, None] * cw[None, :]
 
 
-def conv_channel_a(
-    x: torch.Tensor, conv: nn.Conv2d, h_out: int, w_out: int
-) -> tuple[torch.Tensor, int]:
+def conv_channel_a(x: torch.Tensor, conv: nn.Conv2d, h_out: int, w_out: int) -> tuple[torch.Tensor, int]:
     """Channel-form ``Σ_{n,t,δ} a aᵀ`` for a conv input ``x`` ``(N, C_in, H, W)``.
 
     Returns the ``(C_in, C_in)`` sum (not yet averaged) and the number of reads ``N·T·kh·kw``.
@@ -233,6 +231,16 @@ class KFACapture:
             lf._pending = {}
         self._active = True
 
+    def abort_batch(self) -> None:
+        """Drop the current batch's contributions (e.g. after an exception)."""
+        self._active = False
+        for lf in self.layers.values():
+            lf._pending = {}
+
+    def result(self) -> CaptureResult:
+        """The factors accumulated so far (the tensors are shared, not copied)."""
+        return CaptureResult(self.layers, list(self.fire_order), self.batches, self.skipped_batches)
+
     def end_batch(self, n_examples: int) -> bool:
         """Commit the batch's contributions; returns False (and counts it) if any is non-finite."""
         self._active = False
@@ -370,9 +378,7 @@ def sampled_loss(
             y = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         return F.cross_entropy(flat, y, reduction="sum")
     with torch.no_grad():
-        eps = torch.randn(
-            output.shape, generator=generator, device=output.device, dtype=torch.float32
-        )
+        eps = torch.randn(output.shape, generator=generator, device=output.device, dtype=torch.float32)
         y = output.detach().float() + eps
     return 0.5 * ((y - output.float()) ** 2).sum()
 
@@ -383,6 +389,57 @@ class CaptureResult:
     fire_order: list[str]
     batches: int
     skipped_batches: int
+
+
+def capture_batch(
+    model: nn.Module,
+    cap: KFACapture,
+    inp: Any,
+    target: Any,
+    *,
+    fisher: str = "true",
+    loss_fn: Callable | None = None,
+    likelihood: str = "categorical",
+    class_dim: int = -1,
+    generator: torch.Generator | None = None,
+) -> bool:
+    """One forward and backward of ``model`` on ``inp`` that feeds ``cap`` (hooks already on).
+
+    The caller chooses the model's mode (eval mode keeps BatchNorm statistics and dropout RNG
+    untouched). The backward goes through :func:`torch.autograd.grad` to the hooked layers'
+    weights, so ``.grad`` is never written. Returns whether the batch was committed (finite).
+
+    - ``fisher="true"``: targets are sampled from the model (:func:`sampled_loss`) with
+      ``generator``; the global RNG is not used.
+    - ``fisher="empirical"``: ``loss_fn(output, target)`` (default :func:`default_loss`), which
+      must return the loss averaged over the batch's ``N`` examples; it is multiplied by ``N``.
+    """
+    weights = [m.weight for n, m in cap.modules.items() if n in cap.factors_for and m.weight.requires_grad]
+    cap.begin_batch()
+    try:
+        with torch.enable_grad():
+            output = model(inp)
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(
+                    f"the model returned {type(output).__name__}; curvature capture needs a "
+                    "tensor of logits (wrap the model so that it returns one)"
+                )
+            n = output.shape[0]
+            if fisher == "true":
+                loss = sampled_loss(output, likelihood, class_dim, generator)
+                cap.grad_scale = 1.0
+            else:
+                if target is None:
+                    raise ValueError("fisher='empirical' needs (input, target) batches; got no target")
+                fn = loss_fn or (lambda o, t: default_loss(o, t, class_dim))
+                loss = fn(output, target)
+                cap.grad_scale = float(n)
+            if weights and loss.requires_grad:
+                torch.autograd.grad(loss, weights, allow_unused=True)
+    except BaseException:
+        cap.abort_batch()
+        raise
+    return cap.end_batch(n)
 
 
 def capture_factors(
@@ -403,13 +460,8 @@ def capture_factors(
     """Run ``model`` over ``batches`` in eval mode and accumulate K-FAC factors of ``modules``.
 
     The model is put in eval mode for the capture (BatchNorm uses and keeps its running
-    statistics, dropout is off) and its modes are restored afterwards. The backward goes through
-    :func:`torch.autograd.grad` to the hooked layers' weights: ``.grad`` is left untouched.
-
-    - ``fisher="true"``: targets are sampled from the model (see :func:`sampled_loss`) with
-      ``generator``; the global RNG is not used.
-    - ``fisher="empirical"``: ``loss_fn(output, target)`` (default :func:`default_loss`), which
-      must return the loss averaged over the batch's ``N`` examples; it is multiplied by ``N``.
+    statistics, dropout is off) and its modes are restored afterwards; hooks are removed also on
+    errors. See :func:`capture_batch` for the two Fisher types.
     """
     if fisher not in FISHER_TYPES:
         raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
@@ -419,50 +471,32 @@ def capture_factors(
     device = params[0].device if params else torch.device("cpu")
     if fisher == "true" and generator is None:
         generator = torch.Generator(device=device).manual_seed(0)
-    factors_for = set(factors_for)
-    weights = [
-        m.weight for n, m in modules.items() if n in factors_for and m.weight.requires_grad
-    ]
     modes = {m: m.training for m in model.modules()}
     model.eval()
     cap = KFACapture(modules, factors_for=factors_for, a_form=a_form)
     seen = 0
     try:
-        with cap, torch.enable_grad():
+        with cap:
             for batch in _limit(batches, max_batches):
                 seen += 1
                 inp, target = split_batch(batch, input_fn)
-                inp = to_device(inp, device)
-                cap.begin_batch()
-                output = model(inp)
-                if not isinstance(output, torch.Tensor):
-                    raise TypeError(
-                        f"the model returned {type(output).__name__}; curvature capture needs a "
-                        "tensor of logits (wrap the model so that it returns one)"
-                    )
-                n = output.shape[0]
-                if fisher == "true":
-                    loss = sampled_loss(output, likelihood, class_dim, generator)
-                    cap.grad_scale = 1.0
-                else:
-                    if target is None:
-                        raise ValueError(
-                            "fisher='empirical' needs (input, target) batches; got no target"
-                        )
-                    target = to_device(target, device)
-                    fn = loss_fn or (lambda o, t: default_loss(o, t, class_dim))
-                    loss = fn(output, target)
-                    cap.grad_scale = float(n)
-                if weights and loss.requires_grad:
-                    torch.autograd.grad(loss, weights, allow_unused=True)
-                cap.end_batch(n)
+                capture_batch(
+                    model,
+                    cap,
+                    to_device(inp, device),
+                    to_device(target, device),
+                    fisher=fisher,
+                    loss_fn=loss_fn,
+                    likelihood=likelihood,
+                    class_dim=class_dim,
+                    generator=generator,
+                )
     finally:
-        cap.remove()
         for m, mode in modes.items():
             m.training = mode
     if seen == 0:
         raise ValueError("batches is empty: curvature needs at least one batch")
-    return CaptureResult(cap.layers, cap.fire_order, cap.batches, cap.skipped_batches)
+    return cap.result()
 
 
 def _limit(batches: Iterable[Any], n: int | None) -> Iterator[Any]:

@@ -130,9 +130,7 @@ def is_record(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("format") == _RECORD_FORMAT
 
 
-def stage_like(
-    template: nn.Module, c_in: int, c_out: int, *, pointwise: bool, bias: bool
-) -> nn.Module:
+def stage_like(template: nn.Module, c_in: int, c_out: int, *, pointwise: bool, bias: bool) -> nn.Module:
     """A Conv2d/Linear shaped like ``template`` with new widths, on its device and dtype.
 
     ``pointwise=True`` gives a 1×1, stride-1, unpadded conv (a rotation stage); otherwise the

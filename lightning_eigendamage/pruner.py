@@ -456,9 +456,7 @@ def prune(
         thr = global_threshold(pooled, ratio)
     else:
         totals = {"params": params_before, "flops": flops_before}
-        thr = _threshold_for_target(
-            works, pooled, ratio, target, layer_cap, min_rank, form, totals
-        )
+        thr = _threshold_for_target(works, pooled, ratio, target, layer_cap, min_rank, form, totals)
     decisions = _decide(works, thr, layer_cap, min_rank, form)
 
     replacements = {}
@@ -472,7 +470,7 @@ def prune(
     total = sum(w.s_out.numel() + w.s_in.numel() for w in works)
     removed = 0
     layer_reports = {}
-    for w, (ki, ko, f, cost, changed) in zip(works, decisions):
+    for w, (ki, ko, f, cost, _) in zip(works, decisions):
         d_out, _, d_in = w.state.core.shape
         rem_in, rem_out = d_in - len(ki), d_out - len(ko)
         removed += rem_in + rem_out

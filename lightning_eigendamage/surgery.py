@@ -197,9 +197,7 @@ def reshape_to_records(model: nn.Module, records: dict[str, dict]) -> dict[str, 
 def _template_of(layer: KFELayer) -> nn.Module:
     """A module of the layer's original widths with the core's kernel settings (for reshaping)."""
     core = layer.core
-    tmpl = stage_like(
-        core, layer.in_features, layer.out_features, pointwise=False, bias=False
-    )
+    tmpl = stage_like(core, layer.in_features, layer.out_features, pointwise=False, bias=False)
     last = layer.rotate_out if layer.rotate_out is not None else core
     if last.bias is not None:
         tmpl.bias = nn.Parameter(torch.empty(layer.out_features))

@@ -1,0 +1,28 @@
+# Set-up and entry points. `make demo` / `make test` create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Exact versions known to work together on Python 3.11 (pyproject.toml only sets lower bounds).
+PINS := torch==2.14.1 torchvision==0.29.1 lightning==2.6.6 torchmetrics==1.9.0 \
+	pytest==9.2.0 ruff==0.17.6 scikit-learn==1.9.1 matplotlib==3.11.2
+
+.PHONY: venv demo test lint
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q $(PINS)
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) benchmarks/demo_digits.py
+
+test: venv
+	$(PY) -m pytest -q tests
+
+lint: venv
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
