@@ -375,6 +375,9 @@ def sampled_loss(
         flat = logits.reshape(-1, logits.shape[-1]).float()
         with torch.no_grad():
             probs = torch.softmax(flat, dim=-1)
+            # Non-finite logits: sample anything; the batch's factors are non-finite and dropped.
+            bad = ~torch.isfinite(probs).all(dim=-1, keepdim=True)
+            probs = torch.where(bad, torch.ones_like(probs), probs)
             y = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         return F.cross_entropy(flat, y, reduction="sum")
     with torch.no_grad():
