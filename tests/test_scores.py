@@ -1,0 +1,125 @@
+"""EigenDamage scores and the kept directions against a straightforward computation of method.md §3."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_eigendamage import prune
+from lightning_eigendamage.curvature import capture_factors
+
+
+class TwoConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 10, 3, stride=2, padding=1)
+        self.fc = nn.Linear(10, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.fc(h.mean((2, 3)))
+
+
+def _reference_plan(model, res, ratio, cap, min_rank):
+    """§3 written out with numpy loops: eigh, W* per offset, damages, pooled quantile, cap, min_rank."""
+    layers = {"c1": model.c1, "c2": model.c2}
+    data = {}
+    pooled = []
+    for name, conv in layers.items():
+        lf = res.layers[name]
+        la, qa = np.linalg.eigh(lf.a().double().numpy())
+        lg, qg = np.linalg.eigh(lf.g().double().numpy())
+        la = np.where(la <= 1e-10 * max(la[-1], 1), 0, la)
+        lg = np.where(lg <= 1e-10 * max(lg[-1], 1), 0, lg)
+        w = conv.weight.detach().double().numpy()  # (O, I, kh, kw)
+        c_out, c_in, kh, kw = w.shape
+        t = lf.locations
+        dmg = np.zeros((c_out, kh, kw, c_in))
+        for dh in range(kh):
+            for dw in range(kw):
+                ws = qg.T @ w[:, :, dh, dw] @ qa
+                for i in range(c_out):
+                    for j in range(c_in):
+                        dmg[i, dh, dw, j] = 0.5 * t * ws[i, j] ** 2 * lg[i] * la[j]
+        s_out = dmg.sum(axis=(1, 2, 3))
+        s_in = dmg.sum(axis=(0, 1, 2))
+        data[name] = (s_out, s_in, qa, qg, w)
+        pooled += [s_out, s_in]
+    thr = np.quantile(np.concatenate(pooled), ratio)
+    plan = {}
+    for name, (s_out, s_in, qa, qg, w) in data.items():
+        kept = []
+        for s in (s_out, s_in):
+            order = np.argsort(s, kind="stable")
+            n_rm = min(int((s < thr).sum()), int(np.floor(cap * len(s))), len(s) - min_rank)
+            kept.append(sorted(order[max(n_rm, 0):].tolist()))
+        plan[name] = (kept[0], kept[1], qa, qg, w)
+    return plan, thr
+
+
+@pytest.mark.parametrize("ratio,cap,min_rank", [(0.5, 0.95, 1), (0.7, 0.5, 1), (0.9, 0.95, 4)])
+def test_kept_directions_and_weights_match_reference(ratio, cap, min_rank):
+    torch.manual_seed(0)
+    model = TwoConv().eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 4, (32,), generator=g)) for _ in range(2)]
+    res = capture_factors(model, {"c1": model.c1, "c2": model.c2, "fc": model.fc}, batches,
+                          factors_for=["c1", "c2", "fc"], fisher="empirical")
+    plan, thr = _reference_plan(model, res, ratio, cap, min_rank)
+
+    pruned = copy.deepcopy(model)
+    report = prune(pruned, batches, ratio=ratio, fisher="empirical", layer_cap=cap, min_rank=min_rank,
+                   form="dense")
+    assert report.threshold == pytest.approx(thr, rel=1e-6)
+    x = batches[0][0]
+    ref = copy.deepcopy(model)
+    removed = total = 0
+    for name, (ko, ki, qa, qg, w) in plan.items():
+        entry = next(r for r in report.layers if r.name == name)
+        assert (entry.kept_out, entry.kept_in) == (len(ko), len(ki))
+        # The pruned layer equals Q_G[:, ko] W*[ko, :, ki] Q_A[:, ki]ᵀ per kernel offset.
+        low = np.zeros_like(w)
+        for dh in range(w.shape[2]):
+            for dw in range(w.shape[3]):
+                ws = qg.T @ w[:, :, dh, dw] @ qa
+                low[:, :, dh, dw] = qg[:, ko] @ ws[np.ix_(ko, ki)] @ qa[:, ki].T
+        getattr(ref, name).weight.data = torch.from_numpy(low).float()
+        removed += w.shape[0] - len(ko) + w.shape[1] - len(ki)
+        total += w.shape[0] + w.shape[1]
+    assert report.realised_fraction == pytest.approx(removed / total)
+    assert report.realised_fraction <= ratio + 1e-12
+    torch.testing.assert_close(pruned(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_min_rank_keeps_most_important_direction():
+    """With a cap of 1 and min_rank 1 the surviving direction is the highest-scoring one."""
+    from lightning_eigendamage.criteria import keep_side
+
+    s = torch.tensor([0.3, 5.0, 0.1, 2.0])
+    d = keep_side(s, threshold=10.0, cap=1.0, min_rank=1)
+    assert d.kept == [1] and d.removed == 3
+    d = keep_side(s, threshold=10.0, cap=0.5, min_rank=1)
+    assert d.kept == [1, 3]
+    d = keep_side(s, threshold=0.2, cap=1.0, min_rank=1)
+    assert d.kept == [0, 1, 3]
+
+
+def test_scores_use_locations_factor():
+    """T scales conv scores: doubling the spatial size (4× locations) scales c1's scores by ~4."""
+    from lightning_eigendamage.criteria import eigendamage_scores
+
+    w = torch.randn(3, 9, 2, dtype=torch.float64)
+    la, lg = torch.rand(2, dtype=torch.float64), torch.rand(3, dtype=torch.float64)
+    o1, i1 = eigendamage_scores(w, la, lg, 1.0)
+    o4, i4 = eigendamage_scores(w, la, lg, 4.0)
+    torch.testing.assert_close(o4, 4 * o1)
+    torch.testing.assert_close(i4, 4 * i1)
+    manual = 0.5 * (w[1] ** 2 * la[None, :] * lg[1]).sum()
+    torch.testing.assert_close(o1[1], manual)
+    assert F is not None
