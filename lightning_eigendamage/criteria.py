@@ -40,17 +40,17 @@ class SideDecision:
     removed: int
 
 
-def keep_side(scores: torch.Tensor, threshold: float, cap: float, min_rank: int) -> SideDecision:
-    """Which directions of one side survive a global ``threshold``.
+def keep_side(scores: torch.Tensor, marked: int, cap: float, min_rank: int) -> SideDecision:
+    """Which directions of one side survive.
 
-    Directions scoring strictly below ``threshold`` are removed, least important first, but at
-    most ``floor(cap·n)`` of them and never so many that fewer than ``min_rank`` remain; the
-    survivors are therefore always the most important ones.
+    ``marked`` directions of this side fall under the global threshold (see
+    :func:`global_marks`); the least important of them are removed, but at most
+    ``floor(cap·n)`` and never so many that fewer than ``min_rank`` remain, so the survivors are
+    always the most important ones (ties broken by index).
     """
     n = scores.numel()
     order = torch.argsort(scores, stable=True)
-    below = int((scores < threshold).sum())
-    n_remove = max(0, min(below, math.floor(cap * n + 1e-9), n - min_rank))
+    n_remove = max(0, min(marked, math.floor(cap * n + 1e-9), n - min_rank))
     kept = sorted(int(i) for i in order[n_remove:])
     return SideDecision(kept=kept, removed=n_remove)
 
@@ -63,13 +63,30 @@ def global_threshold(scores: list[torch.Tensor], ratio: float) -> float:
     return float(torch.quantile(pooled, ratio))
 
 
+def global_marks(scores: list[torch.Tensor], ratio: float) -> list[int]:
+    """How many directions of each score vector fall under the global ``ratio``-quantile.
+
+    Without ties these are exactly the scores strictly below :func:`global_threshold`:
+    ``k = ceil(ratio·(n−1))`` of the ``n`` pooled scores. Ties (typically the many exact zeros of
+    directions without curvature) are broken by rank, in pooled order, so that exactly ``k``
+    directions are marked even when more than ``k`` share the threshold value.
+    """
+    sizes = [s.numel() for s in scores]
+    pooled = torch.cat([s.reshape(-1).to(torch.float64).cpu() for s in scores])
+    n = pooled.numel()
+    k = max(0, math.ceil(ratio * (n - 1) - 1e-9)) if n else 0
+    mark = torch.zeros(n, dtype=torch.bool)
+    mark[torch.argsort(pooled, stable=True)[:k]] = True
+    return [int(m.sum()) for m in torch.split(mark, sizes)]
+
+
 def plan_directions(
     scores: dict[str, tuple[torch.Tensor, torch.Tensor]],
     ratio: float,
     *,
     layer_cap: float,
     min_rank: int,
-) -> tuple[dict[str, dict[str, list[int]]], float]:
+) -> dict[str, dict[str, list[int]]]:
     """Global decision: for each layer, the output and input directions kept.
 
     Args:
@@ -77,13 +94,13 @@ def plan_directions(
         ratio: fraction of all pooled directions targeted (the threshold's quantile).
 
     Returns:
-        ``({name: {"kept_out": [...], "kept_in": [...]}}, threshold)``: plain data.
+        ``{name: {"kept_out": [...], "kept_in": [...]}}``: plain data.
     """
     flat = [s for pair in scores.values() for s in pair]
-    thr = global_threshold(flat, ratio)
+    marks = iter(global_marks(flat, ratio))
     plan = {}
     for name, (s_out, s_in) in scores.items():
-        out = keep_side(s_out, thr, layer_cap, min_rank)
-        inn = keep_side(s_in, thr, layer_cap, min_rank)
+        out = keep_side(s_out, next(marks), layer_cap, min_rank)
+        inn = keep_side(s_in, next(marks), layer_cap, min_rank)
         plan[name] = {"kept_out": out.kept, "kept_in": inn.kept}
-    return plan, thr
+    return plan

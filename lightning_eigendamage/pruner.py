@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .costs import Cost, Geometry, count_flops, count_params, form_cost
-from .criteria import eigendamage_scores, global_threshold, keep_side
+from .criteria import eigendamage_scores, global_marks, global_threshold, keep_side
 from .curvature import (
     A_FORMS,
     FISHER_TYPES,
@@ -74,6 +74,7 @@ class PruneReport:
     target: str
     realised_fraction: float
     threshold: float
+    quantile: float
     batches: int
     skipped_batches: int
     method: str = "eigendamage"
@@ -274,40 +275,51 @@ def _choose(work: _LayerWork, r_in: int, r_out: int, form: str) -> tuple[str, Co
     return best[0], Cost(params=best[2], flops=best[1]), True
 
 
-def _decide(works: list[_LayerWork], thr: float, layer_cap: float, min_rank: int, form: str):
-    """Per layer ``(kept_in, kept_out, form, cost, changed)`` for a threshold."""
+def _decide(works: list[_LayerWork], marks: list[int], layer_cap: float, min_rank: int, form: str):
+    """Per layer ``(kept_in, kept_out, form, cost, changed)`` given each side's marked count.
+
+    ``marks`` alternates output and input sides, in ``works`` order. A side whose rotation is
+    folded into the core saves nothing by losing directions, so with ``form="auto"`` all of its
+    directions are kept (no damage for no gain).
+    """
     out = []
-    for w in works:
-        ko = keep_side(w.s_out, thr, layer_cap, min_rank).kept
-        ki = keep_side(w.s_in, thr, layer_cap, min_rank).kept
+    for w, m_out, m_in in zip(works, marks[0::2], marks[1::2]):
+        ko = keep_side(w.s_out, m_out, layer_cap, min_rank).kept
+        ki = keep_side(w.s_in, m_in, layer_cap, min_rank).kept
         f, cost, changed = _choose(w, len(ki), len(ko), form)
+        all_in, all_out = list(range(w.s_in.numel())), list(range(w.s_out.numel()))
         if not changed:
-            ki, ko = list(range(w.s_in.numel())), list(range(w.s_out.numel()))
+            ki, ko = all_in, all_out
+        elif form == "auto":
+            if f in ("fold_in", "dense"):
+                ki = all_in
+            if f in ("fold_out", "dense"):
+                ko = all_out
         out.append((ki, ko, f, cost, changed))
     return out
 
 
-def _threshold_for_target(works, pooled, ratio, target, layer_cap, min_rank, form, totals):
+def _quantile_for_target(works, pooled, ratio, target, layer_cap, min_rank, form, totals) -> float:
     """Bisect the quantile so that the removed fraction of ``target`` reaches ``ratio``."""
     before = totals[target]
     fixed = sum(getattr(w.current, target) for w in works)
 
     def removed_fraction(q: float) -> float:
-        thr = global_threshold(pooled, q)
-        dec = _decide(works, thr, layer_cap, min_rank, form)
+        dec = _decide(works, global_marks(pooled, q), layer_cap, min_rank, form)
         after = before - fixed + sum(getattr(d[3], target) for d in dec)
         return 1.0 - after / before
 
-    if removed_fraction(0.9999) < ratio:
-        return global_threshold(pooled, 0.9999)
-    lo, hi = 0.0, 0.9999
+    hi = 1.0 - 1e-9
+    if removed_fraction(hi) < ratio:
+        return hi
+    lo = 0.0
     for _ in range(40):
         mid = 0.5 * (lo + hi)
         if removed_fraction(mid) >= ratio:
             hi = mid
         else:
             lo = mid
-    return global_threshold(pooled, hi)
+    return hi
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,12 +464,12 @@ def prune(
         works.append(_LayerWork(c, state, geo, bias, q_a, q_g, s_out, s_in, current))
 
     pooled = [s for w in works for s in (w.s_out, w.s_in)]
-    if target == "directions":
-        thr = global_threshold(pooled, ratio)
-    else:
+    quantile = float(ratio)
+    if target != "directions":
         totals = {"params": params_before, "flops": flops_before}
-        thr = _threshold_for_target(works, pooled, ratio, target, layer_cap, min_rank, form, totals)
-    decisions = _decide(works, thr, layer_cap, min_rank, form)
+        quantile = _quantile_for_target(works, pooled, ratio, target, layer_cap, min_rank, form, totals)
+    thr = global_threshold(pooled, quantile)
+    decisions = _decide(works, global_marks(pooled, quantile), layer_cap, min_rank, form)
 
     replacements = {}
     for w, (ki, ko, f, _, changed) in zip(works, decisions):
@@ -479,8 +491,8 @@ def prune(
             kind=w.cand.kind,
             in_features=w.state.c_in,
             out_features=w.state.c_out,
-            kept_in=len(ki),
-            kept_out=len(ko),
+            kept_in=len(ki) if f in ("bottleneck", "fold_out") else w.state.c_in,
+            kept_out=len(ko) if f in ("bottleneck", "fold_in") else w.state.c_out,
             form=f,
             removed_in=rem_in,
             removed_out=rem_out,
@@ -517,6 +529,7 @@ def prune(
         target=target,
         realised_fraction=removed / total if total else 0.0,
         threshold=thr,
+        quantile=quantile,
         batches=captured.batches,
         skipped_batches=captured.skipped_batches,
         method=method,

@@ -60,7 +60,9 @@ def conv_batches(n_batches: int = 3, n: int = 16, size: int = 16, n_classes: int
     ]
 
 
-def seq_batches(n_batches: int = 3, n: int = 16, t: int = 7, d_in: int = 12, n_classes: int = 5, seed: int = 0):
+def seq_batches(
+    n_batches: int = 3, n: int = 16, t: int = 7, d_in: int = 12, n_classes: int = 5, seed: int = 0
+):
     g = torch.Generator().manual_seed(seed)
     return [
         (torch.randn(n, t, d_in, generator=g), torch.randint(0, n_classes, (n,), generator=g))

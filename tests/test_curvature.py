@@ -131,7 +131,9 @@ def test_conv_factors_match_brute_force(case, fisher):
     torch.manual_seed(1)
     model = ConvHead(CONV_CASES[case])
     g = torch.Generator().manual_seed(5)
-    batches = [(torch.randn(6, 3, 9, 9, generator=g), torch.randint(0, 4, (6,), generator=g)) for _ in range(3)]
+    batches = [
+        (torch.randn(6, 3, 9, 9, generator=g), torch.randint(0, 4, (6,), generator=g)) for _ in range(3)
+    ]
     res = capture_factors(
         model,
         {"conv": model.conv, "fc": model.fc},
@@ -166,9 +168,15 @@ def test_linear_factors_on_token_sequences(fisher):
     torch.manual_seed(2)
     model = SeqNet()
     g = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(4, 6, 5, generator=g), torch.randint(0, 3, (4, 6), generator=g)) for _ in range(2)]
+    batches = [
+        (torch.randn(4, 6, 5, generator=g), torch.randint(0, 3, (4, 6), generator=g)) for _ in range(2)
+    ]
     res = capture_factors(
-        model, {"lin": model.lin}, batches, factors_for=["lin"], fisher=fisher,
+        model,
+        {"lin": model.lin},
+        batches,
+        factors_for=["lin"],
+        fisher=fisher,
         generator=torch.Generator().manual_seed(7),
     )
     # Brute force with an explicit double loop over examples and tokens.
@@ -201,22 +209,25 @@ def test_true_fisher_of_last_layer_approaches_exact_expectation():
     lin = nn.Linear(3, 4)
     x = torch.randn(8, 3)
     batches = [x] * 400
-    res = capture_factors(lin, {"l": lin}, batches, factors_for=["l"], fisher="true",
-                          generator=torch.Generator().manual_seed(0))
+    res = capture_factors(
+        lin, {"l": lin}, batches, factors_for=["l"], fisher="true", generator=torch.Generator().manual_seed(0)
+    )
     p = torch.softmax(lin(x).detach().double(), -1)
     exact = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mean(0)
     err = (res.layers["l"].g().double() - exact).abs().max()
     assert err < 0.02, err  # Monte-Carlo error over 3,200 samples
     # ...and the exact expectation is *not* what the empirical Fisher with fixed labels gives.
-    emp = capture_factors(lin, {"l": lin}, [(x, torch.zeros(8, dtype=torch.long))], factors_for=["l"],
-                          fisher="empirical")
+    emp = capture_factors(
+        lin, {"l": lin}, [(x, torch.zeros(8, dtype=torch.long))], factors_for=["l"], fisher="empirical"
+    )
     assert (emp.layers["l"].g().double() - exact).abs().max() > 0.1
 
 
 def test_capture_leaves_grad_bn_stats_rng_and_mode_untouched():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten(),
-                          nn.Linear(4 * 6 * 6, 3))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    )
     model.train()
     for p in model.parameters():
         p.grad = torch.full_like(p, 0.25)

@@ -57,8 +57,9 @@ def _reference_plan(model, res, ratio, cap, min_rank):
         kept = []
         for s in (s_out, s_in):
             order = np.argsort(s, kind="stable")
+            # Scores are continuous here (no ties), so "under the threshold" is unambiguous.
             n_rm = min(int((s < thr).sum()), int(np.floor(cap * len(s))), len(s) - min_rank)
-            kept.append(sorted(order[max(n_rm, 0):].tolist()))
+            kept.append(sorted(order[max(n_rm, 0) :].tolist()))
         plan[name] = (kept[0], kept[1], qa, qg, w)
     return plan, thr
 
@@ -68,14 +69,22 @@ def test_kept_directions_and_weights_match_reference(ratio, cap, min_rank):
     torch.manual_seed(0)
     model = TwoConv().eval()
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 4, (32,), generator=g)) for _ in range(2)]
-    res = capture_factors(model, {"c1": model.c1, "c2": model.c2, "fc": model.fc}, batches,
-                          factors_for=["c1", "c2", "fc"], fisher="empirical")
+    batches = [
+        (torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 4, (32,), generator=g)) for _ in range(2)
+    ]
+    res = capture_factors(
+        model,
+        {"c1": model.c1, "c2": model.c2, "fc": model.fc},
+        batches,
+        factors_for=["c1", "c2", "fc"],
+        fisher="empirical",
+    )
     plan, thr = _reference_plan(model, res, ratio, cap, min_rank)
 
     pruned = copy.deepcopy(model)
-    report = prune(pruned, batches, ratio=ratio, fisher="empirical", layer_cap=cap, min_rank=min_rank,
-                   form="dense")
+    report = prune(
+        pruned, batches, ratio=ratio, fisher="empirical", layer_cap=cap, min_rank=min_rank, form="bottleneck"
+    )
     assert report.threshold == pytest.approx(thr, rel=1e-6)
     x = batches[0][0]
     ref = copy.deepcopy(model)
@@ -102,12 +111,24 @@ def test_min_rank_keeps_most_important_direction():
     from lightning_eigendamage.criteria import keep_side
 
     s = torch.tensor([0.3, 5.0, 0.1, 2.0])
-    d = keep_side(s, threshold=10.0, cap=1.0, min_rank=1)
+    d = keep_side(s, marked=4, cap=1.0, min_rank=1)
     assert d.kept == [1] and d.removed == 3
-    d = keep_side(s, threshold=10.0, cap=0.5, min_rank=1)
+    d = keep_side(s, marked=4, cap=0.5, min_rank=1)
     assert d.kept == [1, 3]
-    d = keep_side(s, threshold=0.2, cap=1.0, min_rank=1)
+    d = keep_side(s, marked=1, cap=1.0, min_rank=1)
     assert d.kept == [0, 1, 3]
+
+
+def test_ties_at_zero_are_broken_by_rank():
+    """Many exact-zero scores (directions without curvature) must not block pruning."""
+    from lightning_eigendamage.criteria import global_marks
+
+    a = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 2.0])
+    b = torch.tensor([0.0, 0.0, 3.0, 4.0])
+    assert global_marks([a, b], 0.5) == [4, 1]  # ceil(0.5·9) = 5 lowest, ties in pooled order
+    assert global_marks([a, b], 0.0) == [0, 0]
+    c = torch.tensor([0.5, 0.1, 0.9, 0.3])
+    assert global_marks([c], 0.5) == [2]  # = #scores below the 0.5-quantile (0.4)
 
 
 def test_scores_use_locations_factor():
