@@ -95,7 +95,7 @@ def _brute_factors(model, layer, batches, fisher, seed):
     for x, y in batches:
         store = {}
 
-        def hook(m, inp, out):
+        def hook(m, inp, out, store=store):
             store["x"] = inp[0].detach()
             store["s"] = out
 
