@@ -255,6 +255,7 @@ class KFACapture:
                 lf._pending = {}
             return False
         for lf, p in pend:
+            lf._pending = {}  # also drops references to this batch's activations
             if "a" not in p or "g" not in p:
                 continue
             lf.a_sum = p["a"] if lf.a_sum is None else lf.a_sum + p["a"]
@@ -301,6 +302,10 @@ class KFACapture:
             else:
                 a, rows = linear_a(xc)
             lf._pending = {"a": a.to(self.accum_dtype), "a_rows": rows, "n": n}
+            # Where a backward must reach for this layer's output hook to fire: its input if that
+            # carries a gradient (no weight gradient is then computed), else its weight.
+            live = inputs[0]
+            lf._pending["grad_target"] = live if live.requires_grad else module.weight
             if output.requires_grad:
                 output.register_hook(self._grad_hook(name, is_conv))
 
@@ -410,14 +415,19 @@ def capture_batch(
 
     The caller chooses the model's mode (eval mode keeps BatchNorm statistics and dropout RNG
     untouched). The backward goes through :func:`torch.autograd.grad` to the hooked layers'
-    weights, so ``.grad`` is never written. Returns whether the batch was committed (finite).
+    *inputs* (a floating-point model input is made to carry a gradient for this), so no weight
+    gradient is computed and ``.grad`` is never written; a layer whose input carries no gradient
+    (e.g. after a frozen stem) is reached through its weight instead. Returns whether the batch
+    was committed (finite).
 
     - ``fisher="true"``: targets are sampled from the model (:func:`sampled_loss`) with
       ``generator``; the global RNG is not used.
     - ``fisher="empirical"``: ``loss_fn(output, target)`` (default :func:`default_loss`), which
       must return the loss averaged over the batch's ``N`` examples; it is multiplied by ``N``.
     """
-    weights = [m.weight for n, m in cap.modules.items() if n in cap.factors_for and m.weight.requires_grad]
+    if isinstance(inp, torch.Tensor) and inp.is_floating_point() and not inp.requires_grad:
+        # A non-leaf alias that requires grad: the backward can stop at the first layer's input.
+        inp = inp.detach() + torch.zeros((), dtype=inp.dtype, device=inp.device, requires_grad=True)
     cap.begin_batch()
     try:
         with torch.enable_grad():
@@ -437,8 +447,13 @@ def capture_batch(
                 fn = loss_fn or (lambda o, t: default_loss(o, t, class_dim))
                 loss = fn(output, target)
                 cap.grad_scale = float(n)
-            if weights and loss.requires_grad:
-                torch.autograd.grad(loss, weights, allow_unused=True)
+            targets = {}
+            for name in cap.factors_for:
+                t = cap.layers[name]._pending.get("grad_target")
+                if t is not None and t.requires_grad:
+                    targets[id(t)] = t
+            if targets and loss.requires_grad:
+                torch.autograd.grad(loss, list(targets.values()), allow_unused=True)
     except BaseException:
         cap.abort_batch()
         raise

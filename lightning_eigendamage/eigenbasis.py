@@ -49,4 +49,6 @@ def weight_from_3d(w3: torch.Tensor, like: nn.Module) -> torch.Tensor:
 
 def to_kfe(w3: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor) -> torch.Tensor:
     """``W*[:, δ, :] = Q_Gᵀ W[:, δ, :] Q_A`` for ``w3`` ``(C_out, k², C_in)``."""
-    return torch.einsum("oi,odj,jk->idk", q_g, w3, q_a)
+    c_out, k2, c_in = w3.shape
+    left = (q_g.T @ w3.reshape(c_out, k2 * c_in)).reshape(-1, c_in)  # (r_out·k², C_in)
+    return (left @ q_a).reshape(q_g.shape[1], k2, q_a.shape[1])
