@@ -55,3 +55,20 @@ def restore_pruned(
         swap_modules(model, old)
         raise
     return model
+
+
+def enable_pruned_loading(model: nn.Module) -> Any:
+    """Let ``model.load_state_dict`` accept pruned state_dicts directly.
+
+    Registers a ``load_state_dict`` pre-hook on ``model`` that, before any child loads, reshapes
+    the layers named in the incoming state_dict's pruned-layer records (see
+    :func:`restore_pruned`). Call it in a LightningModule's ``__init__`` to make
+    ``Model.load_from_checkpoint(path)`` and ``Trainer.fit(..., ckpt_path=...)`` work with pruned
+    checkpoints. Returns the hook handle (``handle.remove()`` undoes it).
+    """
+
+    def hook(module, state_dict, prefix, *args, **kwargs):
+        local = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        reshape_to_records(module, records_in(local))
+
+    return model.register_load_state_dict_pre_hook(hook)

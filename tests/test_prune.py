@@ -376,3 +376,27 @@ def test_form_choice_never_exceeds_current_params_or_flops():
     assert _choose(work, 2, 2, "auto") == ("dense", work.current, False)
     work.current = Cost(params=dense.params, flops=10)
     assert _choose(work, 2, 2, "auto") == ("dense", work.current, False)
+
+
+def test_enable_pruned_loading_makes_plain_load_state_dict_work():
+    from lightning_eigendamage import enable_pruned_loading
+
+    model, batches = _conv()
+    prune(model, batches, ratio=0.5)
+    sd = model.state_dict()
+    fresh = ConvNet()
+    with pytest.raises(RuntimeError):
+        fresh.load_state_dict(sd)
+    handle = enable_pruned_loading(fresh)
+    fresh.load_state_dict(sd)
+    x = batches[0][0]
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), model.eval()(x))
+    # Nested under a prefix (e.g. a LightningModule holding the network as ``self.net``).
+    outer_pruned, outer_fresh = nn.Module(), nn.Module()
+    outer_pruned.net, outer_fresh.net = model, ConvNet()
+    enable_pruned_loading(outer_fresh)
+    outer_fresh.load_state_dict(outer_pruned.state_dict())
+    with torch.no_grad():
+        assert torch.equal(outer_fresh.net.eval()(x), model(x))
+    handle.remove()
