@@ -154,6 +154,7 @@ class LayerFactors:
     g_rows: int = 0
     examples: int = 0
     geometry: Geometry | None = None
+    input_shape: tuple[int, ...] | None = None  # per-example shape of the hooked module's input
     max_calls: int = 0  # most forward calls seen in one pass
     fired: bool = False
     reached: bool = False  # a gradient arrived at least once
@@ -294,6 +295,7 @@ class KFACapture:
                 c_in = module.in_channels if is_conv else module.in_features
                 c_out = module.out_channels if is_conv else module.out_features
                 lf.geometry = Geometry(c_in, c_out, loc_in, loc_out, k2)
+                lf.input_shape = tuple(x.shape[1:])
             xc = x.to(_compute_dtype(x.dtype))
             if is_conv and self.a_form == "channel":
                 a, rows = conv_channel_a(xc, module, output.shape[2], output.shape[3])

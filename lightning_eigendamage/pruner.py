@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .costs import Cost, Geometry, count_flops, count_params, form_cost
+from .costs import Cost, Geometry, count_flops, count_params, form_cost, time_modules
 from .criteria import eigendamage_scores, global_marks, global_threshold, keep_side
 from .curvature import (
     A_FORMS,
@@ -30,6 +30,7 @@ from .surgery import LayerState, build_layer, read_state, swap_modules
 METHODS = ("eigendamage",)
 TARGETS = ("directions", "params", "flops")
 FORM_CHOICES = ("auto",) + FORMS
+FORM_BY = ("cost", "latency")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +253,7 @@ class _LayerWork:
     s_out: torch.Tensor
     s_in: torch.Tensor
     current: Cost
+    input_shape: tuple[int, ...] | None = None  # per-example input of the whole layer
 
 
 def _choose(work: _LayerWork, r_in: int, r_out: int, form: str) -> tuple[str, Cost, bool]:
@@ -322,12 +324,47 @@ def _quantile_for_target(works, pooled, ratio, target, layer_cap, min_rank, form
     return hi
 
 
+def _by_latency(works, decisions, batch: int, train_rotations: bool, device) -> list:
+    """Replace each changed layer's form by the fastest eligible one, measured on ``batch`` inputs.
+
+    Eligible: every form that costs no more FLOPs or parameters than the layer does now, and the
+    layer as it is now (then it is left unchanged). Measured once, here; the choice is recorded in
+    the module structure, so restoring a checkpoint never re-measures.
+    """
+    out = []
+    for w, dec in zip(works, decisions):
+        ki, ko, f, cost, changed = dec
+        if not changed or w.input_shape is None:
+            out.append(dec)
+            continue
+        all_in, all_out = list(range(w.s_in.numel())), list(range(w.s_out.numel()))
+        options = {"unchanged": (all_in, all_out, w.state.form, w.current, False)}
+        for cand in FORMS:
+            c_ki = all_in if cand in ("fold_in", "dense") else ki
+            c_ko = all_out if cand in ("fold_out", "dense") else ko
+            c_cost = form_cost(w.geo, cand, len(c_ki), len(c_ko), bias=w.bias)
+            if c_cost.fits_in(w.current) and (len(c_ki), len(c_ko)) != (len(all_in), len(all_out)):
+                options[cand] = (c_ki, c_ko, cand, c_cost, True)
+        mods = {"unchanged": w.cand.unit}
+        for k, (c_ki, c_ko, cand, _, _) in options.items():
+            if k != "unchanged":
+                mods[k] = build_layer(
+                    w.state, w.q_a, w.q_g, c_ki, c_ko, cand, train_rotations=train_rotations
+                )
+        dt = w.state.template.weight.dtype
+        example = torch.randn((batch,) + w.input_shape, device=device, dtype=dt)
+        times = time_modules(mods, example)
+        best = min(times, key=times.get)
+        out.append(options[best])
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # prune()
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_args(ratio, method, fisher, likelihood, target, layer_cap, min_rank, form, a_form):
+def _check_args(ratio, method, fisher, likelihood, target, layer_cap, min_rank, form, a_form, form_by="cost"):
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
     if method not in METHODS:
@@ -344,6 +381,8 @@ def _check_args(ratio, method, fisher, likelihood, target, layer_cap, min_rank, 
         raise ValueError(f"min_rank must be an integer ≥ 1, got {min_rank!r}")
     if form not in FORM_CHOICES:
         raise ValueError(f"form must be one of {FORM_CHOICES}, got {form!r}")
+    if form_by not in FORM_BY:
+        raise ValueError(f"form_by must be one of {FORM_BY}, got {form_by!r}")
     if a_form not in A_FORMS:
         raise ValueError(f"a_form must be one of {A_FORMS}, got {a_form!r}")
 
@@ -368,6 +407,8 @@ def prune(
     class_dim: int = -1,
     max_batches: int | None = None,
     seed: int = 0,
+    form_by: str = "cost",
+    latency_batch: int = 64,
     captured: CaptureResult | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place with EigenDamage and return a :class:`PruneReport`.
@@ -401,13 +442,20 @@ def prune(
         train_rotations: if False, rotation stages are frozen (``requires_grad=False``).
         likelihood: ``"categorical"`` (classes on ``class_dim``) or ``"gaussian"`` (regression).
         max_batches: use at most this many batches.
+        form_by: ``"cost"`` picks each layer's form by FLOPs (then parameters); ``"latency"``
+            times the eligible forms (and the layer as it is) on the model's device with
+            ``latency_batch`` random inputs and picks the fastest, so a layer whose cheaper forms
+            run slower is left whole. The ``params``/``flops`` target is met on cost before this
+            step, so the realised cut can be smaller: see the report.
         captured: factors already accumulated for this model's layers (used by the callback).
 
     Raises:
         ValueError: bad arguments, empty ``batches``, no prunable layer.
         RuntimeError: every batch gave non-finite curvature (the model is left unchanged).
     """
-    _check_args(ratio, method, fisher, likelihood, target, layer_cap, min_rank, form, "channel")
+    _check_args(ratio, method, fisher, likelihood, target, layer_cap, min_rank, form, "channel", form_by)
+    if not isinstance(latency_batch, int) or latency_batch < 1:
+        raise ValueError(f"latency_batch must be a positive integer, got {latency_batch!r}")
     cands = find_layers(model, exclude)
     if not any(c.skipped is None for c in cands):
         raise ValueError(_no_prunable_message(cands))
@@ -461,7 +509,10 @@ def prune(
         bias = state.bias is not None
         d_out, _, d_in = state.core.shape
         current = form_cost(geo, state.form, d_in, d_out, bias=bias)
-        works.append(_LayerWork(c, state, geo, bias, q_a, q_g, s_out, s_in, current))
+        shape = lf.input_shape
+        if shape is not None:
+            shape = (state.c_in,) + shape[1:] if c.kind == "conv2d" else shape[:-1] + (state.c_in,)
+        works.append(_LayerWork(c, state, geo, bias, q_a, q_g, s_out, s_in, current, shape))
 
     pooled = [s for w in works for s in (w.s_out, w.s_in)]
     quantile = float(ratio)
@@ -470,6 +521,8 @@ def prune(
         quantile = _quantile_for_target(works, pooled, ratio, target, layer_cap, min_rank, form, totals)
     thr = global_threshold(pooled, quantile)
     decisions = _decide(works, global_marks(pooled, quantile), layer_cap, min_rank, form)
+    if form_by == "latency" and form == "auto":
+        decisions = _by_latency(works, decisions, latency_batch, train_rotations, device)
 
     replacements = {}
     for w, (ki, ko, f, _, changed) in zip(works, decisions):

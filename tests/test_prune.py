@@ -400,3 +400,48 @@ def test_enable_pruned_loading_makes_plain_load_state_dict_work():
     with torch.no_grad():
         assert torch.equal(outer_fresh.net.eval()(x), model(x))
     handle.remove()
+
+
+def test_form_by_latency_picks_the_fastest_eligible_form(monkeypatch):
+    import lightning_eigendamage.pruner as pruner_mod
+
+    # Pretend the layer as it is now is always fastest: nothing changes.
+    def unchanged_fastest(mods, example, repeats=7):
+        return {k: (0.0 if k == "unchanged" else 1.0) for k in mods}
+
+    monkeypatch.setattr(pruner_mod, "time_modules", unchanged_fastest)
+    model, batches = _conv()
+    report = prune(model, batches, ratio=0.6, form_by="latency")
+    assert not any(isinstance(m, KFELayer) for m in model.modules())
+    assert report.flops_after == report.flops_before and report.realised_fraction == 0
+
+    # Pretend fold_out is fastest wherever it is eligible; the module structure follows.
+    seen = []
+
+    def fold_out_fastest(mods, example, repeats=7):
+        seen.append((sorted(mods), tuple(example.shape)))
+        return {k: (0.0 if k == "fold_out" else 1.0) for k in mods}
+
+    monkeypatch.setattr(pruner_mod, "time_modules", fold_out_fastest)
+    model, batches = _conv()
+    report = prune(model, batches, ratio=0.6, form_by="latency", latency_batch=5)
+    assert seen and all(shape[0] == 5 for _, shape in seen)
+    mods = dict(model.named_modules())
+    for r in report.layers:
+        if r.skipped is None and r.form != "dense":
+            assert mods[r.name].form == r.form
+    assert any(r.form == "fold_out" for r in report.layers)
+    assert report.flops_after < report.flops_before
+
+
+def test_form_by_latency_real_timing_runs():
+    model, batches = _conv()
+    report = prune(model, batches, ratio=0.6, form_by="latency", latency_batch=4)
+    mods = dict(model.named_modules())
+    for r in report.layers:
+        m = mods[r.name]
+        if isinstance(m, KFELayer):
+            assert (m.rank_in, m.rank_out, m.form) == (r.kept_in, r.kept_out, r.form)
+    assert report.flops_after <= report.flops_before
+    with pytest.raises(ValueError, match="form_by must be one of"):
+        prune(model, batches, ratio=0.5, form_by="speed")
