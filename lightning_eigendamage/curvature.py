@@ -22,7 +22,6 @@ backward is run with :func:`torch.autograd.grad`, so parameter ``.grad`` is neve
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,43 +70,77 @@ def _read_counts(size: int, pad_lo: int, pad_hi: int, k: int, s: int, d: int, n_
 
 def conv_read_counts(conv: nn.Conv2d, h: int, w: int, h_out: int, w_out: int) -> torch.Tensor:
     """The count map ``c`` over the padded input grid ``(H+pt+pb, W+pl+pr)``, float64 on CPU."""
+    ch, cw = _axis_counts(conv, h, w, h_out, w_out, crop=False)
+    return ch[:, None] * cw[None, :]
+
+
+def _axis_counts(conv: nn.Conv2d, h: int, w: int, h_out: int, w_out: int, *, crop: bool):
+    """Per-axis read counts; the map is separable: ``c[i, j] = c_h[i] · c_w[j]``.
+
+    With ``crop=True`` the zero-padding border is cut off (those pixels are zeros).
+    """
     top, bottom, left, right = conv_padding(conv)
     (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
     ch = _read_counts(h, top, bottom, kh, sh, dh, h_out)
     cw = _read_counts(w, left, right, kw, sw, dw, w_out)
-    return ch[:, None] * cw[None, :]
+    if crop:
+        ch, cw = ch[top : top + h], cw[left : left + w]
+    return ch, cw
 
 
-def conv_channel_a(x: torch.Tensor, conv: nn.Conv2d, h_out: int, w_out: int) -> tuple[torch.Tensor, int]:
+def gram(v: torch.Tensor) -> torch.Tensor:
+    """``Σ_n V_n V_nᵀ`` for ``v`` ``(N, C, P)``: ``(C, C)``.
+
+    Batched products for narrow layers (no copy of ``v``); one transposing copy and a single
+    GEMM for wide ones, where that is faster.
+    """
+    n, c, p = v.shape
+    if c <= 128:
+        return torch.bmm(v, v.transpose(1, 2)).sum(0)
+    rows = v.transpose(0, 1).reshape(c, n * p)
+    return rows @ rows.T
+
+
+def conv_channel_a(
+    x: torch.Tensor, conv: nn.Conv2d, h_out: int, w_out: int, cache: dict | None = None
+) -> tuple[torch.Tensor, int]:
     """Channel-form ``Σ_{n,t,δ} a aᵀ`` for a conv input ``x`` ``(N, C_in, H, W)``.
 
     Returns the ``(C_in, C_in)`` sum (not yet averaged) and the number of reads ``N·T·kh·kw``.
-    Uses ``Xᵀ diag(c) X``; pixels read by no (offset, location) pair (``c = 0``, e.g. the skipped
-    pixels of a strided 1×1 conv) are gathered out before the product.
+    Uses ``Xᵀ diag(c) X`` with the separable count map ``c = c_h ⊗ c_w``: rows and columns that
+    are never read (``c = 0``, e.g. the skipped pixels of a strided 1×1 conv) are dropped first;
+    uniform counts need no weighting copy at all. ``cache`` (any dict) keeps the per-shape counts.
     """
     n, c_in, h, w = x.shape
-    counts = conv_read_counts(conv, h, w, h_out, w_out)
-    top, bottom, left, right = conv_padding(conv)
-    if conv.padding_mode == "zeros":
-        # Zero-padded pixels add nothing to the sum; keep the interior only.
-        counts = counts[top : top + h, left : left + w]
-    elif any((top, bottom, left, right)):
-        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        x = F.pad(x, (left, right, top, bottom), mode=mode)
-    counts = counts.reshape(-1).to(x.device)
-    xf = x.reshape(n, c_in, -1)
-    nz = counts > 0
-    if not bool(nz.all()):
-        idx = nz.nonzero().squeeze(1)
-        xf = xf.index_select(2, idx)
-        counts = counts[idx]
-    rows = xf.transpose(0, 1).reshape(c_in, -1)  # (C_in, N·P)
-    if bool((counts != counts[0]).any()):
-        rows = rows * counts.sqrt().to(rows.dtype).repeat(n)
+    key = (id(conv), h, w, h_out, w_out)
+    prep = cache.get(key) if cache is not None else None
+    if prep is None:
+        crop = conv.padding_mode == "zeros"
+        ch, cw = _axis_counts(conv, h, w, h_out, w_out, crop=crop)
+        ih, iw = ch.nonzero().squeeze(1), cw.nonzero().squeeze(1)
+        ih = None if ih.numel() == ch.numel() else ih.to(x.device)
+        iw = None if iw.numel() == cw.numel() else iw.to(x.device)
+        ch = ch[ch > 0]
+        cw = cw[cw > 0]
+        uniform = bool((ch == ch[0]).all() and (cw == cw[0]).all())
+        weight = float(ch[0] * cw[0]) if uniform else (ch.sqrt()[:, None] * cw.sqrt()[None, :]).to(x.device)
+        prep = (crop, ih, iw, uniform, weight)
+        if cache is not None:
+            cache[key] = prep
+    crop, ih, iw, uniform, weight = prep
+    if not crop:
+        top, bottom, left, right = conv_padding(conv)
+        x = F.pad(x, (left, right, top, bottom), mode=conv.padding_mode)
+    if ih is not None:
+        x = x.index_select(2, ih)
+    if iw is not None:
+        x = x.index_select(3, iw)
+    if uniform:
+        a = gram(x.reshape(n, c_in, -1)) * weight
     else:
-        rows = rows * math.sqrt(float(counts[0]))
+        a = gram((x * weight.to(x.dtype)).reshape(n, c_in, -1))
     reads = n * h_out * w_out * conv.kernel_size[0] * conv.kernel_size[1]
-    return rows @ rows.T, reads
+    return a, reads
 
 
 def conv_patch_a(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, int]:
@@ -133,8 +166,9 @@ def output_g(grad: torch.Tensor, is_conv: bool) -> tuple[torch.Tensor, int]:
     ``grad`` is ``(N, C_out, H_out, W_out)`` for a conv, ``(N, *, C_out)`` for a Linear.
     """
     if is_conv:
-        rows = grad.transpose(0, 1).reshape(grad.shape[1], -1)
-        return rows @ rows.T, rows.shape[1]
+        n, c = grad.shape[:2]
+        v = grad.reshape(n, c, -1)
+        return gram(v), n * v.shape[2]
     rows = grad.reshape(-1, grad.shape[-1])
     return rows.T @ rows, rows.shape[0]
 
@@ -208,6 +242,7 @@ class KFACapture:
         self.skipped_batches = 0
         self._handles: list[Any] = []
         self._calls: dict[str, int] = {}
+        self._count_cache: dict = {}
         self._active = False
 
     # -- context management ------------------------------------------------------------------
@@ -298,7 +333,7 @@ class KFACapture:
                 lf.input_shape = tuple(x.shape[1:])
             xc = x.to(_compute_dtype(x.dtype))
             if is_conv and self.a_form == "channel":
-                a, rows = conv_channel_a(xc, module, output.shape[2], output.shape[3])
+                a, rows = conv_channel_a(xc, module, output.shape[2], output.shape[3], self._count_cache)
             elif is_conv:
                 a, rows = conv_patch_a(xc, module)
             else:
