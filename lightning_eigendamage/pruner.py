@@ -23,6 +23,7 @@ from .curvature import (
     split_batch,
     to_device,
 )
+from .distributed import all_reduce_capture, broadcast_object, split_eigh
 from .eigenbasis import eigh_factor, to_kfe
 from .layers import FORMS, KFELayer
 from .surgery import LayerState, build_layer, read_state, swap_modules
@@ -409,6 +410,8 @@ def prune(
     seed: int = 0,
     form_by: str = "cost",
     latency_batch: int = 64,
+    distributed: bool = False,
+    process_group: Any = None,
     captured: CaptureResult | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place with EigenDamage and return a :class:`PruneReport`.
@@ -447,6 +450,11 @@ def prune(
             ``latency_batch`` random inputs and picks the fastest, so a layer whose cheaper forms
             run slower is left whole. The ``params``/``flops`` target is met on cost before this
             step, so the realised cut can be smaller: see the report.
+        distributed: call on every process of an initialised ``torch.distributed`` group (e.g.
+            each DDP rank, with its own shard of ``batches``): factors are summed over processes
+            (weighted by rows), the eigendecompositions are split among them and broadcast, and
+            rank 0's decisions are broadcast, so every process applies the same surgery.
+        process_group: the group for ``distributed`` (default: the world).
         captured: factors already accumulated for this model's layers (used by the callback).
 
     Raises:
@@ -485,6 +493,15 @@ def prune(
             generator=gen,
             max_batches=max_batches,
         )
+    if distributed:
+        widths = {}
+        for c in cands:
+            if c.skipped is None:
+                h = c.hook_module
+                d_in = h.in_channels if isinstance(h, nn.Conv2d) else h.in_features
+                d_out = h.out_channels if isinstance(h, nn.Conv2d) else h.out_features
+                widths[c.name] = (d_in, d_out)
+        all_reduce_capture(captured, widths, device, process_group)
     if captured.batches == 0:
         raise RuntimeError(
             f"all {captured.skipped_batches} batches gave non-finite curvature (NaN/Inf in "
@@ -496,14 +513,19 @@ def prune(
     if not prunable:
         raise ValueError(_no_prunable_message(cands))
 
+    factors = [f for c in prunable for f in (captured.layers[c.name].a(), captured.layers[c.name].g())]
+    bases = (
+        split_eigh([f.to(device) for f in factors], eigh_factor, process_group)
+        if distributed
+        else [eigh_factor(f.to(device)) for f in factors]
+    )
     works = []
-    for c in prunable:
+    for i, c in enumerate(prunable):
         lf = captured.layers[c.name]
         state = read_state(c.unit)
         k2 = lf.geometry.k2
         geo = Geometry(state.c_in, state.c_out, lf.geometry.loc_in, lf.geometry.loc_out, k2)
-        lam_a, q_a = eigh_factor(lf.a().to(device))
-        lam_g, q_g = eigh_factor(lf.g().to(device))
+        (lam_a, q_a), (lam_g, q_g) = bases[2 * i], bases[2 * i + 1]
         w_star = to_kfe(state.core.to(device), q_a, q_g)
         s_out, s_in = eigendamage_scores(w_star, lam_a, lam_g, lf.locations)
         bias = state.bias is not None
@@ -523,6 +545,9 @@ def prune(
     decisions = _decide(works, global_marks(pooled, quantile), layer_cap, min_rank, form)
     if form_by == "latency" and form == "auto":
         decisions = _by_latency(works, decisions, latency_batch, train_rotations, device)
+    if distributed:
+        # One decision for all processes (timings, at least, differ between them).
+        decisions, quantile = broadcast_object((decisions, quantile), process_group)
 
     replacements = {}
     for w, (ki, ko, f, _, changed) in zip(works, decisions):

@@ -1,0 +1,79 @@
+"""prune(distributed=True) over 2 CPU processes (gloo): reduced factors and one decision."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from models import ConvNet, conv_batches, warm_up_bn
+
+from lightning_eigendamage import prune
+from lightning_eigendamage.curvature import capture_factors
+from lightning_eigendamage.pruner import find_layers
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = ConvNet()
+    ((x, y),) = conv_batches(1, n=16, size=16)
+    warm_up_bn(model, [(x, y)])
+    return model, x, y
+
+
+def _capture(model, batches):
+    cands = [c for c in find_layers(model)]
+    return capture_factors(
+        model,
+        {c.name: c.hook_module for c in cands},
+        batches,
+        factors_for=[c.name for c in cands if c.skipped is None],
+        fisher="empirical",
+    )
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, x, y = _setup()
+        half = slice(rank * 8, (rank + 1) * 8)  # each rank sees its own half of the batch
+        captured = _capture(model, [(x[half], y[half])])
+        report = prune(
+            model, [(x[half], y[half])], ratio=0.5, fisher="empirical", distributed=True, captured=captured
+        )
+        factors = {n: (lf.a(), lf.g()) for n, lf in captured.layers.items() if lf.a_sum is not None}
+        torch.save(
+            {
+                "factors": factors,
+                "state": model.state_dict(),
+                "plan": [(r.name, r.kept_in, r.kept_out, r.form) for r in report.layers],
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    # Factor reduction: equal to single-process factors on the whole batch.
+    model, x, y = _setup()
+    single = _capture(copy.deepcopy(model), [(x, y)])
+    assert r0["factors"].keys() == {n for n, lf in single.layers.items() if lf.a_sum is not None}
+    for name, (a, g) in r0["factors"].items():
+        torch.testing.assert_close(a, single.layers[name].a(), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(g, single.layers[name].g(), rtol=1e-6, atol=1e-9)
+    # One decision: same plan, bitwise-identical parameters on both ranks.
+    assert r0["plan"] == r1["plan"]
+    assert r0["state"].keys() == r1["state"].keys()
+    for k, v in r0["state"].items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, r1["state"][k]), k
+    # ...and the same plan a single process makes from the whole batch.
+    report = prune(model, [(x, y)], ratio=0.5, fisher="empirical")
+    assert r0["plan"] == [(r.name, r.kept_in, r.kept_out, r.form) for r in report.layers]
