@@ -267,6 +267,19 @@ class KFACapture:
             lf._pending = {}
         self._active = True
 
+    def grad_targets(self) -> list[torch.Tensor]:
+        """Tensors a backward must reach for every recorded layer's output hook to fire.
+
+        A layer's input where it carries a gradient (no weight gradient is then computed),
+        otherwise its weight; duplicates removed.
+        """
+        targets: dict[int, torch.Tensor] = {}
+        for name in self.factors_for:
+            t = self.layers[name]._pending.get("grad_target")
+            if t is not None and t.requires_grad:
+                targets[id(t)] = t
+        return list(targets.values())
+
     def abort_batch(self) -> None:
         """Drop the current batch's contributions (e.g. after an exception)."""
         self._active = False
@@ -484,13 +497,16 @@ def capture_batch(
                 fn = loss_fn or (lambda o, t: default_loss(o, t, class_dim))
                 loss = fn(output, target)
                 cap.grad_scale = float(n)
-            targets = {}
-            for name in cap.factors_for:
-                t = cap.layers[name]._pending.get("grad_target")
-                if t is not None and t.requires_grad:
-                    targets[id(t)] = t
+            if hasattr(cap, "grad_targets"):
+                targets = cap.grad_targets()
+            else:  # other captures with the same interface: reach every layer through its weight
+                targets = [
+                    m.weight
+                    for n, m in cap.modules.items()
+                    if n in cap.factors_for and m.weight.requires_grad
+                ]
             if targets and loss.requires_grad:
-                torch.autograd.grad(loss, list(targets.values()), allow_unused=True)
+                torch.autograd.grad(loss, targets, allow_unused=True)
     except BaseException:
         cap.abort_batch()
         raise

@@ -15,13 +15,14 @@ EIG_FLOOR = 1e-10
 def eigh_factor(factor: torch.Tensor, floor: float = EIG_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (ascending) and eigenvectors (columns) of a symmetric PSD factor, float64.
 
-    Eigenvalues at or below ``floor · max(λ_max, 1)`` (including round-off negatives) are set to
+    Eigenvalues at or below ``floor · λ_max`` (including round-off negatives) are set to
     0: such directions carry no curvature. The factor is symmetrised first.
     """
     f = factor.to(torch.float64)
     f = 0.5 * (f + f.T)
     evals, evecs = torch.linalg.eigh(f)
-    cutoff = floor * max(float(evals[-1]), 1.0) if evals.numel() else floor
+    top = float(evals[-1]) if evals.numel() else 0.0
+    cutoff = floor * top if top > 0 else 0.0
     evals = torch.where(evals <= cutoff, torch.zeros_like(evals), evals)
     return evals, evecs
 

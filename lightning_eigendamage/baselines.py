@@ -1,0 +1,657 @@
+"""Parameter-space baselines of the EigenDamage paper (method.md §5): scores of whole output
+channels of a Conv2d/Linear, and the OBS weight updates that go with them.
+
+Conventions (the same as :mod:`lightning_eigendamage.curvature`):
+
+- A layer's weight is the matrix ``W = weight.reshape(C_out, -1)`` of shape ``(C_out, d)`` with
+  ``d = C_in·kh·kw`` for a Conv2d (``groups=1``) and ``d = C_in`` for a Linear; row ``i`` is output
+  channel ``i``. This is the order of the patch-form conv ``A`` (``a_form="patch"``).
+- With row-major ``vec(W)`` the per-example weight gradient is ``Σ_t D_t a_tᵀ`` and the K-FAC
+  Fisher block is ``F ≈ T · (G ⊗ A)`` with ``A`` ``(d, d)``, ``G`` ``(C_out, C_out)`` averaged over
+  examples *and* the ``T`` output locations per example (KFC; ``T = 1`` for a plain Linear).
+- Every score is a predicted loss increase ``½ δwᵀ F δw`` in the same units as
+  :func:`~lightning_eigendamage.criteria.eigendamage_scores` (the ``½`` and ``T`` change no ranking
+  inside a layer but do across layers), returned in float64.
+- Removing output channel ``i`` means ``δW[i, :] = −W[i, :]``: the channel's pre-activation output
+  becomes its bias. OBS methods additionally change the *kept* rows of the same layer.
+
+Where the public reference code differs (it is wrong, and we implement the formula instead):
+Kron-OBD/Kron-OBS there use ``Σ_jk W_ij² A_jk`` instead of the quadratic form ``w_iᵀ A w_i``,
+and Kron-OBS sums single-row updates instead of solving the joint update for the removed set.
+
+Nothing here imports Lightning; the only stateful part is :class:`DiagFisherCapture` (hooks) for
+the per-example diagonal Fisher that C-OBD needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .curvature import (
+    FISHER_TYPES,
+    LIKELIHOODS,
+    _limit,
+    capture_batch,
+    conv_padding,
+    split_batch,
+    to_device,
+)
+
+CRITERIA = ("c-obd", "c-obs", "kron-obd", "kron-obs")
+OBS_CRITERIA = ("c-obs", "kron-obs")
+DEFAULT_DAMPING = 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """``weight.reshape(C_out, -1)`` of a Conv2d/Linear, detached, float64: ``(C_out, d)``."""
+    if not isinstance(module, (nn.Conv2d, nn.Linear)):
+        raise TypeError(f"expected nn.Conv2d or nn.Linear, got {type(module).__name__}")
+    w = module.weight.detach()
+    return w.reshape(w.shape[0], -1).to(torch.float64)
+
+
+def damped(factor: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
+    """``F + γ·(tr F / n)·I``, symmetrised, float64 (relative damping: scale-free across layers).
+
+    An all-zero factor (a layer no gradient reaches) gets ``γ·I``.
+    """
+    if damping < 0:
+        raise ValueError(f"damping must be ≥ 0, got {damping!r}")
+    f = factor.detach().to(torch.float64)
+    f = 0.5 * (f + f.T)
+    scale = float(torch.diagonal(f).mean()) if f.numel() else 0.0
+    if not scale > 0.0:
+        scale = 1.0
+    return f + damping * scale * torch.eye(f.shape[0], dtype=f.dtype, device=f.device)
+
+
+def damped_inverse(factor: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
+    """``(F + γ·(tr F / n)·I)⁻¹`` in float64 (see :func:`damped`); needs ``γ > 0`` unless F is SPD.
+
+    Computed through ``eigh`` with round-off negative eigenvalues of ``F`` clamped to 0 first.
+    """
+    f = factor.detach().to(torch.float64)
+    f = 0.5 * (f + f.T)
+    evals, evecs = torch.linalg.eigh(f)
+    evals = evals.clamp_min(0.0)
+    scale = float(evals.mean()) if evals.numel() else 0.0
+    if not scale > 0.0:
+        scale = 1.0
+    d = evals + damping * scale
+    if bool((d <= 0).any()):
+        raise ValueError("the factor is singular and damping is 0: pass damping > 0")
+    return (evecs / d) @ evecs.T
+
+
+def _as_index(removed: Sequence[int] | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+    idx = torch.as_tensor(list(removed) if not isinstance(removed, torch.Tensor) else removed)
+    idx = idx.to(dtype=torch.long, device=device).reshape(-1)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise IndexError(f"removed rows must be in [0, {n}), got {idx.tolist()}")
+    if idx.unique().numel() != idx.numel():
+        raise ValueError(f"removed rows contain duplicates: {idx.tolist()}")
+    return idx
+
+
+def _check_shapes(w: torch.Tensor, a: torch.Tensor | None, g: torch.Tensor | None) -> None:
+    if w.dim() != 2:
+        raise ValueError(
+            f"weight must be the (C_out, d) matrix weight.reshape(C_out, -1), got {tuple(w.shape)}"
+        )
+    if a is not None and tuple(a.shape) != (w.shape[1], w.shape[1]):
+        raise ValueError(
+            f"A must be ({w.shape[1]}, {w.shape[1]}) for a weight {tuple(w.shape)}, got {tuple(a.shape)}"
+        )
+    if g is not None and tuple(g.shape) != (w.shape[0], w.shape[0]):
+        raise ValueError(
+            f"G must be ({w.shape[0]}, {w.shape[0]}) for a weight {tuple(w.shape)}, got {tuple(g.shape)}"
+        )
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores and OBS updates (pure functions)
+# ---------------------------------------------------------------------------------------------
+
+
+def c_obd_scores(weight: torch.Tensor, fisher_diag: torch.Tensor) -> torch.Tensor:
+    """C-OBD: OBD with the exact diagonal Fisher, summed over a channel's weights.
+
+    ``s_i = ½ Σ_j W_ij² F_ij`` with ``F_ij = E_n[(∂ℓ_n/∂W_ij)²]`` from per-example gradients
+    (:func:`capture_diag_fisher`; the location sum is inside the per-example gradient, so there is no
+    ``T`` factor).
+
+    Args:
+        weight: ``(C_out, d)``; fisher_diag: ``(C_out, d)``.
+
+    Returns:
+        ``(C_out,)`` float64.
+    """
+    w = _f64(weight)
+    f = _f64(fisher_diag)
+    if w.dim() != 2 or f.shape != w.shape:
+        raise ValueError(
+            f"weight and fisher_diag must both be (C_out, d); got {tuple(w.shape)}, {tuple(f.shape)}"
+        )
+    return 0.5 * (w**2 * f).sum(1)
+
+
+def c_obs_scores(
+    weight: torch.Tensor, a_inv: torch.Tensor, g_inv: torch.Tensor, locations: float = 1.0
+) -> torch.Tensor:
+    """C-OBS: single-weight OBS saliencies with ``F⁻¹ ≈ (1/T)·G⁻¹ ⊗ A⁻¹``, summed over a channel.
+
+    ``s_i = ½ · T · Σ_j W_ij² / ([G⁻¹]_ii [A⁻¹]_jj)``: each term is the OBS loss increase
+    ``½ w_q² / [F⁻¹]_qq`` of removing weight ``q = (i, j)`` *alone* (compensated by all others).
+
+    Args:
+        weight: ``(C_out, d)``; a_inv: damped ``A⁻¹`` ``(d, d)``; g_inv: damped ``G⁻¹``
+            ``(C_out, C_out)`` (:func:`damped_inverse`); locations: ``T``.
+
+    Returns:
+        ``(C_out,)`` float64.
+    """
+    w = _f64(weight)
+    _check_shapes(w, a_inv, g_inv)
+    denom = torch.outer(torch.diagonal(_f64(g_inv)), torch.diagonal(_f64(a_inv)))
+    return 0.5 * locations * (w**2 / denom).sum(1)
+
+
+def c_obs_update(
+    weight: torch.Tensor, a_inv: torch.Tensor, g_inv: torch.Tensor, removed: Sequence[int] | torch.Tensor
+) -> torch.Tensor:
+    """C-OBS weight update for removing the rows ``removed``: ``δW = −G⁻¹ C A⁻¹``.
+
+    ``C_ij = W_ij / ([G⁻¹]_ii [A⁻¹]_jj)`` for ``i`` in ``removed`` and ``0`` elsewhere. This is
+    exactly the *sum of the single-weight OBS updates* ``−F⁻¹ e_q w_q / [F⁻¹]_qq`` over every
+    weight ``q`` of the removed rows, with ``F⁻¹ = (1/T)·G⁻¹ ⊗ A⁻¹`` (``T`` cancels), i.e. what C-OBS
+    (and the reference code) does: each weight is compensated as if it were removed alone. It is
+    *not* the joint OBS solution, so ``(W + δW)[removed]`` is in general not zero; those rows are
+    removed afterwards anyway, and only ``δW[kept]`` survives. The bias is not updated.
+
+    Args:
+        weight: ``(C_out, d)``; a_inv, g_inv: damped inverses; removed: row indices.
+
+    Returns:
+        ``δW`` ``(C_out, d)`` float64 (rows ``removed`` included).
+    """
+    w = _f64(weight)
+    _check_shapes(w, a_inv, g_inv)
+    a_inv, g_inv = _f64(a_inv), _f64(g_inv)
+    idx = _as_index(removed, w.shape[0], w.device)
+    c = torch.zeros_like(w)
+    denom = torch.outer(torch.diagonal(g_inv)[idx], torch.diagonal(a_inv))
+    c[idx] = w[idx] / denom
+    return -(g_inv @ c @ a_inv)
+
+
+def kron_obd_scores(
+    weight: torch.Tensor, a: torch.Tensor, g: torch.Tensor, locations: float = 1.0
+) -> torch.Tensor:
+    """Kron-OBD: OBD with ``F ≈ T · (diag(G) ⊗ A)``: ``s_i = ½ · T · G_ii · w_iᵀ A w_i``.
+
+    ``w_i`` is row ``i`` of ``W``; this equals ``½ δwᵀ F δw`` for ``δW = −W[i, :]`` on row ``i``
+    only, with either the full ``T·(G ⊗ A)`` or its block-diagonal ``T·(diag G ⊗ A)``. (The
+    reference code computes ``Σ_jk W_ij² A_jk``, which is not this quadratic form.)
+
+    Args:
+        weight: ``(C_out, d)``; a: ``A`` ``(d, d)``; g: ``G`` ``(C_out, C_out)`` (only its diagonal
+            is used); locations: ``T``.
+
+    Returns:
+        ``(C_out,)`` float64.
+    """
+    w = _f64(weight)
+    _check_shapes(w, a, g)
+    quad = ((w @ _f64(a)) * w).sum(1)
+    return 0.5 * locations * torch.diagonal(_f64(g)) * quad
+
+
+def kron_obs_scores(
+    weight: torch.Tensor, a: torch.Tensor, g_inv: torch.Tensor, locations: float = 1.0
+) -> torch.Tensor:
+    """Kron-OBS: OBS loss increase of removing one whole row, ``s_i = ½ · T · w_iᵀ A w_i / [G⁻¹]_ii``.
+
+    With ``F = T·(G ⊗ A)`` and ``S`` the weights of row ``i``, ``[F⁻¹]_SS = (1/T)·[G⁻¹]_ii · A⁻¹``
+    and the OBS increase ``½ w_Sᵀ ([F⁻¹]_SS)⁻¹ w_S`` is the formula above; ``A`` is never inverted.
+
+    Args:
+        weight: ``(C_out, d)``; a: ``A`` ``(d, d)``; g_inv: damped ``G⁻¹`` ``(C_out, C_out)``;
+            locations: ``T``.
+
+    Returns:
+        ``(C_out,)`` float64.
+    """
+    w = _f64(weight)
+    _check_shapes(w, a, g_inv)
+    quad = ((w @ _f64(a)) * w).sum(1)
+    return 0.5 * locations * quad / torch.diagonal(_f64(g_inv))
+
+
+def kron_obs_update(
+    weight: torch.Tensor, g_inv: torch.Tensor, removed: Sequence[int] | torch.Tensor
+) -> torch.Tensor:
+    """Joint Kron-OBS update for removing the rows ``R = removed`` together.
+
+    ``δW = −G⁻¹[:, R] ([G⁻¹]_RR)⁻¹ W[R, :]``: the minimiser of ``½ δwᵀ F δw`` subject to
+    ``(W + δW)[R, :] = 0`` for ``F = T·(G ⊗ A)``, whatever ``A`` is (``A`` cancels), so
+    ``(W + δW)[R] = 0`` exactly and the kept rows absorb the removed ones through ``G``'s
+    correlations. Summing the single-row updates ``−G⁻¹[:, r] w_rᵀ / [G⁻¹]_rr`` (reference code) is
+    wrong as soon as two removed rows are correlated.
+
+    Because ``A`` cancels, the same update is exact for a bias treated as a weight on a constant
+    input: pass ``cat([W, b[:, None]], 1)`` to update the bias too.
+
+    Args:
+        weight: ``(C_out, d)``; g_inv: damped ``G⁻¹`` ``(C_out, C_out)``; removed: row indices.
+
+    Returns:
+        ``δW`` ``(C_out, d)`` float64.
+    """
+    w = _f64(weight)
+    _check_shapes(w, None, g_inv)
+    g_inv = _f64(g_inv)
+    idx = _as_index(removed, w.shape[0], w.device)
+    if idx.numel() == 0:
+        return torch.zeros_like(w)
+    coeff = torch.linalg.solve(g_inv[idx][:, idx], w[idx])  # ([G⁻¹]_RR)⁻¹ W_R  (|R|, d)
+    return -(g_inv[:, idx] @ coeff)
+
+
+def kron_obs_damage(
+    weight: torch.Tensor,
+    a: torch.Tensor,
+    g_inv: torch.Tensor,
+    removed: Sequence[int] | torch.Tensor,
+    locations: float = 1.0,
+) -> torch.Tensor:
+    """Predicted loss increase of the joint Kron-OBS removal of rows ``R``:
+    ``½ · T · tr(W_Rᵀ ([G⁻¹]_RR)⁻¹ W_R A)`` (a 0-dim float64 tensor).
+
+    For a single row it equals :func:`kron_obs_scores`; for a set it is *not* the sum of the rows'
+    scores unless ``[G⁻¹]_RR`` is diagonal.
+    """
+    w = _f64(weight)
+    _check_shapes(w, a, g_inv)
+    g_inv = _f64(g_inv)
+    idx = _as_index(removed, w.shape[0], w.device)
+    if idx.numel() == 0:
+        return torch.zeros((), dtype=torch.float64, device=w.device)
+    w_r = w[idx]
+    coeff = torch.linalg.solve(g_inv[idx][:, idx], w_r)
+    return 0.5 * locations * ((coeff @ _f64(a)) * w_r).sum()
+
+
+def channel_scores(
+    criterion: str,
+    weight: torch.Tensor,
+    *,
+    a: torch.Tensor | None = None,
+    g: torch.Tensor | None = None,
+    fisher_diag: torch.Tensor | None = None,
+    locations: float = 1.0,
+    damping: float = DEFAULT_DAMPING,
+) -> torch.Tensor:
+    """Per-output-channel scores ``(C_out,)`` of one layer for ``criterion`` in :data:`CRITERIA`.
+
+    ``c-obd`` needs ``fisher_diag``; the others need the K-FAC factors ``a`` (patch form for a
+    conv) and ``g``; ``c-obs`` damps and inverts both, ``kron-obs`` only ``G``.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if criterion == "c-obd":
+        if fisher_diag is None:
+            raise ValueError("c-obd needs fisher_diag (capture_diag_fisher)")
+        return c_obd_scores(weight, fisher_diag)
+    if a is None or g is None:
+        raise ValueError(f"{criterion} needs the K-FAC factors a and g (capture_factors(a_form='patch'))")
+    if criterion == "c-obs":
+        return c_obs_scores(weight, damped_inverse(a, damping), damped_inverse(g, damping), locations)
+    if criterion == "kron-obd":
+        return kron_obd_scores(weight, a, g, locations)
+    return kron_obs_scores(weight, a, damped_inverse(g, damping), locations)
+
+
+@dataclass
+class ObsUpdate:
+    """A layer's OBS compensation, ready to apply once the removed rows are known.
+
+    Call it with the removed rows to get ``(δW (C_out, d), δb (C_out,) or None)``; add them to
+    ``weight.reshape(C_out, -1)`` and ``bias``. ``kron-obs`` also updates the bias (exact, see
+    :func:`kron_obs_update`); ``c-obs`` does not.
+    """
+
+    criterion: str
+    weight: torch.Tensor  # (C_out, d) float64
+    bias: torch.Tensor | None  # (C_out,) float64
+    g_inv: torch.Tensor
+    a_inv: torch.Tensor | None = None
+
+    def __call__(self, removed: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.criterion == "c-obs":
+            return c_obs_update(self.weight, self.a_inv, self.g_inv, removed), None
+        if self.bias is None:
+            return kron_obs_update(self.weight, self.g_inv, removed), None
+        full = kron_obs_update(torch.cat([self.weight, self.bias[:, None]], 1), self.g_inv, removed)
+        return full[:, :-1], full[:, -1]
+
+
+def obs_update(
+    criterion: str,
+    weight: torch.Tensor,
+    *,
+    a: torch.Tensor,
+    g: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    damping: float = DEFAULT_DAMPING,
+) -> ObsUpdate:
+    """The :class:`ObsUpdate` of ``c-obs`` or ``kron-obs`` for one layer (damped inverses inside)."""
+    if criterion not in OBS_CRITERIA:
+        raise ValueError(f"only {OBS_CRITERIA} have a weight update, got {criterion!r}")
+    w = _f64(weight)
+    _check_shapes(w, a, g)
+    b = None if bias is None else _f64(bias)
+    g_inv = damped_inverse(g, damping)
+    a_inv = damped_inverse(a, damping) if criterion == "c-obs" else None
+    return ObsUpdate(criterion, w, b, g_inv, a_inv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Network Slimming
+# ---------------------------------------------------------------------------------------------
+
+_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+def slimming_penalty(model: nn.Module, lam: float = 1e-4) -> torch.Tensor:
+    """Network Slimming's sparsity term ``λ · Σ |γ|`` over every affine BatchNorm scale of ``model``.
+
+    Add it to the training loss (Liu et al. 2017 use ``λ ≈ 1e-4``); differentiable (its subgradient
+    is ``λ·sign(γ)``). A model without affine BatchNorm gives a zero tensor.
+    """
+    terms = [
+        m.weight.abs().sum() for m in model.modules() if isinstance(m, _BN_TYPES) and m.weight is not None
+    ]
+    if not terms:
+        p = next(model.parameters(), None)
+        return torch.zeros((), device=None if p is None else p.device)
+    return lam * torch.stack(terms).sum()
+
+
+def slimming_scores(bn: nn.Module) -> torch.Tensor:
+    """Network Slimming channel scores ``|γ|`` ``(C,)`` float64 of an affine BatchNorm."""
+    if not isinstance(bn, _BN_TYPES) or bn.weight is None:
+        raise TypeError(f"expected an affine BatchNorm, got {type(bn).__name__}")
+    return bn.weight.detach().abs().to(torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-example gradients and the diagonal Fisher (C-OBD)
+# ---------------------------------------------------------------------------------------------
+
+
+def conv_patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """Unfolded input patches ``(N, C_in·kh·kw, T)`` of a conv (any padding mode), in
+    ``weight.reshape(C_out, -1)`` column order."""
+    top, bottom, left, right = conv_padding(conv)
+    if any((top, bottom, left, right)):
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, (left, right, top, bottom), mode=mode)
+    return F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+
+
+def per_example_weight_grads(module: nn.Module, x: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """Per-example weight gradients ``g_n = Σ_t D_{n,t} a_{n,t}ᵀ`` ``(N, C_out, d)``.
+
+    Args:
+        module: ``nn.Conv2d`` (``groups=1``) or ``nn.Linear``.
+        x: the layer input, ``(N, C_in, H, W)`` or ``(N, *, C_in)``.
+        grad_output: ``∂ℓ_n/∂s`` of the per-example losses w.r.t. the layer output,
+            ``(N, C_out, H_out, W_out)`` or ``(N, *, C_out)``.
+    """
+    n = x.shape[0]
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise ValueError(f"grouped convolution (groups={module.groups}) is not supported")
+        patches = conv_patches(x, module)  # (N, d, T)
+        d_out = grad_output.reshape(n, grad_output.shape[1], -1)  # (N, C_out, T)
+        return torch.bmm(d_out, patches.transpose(1, 2))
+    if isinstance(module, nn.Linear):
+        a = x.reshape(n, -1, x.shape[-1])  # (N, T, C_in)
+        d_out = grad_output.reshape(n, -1, grad_output.shape[-1])  # (N, T, C_out)
+        return torch.bmm(d_out.transpose(1, 2), a)
+    raise TypeError(f"expected nn.Conv2d or nn.Linear, got {type(module).__name__}")
+
+
+def diag_fisher_sum(
+    module: nn.Module, x: torch.Tensor, grad_output: torch.Tensor, chunk_elements: int = 1 << 24
+) -> torch.Tensor:
+    """``Σ_n g_n ⊙ g_n`` ``(C_out, d)`` of the per-example weight gradients, in chunks of examples so
+    that at most about ``chunk_elements`` gradient entries exist at once."""
+    n = x.shape[0]
+    c_out = module.weight.shape[0]
+    d = module.weight[0].numel()
+    step = max(1, chunk_elements // max(c_out * d, 1))
+    total = None
+    for s in range(0, n, step):
+        g = per_example_weight_grads(module, x[s : s + step], grad_output[s : s + step])
+        part = (g * g).sum(0)
+        total = part if total is None else total + part
+    return total
+
+
+@dataclass
+class _DiagLayer:
+    sum: torch.Tensor | None = None
+    examples: int = 0
+    max_calls: int = 0
+    fired: bool = False
+    reached: bool = False
+    pending: torch.Tensor | None = None
+
+
+class DiagFisherCapture:
+    """Hooks that accumulate the diagonal Fisher ``E_n[(∂ℓ_n/∂W)²]`` of Conv2d/Linear weights.
+
+    It has the interface :func:`~lightning_eigendamage.curvature.capture_batch` drives
+    (``modules``, ``factors_for``, ``grad_scale``, ``begin_batch``/``end_batch``/``abort_batch``),
+    so the true/empirical Fisher conventions are exactly those of the K-FAC capture: the output
+    gradient ``D`` of the per-example loss is read by a tensor hook on the layer's output and
+    multiplied by ``grad_scale`` (``N`` for a batch-mean loss), and ``.grad`` is never written.
+    Only the first call per forward pass is recorded (``max_calls`` tells callers to skip layers
+    called more than once: their per-example gradient sums over calls).
+    """
+
+    def __init__(
+        self,
+        modules: dict[str, nn.Module],
+        *,
+        factors_for: Iterable[str] | None = None,
+        accum_dtype: torch.dtype = torch.float64,
+        chunk_elements: int = 1 << 24,
+    ) -> None:
+        for name, m in modules.items():
+            if not isinstance(m, (nn.Conv2d, nn.Linear)):
+                raise TypeError(f"{name}: expected nn.Conv2d or nn.Linear, got {type(m).__name__}")
+        self.modules = dict(modules)
+        self.factors_for = set(self.modules if factors_for is None else factors_for)
+        for name in self.factors_for:
+            m = self.modules[name]
+            if isinstance(m, nn.Conv2d) and m.groups != 1:
+                raise ValueError(f"{name}: grouped convolution (groups={m.groups}) is not supported")
+        self.accum_dtype = accum_dtype
+        self.chunk_elements = chunk_elements
+        self.layers = {name: _DiagLayer() for name in self.modules}
+        self.grad_scale = 1.0
+        self.batches = 0
+        self.skipped_batches = 0
+        self._handles: list[Any] = []
+        self._calls: dict[str, int] = {}
+        self._active = False
+
+    def __enter__(self) -> DiagFisherCapture:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._active = False
+
+    def begin_batch(self) -> None:
+        self._calls = {}
+        for lay in self.layers.values():
+            lay.pending = None
+        self._active = True
+
+    def abort_batch(self) -> None:
+        self._active = False
+        for lay in self.layers.values():
+            lay.pending = None
+
+    def end_batch(self, n_examples: int) -> bool:
+        """Commit the batch; returns False (and counts it) if any contribution is non-finite."""
+        self._active = False
+        for name, calls in self._calls.items():
+            lay = self.layers[name]
+            lay.max_calls = max(lay.max_calls, calls)
+        pend = [lay for lay in self.layers.values() if lay.pending is not None]
+        if pend and not bool(torch.isfinite(torch.stack([lay.pending.sum() for lay in pend])).all()):
+            self.skipped_batches += 1
+            for lay in pend:
+                lay.pending = None
+            return False
+        for lay in pend:
+            lay.sum = lay.pending if lay.sum is None else lay.sum + lay.pending
+            lay.examples += n_examples
+            lay.pending = None
+        self.batches += 1
+        return True
+
+    def fisher(self) -> dict[str, torch.Tensor]:
+        """Layer name → diagonal Fisher ``(C_out, d)`` (sum / examples), for layers that got one."""
+        return {
+            n: lay.sum / lay.examples
+            for n, lay in self.layers.items()
+            if lay.sum is not None and lay.examples
+        }
+
+    def _forward_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if not self._active:
+                return
+            calls = self._calls.get(name, 0) + 1
+            self._calls[name] = calls
+            lay = self.layers[name]
+            lay.fired = True
+            if calls > 1 or name not in self.factors_for:
+                lay.pending = None
+                return
+            x = inputs[0].detach()
+            if output.requires_grad:
+                output.register_hook(self._grad_hook(name, module, x))
+
+        return hook
+
+    def _grad_hook(self, name: str, module: nn.Module, x: torch.Tensor) -> Callable:
+        def hook(grad: torch.Tensor) -> None:
+            if not self._active or self._calls.get(name, 0) > 1:
+                return
+            dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+            d = grad.detach().to(dtype) * float(self.grad_scale)
+            s = diag_fisher_sum(module, x.to(dtype), d, self.chunk_elements)
+            self.layers[name].pending = s.to(self.accum_dtype)
+            self.layers[name].reached = True
+
+        return hook
+
+
+@dataclass
+class DiagFisherResult:
+    """Diagonal Fisher per layer name ``(C_out, d)`` and what the capture saw."""
+
+    fisher: dict[str, torch.Tensor]
+    batches: int
+    skipped_batches: int
+    max_calls: dict[str, int] = field(default_factory=dict)
+
+
+def capture_diag_fisher(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    batches: Iterable[Any],
+    *,
+    factors_for: Iterable[str] | None = None,
+    fisher: str = "true",
+    loss_fn: Callable | None = None,
+    input_fn: Callable | None = None,
+    likelihood: str = "categorical",
+    class_dim: int = -1,
+    generator: torch.Generator | None = None,
+    max_batches: int | None = None,
+) -> DiagFisherResult:
+    """Run ``model`` over ``batches`` in eval mode and accumulate the per-example diagonal Fisher.
+
+    The counterpart of :func:`~lightning_eigendamage.curvature.capture_factors` (same batches, same
+    ``fisher="true"``/``"empirical"`` conventions, same seeded label sampling: default generator
+    seeded with 0 on the model's device), giving ``F_q = (1/N) Σ_n (∂ℓ_n/∂w_q)²`` for every weight
+    of each module in ``factors_for``, shaped like ``weight.reshape(C_out, -1)``.
+    """
+    if fisher not in FISHER_TYPES:
+        raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    if fisher == "true" and generator is None:
+        generator = torch.Generator(device=device).manual_seed(0)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    cap = DiagFisherCapture(modules, factors_for=factors_for)
+    seen = 0
+    try:
+        with cap:
+            for batch in _limit(batches, max_batches):
+                seen += 1
+                inp, target = split_batch(batch, input_fn)
+                capture_batch(
+                    model,
+                    cap,
+                    to_device(inp, device),
+                    to_device(target, device),
+                    fisher=fisher,
+                    loss_fn=loss_fn,
+                    likelihood=likelihood,
+                    class_dim=class_dim,
+                    generator=generator,
+                )
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    if seen == 0:
+        raise ValueError("batches is empty: the diagonal Fisher needs at least one batch")
+    return DiagFisherResult(
+        fisher=cap.fisher(),
+        batches=cap.batches,
+        skipped_batches=cap.skipped_batches,
+        max_calls={n: lay.max_calls for n, lay in cap.layers.items()},
+    )
