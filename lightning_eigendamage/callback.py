@@ -451,6 +451,8 @@ class EigenDamagePruning(Callback):
         t0 = time.perf_counter()
         old_optimizers = list(trainer.optimizers)
         report, changes = self.prune_model(trainer, pl_module, captured, point.fraction, self._example)
+        for change in changes.values():
+            change.new.train(change.old.training)  # new modules are built in train mode
         t_prune = time.perf_counter() - t0
         self._example = None
 

@@ -489,6 +489,17 @@ def test_one_shot_pruning_at_fit_start() -> None:
     assert held == {id(p) for p in model.parameters()}
 
 
+def test_rebuilt_layers_keep_the_mode_of_the_layers_they_replace() -> None:
+    torch.manual_seed(0)
+    model = LitClassifier(small_cnn())
+    model.net[3].eval()  # e.g. a frozen part of a backbone: Lightning 2.6 keeps modes as given
+    cb = EigenDamagePruning(schedule=PruningSchedule(at_start=0.5, fisher_batches=1), form="bottleneck")
+    _fit(model, cb, max_epochs=1)
+    assert isinstance(model.net[3], KFELayer) and isinstance(model.net[5], KFELayer)
+    assert not any(m.training for m in model.net[3].modules())
+    assert all(m.training for m in model.net[5].modules())
+
+
 def test_flops_target_is_met() -> None:
     torch.manual_seed(0)
     model = LitClassifier(small_cnn())
