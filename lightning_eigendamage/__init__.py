@@ -1,14 +1,18 @@
 """Second-order structured pruning (EigenDamage) for PyTorch and PyTorch Lightning."""
 
+from .callback import EigenDamagePruning
 from .checkpoint import enable_pruned_loading, restore_pruned
 from .layers import KFELayer
 from .pruner import LayerReport, PruneReport, find_layers, prune
+from .schedule import PruningSchedule
 
 __all__ = [
-    "enable_pruned_loading",
+    "EigenDamagePruning",
     "KFELayer",
     "LayerReport",
     "PruneReport",
+    "PruningSchedule",
+    "enable_pruned_loading",
     "find_layers",
     "prune",
     "restore_pruned",

@@ -22,6 +22,7 @@ backward is run with :func:`torch.autograd.grad`, so parameter ``.grad`` is neve
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -345,12 +346,15 @@ class KFACapture:
                 lf.geometry = Geometry(c_in, c_out, loc_in, loc_out, k2)
                 lf.input_shape = tuple(x.shape[1:])
             xc = x.to(_compute_dtype(x.dtype))
-            if is_conv and self.a_form == "channel":
-                a, rows = conv_channel_a(xc, module, output.shape[2], output.shape[3], self._count_cache)
-            elif is_conv:
-                a, rows = conv_patch_a(xc, module)
-            else:
-                a, rows = linear_a(xc)
+            # Inside a training step under autocast the products below would run in bf16/fp16
+            # (fp16 overflows on large sums): factors are always computed in float32 or better.
+            with _autocast_off(x.device):
+                if is_conv and self.a_form == "channel":
+                    a, rows = conv_channel_a(xc, module, output.shape[2], output.shape[3], self._count_cache)
+                elif is_conv:
+                    a, rows = conv_patch_a(xc, module)
+                else:
+                    a, rows = linear_a(xc)
             lf._pending = {"a": a.to(self.accum_dtype), "a_rows": rows, "n": n}
             # Where a backward must reach for this layer's output hook to fire: its input if that
             # carries a gradient (no weight gradient is then computed), else its weight.
@@ -366,7 +370,8 @@ class KFACapture:
             lf = self.layers[name]
             if not self._active or "a" not in lf._pending:
                 return
-            g, rows = output_g(grad.detach().to(_compute_dtype(grad.dtype)), is_conv)
+            with _autocast_off(grad.device):
+                g, rows = output_g(grad.detach().to(_compute_dtype(grad.dtype)), is_conv)
             scale = float(self.grad_scale) ** 2
             lf._pending["g"] = g.to(self.accum_dtype) * scale
             lf._pending["g_rows"] = rows
@@ -377,6 +382,14 @@ class KFACapture:
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context that disables autocast for ``device``'s type (a no-op where autocast is unknown)."""
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -119,6 +119,24 @@ class PruneReport:
         return "\n".join(lines)
 
 
+@dataclass
+class LayerChange:
+    """How :func:`prune` rewrote one layer (live modules and tensors: not for checkpoints).
+
+    The old core weight ``W`` ``(d_out, k², d_in)`` became ``W*' = Q_G[:, kept_out]ᵀ W Q_A[:, kept_in]``,
+    the rotations ``R_in' = Q_A[:, kept_in]ᵀ R_in`` and ``R_out' = R_out Q_G[:, kept_out]`` (see
+    :mod:`lightning_eigendamage.surgery`), then folded according to ``form``.
+    """
+
+    old: nn.Module  # the unit before the call: Conv2d/Linear or KFELayer
+    new: nn.Module  # its installed replacement
+    q_a: torch.Tensor  # (d_in, d_in) eigenvectors of the core's A, float64
+    q_g: torch.Tensor  # (d_out, d_out) eigenvectors of the core's G, float64
+    kept_in: list[int]
+    kept_out: list[int]
+    form: str
+
+
 # ---------------------------------------------------------------------------------------------
 # Finding layers
 # ---------------------------------------------------------------------------------------------
@@ -413,6 +431,7 @@ def prune(
     distributed: bool = False,
     process_group: Any = None,
     captured: CaptureResult | None = None,
+    changes: dict[str, LayerChange] | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place with EigenDamage and return a :class:`PruneReport`.
 
@@ -456,6 +475,8 @@ def prune(
             rank 0's decisions are broadcast, so every process applies the same surgery.
         process_group: the group for ``distributed`` (default: the world).
         captured: factors already accumulated for this model's layers (used by the callback).
+        changes: if a dict is given, it is filled with one :class:`LayerChange` per rebuilt layer
+            (bases and kept directions), e.g. to carry optimizer state over (used by the callback).
 
     Raises:
         ValueError: bad arguments, empty ``batches``, no prunable layer.
@@ -556,6 +577,11 @@ def prune(
                 w.state, w.q_a, w.q_g, ki, ko, f, train_rotations=train_rotations
             )
     swap_modules(model, replacements)
+    if changes is not None:
+        for w, (ki, ko, f, _, changed) in zip(works, decisions):
+            if changed:
+                name = w.cand.name
+                changes[name] = LayerChange(w.cand.unit, replacements[name], w.q_a, w.q_g, ki, ko, f)
 
     total = sum(w.s_out.numel() + w.s_in.numel() for w in works)
     removed = 0

@@ -1,0 +1,641 @@
+"""``EigenDamagePruning``: EigenDamage as a PyTorch Lightning callback.
+
+During ``fit`` the callback accumulates K-FAC factors of every prunable Conv2d/Linear on the
+batches of each prune point's window, and at the prune point calls
+:func:`~lightning_eigendamage.prune` with them: the layers are rewritten in their Kronecker-factored
+eigenbasis, the least important eigen-directions are removed under one global threshold, and the
+model comes out physically smaller. Then the optimizers are rebuilt through
+``configure_optimizers``; LR schedulers and param-group hyperparameters continue where they were,
+and optimizer state is carried over (:mod:`lightning_eigendamage.optim`).
+
+Fisher types (method.md §2):
+
+- ``fisher="true"`` (default, the paper's): on each capture batch the callback runs its own
+  forward of ``pl_module(input)`` in eval mode (BatchNorm statistics and dropout untouched, full
+  precision) and back-propagates the loss of labels sampled from the model's own prediction
+  (``ŷ ~ softmax(logits)``, classes on ``class_dim``) with :func:`torch.autograd.grad`, so
+  parameter ``.grad``, the optimizer and the user's loss are never touched. Sampling uses the
+  callback's own ``torch.Generator`` (seeded by ``seed``; its state is in the callback's
+  ``state_dict``), never the global RNG. Cost: one extra forward and backward per capture batch.
+- ``fisher="empirical"``: the factors are taken from the user's own training forward and backward
+  (no extra pass). The gradient reaching a layer is ``∂(ℓ̄ · s / k)/∂y`` for a loss ``ℓ̄``
+  averaged over the batch's ``N`` examples, Lightning's division by ``k =
+  accumulate_grad_batches`` and a gradient scaler's scale ``s``; the callback sets
+  ``grad_scale = N·k/s`` so that ``G`` is the per-example factor whatever the precision or
+  accumulation. Non-finite batches (fp16 overflow) are skipped and counted. Needs automatic
+  optimization.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from .curvature import KFACapture, capture_batch, split_batch
+from .optim import TransplantReport, carry_optimizer_state, stage_parameters
+from .pruner import (
+    LayerChange,
+    PruneReport,
+    _check_args,
+    _no_prunable_message,
+    _normalise_exclude,
+    find_layers,
+    prune,
+)
+from .schedule import PrunePoint, PruningSchedule
+
+_STATE_VERSION = 1
+
+
+class EigenDamagePruning(Callback):
+    """Prune a LightningModule with EigenDamage during ``Trainer.fit``.
+
+    Args:
+        schedule: ``{epoch: fraction}`` (at the end of that 0-based epoch remove ``fraction`` of
+            the remaining prunable eigen-directions: the global quantile of their scores, as
+            ``prune(ratio=...)``), or a :class:`~lightning_eigendamage.PruningSchedule` for step
+            points, one-shot pruning at the start of ``fit``, the number of capture batches
+            (``fisher_batches``) and parameter/FLOP targets.
+        method: ``"eigendamage"``.
+        fisher: ``"true"`` (default) or ``"empirical"`` (see the module docstring).
+        input_fn: ``batch → model input``, the argument of ``pl_module(...)`` whose output are the
+            logits. Default: ``batch[0]`` for tuple/list batches, the batch itself for a tensor;
+            a dict batch needs it.
+        loss_fn: ``(output, target) → mean loss``; only used by ``fisher="empirical"`` with
+            ``at_start`` pruning (default: cross-entropy), where there is no training step yet.
+        exclude, exempt_last, layer_cap, min_rank, form, train_rotations, likelihood, class_dim:
+            as in :func:`~lightning_eigendamage.prune` (exemptions, per-layer caps, forms, classes on
+            the last dimension by default).
+        seed: seed of the generator used to sample labels for the true Fisher.
+        verbose: print a per-layer table after each round (rank zero).
+
+    Logged after each round through ``pl_module.log``: ``pruning/params``, ``pruning/flops``
+    (per example), ``pruning/compression`` (FLOPs of the model before the first round / now),
+    ``pruning/param_compression``, ``pruning/realised_fraction`` (directions removed in the round),
+    ``pruning/round`` and the round's timings ``pruning/time_capture_s`` (the callback's own
+    capture passes), ``pruning/time_prune_s`` (eigendecomposition, scoring, surgery) and
+    ``pruning/time_optim_s`` (optimizer rebuild and state transplant). ``reports`` keeps one
+    :class:`~lightning_eigendamage.PruneReport` per round, ``transplants`` what happened to the
+    optimizer state.
+
+    Raises (before training starts): ``ValueError``/``TypeError`` for bad options or schedule, a
+    schedule beyond ``max_epochs``/``max_steps``, a model with no prunable layer, a batch whose
+    input cannot be found; ``NotImplementedError`` for strategies other than single-device/DDP.
+    """
+
+    def __init__(
+        self,
+        schedule: PruningSchedule | Mapping[Any, Any],
+        *,
+        method: str = "eigendamage",
+        fisher: str = "true",
+        input_fn: Callable[[Any], Any] | None = None,
+        loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+        exclude: Any = None,
+        exempt_last: bool = True,
+        layer_cap: float = 0.95,
+        min_rank: int = 1,
+        form: str = "auto",
+        train_rotations: bool = True,
+        likelihood: str = "categorical",
+        class_dim: int = -1,
+        seed: int = 0,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        self.schedule = PruningSchedule.from_any(schedule)
+        _check_args(
+            0.0, method, fisher, likelihood, self.schedule.target, layer_cap, min_rank, form, "channel"
+        )
+        for name, fn in (("input_fn", input_fn), ("loss_fn", loss_fn)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be a callable or None, got {type(fn).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        if isinstance(class_dim, bool) or not isinstance(class_dim, int):
+            raise TypeError(f"class_dim must be an int, got {class_dim!r}")
+        self.method = method
+        self.fisher = fisher
+        self.input_fn = input_fn
+        self.loss_fn = loss_fn
+        self.exclude = _normalise_exclude(exclude)
+        self.exempt_last = bool(exempt_last)
+        self.layer_cap = layer_cap
+        self.min_rank = min_rank
+        self.form = form
+        self.train_rotations = bool(train_rotations)
+        self.likelihood = likelihood
+        self.class_dim = class_dim
+        self.seed = seed
+        self.verbose = verbose
+
+        self.reports: list[PruneReport] = []
+        self.transplants: list[dict[str, Any]] = []
+        self.timings: list[dict[str, float]] = []
+        self.skipped_rounds: list[str] = []
+        self._done: set[str] = set()
+        self._dense: tuple[int, int] | None = None
+        self._generator: torch.Generator | None = None
+        self._generator_state: torch.Tensor | None = None
+        self._cap: KFACapture | None = None
+        self._cap_time = 0.0
+        self._example: Any = None
+        self._epoch_captured = 0
+        self._step_at_batch_start = 0
+        self._emp_active = False
+        self._emp_backward = False
+
+    # ------------------------------------------------------------------------------------------
+    # Set-up: everything knowable before training is checked here
+    # ------------------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise NotImplementedError(
+                f"EigenDamagePruning supports single-device and DDP strategies, got "
+                f"{type(trainer.strategy).__name__}; use strategy='auto' or 'ddp'"
+            )
+        for msg in self.schedule.validate_for(trainer.max_epochs, trainer.max_steps):
+            rank_zero_warn(f"EigenDamagePruning: {msg}")
+        if self.fisher == "empirical" and not pl_module.automatic_optimization:
+            raise ValueError(
+                "fisher='empirical' reads the curvature from Lightning's own backward and needs "
+                "automatic optimization; with manual optimization use fisher='true'"
+            )
+        cands = find_layers(pl_module, self.exclude)
+        if not any(c.skipped is None for c in cands):
+            raise ValueError(f"EigenDamagePruning: {_no_prunable_message(cands)}")
+        self._log_skips([(c.name, c.skipped) for c in cands if c.skipped is not None], "")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        if self._generator_state is not None:
+            try:
+                self._generator.set_state(self._generator_state)
+            except (RuntimeError, ValueError):
+                rank_zero_warn("EigenDamagePruning: saved sampling-generator state does not fit this device")
+            self._generator_state = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._probe(trainer, pl_module)
+        start = [p for p in self._pending() if p.kind == "start"]
+        if start:
+            self._prune_at_start(trainer, pl_module, start[0])
+
+    def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """One no-grad forward on a training batch: finds the input, the layers that run, the
+        last layer, so that a model with nothing left to prune fails before training."""
+        with _preserve_rng(pl_module.device):
+            batch = next(self._train_batches(trainer, pl_module, 1), None)
+        if batch is None:
+            return
+        cands = find_layers(pl_module, self.exclude)
+        cap = KFACapture({c.name: c.hook_module for c in cands}, factors_for=[])
+        modes = {m: m.training for m in pl_module.modules()}
+        pl_module.eval()
+        try:
+            with cap, torch.no_grad():
+                cap.begin_batch()
+                pl_module(self._input_of(batch))
+                cap.end_batch(0)
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        last = cap.fire_order[-1] if cap.fire_order else None
+        skips = []
+        for c in cands:
+            if c.skipped is not None:
+                continue
+            lf = cap.layers[c.name]
+            if not lf.fired:
+                c.skipped = "never called in the forward pass (called functionally, or unused)"
+            elif lf.max_calls > 1:
+                c.skipped = f"called {lf.max_calls} times per forward pass"
+            elif self.exempt_last and c.name == last:
+                c.skipped = "last layer (exempt_last=True)"
+            if c.skipped is not None:
+                skips.append((c.name, c.skipped))
+        if not any(c.skipped is None for c in cands):
+            raise ValueError(f"EigenDamagePruning: {_no_prunable_message(cands)}")
+        self._log_skips(skips, " after a forward pass")
+
+    def _log_skips(self, skips: list[tuple[str, str | None]], when: str) -> None:
+        if skips:
+            lines = "\n".join(f"  {name}: {why}" for name, why in skips)
+            rank_zero_info(f"EigenDamagePruning: {len(skips)} layer(s) will not be pruned{when}:\n{lines}")
+
+    # ------------------------------------------------------------------------------------------
+    # Capture
+    # ------------------------------------------------------------------------------------------
+
+    def _pending(self) -> list[PrunePoint]:
+        return [p for p in self.schedule.points() if p.key not in self._done]
+
+    def _wants_capture(self, trainer: pl.Trainer, batch_idx: int) -> bool:
+        k = self.schedule.fisher_batches
+        for p in self._pending():
+            if p.kind == "epoch" and p.at == trainer.current_epoch:
+                if k is None:
+                    return True
+                n = trainer.num_training_batches
+                if math.isfinite(n) and batch_idx >= n - k:
+                    return True
+                if not math.isfinite(n) and self._epoch_captured < k:
+                    return True
+            elif p.kind == "step":
+                step = self._step_at_batch_start  # this batch contributes to step `step + 1`
+                if step >= p.at or k is None:
+                    return True
+                per_step = max(1, trainer.accumulate_grad_batches)
+                captured = 0 if self._cap is None else self._cap.batches + self._cap.skipped_batches
+                if step >= p.at - math.ceil(k / per_step) and captured < k:
+                    return True
+        return False
+
+    def _ensure_capture(self, pl_module: pl.LightningModule) -> KFACapture:
+        if self._cap is None:
+            cands = find_layers(pl_module, self.exclude)
+            cap = KFACapture(
+                {c.name: c.hook_module for c in cands},
+                factors_for=[c.name for c in cands if c.skipped is None],
+            )
+            self._cap = cap.__enter__()
+            self._cap_time = 0.0
+        return self._cap
+
+    def _release_capture(self) -> None:
+        if self._cap is not None:
+            self._cap.remove()
+        self._cap = None
+
+    def _input_of(self, batch: Any) -> Any:
+        try:
+            return split_batch(batch, self.input_fn)[0]
+        except TypeError as err:
+            raise TypeError(
+                f"EigenDamagePruning cannot find the model input in a {type(batch).__name__} batch: "
+                "pass EigenDamagePruning(..., input_fn=lambda batch: batch['x']) returning what "
+                "pl_module(...) takes (its output must be the logits)"
+            ) from err
+
+    def _capture_sampled(self, pl_module: pl.LightningModule, batch: Any, fisher: str) -> None:
+        """One extra forward/backward in eval mode feeding the capture (true or empirical)."""
+        cap = self._ensure_capture(pl_module)
+        t0 = time.perf_counter()
+        inp = self._input_of(batch)
+        target = split_batch(batch, self.input_fn)[1] if fisher == "empirical" else None
+        modes = {m: m.training for m in pl_module.modules()}
+        pl_module.eval()
+        try:
+            capture_batch(
+                pl_module,
+                cap,
+                inp,
+                target,
+                fisher=fisher,
+                loss_fn=self.loss_fn,
+                likelihood=self.likelihood,
+                class_dim=self.class_dim,
+                generator=self._generator,
+            )
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        self._cap_time += time.perf_counter() - t0
+        self._example = batch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_captured = 0
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step_at_batch_start = trainer.global_step
+        if self.fisher == "empirical" and self._wants_capture(trainer, batch_idx):
+            self._ensure_capture(pl_module).begin_batch()
+            self._emp_active, self._emp_backward = True, False
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        if not self._emp_active or self._cap is None:
+            return
+        # G hooks fire during this backward: undo the batch mean, Lightning's division by
+        # accumulate_grad_batches and the gradient scaler's loss scale.
+        n = next((lf._pending["n"] for lf in self._cap.layers.values() if "n" in lf._pending), 1)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        self._cap.grad_scale = n * max(1, trainer.accumulate_grad_batches) / scale
+        self._emp_backward = True
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._emp_active:
+            self._emp_active = False
+            cap = self._cap
+            if cap is not None and self._emp_backward:
+                n = next((lf._pending["n"] for lf in cap.layers.values() if "n" in lf._pending), 0)
+                cap.end_batch(n)
+                self._epoch_captured += 1
+                self._example = batch
+            elif cap is not None:
+                cap.abort_batch()
+        elif self.fisher == "true" and self._wants_capture(trainer, batch_idx):
+            self._capture_sampled(pl_module, batch, "true")
+            self._epoch_captured += 1
+        stepped = trainer.global_step > self._step_at_batch_start
+        for p in self._pending():
+            if p.kind == "step" and trainer.global_step >= p.at and stepped:
+                if self._cap is None or self._cap.batches == 0:
+                    continue  # no factors yet (e.g. right after another round): next step
+                self._run_round(trainer, pl_module, p, on_step=True)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for p in self._pending():
+            if p.kind == "epoch" and p.at == trainer.current_epoch:
+                self._run_round(trainer, pl_module, p, on_step=False)
+
+    def _train_batches(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, limit: int | None
+    ) -> Iterator:
+        loader = trainer.train_dataloader
+        if loader is None:
+            return
+        if isinstance(loader, (Mapping, list, tuple)):
+            raise TypeError(
+                "EigenDamagePruning reads training batches at the start of fit and supports a single "
+                f"training DataLoader (or iterable), got a {type(loader).__name__} of them"
+            )
+        n = trainer.num_training_batches
+        if math.isfinite(n):
+            limit = int(n) if limit is None else min(limit, int(n))
+        for i, batch in enumerate(loader):
+            if limit is not None and i >= limit:
+                return
+            batch = trainer.precision_plugin.convert_input(batch)
+            batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+            yield trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+
+    def _prune_at_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: PrunePoint) -> None:
+        with _preserve_rng(pl_module.device):
+            for batch in self._train_batches(trainer, pl_module, self.schedule.fisher_batches):
+                self._capture_sampled(pl_module, batch, self.fisher)
+        self._run_round(trainer, pl_module, point, on_step=False)
+
+    # ------------------------------------------------------------------------------------------
+    # A pruning round
+    # ------------------------------------------------------------------------------------------
+
+    def prune_model(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, captured: Any, fraction: float, example: Any
+    ) -> tuple[PruneReport, dict[str, LayerChange]]:
+        """Prune ``pl_module`` in place with the accumulated factors (override to customise).
+
+        Returns the report and, per rebuilt layer, the :class:`~lightning_eigendamage.pruner.LayerChange`
+        used to carry optimizer state over.
+        """
+        changes: dict[str, LayerChange] = {}
+        report = prune(
+            pl_module,
+            [example],
+            ratio=fraction,
+            method=self.method,
+            fisher=self.fisher,
+            input_fn=self.input_fn,
+            target=self.schedule.target,
+            exclude=self.exclude,
+            exempt_last=self.exempt_last,
+            layer_cap=self.layer_cap,
+            min_rank=self.min_rank,
+            form=self.form,
+            train_rotations=self.train_rotations,
+            likelihood=self.likelihood,
+            class_dim=self.class_dim,
+            captured=captured,
+            changes=changes,
+        )
+        return report, changes
+
+    def _run_round(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: PrunePoint, *, on_step: bool
+    ) -> None:
+        cap = self._cap
+        self._done.add(point.key)
+        if cap is None or cap.batches == 0:
+            skipped = 0 if cap is None else cap.skipped_batches
+            self._release_capture()
+            self.skipped_rounds.append(point.key)
+            rank_zero_warn(
+                f"EigenDamagePruning: round {point.key} skipped: no curvature was captured for it "
+                f"({skipped} non-finite batch(es)); the model was left as it is"
+            )
+            return
+        captured = cap.result()
+        t_capture = self._cap_time
+        self._release_capture()
+
+        t0 = time.perf_counter()
+        old_optimizers = list(trainer.optimizers)
+        report, changes = self.prune_model(trainer, pl_module, captured, point.fraction, self._example)
+        for change in changes.values():
+            change.new.train(change.old.training)  # new modules are built in train mode
+        t_prune = time.perf_counter() - t0
+        self._example = None
+
+        t0 = time.perf_counter()
+        transplant = self._rebuild_optimizers(trainer, pl_module, old_optimizers, changes)
+        t_optim = time.perf_counter() - t0
+
+        if self._dense is None:
+            self._dense = (report.params_before, report.flops_before)
+        timing = {"capture_s": t_capture, "prune_s": t_prune, "optim_s": t_optim}
+        self.reports.append(report)
+        self.transplants.append(transplant.to_dict())
+        self.timings.append(timing)
+        self._log_round(pl_module, report, timing, on_step)
+        if self.verbose:
+            where = {"start": "start of fit", "epoch": f"end of epoch {point.at}", "step": f"step {point.at}"}
+            rank_zero_info(
+                f"EigenDamagePruning round {len(self.reports)} ({where[point.kind]}, fraction "
+                f"{point.fraction:g} of {self.schedule.target}): factors from {captured.batches} batch(es) "
+                f"({captured.skipped_batches} non-finite skipped); capture {t_capture:.2f} s, prune "
+                f"{t_prune:.2f} s, optimizer {t_optim:.2f} s\n{report.summary()}\n{transplant.summary()}"
+            )
+
+    def _log_round(
+        self, pl_module: pl.LightningModule, report: PruneReport, timing: dict[str, float], on_step: bool
+    ) -> None:
+        dense_params, dense_flops = self._dense
+        metrics = {
+            "pruning/params": float(report.params_after),
+            "pruning/flops": float(report.flops_after),
+            "pruning/compression": dense_flops / max(report.flops_after, 1),
+            "pruning/param_compression": dense_params / max(report.params_after, 1),
+            "pruning/realised_fraction": float(report.realised_fraction),
+            "pruning/round": float(len(self.reports)),
+            "pruning/time_capture_s": timing["capture_s"],
+            "pruning/time_prune_s": timing["prune_s"],
+            "pruning/time_optim_s": timing["optim_s"],
+        }
+        pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step, batch_size=1)
+
+    # ------------------------------------------------------------------------------------------
+    # Optimizers
+    # ------------------------------------------------------------------------------------------
+
+    def _rebuild_optimizers(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        old_optimizers: list[torch.optim.Optimizer],
+        changes: dict[str, LayerChange],
+    ) -> TransplantReport:
+        """Rebuild optimizers through ``configure_optimizers``; restore LR schedulers and
+        param-group hyperparameters; carry optimizer state over."""
+        strategy = trainer.strategy
+        sched_states = [cfg.scheduler.state_dict() for cfg in trainer.lr_scheduler_configs]
+        hparams = [
+            [{k: v for k, v in g.items() if k != "params"} for g in o.param_groups] for o in old_optimizers
+        ]
+        if isinstance(strategy, DDPStrategy) and strategy.model is not pl_module:
+            # The DDP wrapper's reducer knows the old parameters: wrap the pruned module anew.
+            strategy.model = pl_module
+            strategy.configure_ddp()
+        strategy.setup_optimizers(trainer)
+        new_optimizers = list(trainer.optimizers)
+        configs = trainer.lr_scheduler_configs
+        if len(configs) == len(sched_states):
+            for cfg, state in zip(configs, sched_states):
+                cfg.scheduler.load_state_dict(state)
+        elif sched_states:
+            rank_zero_warn(
+                f"EigenDamagePruning: configure_optimizers returned {len(configs)} LR scheduler(s) "
+                f"after pruning, {len(sched_states)} before; their state was not restored"
+            )
+        if len(new_optimizers) == len(hparams) and all(
+            len(o.param_groups) == len(h) for o, h in zip(new_optimizers, hparams)
+        ):
+            for opt, groups in zip(new_optimizers, hparams):
+                for group, hp in zip(opt.param_groups, groups):
+                    group.update(hp)
+        else:
+            rank_zero_warn(
+                "EigenDamagePruning: the rebuilt optimizers have a different number of param groups; "
+                "learning rates and other group hyperparameters were not restored"
+            )
+        report = carry_optimizer_state(pl_module, old_optimizers, new_optimizers, changes)
+        self._check_coverage(pl_module, old_optimizers, new_optimizers, changes)
+        return report
+
+    @staticmethod
+    def _check_coverage(
+        pl_module: nn.Module,
+        old_optimizers: list[torch.optim.Optimizer],
+        new_optimizers: list[torch.optim.Optimizer],
+        changes: dict[str, LayerChange],
+    ) -> None:
+        in_model = {id(p) for p in pl_module.parameters()}
+        held = {id(p) for o in new_optimizers for g in o.param_groups for p in g["params"]}
+        held_before = {id(p) for o in old_optimizers for g in o.param_groups for p in g["params"]}
+        if held - in_model:
+            raise RuntimeError(
+                "after pruning, configure_optimizers returned parameters that are no longer in the "
+                "model: build the optimizer from self.parameters() inside configure_optimizers, not "
+                "from a list made earlier"
+            )
+        missing = []
+        for name, change in changes.items():
+            was_trained = any(id(p) in held_before for p in stage_parameters(change.old).values())
+            for role, p in stage_parameters(change.new).items():
+                if was_trained and p.requires_grad and id(p) not in held:
+                    missing.append(f"{name} ({role})")
+        if missing:
+            raise RuntimeError(
+                f"after pruning, the rebuilt optimizers do not hold the new parameters of {missing}; "
+                "build the optimizer from self.parameters() (or named_parameters()) inside "
+                "configure_optimizers"
+            )
+
+    # ------------------------------------------------------------------------------------------
+    # End of fit and state
+    # ------------------------------------------------------------------------------------------
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._release_capture()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._release_capture()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release_capture()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data (loads with ``torch.load(weights_only=True)``): rounds done, reports,
+        optimizer-state summaries, timings and the sampling generator's state. Factors being
+        accumulated are not saved (resuming in the middle of a capture window restarts it)."""
+        gen = self._generator.get_state() if self._generator is not None else self._generator_state
+        return {
+            "version": _STATE_VERSION,
+            "done": sorted(self._done),
+            "skipped_rounds": list(self.skipped_rounds),
+            "reports": [r.to_dict() for r in self.reports],
+            "transplants": list(self.transplants),
+            "timings": list(self.timings),
+            "dense": list(self._dense) if self._dense is not None else None,
+            "generator": gen,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._done = set(state_dict.get("done", []))
+        self.skipped_rounds = list(state_dict.get("skipped_rounds", []))
+        self.reports = [PruneReport.from_dict(r) for r in state_dict.get("reports", [])]
+        self.transplants = list(state_dict.get("transplants", []))
+        self.timings = list(state_dict.get("timings", []))
+        dense = state_dict.get("dense")
+        self._dense = (int(dense[0]), int(dense[1])) if dense is not None else None
+        gen = state_dict.get("generator")
+        if gen is not None and self._generator is not None:
+            self._generator.set_state(gen)
+        else:
+            self._generator_state = gen
+
+
+@contextlib.contextmanager
+def _preserve_rng(device: torch.device) -> Iterator[None]:
+    """Restore torch (CPU and ``device``), Python and NumPy global RNG states on exit.
+
+    Iterating a DataLoader draws its base seed (and a shuffling sampler's seed) from the global
+    RNG; the callback's own passes over the training data must not shift the user's run.
+    """
+    devices = [device.index or 0] if device.type == "cuda" else []
+    py_state = random.getstate()
+    np_state = None
+    try:
+        import numpy as np
+
+        np_state = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy ships with torch's usual installs
+        np = None
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            if np is not None:
+                np.random.set_state(np_state)

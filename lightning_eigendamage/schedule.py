@@ -1,0 +1,183 @@
+"""When the :class:`~lightning_eigendamage.EigenDamagePruning` callback prunes, and by how much.
+
+A schedule is a list of *prune points*. Each point removes ``fraction`` of what remains, measured
+in ``target`` units:
+
+- ``"directions"``: ``fraction`` is the global quantile of the pooled eigen-direction scores (as
+  ``prune(ratio=...)``); the realised fraction of removed directions is at most ``fraction``.
+- ``"params"`` / ``"flops"``: ``fraction`` of the model's current parameters / FLOPs is removed
+  (the global threshold that meets it is found by bisection).
+
+Fractions compose multiplicatively: ``{2: 0.5, 4: 0.5}`` with ``target="flops"`` keeps
+``(1 − 0.5)·(1 − 0.5) = 25 %`` of the FLOPs.
+
+Points are epoch ends (0-based ``current_epoch``), optimizer steps (``global_step``), or the start
+of ``fit`` (one-shot pruning of an already trained model). This module is plain Python: it never
+imports Lightning, and the schedule is validated completely before training starts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+TARGETS = ("directions", "params", "flops")
+_OBJECT_KEYS = ("epochs", "steps", "at_start", "fisher_batches", "target")
+_EXAMPLE = "e.g. schedule={1: 0.5} (prune 50 % at the end of epoch 1) or PruningSchedule(epochs={1: 0.5})"
+
+
+@dataclass(frozen=True)
+class PrunePoint:
+    """One scheduled pruning round. ``kind`` is ``"start"``, ``"epoch"`` or ``"step"``."""
+
+    kind: str
+    at: int
+    fraction: float
+
+    @property
+    def key(self) -> str:
+        """Stable plain-data id of the round (``"epoch:3"``, ``"step:500"``, ``"start"``)."""
+        return "start" if self.kind == "start" else f"{self.kind}:{self.at}"
+
+
+def _check_fraction(value: Any, where: str) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0.0 <= value < 1.0
+    ):
+        raise ValueError(
+            f"schedule fraction {where} must be a number in [0, 1), got {value!r}; it is the share of "
+            "what remains that is removed (0.5 removes half), so 1 or more would remove everything"
+        )
+    return float(value)
+
+
+def _check_points(points: Any, unit: str, minimum: int) -> dict[int, float]:
+    if not isinstance(points, Mapping):
+        raise TypeError(
+            f"PruningSchedule({unit}s=...) takes a dict {{{unit}: fraction}}, got {type(points).__name__}"
+        )
+    out = {}
+    for at, fraction in points.items():
+        if isinstance(at, bool) or not isinstance(at, int):
+            raise TypeError(
+                f"schedule keys are {unit} numbers (int ≥ {minimum}), got {at!r} "
+                f"({type(at).__name__}); {_EXAMPLE}"
+            )
+        if at < minimum:
+            raise ValueError(f"schedule {unit} must be an integer ≥ {minimum}, got {at}; {_EXAMPLE}")
+        out[at] = _check_fraction(fraction, f"for {unit} {at}")
+    return dict(sorted(out.items()))
+
+
+@dataclass(frozen=True)
+class PruningSchedule:
+    """Prune points, the curvature budget and the unit of the fractions.
+
+    Args:
+        epochs: ``{epoch: fraction}``: at the end of that (0-based) epoch, prune with factors
+            accumulated during that epoch.
+        steps: ``{global_step: fraction}``: after that many optimizer steps (at the first batch end
+            where ``trainer.global_step ≥ step``), prune with factors accumulated since the
+            previous round (or the start of training).
+        at_start: one-shot pruning at the start of ``fit`` (for an already trained model), with
+            factors from ``fisher_batches`` batches of the training data (all of them if None).
+        fisher_batches: accumulate factors on at most this many training batches per round: the
+            last ones before an epoch-end or step point (the first ones of the epoch when the
+            dataloader has no length), so a huge epoch does not pay capture on every batch.
+            ``None``: every batch of the window.
+        target: ``"directions"`` (default), ``"params"`` or ``"flops"``: what ``fraction`` counts.
+
+    Raises:
+        ValueError / TypeError: at construction, for any bad value (see :meth:`validate_for` for the
+        checks against the Trainer).
+    """
+
+    epochs: Mapping[int, float] = field(default_factory=dict)
+    steps: Mapping[int, float] = field(default_factory=dict)
+    at_start: float | None = None
+    fisher_batches: int | None = None
+    target: str = "directions"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "epochs", _check_points(self.epochs, "epoch", 0))
+        object.__setattr__(self, "steps", _check_points(self.steps, "step", 1))
+        if self.at_start is not None:
+            object.__setattr__(self, "at_start", _check_fraction(self.at_start, "at_start"))
+        fb = self.fisher_batches
+        if fb is not None and (isinstance(fb, bool) or not isinstance(fb, int) or fb < 1):
+            raise ValueError(f"fisher_batches must be an integer ≥ 1 or None (every batch), got {fb!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if not self.epochs and not self.steps and self.at_start is None:
+            raise ValueError(f"the pruning schedule is empty: give at least one prune point; {_EXAMPLE}")
+
+    @classmethod
+    def from_any(cls, schedule: Any) -> PruningSchedule:
+        """A schedule from a :class:`PruningSchedule`, ``{epoch: fraction}``, or a dict of this
+        class's fields (``{"steps": {...}, "fisher_batches": 32}``)."""
+        if isinstance(schedule, PruningSchedule):
+            return schedule
+        if not isinstance(schedule, Mapping):
+            raise TypeError(
+                f"schedule must be a dict {{epoch: fraction}} or a PruningSchedule, got "
+                f"{type(schedule).__name__}; {_EXAMPLE}"
+            )
+        if not schedule:
+            raise ValueError(f"the pruning schedule is empty: give at least one prune point; {_EXAMPLE}")
+        str_keys = [k for k in schedule if isinstance(k, str)]
+        if str_keys:
+            unknown = [k for k in str_keys if k not in _OBJECT_KEYS]
+            if unknown or len(str_keys) != len(schedule):
+                bad = unknown or [k for k in schedule if not isinstance(k, str)]
+                raise ValueError(
+                    f"unknown schedule key(s) {bad!r}: a schedule dict is either {{epoch: fraction}} "
+                    f"with integer epochs, or uses only the keys {list(_OBJECT_KEYS)}; {_EXAMPLE}"
+                )
+            return cls(**schedule)
+        return cls(epochs=schedule)
+
+    def points(self) -> list[PrunePoint]:
+        """All rounds: the start point first, then epoch and step points in their own order."""
+        pts = [PrunePoint("start", 0, self.at_start)] if self.at_start is not None else []
+        pts += [PrunePoint("epoch", e, f) for e, f in self.epochs.items()]
+        pts += [PrunePoint("step", s, f) for s, f in self.steps.items()]
+        return pts
+
+    def validate_for(self, max_epochs: int | None, max_steps: int | None) -> list[str]:
+        """Check the points against the Trainer's limits; returns warnings (raises on errors).
+
+        Args:
+            max_epochs: ``trainer.max_epochs`` (None or -1: unlimited).
+            max_steps: ``trainer.max_steps`` (None or -1: unlimited).
+
+        Raises:
+            ValueError: an epoch point at or beyond ``max_epochs``, or a step point beyond
+                ``max_steps``: that round would never run.
+        """
+        warnings = []
+        if max_epochs is not None and max_epochs >= 0:
+            late = [e for e in self.epochs if e >= max_epochs]
+            if late:
+                raise ValueError(
+                    f"the schedule prunes at the end of epoch(s) {late}, but Trainer(max_epochs="
+                    f"{max_epochs}) only runs epochs 0..{max_epochs - 1} (epochs are 0-based); pass "
+                    f"epochs below {max_epochs} or raise max_epochs"
+                )
+            if max_epochs - 1 in self.epochs:
+                warnings.append(
+                    f"the schedule prunes at the end of the last epoch ({max_epochs - 1}): the "
+                    "pruned model gets no fine-tuning in this fit"
+                )
+        if max_steps is not None and max_steps >= 0:
+            late = [s for s in self.steps if s > max_steps]
+            if late:
+                raise ValueError(
+                    f"the schedule prunes at step(s) {late}, but Trainer(max_steps={max_steps}) stops "
+                    f"before; pass steps up to {max_steps} or raise max_steps"
+                )
+        return warnings
