@@ -296,17 +296,30 @@ def _choose(work: _LayerWork, r_in: int, r_out: int, form: str) -> tuple[str, Co
     return best[0], Cost(params=best[2], flops=best[1]), True
 
 
-def _decide(works: list[_LayerWork], marks: list[int], layer_cap: float, min_rank: int, form: str):
+def _rounded(scores: torch.Tensor, marked: int, layer_cap: float, min_rank: int, round_to: int) -> list[int]:
+    """Kept directions of one side, their number rounded up to a multiple of ``round_to``."""
+    kept = keep_side(scores, marked, layer_cap, min_rank).kept
+    n = scores.numel()
+    if round_to > 1 and len(kept) < n:
+        target = min(n, -(-len(kept) // round_to) * round_to)
+        kept = keep_side(scores, n - target, layer_cap, min_rank).kept
+    return kept
+
+
+def _decide(
+    works: list[_LayerWork], marks: list[int], layer_cap: float, min_rank: int, form: str, round_to: int = 1
+):
     """Per layer ``(kept_in, kept_out, form, cost, changed)`` given each side's marked count.
 
     ``marks`` alternates output and input sides, in ``works`` order. A side whose rotation is
     folded into the core saves nothing by losing directions, so with ``form="auto"`` all of its
-    directions are kept (no damage for no gain).
+    directions are kept (no damage for no gain). With ``round_to > 1`` the kept counts are
+    rounded up (keeping the next most important directions) to multiples of it.
     """
     out = []
     for w, m_out, m_in in zip(works, marks[0::2], marks[1::2]):
-        ko = keep_side(w.s_out, m_out, layer_cap, min_rank).kept
-        ki = keep_side(w.s_in, m_in, layer_cap, min_rank).kept
+        ko = _rounded(w.s_out, m_out, layer_cap, min_rank, round_to)
+        ki = _rounded(w.s_in, m_in, layer_cap, min_rank, round_to)
         f, cost, changed = _choose(w, len(ki), len(ko), form)
         all_in, all_out = list(range(w.s_in.numel())), list(range(w.s_out.numel()))
         if not changed:
@@ -320,13 +333,15 @@ def _decide(works: list[_LayerWork], marks: list[int], layer_cap: float, min_ran
     return out
 
 
-def _quantile_for_target(works, pooled, ratio, target, layer_cap, min_rank, form, totals) -> float:
+def _quantile_for_target(
+    works, pooled, ratio, target, layer_cap, min_rank, form, totals, round_to=1
+) -> float:
     """Bisect the quantile so that the removed fraction of ``target`` reaches ``ratio``."""
     before = totals[target]
     fixed = sum(getattr(w.current, target) for w in works)
 
     def removed_fraction(q: float) -> float:
-        dec = _decide(works, global_marks(pooled, q), layer_cap, min_rank, form)
+        dec = _decide(works, global_marks(pooled, q), layer_cap, min_rank, form, round_to)
         after = before - fixed + sum(getattr(d[3], target) for d in dec)
         return 1.0 - after / before
 
@@ -428,6 +443,7 @@ def prune(
     seed: int = 0,
     form_by: str = "cost",
     latency_batch: int = 64,
+    round_to: int = 1,
     distributed: bool = False,
     process_group: Any = None,
     captured: CaptureResult | None = None,
@@ -469,6 +485,8 @@ def prune(
             ``latency_batch`` random inputs and picks the fastest, so a layer whose cheaper forms
             run slower is left whole. The ``params``/``flops`` target is met on cost before this
             step, so the realised cut can be smaller: see the report.
+        round_to: round the kept directions of each pruned side up to a multiple of this (e.g. 8
+            for vector-unit and tensor-core friendly widths; the widths' full size is the cap).
         distributed: call on every process of an initialised ``torch.distributed`` group (e.g.
             each DDP rank, with its own shard of ``batches``): factors are summed over processes
             (weighted by rows), the eigendecompositions are split among them and broadcast, and
@@ -483,6 +501,8 @@ def prune(
         RuntimeError: every batch gave non-finite curvature (the model is left unchanged).
     """
     _check_args(ratio, method, fisher, likelihood, target, layer_cap, min_rank, form, "channel", form_by)
+    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+        raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
     if not isinstance(latency_batch, int) or latency_batch < 1:
         raise ValueError(f"latency_batch must be a positive integer, got {latency_batch!r}")
     cands = find_layers(model, exclude)
@@ -561,9 +581,11 @@ def prune(
     quantile = float(ratio)
     if target != "directions":
         totals = {"params": params_before, "flops": flops_before}
-        quantile = _quantile_for_target(works, pooled, ratio, target, layer_cap, min_rank, form, totals)
+        quantile = _quantile_for_target(
+            works, pooled, ratio, target, layer_cap, min_rank, form, totals, round_to
+        )
     thr = global_threshold(pooled, quantile)
-    decisions = _decide(works, global_marks(pooled, quantile), layer_cap, min_rank, form)
+    decisions = _decide(works, global_marks(pooled, quantile), layer_cap, min_rank, form, round_to)
     if form_by == "latency" and form == "auto":
         decisions = _by_latency(works, decisions, latency_batch, train_rotations, device)
     if distributed:

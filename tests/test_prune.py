@@ -445,3 +445,24 @@ def test_form_by_latency_real_timing_runs():
     assert report.flops_after <= report.flops_before
     with pytest.raises(ValueError, match="form_by must be one of"):
         prune(model, batches, ratio=0.5, form_by="speed")
+
+
+def test_round_to_rounds_kept_widths_up_to_multiples():
+    model, batches = _conv()
+    plain = prune(copy.deepcopy(model), batches, ratio=0.6)
+    report = prune(model, batches, ratio=0.6, round_to=8)
+    mods = dict(model.named_modules())
+    seen = 0
+    for r in report.layers:
+        m = mods[r.name]
+        if isinstance(m, KFELayer):
+            if m.rotate_in is not None:
+                assert m.rank_in % 8 == 0 or m.rank_in == m.in_features
+                seen += 1
+            if m.rotate_out is not None:
+                assert m.rank_out % 8 == 0 or m.rank_out == m.out_features
+                seen += 1
+    assert seen
+    assert report.realised_fraction <= plain.realised_fraction
+    with pytest.raises(ValueError, match="round_to must be a positive integer"):
+        prune(model, batches, ratio=0.5, round_to=0)
