@@ -181,15 +181,17 @@ def latency(
     variants: dict[str, nn.Module] = {}
     flops: dict[str, float] = {}
     for cut in flops_cuts:
-        m = make_model(name, device)
-        m.load_state_dict(dense.state_dict())
-        rep = prune(m, data, ratio=cut, target="flops")
-        variants[f"eigendamage@{cut:g}"] = m.eval()
-        flops[f"eigendamage@{cut:g}"] = rep.flops_compression
-        tp = torch_pruning_variant(name, dense, rep.flops_compression, device)
-        if tp is not None:
-            variants[f"torch-pruning@{cut:g}"] = tp[0].eval()
-            flops[f"torch-pruning@{cut:g}"] = tp[1]
+        for tag, kw in (("", {}), ("+lat8", {"form_by": "latency", "latency_batch": 64, "round_to": 8})):
+            m = make_model(name, device)
+            m.load_state_dict(dense.state_dict())
+            rep = prune(m, data, ratio=cut, target="flops", **kw)
+            key = f"eigendamage{tag}@{cut:g}"
+            variants[key] = m.eval()
+            flops[key] = rep.flops_compression
+            tp = torch_pruning_variant(name, dense, rep.flops_compression, device)
+            if tp is not None:
+                variants[f"torch-pruning{tag}@{cut:g}"] = tp[0].eval()
+                flops[f"torch-pruning{tag}@{cut:g}"] = tp[1]
     for bs in batches_eval:
         x = torch.randn(bs, 3, 32, 32, device=device)
         fns = {"dense": lambda x=x: dense(x)}
@@ -431,7 +433,7 @@ def main() -> None:
             )
             rel = f", {r['speedup'] / tp['speedup']:.2f}× TP's" if tp else ""
             parts.append(
-                f"{r['model']} {r['variant']} speed-up {r['speedup']:.2f}× "
+                f"{r['model']} {r['variant']} speed-up {r['speedup']:.2f}× at FLOPs ÷{r['flops_x']:.2f} "
                 f"({r['speedup'] / r['flops_x']:.2f} of FLOPs cut{rel})"
             )
     results["summary"] = summary
