@@ -351,10 +351,13 @@ def main() -> None:
         help="capture batches per epoch (default: the callback's default)",
     )
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--memory-phase", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model", default="resnet32", help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_phase:
         print(*memory_phase(args.memory_phase, args.model, args.batch, device))
         return
