@@ -144,3 +144,24 @@ def test_scores_use_locations_factor():
     manual = 0.5 * (w[1] ** 2 * la[None, :] * lg[1]).sum()
     torch.testing.assert_close(o1[1], manual)
     assert F is not None
+
+
+def test_eigh_factor_float32_path_for_wide_factors_is_accurate():
+    """Wide factors are decomposed in float32: the basis is still orthonormal to ~1e-6."""
+    from lightning_eigendamage.eigenbasis import eigh_factor
+
+    torch.manual_seed(0)
+    n = 96
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+    lam = torch.logspace(-9, 1, n, dtype=torch.float64)
+    f = q @ torch.diag(lam) @ q.T
+    e64, v64 = eigh_factor(f, float64_max=n)
+    e32, v32 = eigh_factor(f, float64_max=n - 1)
+    assert v32.dtype == e32.dtype == torch.float64
+    eye = torch.eye(n, dtype=torch.float64)
+    assert (v32.T @ v32 - eye).abs().max() < 1e-5
+    w = torch.randn(7, n, dtype=torch.float64)
+    assert (w @ v32 @ v32.T - w).norm() / w.norm() < 1e-5
+    torch.testing.assert_close(e32[-10:], e64[-10:], rtol=1e-4, atol=0)
+    assert (e32[: n // 3] == 0).all()  # below float32 resolution: no curvature claimed
+    assert (e64[: n // 3] > 0).sum() > 0  # float64 still resolves some of them
