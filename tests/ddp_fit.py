@@ -14,8 +14,9 @@ rebuild, this rank's own factors before the reduction; and the rank's training l
 Configurations:
 
 - ``rounds``: two prune rounds (ends of epochs 0 and 1, true Fisher) and three more epochs.
-- ``factors``: one round at the start of fit with the empirical Fisher in eval mode (BatchNorm
-  running statistics), capturing every batch of each rank's half of the data, then one step.
+- ``start_step``: empirical Fisher; one round at the start of fit (captured in eval mode, on
+  BatchNorm running statistics, on every batch of each rank's half of the data), then one after
+  optimizer step 3 (captured in the training steps), then two more steps.
 """
 
 from __future__ import annotations
@@ -158,6 +159,13 @@ class RankRecorder(EigenDamagePruning):
         super().on_train_start(trainer, pl_module)
         self._after_round(trainer, pl_module, n)
 
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        n = len(self.reports)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._after_round(trainer, pl_module, n)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         n = len(self.reports)
         super().on_train_epoch_end(trainer, pl_module)
@@ -185,10 +193,10 @@ class RankRecorder(EigenDamagePruning):
 START_METHODS = {"ddp": "popen", "ddp_spawn": "spawn"}  # as in DDPStrategy.register_strategies
 CONFIGS: dict[str, dict[str, Any]] = {
     "rounds": {"schedule": {0: 0.5, 1: 0.5}, "fisher": "true", "trainer": {"max_epochs": 5}},
-    "factors": {
-        "schedule": PruningSchedule(at_start=0.5),
+    "start_step": {
+        "schedule": PruningSchedule(at_start=0.5, steps={3: 0.5}),
         "fisher": "empirical",
-        "trainer": {"max_epochs": 1, "max_steps": 1},
+        "trainer": {"max_epochs": 1, "max_steps": 5},
     },
 }
 

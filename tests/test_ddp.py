@@ -64,30 +64,37 @@ def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
         assert torch.equal(a[name], b[name]), f"{what}: {name} differs between ranks"
 
 
+def _check_one_decision(ranks: list[dict[str, Any]], i: int, *, stepped: bool = True) -> None:
+    """After round ``i`` every rank holds rank 0's plan, parameters and optimizer state
+    (``stepped``: the optimizer has momentum buffers by then)."""
+    round0 = ranks[0]["rounds"][i]
+    assert round0["realised_fraction"] > 0 and round0["kept"], "the round pruned nothing"
+    for other in ranks[1:]:
+        round1 = other["rounds"][i]
+        # The ranks captured on different halves of the data ...
+        assert any(
+            not torch.equal(round0["local_factors"][n][0], round1["local_factors"][n][0])
+            for n in round0["local_factors"]
+        ), "the ranks saw the same curvature: the test could not tell a reduction from none"
+        # ... yet decided alike: same plan, the same kept directions and forms per layer,
+        assert round0["plan"] == round1["plan"]
+        assert round0["kept"] == round1["kept"]
+        # bitwise-identical parameters before the new DDP wrapper broadcasts rank 0's,
+        _assert_same_tensors(round0["params"], round1["params"], f"round {i} parameters")
+        # and the same optimizer state (DDP never synchronises momentum buffers).
+        _assert_same_tensors(round0["momentum"], round1["momentum"], f"round {i} momentum")
+    assert bool(round0["momentum"]) == stepped, "no momentum buffer to compare"
+    assert all(r["rounds"][i]["rewrapped"] for r in ranks), "the DDP wrapper was not rebuilt"
+
+
 def _check_two_rounds(ranks: list[dict[str, Any]], backend: str, start_method: str) -> None:
     """One decision on every rank after each round; training goes on afterwards."""
     r0 = ranks[0]
     assert r0["backend"] == backend and r0["strategy"] == "DDPStrategy"
     assert r0["start_method"] == start_method
     assert [r["epoch"] for r in r0["rounds"]] == [0, 1]
-    for i, round0 in enumerate(r0["rounds"]):
-        assert round0["realised_fraction"] > 0 and round0["kept"], "the round pruned nothing"
-        for other in ranks[1:]:
-            round1 = other["rounds"][i]
-            # The ranks captured on different halves of the data ...
-            assert any(
-                not torch.equal(round0["local_factors"][n][0], round1["local_factors"][n][0])
-                for n in round0["local_factors"]
-            ), "the ranks saw the same curvature: the test could not tell a reduction from none"
-            # ... yet decided alike: same plan, the same kept directions and forms per layer,
-            assert round0["plan"] == round1["plan"]
-            assert round0["kept"] == round1["kept"]
-            # bitwise-identical parameters before the new DDP wrapper broadcasts rank 0's,
-            _assert_same_tensors(round0["params"], round1["params"], f"round {i} parameters")
-            # and the same optimizer state (DDP never synchronises momentum buffers).
-            _assert_same_tensors(round0["momentum"], round1["momentum"], f"round {i} momentum")
-        assert round0["momentum"], "no momentum buffer to compare"
-        assert all(r["rounds"][i]["rewrapped"] for r in ranks), "the DDP wrapper was not rebuilt"
+    for i in range(2):
+        _check_one_decision(ranks, i)
     # Training went on: finite, and lower at the end than in the first epoch after round 2.
     epochs = sorted(r0["losses"])
     assert epochs == [0, 1, 2, 3, 4]
@@ -129,8 +136,9 @@ def test_ddp_script_in_a_subprocess_gives_the_same_result(tmp_path: Path, accele
 def test_factors_reduced_over_two_ranks_equal_one_process_on_all_the_data(tmp_path: Path) -> None:
     """Empirical Fisher in eval mode (the ``at_start`` capture), each rank on its half of an even
     dataset (DistributedSampler, no shuffle, no padding): the factors the decision used equal
-    those of one process on every batch."""
-    ddp_fit.run("factors", str(tmp_path), strategy="ddp_spawn", accelerator="cpu", devices=2)
+    those of one process on every batch. The fit goes on to a step-point round, which must also
+    decide once for all ranks."""
+    ddp_fit.run("start_step", str(tmp_path), strategy="ddp_spawn", accelerator="cpu", devices=2)
     ranks = _ranks(tmp_path)
     model = ddp_fit.build_model().eval()
     cands = find_layers(model)
@@ -143,14 +151,16 @@ def test_factors_reduced_over_two_ranks_equal_one_process_on_all_the_data(tmp_pa
     )
     assert single.batches == ddp_fit.N_EXAMPLES // 16
     for rec in ranks:
-        (round_,) = rec["rounds"]
-        reduced, local = round_["factors"], round_["local_factors"]
+        assert len(rec["rounds"]) == 2
+        reduced, local = rec["rounds"][0]["factors"], rec["rounds"][0]["local_factors"]
         assert reduced.keys() == {n for n, lf in single.layers.items() if lf.a_sum is not None}
         for name, (a, g) in reduced.items():
             ref_a, ref_g = single.layers[name].a(), single.layers[name].g()
             assert _rel_err(a, ref_a) < 1e-6 and _rel_err(g, ref_g) < 1e-6, name
             # Each half alone gives other factors (by 2 % or more here): the comparison can fail.
             assert _rel_err(local[name][0], ref_a) > 1e-2 and _rel_err(local[name][1], ref_g) > 1e-2, name
+    _check_one_decision(ranks, 0, stepped=False)  # at the start of fit: no momentum yet
+    _check_one_decision(ranks, 1)  # the step point, on factors from the training steps
 
 
 def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
