@@ -24,6 +24,18 @@ Fisher types (method.md §2):
   ``grad_scale = N·k/s`` so that ``G`` is the per-example factor whatever the precision or
   accumulation. Non-finite batches (fp16 overflow) are skipped and counted. Needs automatic
   optimization.
+
+Several processes (DDP: ``strategy="ddp"``, ``"ddp_spawn"``, any number of devices and nodes):
+every rank captures on its own shard of the data at the same batches. At the prune point the
+factors are summed over the ranks weighted by the rows each accumulated, the eigendecompositions
+are split among the ranks and broadcast, and rank 0's decisions are broadcast
+(``prune(distributed=True)``), so every rank applies the same surgery and ends with
+bitwise-identical parameters and optimizer state. The DDP wrapper is then rebuilt around the
+pruned module, and the optimizers after it. The true-Fisher generator is seeded alike on every
+rank: each rank samples the labels of its own examples from the same stream (each label still
+follows the model's prediction for its example, so the factors stay unbiased; the draws are
+correlated across ranks), and the generator advances alike on ranks whose batches have the same
+sizes (as ``DistributedSampler``'s do), so rank 0's checkpointed state fits every rank.
 """
 
 from __future__ import annotations
@@ -38,11 +50,20 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+    Strategy,
+    XLAStrategy,
+)
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from .curvature import KFACapture, capture_batch, split_batch
+from .distributed import is_distributed
 from .optim import TransplantReport, carry_optimizer_state, stage_parameters
 from .pruner import (
     LayerChange,
@@ -91,7 +112,8 @@ class EigenDamagePruning(Callback):
 
     Raises (before training starts): ``ValueError``/``TypeError`` for bad options or schedule, a
     schedule beyond ``max_epochs``/``max_steps``, a model with no prunable layer, a batch whose
-    input cannot be found; ``NotImplementedError`` for strategies other than single-device/DDP.
+    input cannot be found; ``NotImplementedError`` for strategies other than single-device and DDP
+    (FSDP, DeepSpeed, model parallel, multi-device XLA).
     """
 
     def __init__(
@@ -163,11 +185,7 @@ class EigenDamagePruning(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
-            raise NotImplementedError(
-                f"EigenDamagePruning supports single-device and DDP strategies, got "
-                f"{type(trainer.strategy).__name__}; use strategy='auto' or 'ddp'"
-            )
+        _check_strategy(trainer.strategy)
         for msg in self.schedule.validate_for(trainer.max_epochs, trainer.max_steps):
             rank_zero_warn(f"EigenDamagePruning: {msg}")
         if self.fisher == "empirical" and not pl_module.automatic_optimization:
@@ -276,6 +294,18 @@ class EigenDamagePruning(Callback):
             self._cap_time = 0.0
         return self._cap
 
+    def _captured_batches(self, trainer: pl.Trainer) -> int:
+        """Finite batches captured so far for the next round, summed over DDP ranks.
+
+        Whether a round runs or is skipped must be decided alike on every rank: the round's
+        collectives are entered by all of them or by none.
+        """
+        local = 0 if self._cap is None else self._cap.batches
+        if not _is_distributed(trainer):
+            return local
+        total = torch.tensor(float(local), dtype=torch.float64, device=trainer.strategy.root_device)
+        return int(trainer.strategy.reduce(total, reduce_op="sum").item())
+
     def _release_capture(self) -> None:
         if self._cap is not None:
             self._cap.remove()
@@ -360,7 +390,7 @@ class EigenDamagePruning(Callback):
         stepped = trainer.global_step > self._step_at_batch_start
         for p in self._pending():
             if p.kind == "step" and trainer.global_step >= p.at and stepped:
-                if self._cap is None or self._cap.batches == 0:
+                if self._captured_batches(trainer) == 0:
                     continue  # no factors yet (e.g. right after another round): next step
                 self._run_round(trainer, pl_module, p, on_step=True)
 
@@ -427,15 +457,31 @@ class EigenDamagePruning(Callback):
             class_dim=self.class_dim,
             captured=captured,
             changes=changes,
+            distributed=_is_distributed(trainer),
         )
         return report, changes
+
+    def on_after_surgery(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        report: PruneReport,
+        changes: dict[str, LayerChange],
+    ) -> None:
+        """Called after each round's surgery, before the DDP wrapper and the optimizers are rebuilt.
+
+        Override to inspect or log the freshly pruned module. Under DDP it runs on every rank:
+        this is the last point where the ranks' own parameters can be compared (the new DDP
+        wrapper broadcasts rank 0's). ``changes`` maps each rebuilt layer's name to its
+        :class:`~lightning_eigendamage.pruner.LayerChange` (bases, kept directions, form).
+        """
 
     def _run_round(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: PrunePoint, *, on_step: bool
     ) -> None:
         cap = self._cap
         self._done.add(point.key)
-        if cap is None or cap.batches == 0:
+        if self._captured_batches(trainer) == 0:  # the same answer on every rank
             skipped = 0 if cap is None else cap.skipped_batches
             self._release_capture()
             self.skipped_rounds.append(point.key)
@@ -444,7 +490,7 @@ class EigenDamagePruning(Callback):
                 f"({skipped} non-finite batch(es)); the model was left as it is"
             )
             return
-        captured = cap.result()
+        captured = cap.result()  # under DDP a rank whose batches were all non-finite brings zeros
         t_capture = self._cap_time
         self._release_capture()
 
@@ -454,6 +500,7 @@ class EigenDamagePruning(Callback):
         for change in changes.values():
             change.new.train(change.old.training)  # new modules are built in train mode
         t_prune = time.perf_counter() - t0
+        self.on_after_surgery(trainer, pl_module, report, changes)
         self._example = None
 
         t0 = time.perf_counter()
@@ -491,7 +538,9 @@ class EigenDamagePruning(Callback):
             "pruning/time_prune_s": timing["prune_s"],
             "pruning/time_optim_s": timing["optim_s"],
         }
-        pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step, batch_size=1)
+        # Under DDP every rank logs the same values, except timings: those are averaged.
+        sync = _is_distributed(pl_module.trainer)
+        pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step, batch_size=1, sync_dist=sync)
 
     # ------------------------------------------------------------------------------------------
     # Optimizers
@@ -614,6 +663,27 @@ class EigenDamagePruning(Callback):
             self._generator.set_state(gen)
         else:
             self._generator_state = gen
+
+
+def _check_strategy(strategy: Strategy) -> None:
+    """Refuse strategies whose parameters are sharded or wrapped in ways surgery cannot follow."""
+    unsupported = (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, XLAStrategy)
+    if isinstance(strategy, SingleDeviceStrategy) or (
+        isinstance(strategy, DDPStrategy) and not isinstance(strategy, unsupported)
+    ):
+        return
+    raise NotImplementedError(
+        f"EigenDamagePruning does not support {type(strategy).__name__} yet. Supported: "
+        "SingleDeviceStrategy (one device, strategy='auto') and DDPStrategy (strategy='ddp', "
+        "'ddp_spawn', 'ddp_fork' or 'ddp_notebook'; any number of devices and num_nodes). "
+        "FSDP, DeepSpeed, model-parallel and multi-device XLA strategies shard or wrap the "
+        "parameters in ways the layer surgery cannot follow."
+    )
+
+
+def _is_distributed(trainer: pl.Trainer) -> bool:
+    """True under a DDP strategy with more than one process and an initialised process group."""
+    return trainer.world_size > 1 and isinstance(trainer.strategy, DDPStrategy) and is_distributed()
 
 
 @contextlib.contextmanager

@@ -64,11 +64,13 @@ def enable_pruned_loading(model: nn.Module) -> Any:
     the layers named in the incoming state_dict's pruned-layer records (see
     :func:`restore_pruned`). Call it in a LightningModule's ``__init__`` to make
     ``Model.load_from_checkpoint(path)`` and ``Trainer.fit(..., ckpt_path=...)`` work with pruned
-    checkpoints. Returns the hook handle (``handle.remove()`` undoes it).
+    checkpoints, and, with ``strategy="ddp_spawn"``, to let the main process take rank 0's pruned
+    weights after fit. The hook is a module-level function, so the model stays picklable
+    (``ddp_spawn`` pickles it). Returns the hook handle (``handle.remove()`` undoes it).
     """
+    return model.register_load_state_dict_pre_hook(_reshape_before_load)
 
-    def hook(module, state_dict, prefix, *args, **kwargs):
-        local = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        reshape_to_records(module, records_in(local))
 
-    return model.register_load_state_dict_pre_hook(hook)
+def _reshape_before_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    local = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    reshape_to_records(module, records_in(local))

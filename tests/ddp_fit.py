@@ -1,0 +1,242 @@
+"""A small multi-process fit with EigenDamagePruning that records what every rank holds.
+
+Used by ``tests/test_ddp.py`` in two ways: imported, for ``strategy="ddp_spawn"`` inside pytest's
+process, and run as a script in a subprocess for ``strategy="ddp"`` (Lightning re-launches the
+script's own command line as rank 1; under pytest it would re-launch pytest, see design.md):
+
+    python tests/ddp_fit.py --config rounds --strategy ddp --out DIR
+
+Each rank writes ``DIR/rank{r}.pt`` (plain data, ``weights_only=True``) at the end of fit: per
+round the plan, the parameters right after the surgery (before the DDP re-wrap, whose broadcast
+would hide a difference), the factors the decision used, the momentum buffers after the optimizer
+rebuild, this rank's own factors before the reduction; and the rank's training losses per epoch.
+
+Configurations:
+
+- ``rounds``: two prune rounds (ends of epochs 0 and 1, true Fisher) and three more epochs.
+- ``start_step``: empirical Fisher; one round at the start of fit (captured in eval mode, on
+  BatchNorm running statistics, on every batch of each rank's half of the data), then one after
+  optimizer step 3 (captured in the training steps), then two more steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import weakref
+from datetime import timedelta
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # lit_models, when run as a script
+from lit_models import LitClassifier, small_cnn  # noqa: E402
+
+import lightning_eigendamage  # noqa: E402
+from lightning_eigendamage import EigenDamagePruning, PruningSchedule, enable_pruned_loading  # noqa: E402
+from lightning_eigendamage.pruner import LayerChange, PruneReport  # noqa: E402
+
+N_EXAMPLES = 64  # even: DistributedSampler pads nothing with 2 ranks
+BATCH = 4
+CLASSES = 4
+SIZE = 8
+
+
+def dataset(seed: int = 0) -> TensorDataset:
+    """Noise images shifted by a per-class colour (learnable in a few epochs)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, CLASSES, (N_EXAMPLES,), generator=g)
+    colours = torch.randn(CLASSES, 3, generator=g)
+    x = torch.randn(N_EXAMPLES, 3, SIZE, SIZE, generator=g) + colours[y][:, :, None, None]
+    return TensorDataset(x, y)
+
+
+def build_model(seed: int = 0) -> LossLog:
+    """The same initial weights in every process that calls it."""
+    torch.manual_seed(seed)
+    return LossLog(small_cnn(n_classes=CLASSES))
+
+
+class LossLog(LitClassifier):
+    """:class:`LitClassifier` that keeps this rank's training losses, per epoch.
+
+    It calls :func:`~lightning_eigendamage.enable_pruned_loading`, as the README asks of
+    ``ddp_spawn`` users: the main process loads rank 0's pruned weights after fit.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__(net, lr=0.05, momentum=0.9)
+        self.losses: dict[int, list[float]] = {}
+        enable_pruned_loading(self)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.losses.setdefault(self.current_epoch, []).append(float(loss.detach()))
+        return loss
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True)
+
+
+class RankRecorder(EigenDamagePruning):
+    """EigenDamagePruning that writes, per rank, what each round left (see the module docstring)."""
+
+    def __init__(self, out_dir: str, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("verbose", False)
+        super().__init__(*args, **kwargs)
+        self.out_dir = out_dir
+        self.rounds: list[dict[str, Any]] = []
+        self._factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._local: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._wrapper_before: weakref.ref | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        torch.set_num_threads(1)  # 2 processes on 2 shared cores
+        super().setup(trainer, pl_module, stage)
+
+    def prune_model(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, captured: Any, fraction: float, example: Any
+    ) -> tuple[PruneReport, dict[str, LayerChange]]:
+        self._wrapper_before = weakref.ref(trainer.strategy.model)  # ids of freed objects get reused
+        self._local = {
+            n: (_cpu(lf.a()), _cpu(lf.g())) for n, lf in captured.layers.items() if lf.a_sum is not None
+        }
+        report, changes = super().prune_model(trainer, pl_module, captured, fraction, example)
+        # Under DDP prune() reduced `captured` in place: these are the factors the decision used.
+        self._factors = {
+            n: (_cpu(lf.a()), _cpu(lf.g())) for n, lf in captured.layers.items() if lf.a_sum is not None
+        }
+        return report, changes
+
+    def on_after_surgery(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        report: PruneReport,
+        changes: dict[str, LayerChange],
+    ) -> None:
+        self.rounds.append(
+            {
+                "epoch": trainer.current_epoch,
+                "plan": [[r.name, r.kept_in, r.kept_out, r.form] for r in report.layers],
+                "kept": {n: [list(c.kept_in), list(c.kept_out), c.form] for n, c in changes.items()},
+                "realised_fraction": report.realised_fraction,
+                "params_after": report.params_after,
+                "params": {n: _cpu(p) for n, p in pl_module.named_parameters()},
+                "factors": self._factors,
+                "local_factors": self._local,
+            }
+        )
+
+    def _after_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rounds_before: int) -> None:
+        if len(self.reports) == rounds_before:
+            return
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        momentum = {}
+        for opt in trainer.optimizers:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    buf = opt.state[p].get("momentum_buffer") if p in opt.state else None
+                    if buf is not None:
+                        momentum[names[id(p)]] = _cpu(buf)
+        wrapper = trainer.strategy.model
+        self.rounds[-1]["momentum"] = momentum
+        self.rounds[-1]["rewrapped"] = (
+            isinstance(wrapper, nn.parallel.DistributedDataParallel)
+            and wrapper.module is pl_module
+            and self._wrapper_before is not None
+            and self._wrapper_before() is not wrapper
+        )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        n = len(self.reports)
+        super().on_train_start(trainer, pl_module)
+        self._after_round(trainer, pl_module, n)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        n = len(self.reports)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._after_round(trainer, pl_module, n)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        n = len(self.reports)
+        super().on_train_epoch_end(trainer, pl_module)
+        self._after_round(trainer, pl_module, n)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)
+        torch.save(
+            {
+                "rank": trainer.global_rank,
+                "world_size": trainer.world_size,
+                "strategy": type(trainer.strategy).__name__,
+                "start_method": getattr(trainer.strategy, "_start_method", None),
+                "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else "",
+                "package": os.path.abspath(lightning_eigendamage.__file__),
+                "rounds": self.rounds,
+                "losses": {int(e): list(v) for e, v in getattr(pl_module, "losses", {}).items()},
+                "final": {n: _cpu(p) for n, p in pl_module.named_parameters()},
+                "generator": self._generator.get_state() if self._generator is not None else None,
+            },
+            os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"),
+        )
+
+
+START_METHODS = {"ddp": "popen", "ddp_spawn": "spawn"}  # as in DDPStrategy.register_strategies
+CONFIGS: dict[str, dict[str, Any]] = {
+    "rounds": {"schedule": {0: 0.5, 1: 0.5}, "fisher": "true", "trainer": {"max_epochs": 5}},
+    "start_step": {
+        "schedule": PruningSchedule(at_start=0.5, steps={3: 0.5}),
+        "fisher": "empirical",
+        "trainer": {"max_epochs": 1, "max_steps": 5},
+    },
+}
+
+
+def run(config: str, out_dir: str, *, strategy: str, accelerator: str = "cpu", devices: int = 2) -> LossLog:
+    """Fit ``build_model()`` on ``dataset()`` with ``RankRecorder``; return this process's model.
+
+    ``strategy`` (``"ddp"`` or ``"ddp_spawn"``) is built as Lightning's registry builds it,
+    ``DDPStrategy(start_method=...)``, plus a short collective timeout, so that ranks that fall
+    out of step fail the test instead of hanging it for Lightning's default 30 minutes.
+    """
+    cfg = CONFIGS[config]
+    callback = RankRecorder(out_dir, cfg["schedule"], fisher=cfg["fisher"])
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        strategy=DDPStrategy(start_method=START_METHODS[strategy], timeout=timedelta(seconds=120)),
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **cfg["trainer"],
+    )
+    model = build_model()
+    trainer.fit(model, DataLoader(dataset(), batch_size=BATCH, shuffle=False))
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--strategy", choices=sorted(START_METHODS), default="ddp")
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--devices", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    run(args.config, args.out, strategy=args.strategy, accelerator=args.accelerator, devices=args.devices)
+
+
+if __name__ == "__main__":
+    main()
