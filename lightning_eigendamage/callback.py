@@ -62,6 +62,7 @@ from lightning.pytorch.strategies import (
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from .checkpoint import PrunedLoadingHook, has_pruned_loading
 from .curvature import KFACapture, capture_batch, split_batch
 from .distributed import is_distributed
 from .optim import TransplantReport, carry_optimizer_state, stage_parameters
@@ -76,7 +77,7 @@ from .pruner import (
 )
 from .schedule import PrunePoint, PruningSchedule
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 class EigenDamagePruning(Callback):
@@ -95,7 +96,8 @@ class EigenDamagePruning(Callback):
             a dict batch needs it.
         loss_fn: ``(output, target) → mean loss``; only used by ``fisher="empirical"`` with
             ``at_start`` pruning (default: cross-entropy), where there is no training step yet.
-        exclude, exempt_last, layer_cap, min_rank, form, train_rotations, likelihood, class_dim:
+        exclude, exempt_last, layer_cap, min_rank, form, train_rotations, likelihood, class_dim,
+        form_by, latency_batch, round_to:
             as in :func:`~lightning_eigendamage.prune` (exemptions, per-layer caps, forms, classes on
             the last dimension by default).
         seed: seed of the generator used to sample labels for the true Fisher.
@@ -110,10 +112,19 @@ class EigenDamagePruning(Callback):
     :class:`~lightning_eigendamage.PruneReport` per round, ``transplants`` what happened to the
     optimizer state.
 
+    Checkpoints: ``Trainer.fit(model, ckpt_path=...)`` resumes with a freshly built model. In
+    ``setup`` the callback registers a ``load_state_dict`` pre-hook on the LightningModule
+    (:class:`~lightning_eigendamage.checkpoint.PrunedLoadingHook`, removed again at teardown) that
+    rebuilds the pruned layers from the checkpoint's records before any weight loads; the
+    callback's own state (:meth:`state_dict`) brings back the rounds done, the reports, the
+    sampling generator and the factors of an unfinished capture window.
+
     Raises (before training starts): ``ValueError``/``TypeError`` for bad options or schedule, a
     schedule beyond ``max_epochs``/``max_steps``, a model with no prunable layer, a batch whose
-    input cannot be found; ``NotImplementedError`` for strategies other than single-device and DDP
-    (FSDP, DeepSpeed, model parallel, multi-device XLA).
+    input cannot be found, a spawning strategy (``ddp_spawn``) on a LightningModule that does not
+    call :func:`~lightning_eigendamage.enable_pruned_loading` in ``__init__`` (the main process
+    could not take the pruned model back); ``NotImplementedError`` for strategies other than
+    single-device and DDP (FSDP, DeepSpeed, model parallel, multi-device XLA).
     """
 
     def __init__(
@@ -132,14 +143,29 @@ class EigenDamagePruning(Callback):
         train_rotations: bool = True,
         likelihood: str = "categorical",
         class_dim: int = -1,
+        form_by: str = "cost",
+        latency_batch: int = 64,
+        round_to: int = 1,
         seed: int = 0,
         verbose: bool = True,
     ) -> None:
         super().__init__()
         self.schedule = PruningSchedule.from_any(schedule)
         _check_args(
-            0.0, method, fisher, likelihood, self.schedule.target, layer_cap, min_rank, form, "channel"
+            0.0,
+            method,
+            fisher,
+            likelihood,
+            self.schedule.target,
+            layer_cap,
+            min_rank,
+            form,
+            "channel",
+            form_by,
         )
+        for name, value in (("latency_batch", latency_batch), ("round_to", round_to)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name, fn in (("input_fn", input_fn), ("loss_fn", loss_fn)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be a callable or None, got {type(fn).__name__}")
@@ -159,6 +185,9 @@ class EigenDamagePruning(Callback):
         self.train_rotations = bool(train_rotations)
         self.likelihood = likelihood
         self.class_dim = class_dim
+        self.form_by = form_by
+        self.latency_batch = latency_batch
+        self.round_to = round_to
         self.seed = seed
         self.verbose = verbose
 
@@ -177,12 +206,19 @@ class EigenDamagePruning(Callback):
         self._step_at_batch_start = 0
         self._emp_active = False
         self._emp_backward = False
+        self._load_hook: Any = None
+        self._saved_capture: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------
     # Set-up: everything knowable before training is checked here
     # ------------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._check_spawn(trainer, pl_module)
+        # Checkpoints of a pruned model (resume, ``trainer.test(ckpt_path="best")``) load into
+        # this model: a pre-hook on the root reshapes the pruned layers before any child loads.
+        self._install_loading_hook(pl_module)
         if stage != "fit":
             return
         _check_strategy(trainer.strategy)
@@ -198,6 +234,33 @@ class EigenDamagePruning(Callback):
             raise ValueError(f"EigenDamagePruning: {_no_prunable_message(cands)}")
         self._log_skips([(c.name, c.skipped) for c in cands if c.skipped is not None], "")
 
+    def _check_spawn(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``ddp_spawn`` and the other launchers that start processes from this one copy rank 0's
+        weights back into the main process's model with ``load_state_dict(strict=False)``, and no
+        callback hook runs there: only a pre-hook already on the model can reshape it."""
+        try:
+            from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+        except ImportError:  # pragma: no cover - a Lightning without this (private) launcher
+            return
+        launcher = getattr(trainer.strategy, "launcher", None)
+        if isinstance(launcher, _MultiProcessingLauncher) and not has_pruned_loading(
+            pl_module, ignore=self._load_hook
+        ):
+            raise ValueError(
+                f"with a spawning strategy ({type(trainer.strategy).__name__}, start method "
+                f"{getattr(launcher, '_start_method', '?')!r}) Lightning copies rank 0's weights back "
+                "into the main process's model with load_state_dict(strict=False), which would "
+                "silently skip every pruned layer (the main process would keep unpruned, untrained "
+                "layers). Call lightning_eigendamage.enable_pruned_loading(self) in your "
+                "LightningModule's __init__, or use strategy='ddp'"
+            )
+
+    def _install_loading_hook(self, pl_module: pl.LightningModule) -> None:
+        self._remove_loading_hook()
+        self._load_hook = pl_module.register_load_state_dict_pre_hook(
+            PrunedLoadingHook(rotations_require_grad=self.train_rotations)
+        )
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         if self._generator_state is not None:
@@ -206,8 +269,27 @@ class EigenDamagePruning(Callback):
             except (RuntimeError, ValueError):
                 rank_zero_warn("EigenDamagePruning: saved sampling-generator state does not fit this device")
             self._generator_state = None
+        saved, self._saved_capture = self._saved_capture, None
+        # Under DDP every rank loads rank 0's checkpoint: only rank 0 takes the saved factors back
+        # (they are rank 0's); the other ranks restart their share of the window.
+        if saved is not None and trainer.global_rank == 0:
+            self._release_capture()
+            cap = self._ensure_capture(pl_module)
+            try:
+                cap.load_state_dict(saved)
+            except (ValueError, KeyError, TypeError) as err:
+                self._release_capture()
+                rank_zero_warn(
+                    f"EigenDamagePruning: the factors saved in the checkpoint do not fit this model "
+                    f"({err}); the capture window restarts"
+                )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._cap is not None and self._example is None:
+            # Resumed inside a capture window whose example batch could not be saved: any training
+            # batch serves (the example only gives the input shape for FLOP counts).
+            with _preserve_rng(pl_module.device):
+                self._example = next(self._train_batches(trainer, pl_module, 1), None)
         self._probe(trainer, pl_module)
         start = [p for p in self._pending() if p.kind == "start"]
         if start:
@@ -455,6 +537,9 @@ class EigenDamagePruning(Callback):
             train_rotations=self.train_rotations,
             likelihood=self.likelihood,
             class_dim=self.class_dim,
+            form_by=self.form_by,
+            latency_batch=self.latency_batch,
+            round_to=self.round_to,
             captured=captured,
             changes=changes,
             distributed=_is_distributed(trainer),
@@ -630,15 +715,26 @@ class EigenDamagePruning(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._release_capture()
+        self._remove_loading_hook()  # Lightning calls no teardown after an exception
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release_capture()
+        self._remove_loading_hook()
+
+    def _remove_loading_hook(self) -> None:
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
 
     def state_dict(self) -> dict[str, Any]:
         """Plain data (loads with ``torch.load(weights_only=True)``): rounds done, reports,
-        optimizer-state summaries, timings and the sampling generator's state. Factors being
-        accumulated are not saved (resuming in the middle of a capture window restarts it)."""
-        gen = self._generator.get_state() if self._generator is not None else self._generator_state
+        optimizer-state summaries, timings, the sampling generator's state and, when the
+        checkpoint falls inside a capture window, the factors accumulated so far (float64 sums,
+        ``C_in² + C_out²`` numbers per prunable layer) with the window's batch counts and one
+        example (the first row of the last captured batch, if it is made of tensors)."""
+        gen = self._generator_state
+        if gen is None and self._generator is not None:
+            gen = self._generator.get_state()
         return {
             "version": _STATE_VERSION,
             "done": sorted(self._done),
@@ -648,9 +744,19 @@ class EigenDamagePruning(Callback):
             "timings": list(self.timings),
             "dense": list(self._dense) if self._dense is not None else None,
             "generator": gen,
+            "capture": self._cap.state_dict() if self._cap is not None else self._saved_capture,
+            "capture_time": self._cap_time,
+            "epoch_captured": self._epoch_captured,
+            "example": _plain_example(self._example) if self._cap is not None else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        version = state_dict.get("version", 1)
+        if not isinstance(version, int) or version > _STATE_VERSION:
+            raise ValueError(
+                f"EigenDamagePruning state version {version!r} is newer than this library's "
+                f"({_STATE_VERSION}); upgrade lightning-eigendamage to resume from this checkpoint"
+            )
         self._done = set(state_dict.get("done", []))
         self.skipped_rounds = list(state_dict.get("skipped_rounds", []))
         self.reports = [PruneReport.from_dict(r) for r in state_dict.get("reports", [])]
@@ -658,11 +764,28 @@ class EigenDamagePruning(Callback):
         self.timings = list(state_dict.get("timings", []))
         dense = state_dict.get("dense")
         self._dense = (int(dense[0]), int(dense[1])) if dense is not None else None
-        gen = state_dict.get("generator")
-        if gen is not None and self._generator is not None:
-            self._generator.set_state(gen)
-        else:
-            self._generator_state = gen
+        # Applied in on_fit_start, which (re)creates the generator on the module's device.
+        self._generator_state = state_dict.get("generator")
+        # Factors of an unfinished capture window: hooked up again in on_fit_start.
+        self._release_capture()
+        self._saved_capture = state_dict.get("capture")
+        self._cap_time = float(state_dict.get("capture_time", 0.0))
+        self._epoch_captured = int(state_dict.get("epoch_captured", 0))
+        self._example = state_dict.get("example")
+
+
+def _plain_example(batch: Any) -> Any:
+    """The first example of ``batch`` as plain data (CPU tensors in tuples, lists and dicts with
+    string keys), or None if the batch holds anything else."""
+    if torch.is_tensor(batch):
+        return batch.detach()[:1].to("cpu", copy=True) if batch.dim() > 0 else batch.detach().cpu()
+    if type(batch) in (tuple, list):
+        items = [_plain_example(b) for b in batch]
+        return None if any(i is None for i in items) else type(batch)(items)
+    if type(batch) is dict and all(isinstance(k, str) for k in batch):
+        items = {k: _plain_example(v) for k, v in batch.items()}
+        return None if any(v is None for v in items.values()) else items
+    return None
 
 
 def _check_strategy(strategy: Strategy) -> None:

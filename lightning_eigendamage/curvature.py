@@ -317,6 +317,90 @@ class KFACapture:
         self.batches += 1
         return True
 
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The factors accumulated so far as plain data (CPU tensors, numbers, strings, lists), so
+        a checkpoint written inside a capture window loads with ``torch.load(weights_only=True)``.
+
+        Sums are copied exactly (``accum_dtype``); a batch in progress is not included.
+        """
+
+        def cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().to("cpu", copy=True)
+
+        layers = {}
+        for name, lf in self.layers.items():
+            geo = lf.geometry
+            layers[name] = {
+                "a_sum": cpu(lf.a_sum),
+                "g_sum": cpu(lf.g_sum),
+                "a_rows": lf.a_rows,
+                "g_rows": lf.g_rows,
+                "examples": lf.examples,
+                "geometry": None if geo is None else [geo.c_in, geo.c_out, geo.loc_in, geo.loc_out, geo.k2],
+                "input_shape": None if lf.input_shape is None else list(lf.input_shape),
+                "max_calls": lf.max_calls,
+                "fired": lf.fired,
+                "reached": lf.reached,
+            }
+        return {
+            "a_form": self.a_form,
+            "layers": layers,
+            "fire_order": list(self.fire_order),
+            "batches": self.batches,
+            "skipped_batches": self.skipped_batches,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s output (factors moved to each module's device).
+
+        Raises:
+            ValueError: the state is for other layers, another ``a_form`` or other widths; the
+                capture is then left unchanged.
+        """
+        layers = state.get("layers") if isinstance(state, dict) else None
+        if not isinstance(layers, dict) or set(layers) != set(self.layers):
+            theirs = sorted(layers) if isinstance(layers, dict) else layers
+            raise ValueError(f"saved factors are for layers {theirs}, this capture has {sorted(self.layers)}")
+        if state.get("a_form") != self.a_form:
+            raise ValueError(
+                f"saved factors have a_form {state.get('a_form')!r}, this capture {self.a_form!r}"
+            )
+        new = {}
+        for name, entry in layers.items():
+            module = self.modules[name]
+            is_conv = isinstance(module, nn.Conv2d)
+            d_in = module.in_channels if is_conv else module.in_features
+            if is_conv and self.a_form == "patch":
+                d_in *= module.kernel_size[0] * module.kernel_size[1]
+            d_out = module.out_channels if is_conv else module.out_features
+            dev = module.weight.device
+            sums = {}
+            for key, d in (("a_sum", d_in), ("g_sum", d_out)):
+                t = entry[key]
+                if t is not None and tuple(t.shape) != (d, d):
+                    raise ValueError(
+                        f"saved {key} of {name!r} is {tuple(t.shape)}, the layer needs ({d}, {d})"
+                    )
+                sums[key] = None if t is None else t.to(dev, self.accum_dtype)
+            geo = entry["geometry"]
+            new[name] = LayerFactors(
+                a_sum=sums["a_sum"],
+                g_sum=sums["g_sum"],
+                a_rows=int(entry["a_rows"]),
+                g_rows=int(entry["g_rows"]),
+                examples=int(entry["examples"]),
+                geometry=None if geo is None else Geometry(*(int(v) for v in geo)),
+                input_shape=None if entry["input_shape"] is None else tuple(entry["input_shape"]),
+                max_calls=int(entry["max_calls"]),
+                fired=bool(entry["fired"]),
+                reached=bool(entry["reached"]),
+            )
+        self.layers = new
+        self.fire_order = [str(n) for n in state["fire_order"]]
+        self.batches = int(state["batches"])
+        self.skipped_batches = int(state["skipped_batches"])
+
     # -- hooks -----------------------------------------------------------------------------------
     def _forward_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:

@@ -597,3 +597,29 @@ def test_state_dict_is_plain_data_and_round_trips() -> None:
     assert [r.to_dict() for r in other.reports] == [r.to_dict() for r in cb.reports]
     assert other.state_dict()["done"] == state["done"]
     assert torch.equal(other.state_dict()["generator"], state["generator"])
+
+
+def test_round_to_and_form_by_are_passed_to_prune(monkeypatch) -> None:
+    import lightning_eigendamage.pruner as pruner_mod
+
+    torch.manual_seed(0)
+    model = LitClassifier(small_cnn())
+    seen = []
+    real = pruner_mod.time_modules
+
+    def spy(mods, example, repeats=7):
+        seen.append(example.shape[0])
+        return real(mods, example, repeats=2)
+
+    monkeypatch.setattr(pruner_mod, "time_modules", spy)
+    cb = EigenDamagePruning(schedule={0: 0.6}, round_to=4, form_by="latency", latency_batch=3, verbose=False)
+    _fit(model, cb, max_epochs=1)
+    assert seen and set(seen) == {3}
+    for m in model.modules():
+        if isinstance(m, KFELayer):
+            assert m.rotate_in is None or m.rank_in % 4 == 0 or m.rank_in == m.in_features
+            assert m.rotate_out is None or m.rank_out % 4 == 0 or m.rank_out == m.out_features
+    with pytest.raises(ValueError, match="round_to must be a positive integer"):
+        EigenDamagePruning(schedule={0: 0.5}, round_to=0)
+    with pytest.raises(ValueError, match="form_by must be one of"):
+        EigenDamagePruning(schedule={0: 0.5}, form_by="speed")
