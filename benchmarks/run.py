@@ -357,6 +357,9 @@ def run_one(args: argparse.Namespace, data: Data, method: str, flops_x: float, s
     dense_ref, dense_info = pretrained(args, data, "dense")  # the latency reference, the dense row
     example = data.x_test[:1]
     flops0, params0 = count_flops(net, example), count_params(net)
+    # Curvature, pruning and BN refresh on the accelerator when there is one (Lightning moves the
+    # model back to the CPU after fit); latency is always measured on the CPU.
+    net.to("cuda" if torch.cuda.is_available() else "cpu")
     ratio = 1.0 - 1.0 / flops_x
     pl.seed_everything(seed, verbose=False)
     fisher_batches = _batches(data, args.fisher_batches, args.batch_size, seed)
@@ -413,7 +416,7 @@ def run_one(args: argparse.Namespace, data: Data, method: str, flops_x: float, s
     acc_final = accuracy(net, data)
     flops1, params1 = count_flops(net, example), count_params(net)
     x64 = data.x_test[:64]
-    t_dense, t_pruned = latency(dense_ref, net, x64, args.latency_repeats)
+    t_dense, t_pruned = latency(dense_ref.cpu(), net.cpu(), x64, args.latency_repeats)
     hist = evals.history
     best = max(range(len(hist)), key=lambda i: hist[i]) if hist else None
     flops_reduction = flops0 / flops1
