@@ -160,6 +160,30 @@ def markdown(key: tuple[str, str], by_target: dict, plot_name: str | None) -> st
     return "\n".join(lines) + "\n"
 
 
+def summary(aggregated: dict) -> str:
+    """The highest FLOPs target of every (dataset, model): a compact table and the headline."""
+    lines = []
+    for key, by_target in sorted(aggregated.items()):
+        k = max(by_target)
+        lines += [
+            f"**{key[0]}, {key[1]}, ÷{k:g} FLOPs target** "
+            f"(dense {next(iter(by_target[k].values()))[0]['dense']['accuracy']:.2f}%):",
+            "",
+            "| Method | Final acc. (%) | best epoch (%) | FLOPs ÷ | weights ÷ | CPU speed-up |",
+            "|---|---|---|---|---|---|",
+        ]
+        for m in [m for m in ORDER if m in by_target[k]]:
+            runs = by_target[k][m]
+            lines.append(
+                f"| {NAMES.get(m, m)} | {_fmt([r['accuracy_final'] for r in runs])} | "
+                f"{_fmt([r['accuracy_best_epoch'] for r in runs])} | "
+                f"{_fmt([r['flops_reduction'] for r in runs])} | "
+                f"{_fmt([r['weight_reduction'] for r in runs], 1)} | {_fmt([r['speedup'] for r in runs])}× |"
+            )
+        lines += [""] + headline(by_target) + [""]
+    return "\n".join(lines)
+
+
 def plot(key: tuple[str, str], by_target: dict, path: Path) -> None:
     import matplotlib
 
@@ -229,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
             plot(key, by_target, out / png)
         (out / f"{stem}.md").write_text(markdown(key, by_target, png))
         print(f"wrote {out / (stem + '.md')}" + (f" and {png}" if png else ""))
+    (out / "summary.md").write_text(summary(aggregate(records)))
     if args.copy_records:
         rec_dir = out / "records"
         rec_dir.mkdir(exist_ok=True)
