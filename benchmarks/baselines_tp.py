@@ -246,6 +246,7 @@ def _select(
     min_channels: int,
     other_flops: int,
     flops_before: int,
+    flops_tolerance: float = 0.03,
 ) -> tuple[list[list[int]], int]:
     """Root channels removed per group (lowest scores first under the caps, until the target), and
     the analytic FLOPs after removal."""
@@ -264,26 +265,50 @@ def _select(
     def done() -> bool:
         return n_removed >= goal_channels if target == "channels" else flops <= goal_flops
 
+    def apply(gi: int, c: int, dry: bool) -> int:
+        """FLOPs change of removing root channel ``c`` of group ``gi`` (applied unless ``dry``)."""
+        delta = 0
+        for module, side, counter in groups[gi].effects:
+            k = counter.get(c, 0)
+            if not k:
+                continue
+            st = state[module]
+            new = _LayerCost(st.coef, st.c_in, st.c_out, st.groups, st.depthwise)
+            if side == "out" or new.depthwise:
+                new.c_out -= k
+                if new.depthwise:
+                    new.c_in = new.groups = new.c_out
+            else:
+                new.c_in -= k
+            delta += new.flops() - st.flops()
+            if not dry:
+                state[module] = new
+        return delta
+
+    # With a FLOPs target, a channel whose removal would land more than `flops_tolerance` below
+    # the goal is passed over for the next ones in the ranking (a thin, cheap channel elsewhere);
+    # only if the goal cannot be met otherwise are passed-over channels taken, in ranking order.
+    floor = (1.0 - flops_tolerance) * goal_flops
+    passed: list[tuple[int, int]] = []
     for _, gi, c in pool:
+        if done():
+            break
+        if len(chosen[gi]) >= caps[gi]:
+            continue
+        if target == "flops" and flops + apply(gi, c, dry=True) < floor:
+            passed.append((gi, c))
+            continue
+        chosen[gi].append(c)
+        n_removed += 1
+        flops += apply(gi, c, dry=False)
+    for gi, c in passed:
         if done():
             break
         if len(chosen[gi]) >= caps[gi]:
             continue
         chosen[gi].append(c)
         n_removed += 1
-        for module, side, counter in groups[gi].effects:
-            k = counter.get(c, 0)
-            if not k:
-                continue
-            st = state[module]
-            before = st.flops()
-            if side == "out" or st.depthwise:
-                st.c_out -= k
-                if st.depthwise:
-                    st.c_in = st.groups = st.c_out
-            else:
-                st.c_in -= k
-            flops += st.flops() - before
+        flops += apply(gi, c, dry=False)
     return [sorted(c) for c in chosen], flops
 
 
@@ -323,6 +348,7 @@ def prune_channels(
     max_group_ratio: float = 0.95,
     min_channels: int = 1,
     method: str = "custom",
+    flops_tolerance: float = 0.03,
 ) -> ChannelPruneReport:
     """Remove real channels of ``model`` in place, ranked globally by group scores.
 
@@ -341,6 +367,10 @@ def prune_channels(
             last Conv2d/Linear to run is added.
         max_group_ratio: at most this fraction of one group's channels is removed;
             ``min_channels``: channels always kept per group (the best ones).
+        flops_tolerance: with ``target="flops"``, a channel whose removal would leave fewer than
+            ``(1 − flops_tolerance)`` of the goal's FLOPs is passed over for the next ones in the
+            ranking (when the cheap channels are capped, one wide early channel can cost several
+            % of the goal), so that matched-FLOPs comparisons land within the tolerance.
 
     Returns:
         A :class:`ChannelPruneReport`.
@@ -377,6 +407,7 @@ def prune_channels(
             min_channels=min_channels,
             other_flops=other,
             flops_before=flops_before,
+            flops_tolerance=flops_tolerance,
         )
         # OBS updates first, on the full-size weights; a module's output rows belong to one group.
         removed_rows: dict[nn.Module, list[int]] = {}
