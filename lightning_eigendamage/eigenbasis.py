@@ -29,7 +29,19 @@ def eigh_factor(
     f = factor.to(torch.float64)
     f = 0.5 * (f + f.T)
     work = torch.float64 if f.shape[0] <= float64_max else torch.float32
-    evals, evecs = torch.linalg.eigh(f.to(work))
+    try:
+        evals, evecs = torch.linalg.eigh(f.to(work))
+    except torch.linalg.LinAlgError:
+        # float32 (rarely float64) eigh may not converge on strongly rank-deficient factors
+        # (few examples, many exact zero eigenvalues): fall back to float64, then to a jitter of
+        # 1e-12·mean eigenvalue, which moves no eigenvector and no score measurably.
+        work = torch.float64
+        try:
+            evals, evecs = torch.linalg.eigh(f)
+        except torch.linalg.LinAlgError:
+            n = f.shape[0]
+            jitter = 1e-12 * max(float(torch.diagonal(f).mean()), 1e-300)
+            evals, evecs = torch.linalg.eigh(f + jitter * torch.eye(n, dtype=f.dtype, device=f.device))
     evals, evecs = evals.to(torch.float64), evecs.to(torch.float64)
     top = float(evals[-1]) if evals.numel() else 0.0
     rel = max(floor, 10 * torch.finfo(work).eps)

@@ -165,3 +165,23 @@ def test_eigh_factor_float32_path_for_wide_factors_is_accurate():
     torch.testing.assert_close(e32[-10:], e64[-10:], rtol=1e-4, atol=0)
     assert (e32[: n // 3] == 0).all()  # below float32 resolution: no curvature claimed
     assert (e64[: n // 3] > 0).sum() > 0  # float64 still resolves some of them
+
+
+def test_eigh_factor_falls_back_to_float64_when_float32_does_not_converge(monkeypatch):
+    from lightning_eigendamage import eigenbasis
+
+    real = torch.linalg.eigh
+    calls = []
+
+    def flaky(m):
+        calls.append(m.dtype)
+        if m.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("did not converge")
+        return real(m)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    a = torch.randn(20, 6, dtype=torch.float64)
+    f = a @ a.T  # rank 6 of 20
+    evals, evecs = eigenbasis.eigh_factor(f, float64_max=4)
+    assert calls == [torch.float32, torch.float64]
+    torch.testing.assert_close(evecs @ torch.diag(evals) @ evecs.T, f, rtol=1e-8, atol=1e-8)
