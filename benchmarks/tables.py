@@ -185,51 +185,61 @@ def summary(aggregated: dict) -> str:
 
 
 def plot(key: tuple[str, str], by_target: dict, path: Path) -> None:
+    """Final accuracy against FLOPs reduction, one line per method (mean over seeds, error bars =
+    standard deviation): the full range on the left, the top 8 points below dense on the right."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.2))
-    markers = "os^vD<>pPX*h"
-    for i, m in enumerate([m for m in ORDER if any(m in v for v in by_target.values())]):
-        xs, ys, es = [], [], []
-        for k in sorted(by_target):
-            runs = by_target[k].get(m)
-            if not runs:
-                continue
-            xs.append(statistics.fmean(r["flops_reduction"] for r in runs))
-            mean, sd = _mean_sd([r["accuracy_final"] for r in runs])
-            ys.append(mean)
-            es.append(sd or 0.0)
-        ours = m in OURS
-        ax.errorbar(
-            xs,
-            ys,
-            yerr=es,
-            marker=markers[i % len(markers)],
-            lw=2.4 if ours else 1.2,
-            ls="-" if ours else "--",
-            capsize=3,
-            label=NAMES.get(m, m),
-            zorder=3 if ours else 2,
-        )
     any_rec = next(iter(next(iter(by_target.values())).values()))[0]
-    ax.axhline(any_rec["dense"]["accuracy"], color="k", lw=1, ls=":", label="dense")
-    ax.set_xscale("log", base=2)
-    ticks = sorted(by_target)
-    ax.set_xticks(ticks, [f"÷{k:g}" for k in ticks])
-    ax.set_xlabel("FLOPs reduction (dense FLOPs / pruned FLOPs, log scale)")
-    ax.set_ylabel("final test accuracy (%)")
+    dense = any_rec["dense"]["accuracy"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.6))
+    markers = "os^vD<>pPX*h"
+    methods = [m for m in ORDER if any(m in v for v in by_target.values())]
+    for ax in axes:
+        for i, m in enumerate(methods):
+            xs, ys, es = [], [], []
+            for k in sorted(by_target):
+                runs = by_target[k].get(m)
+                if not runs:
+                    continue
+                xs.append(statistics.fmean(r["flops_reduction"] for r in runs))
+                mean, sd = _mean_sd([r["accuracy_final"] for r in runs])
+                ys.append(mean)
+                es.append(sd or 0.0)
+            ours = m in OURS
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=es,
+                marker=markers[i % len(markers)],
+                lw=2.4 if ours else 1.2,
+                ls="-" if ours else "--",
+                capsize=3,
+                label=NAMES.get(m, m),
+                zorder=3 if ours else 2,
+            )
+        ax.axhline(dense, color="k", lw=1, ls=":", label="dense")
+        ax.set_xscale("log", base=2)
+        ticks = sorted(by_target)
+        ax.set_xticks(ticks, [f"÷{k:g}" for k in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("FLOPs reduction (dense / pruned, log scale)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("final test accuracy (%)")
+    axes[0].set_title("all methods", fontsize=10)
+    axes[1].set_ylim(dense - 8, dense + 1)
+    axes[1].set_title("zoom: within 8 points of dense", fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     p = any_rec["protocol"]
-    ax.set_title(
-        f"{key[0]}, {key[1]}: {p['train_images']} train images, {p['finetune_epochs']} fine-tuning "
-        "epoch(s) per method",
-        fontsize=10,
+    fig.suptitle(
+        f"{key[0]}, {key[1]}: {p['train_images']} training images, {p['finetune_epochs']} fine-tuning "
+        f"epoch(s) per method, FLOPs matched within 3 % (mean ± sd over seeds)",
+        fontsize=11,
     )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
