@@ -34,13 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .curvature import (
-    FISHER_TYPES,
-    LIKELIHOODS,
-    _limit,
-    capture_batch,
     conv_padding,
-    split_batch,
-    to_device,
+    drive_capture,
 )
 
 CRITERIA = ("c-obd", "c-obs", "kron-obd", "kron-obs")
@@ -616,39 +611,20 @@ def capture_diag_fisher(
     seeded with 0 on the model's device), giving ``F_q = (1/N) Σ_n (∂ℓ_n/∂w_q)²`` for every weight
     of each module in ``factors_for``, shaped like ``weight.reshape(C_out, -1)``.
     """
-    if fisher not in FISHER_TYPES:
-        raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
-    if likelihood not in LIKELIHOODS:
-        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
-    params = list(model.parameters())
-    device = params[0].device if params else torch.device("cpu")
-    if fisher == "true" and generator is None:
-        generator = torch.Generator(device=device).manual_seed(0)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     cap = DiagFisherCapture(modules, factors_for=factors_for)
-    seen = 0
-    try:
-        with cap:
-            for batch in _limit(batches, max_batches):
-                seen += 1
-                inp, target = split_batch(batch, input_fn)
-                capture_batch(
-                    model,
-                    cap,
-                    to_device(inp, device),
-                    to_device(target, device),
-                    fisher=fisher,
-                    loss_fn=loss_fn,
-                    likelihood=likelihood,
-                    class_dim=class_dim,
-                    generator=generator,
-                )
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-    if seen == 0:
-        raise ValueError("batches is empty: the diagonal Fisher needs at least one batch")
+    drive_capture(
+        model,
+        cap,
+        batches,
+        fisher=fisher,
+        loss_fn=loss_fn,
+        input_fn=input_fn,
+        likelihood=likelihood,
+        class_dim=class_dim,
+        generator=generator,
+        max_batches=max_batches,
+        what="the diagonal Fisher",
+    )
     return DiagFisherResult(
         fisher=cap.fisher(),
         batches=cap.batches,

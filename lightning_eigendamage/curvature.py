@@ -631,6 +631,43 @@ def capture_factors(
     statistics, dropout is off) and its modes are restored afterwards; hooks are removed also on
     errors. See :func:`capture_batch` for the two Fisher types.
     """
+    cap = KFACapture(modules, factors_for=factors_for, a_form=a_form)
+    drive_capture(
+        model,
+        cap,
+        batches,
+        fisher=fisher,
+        loss_fn=loss_fn,
+        input_fn=input_fn,
+        likelihood=likelihood,
+        class_dim=class_dim,
+        generator=generator,
+        max_batches=max_batches,
+        what="curvature",
+    )
+    return cap.result()
+
+
+def drive_capture(
+    model: nn.Module,
+    cap: Any,
+    batches: Iterable[Any],
+    *,
+    fisher: str = "true",
+    loss_fn: Callable | None = None,
+    input_fn: Callable | None = None,
+    likelihood: str = "categorical",
+    class_dim: int = -1,
+    generator: torch.Generator | None = None,
+    max_batches: int | None = None,
+    what: str = "curvature",
+) -> int:
+    """Feed ``cap`` (a :class:`KFACapture` or any capture with its interface) over ``batches``.
+
+    The model runs in eval mode (modes restored afterwards); the hooks are on only inside this
+    call and removed also on errors. The true Fisher's default generator is seeded with 0 on the
+    model's device. Returns the number of batches seen; raises if there were none.
+    """
     if fisher not in FISHER_TYPES:
         raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
     if likelihood not in LIKELIHOODS:
@@ -641,7 +678,6 @@ def capture_factors(
         generator = torch.Generator(device=device).manual_seed(0)
     modes = {m: m.training for m in model.modules()}
     model.eval()
-    cap = KFACapture(modules, factors_for=factors_for, a_form=a_form)
     seen = 0
     try:
         with cap:
@@ -663,8 +699,8 @@ def capture_factors(
         for m, mode in modes.items():
             m.training = mode
     if seen == 0:
-        raise ValueError("batches is empty: curvature needs at least one batch")
-    return cap.result()
+        raise ValueError(f"batches is empty: {what} needs at least one batch")
+    return seen
 
 
 def _limit(batches: Iterable[Any], n: int | None) -> Iterator[Any]:
