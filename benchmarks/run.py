@@ -16,8 +16,8 @@ Protocol, identical for every method (method.md §5-6):
    ``torch.utils.flop_counter`` in eval mode). Curvature / gradients from the same
    ``--fisher-batches`` training batches (true Fisher, targets sampled with the run's seed).
    EigenDamage one-shot: ``prune(target="flops", ratio=1-1/k)``; iterative: the
-   ``EigenDamagePruning`` callback with three FLOPs-target rounds (at the start, after 1/3 and 2/3
-   of the fine-tuning steps) that compound to ``1/k``; the baselines and peers:
+   ``EigenDamagePruning`` callback with three FLOPs-target rounds (at the start, after 1/6 and 1/3
+   of the fine-tuning steps, before the first LR drop) that compound to ``1/k``; the baselines and peers:
    ``benchmarks.baselines_tp.prune_baseline(target="flops")``.
 3. BatchNorm statistics recomputed on ``--bn-batches`` training batches (after the one-shot prune,
    after each iterative round, and after fine-tuning).
@@ -382,12 +382,14 @@ def run_one(args: argparse.Namespace, data: Data, method: str, flops_x: float, s
     detail: dict[str, Any] = {}
     acc_pruned = None
     if method == "eigendamage-iter":
-        # Three rounds whose FLOPs fractions compound to 1/k: at the start and after 1/3 and 2/3
-        # of the fine-tuning steps, each with factors from the last `fisher_batches` batches.
+        # Three rounds whose FLOPs fractions compound to 1/k: at the start and after 1/6 and 1/3
+        # of the fine-tuning steps, each with factors from the last `fisher_batches` batches. All
+        # rounds land before the first LR drop (at 1/2), so the final network still gets half of
+        # the budget at the full fine-tuning LR.
         f = 1.0 - (1.0 / flops_x) ** (1.0 / 3.0)
         sched = PruningSchedule(
             at_start=f,
-            steps={max(1, total // 3): f, max(2, 2 * total // 3): f},
+            steps={max(1, total // 6): f, max(2, total // 3): f},
             fisher_batches=args.fisher_batches,
             target="flops",
         )

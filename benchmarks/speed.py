@@ -451,19 +451,13 @@ def main() -> None:
 
 
 def _callback_default_fisher_batches() -> int:
-    try:
-        import inspect
+    """``PruningSchedule``'s default capture cap (what the callback uses unless told otherwise)."""
+    import dataclasses
 
-        from lightning_eigendamage import callback
+    from lightning_eigendamage import PruningSchedule
 
-        for obj in vars(callback).values():
-            if inspect.isclass(obj):
-                p = inspect.signature(obj).parameters.get("fisher_batches")
-                if p is not None and isinstance(p.default, int):
-                    return p.default
-    except Exception:
-        pass
-    return 16
+    default = {f.name: f.default for f in dataclasses.fields(PruningSchedule)}["fisher_batches"]
+    return 391 if default is None else int(default)
 
 
 if __name__ == "__main__":

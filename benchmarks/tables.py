@@ -104,8 +104,9 @@ def protocol_text(r: dict) -> str:
         f"{p['bn_batches'] or 'all'} batches after pruning and after fine-tuning, fine-tuning "
         f"{p['finetune_epochs']} epoch(s) for every method (SGD lr {p['finetune_lr']:g}, ×0.1 at 50 % and "
         f"×0.01 at 75 % of the steps, wd {p['finetune_wd']:g}). Iterative EigenDamage prunes at the "
-        f"start and after 1/3 and 2/3 of the same fine-tuning steps. FLOPs per example, 2 per "
-        f"multiply-add (torch.utils.flop_counter, eval mode). CPU speed-up: eval latency at batch 64, "
+        f"start and after 1/6 and 1/3 of the same fine-tuning steps (before the first LR drop). "
+        f"FLOPs per example, 2 per multiply-add (torch.utils.flop_counter, eval mode). "
+        f"CPU speed-up: eval latency at batch 64, "
         f"dense over pruned, medians of {p['latency_repeats']} interleaved repeats, 1 thread, on a "
         f"shared 2-core machine ({r['machine']})."
     )

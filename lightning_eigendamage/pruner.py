@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .costs import Cost, Geometry, count_flops, count_params, form_cost, time_modules
@@ -23,7 +24,7 @@ from .curvature import (
     split_batch,
     to_device,
 )
-from .distributed import all_reduce_capture, broadcast_object, split_eigh
+from .distributed import all_reduce_capture, broadcast_object, is_distributed, split_eigh
 from .eigenbasis import eigh_factor, to_kfe
 from .layers import FORMS, KFELayer
 from .surgery import LayerState, build_layer, read_state, swap_modules
@@ -358,15 +359,18 @@ def _quantile_for_target(
     return hi
 
 
-def _by_latency(works, decisions, batch: int, train_rotations: bool, device) -> list:
+def _by_latency(
+    works, decisions, batch: int, train_rotations: bool, device, cache: dict | None = None
+) -> list:
     """Replace each changed layer's form by the fastest eligible one, measured on ``batch`` inputs.
 
     Eligible: every form that costs no more FLOPs or parameters than the layer does now, and the
     layer as it is now (then it is left unchanged). Measured once, here; the choice is recorded in
-    the module structure, so restoring a checkpoint never re-measures.
+    the module structure, so restoring a checkpoint never re-measures. ``cache`` (any dict) keeps
+    the winner per ``(layer, kept_in, kept_out)``: only the widths matter for the timing.
     """
     out = []
-    for w, dec in zip(works, decisions):
+    for idx, (w, dec) in enumerate(zip(works, decisions)):
         ki, ko, f, cost, changed = dec
         if not changed or w.input_shape is None:
             out.append(dec)
@@ -379,18 +383,69 @@ def _by_latency(works, decisions, batch: int, train_rotations: bool, device) -> 
             c_cost = form_cost(w.geo, cand, len(c_ki), len(c_ko), bias=w.bias)
             if c_cost.fits_in(w.current) and (len(c_ki), len(c_ko)) != (len(all_in), len(all_out)):
                 options[cand] = (c_ki, c_ko, cand, c_cost, True)
-        mods = {"unchanged": w.cand.unit}
-        for k, (c_ki, c_ko, cand, _, _) in options.items():
-            if k != "unchanged":
-                mods[k] = build_layer(
-                    w.state, w.q_a, w.q_g, c_ki, c_ko, cand, train_rotations=train_rotations
-                )
-        dt = w.state.template.weight.dtype
-        example = torch.randn((batch,) + w.input_shape, device=device, dtype=dt)
-        times = time_modules(mods, example)
-        best = min(times, key=times.get)
+        key = (idx, len(ki), len(ko))
+        best = None if cache is None else cache.get(key)
+        if best is None:
+            mods = {"unchanged": w.cand.unit}
+            for k, (c_ki, c_ko, cand, _, _) in options.items():
+                if k != "unchanged":
+                    mods[k] = build_layer(
+                        w.state, w.q_a, w.q_g, c_ki, c_ko, cand, train_rotations=train_rotations
+                    )
+            dt = w.state.template.weight.dtype
+            example = torch.randn((batch,) + w.input_shape, device=device, dtype=dt)
+            times = time_modules(mods, example)
+            best = min(times, key=times.get)
+            if cache is not None:
+                cache[key] = best
         out.append(options[best])
     return out
+
+
+def _latency_plan(
+    works, pooled, ratio, target, layer_cap, min_rank, totals, round_to, batch, train_rotations, device
+) -> tuple[list, float]:
+    """Decisions with latency-chosen forms, and their quantile.
+
+    For a ``"params"``/``"flops"`` target the realised cut is measured *after* the forms are
+    chosen: a layer left whole (or folded) because that runs faster gives back part of the cut,
+    so the quantile is raised (bisection, timings cached per layer width) until the cut with the
+    chosen forms reaches ``ratio`` again, or no more can be removed.
+    """
+    cache: dict = {}
+
+    def plan(q: float) -> list:
+        dec = _decide(works, global_marks(pooled, q), layer_cap, min_rank, "auto", round_to)
+        return _by_latency(works, dec, batch, train_rotations, device, cache)
+
+    if target == "directions":
+        return plan(ratio), ratio
+    before = totals[target]
+    fixed = sum(getattr(w.current, target) for w in works)
+
+    def removed(dec: list) -> float:
+        return 1.0 - (before - fixed + sum(getattr(d[3], target) for d in dec)) / before
+
+    lo = _quantile_for_target(works, pooled, ratio, target, layer_cap, min_rank, "auto", totals, round_to)
+    best = (plan(lo), lo)
+    if removed(best[0]) >= ratio:
+        return best
+    hi = 1.0 - 1e-9
+    top = plan(hi)
+    if removed(top) < ratio:
+        return top, hi  # the target cannot be reached with latency-chosen forms
+    best = (top, hi)
+    for _ in range(8):
+        mid = 0.5 * (lo + hi)
+        dec = plan(mid)
+        got = removed(dec)
+        if got >= ratio:
+            hi, best = mid, (dec, mid)
+            if got <= ratio + 0.01:
+                break
+        else:
+            lo = mid
+    return best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,8 +538,9 @@ def prune(
         form_by: ``"cost"`` picks each layer's form by FLOPs (then parameters); ``"latency"``
             times the eligible forms (and the layer as it is) on the model's device with
             ``latency_batch`` random inputs and picks the fastest, so a layer whose cheaper forms
-            run slower is left whole. The ``params``/``flops`` target is met on cost before this
-            step, so the realised cut can be smaller: see the report.
+            run slower is left whole. A ``params``/``flops`` target is then met with the chosen
+            forms: the threshold is raised until the cut reaches ``ratio`` again (or nothing more
+            can be removed). Timed once, on rank 0 when ``distributed``.
         round_to: round the kept directions of each pruned side up to a multiple of this (e.g. 8
             for vector-unit and tensor-core friendly widths; the widths' full size is the cap).
         distributed: call on every process of an initialised ``torch.distributed`` group (e.g.
@@ -579,18 +635,34 @@ def prune(
 
     pooled = [s for w in works for s in (w.s_out, w.s_in)]
     quantile = float(ratio)
-    if target != "directions":
-        totals = {"params": params_before, "flops": flops_before}
+    totals = {"params": params_before, "flops": flops_before}
+    by_latency = form_by == "latency" and form == "auto"
+    if target != "directions" and not by_latency:
         quantile = _quantile_for_target(
             works, pooled, ratio, target, layer_cap, min_rank, form, totals, round_to
         )
-    thr = global_threshold(pooled, quantile)
-    decisions = _decide(works, global_marks(pooled, quantile), layer_cap, min_rank, form, round_to)
-    if form_by == "latency" and form == "auto":
-        decisions = _by_latency(works, decisions, latency_batch, train_rotations, device)
+    decisions = None
+    if by_latency:
+        if not (distributed and is_distributed(process_group)) or dist.get_rank(process_group) == 0:
+            decisions, quantile = _latency_plan(
+                works,
+                pooled,
+                ratio,
+                target,
+                layer_cap,
+                min_rank,
+                totals,
+                round_to,
+                latency_batch,
+                train_rotations,
+                device,
+            )
+    else:
+        decisions = _decide(works, global_marks(pooled, quantile), layer_cap, min_rank, form, round_to)
     if distributed:
         # One decision for all processes (timings, at least, differ between them).
         decisions, quantile = broadcast_object((decisions, quantile), process_group)
+    thr = global_threshold(pooled, quantile)
 
     replacements = {}
     for w, (ki, ko, f, _, changed) in zip(works, decisions):

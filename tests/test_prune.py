@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_eigendamage import KFELayer, prune, restore_pruned
+from lightning_eigendamage.costs import count_flops
 
 
 def _conv():
@@ -432,6 +433,52 @@ def test_form_by_latency_picks_the_fastest_eligible_form(monkeypatch):
             assert mods[r.name].form == r.form
     assert any(r.form == "fold_out" for r in report.layers)
     assert report.flops_after < report.flops_before
+
+
+def test_form_by_latency_meets_a_flops_target_with_the_chosen_forms(monkeypatch):
+    """A layer kept whole because it runs faster gives back its FLOPs cut: the threshold must rise
+    until the realised cut, counted on the built model, reaches the target again."""
+    import lightning_eigendamage.pruner as pruner_mod
+
+    ratio = 0.5
+    model0, batches = _conv()
+    by_cost = prune(copy.deepcopy(model0), batches, ratio=ratio, target="flops")
+    # features.2 (cut on cost) is timed as fastest when left whole; every other layer as fastest
+    # in a reduced form. The target stays reachable: features.5 holds most of the FLOPs.
+    big = next(r for r in by_cost.layers if r.name == "features.2")
+    assert big.flops_after < big.flops_before
+    shapes: dict[tuple, str] = {}
+
+    def record(name):
+        def hook(module, inputs):
+            shapes.setdefault(tuple(inputs[0].shape[1:]), name)
+
+        return hook
+
+    hooks = [
+        m.register_forward_pre_hook(record(n))
+        for n, m in model0.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    with torch.no_grad():
+        model0.eval()(batches[0][0])
+    for h in hooks:
+        h.remove()
+
+    def timing(mods, example, repeats=7):
+        name = shapes[tuple(example.shape[1:])]
+        order = ["unchanged"] if name == big.name else ["bottleneck", "fold_in", "fold_out", "unchanged"]
+        best = next(k for k in order if k in mods)
+        return {k: (0.0 if k == best else 1.0) for k in mods}
+
+    monkeypatch.setattr(pruner_mod, "time_modules", timing)
+    model = copy.deepcopy(model0)
+    report = prune(model, batches, ratio=ratio, target="flops", form_by="latency")
+    assert not isinstance(dict(model.named_modules())[big.name], KFELayer)  # the timing was obeyed
+    flops = count_flops(model, batches[0][0])
+    assert flops == report.flops_after
+    assert flops <= (1 - ratio) * report.flops_before * 1.001  # the target holds on the real model
+    assert report.quantile > by_cost.quantile  # by pruning more elsewhere
 
 
 def test_form_by_latency_real_timing_runs():

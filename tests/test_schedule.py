@@ -14,7 +14,7 @@ def test_dict_of_epochs_becomes_sorted_epoch_points() -> None:
     s = PruningSchedule.from_any({3: 0.5, 1: 0.25})
     assert s.points() == [PrunePoint("epoch", 1, 0.25), PrunePoint("epoch", 3, 0.5)]
     assert [p.key for p in s.points()] == ["epoch:1", "epoch:3"]
-    assert s.target == "directions" and s.fisher_batches is None
+    assert s.target == "directions" and s.fisher_batches == 16  # the default cap
 
 
 def test_object_form_and_dict_of_fields_agree() -> None:
