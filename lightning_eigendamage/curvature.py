@@ -452,6 +452,10 @@ class KFACapture:
     def _grad_hook(self, name: str, is_conv: bool) -> Callable:
         def hook(grad: torch.Tensor) -> None:
             lf = self.layers[name]
+            # The layer's input is no longer needed as a backward target: let it be freed as soon
+            # as autograd is done with it, as it would be without capture (holding every layer's
+            # input to the end of the backward grows the heap on every step: page faults).
+            lf._pending.pop("grad_target", None)
             if not self._active or "a" not in lf._pending:
                 return
             with _autocast_off(grad.device):

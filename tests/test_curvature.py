@@ -58,11 +58,12 @@ def _brute_conv_a(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch
     return a_chan, p.T @ p / (n * locs)
 
 
+@pytest.mark.parametrize("size", [(9, 10), (20, 21)])
 @pytest.mark.parametrize("case", sorted(CONV_CASES))
-def test_channel_and_patch_a_match_unfold_definition(case):
+def test_channel_and_patch_a_match_unfold_definition(case, size):
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, **CONV_CASES[case])
-    x = torch.randn(3, 4, 9, 10)
+    x = torch.randn(3, 4, *size)
     out = conv(x)
     a_sum, reads = conv_channel_a(x, conv, out.shape[2], out.shape[3])
     p_sum, rows = conv_patch_a(x, conv)
@@ -285,3 +286,20 @@ def test_module_called_twice_is_flagged():
         model(torch.randn(2, 3))
         cap.end_batch(2)
     assert cap.layers["lin"].max_calls == 2
+
+
+def test_capture_does_not_keep_activations_alive_after_their_backward():
+    """A layer's input is held for the backward only as long as autograd holds it: keeping every
+    input to the end of the batch grows the heap on each captured step (measured: +10 % step time)."""
+    import weakref
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    seen = []
+    model[2].register_forward_pre_hook(lambda m, inputs: seen.append(weakref.ref(inputs[0])) and None)
+    with KFACapture({"0": model[0], "2": model[2]}) as cap:
+        cap.begin_batch()
+        model(torch.randn(4, 3, 8, 8)).square().sum().backward()
+        assert seen and seen[0]() is None  # freed with the graph, before end_batch
+        assert cap.end_batch(4)
+    assert cap.layers["2"].a_sum is not None and cap.layers["2"].g_sum is not None
