@@ -268,18 +268,55 @@ class KFACapture:
             lf._pending = {}
         self._active = True
 
-    def grad_targets(self) -> list[torch.Tensor]:
+    def grad_targets(self, root: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Tensors a backward must reach for every recorded layer's output hook to fire.
 
-        A layer's input where it carries a gradient (no weight gradient is then computed),
-        otherwise its weight; duplicates removed.
+        ``root`` (the model input, made to carry a gradient) first; then, in the order the layers
+        ran, a layer's input only if no earlier target is upstream of it in the autograd graph
+        (e.g. for a plain CNN only ``root``), or its weight if the input carries no gradient. No
+        weight gradient is computed for layers reached through their inputs, and the gradients
+        ``torch.autograd.grad`` returns (one per target, each the size of its tensor) stay few.
         """
-        targets: dict[int, torch.Tensor] = {}
-        for name in self.factors_for:
+        chosen: list[torch.Tensor] = []
+        nodes: set = set()  # autograd nodes of the non-leaf targets
+        leaves: set[int] = set()  # ids of the leaf targets
+        not_reaching: set = set()  # nodes known not to lead to any target (reset on each new one)
+
+        def covered(t: torch.Tensor) -> bool:
+            if t.grad_fn is None:
+                return id(t) in leaves
+            stack, seen = [t.grad_fn], set()
+            while stack:
+                node = stack.pop()
+                if node in nodes:
+                    return True
+                var = getattr(node, "variable", None)  # AccumulateGrad: a leaf tensor
+                if var is not None and id(var) in leaves:
+                    return True
+                if node in seen or node in not_reaching:
+                    continue
+                seen.add(node)
+                stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+            not_reaching.update(seen)
+            return False
+
+        def add(t: torch.Tensor) -> None:
+            chosen.append(t)
+            if t.grad_fn is None:
+                leaves.add(id(t))
+            else:
+                nodes.add(t.grad_fn)
+            not_reaching.clear()
+
+        if root is not None and root.requires_grad:
+            add(root)
+        order = [n for n in self.fire_order if n in self.factors_for]
+        order += [n for n in self.factors_for if n not in order]
+        for name in order:
             t = self.layers[name]._pending.get("grad_target")
-            if t is not None and t.requires_grad:
-                targets[id(t)] = t
-        return list(targets.values())
+            if t is not None and t.requires_grad and not covered(t):
+                add(t)
+        return chosen
 
     def abort_batch(self) -> None:
         """Drop the current batch's contributions (e.g. after an exception)."""
@@ -599,7 +636,8 @@ def capture_batch(
                 loss = fn(output, target)
                 cap.grad_scale = float(n)
             if hasattr(cap, "grad_targets"):
-                targets = cap.grad_targets()
+                root = inp if isinstance(inp, torch.Tensor) and inp.requires_grad else None
+                targets = cap.grad_targets(root)
             else:  # other captures with the same interface: reach every layer through its weight
                 targets = [
                     m.weight

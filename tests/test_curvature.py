@@ -303,3 +303,52 @@ def test_capture_does_not_keep_activations_alive_after_their_backward():
         assert seen and seen[0]() is None  # freed with the graph, before end_batch
         assert cap.end_batch(4)
     assert cap.layers["2"].a_sum is not None and cap.layers["2"].g_sum is not None
+
+
+class TwoBranch(nn.Module):
+    """A conv branch on the input and a Linear branch on a learned query (not downstream of it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+        self.fc = nn.Linear(5, 4)
+        self.query = nn.Parameter(torch.randn(2, 6))
+        self.q1 = nn.Linear(6, 6)
+        self.q2 = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).mean((2, 3))
+        q = self.q2(torch.tanh(self.q1(self.query))).mean(0)
+        return self.fc(h) + q
+
+
+def test_backward_targets_are_few_and_every_layer_is_still_reached():
+    """Targets: the input alias, then only layers no earlier target reaches (q1's input is a leaf
+    parameter); the factors of every layer still match the brute-force definition."""
+    torch.manual_seed(3)
+    model = TwoBranch()
+    g = torch.Generator().manual_seed(4)
+    batches = [
+        (torch.randn(5, 3, 6, 6, generator=g), torch.randint(0, 4, (5,), generator=g)) for _ in range(2)
+    ]
+    layers = {"conv": model.conv, "fc": model.fc, "q1": model.q1, "q2": model.q2}
+    model.eval()
+    with KFACapture(layers) as cap:
+        x = batches[0][0].detach() + torch.zeros((), requires_grad=True)
+        cap.begin_batch()
+        model(x)
+        targets = cap.grad_targets(x)
+        cap.abort_batch()
+    assert len(targets) == 2 and targets[0] is x and targets[1] is model.query
+    res = capture_factors(
+        model,
+        layers,
+        batches,
+        factors_for=list(layers),
+        fisher="true",
+        generator=torch.Generator().manual_seed(7),
+    )
+    for name, layer in layers.items():
+        a_ref, g_ref = _brute_factors(model, layer, batches, "true", seed=7)
+        torch.testing.assert_close(res.layers[name].a().double(), a_ref, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(res.layers[name].g().double(), g_ref, rtol=1e-5, atol=1e-9)
