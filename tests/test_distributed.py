@@ -77,3 +77,45 @@ def test_two_ranks_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
     # ...and the same plan a single process makes from the whole batch.
     report = prune(model, [(x, y)], ratio=0.5, fisher="empirical")
     assert r0["plan"] == [(r.name, r.kept_in, r.kept_out, r.form) for r in report.layers]
+
+
+def _latency_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import lightning_eigendamage.pruner as pruner_mod
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    calls = []
+
+    def timing(mods, example, repeats=7):  # ranks disagree: rank 1 would keep every layer whole
+        calls.append(sorted(mods))
+        best = "unchanged" if rank == 1 else ("bottleneck" if "bottleneck" in mods else "unchanged")
+        return {k: (0.0 if k == best else 1.0) for k in mods}
+
+    pruner_mod.time_modules = timing
+    try:
+        model, x, y = _setup()
+        half = slice(rank * 8, (rank + 1) * 8)
+        report = prune(
+            model, [(x[half], y[half])], ratio=0.5, target="flops", form_by="latency", distributed=True
+        )
+        torch.save(
+            {
+                "calls": len(calls),
+                "state": model.state_dict(),
+                "plan": [(r.name, r.kept_in, r.kept_out, r.form) for r in report.layers],
+            },
+            os.path.join(out_dir, f"lat{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_latency_forms_are_timed_on_rank_0_only_and_shared(tmp_path):
+    mp.spawn(_latency_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "lat0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "lat1.pt", weights_only=True)
+    assert r0["calls"] > 0 and r1["calls"] == 0
+    assert r0["plan"] == r1["plan"] and any(form == "bottleneck" for *_, form in r0["plan"])
+    for k, v in r0["state"].items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, r1["state"][k]), k
