@@ -12,6 +12,7 @@ before the phase (CPU), or ``torch.cuda.max_memory_allocated`` (CUDA).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -168,41 +170,59 @@ def prune_step(name: str, device: torch.device, size: int, n_batches: int = 2) -
 # ---------------------------------------------------------------------------------------------
 
 
+FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
 def latency(
     name: str, device: torch.device, flops_cuts: list[float], batches_eval: list[int], repeats: int
 ) -> list[dict]:
+    """Eval speed-ups over the dense model, in both memory formats (each model converted, the
+    latency-chosen forms timed in that format), against Torch-Pruning at the same FLOPs."""
     rows = []
     torch.manual_seed(0)
-    dense = make_model(name, device).eval()
+    dense0 = make_model(name, device).eval()
     data = [
         (torch.randn(32, 3, 32, 32, device=device), torch.randint(0, 10, (32,), device=device))
         for _ in range(2)
     ]
-    variants: dict[str, nn.Module] = {}
-    flops: dict[str, float] = {}
-    for cut in flops_cuts:
-        for tag, kw in (("", {}), ("+lat8", {"form_by": "latency", "latency_batch": 64, "round_to": 8})):
-            m = make_model(name, device)
-            m.load_state_dict(dense.state_dict())
-            rep = prune(m, data, ratio=cut, target="flops", **kw)
-            key = f"eigendamage{tag}@{cut:g}"
-            variants[key] = m.eval()
-            flops[key] = rep.flops_compression
-            tp = torch_pruning_variant(name, dense, rep.flops_compression, device)
-            if tp is not None:
-                variants[f"torch-pruning{tag}@{cut:g}"] = tp[0].eval()
-                flops[f"torch-pruning{tag}@{cut:g}"] = tp[1]
-    for bs in batches_eval:
-        x = torch.randn(bs, 3, 32, 32, device=device)
-        fns = {"dense": lambda x=x: dense(x)}
-        for k, m in variants.items():
-            fns[k] = lambda m=m, x=x: m(x)
-        with torch.no_grad():
-            t = interleaved(fns, repeats, device)
-        for k in variants:
-            rows.append(
-                {"model": name, "batch": bs, "variant": k, "flops_x": flops[k], "speedup": t["dense"] / t[k]}
-            )
+    tp_cache: dict[float, Any] = {}
+    for fmt, mf in FORMATS.items():
+        dense = copy.deepcopy(dense0).to(memory_format=mf)
+        variants: dict[str, nn.Module] = {}
+        flops: dict[str, float] = {}
+        for cut in flops_cuts:
+            for tag, kw in (("", {}), ("+lat8", {"form_by": "latency", "latency_batch": 64, "round_to": 8})):
+                m = copy.deepcopy(dense)
+                rep = prune(m, data, ratio=cut, target="flops", **kw)
+                key = f"eigendamage{tag}@{cut:g}"
+                variants[key] = m.eval()
+                flops[key] = rep.flops_compression
+                fx = round(rep.flops_compression, 3)
+                if fx not in tp_cache:
+                    tp_cache[fx] = torch_pruning_variant(name, dense0, rep.flops_compression, device)
+                tp = tp_cache[fx]
+                if tp is not None:
+                    variants[f"torch-pruning{tag}@{cut:g}"] = copy.deepcopy(tp[0]).to(memory_format=mf).eval()
+                    flops[f"torch-pruning{tag}@{cut:g}"] = tp[1]
+        for bs in batches_eval:
+            x = torch.randn(bs, 3, 32, 32, device=device).contiguous(memory_format=mf)
+            fns = {"dense": lambda x=x, d=dense: d(x)}
+            for k, m in variants.items():
+                fns[k] = lambda m=m, x=x: m(x)
+            with torch.no_grad():
+                t = interleaved(fns, repeats, device)
+            for k in variants:
+                rows.append(
+                    {
+                        "model": name,
+                        "format": fmt,
+                        "batch": bs,
+                        "variant": k,
+                        "flops_x": flops[k],
+                        "speedup": t["dense"] / t[k],
+                        "dense_ms": 1e3 * t["dense"],
+                    }
+                )
     return rows
 
 
@@ -409,8 +429,8 @@ def main() -> None:
         results["latency"] += rows
         for r in rows:
             print(
-                f"{r['model']:<10} batch {r['batch']:>3}  {r['variant']:<20} FLOPs ÷{r['flops_x']:5.2f}  "
-                f"speed-up {r['speedup']:.2f}×"
+                f"{r['model']:<9} {r['format']:<13} batch {r['batch']:>3}  {r['variant']:<24} "
+                f"FLOPs ÷{r['flops_x']:5.2f}  speed-up {r['speedup']:.2f}×  (dense {r['dense_ms']:.1f} ms)"
             )
 
     cap = results["capture"]
@@ -434,14 +454,15 @@ def main() -> None:
                     t
                     for t in b64
                     if t["model"] == r["model"]
+                    and t["format"] == r["format"]
                     and t["variant"] == r["variant"].replace("eigendamage", "torch-pruning")
                 ),
                 None,
             )
             rel = f", {r['speedup'] / tp['speedup']:.2f}× TP's" if tp else ""
             parts.append(
-                f"{r['model']} {r['variant']} speed-up {r['speedup']:.2f}× at FLOPs ÷{r['flops_x']:.2f} "
-                f"({r['speedup'] / r['flops_x']:.2f} of FLOPs cut{rel})"
+                f"{r['model']} {r['format']} {r['variant']} speed-up {r['speedup']:.2f}× at FLOPs "
+                f"÷{r['flops_x']:.2f} ({r['speedup'] / r['flops_x']:.2f} of FLOPs cut{rel})"
             )
     results["summary"] = summary
     print("\nSUMMARY: " + "; ".join(parts))

@@ -27,7 +27,7 @@ from .curvature import (
 from .distributed import all_reduce_capture, broadcast_object, is_distributed, split_eigh
 from .eigenbasis import eigh_factor, to_kfe
 from .layers import FORMS, KFELayer
-from .surgery import LayerState, build_layer, read_state, swap_modules
+from .surgery import LayerState, build_layer, is_channels_last, read_state, swap_modules
 
 METHODS = ("eigendamage",)
 TARGETS = ("directions", "params", "flops")
@@ -394,6 +394,8 @@ def _by_latency(
                     )
             dt = w.state.template.weight.dtype
             example = torch.randn((batch,) + w.input_shape, device=device, dtype=dt)
+            if is_channels_last(w.state.template.weight) and example.dim() == 4:
+                example = example.contiguous(memory_format=torch.channels_last)  # as the model runs
             times = time_modules(mods, example)
             best = min(times, key=times.get)
             if cache is not None:

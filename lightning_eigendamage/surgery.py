@@ -86,6 +86,7 @@ def build_layer(
         kept_in / kept_out: indices of kept eigen-directions (columns of ``q_a`` / ``q_g``).
         form: "bottleneck", "fold_in", "fold_out" or "dense" (a single Conv2d/Linear of the
             original widths holding the low-rank weight ``R_out W*' R_in``).
+        The new conv stages keep the layer's memory format (``torch.channels_last`` or not).
         train_rotations: if False, rotation stages get ``requires_grad=False``.
     """
     tmpl = state.template
@@ -126,9 +127,23 @@ def build_layer(
             if last.bias is None:
                 last.bias = nn.Parameter(torch.empty(state.c_out, device=dev, dtype=dt))
             last.bias.copy_(state.bias.to(dev, dt))
-    if form == "dense":
-        return core_mod
-    return KFELayer(rot_in, core_mod, rot_out, in_features=state.c_in, out_features=state.c_out)
+    new = (
+        core_mod
+        if form == "dense"
+        else KFELayer(rot_in, core_mod, rot_out, in_features=state.c_in, out_features=state.c_out)
+    )
+    if is_channels_last(tmpl.weight):
+        new.to(memory_format=torch.channels_last)  # keep the model's memory format
+    return new
+
+
+def is_channels_last(weight: torch.Tensor) -> bool:
+    """Whether a 4-d weight is stored channels-last (and not also plain contiguous)."""
+    return (
+        weight.dim() == 4
+        and weight.is_contiguous(memory_format=torch.channels_last)
+        and not weight.is_contiguous()
+    )
 
 
 def swap_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> None:

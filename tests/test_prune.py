@@ -84,6 +84,23 @@ def test_forced_forms_preserve_function(which, form):
     assert _rel_err(out, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("form", ["bottleneck", "fold_in", "dense"])
+def test_channels_last_models_stay_channels_last(form):
+    model, batches = _conv()
+    model = model.to(memory_format=torch.channels_last)
+    x = batches[0][0].contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = model.eval()(x)
+    report = prune(model, batches[:1], ratio=0.0, form=form)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert any(r.form == form for r in report.layers if r.skipped is None)
+    for m in convs:
+        if m.weight.shape[2:] != (1, 1) or m.weight.shape[1] > 1:
+            assert m.weight.is_contiguous(memory_format=torch.channels_last), m
+    with torch.no_grad():
+        assert _rel_err(model.eval()(x), ref) <= 1e-5
+
+
 def test_transformer_fastpath_layers_are_skipped_and_eval_works():
     model, batches = _transformer()
     report = prune(model, batches, ratio=0.7)
