@@ -440,6 +440,9 @@ class KFACapture:
 
     # -- hooks -----------------------------------------------------------------------------------
     def _forward_hook(self, name: str) -> Callable:
+        # Never traced by torch.compile: the hook's Python state (which layer, calls so far,
+        # capture on or off) would otherwise become guards and recompile the model every batch.
+        @torch.compiler.disable
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if not self._active:
                 return
@@ -487,6 +490,7 @@ class KFACapture:
         return hook
 
     def _grad_hook(self, name: str, is_conv: bool) -> Callable:
+        @torch.compiler.disable
         def hook(grad: torch.Tensor) -> None:
             lf = self.layers[name]
             # The layer's input is no longer needed as a backward target: let it be freed as soon

@@ -623,3 +623,24 @@ def test_round_to_and_form_by_are_passed_to_prune(monkeypatch) -> None:
         EigenDamagePruning(schedule={0: 0.5}, round_to=0)
     with pytest.raises(ValueError, match="form_by must be one of"):
         EigenDamagePruning(schedule={0: 0.5}, form_by="speed")
+
+
+def test_compiled_network_is_pruned_without_recompiling_every_batch() -> None:
+    """``self.net = torch.compile(net)``: the callback finds the layers through the compiled
+    wrapper, prunes them in place, and its capture hooks are not traced (a bounded number of
+    graphs: probe, capture on/off, new shapes after the round; not some per batch)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    net = small_cnn()
+    compiled = torch.compile(net, backend="eager")
+    cb = EigenDamagePruning(schedule=PruningSchedule(epochs={0: 0.5}, fisher_batches=3), verbose=False)
+    _fit(LitClassifier(compiled), cb, max_epochs=3)
+    assert len(cb.reports) == 1 and cb.reports[0].flops_after < cb.reports[0].flops_before
+    assert any(isinstance(m, KFELayer) for m in net.modules())
+    x = torch.randn(4, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.eval()(x), net.eval()(x))
+    assert counters["stats"]["unique_graphs"] <= 16

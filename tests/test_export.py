@@ -44,6 +44,42 @@ def test_torch_compile_recompiles_after_prune(backend):
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
 
 
+def test_capture_on_a_compiled_model_does_not_recompile_every_batch():
+    """The capture hooks are not traced: their state (capture on/off, calls, layer names) must not
+    become guards, or every batch of a capture window recompiles the user's compiled model."""
+    import torch.nn.functional as F
+    from torch._dynamo.utils import counters
+
+    from lightning_eigendamage.curvature import KFACapture
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    compiled = torch.compile(model, backend="eager")
+    batches = conv_batches(6, n=8, size=16)
+    layers = {"c0": model.features[0], "c2": model.features[2], "fc1": model.fc1}
+
+    def run(net):
+        with KFACapture(layers) as cap:
+            for x, y in batches:
+                cap.begin_batch()
+                cap.grad_scale = float(len(y))
+                F.cross_entropy(net(x), y).backward()
+                assert cap.end_batch(len(y))
+                F.cross_entropy(net(x), y).backward()  # a batch with capture off, hooks still on
+        return {n: (lf.a(), lf.g()) for n, lf in cap.layers.items()}
+
+    got = run(compiled)
+    graphs = counters["stats"]["unique_graphs"]
+    model.zero_grad()
+    want = run(model)
+    for name in layers:
+        torch.testing.assert_close(got[name][0], want[name][0], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got[name][1], want[name][1], rtol=1e-5, atol=1e-9)
+    assert graphs <= 8  # a few graphs between the hooks, not some per batch
+
+
 def test_onnx_export_matches_eager(tmp_path):
     onnx = pytest.importorskip(
         "onnx", reason="ONNX export is optional: pip install onnx onnxscript onnxruntime"
