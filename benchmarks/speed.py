@@ -2,11 +2,14 @@
 
     python benchmarks/speed.py --quick            # a few minutes on 2 CPU cores
     python benchmarks/speed.py --device cuda      # on a GPU
+    python benchmarks/speed.py --quick --profile  # plus a per-op profile of the capture steps
 
 Every figure is a ratio of two timings taken in the same process, interleaved and repeated
 (medians), because the machines here are noisy. Peak memory per phase is measured in a fresh
-subprocess per phase: the increase of the process's peak RSS (``ru_maxrss``) over its RSS just
-before the phase (CPU), or ``torch.cuda.max_memory_allocated`` (CUDA).
+subprocess per phase: the phase's own peak RSS (``VmHWM`` reset through ``/proc/self/clear_refs``
+right before it) over the RSS the process had before the model existed (CPU), or
+``torch.cuda.max_memory_allocated`` after a reset (CUDA). ``--profile`` also prints where the time
+of the plain, empirical-capture and true-Fisher steps goes (self time per op).
 """
 
 from __future__ import annotations
@@ -81,8 +84,41 @@ def make_model(name: str, device: torch.device) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 
 
+def _profile(steps: dict[str, Callable[[], None]], name: str, device: torch.device, n: int = 3) -> None:
+    """Where a step's time goes: self time per op (torch.profiler), plain vs capture steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for f in steps.values():
+        f()
+    table: dict[str, dict[str, float]] = {}
+    totals = {}
+    for label, f in steps.items():
+        with profile(activities=acts) as prof:
+            for _ in range(n):
+                f()
+            _sync(device)
+        ev = prof.key_averages()
+        table[label] = {e.key: getattr(e, key) / n / 1e3 for e in ev}
+        totals[label] = sum(table[label].values())
+    ops = sorted(table["empirical"], key=lambda k: -table["empirical"][k])[:12]
+    ops += [k for k in sorted(table["true"], key=lambda k: -table["true"][k])[:12] if k not in ops]
+    print(f"\n### profile {name}: self time per step (ms), {n} steps each")
+    print(f"{'op':<44}" + "".join(f"{k:>11}" for k in steps))
+    for op in ops:
+        print(f"{op[:44]:<44}" + "".join(f"{table[k].get(op, 0.0):>11.1f}" for k in steps))
+    print(f"{'total':<44}" + "".join(f"{totals[k]:>11.1f}" for k in steps))
+
+
 def capture_cost(
-    name: str, batch: int, repeats: int, device: torch.device, fisher_batches: int, steps_per_epoch: int
+    name: str,
+    batch: int,
+    repeats: int,
+    device: torch.device,
+    fisher_batches: int,
+    steps_per_epoch: int,
+    profile: bool = False,
 ) -> dict[str, float]:
     torch.manual_seed(0)
     model = make_model(name, device)
@@ -130,6 +166,8 @@ def capture_cost(
             for m, mode in modes.items():
                 m.training = mode
 
+    if profile:
+        _profile({"plain": plain, "empirical": empirical, "true": true_fisher}, name, device)
     t = interleaved({"plain": plain, "empirical": empirical, "true": true_fisher}, repeats, device)
     r_emp = t["empirical"] / t["plain"]
     r_true = t["true"] / t["plain"]
@@ -371,6 +409,7 @@ def main() -> None:
         help="capture batches per epoch (default: the callback's default)",
     )
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--profile", action="store_true", help="also print where each step's time goes")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--memory-phase", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model", default="resnet32", help=argparse.SUPPRESS)
@@ -397,7 +436,7 @@ def main() -> None:
     print(f"{'model':<10} {'plain ms':>9} {'empirical':>10} {'true step':>10} {'epoch':>7}")
     results["capture"] = {}
     for name in ("resnet32", "vgg19"):
-        r = capture_cost(name, args.batch, repeats, device, fisher_batches, 391)
+        r = capture_cost(name, args.batch, repeats, device, fisher_batches, 391, profile=args.profile)
         results["capture"][name] = r
         print(
             f"{name:<10} {1000 * r['plain_s']:>9.1f} {r['empirical_ratio']:>9.3f}× "
