@@ -82,22 +82,23 @@ def all_reduce_capture(
 
 
 def split_eigh(
-    factors: list[torch.Tensor], eigh: Any, group: Any = None
+    factors: list[torch.Tensor], eigh_many: Any, group: Any = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Eigendecompose ``factors`` with the work split over processes, results broadcast.
 
-    Factor ``i`` is decomposed by rank ``i mod world_size`` and broadcast from there, so every
-    process ends with bitwise-identical eigenvalues and eigenvectors.
+    Factor ``i`` is decomposed by rank ``i mod world_size`` (``eigh_many`` on each rank's share,
+    a list of factors to a list of ``(evals, evecs)``) and broadcast from there, so every process
+    ends with bitwise-identical eigenvalues and eigenvectors.
     """
     if not is_distributed(group):
-        return [eigh(f) for f in factors]
+        return eigh_many(factors)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    mine = dict(zip(range(rank, len(factors), world), eigh_many(factors[rank::world])))
     out = []
     for i, f in enumerate(factors):
         owner = i % world
         if owner == rank:
-            evals, evecs = eigh(f)
-            evals, evecs = evals.contiguous(), evecs.contiguous()
+            evals, evecs = (t.contiguous() for t in mine[i])
         else:
             n = f.shape[0]
             evals = torch.empty(n, dtype=torch.float64, device=f.device)

@@ -25,7 +25,7 @@ from .curvature import (
     to_device,
 )
 from .distributed import all_reduce_capture, broadcast_object, is_distributed, split_eigh
-from .eigenbasis import eigh_factor, to_kfe
+from .eigenbasis import eigh_factors, to_kfe
 from .layers import FORMS, KFELayer
 from .surgery import LayerState, build_layer, is_channels_last, read_state, swap_modules
 
@@ -614,9 +614,9 @@ def prune(
 
     factors = [f for c in prunable for f in (captured.layers[c.name].a(), captured.layers[c.name].g())]
     bases = (
-        split_eigh([f.to(device) for f in factors], eigh_factor, process_group)
+        split_eigh([f.to(device) for f in factors], eigh_factors, process_group)
         if distributed
-        else [eigh_factor(f.to(device)) for f in factors]
+        else eigh_factors([f.to(device) for f in factors])
     )
     works = []
     for i, c in enumerate(prunable):

@@ -185,3 +185,37 @@ def test_eigh_factor_falls_back_to_float64_when_float32_does_not_converge(monkey
     evals, evecs = eigenbasis.eigh_factor(f, float64_max=4)
     assert calls == [torch.float32, torch.float64]
     torch.testing.assert_close(evecs @ torch.diag(evals) @ evecs.T, f, rtol=1e-8, atol=1e-8)
+
+
+def test_eigh_factors_batches_same_size_factors_and_matches_one_by_one(monkeypatch):
+    from lightning_eigendamage import eigenbasis
+
+    torch.manual_seed(1)
+    factors = []
+    for n in (6, 9, 6, 6, 9, 4):
+        a = torch.randn(n, n + 3, dtype=torch.float64)
+        factors.append(a @ a.T / (n + 3))
+    real = torch.linalg.eigh
+    shapes = []
+
+    def recording(m):
+        shapes.append(tuple(m.shape))
+        return real(m)
+
+    monkeypatch.setattr(torch.linalg, "eigh", recording)
+    got = eigenbasis.eigh_factors(factors)
+    assert sorted(shapes) == sorted([(3, 6, 6), (2, 9, 9), (4, 4)])  # one call per size
+    for f, (evals, evecs) in zip(factors, got):
+        e1, v1 = eigenbasis.eigh_factor(f)
+        torch.testing.assert_close(evals, e1, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(evecs @ torch.diag(evals) @ evecs.T, f, rtol=1e-9, atol=1e-10)
+
+    # A batch that does not converge is redone factor by factor.
+    def batch_fails(m):
+        if m.dim() == 3:
+            raise torch.linalg.LinAlgError("did not converge")
+        return real(m)
+
+    monkeypatch.setattr(torch.linalg, "eigh", batch_fails)
+    for f, (evals, evecs) in zip(factors, eigenbasis.eigh_factors(factors)):
+        torch.testing.assert_close(evecs @ torch.diag(evals) @ evecs.T, f, rtol=1e-9, atol=1e-10)
