@@ -352,3 +352,15 @@ def test_backward_targets_are_few_and_every_layer_is_still_reached():
         a_ref, g_ref = _brute_factors(model, layer, batches, "true", seed=7)
         torch.testing.assert_close(res.layers[name].a().double(), a_ref, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(res.layers[name].g().double(), g_ref, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("channels", [5, 128, 129, 200])
+def test_gram_paths_match_the_definition(channels):
+    """Both Gram paths (batched products up to 128 channels, one transposed GEMM above) against
+    an explicit float64 sum over examples."""
+    from lightning_eigendamage.curvature import gram
+
+    torch.manual_seed(0)
+    v = torch.randn(3, channels, 17)
+    ref = sum(v[i].double() @ v[i].double().T for i in range(3))
+    torch.testing.assert_close(gram(v).double(), ref, rtol=1e-5, atol=1e-4)
