@@ -89,7 +89,7 @@ def _profile(steps: dict[str, Callable[[], None]], name: str, device: torch.devi
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     for f in steps.values():
         f()
     table: dict[str, dict[str, float]] = {}
