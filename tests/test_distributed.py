@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -34,10 +36,24 @@ def _capture(model, batches):
     )
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+@contextlib.contextmanager
+def _group(rank: int, world: int, init_file: str) -> Iterator[None]:
+    """One gloo process group for a spawned test worker (one thread), torn down on exit."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _save_result(out_dir: str, name: str, model, report, **extra) -> None:
+    plan = [(r.name, r.kept_in, r.kept_out, r.form) for r in report.layers]
+    torch.save({"state": model.state_dict(), "plan": plan, **extra}, os.path.join(out_dir, name))
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    with _group(rank, world, init_file):
         model, x, y = _setup()
         half = slice(rank * 8, (rank + 1) * 8)  # each rank sees its own half of the batch
         captured = _capture(model, [(x[half], y[half])])
@@ -45,16 +61,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             model, [(x[half], y[half])], ratio=0.5, fisher="empirical", distributed=True, captured=captured
         )
         factors = {n: (lf.a(), lf.g()) for n, lf in captured.layers.items() if lf.a_sum is not None}
-        torch.save(
-            {
-                "factors": factors,
-                "state": model.state_dict(),
-                "plan": [(r.name, r.kept_in, r.kept_out, r.form) for r in report.layers],
-            },
-            os.path.join(out_dir, f"rank{rank}.pt"),
-        )
-    finally:
-        dist.destroy_process_group()
+        _save_result(out_dir, f"rank{rank}.pt", model, report, factors=factors)
 
 
 def test_two_ranks_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
@@ -82,8 +89,6 @@ def test_two_ranks_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
 def _latency_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import lightning_eigendamage.pruner as pruner_mod
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     calls = []
 
     def timing(mods, example, repeats=7):  # ranks disagree: rank 1 would keep every layer whole
@@ -92,22 +97,13 @@ def _latency_worker(rank: int, world: int, init_file: str, out_dir: str) -> None
         return {k: (0.0 if k == best else 1.0) for k in mods}
 
     pruner_mod.time_modules = timing
-    try:
+    with _group(rank, world, init_file):
         model, x, y = _setup()
         half = slice(rank * 8, (rank + 1) * 8)
         report = prune(
             model, [(x[half], y[half])], ratio=0.5, target="flops", form_by="latency", distributed=True
         )
-        torch.save(
-            {
-                "calls": len(calls),
-                "state": model.state_dict(),
-                "plan": [(r.name, r.kept_in, r.kept_out, r.form) for r in report.layers],
-            },
-            os.path.join(out_dir, f"lat{rank}.pt"),
-        )
-    finally:
-        dist.destroy_process_group()
+        _save_result(out_dir, f"lat{rank}.pt", model, report, calls=len(calls))
 
 
 def test_latency_forms_are_timed_on_rank_0_only_and_shared(tmp_path):
