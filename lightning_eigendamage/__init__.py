@@ -3,7 +3,15 @@
 from .callback import EigenDamagePruning
 from .checkpoint import enable_pruned_loading, restore_pruned
 from .layers import KFELayer
-from .pruner import LayerReport, PruneReport, find_layers, prune
+from .pruner import (
+    LayerReport,
+    PruneReport,
+    PruningWarning,
+    TargetNotReachedWarning,
+    ZeroCurvatureWarning,
+    find_layers,
+    prune,
+)
 from .schedule import PruningSchedule
 
 __all__ = [
@@ -12,6 +20,9 @@ __all__ = [
     "LayerReport",
     "PruneReport",
     "PruningSchedule",
+    "PruningWarning",
+    "TargetNotReachedWarning",
+    "ZeroCurvatureWarning",
     "enable_pruned_loading",
     "find_layers",
     "prune",

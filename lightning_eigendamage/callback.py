@@ -44,6 +44,7 @@ import contextlib
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -63,12 +64,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from .checkpoint import PrunedLoadingHook, has_pruned_loading
-from .curvature import KFACapture, capture_batch, split_batch
+from .curvature import KFACapture, capture_batch, split_batch, target_of
 from .distributed import is_distributed
 from .optim import TransplantReport, carry_optimizer_state, stage_parameters
 from .pruner import (
     LayerChange,
     PruneReport,
+    PruningWarning,
     _check_args,
     _no_prunable_message,
     _normalise_exclude,
@@ -94,6 +96,10 @@ class EigenDamagePruning(Callback):
         input_fn: ``batch → model input``, the argument of ``pl_module(...)`` whose output are the
             logits. Default: ``batch[0]`` for tuple/list batches, the batch itself for a tensor;
             a dict batch needs it.
+        forward_fn: ``(pl_module, batch) → logits``, for modules whose ``forward`` takes more than
+            the input (e.g. ``lambda m, b: m(*b)`` for ``forward(inputs, target)``); used for the
+            probe at the start of fit, every capture forward and the FLOP counts, instead of
+            ``pl_module(input_fn(batch))``.
         loss_fn: ``(output, target) → mean loss``; only used by ``fisher="empirical"`` with
             ``at_start`` pruning (default: cross-entropy), where there is no training step yet.
         exclude, exempt_last, layer_cap, min_rank, form, train_rotations, likelihood, class_dim,
@@ -106,6 +112,8 @@ class EigenDamagePruning(Callback):
     Logged after each round through ``pl_module.log``: ``pruning/params``, ``pruning/flops``
     (per example), ``pruning/compression`` (FLOPs of the model before the first round / now),
     ``pruning/param_compression``, ``pruning/realised_fraction`` (directions removed in the round),
+    ``pruning/target_reached`` (1 when a params/flops round met its fraction, else 0; a round that
+    cannot meet it also warns on rank zero, saying what limits it),
     ``pruning/round`` and the round's timings ``pruning/time_capture_s`` (the callback's own
     capture passes), ``pruning/time_prune_s`` (eigendecomposition, scoring, surgery) and
     ``pruning/time_optim_s`` (optimizer rebuild and state transplant). ``reports`` keeps one
@@ -134,6 +142,7 @@ class EigenDamagePruning(Callback):
         method: str = "eigendamage",
         fisher: str = "true",
         input_fn: Callable[[Any], Any] | None = None,
+        forward_fn: Callable[[Any, Any], torch.Tensor] | None = None,
         loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
         exclude: Any = None,
         exempt_last: bool = True,
@@ -166,7 +175,7 @@ class EigenDamagePruning(Callback):
         for name, value in (("latency_batch", latency_batch), ("round_to", round_to)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name, fn in (("input_fn", input_fn), ("loss_fn", loss_fn)):
+        for name, fn in (("input_fn", input_fn), ("forward_fn", forward_fn), ("loss_fn", loss_fn)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be a callable or None, got {type(fn).__name__}")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -176,6 +185,7 @@ class EigenDamagePruning(Callback):
         self.method = method
         self.fisher = fisher
         self.input_fn = input_fn
+        self.forward_fn = forward_fn
         self.loss_fn = loss_fn
         self.exclude = _normalise_exclude(exclude)
         self.exempt_last = bool(exempt_last)
@@ -290,10 +300,29 @@ class EigenDamagePruning(Callback):
             # batch serves (the example only gives the input shape for FLOP counts).
             with _preserve_rng(pl_module.device):
                 self._example = next(self._train_batches(trainer, pl_module, 1), None)
+        self._check_run_length(trainer)
         self._probe(trainer, pl_module)
         start = [p for p in self._pending() if p.kind == "start"]
         if start:
             self._prune_at_start(trainer, pl_module, start[0])
+
+    def _check_run_length(self, trainer: pl.Trainer) -> None:
+        """Step points against the run's total optimizer steps, once the data is loaded.
+
+        ``trainer.estimated_stepping_batches`` (``max_steps`` or epochs × batches / accumulation)
+        is known here without side effects: Lightning has set up the training data before
+        ``on_train_start``.
+        """
+        if not self.schedule.steps:
+            return
+        try:
+            total = trainer.estimated_stepping_batches
+        except Exception:  # any failure means the length is unknown
+            total = float("inf")
+        if total < 0:  # Lightning returns max_steps (-1) for an iterable without a length
+            total = float("inf")
+        for msg in self.schedule.validate_steps(total, done=self._done):
+            rank_zero_warn(f"EigenDamagePruning: {msg}")
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """One no-grad forward on a training batch: finds the input, the layers that run, the
@@ -309,7 +338,7 @@ class EigenDamagePruning(Callback):
         try:
             with cap, torch.no_grad():
                 cap.begin_batch()
-                pl_module(self._input_of(batch))
+                self._forward(pl_module, batch)
                 cap.end_batch(0)
         finally:
             for m, mode in modes.items():
@@ -393,6 +422,26 @@ class EigenDamagePruning(Callback):
             self._cap.remove()
         self._cap = None
 
+    def _forward(self, pl_module: pl.LightningModule, batch: Any) -> Any:
+        """The probe's forward: ``forward_fn(pl_module, batch)`` or ``pl_module(input_fn(batch))``,
+        with an error that says which option to pass when it fails."""
+        if self.forward_fn is not None:
+            call, how = (lambda: self.forward_fn(pl_module, batch)), "forward_fn(pl_module, batch)"
+        else:
+            inp = self._input_of(batch)
+            call, how = (lambda: pl_module(inp)), "pl_module(input)"
+        try:
+            return call()
+        except Exception as err:
+            raise RuntimeError(
+                f"EigenDamagePruning could not run the model on a training batch: {how} raised "
+                f"{type(err).__name__}: {err}. The callback runs extra forwards to measure curvature: "
+                "if your forward takes more than the input, pass EigenDamagePruning(..., "
+                "forward_fn=lambda module, batch: module(*batch)) returning the logits; if the input "
+                "is elsewhere in the batch, pass input_fn=lambda batch: ... returning what "
+                "pl_module(...) takes"
+            ) from err
+
     def _input_of(self, batch: Any) -> Any:
         try:
             return split_batch(batch, self.input_fn)[0]
@@ -407,8 +456,11 @@ class EigenDamagePruning(Callback):
         """One extra forward/backward in eval mode feeding the capture (true or empirical)."""
         cap = self._ensure_capture(pl_module)
         t0 = time.perf_counter()
-        inp = self._input_of(batch)
-        target = split_batch(batch, self.input_fn)[1] if fisher == "empirical" else None
+        if self.forward_fn is not None:
+            inp, target = batch, target_of(batch)
+        else:
+            inp = self._input_of(batch)
+            target = split_batch(batch, self.input_fn)[1] if fisher == "empirical" else None
         modes = {m: m.training for m in pl_module.modules()}
         pl_module.eval()
         try:
@@ -422,6 +474,7 @@ class EigenDamagePruning(Callback):
                 likelihood=self.likelihood,
                 class_dim=self.class_dim,
                 generator=self._generator,
+                forward_fn=self.forward_fn,
             )
         finally:
             for m, mode in modes.items():
@@ -528,6 +581,7 @@ class EigenDamagePruning(Callback):
             method=self.method,
             fisher=self.fisher,
             input_fn=self.input_fn,
+            forward_fn=self.forward_fn,
             target=self.schedule.target,
             exclude=self.exclude,
             exempt_last=self.exempt_last,
@@ -581,9 +635,14 @@ class EigenDamagePruning(Callback):
 
         t0 = time.perf_counter()
         old_optimizers = list(trainer.optimizers)
-        report, changes = self.prune_model(trainer, pl_module, captured, point.fraction, self._example)
-        for change in changes.values():
-            change.new.train(change.old.training)  # new modules are built in train mode
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PruningWarning)
+            report, changes = self.prune_model(trainer, pl_module, captured, point.fraction, self._example)
+        for w in caught:  # every rank runs prune(): say its warnings once, on rank zero
+            if issubclass(w.category, PruningWarning):
+                rank_zero_warn(f"EigenDamagePruning round {point.key}: {w.message}", category=w.category)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         t_prune = time.perf_counter() - t0
         self.on_after_surgery(trainer, pl_module, report, changes)
         self._example = None
@@ -618,6 +677,7 @@ class EigenDamagePruning(Callback):
             "pruning/compression": dense_flops / max(report.flops_after, 1),
             "pruning/param_compression": dense_params / max(report.params_after, 1),
             "pruning/realised_fraction": float(report.realised_fraction),
+            "pruning/target_reached": float(report.target_reached),
             "pruning/round": float(len(self.reports)),
             "pruning/time_capture_s": timing["capture_s"],
             "pruning/time_prune_s": timing["prune_s"],

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -71,18 +73,25 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_flops(model: nn.Module, example: torch.Tensor | tuple | list | dict) -> int:
+def count_flops(
+    model: nn.Module,
+    example: torch.Tensor | tuple | list | dict,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+) -> int:
     """FLOPs of one forward pass per example (FlopCounterMode: 2 per multiply-add), eval mode.
 
-    ``example`` is a model input with a leading batch dimension; its first example is used.
-    The model's training flags are restored afterwards.
+    ``example`` is a model input with a leading batch dimension (or, with ``forward_fn``, a whole
+    batch, run as ``forward_fn(model, example)``); its first example is used. The model's
+    training flags are restored afterwards.
     """
     x = _first_example(example)
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            if isinstance(x, dict):
+            if forward_fn is not None:
+                forward_fn(model, x)
+            elif isinstance(x, dict):
                 model(**x)
             else:
                 model(x)

@@ -541,6 +541,11 @@ def split_batch(batch: Any, input_fn: Callable | None) -> tuple[Any, Any]:
     )
 
 
+def target_of(batch: Any) -> Any:
+    """The target of an ``(input, target, ...)`` batch, None for any other batch."""
+    return batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+
+
 def to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.to(device, non_blocking=True)
@@ -602,8 +607,12 @@ def capture_batch(
     likelihood: str = "categorical",
     class_dim: int = -1,
     generator: torch.Generator | None = None,
+    forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
 ) -> bool:
     """One forward and backward of ``model`` on ``inp`` that feeds ``cap`` (hooks already on).
+
+    The forward is ``model(inp)``, or ``forward_fn(model, inp)`` when given (then ``inp`` is the
+    whole batch, for models whose ``forward`` takes more than one input).
 
     The caller chooses the model's mode (eval mode keeps BatchNorm statistics and dropout RNG
     untouched). The backward goes through :func:`torch.autograd.grad` to the hooked layers'
@@ -623,11 +632,11 @@ def capture_batch(
     cap.begin_batch()
     try:
         with torch.enable_grad():
-            output = model(inp)
+            output = model(inp) if forward_fn is None else forward_fn(model, inp)
             if not isinstance(output, torch.Tensor):
                 raise TypeError(
                     f"the model returned {type(output).__name__}; curvature capture needs a "
-                    "tensor of logits (wrap the model so that it returns one)"
+                    "tensor of logits (pass forward_fn=lambda model, batch: ... returning them)"
                 )
             n = output.shape[0]
             if fisher == "true":
@@ -670,6 +679,7 @@ def capture_factors(
     generator: torch.Generator | None = None,
     a_form: str = "channel",
     max_batches: int | None = None,
+    forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
 ) -> CaptureResult:
     """Run ``model`` over ``batches`` in eval mode and accumulate K-FAC factors of ``modules``.
 
@@ -690,6 +700,7 @@ def capture_factors(
         generator=generator,
         max_batches=max_batches,
         what="curvature",
+        forward_fn=forward_fn,
     )
     return cap.result()
 
@@ -707,6 +718,7 @@ def drive_capture(
     generator: torch.Generator | None = None,
     max_batches: int | None = None,
     what: str = "curvature",
+    forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
 ) -> int:
     """Feed ``cap`` (a :class:`KFACapture` or any capture with its interface) over ``batches``.
 
@@ -729,7 +741,10 @@ def drive_capture(
         with cap:
             for batch in _limit(batches, max_batches):
                 seen += 1
-                inp, target = split_batch(batch, input_fn)
+                if forward_fn is None:
+                    inp, target = split_batch(batch, input_fn)
+                else:
+                    inp, target = batch, target_of(batch)
                 capture_batch(
                     model,
                     cap,
@@ -740,6 +755,7 @@ def drive_capture(
                     likelihood=likelihood,
                     class_dim=class_dim,
                     generator=generator,
+                    forward_fn=forward_fn,
                 )
     finally:
         for m, mode in modes.items():

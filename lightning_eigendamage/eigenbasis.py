@@ -16,6 +16,10 @@ EIG_FLOOR = 1e-10
 EIGH_FLOAT64_MAX = 512
 
 
+class EighError(RuntimeError):
+    """A factor that no attempt could decompose into finite, consistent eigenpairs."""
+
+
 def eigh_factor(
     factor: torch.Tensor, floor: float = EIG_FLOOR, float64_max: int = EIGH_FLOAT64_MAX
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,24 +29,63 @@ def eigh_factor(
     above (see ``EIGH_FLOAT64_MAX``). Eigenvalues at or below ``floor · λ_max`` (or below the
     working precision, ``10·eps·λ_max``), round-off negatives included, are set to 0: such
     directions carry no curvature. The factor is symmetrised first.
+
+    Every result is checked (:func:`eigh_is_sound`: finite values and vectors, ``F v ≈ Q Λ Qᵀ v``
+    and ``Q Qᵀ v ≈ v`` on probe vectors), because ``torch.linalg.eigh`` can return NaN without
+    raising (seen in float32 on factors wider than 512). A failed or unsound result is redone in
+    float64, then in float64 with a jitter of ``1e-12·mean eigenvalue`` on the diagonal (moves no
+    eigenvector and no score measurably).
+
+    Raises:
+        EighError: the factor has non-finite entries, or no attempt gave a sound result.
     """
     f = factor.to(torch.float64)
     f = 0.5 * (f + f.T)
-    work = torch.float64 if f.shape[0] <= float64_max else torch.float32
-    try:
-        evals, evecs = torch.linalg.eigh(f.to(work))
-    except torch.linalg.LinAlgError:
-        # float32 (rarely float64) eigh may not converge on strongly rank-deficient factors
-        # (few examples, many exact zero eigenvalues): fall back to float64, then to a jitter of
-        # 1e-12·mean eigenvalue, which moves no eigenvector and no score measurably.
-        work = torch.float64
+    if not bool(torch.isfinite(f).all()):
+        raise EighError("the factor has non-finite entries")
+    n = f.shape[0]
+    jittered = f + _jitter(f) * torch.eye(n, dtype=f.dtype, device=f.device)
+    attempts = [(torch.float64, f), (torch.float64, jittered)]
+    if n > float64_max:
+        attempts.insert(0, (torch.float32, f))
+    for work, m in attempts:
         try:
-            evals, evecs = torch.linalg.eigh(f)
+            evals, evecs = torch.linalg.eigh(m.to(work))
         except torch.linalg.LinAlgError:
-            n = f.shape[0]
-            jitter = 1e-12 * max(float(torch.diagonal(f).mean()), 1e-300)
-            evals, evecs = torch.linalg.eigh(f + jitter * torch.eye(n, dtype=f.dtype, device=f.device))
-    return _floored(evals, evecs, work, floor)
+            continue
+        if eigh_is_sound(f, evals, evecs, work):
+            return _floored(evals, evecs, work, floor)
+    raise EighError(f"torch.linalg.eigh gave no finite, consistent result for a {n}×{n} factor")
+
+
+def _jitter(f: torch.Tensor) -> float:
+    return 1e-12 * max(float(torch.diagonal(f).mean()), 1e-300)
+
+
+def eigh_is_sound(
+    factor: torch.Tensor, evals: torch.Tensor, evecs: torch.Tensor, work: torch.dtype, probes: int = 4
+) -> bool:
+    """Whether ``(evals, evecs)`` is a usable eigendecomposition of ``factor`` ``(n, n)``.
+
+    Finite values and vectors, and on ``probes`` fixed random vectors ``V`` ``(n, probes)``:
+    ``‖F V − Q Λ Qᵀ V‖ ≤ tol·‖F‖·‖V‖`` and ``‖Q Qᵀ V − V‖ ≤ tol·‖V‖`` with
+    ``tol = max(1e-6, 50·n·eps(work))``: far above what a backward-stable ``eigh`` leaves
+    (``O(n·eps)``), far below a wrong basis. Costs ``O(n²·probes)``, nothing next to ``eigh``.
+    """
+    if not (bool(torch.isfinite(evals).all()) and bool(torch.isfinite(evecs).all())):
+        return False
+    n = factor.shape[0]
+    if n == 0:
+        return True
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    v = torch.randn(n, probes, generator=gen, dtype=torch.float64).to(factor.device)
+    q, lam = evecs.to(torch.float64), evals.to(torch.float64)
+    qtv = q.T @ v
+    tol = max(1e-6, 50 * n * torch.finfo(work).eps)
+    scale = float(torch.linalg.matrix_norm(factor, ord=2)) if n <= 64 else float(factor.abs().sum(1).max())
+    resid = float((factor @ v - q @ (lam[:, None] * qtv)).norm())
+    ortho = float((q @ qtv - v).norm())
+    return resid <= tol * max(scale, 1e-300) * float(v.norm()) and ortho <= tol * float(v.norm())
 
 
 def _floored(
@@ -65,8 +108,10 @@ def eigh_factors(
     factors: list[torch.Tensor], floor: float = EIG_FLOOR, float64_max: int = EIGH_FLOAT64_MAX
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`eigh_factor` of every factor, same-size ones (up to ``EIGH_BATCH_MAX`` wide, on the
-    same device) in one batched call; a batch that fails to converge is redone factor by factor
-    (with :func:`eigh_factor`'s fallbacks)."""
+    same device) in one batched call; a batch that fails to converge, and any unsound result in
+    it, is redone factor by factor (with :func:`eigh_factor`'s fallbacks). A factor that cannot be
+    decomposed at all comes back as NaN values and vectors, for the caller to leave its layer
+    whole (a NaN pair also broadcasts like any other under ``split_eigh``)."""
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(factors)
     groups: dict[tuple, list[int]] = {}
     for i, f in enumerate(factors):
@@ -84,8 +129,18 @@ def eigh_factors(
         except torch.linalg.LinAlgError:
             continue  # done one by one below
         for j, i in enumerate(idx):
-            out[i] = _floored(evals[j], evecs[j], work, floor)
-    return [r if r is not None else eigh_factor(f, floor, float64_max) for r, f in zip(out, factors)]
+            if eigh_is_sound(stack[j], evals[j], evecs[j], work):
+                out[i] = _floored(evals[j], evecs[j], work, floor)  # else: redone alone below
+    return [r if r is not None else _eigh_or_nan(f, floor, float64_max) for r, f in zip(out, factors)]
+
+
+def _eigh_or_nan(factor: torch.Tensor, floor: float, float64_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        return eigh_factor(factor, floor, float64_max)
+    except EighError:
+        n = factor.shape[0]
+        nan = torch.full((n, n), float("nan"), dtype=torch.float64, device=factor.device)
+        return nan[0].clone(), nan
 
 
 def weight_as_3d(weight: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import re
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -67,7 +68,14 @@ class LayerReport:
 
 @dataclass
 class PruneReport:
-    """What a pruning call did. ``to_dict()`` gives plain data (checkpoint-safe)."""
+    """What a pruning call did. ``to_dict()`` gives plain data (checkpoint-safe).
+
+    ``target_reached``: whether a ``"params"``/``"flops"`` target was met (within
+    ``TARGET_TOLERANCE``; always True for ``"directions"``, whose ``ratio`` is a threshold
+    quantile); ``reached``: the fraction of the target's unit actually removed (for
+    ``"directions"``: ``realised_fraction``); ``limited_by``: why the target was out of reach
+    (layer caps, ``min_rank``, skipped layers), None when it was reached.
+    """
 
     params_before: int
     params_after: int
@@ -83,6 +91,9 @@ class PruneReport:
     method: str = "eigendamage"
     fisher: str = "true"
     layers: list[LayerReport] = field(default_factory=list)
+    target_reached: bool = True
+    reached: float = 0.0
+    limited_by: str | None = None
 
     @property
     def param_compression(self) -> float:
@@ -142,7 +153,27 @@ class LayerChange:
 # Finding layers
 # ---------------------------------------------------------------------------------------------
 
-_TRANSFORMER_FASTPATH = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+def _fastpath_reads_weights(layer: nn.Module) -> bool:
+    """Whether PyTorch's fused encoder fast path may read ``layer.linear1/2.weight`` directly.
+
+    Only ``nn.TransformerEncoderLayer`` has such a path (``torch._transformer_encoder_layer_fwd``,
+    also entered through ``nn.TransformerEncoder``); decoder layers always call their linears as
+    modules. The path is taken in eval mode only when these static conditions hold (checked as
+    in ``TransformerEncoderLayer.forward``): if one fails, the linears always run as modules.
+    """
+    if not isinstance(layer, nn.TransformerEncoderLayer):
+        return False
+    attn = layer.self_attn
+    return bool(
+        attn.batch_first
+        and attn.in_proj_bias is not None
+        and attn._qkv_same_embed_dim
+        and getattr(layer, "activation_relu_or_gelu", False)
+        and layer.norm1.eps == layer.norm2.eps
+        and attn.num_heads % 2 == 0
+    )
+
 
 
 @dataclass
@@ -188,7 +219,13 @@ def _normalise_exclude(exclude: Any) -> list[Any]:
         return []
     if isinstance(exclude, (str, re.Pattern, type, nn.Module)):
         return [exclude]
-    items = list(exclude)
+    try:
+        items = list(exclude)
+    except TypeError:
+        raise TypeError(
+            "exclude takes a module instance, a module type, a name pattern (glob string), a compiled "
+            f"regular expression, or a list of these; got {type(exclude).__name__} {exclude!r}"
+        ) from None
     for e in items:
         if not isinstance(e, (str, re.Pattern, type, nn.Module)):
             raise TypeError(
@@ -237,7 +274,7 @@ def find_layers(model: nn.Module, exclude: Any = None) -> list[Candidate]:
 def _static_reason(unit, core, parent, child_name, names_of, owners) -> str | None:
     if isinstance(parent, nn.MultiheadAttention):
         return "called functionally by nn.MultiheadAttention (its hooks never fire)"
-    if isinstance(parent, _TRANSFORMER_FASTPATH) and child_name in ("linear1", "linear2"):
+    if child_name in ("linear1", "linear2") and _fastpath_reads_weights(parent):
         return "read as .weight by PyTorch's fused Transformer fast path"
     if not isinstance(unit, KFELayer) and type(unit) not in (nn.Conv2d, nn.Linear):
         return f"{type(unit).__name__} subclasses {type(core).__mro__[1].__name__}; its forward may differ"
@@ -274,6 +311,16 @@ class _LayerWork:
     s_in: torch.Tensor
     current: Cost
     input_shape: tuple[int, ...] | None = None  # per-example input of the whole layer
+
+
+def _all_finite(module: nn.Module) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in module.state_dict().values() if torch.is_tensor(t))
+
+
+def _unchanged(work: _LayerWork) -> tuple[list[int], list[int], str, Cost, bool]:
+    """The decision that leaves a layer as it is."""
+    all_in, all_out = list(range(work.s_in.numel())), list(range(work.s_out.numel()))
+    return all_in, all_out, work.state.form, work.current, False
 
 
 def _choose(work: _LayerWork, r_in: int, r_out: int, form: str) -> tuple[str, Cost, bool]:
@@ -487,6 +534,7 @@ def prune(
     fisher: str = "true",
     loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
     input_fn: Callable[[Any], Any] | None = None,
+    forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     target: str = "directions",
     exclude: Any = None,
     exempt_last: bool = True,
@@ -519,7 +567,13 @@ def prune(
     Args:
         model: any ``nn.Module``; it stays on its device and dtype, and keeps its train/eval mode.
         batches: iterable of input tensors, ``(input, target, ...)`` tuples, or anything
-            ``input_fn`` understands. Tensors are moved to the model's device.
+            ``input_fn`` / ``forward_fn`` understands. Tensors are moved to the model's device.
+        input_fn: ``batch → input`` of ``model(input)`` (default: ``batch[0]`` of a tuple/list,
+            the batch itself for a tensor).
+        forward_fn: ``(model, batch) → output``, for models whose ``forward`` takes more than the
+            input (e.g. ``lambda m, b: m(*b)``); used for every forward of the call (capture,
+            FLOP count) instead of ``model(input_fn(batch))``. The target of the empirical
+            Fisher is then ``batch[1]`` of a tuple/list batch.
         ratio: in ``[0, 1)``: with ``target="directions"`` the quantile of pooled direction scores
             used as threshold (the realised fraction is at most this: see the report); with
             ``"params"``/``"flops"`` the fraction of the model's parameters/FLOPs to remove (the
@@ -563,6 +617,12 @@ def prune(
         raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
     if not isinstance(latency_batch, int) or latency_batch < 1:
         raise ValueError(f"latency_batch must be a positive integer, got {latency_batch!r}")
+    if isinstance(batches, (torch.Tensor, Mapping)):
+        raise TypeError(
+            f"batches must be an iterable of batches (a DataLoader, or a list such as [x] or "
+            f"[(x, y)]), got a single {type(batches).__name__}: iterating it would give single "
+            "examples (or keys); wrap one batch in a list: prune(model, [batch], ...)"
+        )
     cands = find_layers(model, exclude)
     if not any(c.skipped is None for c in cands):
         raise ValueError(_no_prunable_message(cands))
@@ -573,9 +633,13 @@ def prune(
     first = next(it, _EMPTY)
     if first is _EMPTY and captured is None:
         raise ValueError("batches is empty: pruning needs at least one batch to measure curvature")
-    example = to_device(split_batch(first, input_fn)[0], device) if first is not _EMPTY else None
+    if callable(forward_fn) or forward_fn is None:
+        pick = (lambda b: b) if forward_fn is not None else (lambda b: split_batch(b, input_fn)[0])
+    else:
+        raise TypeError(f"forward_fn must be a callable (model, batch) → output, got {forward_fn!r}")
+    example = to_device(pick(first), device) if first is not _EMPTY else None
     params_before = count_params(model)
-    flops_before = count_flops(model, example) if example is not None else 0
+    flops_before = count_flops(model, example, forward_fn) if example is not None else 0
 
     if captured is None:
         gen = torch.Generator(device=device).manual_seed(seed)
@@ -591,6 +655,7 @@ def prune(
             class_dim=class_dim,
             generator=gen,
             max_batches=max_batches,
+            forward_fn=forward_fn,
         )
     if distributed:
         widths = {}
@@ -619,14 +684,23 @@ def prune(
         else eigh_factors([f.to(device) for f in factors])
     )
     works = []
+    zero_curvature = []
     for i, c in enumerate(prunable):
         lf = captured.layers[c.name]
         state = read_state(c.unit)
         k2 = lf.geometry.k2
         geo = Geometry(state.c_in, state.c_out, lf.geometry.loc_in, lf.geometry.loc_out, k2)
         (lam_a, q_a), (lam_g, q_g) = bases[2 * i], bases[2 * i + 1]
+        if not all(bool(torch.isfinite(t).all()) for t in (lam_a, q_a, lam_g, q_g)):
+            c.skipped = "eigendecomposition failed (no finite result in float32 or float64)"
+            continue
         w_star = to_kfe(state.core.to(device), q_a, q_g)
+        if not bool(torch.isfinite(w_star).all()):
+            c.skipped = "non-finite weights"
+            continue
         s_out, s_in = eigendamage_scores(w_star, lam_a, lam_g, lf.locations)
+        if not (bool(s_out.any()) or bool(s_in.any())):
+            zero_curvature.append(c.name)
         bias = state.bias is not None
         d_out, _, d_in = state.core.shape
         current = form_cost(geo, state.form, d_in, d_out, bias=bias)
@@ -634,6 +708,13 @@ def prune(
         if shape is not None:
             shape = (state.c_in,) + shape[1:] if c.kind == "conv2d" else shape[:-1] + (state.c_in,)
         works.append(_LayerWork(c, state, geo, bias, q_a, q_g, s_out, s_in, current, shape))
+    if not works:
+        raise RuntimeError(
+            "no layer could be pruned: " + "; ".join(f"{c.name}: {c.skipped}" for c in prunable[:12])
+            + "; the model was left unchanged"
+        )
+    if zero_curvature:
+        _warn_zero_curvature(zero_curvature, len(works))
 
     pooled = [s for w in works for s in (w.s_out, w.s_in)]
     quantile = float(ratio)
@@ -667,11 +748,16 @@ def prune(
     thr = global_threshold(pooled, quantile)
 
     replacements = {}
-    for w, (ki, ko, f, _, changed) in zip(works, decisions):
+    for i, (w, (ki, ko, f, _, changed)) in enumerate(zip(works, decisions)):
         if changed:
-            replacements[w.cand.name] = build_layer(
-                w.state, w.q_a, w.q_g, ki, ko, f, train_rotations=train_rotations
-            )
+            new = build_layer(w.state, w.q_a, w.q_g, ki, ko, f, train_rotations=train_rotations)
+            if not _all_finite(new):
+                # Never install a non-finite weight: the layer stays as it is.
+                w.cand.skipped = "its new stages had non-finite weights"
+                decisions[i] = _unchanged(w)
+                continue
+            new.train(w.cand.unit.training)  # the mode of the layer it replaces
+            replacements[w.cand.name] = new
     swap_modules(model, replacements)
     if changes is not None:
         for w, (ki, ko, f, _, changed) in zip(works, decisions):
@@ -700,6 +786,7 @@ def prune(
             params_after=cost.params,
             flops_before=w.current.flops,
             flops_after=cost.flops,
+            skipped=w.cand.skipped,
         )
     reports = []
     for c in cands:
@@ -720,14 +807,34 @@ def prune(
                 skipped=c.skipped,
             )
         )
+    params_after = count_params(model)
+    flops_after = count_flops(model, example, forward_fn) if example is not None else 0
+    realised = removed / total if total else 0.0
+    if target == "directions":
+        reached, reached_ok, limited = realised, True, None
+    else:
+        before = params_before if target == "params" else flops_before
+        after = params_after if target == "params" else flops_after
+        reached = 1.0 - after / before if before else 0.0
+        reached_ok = reached >= ratio - TARGET_TOLERANCE
+        limited = None
+        if not reached_ok:
+            limited = _what_limits(works, cands, target, totals, layer_cap, min_rank, round_to, by_latency)
+            warnings.warn(
+                f"prune: target not reached: asked to remove {ratio:.1%} of the {target}, removed "
+                f"{reached:.1%} (÷{1 / max(1e-12, 1 - reached):.2f} instead of "
+                f"÷{1 / max(1e-12, 1 - ratio):.2f}); limited by {limited}",
+                TargetNotReachedWarning,
+                stacklevel=2,
+            )
     return PruneReport(
         params_before=params_before,
-        params_after=count_params(model),
+        params_after=params_after,
         flops_before=flops_before,
-        flops_after=count_flops(model, example) if example is not None else 0,
+        flops_after=flops_after,
         ratio=float(ratio),
         target=target,
-        realised_fraction=removed / total if total else 0.0,
+        realised_fraction=realised,
         threshold=thr,
         quantile=quantile,
         batches=captured.batches,
@@ -735,10 +842,66 @@ def prune(
         method=method,
         fisher=fisher,
         layers=reports,
+        target_reached=reached_ok,
+        reached=reached,
+        limited_by=limited,
     )
 
 
 _EMPTY = object()
+
+# A params/flops target counts as reached within this fraction of the model (0.5 percentage points):
+# the bisection meets the target with whole directions, and FlopCounterMode's count of the whole
+# model can differ slightly from the per-layer costs the bisection adds up.
+TARGET_TOLERANCE = 0.005
+
+
+class PruningWarning(UserWarning):
+    """Base class of the warnings :func:`prune` emits (the callback re-emits them on rank zero)."""
+
+
+class TargetNotReachedWarning(PruningWarning):
+    """A ``"params"``/``"flops"`` target could not be met (caps, ``min_rank``, skipped layers)."""
+
+
+class ZeroCurvatureWarning(PruningWarning):
+    """Layers whose curvature is exactly zero: their directions all score 0 (arbitrary order)."""
+
+
+def _warn_zero_curvature(names: list[str], n_layers: int) -> None:
+    shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+    warnings.warn(
+        f"prune: {len(names)} of {n_layers} layers have zero curvature (every direction scores 0), "
+        f"so their directions are removed in arbitrary order: {shown}. No gradient reaches them: "
+        "is a layer downstream zero-initialised (e.g. a classifier head) or the loss constant? "
+        "Train the model (a few steps suffice) before pruning it",
+        ZeroCurvatureWarning,
+        stacklevel=3,
+    )
+
+
+def _what_limits(works, cands, target, totals, layer_cap, min_rank, round_to, by_latency) -> str:
+    """Why a params/flops target is out of reach, in words (for the warning and the report)."""
+    before = totals[target]
+    prunable = sum(getattr(w.current, target) for w in works)
+    pooled = [s for w in works for s in (w.s_out, w.s_in)]
+    top = _decide(works, global_marks(pooled, 1.0 - 1e-9), layer_cap, min_rank, "auto", round_to)
+    floor_share = sum(getattr(d[3], target) for d in top) / before if before else 0.0
+    parts = [
+        f"the {len(works)} pruned layers hold {prunable / before:.1%} of the {target} and keep at "
+        f"least {floor_share:.1%} with layer_cap={layer_cap:g}, min_rank={min_rank}"
+        + (f", round_to={round_to}" if round_to > 1 else "")
+    ]
+    skipped = [c for c in cands if c.skipped is not None]
+    if skipped:
+        names = ", ".join(f"{c.name} ({c.skipped})" for c in skipped[:6])
+        more = f" and {len(skipped) - 6} more" if len(skipped) > 6 else ""
+        parts.append(f"{len(skipped)} layer(s) are not pruned: {names}{more}")
+    if prunable < before:
+        parts.append(f"{1 - prunable / before:.1%} of the {target} lie outside the pruned layers")
+    if by_latency:
+        parts.append("form_by='latency' leaves layers whole where their reduced forms run slower")
+    return "; ".join(parts)
 
 
 def _dynamic_skips(cands: list[Candidate], captured: CaptureResult, exempt_last: bool) -> None:

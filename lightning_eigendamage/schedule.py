@@ -183,3 +183,33 @@ class PruningSchedule:
                     f"before; pass steps up to {max_steps} or raise max_steps"
                 )
         return warnings
+
+    def validate_steps(self, total_steps: float, done: Any = ()) -> list[str]:
+        """Check step points against the run's total optimizer steps; returns warnings.
+
+        Args:
+            total_steps: optimizer steps the run will take (``inf`` or NaN when unknown, e.g. an
+                iterable dataset without a length and no ``max_steps``).
+            done: keys of rounds already done (resumed runs), not checked.
+
+        Raises:
+            ValueError: a step point beyond ``total_steps``: that round would never run.
+        """
+        pending = [s for s in self.steps if f"step:{s}" not in set(done)]
+        if not pending:
+            return []
+        if not math.isfinite(total_steps):
+            return [
+                f"the run's length is unknown (no max_steps and a training dataloader without a "
+                f"length), so step points {pending} cannot be checked against it: a point the run "
+                "never reaches does not prune"
+            ]
+        late = [s for s in pending if s > total_steps]
+        if late:
+            raise ValueError(
+                f"the schedule prunes at step(s) {late}, but this run takes only {int(total_steps)} "
+                "optimizer step(s) (max_epochs × batches per epoch / accumulate_grad_batches, or "
+                f"max_steps): those rounds would never run; pass steps up to {int(total_steps)} or "
+                "train longer"
+            )
+        return []

@@ -1,0 +1,401 @@
+"""Defects a new user meets first: non-finite eigendecompositions, silent shortfalls of a target,
+run lengths, forwards with more than one input, Transformer decoders, modes and bad input."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from lit_models import LitClassifier, MemoryLogger, image_data, loader, small_cnn, trainer
+from models import ConvNet, conv_batches
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from lightning_eigendamage import (
+    EigenDamagePruning,
+    KFELayer,
+    PruningSchedule,
+    TargetNotReachedWarning,
+    ZeroCurvatureWarning,
+    prune,
+)
+from lightning_eigendamage import eigenbasis, pruner
+
+# ---------------------------------------------------------------------------------------------
+# 1. Never a non-finite weight
+# ---------------------------------------------------------------------------------------------
+
+
+def _psd(n: int, rank: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, rank, generator=g, dtype=torch.float64)
+    return a @ a.T / rank
+
+
+def test_eigh_that_returns_nan_without_raising_falls_back_to_float64(monkeypatch) -> None:
+    """torch.linalg.eigh in float32 can return NaN silently: the result is checked, redone."""
+    real = torch.linalg.eigh
+    calls = []
+
+    def silent_nan(m):
+        calls.append(m.dtype)
+        evals, evecs = real(m)
+        if m.dtype == torch.float32:
+            return torch.full_like(evals, float("nan")), torch.full_like(evecs, float("nan"))
+        return evals, evecs
+
+    monkeypatch.setattr(torch.linalg, "eigh", silent_nan)
+    f = _psd(20, 8)
+    evals, evecs = eigenbasis.eigh_factor(f, float64_max=4)
+    assert calls == [torch.float32, torch.float64]
+    assert torch.isfinite(evals).all() and torch.isfinite(evecs).all()
+    torch.testing.assert_close(evecs @ torch.diag(evals) @ evecs.T, f, rtol=1e-8, atol=1e-8)
+
+
+def test_eigh_that_returns_a_wrong_basis_is_redone(monkeypatch) -> None:
+    """A finite but wrong basis (not orthonormal) fails the probe check and is redone."""
+    real = torch.linalg.eigh
+
+    def garbage_f32(m):
+        evals, evecs = real(m)
+        if m.dtype == torch.float32:
+            return evals, evecs + 0.1 * torch.ones_like(evecs)
+        return evals, evecs
+
+    monkeypatch.setattr(torch.linalg, "eigh", garbage_f32)
+    f = _psd(16, 16, seed=1)
+    evals, evecs = eigenbasis.eigh_factor(f, float64_max=4)
+    eye = torch.eye(16, dtype=torch.float64)
+    assert (evecs.T @ evecs - eye).abs().max() < 1e-10
+    # The batched path checks each result as well.
+    got = eigenbasis.eigh_factors([f, _psd(16, 5, seed=2)], float64_max=4)
+    for evals, evecs in got:
+        assert (evecs.T @ evecs - eye).abs().max() < 1e-10
+
+
+def test_factor_that_no_attempt_can_decompose_leaves_its_layer_whole(monkeypatch) -> None:
+    """Every eigh of the 24-wide factors returns NaN: those layers are left whole with the reason,
+    the others are pruned, and no parameter of the model is non-finite."""
+    real = torch.linalg.eigh
+
+    def nan_for_24(m):
+        evals, evecs = real(m)
+        if m.shape[-1] == 24:
+            return torch.full_like(evals, float("nan")), torch.full_like(evecs, float("nan"))
+        return evals, evecs
+
+    torch.manual_seed(0)
+    model = ConvNet()
+    before = copy.deepcopy(model)
+    monkeypatch.setattr(torch.linalg, "eigh", nan_for_24)
+    report = prune(model, conv_batches(2), ratio=0.5)
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+    by_name = {r.name: r for r in report.layers}
+    # features.2 (16→24) and features.5 (24→32) have a 24-wide factor.
+    for name in ("features.2", "features.5"):
+        assert "eigendecomposition failed" in (by_name[name].skipped or ""), name
+        assert type(model.get_submodule(name)) is type(before.get_submodule(name))
+        torch.testing.assert_close(
+            model.get_submodule(name).weight, before.get_submodule(name).weight, rtol=0, atol=0
+        )
+    assert isinstance(model.features[7], KFELayer) and isinstance(model.fc1, KFELayer)
+
+
+def test_new_stage_with_non_finite_weights_is_never_installed(monkeypatch) -> None:
+    real_build = pruner.build_layer
+
+    def poisoned(state, q_a, q_g, kept_in, kept_out, form, **kw):
+        new = real_build(state, q_a, q_g, kept_in, kept_out, form, **kw)
+        if (state.c_in, state.c_out) == (24, 32):  # features.5
+            with torch.no_grad():
+                next(new.parameters()).view(-1)[0] = float("inf")
+        return new
+
+    monkeypatch.setattr(pruner, "build_layer", poisoned)
+    torch.manual_seed(0)
+    model = ConvNet()
+    old = model.features[5]
+    report = prune(model, conv_batches(2), ratio=0.5)
+    assert model.features[5] is old
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    entry = next(r for r in report.layers if r.name == "features.5")
+    assert entry.skipped == "its new stages had non-finite weights"
+    assert (entry.kept_in, entry.kept_out, entry.form) == (24, 32, "dense")
+    assert entry.params_after == entry.params_before
+    assert isinstance(model.features[7], KFELayer)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. An unreachable target is said
+# ---------------------------------------------------------------------------------------------
+
+
+def test_unreachable_flops_target_warns_and_is_in_the_report() -> None:
+    torch.manual_seed(0)
+    model = ConvNet()
+    with pytest.warns(TargetNotReachedWarning, match=r"asked to remove 80\.0% of the flops") as rec:
+        report = prune(model, conv_batches(2), ratio=0.8, target="flops", exclude=["features.*"])
+    msg = str(rec[0].message)
+    assert "layer_cap=0.95" in msg and "excluded by user" in msg
+    reached = 1 - report.flops_after / report.flops_before
+    assert not report.target_reached
+    assert report.reached == pytest.approx(reached)
+    assert report.reached < 0.8 - 0.005
+    assert report.limited_by and "excluded by user" in report.limited_by
+    d = report.to_dict()
+    assert d["target_reached"] is False and d["reached"] == report.reached
+    assert d["limited_by"] == report.limited_by
+    assert type(report).from_dict(d) == report
+
+
+def test_reachable_target_is_reported_reached_without_warning() -> None:
+    torch.manual_seed(0)
+    model = ConvNet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TargetNotReachedWarning)
+        report = prune(model, conv_batches(2), ratio=0.4, target="params")
+    assert report.target_reached and report.limited_by is None
+    assert report.reached == pytest.approx(1 - report.params_after / report.params_before)
+    assert report.reached >= 0.4 - 0.005
+
+
+def test_callback_says_an_unreachable_target_once_and_logs_it() -> None:
+    torch.manual_seed(0)
+    model = LitClassifier(small_cnn())
+    logger = MemoryLogger()
+    cb = EigenDamagePruning(
+        PruningSchedule(epochs={0: 0.9}, fisher_batches=2, target="flops"),
+        exclude=["net.0", "net.3"],
+        verbose=False,
+    )
+    with pytest.warns(TargetNotReachedWarning, match="EigenDamagePruning round epoch:0") as rec:
+        trainer(max_epochs=2, callbacks=[cb], logger=logger, log_every_n_steps=1).fit(
+            model, loader(image_data(32))
+        )
+    assert len([w for w in rec if issubclass(w.category, TargetNotReachedWarning)]) == 1
+    assert cb.reports[0].target_reached is False
+    assert logger.series("pruning/target_reached") == [0.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. A prune point the run never reaches
+# ---------------------------------------------------------------------------------------------
+
+
+def test_step_point_beyond_the_run_is_an_error_before_training() -> None:
+    model = LitClassifier(small_cnn())
+    before = copy.deepcopy(model.state_dict())
+    cb = EigenDamagePruning(PruningSchedule(steps={1000: 0.5}), verbose=False)
+    with pytest.raises(ValueError, match=r"step\(s\) \[1000\].*only 12 optimizer step"):
+        trainer(max_epochs=3, callbacks=[cb]).fit(model, loader(image_data(64)))  # 3 × 4 steps
+    assert model.steps_run == 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_step_point_within_the_run_is_accepted() -> None:
+    model = LitClassifier(small_cnn())
+    cb = EigenDamagePruning(PruningSchedule(steps={12: 0.3}, fisher_batches=2), verbose=False)
+    trainer(max_epochs=3, callbacks=[cb]).fit(model, loader(image_data(64)))
+    assert len(cb.reports) == 1
+
+
+class _Stream(IterableDataset):
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        for _ in range(4):
+            yield torch.randn(3, 12, 12, generator=g), int(torch.randint(0, 10, (1,), generator=g))
+
+
+def test_step_points_of_a_run_of_unknown_length_warn() -> None:
+    model = LitClassifier(small_cnn())
+    cb = EigenDamagePruning(PruningSchedule(steps={1000: 0.5}), verbose=False)
+    with pytest.warns(UserWarning, match=r"length is unknown.*\[1000\]"):
+        trainer(max_epochs=1, callbacks=[cb]).fit(model, DataLoader(_Stream(), batch_size=2))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Modules whose forward takes more than the input (Lightning's own LightningTransformer)
+# ---------------------------------------------------------------------------------------------
+
+
+def _tiny_lightning_transformer():
+    from lightning.pytorch.demos.transformer import LightningTransformer, Transformer
+
+    class TinyLT(LightningTransformer):
+        def __init__(self) -> None:
+            super().__init__(vocab_size=40)
+            self.model = Transformer(vocab_size=40, ninp=16, nhead=2, nhid=32, nlayers=1, dropout=0.0)
+
+        def prepare_data(self) -> None:  # the demo's would download WikiText-2
+            pass
+
+        def train_dataloader(self) -> DataLoader:
+            g = torch.Generator().manual_seed(0)
+            tokens = torch.randint(0, 40, (24, 9), generator=g)
+            pairs = list(zip(tokens[:, :-1], tokens[:, 1:]))
+            return DataLoader(pairs, batch_size=4)
+
+    torch.manual_seed(0)
+    return TinyLT()
+
+
+def test_lightning_transformer_without_forward_fn_names_the_options() -> None:
+    model = _tiny_lightning_transformer()
+    cb = EigenDamagePruning({0: 0.5}, verbose=False)
+    with pytest.raises(RuntimeError, match=r"forward_fn=.*input_fn") as err:
+        trainer(max_epochs=2, callbacks=[cb]).fit(model)
+    assert isinstance(err.value.__cause__, TypeError)
+
+
+def test_lightning_transformer_is_pruned_with_forward_fn() -> None:
+    model = _tiny_lightning_transformer()
+    cb = EigenDamagePruning(
+        PruningSchedule(epochs={0: 0.5}, fisher_batches=3), forward_fn=lambda m, b: m(*b), verbose=False
+    )
+    trainer(max_epochs=2, callbacks=[cb]).fit(model)
+    report = cb.reports[0]
+    reasons = {r.name: r.skipped for r in report.layers}
+    # The decoder's feed-forward linears have no fused fast path: they are pruned.
+    dec = "model.transformer.decoder.layers.0."
+    assert reasons[dec + "linear1"] is None and reasons[dec + "linear2"] is None
+    assert "fast path" in reasons["model.transformer.encoder.layers.0.linear1"]
+    assert any(isinstance(model.get_submodule(dec + n), KFELayer) for n in ("linear1", "linear2"))
+    assert report.flops_after < report.flops_before
+    assert report.batches == 3
+    inputs, target = next(iter(model.train_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        out = model(inputs, target)
+    assert out.shape == (4 * 8, 40) and torch.isfinite(out).all()
+
+
+def test_prune_takes_forward_fn() -> None:
+    """Plain PyTorch: a module with forward(x, y) pruned with forward_fn; FLOPs counted through it."""
+
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.b(torch.relu(self.a(x))) * scale))
+
+    torch.manual_seed(0)
+    m = TwoInputs()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 6, generator=g), torch.rand(8, 1, generator=g)) for _ in range(2)]
+    with pytest.raises(TypeError):
+        prune(copy.deepcopy(m), batches, ratio=0.5)
+    report = prune(m, batches, ratio=0.5, forward_fn=lambda mod, b: mod(*b))
+    assert report.flops_before == 2 * (6 * 16 + 16 * 16 + 16 * 3)
+    assert report.flops_after < report.flops_before
+    with pytest.raises(TypeError, match="forward_fn must be a callable"):
+        prune(m, batches, ratio=0.5, forward_fn="m(*b)")
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Only the encoder has a fused fast path
+# ---------------------------------------------------------------------------------------------
+
+
+class _Seq2Seq(nn.Module):
+    def __init__(self, nhead: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.t = nn.Transformer(16, nhead, 1, 1, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        return self.head(self.t(h, h).mean(1))
+
+
+def test_decoder_linears_are_pruned_and_match_eager_in_train_and_eval() -> None:
+    torch.manual_seed(0)
+    model = _Seq2Seq()
+    dense = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 7, 6, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(2)]
+    report = prune(model, batches, ratio=0.0, form="bottleneck")
+    reasons = {r.name: r.skipped for r in report.layers}
+    assert reasons["t.decoder.layers.0.linear1"] is None
+    assert reasons["t.decoder.layers.0.linear2"] is None
+    assert "fast path" in reasons["t.encoder.layers.0.linear1"]  # the encoder's is real
+    assert isinstance(model.t.decoder.layers[0].linear1, KFELayer)
+    x = torch.randn(4, 7, 6)
+    for mode in (True, False):
+        model.train(mode), dense.train(mode)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), dense(x), rtol=1e-4, atol=1e-5)
+
+
+def test_encoder_layer_without_a_possible_fast_path_is_pruned() -> None:
+    """An odd head count rules the fused path out (as torch checks it): the linears are prunable."""
+    torch.manual_seed(0)
+    model = _Seq2Seq(nhead=1)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 7, 6, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(2)]
+    dense = copy.deepcopy(model)
+    report = prune(model, batches, ratio=0.0, form="bottleneck")
+    assert {r.name: r.skipped for r in report.layers}["t.encoder.layers.0.linear1"] is None
+    model.eval(), dense.eval()
+    x = torch.randn(4, 7, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dense(x), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Modes are kept
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_new_stages_take_the_mode_of_the_layer_they_replace(training: bool) -> None:
+    torch.manual_seed(0)
+    model = ConvNet().train(training)
+    report = prune(model, conv_batches(2), ratio=0.5)
+    rebuilt = [r.name for r in report.layers if r.skipped is None and r.form != "dense"]
+    assert rebuilt
+    for name in rebuilt:
+        for sub in model.get_submodule(name).modules():
+            assert sub.training is training, name
+    assert all(m.training is training for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Clear errors and warnings
+# ---------------------------------------------------------------------------------------------
+
+
+def test_exclude_that_is_not_a_list_says_what_to_pass() -> None:
+    with pytest.raises(TypeError, match=r"exclude takes .* got int 123"):
+        prune(ConvNet(), conv_batches(1), ratio=0.5, exclude=123)
+    with pytest.raises(TypeError, match=r"exclude takes .* got int 123"):
+        EigenDamagePruning({0: 0.5}, exclude=123)
+
+
+def test_a_bare_tensor_as_batches_says_to_wrap_it() -> None:
+    model = ConvNet()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match=r"single Tensor.*prune\(model, \[batch\]"):
+        prune(model, torch.randn(4, 3, 16, 16), ratio=0.5)
+    with pytest.raises(TypeError, match=r"single dict"):
+        prune(model, {"x": torch.randn(4, 3, 16, 16)}, ratio=0.5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_zero_curvature_warns_and_names_the_layers() -> None:
+    """A zero-initialised head (as torchvision's ViT has) stops every gradient: all scores are 0."""
+    torch.manual_seed(0)
+    model = ConvNet()
+    nn.init.zeros_(model.fc2.weight)
+    with pytest.warns(ZeroCurvatureWarning, match=r"5 of 5 layers have zero curvature.*features\.0"):
+        prune(model, conv_batches(2), ratio=0.5)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ZeroCurvatureWarning)
+        prune(ConvNet(), conv_batches(2), ratio=0.5)
