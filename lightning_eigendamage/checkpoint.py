@@ -3,17 +3,29 @@
 Every pruned layer (:class:`~lightning_eigendamage.layers.KFELayer`) stores a small architecture
 record (strings and integers) as its ``_extra_state``; a state_dict therefore describes the pruned
 architecture by itself and loads with ``torch.load(..., weights_only=True)``.
+
+Loading is all or nothing: the incoming state_dict is checked in full against the architecture
+its records describe (every key and shape, and under ``strict`` the missing and unexpected keys,
+as ``nn.Module.load_state_dict`` would) before any module is swapped or any tensor copied, so a
+load that fails leaves the model's structure and every parameter and buffer as they were.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import sys
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
-from .surgery import records_in, reshape_to_records, swap_modules
+from .layers import KFELayer, architecture_record, is_record
+from .surgery import layers_for_records, records_in, swap_modules
+
+_EXTRA_STATE = "_extra_state"
 
 
 def _state_dict_of(checkpoint: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
@@ -42,18 +54,29 @@ def restore_pruned(
         strict: passed to ``load_state_dict``.
 
     Returns:
-        ``model`` itself, pruned and loaded. If anything fails, ``model`` is left as it was.
+        ``model`` itself, pruned and loaded.
+
+    All or nothing: the records are checked against the model, and the whole state_dict against
+    the model as the records reshape it (:func:`check_loadable`), before the model is touched. If
+    anything fails, ``model`` is left as it was: the same module objects, every parameter and
+    buffer bitwise unchanged. (Only modules that load by rules of their own, which the check
+    leaves to torch, can still fail mid-load; the structure is then put back, but tensors torch
+    already copied stay copied.)
 
     Raises:
         ValueError: the checkpoint's pruned-layer records do not fit this model.
+        RuntimeError: the state_dict does not fit the model as its records reshape it (size
+            mismatches, non-tensor values, a record its layer would refuse, and with ``strict``
+            missing or unexpected keys); the message names each key, with both shapes.
     """
     state_dict = _state_dict_of(checkpoint)
-    records = records_in(state_dict)
-    old = reshape_to_records(model, records)
+    replacements = layers_for_records(model, records_in(state_dict))
+    check_loadable(model, state_dict, strict=strict, replacements=replacements)
+    old = {name: model.get_submodule(name) for name in replacements}
+    swap_modules(model, replacements)
     try:
-        check_record_shapes(model, state_dict, records)
         model.load_state_dict(state_dict, strict=strict)
-    except Exception:
+    except BaseException:
         swap_modules(model, old)
         raise
     return model
@@ -69,6 +92,9 @@ def enable_pruned_loading(model: nn.Module) -> Any:
     checkpoints, and (with ``strategy="ddp_spawn"``) to let the main process take the pruned,
     trained weights back after ``fit``. The hook is picklable, so the model can still be sent to
     spawned processes. Returns the hook handle (``handle.remove()`` undoes it).
+
+    With the hook, ``model.load_state_dict`` is all or nothing: a state_dict that does not fit
+    (see :class:`PrunedLoadingHook`) raises before any module is swapped or tensor copied.
     """
     return model.register_load_state_dict_pre_hook(PrunedLoadingHook())
 
@@ -77,9 +103,16 @@ class PrunedLoadingHook:
     """The ``load_state_dict`` pre-hook of :func:`enable_pruned_loading` (a class, not a closure,
     so that a module holding it can be pickled, e.g. by ``ddp_spawn``).
 
-    On a record mismatch (a layer the model lacks, other widths, a corrupted record) or weights
-    that do not fit the recorded shapes it raises before anything is loaded and leaves the model
-    as it was.
+    It runs on the module it is registered on before that module or any child loads, and checks
+    the whole incoming state_dict against the module as the records reshape it
+    (:func:`check_loadable`): on a record mismatch (a layer the model lacks, other widths, a
+    corrupted record), a tensor whose shape does not fit, a non-tensor value, or (when the load
+    is strict) a missing or unexpected key it raises before anything is swapped or copied, so
+    the model stays as it was. Only then does it swap in the recorded layers.
+
+    torch calls load pre-hooks with ``strict=True`` whatever ``load_state_dict`` was given; the
+    hook reads the real ``strict`` from the ``load_state_dict`` call it runs in. Called outside
+    one, it checks everything but missing and unexpected keys.
 
     Args:
         rotations_require_grad: if not None, the rotation stages of every recorded layer get this
@@ -91,24 +124,53 @@ class PrunedLoadingHook:
         self.rotations_require_grad = rotations_require_grad
 
     def __call__(
-        self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+        self,
+        module: nn.Module,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any] | None = None,
+        *args: Any,
+        **kwargs: Any,
     ) -> None:
-        local = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        local = {
+            k[len(prefix) :]: v for k, v in state_dict.items() if isinstance(k, str) and k.startswith(prefix)
+        }
         records = records_in(local)
-        if not records:
-            return
-        old = reshape_to_records(module, records)
-        try:
-            check_record_shapes(module, local, records)
-        except Exception:
-            swap_modules(module, old)
-            raise
+        replacements = layers_for_records(module, records)
+        assign = bool((local_metadata or {}).get("assign_to_params_buffers", False))
+        check_loadable(
+            module,
+            state_dict,
+            strict=_strict_of_running_load(),
+            prefix=prefix,
+            replacements=replacements,
+            assign=assign,
+        )
+        swap_modules(module, replacements)
         if self.rotations_require_grad is not None:
             for name in records:
                 layer = module.get_submodule(name)
                 for stage in (layer.rotate_in, layer.rotate_out):
                     if stage is not None:
                         stage.weight.requires_grad_(self.rotations_require_grad)
+
+
+def _strict_of_running_load() -> bool | None:
+    """``strict`` of the innermost ``nn.Module.load_state_dict`` call on the stack (None if none).
+
+    ``load_state_dict`` hands every ``_load_from_state_dict`` (and so every pre-hook)
+    ``strict=True`` and applies its own ``strict`` only at the end, when reporting.
+    """
+    code = nn.Module.load_state_dict.__code__
+    frame = sys._getframe(1)
+    try:
+        while frame is not None:
+            if frame.f_code is code:
+                return bool(frame.f_locals.get("strict", True))
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
 
 
 def has_pruned_loading(model: nn.Module, *, ignore: Any = None) -> bool:
@@ -123,24 +185,137 @@ def has_pruned_loading(model: nn.Module, *, ignore: Any = None) -> bool:
     )
 
 
-def check_record_shapes(model: nn.Module, state_dict: dict[str, Any], records: dict[str, dict]) -> None:
-    """Raise if a recorded layer's tensors in ``state_dict`` do not fit the model's (reshaped) layer.
+def _loads_by_torch_rules(module: nn.Module) -> bool:
+    """Whether ``module`` loads its own keys by ``nn.Module``'s rules (BatchNorm's included), so
+    that :func:`check_loadable` can predict the outcome. A module with its own
+    ``_load_from_state_dict`` or other load pre-hooks may rename or consume keys: it (and what
+    is under it) is left to torch."""
+    own = type(module)._load_from_state_dict
+    if own is not nn.Module._load_from_state_dict and own is not _NormBase._load_from_state_dict:
+        return False
+    return all(
+        isinstance(getattr(h, "hook", h), PrunedLoadingHook)
+        for h in module._load_state_dict_pre_hooks.values()
+    )
 
-    Run after :func:`~lightning_eigendamage.surgery.reshape_to_records` and before loading, so a
-    record that disagrees with its own weights fails before any tensor is copied.
+
+def check_loadable(
+    model: nn.Module,
+    state_dict: Mapping[str, Any],
+    *,
+    strict: bool | None = True,
+    prefix: str = "",
+    replacements: dict[str, nn.Module] | None = None,
+    assign: bool = False,
+) -> None:
+    """Raise if ``model.load_state_dict(state_dict, strict=strict)`` would fail; change nothing.
+
+    Walks the module tree as ``nn.Module.load_state_dict`` does, with the modules in
+    ``replacements`` (qualified name → module, e.g. from
+    :func:`~lightning_eigendamage.surgery.layers_for_records`) standing in for the model's own, and
+    applies torch's rules: every parameter and persistent buffer present in ``state_dict`` must be
+    a tensor of the model's shape; a pruned layer's ``_extra_state`` must be its own record; with
+    ``strict`` every expected key must be present (BatchNorm's ``num_batches_tracked`` may be
+    absent from a state_dict without version metadata, as torch fills it in) and no key may be
+    unexpected. ``strict=None`` (unknown) checks all but missing and unexpected keys. Only keys
+    under ``prefix`` are considered, relative to which ``model``'s keys are named. Modules that
+    load by rules of their own (a custom ``_load_from_state_dict`` or load pre-hook, e.g. lazy or
+    quantized modules) are not checked, nor is anything under them.
 
     Raises:
-        RuntimeError: ``size mismatch`` for each tensor whose shape differs.
+        RuntimeError: listing every problem, each with its key (and both shapes for a size
+            mismatch).
     """
-    bad = []
-    for name in records:
-        for key, tensor in model.get_submodule(name).state_dict().items():
-            full = f"{name}.{key}"
-            incoming = state_dict.get(full)
-            if torch.is_tensor(tensor) and torch.is_tensor(incoming) and incoming.shape != tensor.shape:
-                bad.append(f"{full}: checkpoint {tuple(incoming.shape)}, record {tuple(tensor.shape)}")
-    if bad:
+    replacements = replacements or {}
+    metadata = getattr(state_dict, "_metadata", None)
+    missing: list[str] = []
+    unexpected: list[str] = []
+    errors: list[str] = []
+    odd = [k for k in state_dict if not isinstance(k, str)]
+    if odd:
+        errors.append(f"keys must be strings, got {', '.join(repr(k) for k in odd[:5])}")
+
+    def visit(module: nn.Module, name: str, pre: str, keys: list[str], recorded: bool) -> None:
+        if not _loads_by_torch_rules(module):
+            return
+        recorded = recorded or (
+            isinstance(module, KFELayer) and is_record(state_dict.get(pre + _EXTRA_STATE))
+        )
+        persistent = {k: v for k, v in module._buffers.items() if k not in module._non_persistent_buffers_set}
+        local = {
+            k: v for k, v in itertools.chain(module._parameters.items(), persistent.items()) if v is not None
+        }
+        version = (metadata.get(pre[:-1], {}) if metadata is not None else {}).get("version")
+        fills_batches = (
+            isinstance(module, _NormBase) and module.track_running_stats and (version is None or version < 2)
+        )
+        for pname, param in local.items():
+            key = pre + pname
+            if key not in state_dict:
+                if strict and not (fills_batches and pname == "num_batches_tracked"):
+                    missing.append(key)
+                continue
+            value = state_dict[key]
+            if not torch.overrides.is_tensor_like(value):
+                errors.append(f"{key}: expected a tensor, the checkpoint has a {type(value).__name__}")
+                continue
+            if torch.nn.parameter.is_lazy(param):
+                continue
+            shape = value.shape
+            if len(param.shape) == 0 and len(shape) == 1 and shape[0] == 1:
+                shape = torch.Size([])  # torch loads a 1-element vector into a scalar
+            if shape != param.shape:
+                hint = " (shaped by the checkpoint's own pruned-layer record: corrupted checkpoint?)"
+                errors.append(
+                    f"size mismatch for {key}: the checkpoint has shape {tuple(value.shape)}, the "
+                    f"model {tuple(param.shape)}{hint if recorded else ''}"
+                )
+            elif getattr(value, "is_meta", False) and not param.is_meta and not assign:
+                errors.append(f"{key}: the checkpoint's tensor is on the meta device (it holds no data)")
+        extra_key = pre + _EXTRA_STATE
+        if type(module).set_extra_state is not nn.Module.set_extra_state:
+            if extra_key in state_dict:
+                if isinstance(module, KFELayer):
+                    mine, theirs = architecture_record(module), state_dict[extra_key]
+                    if theirs != mine:
+                        errors.append(
+                            f"{extra_key}: the checkpoint's pruned-layer record {theirs!r} does not "
+                            f"match the layer's architecture {mine!r}"
+                        )
+            elif strict:
+                missing.append(extra_key)
+        elif strict and extra_key in state_dict:
+            unexpected.append(extra_key)
+        if strict:
+            for key in keys:
+                if key == extra_key:
+                    continue
+                head, dot, _ = key[len(pre) :].partition(".")
+                if (head not in module._modules) if dot else (head not in local):
+                    unexpected.append(key)
+        for cname, child in module._modules.items():
+            if child is None:
+                continue
+            qualified = f"{name}.{cname}" if name else cname
+            child_pre = f"{pre}{cname}."
+            visit(
+                replacements.get(qualified, child),
+                qualified,
+                child_pre,
+                [k for k in keys if k.startswith(child_pre)],
+                recorded,
+            )
+
+    keys = [k for k in state_dict if isinstance(k, str) and k.startswith(prefix)]
+    visit(model, "", prefix, keys, False)
+    problems = []
+    if missing:
+        problems.append(f"Missing key(s) in state_dict: {', '.join(repr(k) for k in missing)}")
+    if unexpected:
+        problems.append(f"Unexpected key(s) in state_dict: {', '.join(repr(k) for k in unexpected)}")
+    problems += errors
+    if problems:
         raise RuntimeError(
-            "size mismatch between the checkpoint's pruned-layer records and its weights (corrupted "
-            f"checkpoint?); nothing was loaded: {'; '.join(bad)}"
+            f"cannot load the state_dict into {type(model).__name__} (nothing was changed):\n\t"
+            + "\n\t".join(problems)
         )

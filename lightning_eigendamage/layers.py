@@ -161,6 +161,11 @@ def empty_from_record(template: nn.Module, record: dict[str, Any]) -> KFELayer:
 
     ``template`` is the layer's original module (Conv2d or Linear, as in a freshly built model);
     it supplies kernel size, stride, padding etc. Weights are left as initialised: load them.
+    The record is checked in full (kind, widths, form, ranks between 1 and the widths) before
+    anything is allocated.
+
+    Raises:
+        ValueError: the record does not describe a pruned layer over ``template``.
     """
     kind = "conv2d" if isinstance(template, nn.Conv2d) else "linear"
     if not isinstance(template, (nn.Conv2d, nn.Linear)):
@@ -177,8 +182,10 @@ def empty_from_record(template: nn.Module, record: dict[str, Any]) -> KFELayer:
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r} in record")
     r_in, r_out = record.get("rank_in"), record.get("rank_out")
-    if not (isinstance(r_in, int) and isinstance(r_out, int) and 1 <= r_in and 1 <= r_out):
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in (r_in, r_out)):
         raise ValueError(f"bad ranks {r_in!r}, {r_out!r} in record")
+    if r_in > c_in or r_out > c_out:  # pruning only removes directions: a corrupted record
+        raise ValueError(f"ranks {r_in}, {r_out} exceed the layer's widths {c_in}→{c_out}")
     has_in = form in ("bottleneck", "fold_out")
     has_out = form in ("bottleneck", "fold_in")
     if (not has_in and r_in != c_in) or (not has_out and r_out != c_out):

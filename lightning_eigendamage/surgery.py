@@ -171,19 +171,27 @@ def swap_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> None:
 
 
 def records_in(state_dict: dict) -> dict[str, dict]:
-    """Pruned-layer records found in a state_dict: module name → record."""
+    """Pruned-layer records found in a state_dict: module name → record.
+
+    A record is the ``_extra_state`` of a :class:`KFELayer` (see
+    :func:`~lightning_eigendamage.layers.is_record`); other ``_extra_state`` values and keys that
+    are not strings are not records and are left to the loading checks.
+    """
     out = {}
     for key, value in state_dict.items():
-        if key.endswith("._extra_state") and is_record(value):
+        if isinstance(key, str) and key.endswith("._extra_state") and is_record(value):
             out[key[: -len("._extra_state")]] = value
     return out
 
 
-def reshape_to_records(model: nn.Module, records: dict[str, dict]) -> dict[str, nn.Module]:
-    """Replace the modules named in ``records`` with empty pruned layers of those shapes.
+def layers_for_records(model: nn.Module, records: dict[str, dict]) -> dict[str, nn.Module]:
+    """The empty pruned layers that ``records`` ask for, by name; ``model`` is not changed.
 
-    Modules already matching their record are left alone. Validates everything before swapping
-    (atomic). Returns the replaced originals (name → old module), e.g. to undo.
+    Modules already matching their record are left out. Every record is checked against the
+    module it names (kind, widths, form, ranks) before this returns, so a bad record raises here.
+
+    Raises:
+        ValueError: a record names a module the model lacks, or does not fit it.
     """
     modules = dict(model.named_modules())
     replacements = {}
@@ -204,7 +212,18 @@ def reshape_to_records(model: nn.Module, records: dict[str, dict]) -> dict[str, 
             replacements[name] = empty_from_record(template, rec)
         except ValueError as err:
             raise ValueError(f"cannot restore pruned layer {name!r}: {err}") from None
-    old = {name: modules[name] for name in replacements}
+    return replacements
+
+
+def reshape_to_records(model: nn.Module, records: dict[str, dict]) -> dict[str, nn.Module]:
+    """Replace the modules named in ``records`` with empty pruned layers of those shapes.
+
+    Modules already matching their record are left alone. Validates every record before swapping
+    anything (atomic: on an error the model is unchanged). Returns the replaced originals
+    (name → old module), e.g. to undo with :func:`swap_modules`.
+    """
+    replacements = layers_for_records(model, records)
+    old = {name: model.get_submodule(name) for name in replacements}
     swap_modules(model, replacements)
     return old
 
