@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Exact versions known to work together on Python 3.11 (pyproject.toml only sets lower bounds).
 PINS := torch==2.14.1 torchvision==0.29.1 lightning==2.6.6 torchmetrics==1.9.0 \
 	pytest==9.2.0 ruff==0.17.6 scikit-learn==1.9.1 matplotlib==3.11.2 torch-pruning==1.6.1 \
-	onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0
+	onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0 'jsonargparse[signatures]==4.53.0'
 
 .PHONY: venv demo test lint
 

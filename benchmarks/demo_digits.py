@@ -12,16 +12,28 @@ into 1,437 training and 360 test images (stratified, ``random_state=0``).
    fine-tuning epoch 2 and 30 % at the end of epoch 5 (factors from those epochs), fine-tuning
    to ``--finetune-epochs`` (SGD, cosine LR from ``--finetune-lr``).
 
-Prints accuracy, parameters and FLOPs (per example, ``torch.utils.flop_counter``, 2 per
-multiply-add) of the dense and of the pruned model, the per-layer table of each round, and saves
-``layers.png`` (kept eigen-directions per layer) and ``results.json`` under ``--out``.
+Prints accuracy, parameters, FLOPs (per example, ``torch.utils.flop_counter``, 2 per
+multiply-add) and measured CPU latency of the dense and of the pruned model, the per-layer table of
+each round, and saves ``layers.png`` (kept eigen-directions per layer) and ``results.json`` under
+``--out``.
+
+Latency: a copy of the dense model is kept before pruning, and both models are timed in this
+process on test images at each ``--latency-batches`` size (default 1 and 64), in eval mode under
+``torch.inference_mode`` with the script's thread count (at most 2), after a warm-up. Each timing
+is a loop of forwards long enough to take at least ``--latency-min-ms`` for the dense model (the
+same number of calls for both), dense and pruned timings alternate (their order swapped every
+repeat), and the median of ``--latency-repeats`` timings per model is reported as milliseconds per
+forward call.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -106,6 +118,38 @@ def accuracy(model: nn.Module, ds: TensorDataset) -> float:
     return acc
 
 
+def latency_ms(
+    models: dict[str, nn.Module], x: torch.Tensor, repeats: int, min_ms: float = 50.0
+) -> dict[str, float]:
+    """Median milliseconds per forward of each model on ``x``: eval mode, ``torch.inference_mode``,
+    a warm-up, then ``repeats`` rounds in which every model is timed once (the order reversed every
+    other round). A timing loops ``calls`` forwards, ``calls`` chosen so that the first model's loop
+    takes at least ``min_ms``. Training flags are restored afterwards."""
+    modes = {m: m.training for model in models.values() for m in model.modules()}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    try:
+        with torch.inference_mode():
+            for model in models.values():
+                model.eval()
+                for _ in range(3):
+                    model(x)
+            first = next(iter(models.values()))
+            t = time.perf_counter()
+            first(x)
+            calls = max(1, math.ceil(min_ms / 1e3 / max(time.perf_counter() - t, 1e-7)))
+            order = list(models.items())
+            for i in range(repeats):
+                for name, model in order if i % 2 == 0 else order[::-1]:
+                    t = time.perf_counter()
+                    for _ in range(calls):
+                        model(x)
+                    times[name].append((time.perf_counter() - t) / calls)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
 def fit(model: pl.LightningModule, train: TensorDataset, epochs: int, callbacks: list) -> None:
     trainer = pl.Trainer(
         max_epochs=epochs,
@@ -154,10 +198,18 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=20, help="epochs of the pruning fit")
     parser.add_argument("--finetune-lr", type=float, default=0.03, help="initial LR of the pruning fit")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--latency-batches", type=int, nargs="+", default=[1, 64], help="batch sizes of the latency timings"
+    )
+    parser.add_argument("--latency-repeats", type=int, default=21, help="timings per model and batch size")
+    parser.add_argument(
+        "--latency-min-ms", type=float, default=50.0, help="minimum duration of one timing (dense model)"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    threads = torch.get_num_threads()
     pl.seed_everything(args.seed, verbose=False)
     start = time.perf_counter()
 
@@ -170,6 +222,7 @@ def main() -> None:
         "params": count_params(model),
         "flops": count_flops(model, example),
     }
+    dense_model = copy.deepcopy(model)  # kept for the latency comparison
 
     # Prune gradually: 40 % of the FLOPs at the start of the fit, 40 % of the rest after
     # fine-tuning epoch 2 and 30 % of the rest after epoch 5 (0.6·0.6·0.7 ≈ 1/4 kept), fine-tune.
@@ -182,11 +235,29 @@ def main() -> None:
         "params": count_params(model),
         "flops": count_flops(model, example),
     }
+    # CPU latency of both models, measured here, interleaved (see the module docstring).
+    batches = args.latency_batches
+    for bs in batches:
+        x = test.tensors[0][:bs]
+        if len(x) < bs:  # more than the 360 test images: repeat them
+            x = x.repeat(math.ceil(bs / len(x)), 1, 1, 1)[:bs]
+        t = latency_ms({"dense": dense_model, "pruned": model}, x, args.latency_repeats, args.latency_min_ms)
+        dense.setdefault("latency_ms", {})[bs] = t["dense"]
+        pruned.setdefault("latency_ms", {})[bs] = t["pruned"]
 
-    print(f"\n{'model':<28} {'test acc':>9} {'params':>10} {'FLOPs/example':>14}")
+    lat_head = "".join(f"{f'ms @{bs}':>10}" for bs in batches)
+    print(f"\n{'model':<28} {'test acc':>9} {'params':>10} {'FLOPs/example':>14}{lat_head}")
     rows = [("dense", dense), ("pruned + fine-tuned", pruned)]
     for name, r in rows:
-        print(f"{name:<28} {r['accuracy']:>8.2f}% {r['params']:>10,} {r['flops']:>14,}")
+        lat = "".join(f"{r['latency_ms'][bs]:>10.3f}" for bs in batches)
+        print(f"{name:<28} {r['accuracy']:>8.2f}% {r['params']:>10,} {r['flops']:>14,}{lat}")
+    speedups = {bs: dense["latency_ms"][bs] / pruned["latency_ms"][bs] for bs in batches}
+    print(
+        "latency: "
+        + ", ".join(f"batch {bs} {speedups[bs]:.2f}× faster" for bs in batches)
+        + f" (CPU, {threads} thread(s), eval, torch.inference_mode; median of {args.latency_repeats} "
+        "interleaved timings per model, milliseconds per forward call)"
+    )
     print(
         f"FLOPs {dense['flops'] / pruned['flops']:.2f}× fewer, parameters "
         f"{dense['params'] / pruned['params']:.2f}× fewer, accuracy change "
@@ -218,6 +289,7 @@ def main() -> None:
         "flops_reduction": dense["flops"] / pruned["flops"],
         "param_reduction": dense["params"] / pruned["params"],
         "accuracy_change": pruned["accuracy"] - dense["accuracy"],
+        "latency": {"threads": threads, "repeats": args.latency_repeats, "speedup": speedups},
         "rounds": [r.to_dict() for r in pruning.reports],
         "args": vars(args),
     }
