@@ -12,8 +12,12 @@ Fractions compose multiplicatively: ``{2: 0.5, 4: 0.5}`` with ``target="flops"``
 ``(1 − 0.5)·(1 − 0.5) = 25 %`` of the FLOPs.
 
 Points are epoch ends (0-based ``current_epoch``), optimizer steps (``global_step``), or the start
-of ``fit`` (one-shot pruning of an already trained model). This module is plain Python: it never
-imports Lightning, and the schedule is validated completely before training starts.
+of ``fit`` (one-shot pruning of an already trained model): :class:`EpochPoint`, :class:`StepPoint`
+and :class:`StartPoint`. Each point knows its own timing: given a :class:`LoopState` (a plain-data
+snapshot of the training loop) it answers whether the current batch feeds its capture and whether
+its round is due, so the callback loops over the points without knowing their kinds. This module
+is plain Python: it never imports Lightning, and the schedule is validated completely before
+training starts.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 TARGETS = ("directions", "params", "flops")
 _OBJECT_KEYS = ("epochs", "steps", "at_start", "fisher_batches", "target")
@@ -29,17 +33,200 @@ _EXAMPLE = "e.g. schedule={1: 0.5} (prune 50 % at the end of epoch 1) or Pruning
 
 
 @dataclass(frozen=True)
-class PrunePoint:
-    """One scheduled pruning round. ``kind`` is ``"start"``, ``"epoch"`` or ``"step"``."""
+class LoopState:
+    """Where the training loop stands, as prune points read it: plain data, no Lightning.
 
-    kind: str
+    The callback builds one snapshot at the start of each hook, before that hook's own capture
+    (so ``captured_*`` count the batches before the current one).
+
+    Attributes:
+        epoch: ``trainer.current_epoch`` (0-based).
+        batch_idx: index of the current batch in its epoch (-1 outside a batch, e.g. at epoch end).
+        batches_per_epoch: ``trainer.num_training_batches``; ``inf`` for a loader without a length.
+        step_at_batch_start: ``trainer.global_step`` when the current batch started; the batch
+            contributes to optimizer step ``step_at_batch_start + 1``.
+        global_step: ``trainer.global_step`` now (after the batch's optimizer step, at batch end).
+        accumulate: ``trainer.accumulate_grad_batches`` (values below 1 count as 1).
+        captured_in_window: batches captured for the next round so far on this process, finite and
+            non-finite (skipped) ones alike.
+        captured_this_epoch: batches captured in the current epoch on this process.
+        fisher_batches: the schedule's capture budget per round (``None``: every batch).
+    """
+
+    epoch: int = 0
+    batch_idx: int = -1
+    batches_per_epoch: float = math.inf
+    step_at_batch_start: int = 0
+    global_step: int = 0
+    accumulate: int = 1
+    captured_in_window: int = 0
+    captured_this_epoch: int = 0
+    fisher_batches: int | None = 16
+
+    @property
+    def stepped(self) -> bool:
+        """True when the optimizer stepped during the current batch."""
+        return self.global_step > self.step_at_batch_start
+
+
+_KINDS: dict[str, type[PrunePoint]] = {}
+
+
+class _PointMeta(type):
+    """Keeps the base class's old constructor: ``PrunePoint("epoch", 3, 0.5)`` builds an
+    :class:`EpochPoint` (through the ``kind`` registry); subclasses construct as usual."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is PrunePoint:
+            return _point_of_kind(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+def _point_of_kind(kind: str, at: int, fraction: float) -> PrunePoint:
+    try:
+        point_class = _KINDS[kind]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown prune point kind {kind!r}; known kinds: {sorted(_KINDS)}") from None
+    return point_class(at, fraction)
+
+
+@dataclass(frozen=True)
+class PrunePoint(metaclass=_PointMeta):
+    """One scheduled pruning round: removes ``fraction`` of what remains at ``at``.
+
+    Subclasses (one per ``kind``: :class:`StartPoint`, :class:`EpochPoint`, :class:`StepPoint`)
+    answer, from a :class:`LoopState`, when they capture curvature and when they are due; the
+    callback only asks. The base answers *never* to every question. ``PrunePoint(kind, at,
+    fraction)`` builds the subclass registered for ``kind``.
+
+    Attributes:
+        at: the epoch or step of the point (0 for the start of fit).
+        fraction: share of what remains that the round removes.
+        kind: ``"start"``, ``"epoch"`` or ``"step"`` (a class attribute).
+        waits_for_factors: when due with no factors captured (summed over the processes), the
+            point waits for its next due moment instead of being skipped (a class attribute).
+    """
+
     at: int
     fraction: float
+    kind: ClassVar[str] = ""
+    waits_for_factors: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        kind = cls.__dict__.get("kind")
+        if kind:  # a subclass that names a kind registers it for PrunePoint(kind, at, fraction)
+            known = _KINDS.get(kind)
+            if known is not None and (known.__module__, known.__qualname__) != (
+                cls.__module__,
+                cls.__qualname__,
+            ):
+                raise ValueError(f"prune point kind {kind!r} is already taken by {known.__qualname__}")
+            _KINDS[kind] = cls
 
     @property
     def key(self) -> str:
-        """Stable plain-data id of the round (``"epoch:3"``, ``"step:500"``, ``"start"``)."""
-        return "start" if self.kind == "start" else f"{self.kind}:{self.at}"
+        """Stable plain-data id of the round (``"epoch:3"``, ``"step:500"``, ``"start"``), as
+        checkpoints store it."""
+        return f"{self.kind}:{self.at}"
+
+    def describe(self) -> str:
+        """Where the round happens, for logs (``"end of epoch 3"``)."""
+        return self.key
+
+    def wants_capture(self, state: LoopState) -> bool:
+        """Whether the current training batch feeds this point's curvature factors."""
+        return False
+
+    def due_at_batch_end(self, state: LoopState) -> bool:
+        """Whether the round runs at the end of the current training batch."""
+        return False
+
+    def due_at_epoch_end(self, state: LoopState) -> bool:
+        """Whether the round runs at the end of the current training epoch."""
+        return False
+
+    def due_at_fit_start(self) -> bool:
+        """Whether the round runs at the start of ``fit``, on factors from its own pass over the
+        first ``fisher_batches`` training batches."""
+        return False
+
+
+@dataclass(frozen=True)
+class StartPoint(PrunePoint):
+    """One-shot pruning at the start of ``fit`` (``at`` is 0)."""
+
+    kind: ClassVar[str] = "start"
+
+    @property
+    def key(self) -> str:
+        """``"start"``."""
+        return "start"
+
+    def describe(self) -> str:
+        """``"start of fit"``."""
+        return "start of fit"
+
+    def due_at_fit_start(self) -> bool:
+        """Always: the start point prunes before the first training batch."""
+        return True
+
+
+@dataclass(frozen=True)
+class EpochPoint(PrunePoint):
+    """Pruning at the end of (0-based) epoch ``at``, with factors from that epoch."""
+
+    kind: ClassVar[str] = "epoch"
+
+    def describe(self) -> str:
+        """``"end of epoch 3"``."""
+        return f"end of epoch {self.at}"
+
+    def wants_capture(self, state: LoopState) -> bool:
+        """In epoch ``at`` only: the last ``fisher_batches`` batches of the epoch, or the first
+        ones when the loader has no length; every batch when ``fisher_batches`` is None."""
+        if state.epoch != self.at:
+            return False
+        k = state.fisher_batches
+        if k is None:
+            return True
+        n = state.batches_per_epoch
+        if math.isfinite(n):
+            return state.batch_idx >= n - k
+        return state.captured_this_epoch < k
+
+    def due_at_epoch_end(self, state: LoopState) -> bool:
+        """At the end of epoch ``at``."""
+        return state.epoch == self.at
+
+
+@dataclass(frozen=True)
+class StepPoint(PrunePoint):
+    """Pruning after ``at`` optimizer steps, with factors captured since the previous round."""
+
+    kind: ClassVar[str] = "step"
+    waits_for_factors: ClassVar[bool] = True
+
+    def describe(self) -> str:
+        """``"step 500"``."""
+        return f"step {self.at}"
+
+    def wants_capture(self, state: LoopState) -> bool:
+        """Up to ``fisher_batches`` batches (counted over the window) of the last
+        ``ceil(fisher_batches / accumulate)`` optimizer steps before ``at``, and every batch once
+        step ``at`` is reached and the point still waits; every batch when ``fisher_batches``
+        is None."""
+        step = state.step_at_batch_start  # this batch contributes to step `step + 1`
+        k = state.fisher_batches
+        if step >= self.at or k is None:
+            return True
+        per_step = max(1, state.accumulate)
+        return step >= self.at - math.ceil(k / per_step) and state.captured_in_window < k
+
+    def due_at_batch_end(self, state: LoopState) -> bool:
+        """At the first batch end with ``global_step ≥ at`` where the optimizer stepped (the
+        callback then waits further while no factors were captured: ``waits_for_factors``)."""
+        return state.stepped and state.global_step >= self.at
 
 
 def _check_fraction(value: Any, where: str) -> float:
@@ -144,10 +331,11 @@ class PruningSchedule:
         return cls(epochs=schedule)
 
     def points(self) -> list[PrunePoint]:
-        """All rounds: the start point first, then epoch and step points in their own order."""
-        pts = [PrunePoint("start", 0, self.at_start)] if self.at_start is not None else []
-        pts += [PrunePoint("epoch", e, f) for e, f in self.epochs.items()]
-        pts += [PrunePoint("step", s, f) for s, f in self.steps.items()]
+        """All rounds, as :class:`PrunePoint` objects: the start point first, then epoch and step
+        points in their own (sorted) order."""
+        pts: list[PrunePoint] = [StartPoint(0, self.at_start)] if self.at_start is not None else []
+        pts += [EpochPoint(e, f) for e, f in self.epochs.items()]
+        pts += [StepPoint(s, f) for s, f in self.steps.items()]
         return pts
 
     def validate_for(self, max_epochs: int | None, max_steps: int | None) -> list[str]:
