@@ -27,16 +27,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .curvature import (
-    conv_padding,
-    drive_capture,
-)
+from .curvature import CaptureOptions, HookCapture, compute_dtype, conv_patches, drive_capture
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 CRITERIA = ("c-obd", "c-obs", "kron-obd", "kron-obs")
 OBS_CRITERIA = ("c-obs", "kron-obs")
@@ -399,16 +398,6 @@ def slimming_scores(bn: nn.Module) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def conv_patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """Unfolded input patches ``(N, C_in·kh·kw, T)`` of a conv (any padding mode), in
-    ``weight.reshape(C_out, -1)`` column order."""
-    top, bottom, left, right = conv_padding(conv)
-    if any((top, bottom, left, right)):
-        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        x = F.pad(x, (left, right, top, bottom), mode=mode)
-    return F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
-
-
 def per_example_weight_grads(module: nn.Module, x: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
     """Per-example weight gradients ``g_n = Σ_t D_{n,t} a_{n,t}ᵀ`` ``(N, C_out, d)``.
 
@@ -459,17 +448,20 @@ class _DiagLayer:
     pending: torch.Tensor | None = None
 
 
-class DiagFisherCapture:
+class DiagFisherCapture(HookCapture):
     """Hooks that accumulate the diagonal Fisher ``E_n[(∂ℓ_n/∂W)²]`` of Conv2d/Linear weights.
 
-    It has the interface :func:`~lightning_eigendamage.curvature.capture_batch` drives
-    (``modules``, ``factors_for``, ``grad_scale``, ``begin_batch``/``end_batch``/``abort_batch``),
-    so the true/empirical Fisher conventions are exactly those of the K-FAC capture: the output
-    gradient ``D`` of the per-example loss is read by a tensor hook on the layer's output and
-    multiplied by ``grad_scale`` (``N`` for a batch-mean loss), and ``.grad`` is never written.
+    A :class:`~lightning_eigendamage.curvature.HookCapture` like the K-FAC capture, driven by
+    :func:`~lightning_eigendamage.curvature.capture_batch`, so the true/empirical Fisher
+    conventions are exactly those of the K-FAC capture: the output gradient ``D`` of the
+    per-example loss is read by a tensor hook on the layer's output and multiplied by
+    ``grad_scale`` (``N`` for a batch-mean loss), and ``.grad`` is never written.
     Only the first call per forward pass is recorded (``max_calls`` tells callers to skip layers
     called more than once: their per-example gradient sums over calls).
     """
+
+    layer_type = _DiagLayer
+    layers: dict[str, _DiagLayer]
 
     def __init__(
         self,
@@ -482,65 +474,12 @@ class DiagFisherCapture:
         for name, m in modules.items():
             if not isinstance(m, (nn.Conv2d, nn.Linear)):
                 raise TypeError(f"{name}: expected nn.Conv2d or nn.Linear, got {type(m).__name__}")
-        self.modules = dict(modules)
-        self.factors_for = set(self.modules if factors_for is None else factors_for)
+        super().__init__(modules, factors_for=factors_for, accum_dtype=accum_dtype)
         for name in self.factors_for:
             m = self.modules[name]
             if isinstance(m, nn.Conv2d) and m.groups != 1:
                 raise ValueError(f"{name}: grouped convolution (groups={m.groups}) is not supported")
-        self.accum_dtype = accum_dtype
         self.chunk_elements = chunk_elements
-        self.layers = {name: _DiagLayer() for name in self.modules}
-        self.grad_scale = 1.0
-        self.batches = 0
-        self.skipped_batches = 0
-        self._handles: list[Any] = []
-        self._calls: dict[str, int] = {}
-        self._active = False
-
-    def __enter__(self) -> DiagFisherCapture:
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._active = False
-
-    def begin_batch(self) -> None:
-        self._calls = {}
-        for lay in self.layers.values():
-            lay.pending = None
-        self._active = True
-
-    def abort_batch(self) -> None:
-        self._active = False
-        for lay in self.layers.values():
-            lay.pending = None
-
-    def end_batch(self, n_examples: int) -> bool:
-        """Commit the batch; returns False (and counts it) if any contribution is non-finite."""
-        self._active = False
-        for name, calls in self._calls.items():
-            lay = self.layers[name]
-            lay.max_calls = max(lay.max_calls, calls)
-        pend = [lay for lay in self.layers.values() if lay.pending is not None]
-        if pend and not bool(torch.isfinite(torch.stack([lay.pending.sum() for lay in pend])).all()):
-            self.skipped_batches += 1
-            for lay in pend:
-                lay.pending = None
-            return False
-        for lay in pend:
-            lay.sum = lay.pending if lay.sum is None else lay.sum + lay.pending
-            lay.examples += n_examples
-            lay.pending = None
-        self.batches += 1
-        return True
 
     def fisher(self) -> dict[str, torch.Tensor]:
         """Layer name → diagonal Fisher ``(C_out, d)`` (sum / examples), for layers that got one."""
@@ -550,28 +489,25 @@ class DiagFisherCapture:
             if lay.sum is not None and lay.examples
         }
 
-    def _forward_hook(self, name: str) -> Callable:
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            if not self._active:
-                return
-            calls = self._calls.get(name, 0) + 1
-            self._calls[name] = calls
-            lay = self.layers[name]
-            lay.fired = True
-            if calls > 1 or name not in self.factors_for:
-                lay.pending = None
-                return
-            x = inputs[0].detach()
-            if output.requires_grad:
-                output.register_hook(self._grad_hook(name, module, x))
+    # -- what is recorded and committed ----------------------------------------------------------
+    def pending_values(self, layer: _DiagLayer) -> list[torch.Tensor]:
+        return [] if layer.pending is None else [layer.pending]
 
-        return hook
+    def clear_pending(self, layer: _DiagLayer) -> None:
+        layer.pending = None
 
-    def _grad_hook(self, name: str, module: nn.Module, x: torch.Tensor) -> Callable:
+    def commit(self, layer: _DiagLayer, n_examples: int) -> None:
+        layer.sum = layer.pending if layer.sum is None else layer.sum + layer.pending
+        layer.examples += n_examples
+
+    def record(self, name: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self.watch_grad(output, self._grad_hook(name, module, inputs[0].detach()))
+
+    def _grad_hook(self, name: str, module: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
-            if not self._active or self._calls.get(name, 0) > 1:
+            if not self.recording or self.calls(name) > 1:
                 return
-            dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+            dtype = compute_dtype(grad.dtype)
             d = grad.detach().to(dtype) * float(self.grad_scale)
             s = diag_fisher_sum(module, x.to(dtype), d, self.chunk_elements)
             self.layers[name].pending = s.to(self.accum_dtype)
@@ -596,35 +532,18 @@ def capture_diag_fisher(
     batches: Iterable[Any],
     *,
     factors_for: Iterable[str] | None = None,
-    fisher: str = "true",
-    loss_fn: Callable | None = None,
-    input_fn: Callable | None = None,
-    likelihood: str = "categorical",
-    class_dim: int = -1,
-    generator: torch.Generator | None = None,
-    max_batches: int | None = None,
+    **options: Unpack[CaptureOptions],
 ) -> DiagFisherResult:
     """Run ``model`` over ``batches`` in eval mode and accumulate the per-example diagonal Fisher.
 
     The counterpart of :func:`~lightning_eigendamage.curvature.capture_factors` (same batches, same
+    ``options`` of :func:`~lightning_eigendamage.curvature.drive_capture`, same
     ``fisher="true"``/``"empirical"`` conventions, same seeded label sampling: default generator
     seeded with 0 on the model's device), giving ``F_q = (1/N) Σ_n (∂ℓ_n/∂w_q)²`` for every weight
     of each module in ``factors_for``, shaped like ``weight.reshape(C_out, -1)``.
     """
     cap = DiagFisherCapture(modules, factors_for=factors_for)
-    drive_capture(
-        model,
-        cap,
-        batches,
-        fisher=fisher,
-        loss_fn=loss_fn,
-        input_fn=input_fn,
-        likelihood=likelihood,
-        class_dim=class_dim,
-        generator=generator,
-        max_batches=max_batches,
-        what="the diagonal Fisher",
-    )
+    drive_capture(model, cap, batches, what="the diagonal Fisher", **options)
     return DiagFisherResult(
         fisher=cap.fisher(),
         batches=cap.batches,

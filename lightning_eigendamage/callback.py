@@ -500,7 +500,7 @@ class EigenDamagePruning(Callback):
             return
         # G hooks fire during this backward: undo the batch mean, Lightning's division by
         # accumulate_grad_batches and the gradient scaler's loss scale.
-        n = next((lf._pending["n"] for lf in self._cap.layers.values() if "n" in lf._pending), 1)
+        n = self._cap.pending_examples or 1
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         self._cap.grad_scale = n * max(1, trainer.accumulate_grad_batches) / scale
@@ -513,7 +513,7 @@ class EigenDamagePruning(Callback):
             self._emp_active = False
             cap = self._cap
             if cap is not None and self._emp_backward:
-                n = next((lf._pending["n"] for lf in cap.layers.values() if "n" in lf._pending), 0)
+                n = cap.pending_examples
                 cap.end_batch(n)
                 self._epoch_captured += 1
                 self._example = batch

@@ -1,0 +1,258 @@
+"""Driving a model over batches: batch and loss helpers, one captured batch, the batch loop.
+
+:func:`capture_batch` runs one forward and backward that feeds a capture whose hooks are on;
+:func:`drive_capture` runs it over batches in eval mode with the hooks on only inside the call;
+:func:`capture_factors` is the K-FAC capture over batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .hooks import CaptureResult, HookCapture, KFACapture
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+FISHER_TYPES = ("true", "empirical")
+LIKELIHOODS = ("categorical", "gaussian")
+
+
+class CaptureOptions(TypedDict, total=False):
+    """The keyword options of :func:`drive_capture` that the ``capture_*`` functions pass on:
+    which Fisher, how the loss and input are read from a batch, how many batches."""
+
+    fisher: str
+    loss_fn: Callable | None
+    input_fn: Callable | None
+    likelihood: str
+    class_dim: int
+    generator: torch.Generator | None
+    max_batches: int | None
+    forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None
+
+
+def split_batch(batch: Any, input_fn: Callable | None) -> tuple[Any, Any]:
+    """``(input, target)`` of a batch: a tensor, an ``(input, target, ...)`` tuple, or via ``input_fn``."""
+    if input_fn is not None:
+        target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+        return input_fn(batch), target
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    raise TypeError(
+        f"cannot find the model input in a batch of type {type(batch).__name__}; pass "
+        "input_fn=lambda batch: ... that returns the model's input"
+    )
+
+
+def target_of(batch: Any) -> Any:
+    """The target of an ``(input, target, ...)`` batch, None for any other batch."""
+    return batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor in it (also inside tuples, lists and dicts) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def default_loss(output: torch.Tensor, target: torch.Tensor, class_dim: int = -1) -> torch.Tensor:
+    """Cross-entropy summed over locations, averaged over the ``N`` examples (leading dim)."""
+    logits = output.movedim(class_dim, -1)
+    flat = logits.reshape(-1, logits.shape[-1])
+    return F.cross_entropy(flat.float(), target.reshape(-1), reduction="sum") / output.shape[0]
+
+
+def sampled_loss(
+    output: torch.Tensor, likelihood: str, class_dim: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Loss of targets drawn from the model's own predictive distribution, summed over examples.
+
+    Categorical: ``ŷ ~ softmax(logits)`` along ``class_dim``; loss ``Σ −log p(ŷ)``.
+    Gaussian (unit variance): ``ŷ = output + ε``, loss ``½ Σ (ŷ − output)²``.
+    Its gradient w.r.t. a layer output is the per-example ``D`` of the true Fisher.
+    """
+    if likelihood == "categorical":
+        logits = output.movedim(class_dim, -1)
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        with torch.no_grad():
+            probs = torch.softmax(flat, dim=-1)
+            # Non-finite logits: sample anything; the batch's factors are non-finite and dropped.
+            bad = ~torch.isfinite(probs).all(dim=-1, keepdim=True)
+            probs = torch.where(bad, torch.ones_like(probs), probs)
+            y = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return F.cross_entropy(flat, y, reduction="sum")
+    with torch.no_grad():
+        eps = torch.randn(output.shape, generator=generator, device=output.device, dtype=torch.float32)
+        y = output.detach().float() + eps
+    return 0.5 * ((y - output.float()) ** 2).sum()
+
+
+def capture_batch(
+    model: nn.Module,
+    cap: HookCapture,
+    inp: Any,
+    target: Any,
+    *,
+    fisher: str = "true",
+    loss_fn: Callable | None = None,
+    likelihood: str = "categorical",
+    class_dim: int = -1,
+    generator: torch.Generator | None = None,
+    forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+) -> bool:
+    """One forward and backward of ``model`` on ``inp`` that feeds ``cap`` (hooks already on).
+
+    The forward is ``model(inp)``, or ``forward_fn(model, inp)`` when given (then ``inp`` is the
+    whole batch, for models whose ``forward`` takes more than one input).
+
+    The caller chooses the model's mode (eval mode keeps BatchNorm statistics and dropout RNG
+    untouched). The backward goes through :func:`torch.autograd.grad` to the hooked layers'
+    *inputs* (a floating-point model input is made to carry a gradient for this), so no weight
+    gradient is computed and ``.grad`` is never written; a layer whose input carries no gradient
+    (e.g. after a frozen stem) is reached through its weight instead. Returns whether the batch
+    was committed (finite).
+
+    - ``fisher="true"``: targets are sampled from the model (:func:`sampled_loss`) with
+      ``generator``; the global RNG is not used.
+    - ``fisher="empirical"``: ``loss_fn(output, target)`` (default :func:`default_loss`), which
+      must return the loss averaged over the batch's ``N`` examples; it is multiplied by ``N``.
+    """
+    if isinstance(inp, torch.Tensor) and inp.is_floating_point() and not inp.requires_grad:
+        # A non-leaf alias that requires grad: the backward can stop at the first layer's input.
+        inp = inp.detach() + torch.zeros((), dtype=inp.dtype, device=inp.device, requires_grad=True)
+    cap.begin_batch()
+    try:
+        with torch.enable_grad():
+            output = model(inp) if forward_fn is None else forward_fn(model, inp)
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(
+                    f"the model returned {type(output).__name__}; curvature capture needs a "
+                    "tensor of logits (pass forward_fn=lambda model, batch: ... returning them)"
+                )
+            n = output.shape[0]
+            if fisher == "true":
+                loss = sampled_loss(output, likelihood, class_dim, generator)
+                cap.grad_scale = 1.0
+            else:
+                if target is None:
+                    raise ValueError("fisher='empirical' needs (input, target) batches; got no target")
+                fn = loss_fn or (lambda o, t: default_loss(o, t, class_dim))
+                loss = fn(output, target)
+                cap.grad_scale = float(n)
+            if hasattr(cap, "grad_targets"):
+                root = inp if isinstance(inp, torch.Tensor) and inp.requires_grad else None
+                targets = cap.grad_targets(root)
+            else:  # captures without grad_targets: reach every layer through its weight
+                targets = [
+                    m.weight
+                    for n, m in cap.modules.items()
+                    if n in cap.factors_for and m.weight.requires_grad
+                ]
+            if targets and loss.requires_grad:
+                torch.autograd.grad(loss, targets, allow_unused=True)
+    except BaseException:
+        cap.abort_batch()
+        raise
+    return cap.end_batch(n)
+
+
+def capture_factors(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    batches: Iterable[Any],
+    *,
+    factors_for: Iterable[str],
+    a_form: str = "channel",
+    **options: Unpack[CaptureOptions],
+) -> CaptureResult:
+    """Run ``model`` over ``batches`` in eval mode and accumulate K-FAC factors of ``modules``.
+
+    The model is put in eval mode for the capture (BatchNorm uses and keeps its running
+    statistics, dropout is off) and its modes are restored afterwards; hooks are removed also on
+    errors. ``options`` (``fisher``, ``loss_fn``, ``input_fn``, ``likelihood``, ``class_dim``,
+    ``generator``, ``max_batches``, ``forward_fn``) are those of :func:`drive_capture`; see
+    :func:`capture_batch` for the two Fisher types.
+    """
+    cap = KFACapture(modules, factors_for=factors_for, a_form=a_form)
+    drive_capture(model, cap, batches, what="curvature", **options)
+    return cap.result()
+
+
+def drive_capture(
+    model: nn.Module,
+    cap: HookCapture,
+    batches: Iterable[Any],
+    *,
+    fisher: str = "true",
+    loss_fn: Callable | None = None,
+    input_fn: Callable | None = None,
+    likelihood: str = "categorical",
+    class_dim: int = -1,
+    generator: torch.Generator | None = None,
+    max_batches: int | None = None,
+    what: str = "curvature",
+    forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+) -> int:
+    """Feed ``cap`` (a :class:`KFACapture` or any other :class:`HookCapture`) over ``batches``.
+
+    The model runs in eval mode (modes restored afterwards); the hooks are on only inside this
+    call and removed also on errors. The true Fisher's default generator is seeded with 0 on the
+    model's device. Returns the number of batches seen; raises if there were none.
+    """
+    if fisher not in FISHER_TYPES:
+        raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    if fisher == "true" and generator is None:
+        generator = torch.Generator(device=device).manual_seed(0)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    seen = 0
+    try:
+        with cap:
+            for batch in _limit(batches, max_batches):
+                seen += 1
+                if forward_fn is None:
+                    inp, target = split_batch(batch, input_fn)
+                else:
+                    inp, target = batch, target_of(batch)
+                capture_batch(
+                    model,
+                    cap,
+                    to_device(inp, device),
+                    to_device(target, device),
+                    fisher=fisher,
+                    loss_fn=loss_fn,
+                    likelihood=likelihood,
+                    class_dim=class_dim,
+                    generator=generator,
+                    forward_fn=forward_fn,
+                )
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    if seen == 0:
+        raise ValueError(f"batches is empty: {what} needs at least one batch")
+    return seen
+
+
+def _limit(batches: Iterable[Any], n: int | None) -> Iterator[Any]:
+    for i, b in enumerate(batches):
+        if n is not None and i >= n:
+            return
+        yield b

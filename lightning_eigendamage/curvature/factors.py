@@ -1,0 +1,158 @@
+"""Per-batch K-FAC factor contributions: pure functions on tensors, tested against brute force.
+
+Every function returns *sums* over the batch (and the number of rows summed) so that a capture can
+accumulate them exactly and average once; see the package docstring for the definitions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+A_FORMS = ("channel", "patch")
+
+
+def conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """Explicit ``(top, bottom, left, right)`` padding of a Conv2d, resolving ``"same"``/``"valid"``.
+
+    ``"same"`` splits ``dilation·(k−1)`` as PyTorch does: ``total // 2`` before, the rest after.
+    """
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0, 0, 0)
+        pads = []
+        for d, k in zip(conv.dilation, conv.kernel_size):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return (pads[0], pads[1], pads[2], pads[3])
+    ph, pw = conv.padding
+    return (ph, ph, pw, pw)
+
+
+def _read_counts(size: int, pad_lo: int, pad_hi: int, k: int, s: int, d: int, n_out: int) -> torch.Tensor:
+    """Reads per padded-input position along one axis: ``c[p] = #{(t, δ): t·s + δ·d = p}``.
+
+    ``size`` input positions padded by ``pad_lo``/``pad_hi``, kernel size ``k``, stride ``s``,
+    dilation ``d``, ``n_out`` output positions; returns ``(size + pad_lo + pad_hi,)`` float64 on CPU.
+    """
+    c = torch.zeros(size + pad_lo + pad_hi, dtype=torch.float64)
+    starts = torch.arange(n_out) * s
+    for delta in range(k):
+        c.index_add_(0, starts + delta * d, torch.ones(n_out, dtype=torch.float64))
+    return c
+
+
+def _axis_counts(
+    conv: nn.Conv2d, h: int, w: int, h_out: int, w_out: int, *, crop: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-axis read counts ``(c_h, c_w)`` of a conv on an ``(H, W)`` input with ``(H_out, W_out)``
+    outputs; the count map is separable: ``c[i, j] = c_h[i] · c_w[j]``.
+
+    The counts run over the padded grid ``(H+pt+pb,)``, ``(W+pl+pr,)``; with ``crop=True`` the
+    zero-padding border is cut off (those pixels are zeros), leaving ``(H,)``, ``(W,)``.
+    """
+    top, bottom, left, right = conv_padding(conv)
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    ch = _read_counts(h, top, bottom, kh, sh, dh, h_out)
+    cw = _read_counts(w, left, right, kw, sw, dw, w_out)
+    if crop:
+        ch, cw = ch[top : top + h], cw[left : left + w]
+    return ch, cw
+
+
+def gram(v: torch.Tensor) -> torch.Tensor:
+    """``Σ_n V_n V_nᵀ`` for ``v`` ``(N, C, P)``: ``(C, C)``.
+
+    Batched products for narrow layers (no copy of ``v``); one transposing copy and a single
+    GEMM for wide ones, where that is faster.
+    """
+    n, c, p = v.shape
+    if c <= 128:
+        return torch.bmm(v, v.transpose(1, 2)).sum(0)
+    rows = v.transpose(0, 1).reshape(c, n * p)
+    return rows @ rows.T
+
+
+def conv_channel_a(
+    x: torch.Tensor, conv: nn.Conv2d, h_out: int, w_out: int, cache: dict | None = None
+) -> tuple[torch.Tensor, int]:
+    """Channel-form ``Σ_{n,t,δ} a aᵀ`` for a conv input ``x`` ``(N, C_in, H, W)``.
+
+    Returns the ``(C_in, C_in)`` sum (not yet averaged) and the number of reads ``N·T·kh·kw``.
+    Uses ``Xᵀ diag(c) X`` with the separable count map ``c = c_h ⊗ c_w``: rows and columns that
+    are never read (``c = 0``, e.g. the skipped pixels of a strided 1×1 conv) are dropped first;
+    uniform counts need no weighting copy at all. ``cache`` (any dict) keeps the per-shape counts.
+    """
+    n, c_in, h, w = x.shape
+    key = (id(conv), h, w, h_out, w_out)
+    prep = cache.get(key) if cache is not None else None
+    if prep is None:
+        crop = conv.padding_mode == "zeros"
+        ch, cw = _axis_counts(conv, h, w, h_out, w_out, crop=crop)
+        ih, iw = ch.nonzero().squeeze(1), cw.nonzero().squeeze(1)
+        ih = None if ih.numel() == ch.numel() else ih.to(x.device)
+        iw = None if iw.numel() == cw.numel() else iw.to(x.device)
+        ch = ch[ch > 0]
+        cw = cw[cw > 0]
+        uniform = bool((ch == ch[0]).all() and (cw == cw[0]).all())
+        weight = float(ch[0] * cw[0]) if uniform else (ch.sqrt()[:, None] * cw.sqrt()[None, :]).to(x.device)
+        prep = (crop, ih, iw, uniform, weight)
+        if cache is not None:
+            cache[key] = prep
+    crop, ih, iw, uniform, weight = prep
+    if not crop:
+        top, bottom, left, right = conv_padding(conv)
+        x = F.pad(x, (left, right, top, bottom), mode=conv.padding_mode)
+    if ih is not None:
+        x = x.index_select(2, ih)
+    if iw is not None:
+        x = x.index_select(3, iw)
+    if uniform:
+        a = gram(x.reshape(n, c_in, -1)) * weight
+    else:
+        a = gram((x * weight.to(x.dtype)).reshape(n, c_in, -1))
+    reads = n * h_out * w_out * conv.kernel_size[0] * conv.kernel_size[1]
+    return a, reads
+
+
+def conv_patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """Unfolded input patches ``(N, C_in·kh·kw, T)`` of a conv input ``x`` ``(N, C_in, H, W)`` (any
+    padding mode), in ``weight.reshape(C_out, -1)`` column order."""
+    top, bottom, left, right = conv_padding(conv)
+    if any((top, bottom, left, right)):
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, (left, right, top, bottom), mode=mode)
+    return F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+
+
+def conv_patch_a(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, int]:
+    """Patch-form ``Σ_{n,t} p pᵀ`` ``(C_in·kh·kw, C_in·kh·kw)`` by unfolding, and ``N·T``."""
+    patches = conv_patches(x, conv)
+    patches = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N·T, C_in·k²)
+    return patches.T @ patches, patches.shape[0]
+
+
+def linear_a(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``Σ a aᵀ`` over all examples and leading positions of ``x`` ``(N, *, C_in)``, and the count."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows.T @ rows, rows.shape[0]
+
+
+def output_g(grad: torch.Tensor, is_conv: bool) -> tuple[torch.Tensor, int]:
+    """``Σ D Dᵀ`` over examples and locations of an output gradient, and the number of rows.
+
+    ``grad`` is ``(N, C_out, H_out, W_out)`` for a conv, ``(N, *, C_out)`` for a Linear.
+    """
+    if is_conv:
+        n, c = grad.shape[:2]
+        v = grad.reshape(n, c, -1)
+        return gram(v), n * v.shape[2]
+    rows = grad.reshape(-1, grad.shape[-1])
+    return rows.T @ rows, rows.shape[0]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype factor products are computed in for tensors of ``dtype``: float64 stays float64,
+    anything else (float32, bf16, fp16) is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

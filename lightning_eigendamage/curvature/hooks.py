@@ -1,0 +1,467 @@
+"""Hook-based capture: the lifecycle shared by every capture, and the K-FAC capture.
+
+:class:`HookCapture` owns what any per-layer capture needs (forward hooks on, off on exit, a batch
+begun, aborted or committed only if finite, calls per forward pass counted, the order layers first
+ran in); :class:`KFACapture` records the K-FAC factors of :mod:`.factors`, and
+:class:`~lightning_eigendamage.baselines.DiagFisherCapture` the diagonal Fisher, on top of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from ..costs import Geometry
+from .factors import A_FORMS, compute_dtype, conv_channel_a, conv_patch_a, linear_a, output_g
+
+_C = TypeVar("_C", bound="HookCapture")
+
+
+class HookCapture:
+    """Forward hooks on ``modules`` and the per-batch lifecycle of what they record.
+
+    Use as a context manager; hooks are removed on exit, also on exceptions. Between
+    :meth:`begin_batch` and :meth:`end_batch` (or :meth:`abort_batch`) each forward call of a
+    module is counted; the first one per pass of a module in ``factors_for`` is handed to
+    :meth:`record`, which stores the layer's contribution as *pending* (and may watch the output's
+    gradient with :meth:`watch_grad`). Every other call (a module run twice, or one outside
+    ``factors_for``) only counts and drops what is pending. :meth:`end_batch` commits the batch
+    only if every pending tensor is finite. The hooks are never traced by ``torch.compile``.
+
+    A subclass sets :attr:`layer_type` (a class whose instances have ``max_calls``, ``fired`` and
+    ``reached`` attributes) and implements :meth:`record`, :meth:`pending_values`,
+    :meth:`clear_pending` and :meth:`commit`.
+
+    Attributes:
+        modules: name → hooked module. factors_for: names whose contributions are recorded.
+        layers: name → ``layer_type`` record. fire_order: names in the order they first ran.
+        grad_scale: factor applied to output gradients (undoes a batch-mean loss; ``N`` for it).
+        batches / skipped_batches: batches committed / dropped as non-finite.
+    """
+
+    layer_type: type  # set by each subclass
+
+    def __init__(
+        self,
+        modules: dict[str, nn.Module],
+        *,
+        factors_for: Iterable[str] | None = None,
+        accum_dtype: torch.dtype = torch.float64,
+    ) -> None:
+        self.modules = dict(modules)
+        self.factors_for = set(self.modules if factors_for is None else factors_for)
+        self.accum_dtype = accum_dtype
+        self.layers: dict[str, Any] = {name: self.layer_type() for name in self.modules}
+        self.fire_order: list[str] = []
+        self.grad_scale = 1.0
+        self.batches = 0
+        self.skipped_batches = 0
+        self._handles: list[Any] = []
+        self._calls: dict[str, int] = {}
+        self._active = False
+
+    # -- what a subclass records ------------------------------------------------------------------
+    def record(self, name: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        """Store the pending contribution of ``name``'s first call in this pass (subclass)."""
+        raise NotImplementedError
+
+    def pending_values(self, layer: Any) -> list[torch.Tensor]:
+        """The tensors ``layer`` has pending, checked for finiteness; empty if none (subclass)."""
+        raise NotImplementedError
+
+    def clear_pending(self, layer: Any) -> None:
+        """Drop what ``layer`` has pending, with any references to the batch's tensors (subclass)."""
+        raise NotImplementedError
+
+    def commit(self, layer: Any, n_examples: int) -> None:
+        """Add ``layer``'s finite pending contribution of ``n_examples`` to its sums (subclass);
+        :meth:`end_batch` clears the pending state afterwards."""
+        raise NotImplementedError
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def recording(self) -> bool:
+        """True between :meth:`begin_batch` and :meth:`end_batch` / :meth:`abort_batch` /
+        :meth:`remove`: the hooks record what they see."""
+        return self._active
+
+    def calls(self, name: str) -> int:
+        """Forward calls of ``name`` so far in the batch being recorded (or the last one)."""
+        return self._calls.get(name, 0)
+
+    # -- context management ------------------------------------------------------------------
+    def __enter__(self: _C) -> _C:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove the forward hooks (gradient hooks die with their outputs) and stop recording."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._active = False
+
+    # -- batches -------------------------------------------------------------------------------
+    def begin_batch(self) -> None:
+        """Start recording a batch: call counts reset, nothing pending."""
+        self._calls = {}
+        for layer in self.layers.values():
+            self.clear_pending(layer)
+        self._active = True
+
+    def abort_batch(self) -> None:
+        """Drop the current batch's contributions (e.g. after an exception)."""
+        self._active = False
+        for layer in self.layers.values():
+            self.clear_pending(layer)
+
+    def end_batch(self, n_examples: int) -> bool:
+        """Commit the batch's contributions; returns False (and counts it) if any is non-finite."""
+        self._active = False
+        for name, calls in self._calls.items():
+            layer = self.layers[name]
+            layer.max_calls = max(layer.max_calls, calls)
+        pend = [(layer, values) for layer in self.layers.values() if (values := self.pending_values(layer))]
+        checks = [v.sum() for _, values in pend for v in values]
+        if checks and not bool(torch.isfinite(torch.stack(checks)).all()):
+            self.skipped_batches += 1
+            for layer, _ in pend:
+                self.clear_pending(layer)
+            return False
+        for layer, _ in pend:
+            self.commit(layer, n_examples)
+            self.clear_pending(layer)  # also drops references to this batch's activations
+        self.batches += 1
+        return True
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def watch_grad(self, output: torch.Tensor, hook: Callable[[torch.Tensor], None]) -> None:
+        """Call ``hook(grad)`` with the gradient that reaches ``output`` (if it carries one).
+
+        A tensor hook on the output rather than a module backward hook, so in-place ops after the
+        layer (``ReLU(inplace=True)``) do not change what is seen; never traced by torch.compile.
+        """
+        if output.requires_grad:
+            output.register_hook(torch.compiler.disable(hook))
+
+    def _forward_hook(self, name: str) -> Callable:
+        # Never traced by torch.compile: the hook's Python state (which layer, calls so far,
+        # capture on or off) would otherwise become guards and recompile the model every batch.
+        @torch.compiler.disable
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if not self._active:
+                return
+            calls = self._calls.get(name, 0) + 1
+            self._calls[name] = calls
+            layer = self.layers[name]
+            if not layer.fired:
+                self.fire_order.append(name)
+            layer.fired = True
+            if calls > 1 or name not in self.factors_for:
+                self.clear_pending(layer)
+                return
+            self.record(name, module, inputs, output)
+
+        return hook
+
+
+@dataclass
+class LayerFactors:
+    """Accumulated factors of one layer (sums; :meth:`a` / :meth:`g` give the averages)."""
+
+    a_sum: torch.Tensor | None = None
+    g_sum: torch.Tensor | None = None
+    a_rows: int = 0
+    g_rows: int = 0
+    examples: int = 0
+    geometry: Geometry | None = None
+    input_shape: tuple[int, ...] | None = None  # per-example shape of the hooked module's input
+    max_calls: int = 0  # most forward calls seen in one pass
+    fired: bool = False
+    reached: bool = False  # a gradient arrived at least once
+    _pending: dict[str, Any] = field(default_factory=dict)
+
+    def a(self) -> torch.Tensor:
+        """``A`` ``(d_in, d_in)``: the accumulated sum over its rows."""
+        return self.a_sum / self.a_rows
+
+    def g(self) -> torch.Tensor:
+        """``G`` ``(C_out, C_out)``: the accumulated sum over its rows."""
+        return self.g_sum / self.g_rows
+
+    @property
+    def locations(self) -> float:
+        """``T``: output locations per example (``H_out·W_out``, tokens, or 1)."""
+        return self.g_rows / max(self.examples, 1)
+
+
+@dataclass
+class CaptureResult:
+    """The factors of a capture: per-layer :class:`LayerFactors`, the order layers first ran in,
+    and the batches committed / dropped as non-finite."""
+
+    layers: dict[str, LayerFactors]
+    fire_order: list[str]
+    batches: int
+    skipped_batches: int
+
+
+class KFACapture(HookCapture):
+    """Registers hooks that accumulate K-FAC factors for the given modules.
+
+    Use as a context manager; hooks are removed on exit, also on exceptions. Between
+    :meth:`begin_batch` and :meth:`end_batch`, each forward call of a module records its ``A``
+    contribution, and the gradient that later reaches its output records ``G`` (multiplied by
+    ``grad_scale²``, which undoes a mean-reduced loss). :meth:`end_batch` commits the batch only if
+    every contribution is finite.
+
+    Args:
+        modules: name → module to hook (a ``nn.Conv2d`` or ``nn.Linear``).
+        factors_for: names whose factors are computed; others only record that they fired.
+        a_form: ``"channel"`` or ``"patch"`` (conv ``A``).
+    """
+
+    layer_type = LayerFactors
+    layers: dict[str, LayerFactors]
+
+    def __init__(
+        self,
+        modules: dict[str, nn.Module],
+        *,
+        factors_for: Iterable[str] | None = None,
+        a_form: str = "channel",
+        accum_dtype: torch.dtype = torch.float64,
+    ) -> None:
+        if a_form not in A_FORMS:
+            raise ValueError(f"a_form must be one of {A_FORMS}, got {a_form!r}")
+        super().__init__(modules, factors_for=factors_for, accum_dtype=accum_dtype)
+        self.a_form = a_form
+        self._count_cache: dict = {}
+
+    @property
+    def pending_examples(self) -> int:
+        """``N`` of the batch in progress (as seen by the first recorded layer), 0 if none."""
+        return next((lf._pending["n"] for lf in self.layers.values() if "n" in lf._pending), 0)
+
+    def result(self) -> CaptureResult:
+        """The factors accumulated so far (the tensors are shared, not copied)."""
+        return CaptureResult(self.layers, list(self.fire_order), self.batches, self.skipped_batches)
+
+    def grad_targets(self, root: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Tensors a backward must reach for every recorded layer's output hook to fire.
+
+        ``root`` (the model input, made to carry a gradient) first; then, in the order the layers
+        ran, a layer's input only if no earlier target is upstream of it in the autograd graph
+        (e.g. for a plain CNN only ``root``), or its weight if the input carries no gradient. No
+        weight gradient is computed for layers reached through their inputs, and the gradients
+        ``torch.autograd.grad`` returns (one per target, each the size of its tensor) stay few.
+        """
+        chosen: list[torch.Tensor] = []
+        nodes: set = set()  # autograd nodes of the non-leaf targets
+        leaves: set[int] = set()  # ids of the leaf targets
+        not_reaching: set = set()  # nodes known not to lead to any target (reset on each new one)
+
+        def covered(t: torch.Tensor) -> bool:
+            if t.grad_fn is None:
+                return id(t) in leaves
+            stack, seen = [t.grad_fn], set()
+            while stack:
+                node = stack.pop()
+                if node in nodes:
+                    return True
+                var = getattr(node, "variable", None)  # AccumulateGrad: a leaf tensor
+                if var is not None and id(var) in leaves:
+                    return True
+                if node in seen or node in not_reaching:
+                    continue
+                seen.add(node)
+                stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+            not_reaching.update(seen)
+            return False
+
+        def add(t: torch.Tensor) -> None:
+            chosen.append(t)
+            if t.grad_fn is None:
+                leaves.add(id(t))
+            else:
+                nodes.add(t.grad_fn)
+            not_reaching.clear()
+
+        if root is not None and root.requires_grad:
+            add(root)
+        order = [n for n in self.fire_order if n in self.factors_for]
+        order += [n for n in self.factors_for if n not in order]
+        for name in order:
+            t = self.layers[name]._pending.get("grad_target")
+            if t is not None and t.requires_grad and not covered(t):
+                add(t)
+        return chosen
+
+    # -- what is recorded and committed ----------------------------------------------------------
+    def pending_values(self, layer: LayerFactors) -> list[torch.Tensor]:
+        return [layer._pending[k] for k in ("a", "g") if k in layer._pending]
+
+    def clear_pending(self, layer: LayerFactors) -> None:
+        layer._pending = {}
+
+    def commit(self, layer: LayerFactors, n_examples: int) -> None:
+        p = layer._pending
+        if "a" not in p or "g" not in p:
+            return
+        layer.a_sum = p["a"] if layer.a_sum is None else layer.a_sum + p["a"]
+        layer.g_sum = p["g"] if layer.g_sum is None else layer.g_sum + p["g"]
+        layer.a_rows += p["a_rows"]
+        layer.g_rows += p["g_rows"]
+        layer.examples += n_examples
+
+    def record(self, name: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        lf = self.layers[name]
+        x = inputs[0].detach()
+        is_conv = isinstance(module, nn.Conv2d)
+        n = x.shape[0]
+        if lf.geometry is None:
+            if is_conv:
+                loc_in, loc_out = x.shape[2] * x.shape[3], output.shape[2] * output.shape[3]
+                k2 = module.kernel_size[0] * module.kernel_size[1]
+            else:
+                loc_in = loc_out = x[0].numel() // x.shape[-1]
+                k2 = 1
+            c_in = module.in_channels if is_conv else module.in_features
+            c_out = module.out_channels if is_conv else module.out_features
+            lf.geometry = Geometry(c_in, c_out, loc_in, loc_out, k2)
+            lf.input_shape = tuple(x.shape[1:])
+        xc = x.to(compute_dtype(x.dtype))
+        # Inside a training step under autocast the products below would run in bf16/fp16
+        # (fp16 overflows on large sums): factors are always computed in float32 or better.
+        with _autocast_off(x.device):
+            if is_conv and self.a_form == "channel":
+                a, rows = conv_channel_a(xc, module, output.shape[2], output.shape[3], self._count_cache)
+            elif is_conv:
+                a, rows = conv_patch_a(xc, module)
+            else:
+                a, rows = linear_a(xc)
+        lf._pending = {"a": a.to(self.accum_dtype), "a_rows": rows, "n": n}
+        # Where a backward must reach for this layer's output hook to fire: its input if that
+        # carries a gradient (no weight gradient is then computed), else its weight.
+        live = inputs[0]
+        lf._pending["grad_target"] = live if live.requires_grad else module.weight
+        self.watch_grad(output, self._grad_hook(name, is_conv))
+
+    def _grad_hook(self, name: str, is_conv: bool) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            lf = self.layers[name]
+            # The layer's input is no longer needed as a backward target: let it be freed as soon
+            # as autograd is done with it, as it would be without capture (holding every layer's
+            # input to the end of the backward grows the heap on every step: page faults).
+            lf._pending.pop("grad_target", None)
+            if not self.recording or "a" not in lf._pending:
+                return
+            with _autocast_off(grad.device):
+                g, rows = output_g(grad.detach().to(compute_dtype(grad.dtype)), is_conv)
+            scale = float(self.grad_scale) ** 2
+            lf._pending["g"] = g.to(self.accum_dtype) * scale
+            lf._pending["g_rows"] = rows
+            lf.reached = True
+
+        return hook
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The factors accumulated so far as plain data (CPU tensors, numbers, strings, lists), so
+        a checkpoint written inside a capture window loads with ``torch.load(weights_only=True)``.
+
+        Sums are copied exactly (``accum_dtype``); a batch in progress is not included.
+        """
+
+        def cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().to("cpu", copy=True)
+
+        layers = {}
+        for name, lf in self.layers.items():
+            geo = lf.geometry
+            layers[name] = {
+                "a_sum": cpu(lf.a_sum),
+                "g_sum": cpu(lf.g_sum),
+                "a_rows": lf.a_rows,
+                "g_rows": lf.g_rows,
+                "examples": lf.examples,
+                "geometry": None if geo is None else [geo.c_in, geo.c_out, geo.loc_in, geo.loc_out, geo.k2],
+                "input_shape": None if lf.input_shape is None else list(lf.input_shape),
+                "max_calls": lf.max_calls,
+                "fired": lf.fired,
+                "reached": lf.reached,
+            }
+        return {
+            "a_form": self.a_form,
+            "layers": layers,
+            "fire_order": list(self.fire_order),
+            "batches": self.batches,
+            "skipped_batches": self.skipped_batches,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s output (factors moved to each module's device).
+
+        Raises:
+            ValueError: the state is for other layers, another ``a_form`` or other widths; the
+                capture is then left unchanged.
+        """
+        layers = state.get("layers") if isinstance(state, dict) else None
+        if not isinstance(layers, dict) or set(layers) != set(self.layers):
+            theirs = sorted(layers) if isinstance(layers, dict) else layers
+            raise ValueError(f"saved factors are for layers {theirs}, this capture has {sorted(self.layers)}")
+        if state.get("a_form") != self.a_form:
+            raise ValueError(
+                f"saved factors have a_form {state.get('a_form')!r}, this capture {self.a_form!r}"
+            )
+        new = {}
+        for name, entry in layers.items():
+            module = self.modules[name]
+            is_conv = isinstance(module, nn.Conv2d)
+            d_in = module.in_channels if is_conv else module.in_features
+            if is_conv and self.a_form == "patch":
+                d_in *= module.kernel_size[0] * module.kernel_size[1]
+            d_out = module.out_channels if is_conv else module.out_features
+            dev = module.weight.device
+            sums = {}
+            for key, d in (("a_sum", d_in), ("g_sum", d_out)):
+                t = entry[key]
+                if t is not None and tuple(t.shape) != (d, d):
+                    raise ValueError(
+                        f"saved {key} of {name!r} is {tuple(t.shape)}, the layer needs ({d}, {d})"
+                    )
+                sums[key] = None if t is None else t.to(dev, self.accum_dtype)
+            geo = entry["geometry"]
+            new[name] = LayerFactors(
+                a_sum=sums["a_sum"],
+                g_sum=sums["g_sum"],
+                a_rows=int(entry["a_rows"]),
+                g_rows=int(entry["g_rows"]),
+                examples=int(entry["examples"]),
+                geometry=None if geo is None else Geometry(*(int(v) for v in geo)),
+                input_shape=None if entry["input_shape"] is None else tuple(entry["input_shape"]),
+                max_calls=int(entry["max_calls"]),
+                fired=bool(entry["fired"]),
+                reached=bool(entry["reached"]),
+            )
+        self.layers = new
+        self.fire_order = [str(n) for n in state["fire_order"]]
+        self.batches = int(state["batches"])
+        self.skipped_batches = int(state["skipped_batches"])
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context that disables autocast for ``device``'s type (a no-op where autocast is unknown)."""
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
