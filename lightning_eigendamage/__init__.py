@@ -1,31 +1,45 @@
 """Second-order structured pruning (EigenDamage) for PyTorch and PyTorch Lightning."""
 
+from .adapters import LayerAdapter, register
 from .callback import EigenDamagePruning
 from .checkpoint import enable_pruned_loading, restore_pruned
+from .criteria import register_criterion
 from .layers import KFELayer
-from .pruner import (
+from .options import PruneOptions
+from .plan import LayerChange, LayerPlan, Plan
+from .pruner import Analysis, analyse, apply, decide, find_layers, prune
+from .report import (
     LayerReport,
     PruneReport,
     PruningWarning,
     TargetNotReachedWarning,
     ZeroCurvatureWarning,
-    find_layers,
-    prune,
 )
 from .schedule import PruningSchedule
 
 __all__ = [
+    "Analysis",
     "EigenDamagePruning",
     "KFELayer",
+    "LayerAdapter",
+    "LayerChange",
+    "LayerPlan",
     "LayerReport",
+    "Plan",
+    "PruneOptions",
     "PruneReport",
     "PruningSchedule",
     "PruningWarning",
     "TargetNotReachedWarning",
     "ZeroCurvatureWarning",
+    "analyse",
+    "apply",
+    "decide",
     "enable_pruned_loading",
     "find_layers",
     "prune",
+    "register",
+    "register_criterion",
     "restore_pruned",
 ]
 __version__ = "0.1.0"

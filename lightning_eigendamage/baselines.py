@@ -1,4 +1,4 @@
-"""Parameter-space baselines of the EigenDamage paper (method.md §5): scores of whole output
+"""Parameter-space baselines of the EigenDamage paper (docs/method.md §8): scores of whole output
 channels of a Conv2d/Linear, and the OBS weight updates that go with them.
 
 Conventions (the same as :mod:`lightning_eigendamage.curvature`):

@@ -8,7 +8,7 @@ model comes out physically smaller. Then the optimizers are rebuilt through
 ``configure_optimizers``; LR schedulers and param-group hyperparameters continue where they were,
 and optimizer state is carried over (:mod:`lightning_eigendamage.optim`).
 
-Fisher types (method.md §2):
+Fisher types (docs/method.md §1.5):
 
 - ``fisher="true"`` (default, the paper's): on each capture batch the callback runs its own
   forward of ``pl_module(input)`` in eval mode (BatchNorm statistics and dropout untouched, full
@@ -62,22 +62,18 @@ from lightning.pytorch.strategies import (
 )
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 from .checkpoint import PrunedLoadingHook, has_pruned_loading
 from .curvature import KFACapture, capture_batch, split_batch, target_of
+from .discovery import dynamic_skips, find_layers, no_prunable_message
 from .distributed import is_distributed
 from .optim import TransplantReport, carry_optimizer_state, stage_parameters
-from .pruner import (
-    LayerChange,
-    PruneReport,
-    PruningWarning,
-    _check_args,
-    _no_prunable_message,
-    _normalise_exclude,
-    find_layers,
-    prune,
-)
-from .schedule import PrunePoint, PruningSchedule
+from .options import PruneOptions
+from .plan import LayerChange
+from .pruner import prune
+from .report import PruneReport, PruningWarning
+from .schedule import LoopState, PrunePoint, PruningSchedule
 
 _STATE_VERSION = 2
 
@@ -135,6 +131,25 @@ class EigenDamagePruning(Callback):
     single-device and DDP (FSDP, DeepSpeed, model parallel, multi-device XLA).
     """
 
+    # The options, read-only: they live in ``self.options`` (validated once, frozen).
+    method = property(lambda self: self.options.method)
+    fisher = property(lambda self: self.options.fisher)
+    input_fn = property(lambda self: self.options.input_fn)
+    forward_fn = property(lambda self: self.options.forward_fn)
+    loss_fn = property(lambda self: self.options.loss_fn)
+    exclude = property(lambda self: list(self.options.exclude))
+    exempt_last = property(lambda self: self.options.exempt_last)
+    layer_cap = property(lambda self: self.options.layer_cap)
+    min_rank = property(lambda self: self.options.min_rank)
+    form = property(lambda self: self.options.form)
+    train_rotations = property(lambda self: self.options.train_rotations)
+    likelihood = property(lambda self: self.options.likelihood)
+    class_dim = property(lambda self: self.options.class_dim)
+    form_by = property(lambda self: self.options.form_by)
+    latency_batch = property(lambda self: self.options.latency_batch)
+    round_to = property(lambda self: self.options.round_to)
+    seed = property(lambda self: self.options.seed)
+
     def __init__(
         self,
         schedule: PruningSchedule | Mapping[Any, Any],
@@ -160,45 +175,8 @@ class EigenDamagePruning(Callback):
     ) -> None:
         super().__init__()
         self.schedule = PruningSchedule.from_any(schedule)
-        _check_args(
-            0.0,
-            method,
-            fisher,
-            likelihood,
-            self.schedule.target,
-            layer_cap,
-            min_rank,
-            form,
-            "channel",
-            form_by,
-        )
-        for name, value in (("latency_batch", latency_batch), ("round_to", round_to)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name, fn in (("input_fn", input_fn), ("forward_fn", forward_fn), ("loss_fn", loss_fn)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{name} must be a callable or None, got {type(fn).__name__}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {seed!r}")
-        if isinstance(class_dim, bool) or not isinstance(class_dim, int):
-            raise TypeError(f"class_dim must be an int, got {class_dim!r}")
-        self.method = method
-        self.fisher = fisher
-        self.input_fn = input_fn
-        self.forward_fn = forward_fn
-        self.loss_fn = loss_fn
-        self.exclude = _normalise_exclude(exclude)
-        self.exempt_last = bool(exempt_last)
-        self.layer_cap = layer_cap
-        self.min_rank = min_rank
-        self.form = form
-        self.train_rotations = bool(train_rotations)
-        self.likelihood = likelihood
-        self.class_dim = class_dim
-        self.form_by = form_by
-        self.latency_batch = latency_batch
-        self.round_to = round_to
-        self.seed = seed
+        # Every option is validated here, once, before training (PruneOptions raises).
+        self.options = PruneOptions.from_arguments(locals(), target=self.schedule.target)
         self.verbose = verbose
 
         self.reports: list[PruneReport] = []
@@ -223,6 +201,7 @@ class EigenDamagePruning(Callback):
     # Set-up: everything knowable before training is checked here
     # ------------------------------------------------------------------------------------------
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._check_spawn(trainer, pl_module)
@@ -241,7 +220,7 @@ class EigenDamagePruning(Callback):
             )
         cands = find_layers(pl_module, self.exclude)
         if not any(c.skipped is None for c in cands):
-            raise ValueError(f"EigenDamagePruning: {_no_prunable_message(cands)}")
+            raise ValueError(f"EigenDamagePruning: {no_prunable_message(cands)}")
         self._log_skips([(c.name, c.skipped) for c in cands if c.skipped is not None], "")
 
     def _check_spawn(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -271,6 +250,7 @@ class EigenDamagePruning(Callback):
             PrunedLoadingHook(rotations_require_grad=self.train_rotations)
         )
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         if self._generator_state is not None:
@@ -294,6 +274,7 @@ class EigenDamagePruning(Callback):
                     f"({err}); the capture window restarts"
                 )
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._cap is not None and self._example is None:
             # Resumed inside a capture window whose example batch could not be saved: any training
@@ -302,9 +283,9 @@ class EigenDamagePruning(Callback):
                 self._example = next(self._train_batches(trainer, pl_module, 1), None)
         self._check_run_length(trainer)
         self._probe(trainer, pl_module)
-        start = [p for p in self._pending() if p.kind == "start"]
-        if start:
-            self._prune_at_start(trainer, pl_module, start[0])
+        for p in self._pending():
+            if p.due_at_fit_start():
+                self._prune_at_start(trainer, pl_module, p)
 
     def _check_run_length(self, trainer: pl.Trainer) -> None:
         """Step points against the run's total optimizer steps, once the data is loaded.
@@ -343,22 +324,9 @@ class EigenDamagePruning(Callback):
         finally:
             for m, mode in modes.items():
                 m.training = mode
-        last = cap.fire_order[-1] if cap.fire_order else None
-        skips = []
-        for c in cands:
-            if c.skipped is not None:
-                continue
-            lf = cap.layers[c.name]
-            if not lf.fired:
-                c.skipped = "never called in the forward pass (called functionally, or unused)"
-            elif lf.max_calls > 1:
-                c.skipped = f"called {lf.max_calls} times per forward pass"
-            elif self.exempt_last and c.name == last:
-                c.skipped = "last layer (exempt_last=True)"
-            if c.skipped is not None:
-                skips.append((c.name, c.skipped))
+        skips = dynamic_skips(cands, cap.layers, cap.fire_order, self.exempt_last, backward=False)
         if not any(c.skipped is None for c in cands):
-            raise ValueError(f"EigenDamagePruning: {_no_prunable_message(cands)}")
+            raise ValueError(f"EigenDamagePruning: {no_prunable_message(cands)}")
         self._log_skips(skips, " after a forward pass")
 
     def _log_skips(self, skips: list[tuple[str, str | None]], when: str) -> None:
@@ -373,26 +341,29 @@ class EigenDamagePruning(Callback):
     def _pending(self) -> list[PrunePoint]:
         return [p for p in self.schedule.points() if p.key not in self._done]
 
-    def _wants_capture(self, trainer: pl.Trainer, batch_idx: int) -> bool:
-        k = self.schedule.fisher_batches
-        for p in self._pending():
-            if p.kind == "epoch" and p.at == trainer.current_epoch:
-                if k is None:
-                    return True
-                n = trainer.num_training_batches
-                if math.isfinite(n) and batch_idx >= n - k:
-                    return True
-                if not math.isfinite(n) and self._epoch_captured < k:
-                    return True
-            elif p.kind == "step":
-                step = self._step_at_batch_start  # this batch contributes to step `step + 1`
-                if step >= p.at or k is None:
-                    return True
-                per_step = max(1, trainer.accumulate_grad_batches)
-                captured = 0 if self._cap is None else self._cap.batches + self._cap.skipped_batches
-                if step >= p.at - math.ceil(k / per_step) and captured < k:
-                    return True
-        return False
+    def _loop_state(self, trainer: pl.Trainer, batch_idx: int = -1) -> LoopState:
+        """The loop's position as the prune points read it; one snapshot per hook, taken before
+        that hook's capture."""
+        cap = self._cap
+        return LoopState(
+            epoch=trainer.current_epoch,
+            batch_idx=batch_idx,
+            batches_per_epoch=trainer.num_training_batches,
+            step_at_batch_start=self._step_at_batch_start,
+            global_step=trainer.global_step,
+            accumulate=trainer.accumulate_grad_batches,
+            captured_in_window=0 if cap is None else cap.batches + cap.skipped_batches,
+            captured_this_epoch=self._epoch_captured,
+            fisher_batches=self.schedule.fisher_batches,
+        )
+
+    def _wants_capture(self, state: LoopState) -> bool:
+        return any(p.wants_capture(state) for p in self._pending())
+
+    def _has_factors_for(self, trainer: pl.Trainer, point: PrunePoint) -> bool:
+        """False when ``point`` waits for factors and none were captured yet (summed over the
+        ranks, so every rank agrees); the point is then asked again at its next due moment."""
+        return not point.waits_for_factors or self._captured_batches(trainer) > 0
 
     def _ensure_capture(self, pl_module: pl.LightningModule) -> KFACapture:
         if self._cap is None:
@@ -482,17 +453,20 @@ class EigenDamagePruning(Callback):
         self._cap_time += time.perf_counter() - t0
         self._example = batch
 
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_captured = 0
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._step_at_batch_start = trainer.global_step
-        if self.fisher == "empirical" and self._wants_capture(trainer, batch_idx):
+        if self.fisher == "empirical" and self._wants_capture(self._loop_state(trainer, batch_idx)):
             self._ensure_capture(pl_module).begin_batch()
             self._emp_active, self._emp_backward = True, False
 
+    @override
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
@@ -506,9 +480,11 @@ class EigenDamagePruning(Callback):
         self._cap.grad_scale = n * max(1, trainer.accumulate_grad_batches) / scale
         self._emp_backward = True
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        state = self._loop_state(trainer, batch_idx)
         if self._emp_active:
             self._emp_active = False
             cap = self._cap
@@ -519,19 +495,20 @@ class EigenDamagePruning(Callback):
                 self._example = batch
             elif cap is not None:
                 cap.abort_batch()
-        elif self.fisher == "true" and self._wants_capture(trainer, batch_idx):
+        elif self.fisher == "true" and self._wants_capture(state):
             self._capture_sampled(pl_module, batch, "true")
             self._epoch_captured += 1
-        stepped = trainer.global_step > self._step_at_batch_start
         for p in self._pending():
-            if p.kind == "step" and trainer.global_step >= p.at and stepped:
-                if self._captured_batches(trainer) == 0:
-                    continue  # no factors yet (e.g. right after another round): next step
+            # A due point that waits for factors and has none (e.g. right after another round)
+            # is asked again at the next batch end.
+            if p.due_at_batch_end(state) and self._has_factors_for(trainer, p):
                 self._run_round(trainer, pl_module, p, on_step=True)
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state = self._loop_state(trainer)
         for p in self._pending():
-            if p.kind == "epoch" and p.at == trainer.current_epoch:
+            if p.due_at_epoch_end(state) and self._has_factors_for(trainer, p):
                 self._run_round(trainer, pl_module, p, on_step=False)
 
     def _train_batches(
@@ -578,22 +555,7 @@ class EigenDamagePruning(Callback):
             pl_module,
             [example],
             ratio=fraction,
-            method=self.method,
-            fisher=self.fisher,
-            input_fn=self.input_fn,
-            forward_fn=self.forward_fn,
-            target=self.schedule.target,
-            exclude=self.exclude,
-            exempt_last=self.exempt_last,
-            layer_cap=self.layer_cap,
-            min_rank=self.min_rank,
-            form=self.form,
-            train_rotations=self.train_rotations,
-            likelihood=self.likelihood,
-            class_dim=self.class_dim,
-            form_by=self.form_by,
-            latency_batch=self.latency_batch,
-            round_to=self.round_to,
+            options=self.options,
             captured=captured,
             changes=changes,
             distributed=_is_distributed(trainer),
@@ -659,9 +621,8 @@ class EigenDamagePruning(Callback):
         self.timings.append(timing)
         self._log_round(pl_module, report, timing, on_step)
         if self.verbose:
-            where = {"start": "start of fit", "epoch": f"end of epoch {point.at}", "step": f"step {point.at}"}
             rank_zero_info(
-                f"EigenDamagePruning round {len(self.reports)} ({where[point.kind]}, fraction "
+                f"EigenDamagePruning round {len(self.reports)} ({point.describe()}, fraction "
                 f"{point.fraction:g} of {self.schedule.target}): factors from {captured.batches} batch(es) "
                 f"({captured.skipped_batches} non-finite skipped); capture {t_capture:.2f} s, prune "
                 f"{t_prune:.2f} s, optimizer {t_optim:.2f} s\n{report.summary()}\n{transplant.summary()}"
@@ -768,15 +729,18 @@ class EigenDamagePruning(Callback):
     # End of fit and state
     # ------------------------------------------------------------------------------------------
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._release_capture()
 
+    @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._release_capture()
         self._remove_loading_hook()  # Lightning calls no teardown after an exception
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release_capture()
         self._remove_loading_hook()
@@ -786,6 +750,7 @@ class EigenDamagePruning(Callback):
             self._load_hook.remove()
             self._load_hook = None
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Plain data (loads with ``torch.load(weights_only=True)``): rounds done, reports,
         optimizer-state summaries, timings, the sampling generator's state and, when the
@@ -810,6 +775,7 @@ class EigenDamagePruning(Callback):
             "example": _plain_example(self._example) if self._cap is not None else None,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         version = state_dict.get("version", 1)
         if not isinstance(version, int) or version > _STATE_VERSION:

@@ -1,6 +1,10 @@
-"""EigenDamage scores and the global pruning decision (pure functions on tensors and plain data).
+"""Direction scores (a registry of criteria) and the global pruning decision (pure functions).
 
-In the KFE the Fisher is diagonal, so removing the weight ``W*_{iδj}`` costs (method.md §3)
+A criterion maps a layer's weight in the eigenbasis and the factors' eigenvalues to one score per
+output and per input eigen-direction: the estimated loss increase of removing it. Criteria are
+registered by name (:func:`register_criterion`); ``prune(method=...)`` picks one.
+
+In the KFE the Fisher is diagonal, so removing the weight ``W*_{iδj}`` costs (docs/method.md §3)
 
     ΔL_{iδj} = ½ · T · (W*_{iδj})² · λ_G,i · λ_A,j
 
@@ -11,9 +15,13 @@ with ``T`` the layer's output locations per example. A whole output direction ``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+# (w_star (r_out, k², r_in), lam_a (r_in,), lam_g (r_out,), locations T) → (out (r_out,), in (r_in,))
+Criterion = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
 
 
 def eigendamage_scores(
@@ -32,6 +40,34 @@ def eigendamage_scores(
     w2 = w_star.to(torch.float64) ** 2
     damage = 0.5 * locations * w2 * lam_g[:, None, None] * lam_a[None, None, :]
     return damage.sum(dim=(1, 2)), damage.sum(dim=(0, 1))
+
+
+_CRITERIA: dict[str, Criterion] = {}
+
+
+def register_criterion(name: str, fn: Criterion) -> Criterion:
+    """Make ``fn`` available as ``prune(method=name)`` (see :data:`Criterion` for its signature)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a criterion name must be a non-empty string, got {name!r}")
+    if not callable(fn):
+        raise TypeError(f"a criterion must be callable, got {type(fn).__name__}")
+    _CRITERIA[name] = fn
+    return fn
+
+
+def criterion(name: str) -> Criterion:
+    """The criterion registered under ``name``."""
+    try:
+        return _CRITERIA[name]
+    except KeyError:
+        raise ValueError(f"method must be one of {criterion_names()}, got {name!r}") from None
+
+
+def criterion_names() -> tuple[str, ...]:
+    return tuple(_CRITERIA)
+
+
+register_criterion("eigendamage", eigendamage_scores)
 
 
 @dataclass
@@ -78,29 +114,3 @@ def global_marks(scores: list[torch.Tensor], ratio: float) -> list[int]:
     mark = torch.zeros(n, dtype=torch.bool)
     mark[torch.argsort(pooled, stable=True)[:k]] = True
     return [int(m.sum()) for m in torch.split(mark, sizes)]
-
-
-def plan_directions(
-    scores: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    ratio: float,
-    *,
-    layer_cap: float,
-    min_rank: int,
-) -> dict[str, dict[str, list[int]]]:
-    """Global decision: for each layer, the output and input directions kept.
-
-    Args:
-        scores: layer name → ``(out_scores, in_scores)``.
-        ratio: fraction of all pooled directions targeted (the threshold's quantile).
-
-    Returns:
-        ``{name: {"kept_out": [...], "kept_in": [...]}}``: plain data.
-    """
-    flat = [s for pair in scores.values() for s in pair]
-    marks = iter(global_marks(flat, ratio))
-    plan = {}
-    for name, (s_out, s_in) in scores.items():
-        out = keep_side(s_out, next(marks), layer_cap, min_rank)
-        inn = keep_side(s_in, next(marks), layer_cap, min_rank)
-        plan[name] = {"kept_out": out.kept, "kept_in": inn.kept}
-    return plan

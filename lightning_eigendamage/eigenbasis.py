@@ -144,24 +144,26 @@ def _eigh_or_nan(factor: torch.Tensor, floor: float, float64_max: int) -> tuple[
 
 
 def weight_as_3d(weight: torch.Tensor) -> torch.Tensor:
-    """A Conv2d ``(C_out, C_in, kh, kw)`` or Linear ``(C_out, C_in)`` weight as ``(C_out, k², C_in)``.
+    """A layer weight as ``(C_out, k², C_in)``: ``(C_out, C_in, *kernel)`` (any convolution) or
+    Linear ``(C_out, C_in)`` (``k² = 1``).
 
-    The conv layout is permuted (not viewed): ``W3[o, δ, i] = W[o, i, δh, δw]`` with
-    ``δ = δh·kw + δw``.
+    The conv layout is permuted (not viewed): ``W3[o, δ, i] = W[o, i, *δ]`` with ``δ`` the
+    row-major index of the kernel offset (``δ = δh·kw + δw`` for a Conv2d).
     """
-    if weight.dim() == 4:
-        c_out, c_in, kh, kw = weight.shape
-        return weight.permute(0, 2, 3, 1).reshape(c_out, kh * kw, c_in)
+    if weight.dim() >= 3:
+        c_out, c_in = weight.shape[:2]
+        return weight.permute(0, *range(2, weight.dim()), 1).reshape(c_out, -1, c_in)
     return weight.unsqueeze(1)
 
 
 def weight_from_3d(w3: torch.Tensor, like: nn.Module) -> torch.Tensor:
-    """Inverse of :func:`weight_as_3d` for a module of ``like``'s type and kernel size."""
-    if isinstance(like, nn.Conv2d):
-        kh, kw = like.kernel_size
-        c_out, _, c_in = w3.shape
-        return w3.reshape(c_out, kh, kw, c_in).permute(0, 3, 1, 2).contiguous()
-    return w3.squeeze(1).contiguous()
+    """Inverse of :func:`weight_as_3d` for a module shaped like ``like`` (its kernel dimensions)."""
+    kernel = tuple(like.weight.shape[2:])
+    if not kernel:
+        return w3.squeeze(1).contiguous()
+    c_out, _, c_in = w3.shape
+    nd = len(kernel)
+    return w3.reshape(c_out, *kernel, c_in).permute(0, nd + 1, *range(1, nd + 1)).contiguous()
 
 
 def to_kfe(w3: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The pruned layer: up to three stages ``rotate_in → core → rotate_out``.
 
-A Conv2d or Linear with weight ``W`` is rewritten in the Kronecker-factored eigenbasis (KFE) as
+A Conv2d, Conv1d or Linear (any type registered in :mod:`~lightning_eigendamage.adapters`) with
+weight ``W`` is rewritten in the Kronecker-factored eigenbasis (KFE) as
 ``W = Q_G · W* · Q_Aᵀ``. After removing eigen-directions it becomes
 
     x ─ rotate_in (1×1, C_in→r_in, weight Q_A[:, kept_in]ᵀ)
@@ -18,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters import adapter_for, registered_names
+
 FORMS = ("bottleneck", "fold_in", "fold_out", "dense")
 _RECORD_FORMAT = "lightning_eigendamage/v1"
 
@@ -34,15 +37,16 @@ def form_of(has_rotate_in: bool, has_rotate_out: bool) -> str:
 
 
 class KFELayer(nn.Module):
-    """A Conv2d or Linear rewritten as ``rotate_in → core → rotate_out`` (stages may be absent).
+    """A Conv2d, Conv1d or Linear rewritten as ``rotate_in → core → rotate_out`` (stages may be
+    absent).
 
-    ``rotate_in`` and ``rotate_out`` are 1×1 convolutions (for Conv2d) or bias-free linear maps
-    (for Linear); the bias of the original layer lives on the last stage present. The module keeps
-    an architecture record in its ``_extra_state`` (plain data), which
+    ``rotate_in`` and ``rotate_out`` are 1×1 convolutions (for convolutions) or bias-free linear
+    maps (for Linear), of the core's type; the bias of the original layer lives on the last stage
+    present. The module keeps an architecture record in its ``_extra_state`` (plain data), which
     :func:`lightning_eigendamage.restore_pruned` reads to rebuild the layer from a state_dict.
 
     Attributes:
-        kind: ``"conv2d"`` or ``"linear"``.
+        kind: the core's adapter kind (``"conv2d"``, ``"conv1d"`` or ``"linear"``).
         in_features / out_features: the original widths ``C_in`` / ``C_out`` (unchanged).
         rank_in / rank_out: widths of the core, ``r_in`` / ``r_out``.
     """
@@ -57,9 +61,10 @@ class KFELayer(nn.Module):
         out_features: int,
     ) -> None:
         super().__init__()
-        if not isinstance(core, (nn.Conv2d, nn.Linear)):
-            raise TypeError(f"core must be nn.Conv2d or nn.Linear, got {type(core).__name__}")
-        self.kind = "conv2d" if isinstance(core, nn.Conv2d) else "linear"
+        adapter = adapter_for(core)
+        if adapter is None:
+            raise TypeError(f"core must be an {registered_names()}, got {type(core).__name__}")
+        self.kind = adapter.kind
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.rotate_in = rotate_in
@@ -106,11 +111,11 @@ class KFELayer(nn.Module):
 
 
 def _in_width(m: nn.Module) -> int:
-    return m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
+    return adapter_for(m).widths(m)[0]
 
 
 def _out_width(m: nn.Module) -> int:
-    return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+    return adapter_for(m).widths(m)[1]
 
 
 def architecture_record(layer: KFELayer) -> dict[str, Any]:
@@ -131,35 +136,21 @@ def is_record(obj: Any) -> bool:
 
 
 def stage_like(template: nn.Module, c_in: int, c_out: int, *, pointwise: bool, bias: bool) -> nn.Module:
-    """A Conv2d/Linear shaped like ``template`` with new widths, on its device and dtype.
+    """A module of ``template``'s type with new widths, on its device and dtype.
 
     ``pointwise=True`` gives a 1×1, stride-1, unpadded conv (a rotation stage); otherwise the
     template's kernel, stride, padding, dilation and padding mode are kept (the core stage).
     """
-    w = template.weight
-    kw = {"device": w.device, "dtype": w.dtype}
-    if isinstance(template, nn.Conv2d):
-        if pointwise:
-            return nn.Conv2d(c_in, c_out, 1, bias=bias, **kw)
-        return nn.Conv2d(
-            c_in,
-            c_out,
-            template.kernel_size,
-            stride=template.stride,
-            padding=template.padding,
-            dilation=template.dilation,
-            groups=1,
-            bias=bias,
-            padding_mode=template.padding_mode,
-            **kw,
-        )
-    return nn.Linear(c_in, c_out, bias=bias, **kw)
+    adapter = adapter_for(template)
+    if adapter is None:
+        raise TypeError(f"cannot build a stage like a {type(template).__name__}")
+    return adapter.stage(template, c_in, c_out, pointwise=pointwise, bias=bias)
 
 
 def empty_from_record(template: nn.Module, record: dict[str, Any]) -> KFELayer:
     """An uninitialised :class:`KFELayer` with the architecture in ``record``.
 
-    ``template`` is the layer's original module (Conv2d or Linear, as in a freshly built model);
+    ``template`` is the layer's original module (e.g. a Conv2d, as in a freshly built model);
     it supplies kernel size, stride, padding etc. Weights are left as initialised: load them.
     The record is checked in full (kind, widths, form, ranks between 1 and the widths) before
     anything is allocated.
@@ -167,9 +158,10 @@ def empty_from_record(template: nn.Module, record: dict[str, Any]) -> KFELayer:
     Raises:
         ValueError: the record does not describe a pruned layer over ``template``.
     """
-    kind = "conv2d" if isinstance(template, nn.Conv2d) else "linear"
-    if not isinstance(template, (nn.Conv2d, nn.Linear)):
+    adapter = adapter_for(template)
+    if adapter is None:
         raise ValueError(f"cannot rebuild a pruned layer over a {type(template).__name__}")
+    kind = adapter.kind
     if record.get("kind") != kind:
         raise ValueError(f"record is for a {record.get('kind')!r} layer, model has a {kind!r} here")
     c_in, c_out = _in_width(template), _out_width(template)

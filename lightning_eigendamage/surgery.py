@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .adapters import adapter_for
 from .eigenbasis import to_kfe, weight_as_3d, weight_from_3d
 from .layers import KFELayer, empty_from_record, form_of, is_record, stage_like
 
@@ -43,7 +44,8 @@ def _mat(weight: torch.Tensor) -> torch.Tensor:
 
 
 def read_state(unit: nn.Module) -> LayerState:
-    """The current three-map decomposition of a plain Conv2d/Linear or a :class:`KFELayer`."""
+    """The current three-map decomposition of a plain layer (Conv2d, Conv1d, Linear) or a
+    :class:`KFELayer`."""
     if isinstance(unit, KFELayer):
         core = unit.core
         bias_owner = unit.rotate_out if unit.rotate_out is not None else core
@@ -56,8 +58,7 @@ def read_state(unit: nn.Module) -> LayerState:
             r_out=None if unit.rotate_out is None else _mat(unit.rotate_out.weight),
             bias=None if bias_owner.bias is None else bias_owner.bias.detach(),
         )
-    c_in = unit.in_channels if isinstance(unit, nn.Conv2d) else unit.in_features
-    c_out = unit.out_channels if isinstance(unit, nn.Conv2d) else unit.out_features
+    c_in, c_out = adapter_for(unit).widths(unit)
     return LayerState(
         template=unit,
         c_in=c_in,

@@ -2,7 +2,7 @@
 
 Used by ``tests/test_ddp.py`` in two ways: imported, for ``strategy="ddp_spawn"`` inside pytest's
 process, and run as a script in a subprocess for ``strategy="ddp"`` (Lightning re-launches the
-script's own command line as rank 1; under pytest it would re-launch pytest, see design.md):
+script's own command line as rank 1; under pytest it would re-launch pytest itself):
 
     python tests/ddp_fit.py --config rounds --strategy ddp --out DIR
 

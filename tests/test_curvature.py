@@ -1,4 +1,4 @@
-"""K-FAC factors against brute-force definitions (method.md §2)."""
+"""K-FAC factors against brute-force definitions (docs/method.md §1)."""
 
 from __future__ import annotations
 

@@ -19,9 +19,10 @@ from lightning_eigendamage import (
     PruningSchedule,
     TargetNotReachedWarning,
     ZeroCurvatureWarning,
+    eigenbasis,
     prune,
+    pruner,
 )
-from lightning_eigendamage import eigenbasis, pruner
 
 # ---------------------------------------------------------------------------------------------
 # 1. Never a non-finite weight
@@ -71,7 +72,7 @@ def test_eigh_that_returns_a_wrong_basis_is_redone(monkeypatch) -> None:
     assert (evecs.T @ evecs - eye).abs().max() < 1e-10
     # The batched path checks each result as well.
     got = eigenbasis.eigh_factors([f, _psd(16, 5, seed=2)], float64_max=4)
-    for evals, evecs in got:
+    for _, evecs in got:
         assert (evecs.T @ evecs - eye).abs().max() < 1e-10
 
 

@@ -1,4 +1,4 @@
-"""EigenDamage scores and the kept directions against a straightforward computation of method.md §3."""
+"""EigenDamage scores and the kept directions against a straightforward computation of docs/method.md §3."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..costs import Geometry
-from .factors import A_FORMS, compute_dtype, conv_channel_a, conv_patch_a, linear_a, output_g
+from .factors import A_FORMS, compute_dtype
 
 _C = TypeVar("_C", bound="HookCapture")
 
@@ -225,7 +225,9 @@ class KFACapture(HookCapture):
     every contribution is finite.
 
     Args:
-        modules: name → module to hook (a ``nn.Conv2d`` or ``nn.Linear``).
+        modules: name → module to hook (any type registered in
+            :mod:`lightning_eigendamage.adapters`: Conv2d, Conv1d, Linear); the adapter of each
+            does the type-specific factor maths.
         factors_for: names whose factors are computed; others only record that they fired.
         a_form: ``"channel"`` or ``"patch"`` (conv ``A``).
     """
@@ -244,6 +246,14 @@ class KFACapture(HookCapture):
         if a_form not in A_FORMS:
             raise ValueError(f"a_form must be one of {A_FORMS}, got {a_form!r}")
         super().__init__(modules, factors_for=factors_for, accum_dtype=accum_dtype)
+        from ..adapters import adapter_for  # here, not at import: the adapters use factors.py
+
+        self.adapters = {name: adapter_for(m, exact=False) for name, m in self.modules.items()}
+        for name in self.factors_for:
+            if self.adapters.get(name) is None:
+                raise TypeError(
+                    f"{name}: no adapter for {type(self.modules[name]).__name__} (not a prunable type)"
+                )
         self.a_form = a_form
         self._count_cache: dict = {}
 
@@ -325,38 +335,25 @@ class KFACapture(HookCapture):
 
     def record(self, name: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         lf = self.layers[name]
+        adapter = self.adapters[name]
         x = inputs[0].detach()
-        is_conv = isinstance(module, nn.Conv2d)
         n = x.shape[0]
         if lf.geometry is None:
-            if is_conv:
-                loc_in, loc_out = x.shape[2] * x.shape[3], output.shape[2] * output.shape[3]
-                k2 = module.kernel_size[0] * module.kernel_size[1]
-            else:
-                loc_in = loc_out = x[0].numel() // x.shape[-1]
-                k2 = 1
-            c_in = module.in_channels if is_conv else module.in_features
-            c_out = module.out_channels if is_conv else module.out_features
-            lf.geometry = Geometry(c_in, c_out, loc_in, loc_out, k2)
+            lf.geometry = adapter.geometry(module, x, output)
             lf.input_shape = tuple(x.shape[1:])
         xc = x.to(compute_dtype(x.dtype))
         # Inside a training step under autocast the products below would run in bf16/fp16
         # (fp16 overflows on large sums): factors are always computed in float32 or better.
         with _autocast_off(x.device):
-            if is_conv and self.a_form == "channel":
-                a, rows = conv_channel_a(xc, module, output.shape[2], output.shape[3], self._count_cache)
-            elif is_conv:
-                a, rows = conv_patch_a(xc, module)
-            else:
-                a, rows = linear_a(xc)
+            a, rows = adapter.a_factor(module, xc, output, self.a_form, self._count_cache)
         lf._pending = {"a": a.to(self.accum_dtype), "a_rows": rows, "n": n}
         # Where a backward must reach for this layer's output hook to fire: its input if that
         # carries a gradient (no weight gradient is then computed), else its weight.
         live = inputs[0]
         lf._pending["grad_target"] = live if live.requires_grad else module.weight
-        self.watch_grad(output, self._grad_hook(name, is_conv))
+        self.watch_grad(output, self._grad_hook(name, adapter))
 
-    def _grad_hook(self, name: str, is_conv: bool) -> Callable[[torch.Tensor], None]:
+    def _grad_hook(self, name: str, adapter: Any) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
             lf = self.layers[name]
             # The layer's input is no longer needed as a backward target: let it be freed as soon
@@ -366,7 +363,7 @@ class KFACapture(HookCapture):
             if not self.recording or "a" not in lf._pending:
                 return
             with _autocast_off(grad.device):
-                g, rows = output_g(grad.detach().to(compute_dtype(grad.dtype)), is_conv)
+                g, rows = adapter.g_factor(grad.detach().to(compute_dtype(grad.dtype)))
             scale = float(self.grad_scale) ** 2
             lf._pending["g"] = g.to(self.accum_dtype) * scale
             lf._pending["g_rows"] = rows
@@ -425,12 +422,8 @@ class KFACapture(HookCapture):
             )
         new = {}
         for name, entry in layers.items():
-            module = self.modules[name]
-            is_conv = isinstance(module, nn.Conv2d)
-            d_in = module.in_channels if is_conv else module.in_features
-            if is_conv and self.a_form == "patch":
-                d_in *= module.kernel_size[0] * module.kernel_size[1]
-            d_out = module.out_channels if is_conv else module.out_features
+            module, adapter = self.modules[name], self.adapters[name]
+            d_in, d_out = adapter.a_width(module, self.a_form), adapter.widths(module)[1]
             dev = module.weight.device
             sums = {}
             for key, d in (("a_sum", d_in), ("g_sum", d_out)):

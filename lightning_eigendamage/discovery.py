@@ -1,0 +1,225 @@
+"""Which layers of a model can be pruned, and why the others cannot.
+
+:func:`find_layers` lists every module of a registered type (:mod:`~lightning_eigendamage.adapters`)
+or already pruned :class:`~lightning_eigendamage.KFELayer`, with the reasons known before running
+the model (sharing, grouping, frozen weights, fused fast paths, user exclusions);
+:func:`dynamic_skips` adds those known only after a forward pass (never called, called twice,
+the classifier, no gradient).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .adapters import LayerAdapter, adapter_for, registered_base, registered_names
+from .layers import KFELayer
+from .options import normalise_exclude
+
+
+@dataclass
+class Candidate:
+    """A layer that might be pruned: ``unit`` (a plain layer or :class:`KFELayer`) at ``name``."""
+
+    name: str
+    unit: nn.Module
+    hook_module: nn.Module  # the module whose input/output define the factors (a KFELayer's core)
+    skipped: str | None = None
+
+    @property
+    def adapter(self) -> LayerAdapter | None:
+        return adapter_for(self.hook_module)
+
+    @property
+    def kind(self) -> str:
+        a = self.adapter
+        return a.kind if a is not None else type(self.hook_module).__name__.lower()
+
+    @property
+    def widths(self) -> tuple[int, int]:
+        """``(C_in, C_out)`` of the whole unit (a KFELayer's original widths)."""
+        u = self.unit
+        if isinstance(u, KFELayer):
+            return u.in_features, u.out_features
+        if self.adapter is not None:
+            return self.adapter.widths(u)
+        return _unsupported_widths(u)
+
+
+# Layer types with weights that EigenDamage does not prune, listed in reports with the reason.
+_UNSUPPORTED: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.Embedding, "embedding lookup (not a product with its input): not pruned"),
+    (nn.EmbeddingBag, "embedding lookup (not a product with its input): not pruned"),
+    (nn.RNNBase, "recurrent layer (weights reused at every time step): not pruned"),
+)
+
+
+def _unsupported_reason(module: nn.Module) -> str | None:
+    return next((why for t, why in _UNSUPPORTED if isinstance(module, t)), None)
+
+
+def _unsupported_widths(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return module.num_embeddings, module.embedding_dim
+    if isinstance(module, nn.RNNBase):
+        return module.input_size, module.hidden_size
+    return 0, 0
+
+
+def _matches(name: str, module: nn.Module, exclude: Iterable[Any]) -> bool:
+    for e in exclude:
+        if isinstance(e, str):
+            if fnmatch.fnmatchcase(name, e):
+                return True
+        elif isinstance(e, re.Pattern):
+            if e.fullmatch(name):
+                return True
+        elif isinstance(e, type):
+            if isinstance(module, e):
+                return True
+        elif e is module:
+            return True
+    return False
+
+
+def find_layers(model: nn.Module, exclude: Any = None, *, unsupported: bool = False) -> list[Candidate]:
+    """Every layer of a registered type (or already pruned :class:`KFELayer`) in ``model``, with
+    skip reasons known before running it.
+
+    ``unsupported=True`` also lists embeddings and recurrent layers, always skipped with the
+    reason (for reports); they are never hooked.
+    """
+    exclude = normalise_exclude(exclude)
+    # Modules or parameters reachable under several names are shared: never rebuilt.
+    names_of: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        names_of[id(m)] = names_of.get(id(m), 0) + 1
+    owners: dict[int, set[int]] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(id(m))
+
+    found: list[Candidate] = []
+    seen: set[int] = set()
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for child_name, child in module.named_children():
+            name = f"{prefix}{child_name}"
+            if isinstance(child, KFELayer) or registered_base(child) is not None:
+                if id(child) in seen:
+                    continue
+                seen.add(id(child))
+                hook = child.core if isinstance(child, KFELayer) else child
+                cand = Candidate(name, child, hook)
+                cand.skipped = _static_reason(child, hook, module, child_name, names_of, owners)
+                if cand.skipped is None and _matches(name, child, exclude):
+                    cand.skipped = "excluded by user"
+                found.append(cand)
+            elif unsupported and _unsupported_reason(child) is not None:
+                if id(child) not in seen:
+                    seen.add(id(child))
+                    found.append(Candidate(name, child, child, _unsupported_reason(child)))
+            else:
+                visit(f"{name}.", child)
+
+    visit("", model)
+    return found
+
+
+def _fastpath_reads_weights(layer: nn.Module) -> bool:
+    """Whether PyTorch's fused encoder fast path may read ``layer.linear1/2.weight`` directly.
+
+    Only ``nn.TransformerEncoderLayer`` has such a path (``torch._transformer_encoder_layer_fwd``,
+    also entered through ``nn.TransformerEncoder``); decoder layers always call their linears as
+    modules. The path is taken in eval mode only when these static conditions hold (checked as
+    in ``TransformerEncoderLayer.forward``): if one fails, the linears always run as modules.
+    """
+    if not isinstance(layer, nn.TransformerEncoderLayer):
+        return False
+    attn = layer.self_attn
+    return bool(
+        attn.batch_first
+        and attn.in_proj_bias is not None
+        and attn._qkv_same_embed_dim
+        and getattr(layer, "activation_relu_or_gelu", False)
+        and layer.norm1.eps == layer.norm2.eps
+        and attn.num_heads % 2 == 0
+    )
+
+
+def _static_reason(unit, core, parent, child_name, names_of, owners) -> str | None:
+    if isinstance(parent, nn.MultiheadAttention):
+        return "called functionally by nn.MultiheadAttention (its hooks never fire)"
+    if child_name in ("linear1", "linear2") and _fastpath_reads_weights(parent):
+        return "read as .weight by PyTorch's fused Transformer fast path"
+    adapter = adapter_for(core)
+    if adapter is None:
+        base = registered_base(core)
+        return f"{type(core).__name__} subclasses {base.__name__ if base else '?'}; its forward may differ"
+    if isinstance(core.weight, nn.parameter.UninitializedParameter):
+        return "uninitialised lazy module"
+    reason = adapter.skip_reason(core)
+    if reason is not None:
+        return reason
+    if names_of.get(id(unit), 0) > 1:
+        return "module is shared (registered under several names)"
+    stage_params = list(unit.parameters())
+    if any(len(owners.get(id(p), ())) > 1 for p in stage_params):
+        return "tied or shared parameters"
+    if not core.weight.requires_grad:
+        return "frozen parameters"
+    return None
+
+
+def hookable(cands: list[Candidate]) -> dict[str, nn.Module]:
+    """Name → module to hook, for every candidate of a registered type (skipped or not)."""
+    return {c.name: c.hook_module for c in cands if c.adapter is not None}
+
+
+def dynamic_skips(
+    cands: list[Candidate],
+    layers: dict[str, Any],
+    fire_order: list[str],
+    exempt_last: bool,
+    *,
+    backward: bool,
+) -> list[tuple[str, str]]:
+    """Add the skip reasons only known after running the model; returns the ``(name, reason)`` added.
+
+    Args:
+        layers: name → per-layer capture record with ``fired``, ``max_calls`` and (when
+            ``backward``) ``reached``, ``a_rows``, ``g_rows`` (e.g. ``CaptureResult.layers``).
+        fire_order: layer names in the order they first ran.
+        backward: whether the pass had a backward (then "no gradient reached" is known too).
+    """
+    last = fire_order[-1] if fire_order else None
+    added = []
+    for c in cands:
+        if c.skipped is not None:
+            continue
+        lf = layers.get(c.name)
+        if lf is None or not lf.fired:
+            c.skipped = "never called in the forward pass (called functionally, or unused)"
+        elif lf.max_calls > 1:
+            c.skipped = f"called {lf.max_calls} times per forward pass"
+        elif exempt_last and c.name == last:
+            c.skipped = "last layer (exempt_last=True)"
+        elif backward and (not lf.reached or lf.a_rows == 0 or lf.g_rows == 0):
+            c.skipped = "no gradient reached its output"
+        if c.skipped is not None:
+            added.append((c.name, c.skipped))
+    return added
+
+
+def no_prunable_message(cands: list[Candidate]) -> str:
+    """The error text for a model with nothing left to prune, with each layer's reason."""
+    if not cands:
+        return f"no prunable layer: the model has no {registered_names()}"
+    reasons = "; ".join(f"{c.name}: {c.skipped}" for c in cands[:12])
+    more = f" (and {len(cands) - 12} more)" if len(cands) > 12 else ""
+    return f"no prunable layer: every candidate layer is skipped ({reasons}{more})"

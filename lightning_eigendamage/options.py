@@ -1,0 +1,128 @@
+"""The options of a pruning call, validated once.
+
+:class:`PruneOptions` is the one place where every option of :func:`~lightning_eigendamage.prune`
+and of the :class:`~lightning_eigendamage.EigenDamagePruning` callback is checked: both build one
+(the callback in its constructor, before training) and pass it down, so nothing is validated twice
+and no module repeats the checks. Frozen: the callback's options cannot drift during a fit.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from torch import nn
+
+from .criteria import criterion_names
+from .curvature import FISHER_TYPES, LIKELIHOODS
+from .layers import FORMS
+
+TARGETS = ("directions", "params", "flops")
+FORM_CHOICES = ("auto",) + FORMS
+FORM_BY = ("cost", "latency")
+
+
+def normalise_exclude(exclude: Any) -> tuple[Any, ...]:
+    """``exclude`` as a tuple of module instances, module types, glob strings and compiled regexes.
+
+    Raises:
+        TypeError: anything else, with what to pass instead.
+    """
+    if exclude is None:
+        return ()
+    if isinstance(exclude, (str, re.Pattern, type, nn.Module)):
+        return (exclude,)
+    try:
+        items = tuple(exclude)
+    except TypeError:
+        raise TypeError(
+            "exclude takes a module instance, a module type, a name pattern (glob string), a compiled "
+            f"regular expression, or a list of these; got {type(exclude).__name__} {exclude!r}"
+        ) from None
+    for e in items:
+        if not isinstance(e, (str, re.Pattern, type, nn.Module)):
+            raise TypeError(
+                "exclude takes module instances, module types, name patterns (glob strings) or "
+                f"compiled regular expressions; got {type(e).__name__}"
+            )
+    return items
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _one_of(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """Everything about *how* to prune, apart from *how much* (``ratio``) and the data.
+
+    The meaning of each field is documented on :func:`~lightning_eigendamage.prune`. ``exclude``
+    is stored normalised (a tuple); ``method`` names a criterion of the registry in
+    :mod:`~lightning_eigendamage.criteria`.
+
+    Raises:
+        ValueError / TypeError: at construction, for any bad value, saying what to pass.
+    """
+
+    method: str = "eigendamage"
+    fisher: str = "true"
+    target: str = "directions"
+    loss_fn: Callable[[Any, Any], Any] | None = None
+    input_fn: Callable[[Any], Any] | None = None
+    forward_fn: Callable[[Any, Any], Any] | None = None
+    exclude: Any = None
+    exempt_last: bool = True
+    layer_cap: float = 0.95
+    min_rank: int = 1
+    form: str = "auto"
+    train_rotations: bool = True
+    likelihood: str = "categorical"
+    class_dim: int = -1
+    max_batches: int | None = None
+    seed: int = 0
+    form_by: str = "cost"
+    latency_batch: int = 64
+    round_to: int = 1
+
+    def __post_init__(self) -> None:
+        _one_of("method", self.method, criterion_names())
+        _one_of("fisher", self.fisher, FISHER_TYPES)
+        _one_of("likelihood", self.likelihood, LIKELIHOODS)
+        _one_of("target", self.target, TARGETS)
+        _one_of("form", self.form, FORM_CHOICES)
+        _one_of("form_by", self.form_by, FORM_BY)
+        cap = self.layer_cap
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0.0 < cap <= 1.0:
+            raise ValueError(f"layer_cap must be in (0, 1], got {cap!r}")
+        if isinstance(self.min_rank, bool) or not isinstance(self.min_rank, int) or self.min_rank < 1:
+            raise ValueError(f"min_rank must be an integer ≥ 1, got {self.min_rank!r}")
+        _positive_int("latency_batch", self.latency_batch)
+        _positive_int("round_to", self.round_to)
+        if self.max_batches is not None:
+            _positive_int("max_batches", self.max_batches)
+        for name in ("input_fn", "forward_fn", "loss_fn"):
+            fn = getattr(self, name)
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be a callable or None, got {type(fn).__name__}")
+        for name in ("seed", "class_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+        object.__setattr__(self, "exclude", normalise_exclude(self.exclude))
+        object.__setattr__(self, "exempt_last", bool(self.exempt_last))
+        object.__setattr__(self, "train_rotations", bool(self.train_rotations))
+
+    @classmethod
+    def from_arguments(cls, arguments: Mapping[str, Any], **overrides: Any) -> PruneOptions:
+        """The options among ``arguments`` (e.g. a function's ``locals()``: other names are
+        ignored), with ``overrides`` applied; fields absent from both keep their defaults."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in arguments.items() if k in names}, **overrides)

@@ -1,0 +1,115 @@
+"""What a pruning call did, in plain data: :class:`PruneReport` with one :class:`LayerReport` per
+layer considered, and the warnings a call emits."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class LayerReport:
+    """One prunable-type layer (Conv2d, Conv1d, Linear) considered by a pruning call.
+
+    ``in_features``/``out_features`` are the original widths; ``kept_in``/``kept_out`` the
+    eigen-directions (core widths) after the call; ``skipped`` the reason the layer was left
+    alone, or None. Costs are per example (FLOPs = 2·MACs), None where unknown.
+    """
+
+    name: str
+    kind: str
+    in_features: int
+    out_features: int
+    kept_in: int
+    kept_out: int
+    form: str
+    skipped: str | None = None
+    removed_in: int = 0
+    removed_out: int = 0
+    params_before: int | None = None
+    params_after: int | None = None
+    flops_before: int | None = None
+    flops_after: int | None = None
+
+
+@dataclass
+class PruneReport:
+    """What a pruning call did. ``to_dict()`` gives plain data (checkpoint-safe).
+
+    ``target_reached``: whether a ``"params"``/``"flops"`` target was met (within
+    ``TARGET_TOLERANCE``; always True for ``"directions"``, whose ``ratio`` is a threshold
+    quantile); ``reached``: the fraction of the target's unit actually removed (for
+    ``"directions"``: ``realised_fraction``); ``limited_by``: why the target was out of reach
+    (layer caps, ``min_rank``, skipped layers), None when it was reached.
+    """
+
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    ratio: float
+    target: str
+    realised_fraction: float
+    threshold: float
+    quantile: float
+    batches: int
+    skipped_batches: int
+    method: str = "eigendamage"
+    fisher: str = "true"
+    layers: list[LayerReport] = field(default_factory=list)
+    target_reached: bool = True
+    reached: float = 0.0
+    limited_by: str | None = None
+
+    @property
+    def param_compression(self) -> float:
+        return self.params_before / max(self.params_after, 1)
+
+    @property
+    def flops_compression(self) -> float:
+        return self.flops_before / max(self.flops_after, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PruneReport:
+        d = dict(d)
+        layers = [LayerReport(**entry) for entry in d.pop("layers", [])]
+        return cls(**d, layers=layers)
+
+    def summary(self) -> str:
+        """A per-layer table (widths before → kept directions, form) with totals."""
+        w = max([len(r.name) for r in self.layers] + [5])
+        lines = [f"{'layer':<{w}}  {'in→out':>11}  {'kept in→out':>11}  {'form':<10}  note"]
+        for r in self.layers:
+            note = r.skipped or ""
+            lines.append(
+                f"{r.name:<{w}}  {f'{r.in_features}→{r.out_features}':>11}  "
+                f"{f'{r.kept_in}→{r.kept_out}':>11}  {r.form:<10}  {note}"
+            )
+        lines.append(
+            f"params {self.params_before:,} → {self.params_after:,} "
+            f"({self.param_compression:.2f}×), FLOPs/example {self.flops_before:,} → "
+            f"{self.flops_after:,} ({self.flops_compression:.2f}×), directions removed "
+            f"{self.realised_fraction:.1%} (target {self.target} {self.ratio:g})"
+        )
+        return "\n".join(lines)
+
+
+# A params/flops target counts as reached within this fraction of the model (0.5 percentage points):
+# the bisection meets the target with whole directions, and FlopCounterMode's count of the whole
+# model can differ slightly from the per-layer costs the bisection adds up.
+TARGET_TOLERANCE = 0.005
+
+
+class PruningWarning(UserWarning):
+    """Base class of the warnings :func:`prune` emits (the callback re-emits them on rank zero)."""
+
+
+class TargetNotReachedWarning(PruningWarning):
+    """A ``"params"``/``"flops"`` target could not be met (caps, ``min_rank``, skipped layers)."""
+
+
+class ZeroCurvatureWarning(PruningWarning):
+    """Layers whose curvature is exactly zero: their directions all score 0 (arbitrary order)."""

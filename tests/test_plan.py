@@ -1,0 +1,132 @@
+"""The public halves of prune() (analyse → decide → apply), the plan as data, options validated
+once, and the criterion and adapter registries."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from models import ConvNet, conv_batches
+from torch import nn
+
+from lightning_eigendamage import (
+    LayerAdapter,
+    Plan,
+    PruneOptions,
+    analyse,
+    apply,
+    decide,
+    prune,
+    register,
+    register_criterion,
+)
+from lightning_eigendamage.criteria import criterion_names
+
+
+def test_analyse_decide_apply_is_prune() -> None:
+    torch.manual_seed(0)
+    a = ConvNet()
+    b = copy.deepcopy(a)
+    batches = conv_batches(2)
+    ra = prune(a, batches, ratio=0.5, target="flops", layer_cap=0.8)
+    opts = PruneOptions(target="flops", layer_cap=0.8)
+    an = analyse(b, batches, opts)
+    plan = decide(an, 0.5, opts)
+    rb = apply(b, an, plan, opts)
+    assert ra.to_dict() == rb.to_dict()
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        if torch.is_tensor(sa[k]):
+            assert torch.equal(sa[k], sb[k]), k
+    # The plan says what the report reports.
+    for entry in rb.layers:
+        if entry.skipped is None:
+            lp = plan[entry.name]
+            assert (lp.form, lp.params, lp.flops) == (entry.form, entry.params_after, entry.flops_after)
+    for w in an.layers:
+        lp = plan[w.name]
+        assert list(lp.kept_in) == sorted(lp.kept_in) and len(lp.kept_in) <= w.s_in.numel()
+        entry = next(r for r in rb.layers if r.name == w.name)
+        assert entry.removed_in == w.s_in.numel() - len(lp.kept_in)
+
+
+def test_plan_is_plain_data_and_round_trips() -> None:
+    torch.manual_seed(0)
+    model = ConvNet()
+    opts = PruneOptions()
+    an = analyse(model, conv_batches(2), opts)
+    plan = decide(an, 0.5, opts)
+    assert Plan.from_dict(plan.to_dict()) == plan
+    buf = io.BytesIO()
+    torch.save(plan.to_dict(), buf)
+    buf.seek(0)
+    assert Plan.from_dict(torch.load(buf, weights_only=True)) == plan
+    with pytest.raises(KeyError):
+        plan["nope"]
+    with pytest.raises(AttributeError):  # frozen
+        plan.ratio = 0.3
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        (dict(layer_cap=1.5), ValueError, r"layer_cap must be in \(0, 1\]"),
+        (dict(round_to=0), ValueError, "round_to must be a positive integer"),
+        (dict(max_batches=0), ValueError, "max_batches must be a positive integer"),
+        (dict(method="nope"), ValueError, "method must be one of"),
+        (dict(exclude=123), TypeError, "exclude takes"),
+        (dict(seed=1.5), TypeError, "seed must be an int"),
+        (dict(forward_fn=3), TypeError, "forward_fn must be a callable"),
+    ],
+)
+def test_options_are_validated_once_at_construction(kwargs, err, match) -> None:
+    with pytest.raises(err, match=match):
+        PruneOptions(**kwargs)
+
+
+def test_decide_rejects_a_bad_ratio() -> None:
+    opts = PruneOptions()
+    an = analyse(ConvNet(), conv_batches(1), opts)
+    with pytest.raises(ValueError, match=r"ratio must be a number in \[0, 1\)"):
+        decide(an, 1.0, opts)
+
+
+def test_a_registered_criterion_decides_which_directions_stay() -> None:
+    """A criterion that scores input direction j as j (and outputs likewise) must keep the highest
+    indices: the kept sets are exactly what the criterion says, not what EigenDamage would say."""
+
+    def by_index(w_star, lam_a, lam_g, locations):
+        r_out, _, r_in = w_star.shape
+        return (torch.arange(r_out, dtype=torch.float64), torch.arange(r_in, dtype=torch.float64))
+
+    register_criterion("by_index", by_index)
+    assert "by_index" in criterion_names()
+    torch.manual_seed(0)
+    opts = PruneOptions(method="by_index", form="bottleneck")
+    an = analyse(ConvNet(), conv_batches(2), opts)
+    plan = decide(an, 0.5, opts)
+    for w in an.layers:
+        lp = plan[w.name]
+        n_in = w.s_in.numel()
+        assert list(lp.kept_in) == list(range(n_in - len(lp.kept_in), n_in))
+    with pytest.raises(TypeError):
+        register_criterion("broken", 3)
+
+
+def test_register_refuses_what_is_not_a_module_type() -> None:
+    class Bad(LayerAdapter):
+        kind = "bad"
+        module_type = int  # not an nn.Module
+
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        register(Bad())
+
+    class Clash(LayerAdapter):
+        kind = "linear"  # taken by nn.Linear
+        module_type = nn.Bilinear
+
+    with pytest.raises(ValueError, match="registered as 'linear'"):
+        register(Clash())
