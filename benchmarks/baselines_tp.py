@@ -3,15 +3,15 @@
 Benchmark code: it needs the optional dependency ``torch-pruning`` (``pip install
 lightning-eigendamage[baselines]``; tested with 1.6.1). The maths is in
 :mod:`lightning_eigendamage.baselines`; this module only turns per-channel scores into a real
-structured pruning (method.md §5):
+structured pruning (docs/method.md §8):
 
 1. Torch-Pruning's :class:`~torch_pruning.DependencyGraph` groups channels that must go together
    (a conv's output channel, its BatchNorm, the next layers' input channels, and every layer
    coupled to it through residual adds or concatenations).
 2. A group's channel score is the *sum* of the scores of every Conv2d/Linear (or, for Network
-   Slimming, BatchNorm) in the group whose output channels it removes (method.md §5: "scores summed
-   over a dependency group"). Today's peers (Torch-Pruning's own L1/L2 magnitude and group Taylor
-   importances) score groups their own way, with Torch-Pruning's defaults.
+   Slimming, BatchNorm) in the group whose output channels it removes (docs/method.md §8).
+   Today's peers (Torch-Pruning's own L1/L2 magnitude and group Taylor importances) score groups
+   their own way, with Torch-Pruning's defaults.
 3. One global ranking over all groups' channels: the lowest-scoring channels are removed, at most
    ``max_group_ratio`` of a group and never its last ``min_channels``, until ``ratio`` of the
    prunable channels (``target="channels"``) or of the model's FLOPs (``target="flops"``) is gone.

@@ -7,7 +7,7 @@ One JSON record per (method, FLOPs target, seed) is written to ``--out``/records
 run ends; a run whose record exists is skipped (``--force`` redoes it). Tables and plots come from
 the records: ``python benchmarks/tables.py --records <out>/records --out <dir>``.
 
-Protocol, identical for every method (method.md §5-6):
+Protocol, identical for every method (docs/method.md §8 and §10):
 
 1. Pretraining (SGD, momentum 0.9, step decay ×0.1 at 50 % and ×0.01 at 75 % of the steps), cached
    under ``--cache`` and shared by every method; Network Slimming gets its own pretraining with the
@@ -69,7 +69,7 @@ MODELS = {
     "vgg19-narrow": "VGG19-BN, width 0.25",
 }
 
-# Presets: the paper's hyperparameters (method.md §6) and the reduced CPU protocol. Explicit flags
+# Presets: the paper's hyperparameters (docs/method.md §10) and the reduced CPU protocol. Explicit flags
 # override a preset's values.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(
