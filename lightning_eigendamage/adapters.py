@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .costs import Geometry
-from .curvature import conv_channel_a, conv_patch_a, linear_a, output_g
+from .curvature import conv_channel_a, conv_patch_a, conv_patches, linear_a, output_g
 
 
 class LayerAdapter:
@@ -74,6 +74,16 @@ class LayerAdapter:
         """A per-example input shape (as captured) with its channel width set to ``c_in``."""
         raise NotImplementedError
 
+    def patches(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """What one output row of ``module`` reads, ``(rows, C_in·k²)`` in
+        ``weight.reshape(C_out, -1)`` column order, one row per example and output location."""
+        raise NotImplementedError
+
+    def output_rows(self, y: torch.Tensor) -> torch.Tensor:
+        """An output ``(N, C_out, *spatial)`` or ``(N, *, C_out)`` as rows ``(rows, C_out)``, in the
+        order of :meth:`patches`."""
+        raise NotImplementedError
+
 
 class LinearAdapter(LayerAdapter):
     """``nn.Linear`` on inputs ``(N, *, C_in)``: every leading position is a location."""
@@ -102,6 +112,12 @@ class LinearAdapter(LayerAdapter):
 
     def input_shape_at(self, shape: tuple[int, ...], c_in: int) -> tuple[int, ...]:
         return tuple(shape[:-1]) + (c_in,)
+
+    def patches(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, x.shape[-1])
+
+    def output_rows(self, y: torch.Tensor) -> torch.Tensor:
+        return y.reshape(-1, y.shape[-1])
 
 
 @dataclass(frozen=True)
@@ -183,6 +199,13 @@ class ConvAdapter(LayerAdapter):
 
     def input_shape_at(self, shape: tuple[int, ...], c_in: int) -> tuple[int, ...]:
         return (c_in,) + tuple(shape[1:])
+
+    def patches(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        p = conv_patches(self.as_2d(x), self.view(module))  # (N, C_in·k², T)
+        return p.transpose(1, 2).reshape(-1, p.shape[1])
+
+    def output_rows(self, y: torch.Tensor) -> torch.Tensor:
+        return y.reshape(y.shape[0], y.shape[1], -1).transpose(1, 2).reshape(-1, y.shape[1])
 
 
 class Conv1dAdapter(ConvAdapter):

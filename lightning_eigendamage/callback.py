@@ -176,7 +176,11 @@ class EigenDamagePruning(Callback):
         super().__init__()
         self.schedule = PruningSchedule.from_any(schedule)
         # Every option is validated here, once, before training (PruneOptions raises).
-        self.options = PruneOptions.from_arguments(locals(), target=self.schedule.target)
+        # The callback's rounds run on factors captured during training: one shot, and no
+        # calibration pass over a single example batch (training adapts BatchNorm afterwards).
+        self.options = PruneOptions.from_arguments(
+            locals(), target=self.schedule.target, recalibrate_bn=False, reconstruct=False
+        )
         self.verbose = verbose
 
         self.reports: list[PruneReport] = []

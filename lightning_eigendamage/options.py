@@ -22,6 +22,7 @@ from .layers import FORMS
 TARGETS = ("directions", "params", "flops")
 FORM_CHOICES = ("auto",) + FORMS
 FORM_BY = ("cost", "latency")
+RANK_BY = ("damage", "damage_per_cost")
 
 
 def normalise_exclude(exclude: Any) -> tuple[Any, ...]:
@@ -91,6 +92,11 @@ class PruneOptions:
     form_by: str = "cost"
     latency_batch: int = 64
     round_to: int = 1
+    rank_by: str = "damage"
+    shots: int = 1
+    recalibrate_bn: bool = True
+    reconstruct: bool = False
+    reconstruct_damping: float = 1e-4
 
     def __post_init__(self) -> None:
         _one_of("method", self.method, criterion_names())
@@ -99,6 +105,11 @@ class PruneOptions:
         _one_of("target", self.target, TARGETS)
         _one_of("form", self.form, FORM_CHOICES)
         _one_of("form_by", self.form_by, FORM_BY)
+        _one_of("rank_by", self.rank_by, RANK_BY)
+        _positive_int("shots", self.shots)
+        d = self.reconstruct_damping
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not d >= 0:
+            raise ValueError(f"reconstruct_damping must be a number ≥ 0, got {d!r}")
         cap = self.layer_cap
         if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0.0 < cap <= 1.0:
             raise ValueError(f"layer_cap must be in (0, 1], got {cap!r}")
@@ -119,6 +130,8 @@ class PruneOptions:
         object.__setattr__(self, "exclude", normalise_exclude(self.exclude))
         object.__setattr__(self, "exempt_last", bool(self.exempt_last))
         object.__setattr__(self, "train_rotations", bool(self.train_rotations))
+        object.__setattr__(self, "recalibrate_bn", bool(self.recalibrate_bn))
+        object.__setattr__(self, "reconstruct", bool(self.reconstruct))
 
     @classmethod
     def from_arguments(cls, arguments: Mapping[str, Any], **overrides: Any) -> PruneOptions:

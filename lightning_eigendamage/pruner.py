@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -24,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .calibration import downstream_batchnorms, recalibrate_batchnorm, reconstruct
 from .costs import Cost, Geometry, count_flops, count_params, form_cost, time_modules
 from .criteria import criterion, global_marks, global_threshold, keep_side
 from .curvature import CaptureResult, capture_factors, split_batch, to_device
@@ -81,6 +84,8 @@ class Analysis:
     skipped_batches: int
     device: torch.device
     zero_curvature: list[str] = field(default_factory=list)
+    fire_order: list[str] = field(default_factory=list)
+    calibration: Any = None  # the batches again (re-iterable) or those the capture consumed
 
     @property
     def pooled(self) -> list[torch.Tensor]:
@@ -120,6 +125,10 @@ def analyse(
     device = next(model.parameters()).device
 
     it = iter(batches)
+    reiterable = it is not batches
+    seen: list[Any] = []
+    if not reiterable:  # a one-shot iterator: keep what the capture consumes, for calibration
+        it = _recording(it, seen)
     first = next(it, _EMPTY)
     if first is _EMPTY and captured is None:
         raise ValueError("batches is empty: pruning needs at least one batch to measure curvature")
@@ -182,6 +191,9 @@ def analyse(
             zero.append(c.name)
         d_out, _, d_in = state.core.shape
         bias = state.bias is not None
+        if opts.rank_by == "damage_per_cost":
+            cost_out, cost_in = _direction_costs(geo, d_in, d_out, opts.target)
+            s_out, s_in = s_out / cost_out, s_in / cost_in
         current = form_cost(geo, state.form, d_in, d_out, bias=bias)
         shape = None if lf.input_shape is None else c.adapter.input_shape_at(lf.input_shape, state.c_in)
         layers.append(ScoredLayer(c, state, geo, bias, q_a, q_g, s_out, s_in, current, shape))
@@ -193,7 +205,37 @@ def analyse(
         )
     if zero:
         _warn_zero_curvature(zero, len(layers))
-    return Analysis(cands, layers, totals, example, captured.batches, captured.skipped_batches, device, zero)
+    calib = batches if reiterable else seen
+    return Analysis(
+        cands,
+        layers,
+        totals,
+        example,
+        captured.batches,
+        captured.skipped_batches,
+        device,
+        zero,
+        list(captured.fire_order),
+        calib,
+    )
+
+
+def _recording(it: Iterable[Any], into: list[Any]) -> Iterable[Any]:
+    for b in it:
+        into.append(b)
+        yield b
+
+
+def _direction_costs(geo: Geometry, d_in: int, d_out: int, target: str) -> tuple[float, float]:
+    """What removing one output / input direction of a bottleneck ``d_in → d_out`` saves, in the
+    target's unit (parameters for ``"params"``, else FLOPs): ``k²·d_in + C_out`` and
+    ``k²·d_out + C_in`` parameters; ``2·T_out·(k²·d_in + C_out)`` and
+    ``2·(T_out·k²·d_out + T_in·C_in)`` FLOPs per example."""
+    if target == "params":
+        return float(geo.k2 * d_in + geo.c_out), float(geo.k2 * d_out + geo.c_in)
+    out = 2.0 * geo.loc_out * (geo.k2 * d_in + geo.c_out)
+    inn = 2.0 * (geo.loc_out * geo.k2 * d_out + geo.loc_in * geo.c_in)
+    return out, inn
 
 
 def _warn_zero_curvature(names: list[str], n_layers: int) -> None:
@@ -446,14 +488,20 @@ def apply(
     options: PruneOptions,
     *,
     changes: dict[str, LayerChange] | None = None,
+    distributed: bool = False,
+    process_group: Any = None,
 ) -> PruneReport:
-    """Rebuild the layers ``plan`` changes, install them all at once, and report.
+    """Rebuild the layers ``plan`` changes, install them all at once, calibrate, and report.
 
     A rebuilt layer whose weights are not all finite is never installed (the layer stays as it
     is, with the reason in the report). New stages take the train/eval mode of the layer they
     replace. ``changes``, if given, is filled with one :class:`LayerChange` per rebuilt layer.
+    Then, on the analysis' calibration batches: ``options.reconstruct`` re-fits the rebuilt layers
+    against a copy of the model taken before the surgery (:func:`~.calibration.reconstruct`), and
+    ``options.recalibrate_bn`` re-estimates the BatchNorm layers downstream of them.
     """
     an, opts = analysis, options
+    dense = copy.deepcopy(model) if opts.reconstruct and an.calibration is not None else None
     plans = {lp.name: lp for lp in plan.layers}
     final: dict[str, LayerPlan] = {}
     replacements = {}
@@ -490,7 +538,9 @@ def apply(
                     list(lp.kept_out),
                     lp.form,
                 )
-    return _report(model, an, plan, final, opts)
+    report = _report(model, an, plan, final, opts)
+    _calibrate(model, dense, an, report, opts, distributed=distributed, process_group=process_group)
+    return report
 
 
 def _report(
@@ -635,6 +685,11 @@ def prune(
     form_by: str = "cost",
     latency_batch: int = 64,
     round_to: int = 1,
+    rank_by: str = "damage",
+    shots: int = 1,
+    recalibrate_bn: bool = True,
+    reconstruct: bool = False,
+    reconstruct_damping: float = 1e-4,
     distributed: bool = False,
     process_group: Any = None,
     captured: CaptureResult | None = None,
@@ -686,6 +741,20 @@ def prune(
             can be removed). Timed once, on rank 0 when ``distributed``.
         round_to: round the kept directions of each pruned side up to a multiple of this (e.g. 8
             for vector-unit and tensor-core friendly widths; the widths' full size is the cap).
+        rank_by: ``"damage"`` ranks directions by their loss increase (the paper);
+            ``"damage_per_cost"`` by loss increase per unit of cost the removal saves (FLOPs, or
+            parameters with ``target="params"``), so cheap directions are not cut first.
+        shots: remove the share in this many equal steps (``1 − (1 − ratio)^(1/shots)`` each),
+            re-capturing the factors on the partly pruned network before each (no training in
+            between); ``batches`` are iterated once per shot.
+        recalibrate_bn: after the surgery, re-estimate the running statistics of the BatchNorm
+            layers downstream of the rebuilt layers on ``batches`` (nothing else is touched;
+            :func:`~lightning_eigendamage.calibration.recalibrate_batchnorm`).
+        reconstruct: after the surgery, re-fit each rebuilt layer's core and bias by damped least
+            squares (damping ``reconstruct_damping`` relative to the mean diagonal) so that its
+            outputs on ``batches`` match the dense layer's, in forward order
+            (:func:`~lightning_eigendamage.calibration.reconstruct`; keeps one copy of the model
+            while it runs).
         distributed: call on every process of an initialised ``torch.distributed`` group (e.g.
             each DDP rank, with its own shard of ``batches``): factors are summed over processes
             (weighted by rows), the eigendecompositions are split among them and broadcast, and
@@ -706,5 +775,83 @@ def prune(
     if options is None:
         options = PruneOptions.from_arguments(locals())
     dist_kw = {"distributed": distributed, "process_group": process_group}
-    an = analyse(model, batches, options, captured=captured, **dist_kw)
-    return apply(model, an, decide(an, ratio, options, **dist_kw), options, changes=changes)
+    shots = options.shots if captured is None else 1
+    step = ratio if shots == 1 else 1.0 - (1.0 - ratio) ** (1.0 / shots)
+    first: PruneReport | None = None
+    for _ in range(shots):
+        an = analyse(model, batches, options, captured=captured, **dist_kw)
+        report = apply(model, an, decide(an, step, options, **dist_kw), options, changes=changes, **dist_kw)
+        if an.calibration is not None and not isinstance(batches, (list, tuple)) and iter(batches) is batches:
+            batches = an.calibration  # a one-shot iterator: later shots reuse what it gave
+        first = report if first is None else first
+    if shots > 1:
+        report = _overall(first, report, ratio, options)
+    return report
+
+
+def _forward(opts: PruneOptions, device: torch.device) -> Callable[[nn.Module, Any], Any]:
+    """``(model, batch) → output`` as every forward of a call runs it (batch moved to ``device``)."""
+    if opts.forward_fn is not None:
+        return lambda m, b: opts.forward_fn(m, to_device(b, device))
+    return lambda m, b: m(to_device(split_batch(b, opts.input_fn)[0], device))
+
+
+def _calibration_batches(an: Analysis, opts: PruneOptions) -> list[Any]:
+    out = []
+    for i, b in enumerate(an.calibration or ()):
+        if opts.max_batches is not None and i >= opts.max_batches:
+            break
+        out.append(b)
+    return out
+
+
+def _calibrate(
+    model: nn.Module,
+    dense: nn.Module | None,
+    an: Analysis,
+    report: PruneReport,
+    opts: PruneOptions,
+    *,
+    distributed: bool = False,
+    process_group: Any = None,
+) -> None:
+    """Reconstruction (if asked) and BatchNorm re-estimation after the surgery; recorded in ``report``."""
+    rebuilt = [r.name for r in report.layers if r.skipped is None and (r.removed_in or r.removed_out)]
+    if not rebuilt or not (opts.recalibrate_bn or dense is not None):
+        return
+    batches = _calibration_batches(an, opts)
+    if not batches:
+        return
+    forward = _forward(opts, an.device)
+    if dense is not None:
+        order = [n for n in an.fire_order if n in rebuilt]
+        report.reconstruction_error = reconstruct(
+            model, dense, order, batches, forward, damping=opts.reconstruct_damping
+        )
+    if opts.recalibrate_bn:
+        bns = downstream_batchnorms(model, [model.get_submodule(n) for n in rebuilt], batches[0], forward)
+        if recalibrate_batchnorm(
+            model, bns, batches, forward, distributed=distributed, process_group=process_group
+        ):
+            names = {id(m): n for n, m in model.named_modules()}
+            report.recalibrated_bn = [names[id(m)] for m in bns]
+
+
+def _overall(first: PruneReport, last: PruneReport, ratio: float, opts: PruneOptions) -> PruneReport:
+    """The report of a multi-shot call: the last shot's layers, totals against the model before
+    the first shot, and the target judged on the whole call."""
+    out = dataclasses.replace(
+        last,
+        params_before=first.params_before,
+        flops_before=first.flops_before,
+        ratio=ratio,
+        shots=opts.shots,
+    )
+    if opts.target != "directions":
+        before = out.params_before if opts.target == "params" else out.flops_before
+        after = out.params_after if opts.target == "params" else out.flops_after
+        out.reached = 1.0 - after / before if before else 0.0
+        out.target_reached = out.reached >= ratio - TARGET_TOLERANCE
+        if out.target_reached:
+            out.limited_by = None
+    return out

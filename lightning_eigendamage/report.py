@@ -41,6 +41,11 @@ class PruneReport:
     quantile); ``reached``: the fraction of the target's unit actually removed (for
     ``"directions"``: ``realised_fraction``); ``limited_by``: why the target was out of reach
     (layer caps, ``min_rank``, skipped layers), None when it was reached.
+
+    ``shots``: in how many steps the call removed its share (``prune(shots=...)``);
+    ``recalibrated_bn``: the BatchNorm layers whose running statistics were re-estimated;
+    ``reconstruction_error``: per re-fitted layer, the relative output error against the dense
+    layer on the calibration batches after the fit (``prune(reconstruct=True)``).
     """
 
     params_before: int
@@ -60,6 +65,9 @@ class PruneReport:
     target_reached: bool = True
     reached: float = 0.0
     limited_by: str | None = None
+    shots: int = 1
+    recalibrated_bn: list[str] = field(default_factory=list)
+    reconstruction_error: dict[str, float] = field(default_factory=dict)
 
     @property
     def param_compression(self) -> float:

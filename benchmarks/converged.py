@@ -1,0 +1,441 @@
+"""Pruning *converged* networks: the ablation protocol on full Fashion-MNIST.
+
+Dense networks (cached once, committed in ``benchmarks/results/converged/``):
+
+- ``resnet20-narrow`` (CIFAR ResNet-20, widths 16/32/64) and ``vgg-narrow`` (ten BN convs, width
+  0.25 of VGG), trained on all 60,000 training images: SGD lr 0.1, momentum 0.9, weight decay 5e-4,
+  cosine schedule (per step) over ``--epochs``, batch 128, random crop with padding 2, seed 0, one
+  thread (the float reduction order, and so the network, depends on the thread count).
+
+Each row then prunes a copy of the dense network to ``÷k`` FLOPs with one method and options:
+
+- calibration: 10 fixed batches of 128 training images (drawn with the row's seed) give the
+  curvature (EigenDamage, C-OBD…) or the gradients (Taylor);
+- *after pruning*: BatchNorm statistics re-estimated on the calibration batches, accuracy on the
+  first 3,000 test images (the quick rows) and on the full test set;
+- *after fine-tuning* (``--finetune N``): N epochs, lr 0.01 cosine, same recipe otherwise, BatchNorm
+  re-estimated, accuracy on the full test set.
+
+Commands (records are appended to ``benchmarks/results/converged/records.jsonl`` with the command
+that reproduces each; a row whose key is already there is skipped, so every command resumes)::
+
+    python benchmarks/converged.py pretrain --model resnet20-narrow --epochs 6
+    python benchmarks/converged.py row --model resnet20-narrow --method eigendamage --flops-x 4
+    python benchmarks/converged.py grid --grid after-pruning   # the ablation grid (see GRIDS)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.data import load_data  # noqa: E402
+from benchmarks.run import build_model  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "converged"
+RECIPE = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, batch=128, crop_pad=2)
+FINETUNE_LR = 0.01
+CALIB_BATCHES, CALIB_SIZE, QUICK_TEST = 10, 128, 3000
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """Random crops of ``x`` ``(N, C, H, W)`` from its zero-padded copy (one offset per image)."""
+    n, _, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]
+    idx_n = torch.arange(n)[:, None, None, None]
+    return xp[idx_n, torch.arange(x.shape[1])[None, :, None, None], rows, cols]
+
+
+def train(
+    net: nn.Module,
+    data: Any,
+    epochs: int,
+    lr: float,
+    seed: int,
+    *,
+    penalty: Any = None,
+    on_epoch: Any = None,
+    start_epoch: int = 0,
+    optimizer_state: dict | None = None,
+) -> torch.optim.Optimizer:
+    """SGD with the recipe's momentum/weight decay, cosine over ``epochs`` (per step), random crops.
+
+    ``penalty(net) → tensor`` is added to the loss (e.g. a pruning regulariser); ``on_epoch(epoch,
+    optimizer)`` is called after each epoch (checkpoints). Resumes from ``start_epoch``.
+    """
+    opt = torch.optim.SGD(
+        net.parameters(), lr=lr, momentum=RECIPE["momentum"], weight_decay=RECIPE["weight_decay"]
+    )
+    if optimizer_state is not None:
+        opt.load_state_dict(optimizer_state)
+    n = len(data.y_train)
+    steps_per_epoch = math.ceil(n / RECIPE["batch"])
+    total = epochs * steps_per_epoch
+    net.train()
+    for epoch in range(start_epoch, epochs):
+        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+        perm = torch.randperm(n, generator=gen)
+        for i in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + i
+            for g in opt.param_groups:
+                g["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / total))
+            idx = perm[i * RECIPE["batch"] : (i + 1) * RECIPE["batch"]]
+            x = random_crop(data.x_train[idx], RECIPE["crop_pad"], gen)
+            loss = F.cross_entropy(net(x), data.y_train[idx])
+            if penalty is not None:
+                loss = loss + penalty(net)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if on_epoch is not None:
+            on_epoch(epoch, opt)
+    return opt
+
+
+@torch.no_grad()
+def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
+    """Accuracy in percent, eval mode (restored)."""
+    was = net.training
+    net.eval()
+    correct = sum(
+        int((net(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(y), batch)
+    )
+    net.train(was)
+    return 100.0 * correct / len(y)
+
+
+def calibration(data: Any, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``CALIB_BATCHES`` fixed batches of ``CALIB_SIZE`` training images, drawn with ``seed``."""
+    perm = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(10_000 + seed))
+    return [
+        (
+            data.x_train[perm[i * CALIB_SIZE : (i + 1) * CALIB_SIZE]],
+            data.y_train[perm[i * CALIB_SIZE : (i + 1) * CALIB_SIZE]],
+        )
+        for i in range(CALIB_BATCHES)
+    ]
+
+
+def dense_path(model: str) -> Path:
+    return RESULTS / f"dense-{model}.pt"
+
+
+def pretrain(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    data = load_data("fashion-mnist", root=args.data_root)
+    net = build_model(args.model, 10, 1)
+    cache = Path(args.cache) / f"pretrain-{args.model}-e{args.epochs}.pt"
+    start, opt_state = 0, None
+    if cache.exists():
+        ck = torch.load(cache, weights_only=True)
+        net.load_state_dict(ck["model"])
+        start, opt_state = ck["epoch"] + 1, ck["optimizer"]
+        print(f"resuming {args.model} at epoch {start}")
+    t0 = time.time()
+
+    def on_epoch(epoch: int, opt: torch.optim.Optimizer) -> None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch}, cache)
+        acc = accuracy(net, data.x_test, data.y_test)
+        print(f"{args.model} epoch {epoch}: test {acc:.2f} % ({time.time() - t0:.0f} s)", flush=True)
+
+    train(
+        net,
+        data,
+        args.epochs,
+        RECIPE["lr"],
+        0,
+        on_epoch=on_epoch,
+        start_epoch=start,
+        optimizer_state=opt_state,
+    )
+    acc = accuracy(net, data.x_test, data.y_test)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), dense_path(args.model))
+    record = {
+        "model": args.model,
+        "epochs": args.epochs,
+        "recipe": RECIPE,
+        "threads": args.threads,
+        "test_accuracy": acc,
+        "params": sum(p.numel() for p in net.parameters()),
+        "seconds_this_run": round(time.time() - t0, 1),
+        "command": "python benchmarks/converged.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    }
+    (RESULTS / f"dense-{args.model}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows: prune a copy of the dense network, measure, optionally fine-tune
+# ---------------------------------------------------------------------------------------------
+
+EIGEN = "eigendamage"
+PEERS = ("l1", "l2", "taylor", "slimming")
+# EigenDamage variants measured in the ablation: name → prune() options (the rest as default).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "paper": dict(layer_cap=0.95, rank_by="damage", shots=1, reconstruct=False),
+    "cap0.75": dict(layer_cap=0.75, rank_by="damage", shots=1, reconstruct=False),
+    "cap0.5": dict(layer_cap=0.5, rank_by="damage", shots=1, reconstruct=False),
+    "per-cost": dict(layer_cap=0.95, rank_by="damage_per_cost", shots=1, reconstruct=False),
+    "shots4": dict(layer_cap=0.95, rank_by="damage", shots=4, reconstruct=False),
+    "reconstruct": dict(layer_cap=0.95, rank_by="damage", shots=1, reconstruct=True),
+    "per-cost-cap0.75": dict(layer_cap=0.75, rank_by="damage_per_cost", shots=1, reconstruct=False),
+    "all": dict(layer_cap=0.75, rank_by="damage_per_cost", shots=4, reconstruct=True),
+    "defaults": dict(),  # the library's defaults, whatever they are when the row runs
+}
+
+
+def refresh_bn(net: nn.Module, batches: list) -> None:
+    """Every BatchNorm's running statistics re-estimated as the average over ``batches`` (the
+    protocol's treatment of every method)."""
+    bns = [m for m in net.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    from lightning_eigendamage.calibration import recalibrate_batchnorm
+
+    recalibrate_batchnorm(net, bns, batches, lambda m, b: m(b[0]))
+
+
+def slimming_net(model: str, data: Any, dense: nn.Module, threads: int) -> nn.Module:
+    """NN Slimming's sparsity stage on the converged network: one epoch of fine-tuning with the
+    L1 penalty ``1e-4·Σ|γ|`` on BatchNorm scales (lr 0.01 cosine), cached beside the dense one."""
+    path = RESULTS / f"slimming-{model}.pt"
+    net = copy.deepcopy(dense)
+    if path.exists():
+        net.load_state_dict(torch.load(path, weights_only=True))
+        return net
+    from lightning_eigendamage.baselines import slimming_penalty
+
+    train(net, data, 1, FINETUNE_LR, 1, penalty=lambda m: slimming_penalty(m, 1e-4))
+    torch.save(net.state_dict(), path)
+    return net
+
+
+def row_key(r: dict[str, Any]) -> str:
+    return "|".join(
+        str(r[k]) for k in ("model", "method", "variant", "flops_x", "seed", "finetune", "protocol_bn")
+    )
+
+
+def done_keys() -> set[str]:
+    path = RESULTS / "records.jsonl"
+    if not path.exists():
+        return set()
+    return {row_key(json.loads(line)) for line in path.read_text().splitlines() if line.strip()}
+
+
+def run_row(args: argparse.Namespace) -> dict[str, Any] | None:
+    from lightning_eigendamage import prune
+    from lightning_eigendamage.costs import count_flops, count_params
+
+    torch.set_num_threads(args.threads)
+    variant = args.variant if args.method == EIGEN else "-"
+    rec: dict[str, Any] = {
+        "model": args.model,
+        "method": args.method,
+        "variant": variant,
+        "flops_x": args.flops_x,
+        "seed": args.seed,
+        "finetune": args.finetune,
+        "protocol_bn": not args.no_protocol_bn,
+    }
+    if row_key(rec) in done_keys():
+        print(f"done already: {row_key(rec)}")
+        return None
+    data = load_data("fashion-mnist", root=args.data_root)
+    dense = build_model(args.model, 10, 1)
+    dense.load_state_dict(torch.load(dense_path(args.model), weights_only=True))
+    dense.eval()
+    calib = calibration(data, args.seed)
+    example = calib[0][0][:1]
+    base_flops, base_params = count_flops(dense, example), count_params(dense)
+    ratio = 1.0 - 1.0 / args.flops_x
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    if args.method == EIGEN:
+        net = copy.deepcopy(dense)
+        opts = dict(VARIANTS[args.variant])
+        report = prune(net, calib, ratio=ratio, target="flops", seed=args.seed, **opts)
+        rec["options"] = opts
+        rec["target_reached"] = report.target_reached
+        rec["forms"] = _forms(report)
+    else:
+        from benchmarks.baselines_tp import prune_baseline
+
+        net = (
+            slimming_net(args.model, data, dense, args.threads)
+            if args.method == "slimming"
+            else copy.deepcopy(dense)
+        )
+        prune_baseline(net, calib, args.method, ratio=ratio, target="flops", seed=args.seed)
+    rec["prune_s"] = round(time.time() - t0, 2)
+    if not args.no_protocol_bn:
+        refresh_bn(net, calib)
+    rec["flops"], rec["params"] = count_flops(net, example), count_params(net)
+    rec["flops_reached_x"] = base_flops / max(rec["flops"], 1)
+    rec["param_ratio"] = rec["params"] / base_params
+    rec["acc_after_quick"] = accuracy(net, data.x_test[:QUICK_TEST], data.y_test[:QUICK_TEST])
+    if args.finetune:
+        rec["acc_after"] = accuracy(net, data.x_test, data.y_test)
+        t1 = time.time()
+        train(net, data, args.finetune, FINETUNE_LR, args.seed + 1)
+        refresh_bn(net, calib)
+        rec["finetune_s"] = round(time.time() - t1, 1)
+        rec["acc_finetuned"] = accuracy(net, data.x_test, data.y_test)
+    rec["dense_acc"] = json.loads((RESULTS / f"dense-{args.model}.json").read_text())["test_accuracy"]
+    rec["threads"] = args.threads
+    rec["command"] = single_command(args)
+    with open(RESULTS / "records.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    print(json.dumps(rec), flush=True)
+    return rec
+
+
+def _forms(report: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in report.layers:
+        if r.skipped is None:
+            out[r.form] = out.get(r.form, 0) + 1
+    return out
+
+
+def single_command(args: argparse.Namespace) -> str:
+    parts = ["python benchmarks/converged.py row", f"--model {args.model}", f"--method {args.method}"]
+    if args.method == EIGEN:
+        parts.append(f"--variant {args.variant}")
+    parts += [f"--flops-x {args.flops_x:g}", f"--seed {args.seed}"]
+    if args.finetune:
+        parts.append(f"--finetune {args.finetune}")
+    if args.no_protocol_bn:
+        parts.append("--no-protocol-bn")
+    return " ".join(parts)
+
+
+def grid_rows(name: str) -> list[list[str]]:
+    """The argument lists of a named grid (each a ``row`` command)."""
+    rows = []
+    models = ("resnet20-narrow", "vgg-narrow")
+    if name == "after-pruning":
+        for model in models:
+            for fx in (2, 4, 8):
+                seeds = (0, 1) if fx > 2 else (0,)
+                for seed in seeds:
+                    for v in VARIANTS:
+                        if v != "defaults":
+                            rows.append(["--model", model, "--method", EIGEN, "--variant", v])
+                            rows[-1] += ["--flops-x", str(fx), "--seed", str(seed)]
+                    for m in PEERS:
+                        rows.append(
+                            ["--model", model, "--method", m, "--flops-x", str(fx), "--seed", str(seed)]
+                        )
+    elif name == "plain-user":  # what prune() gives without the protocol's BatchNorm re-estimation
+        for model in models:
+            for v in ("paper", "defaults"):
+                rows.append(
+                    [
+                        "--model",
+                        model,
+                        "--method",
+                        EIGEN,
+                        "--variant",
+                        v,
+                        "--flops-x",
+                        "2",
+                        "--no-protocol-bn",
+                    ]
+                )
+    elif name.startswith("finetune"):
+        for model in models:
+            for fx in (4, 8):
+                for m in ("l2", "l1", "taylor", "slimming"):
+                    rows.append(["--model", model, "--method", m, "--flops-x", str(fx), "--finetune", "3"])
+                rows.append(
+                    [
+                        "--model",
+                        model,
+                        "--method",
+                        EIGEN,
+                        "--variant",
+                        "defaults",
+                        "--flops-x",
+                        str(fx),
+                        "--finetune",
+                        "3",
+                    ]
+                )
+    else:
+        raise ValueError(f"unknown grid {name!r}")
+    return rows
+
+
+def run_grid(args: argparse.Namespace) -> None:
+    rows = grid_rows(args.grid)
+    mine = rows[args.part :: args.parts]
+    for i, argv in enumerate(mine):
+        row_args = parse_args(["row", *argv, "--threads", str(args.threads), "--data-root", args.data_root])
+        print(f"[{i + 1}/{len(mine)}] {single_command(row_args)}", flush=True)
+        run_row(row_args)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("pretrain", help="train and cache a converged dense network")
+    p.add_argument("--model", required=True, choices=["resnet20-narrow", "vgg-narrow"])
+    p.add_argument("--epochs", type=int, default=6)
+    r = sub.add_parser("row", help="prune the dense network with one method and measure")
+    r.add_argument("--model", required=True, choices=["resnet20-narrow", "vgg-narrow"])
+    r.add_argument("--method", required=True, choices=[EIGEN, *PEERS])
+    r.add_argument("--variant", default="defaults", choices=list(VARIANTS))
+    r.add_argument("--flops-x", type=float, required=True)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--finetune", type=int, default=0, help="fine-tuning epochs after pruning")
+    r.add_argument(
+        "--no-protocol-bn", action="store_true", help="measure without the protocol's BN re-estimation"
+    )
+    g = sub.add_parser("grid", help="run the rows of a named grid (resumable; --parts/--part split it)")
+    g.add_argument("--grid", required=True)
+    g.add_argument("--parts", type=int, default=1)
+    g.add_argument("--part", type=int, default=0)
+    for q in (p, r, g):
+        q.add_argument("--threads", type=int, default=1)
+        q.add_argument("--data-root", default="data")
+        q.add_argument("--cache", default="data/converged-cache")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.cmd == "pretrain":
+        pretrain(args)
+    elif args.cmd == "row":
+        run_row(args)
+    else:
+        run_grid(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
