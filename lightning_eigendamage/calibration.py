@@ -203,7 +203,8 @@ def reconstruct(
     Memory: one ``(r_in·k² + 1)²`` and one ``(r_in·k² + 1) × r_out`` float64 matrix per layer at a
     time (never the activations: they are reduced batch by batch), plus the dense copy of the
     model the caller keeps. Time: two forward passes per layer and batch, each stopped at the
-    layer, one solve per layer, and two more passes on the first batch for the reported error. Modes are restored; the models run in eval mode.
+    layer, one solve per layer, and two more passes on the first batch for the reported error.
+    Modes are restored; the models run in eval mode.
 
     Returns, per layer, the relative output error ``‖y − t‖ / ‖t‖`` after the fit, on the first
     batch.
