@@ -399,6 +399,53 @@ def run_grid(args: argparse.Namespace) -> None:
         run_row(row_args)
 
 
+def train_step_times(args: argparse.Namespace) -> None:
+    """Seconds per training step (forward, backward, SGD step; batch 128) of the dense network and
+    of its ``÷k`` prunings by EigenDamage (each variant in ``--variants``) and Torch-Pruning L2,
+    timed interleaved in one process (medians of ``--repeats`` rounds); printed and appended to
+    ``train_step.jsonl`` with the command."""
+    from benchmarks.baselines_tp import prune_baseline
+    from lightning_eigendamage import prune
+
+    torch.set_num_threads(args.threads)
+    data = load_data("fashion-mnist", root=args.data_root)
+    dense = build_model(args.model, 10, 1)
+    dense.load_state_dict(torch.load(dense_path(args.model), weights_only=True))
+    calib = calibration(data, 0)
+    ratio = 1.0 - 1.0 / args.flops_x
+    nets = {"dense": copy.deepcopy(dense)}
+    for v in args.variants:
+        nets[f"eigendamage:{v}"] = copy.deepcopy(dense)
+        prune(nets[f"eigendamage:{v}"], calib, ratio=ratio, target="flops", **VARIANTS[v])
+    nets["tp-l2"] = copy.deepcopy(dense)
+    prune_baseline(nets["tp-l2"], calib, "l2", ratio=ratio, target="flops")
+    x, y = data.x_train[:128], data.y_train[:128]
+    opts = {k: torch.optim.SGD(n.parameters(), lr=1e-3, momentum=0.9) for k, n in nets.items()}
+    times: dict[str, list[float]] = {k: [] for k in nets}
+    for r in range(args.repeats + 2):
+        for k, net in nets.items():
+            net.train()
+            t = time.perf_counter()
+            opts[k].zero_grad(set_to_none=True)
+            F.cross_entropy(net(x), y).backward()
+            opts[k].step()
+            if r >= 2:  # warm-up rounds
+                times[k].append(time.perf_counter() - t)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    rec = {
+        "model": args.model,
+        "flops_x": args.flops_x,
+        "threads": args.threads,
+        "seconds_per_step": med,
+        "vs_dense": {k: med[k] / med["dense"] for k in med},
+        "vs_tp_l2": {k: med[k] / med["tp-l2"] for k in med},
+        "command": "python benchmarks/converged.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    }
+    with open(RESULTS / "train_step.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    print(json.dumps(rec, indent=1))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -415,11 +462,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument(
         "--no-protocol-bn", action="store_true", help="measure without the protocol's BN re-estimation"
     )
+    t = sub.add_parser("trainstep", help="training-step time of pruned networks against dense and TP-L2")
+    t.add_argument("--model", required=True, choices=["resnet20-narrow", "vgg-narrow"])
+    t.add_argument("--flops-x", type=float, default=4.0)
+    t.add_argument("--variants", nargs="+", default=["paper", "defaults"], choices=list(VARIANTS))
+    t.add_argument("--repeats", type=int, default=21)
     g = sub.add_parser("grid", help="run the rows of a named grid (resumable; --parts/--part split it)")
     g.add_argument("--grid", required=True)
     g.add_argument("--parts", type=int, default=1)
     g.add_argument("--part", type=int, default=0)
-    for q in (p, r, g):
+    for q in (p, r, g, t):
         q.add_argument("--threads", type=int, default=1)
         q.add_argument("--data-root", default="data")
         q.add_argument("--cache", default="data/converged-cache")
@@ -432,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         pretrain(args)
     elif args.cmd == "row":
         run_row(args)
+    elif args.cmd == "trainstep":
+        train_step_times(args)
     else:
         run_grid(args)
     return 0

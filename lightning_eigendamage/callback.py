@@ -99,7 +99,7 @@ class EigenDamagePruning(Callback):
         loss_fn: ``(output, target) → mean loss``; only used by ``fisher="empirical"`` with
             ``at_start`` pruning (default: cross-entropy), where there is no training step yet.
         exclude, exempt_last, layer_cap, min_rank, form, train_rotations, likelihood, class_dim,
-        form_by, latency_batch, round_to:
+        form_by, latency_batch, round_to, rank_by:
             as in :func:`~lightning_eigendamage.prune` (exemptions, per-layer caps, forms, classes on
             the last dimension by default).
         seed: seed of the generator used to sample labels for the true Fisher.
@@ -148,6 +148,7 @@ class EigenDamagePruning(Callback):
     form_by = property(lambda self: self.options.form_by)
     latency_batch = property(lambda self: self.options.latency_batch)
     round_to = property(lambda self: self.options.round_to)
+    rank_by = property(lambda self: self.options.rank_by)
     seed = property(lambda self: self.options.seed)
 
     def __init__(
@@ -170,6 +171,7 @@ class EigenDamagePruning(Callback):
         form_by: str = "cost",
         latency_batch: int = 64,
         round_to: int = 1,
+        rank_by: str = "damage",
         seed: int = 0,
         verbose: bool = True,
     ) -> None:
