@@ -33,7 +33,7 @@ from .curvature import CaptureResult, capture_factors, split_batch, to_device
 from .discovery import Candidate, dynamic_skips, find_layers, hookable, no_prunable_message
 from .distributed import all_reduce_capture, broadcast_object, is_distributed, split_eigh
 from .eigenbasis import eigh_factors, to_kfe
-from .layers import FORMS
+from .layers import FORMS, KFELayer
 from .options import PruneOptions
 from .plan import LayerChange, LayerPlan, Plan
 from .report import TARGET_TOLERANCE, LayerReport, PruneReport, TargetNotReachedWarning, ZeroCurvatureWarning
@@ -777,15 +777,22 @@ def prune(
     dist_kw = {"distributed": distributed, "process_group": process_group}
     shots = options.shots if captured is None else 1
     step = ratio if shots == 1 else 1.0 - (1.0 - ratio) ** (1.0 / shots)
+    # With several shots the reconstruction runs once, after the last, against the model as it
+    # was before the first (the dense target, not a partly pruned one).
+    dense = copy.deepcopy(model) if shots > 1 and options.reconstruct else None
+    per_shot = dataclasses.replace(options, reconstruct=False) if dense is not None else options
     first: PruneReport | None = None
     for _ in range(shots):
-        an = analyse(model, batches, options, captured=captured, **dist_kw)
-        report = apply(model, an, decide(an, step, options, **dist_kw), options, changes=changes, **dist_kw)
+        an = analyse(model, batches, per_shot, captured=captured, **dist_kw)
+        report = apply(model, an, decide(an, step, per_shot, **dist_kw), per_shot, changes=changes, **dist_kw)
         if an.calibration is not None and not isinstance(batches, (list, tuple)) and iter(batches) is batches:
             batches = an.calibration  # a one-shot iterator: later shots reuse what it gave
         first = report if first is None else first
     if shots > 1:
         report = _overall(first, report, ratio, options)
+    if dense is not None:
+        rebuilt = [n for n, m in model.named_modules() if isinstance(m, KFELayer)]
+        _calibrate(model, dense, an, report, options, rebuilt=rebuilt, **dist_kw)
     return report
 
 
@@ -812,11 +819,14 @@ def _calibrate(
     report: PruneReport,
     opts: PruneOptions,
     *,
+    rebuilt: list[str] | None = None,
     distributed: bool = False,
     process_group: Any = None,
 ) -> None:
-    """Reconstruction (if asked) and BatchNorm re-estimation after the surgery; recorded in ``report``."""
-    rebuilt = [r.name for r in report.layers if r.skipped is None and (r.removed_in or r.removed_out)]
+    """Reconstruction (if asked) and BatchNorm re-estimation after the surgery of the ``rebuilt``
+    layers (default: those the report says lost directions); recorded in ``report``."""
+    if rebuilt is None:
+        rebuilt = [r.name for r in report.layers if r.skipped is None and (r.removed_in or r.removed_out)]
     if not rebuilt or not (opts.recalibrate_bn or dense is not None):
         return
     batches = _calibration_batches(an, opts)

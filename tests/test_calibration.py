@@ -218,3 +218,13 @@ def test_several_shots_recapture_and_meet_the_target(monkeypatch) -> None:
 def test_bad_allocation_and_calibration_options(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         prune(ConvNet(), conv_batches(1), ratio=0.5, **kwargs)
+
+
+def test_several_shots_reconstruct_once_against_the_dense_model() -> None:
+    torch.manual_seed(0)
+    base = ConvNet().eval()
+    model = copy.deepcopy(base)
+    report = prune(model, conv_batches(3), ratio=0.6, target="flops", shots=2, reconstruct=True)
+    pruned = {n for n, m in model.named_modules() if isinstance(m, KFELayer)}
+    assert pruned and set(report.reconstruction_error) == pruned
+    assert all(e < 1.0 for e in report.reconstruction_error.values())
