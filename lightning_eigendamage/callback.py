@@ -162,7 +162,7 @@ class EigenDamagePruning(Callback):
         loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
         exclude: Any = None,
         exempt_last: bool = True,
-        layer_cap: float = 0.95,
+        layer_cap: float = 0.75,
         min_rank: int = 1,
         form: str = "auto",
         train_rotations: bool = True,
@@ -171,7 +171,7 @@ class EigenDamagePruning(Callback):
         form_by: str = "cost",
         latency_batch: int = 64,
         round_to: int = 1,
-        rank_by: str = "damage",
+        rank_by: str = "damage_per_cost",
         seed: int = 0,
         verbose: bool = True,
     ) -> None:

@@ -81,7 +81,7 @@ class PruneOptions:
     forward_fn: Callable[[Any, Any], Any] | None = None
     exclude: Any = None
     exempt_last: bool = True
-    layer_cap: float = 0.95
+    layer_cap: float = 0.75
     min_rank: int = 1
     form: str = "auto"
     train_rotations: bool = True
@@ -92,7 +92,7 @@ class PruneOptions:
     form_by: str = "cost"
     latency_batch: int = 64
     round_to: int = 1
-    rank_by: str = "damage"
+    rank_by: str = "damage_per_cost"
     shots: int = 1
     recalibrate_bn: bool = True
     reconstruct: bool = False

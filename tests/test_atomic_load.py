@@ -119,7 +119,7 @@ def resnet_sd() -> OrderedDict:
     model = torchvision.models.resnet18(num_classes=10)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(2, 3, 32, 32, generator=g) for _ in range(2)]
-    prune(model, batches, ratio=0.5)
+    prune(model, batches, ratio=0.5, layer_cap=0.95, rank_by="damage")
     assert any(isinstance(m, KFELayer) for m in model.modules())
     return model.state_dict()
 
@@ -129,7 +129,7 @@ def _pruned_convnet(n_classes: int = 10, ratio: float = 0.5, seed: int = 0) -> n
     model = ConvNet(n_classes)
     batches = conv_batches(2, n=8, size=16, n_classes=n_classes, seed=seed)
     warm_up_bn(model, batches)
-    prune(model, batches, ratio=ratio)
+    prune(model, batches, ratio=ratio, layer_cap=0.95, rank_by="damage")
     return model.eval()
 
 

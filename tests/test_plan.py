@@ -30,8 +30,8 @@ def test_analyse_decide_apply_is_prune() -> None:
     a = ConvNet()
     b = copy.deepcopy(a)
     batches = conv_batches(2)
-    ra = prune(a, batches, ratio=0.5, target="flops", layer_cap=0.8)
-    opts = PruneOptions(target="flops", layer_cap=0.8)
+    ra = prune(a, batches, ratio=0.5, target="flops", layer_cap=0.8, shots=1)
+    opts = PruneOptions(target="flops", layer_cap=0.8, shots=1)  # prune() repeats the halves per shot
     an = analyse(b, batches, opts)
     plan = decide(an, 0.5, opts)
     rb = apply(b, an, plan, opts)

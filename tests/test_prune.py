@@ -459,7 +459,8 @@ def test_form_by_latency_meets_a_flops_target_with_the_chosen_forms(monkeypatch)
 
     ratio = 0.5
     model0, batches = _conv()
-    by_cost = prune(copy.deepcopy(model0), batches, ratio=ratio, target="flops")
+    paper = dict(rank_by="damage", layer_cap=0.95)  # the allocation this scenario was built on
+    by_cost = prune(copy.deepcopy(model0), batches, ratio=ratio, target="flops", **paper)
     # features.2 (cut on cost) is timed as fastest when left whole; every other layer as fastest
     # in a reduced form. The target stays reachable: features.5 holds most of the FLOPs.
     big = next(r for r in by_cost.layers if r.name == "features.2")
@@ -490,7 +491,7 @@ def test_form_by_latency_meets_a_flops_target_with_the_chosen_forms(monkeypatch)
 
     monkeypatch.setattr(pruner_mod, "time_modules", timing)
     model = copy.deepcopy(model0)
-    report = prune(model, batches, ratio=ratio, target="flops", form_by="latency")
+    report = prune(model, batches, ratio=ratio, target="flops", form_by="latency", **paper)
     assert not isinstance(dict(model.named_modules())[big.name], KFELayer)  # the timing was obeyed
     flops = count_flops(model, batches[0][0])
     assert flops == report.flops_after

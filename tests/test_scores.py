@@ -83,7 +83,14 @@ def test_kept_directions_and_weights_match_reference(ratio, cap, min_rank):
 
     pruned = copy.deepcopy(model)
     report = prune(
-        pruned, batches, ratio=ratio, fisher="empirical", layer_cap=cap, min_rank=min_rank, form="bottleneck"
+        pruned,
+        batches,
+        ratio=ratio,
+        fisher="empirical",
+        layer_cap=cap,
+        min_rank=min_rank,
+        form="bottleneck",
+        rank_by="damage",  # the paper's global ranking, which the reference computes
     )
     assert report.threshold == pytest.approx(thr, rel=1e-6)
     x = batches[0][0]
