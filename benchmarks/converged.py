@@ -489,6 +489,8 @@ def write_tables() -> str:
                 quick = [r["acc_after_quick"] for r in mine if not r["finetune"]]
                 tuned = [r["acc_finetuned"] for r in mine if r["finetune"]]
                 reached = _mean([r["flops_reached_x"] for r in mine]).split(" ")[0]
+                if min(r["flops_reached_x"] for r in mine) < 0.97 * fx:
+                    reached += " (target not reached)"
                 kept = sum(r["param_ratio"] for r in mine) / len(mine)
                 seeds = ",".join(str(x) for x in sorted({r["seed"] for r in mine}))
                 out.append(f"| {lab} | {_mean(quick)} | {_mean(tuned)} | ÷{reached} | {kept:.1%} | {seeds} |")
