@@ -804,12 +804,11 @@ def _forward(opts: PruneOptions, device: torch.device) -> Callable[[nn.Module, A
 
 
 def _calibration_batches(an: Analysis, opts: PruneOptions) -> list[Any]:
-    out = []
-    for i, b in enumerate(an.calibration or ()):
-        if opts.max_batches is not None and i >= opts.max_batches:
-            break
-        out.append(b)
-    return out
+    """The batches the curvature was measured on again (as many as the capture used)."""
+    limit = an.batches + an.skipped_batches
+    if opts.max_batches is not None:
+        limit = min(limit, opts.max_batches)
+    return list(itertools.islice(an.calibration or (), limit))
 
 
 def _calibrate(
