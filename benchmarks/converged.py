@@ -197,6 +197,7 @@ EIGEN = "eigendamage"
 PEERS = ("l1", "l2", "taylor", "slimming")
 # EigenDamage variants measured in the ablation: name → prune() options (the rest as default).
 VARIANTS: dict[str, dict[str, Any]] = {
+    "paper-no-bn": dict(layer_cap=0.95, rank_by="damage", shots=1, reconstruct=False, recalibrate_bn=False),
     "paper": dict(layer_cap=0.95, rank_by="damage", shots=1, reconstruct=False),
     "cap0.75": dict(layer_cap=0.75, rank_by="damage", shots=1, reconstruct=False),
     "cap0.5": dict(layer_cap=0.5, rank_by="damage", shots=1, reconstruct=False),
@@ -342,7 +343,7 @@ def grid_rows(name: str, models: tuple[str, ...] = ("resnet20-narrow", "vgg-narr
                 seeds = (0, 1) if fx > 2 else (0,)
                 for seed in seeds:
                     for v in VARIANTS:
-                        if v != "defaults":
+                        if v not in ("defaults", "paper-no-bn"):
                             rows.append(["--model", model, "--method", EIGEN, "--variant", v])
                             rows[-1] += ["--flops-x", str(fx), "--seed", str(seed)]
                     for m in PEERS:
@@ -351,7 +352,7 @@ def grid_rows(name: str, models: tuple[str, ...] = ("resnet20-narrow", "vgg-narr
                         )
     elif name == "plain-user":  # what prune() gives without the protocol's BatchNorm re-estimation
         for model in models:
-            for v in ("paper", "defaults"):
+            for v in ("paper-no-bn", "paper", "defaults"):
                 rows.append(
                     [
                         "--model",
@@ -374,6 +375,23 @@ def grid_rows(name: str, models: tuple[str, ...] = ("resnet20-narrow", "vgg-narr
             for fx, m in plan[model]:
                 row = ["--model", model, "--method", m, "--flops-x", str(fx), "--finetune", "3"]
                 rows.append(row + (["--variant", "defaults"] if m == EIGEN else []))
+    elif name == "finetune-all":  # the most accurate EigenDamage setting after pruning, fine-tuned
+        for model in models:
+            for fx in (4, 8):
+                rows.append(
+                    [
+                        "--model",
+                        model,
+                        "--method",
+                        EIGEN,
+                        "--variant",
+                        "all",
+                        "--flops-x",
+                        str(fx),
+                        "--finetune",
+                        "3",
+                    ]
+                )
     else:
         raise ValueError(f"unknown grid {name!r}")
     return rows
