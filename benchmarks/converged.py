@@ -470,6 +470,72 @@ def _mean(values: list[float]) -> str:
     return f"{m:.2f} ({min(values):.2f}–{max(values):.2f})"
 
 
+def _summary(records: list[dict[str, Any]]) -> list[str]:
+    """Defaults against the best peer at ÷4 and ÷8 (after pruning: mean over seeds; fine-tuned)."""
+
+    def mean(rows: list[dict[str, Any]], key: str) -> float | None:
+        vals = [r[key] for r in rows if key in r]
+        return sum(vals) / len(vals) if vals else None
+
+    def fmt(v: float | None) -> str:
+        return "–" if v is None else f"{v:.2f}"
+
+    out = ["## Summary: the defaults against the best peer", ""]
+    out.append(
+        'Defaults: `layer_cap=0.75`, `rank_by="damage_per_cost"`, BatchNorm re-estimated (after-pruning'
+    )
+    out.append(
+        "rows: variant `per-cost-cap0.75`, the same options). *Best setting*: `shots=4, reconstruct=True` on"
+    )
+    out.append(
+        "top (variant `all`). *Best peer*: the best of TP L1/L2/Taylor and NN Slimming in that column."
+    )
+    out.append("")
+    out.append(
+        "| network | ÷FLOPs | defaults after pruning | best setting | best peer | gap "
+        "| defaults fine-tuned | best peer fine-tuned | gap |"
+    )
+    out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for model in ("resnet20-narrow", "vgg-narrow"):
+        for fx in (4.0, 8.0):
+            rs = [r for r in records if r["model"] == model and r["flops_x"] == fx and r["protocol_bn"]]
+            quick = [r for r in rs if not r["finetune"]]
+            tuned = [r for r in rs if r["finetune"]]
+            d_after = mean([r for r in quick if r["variant"] == "per-cost-cap0.75"], "acc_after_quick")
+            best = mean([r for r in quick if r["variant"] == "all"], "acc_after_quick")
+            peers = {m: mean([r for r in quick if r["method"] == m], "acc_after_quick") for m in PEERS}
+            peers = {m: v for m, v in peers.items() if v is not None}
+            p_after = max(peers.values()) if peers else None
+            d_tuned = mean([r for r in tuned if r["variant"] == "defaults"], "acc_finetuned")
+            tpeers = {m: mean([r for r in tuned if r["method"] == m], "acc_finetuned") for m in PEERS}
+            tpeers = {m: v for m, v in tpeers.items() if v is not None}
+            p_tuned = max(tpeers.values()) if tpeers else None
+            gap1 = None if d_after is None or p_after is None else d_after - p_after
+            gap2 = None if d_tuned is None or p_tuned is None else d_tuned - p_tuned
+            who1 = max(peers, key=peers.get) if peers else "–"
+            who2 = max(tpeers, key=tpeers.get) if tpeers else "–"
+            out.append(
+                f"| {model} | ÷{fx:g} | {fmt(d_after)} | {fmt(best)} | {fmt(p_after)} ({who1}) | {fmt(gap1)} "
+                f"| {fmt(d_tuned)} | {fmt(p_tuned)} ({who2}) | {fmt(gap2)} |"
+            )
+    out.append("")
+    steps = RESULTS / "train_step.jsonl"
+    if steps.exists():
+        out.append(
+            "Training step (forward, backward, SGD step; batch 128; one thread; medians, interleaved):"
+        )
+        out.append("")
+        for line in steps.read_text().splitlines():
+            t = json.loads(line)
+            ratios = ", ".join(f"{k} {v:.2f}×" for k, v in t["vs_tp_l2"].items())
+            out.append(
+                f"- {t['model']} at ÷{t['flops_x']:g}, time against Torch-Pruning L2's: {ratios} "
+                f"(`{t['command']}`)"
+            )
+        out.append("")
+    return out
+
+
 def write_tables() -> str:
     """``benchmarks/results/converged/tables.md`` from the records: per network and FLOPs target,
     accuracy after pruning (BN re-estimated; first 3,000 test images; mean over seeds, range in
@@ -486,6 +552,7 @@ def write_tables() -> str:
     out.append("re-estimated on the 10 calibration batches, first 3,000 test images. *Fine-tuned*: 3 epochs")
     out.append("(lr 0.01 cosine), full test set. Mean over seeds, range in brackets; seeds listed.")
     out.append("")
+    out += _summary(records)
     for model in ("resnet20-narrow", "vgg-narrow"):
         dense = RESULTS / f"dense-{model}.json"
         if not dense.exists():
