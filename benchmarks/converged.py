@@ -334,38 +334,32 @@ def single_command(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
+def _argv(model: str, method: str, flops_x: float, *, variant: str | None = None, **flags: Any) -> list[str]:
+    """A ``row`` command line: ``--key value`` for each flag (``True`` flags as switches)."""
+    argv = ["--model", model, "--method", method, "--flops-x", f"{flops_x:g}"]
+    if variant is not None:
+        argv += ["--variant", variant]
+    for key, value in flags.items():
+        opt = "--" + key.replace("_", "-")
+        argv += [opt] if value is True else [opt, str(value)]
+    return argv
+
+
 def grid_rows(name: str, models: tuple[str, ...] = ("resnet20-narrow", "vgg-narrow")) -> list[list[str]]:
     """The argument lists of a named grid (each a ``row`` command)."""
     rows = []
     if name == "after-pruning":
         for model in models:
             for fx in (2, 4, 8):
-                seeds = (0, 1) if fx > 2 else (0,)
-                for seed in seeds:
+                for seed in (0, 1) if fx > 2 else (0,):
                     for v in VARIANTS:
                         if v not in ("defaults", "paper-no-bn"):
-                            rows.append(["--model", model, "--method", EIGEN, "--variant", v])
-                            rows[-1] += ["--flops-x", str(fx), "--seed", str(seed)]
-                    for m in PEERS:
-                        rows.append(
-                            ["--model", model, "--method", m, "--flops-x", str(fx), "--seed", str(seed)]
-                        )
+                            rows.append(_argv(model, EIGEN, fx, variant=v, seed=seed))
+                    rows += [_argv(model, m, fx, seed=seed) for m in PEERS]
     elif name == "plain-user":  # what prune() gives without the protocol's BatchNorm re-estimation
         for model in models:
             for v in ("paper-no-bn", "paper", "defaults"):
-                rows.append(
-                    [
-                        "--model",
-                        model,
-                        "--method",
-                        EIGEN,
-                        "--variant",
-                        v,
-                        "--flops-x",
-                        "2",
-                        "--no-protocol-bn",
-                    ]
-                )
+                rows.append(_argv(model, EIGEN, 2, variant=v, no_protocol_bn=True))
     elif name == "finetune":  # in order of priority: the leaders after pruning first
         plan = {
             "resnet20-narrow": [(4, EIGEN), (4, "taylor"), (4, "l2"), (8, EIGEN), (8, "taylor")],
@@ -373,25 +367,10 @@ def grid_rows(name: str, models: tuple[str, ...] = ("resnet20-narrow", "vgg-narr
         }
         for model in models:
             for fx, m in plan[model]:
-                row = ["--model", model, "--method", m, "--flops-x", str(fx), "--finetune", "3"]
-                rows.append(row + (["--variant", "defaults"] if m == EIGEN else []))
+                rows.append(_argv(model, m, fx, variant="defaults" if m == EIGEN else None, finetune=3))
     elif name == "finetune-all":  # the most accurate EigenDamage setting after pruning, fine-tuned
         for model in models:
-            for fx in (4, 8):
-                rows.append(
-                    [
-                        "--model",
-                        model,
-                        "--method",
-                        EIGEN,
-                        "--variant",
-                        "all",
-                        "--flops-x",
-                        str(fx),
-                        "--finetune",
-                        "3",
-                    ]
-                )
+            rows += [_argv(model, EIGEN, fx, variant="all", finetune=3) for fx in (4, 8)]
     else:
         raise ValueError(f"unknown grid {name!r}")
     return rows
