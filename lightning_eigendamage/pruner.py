@@ -776,6 +776,11 @@ def prune(
         options = PruneOptions.from_arguments(locals())
     dist_kw = {"distributed": distributed, "process_group": process_group}
     shots = options.shots if captured is None else 1
+    if shots > 1 and changes is not None:
+        raise ValueError(
+            "changes (what each rebuilt layer became, for carrying optimizer state over) describes "
+            "one surgery; with shots > 1 there are several: pass shots=1, or call prune() once per shot"
+        )
     step = ratio if shots == 1 else 1.0 - (1.0 - ratio) ** (1.0 / shots)
     # With several shots the reconstruction runs once, after the last, against the model as it
     # was before the first (the dense target, not a partly pruned one).

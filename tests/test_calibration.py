@@ -213,6 +213,7 @@ def test_several_shots_recapture_and_meet_the_target(monkeypatch) -> None:
         (dict(shots=0), "shots must be a positive integer"),
         (dict(rank_by="flops"), "rank_by must be one of"),
         (dict(reconstruct_damping=-1.0), "reconstruct_damping must be a number ≥ 0"),
+        (dict(shots=2, changes={}), "with shots > 1 there are several"),
     ],
 )
 def test_bad_allocation_and_calibration_options(kwargs, match) -> None:
