@@ -44,11 +44,12 @@ def eigh_factor(
     if not bool(torch.isfinite(f).all()):
         raise EighError("the factor has non-finite entries")
     n = f.shape[0]
-    jittered = f + _jitter(f) * torch.eye(n, dtype=f.dtype, device=f.device)
-    attempts = [(torch.float64, f), (torch.float64, jittered)]
+    # (working dtype, jittered?): the jittered copy is only built if the plain attempts fail.
+    attempts = [(torch.float64, False), (torch.float64, True)]
     if n > float64_max:
-        attempts.insert(0, (torch.float32, f))
-    for work, m in attempts:
+        attempts.insert(0, (torch.float32, False))
+    for work, jitter in attempts:
+        m = f + _jitter(f) * torch.eye(n, dtype=f.dtype, device=f.device) if jitter else f
         try:
             evals, evecs = torch.linalg.eigh(m.to(work))
         except torch.linalg.LinAlgError:
