@@ -49,6 +49,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "converged"
 RECIPE = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, batch=128, crop_pad=2)
 FINETUNE_LR = 0.01
 CALIB_BATCHES, CALIB_SIZE, QUICK_TEST = 10, 128, 3000
+LATENCY_BATCH, MAX_RATIO = 64, 0.97  # latency-matched rows: batch timed; most FLOPs removed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,15 +80,16 @@ def train(
     on_epoch: Any = None,
     start_epoch: int = 0,
     optimizer_state: dict | None = None,
+    on_step: Any = None,
 ) -> torch.optim.Optimizer:
     """SGD with the recipe's momentum/weight decay, cosine over ``epochs`` (per step), random crops.
 
     ``penalty(net) → tensor`` is added to the loss (e.g. a pruning regulariser); ``on_epoch(epoch,
-    optimizer)`` is called after each epoch (checkpoints). Resumes from ``start_epoch``.
+    optimizer)`` is called after each epoch (checkpoints). ``on_step(step, total, optimizer)`` is
+    called before each step; it may return a replacement optimizer (iterative pruning rebuilds it).
+    Resumes from ``start_epoch``.
     """
-    opt = torch.optim.SGD(
-        net.parameters(), lr=lr, momentum=RECIPE["momentum"], weight_decay=RECIPE["weight_decay"]
-    )
+    opt = sgd(net, lr)
     if optimizer_state is not None:
         opt.load_state_dict(optimizer_state)
     n = len(data.y_train)
@@ -99,6 +101,8 @@ def train(
         perm = torch.randperm(n, generator=gen)
         for i in range(steps_per_epoch):
             step = epoch * steps_per_epoch + i
+            if on_step is not None:
+                opt = on_step(step, total, opt) or opt
             for g in opt.param_groups:
                 g["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / total))
             idx = perm[i * RECIPE["batch"] : (i + 1) * RECIPE["batch"]]
@@ -112,6 +116,13 @@ def train(
         if on_epoch is not None:
             on_epoch(epoch, opt)
     return opt
+
+
+def sgd(net: nn.Module, lr: float) -> torch.optim.SGD:
+    """The recipe's optimizer over ``net``'s parameters."""
+    return torch.optim.SGD(
+        net.parameters(), lr=lr, momentum=RECIPE["momentum"], weight_decay=RECIPE["weight_decay"]
+    )
 
 
 @torch.no_grad()
@@ -194,7 +205,10 @@ def pretrain(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------
 
 EIGEN = "eigendamage"
-PEERS = ("l1", "l2", "taylor", "slimming")
+ITER = "eigendamage-iter"  # three rounds during the fine-tune (see iterative_row)
+PEERS = ("l1", "l2", "taylor", "slimming")  # channel pruning: the peers of the method issue
+SECOND_ORDER = ("c-obd", "c-obs", "kron-obd", "kron-obs")  # the paper's channel baselines
+METHODS = (EIGEN, ITER, *PEERS, *SECOND_ORDER)
 # EigenDamage variants measured in the ablation: name → prune() options (the rest as default).
 VARIANTS: dict[str, dict[str, Any]] = {
     "paper-no-bn": dict(layer_cap=0.95, rank_by="damage", shots=1, reconstruct=False, recalibrate_bn=False),
@@ -234,10 +248,15 @@ def slimming_net(model: str, data: Any, dense: nn.Module, threads: int) -> nn.Mo
     return net
 
 
+KEY_FIELDS = ("model", "method", "variant", "flops_x", "seed", "finetune", "protocol_bn")
+LATENCY_FIELDS = ("latency_x", "memory_format")  # only in latency-matched rows
+
+
 def row_key(r: dict[str, Any]) -> str:
-    return "|".join(
-        str(r[k]) for k in ("model", "method", "variant", "flops_x", "seed", "finetune", "protocol_bn")
-    )
+    key = "|".join(str(r[k]) for k in KEY_FIELDS)
+    if r.get("latency_x") is not None:
+        key += "|" + "|".join(str(r[k]) for k in LATENCY_FIELDS)
+    return key
 
 
 def done_keys() -> set[str]:
@@ -247,66 +266,236 @@ def done_keys() -> set[str]:
     return {row_key(json.loads(line)) for line in path.read_text().splitlines() if line.strip()}
 
 
-def run_row(args: argparse.Namespace) -> dict[str, Any] | None:
+def prune_copy(
+    args: argparse.Namespace, dense: nn.Module, data: Any, calib: list, ratio: float
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A copy of ``dense`` with ``ratio`` of its FLOPs removed by ``method`` (EigenDamage with the
+    options of ``variant``; the peers through ``benchmarks.baselines_tp.prune_baseline``, NN
+    Slimming from its own sparsity-trained copy). Returns the network and what the record keeps."""
     from lightning_eigendamage import prune
+
+    method, seed = args.method, args.seed
+    info: dict[str, Any] = {}
+    if method == EIGEN:
+        net = copy.deepcopy(dense)
+        opts = dict(VARIANTS[args.variant])
+        report = prune(net, calib, ratio=ratio, target="flops", seed=seed, **opts)
+        info = {"options": opts, "target_reached": report.target_reached, "forms": _forms(report)}
+        return net, info
+    from benchmarks.baselines_tp import prune_baseline
+
+    slim = method == "slimming"
+    net = slimming_net(args.model, data, dense, args.threads) if slim else copy.deepcopy(dense)
+    rep = prune_baseline(net, calib, method, ratio=ratio, target="flops", seed=seed)
+    if rep.skipped:
+        info["skipped"] = rep.skipped
+    return net, info
+
+
+def load_dense(model: str) -> nn.Module:
+    dense = build_model(model, 10, 1)
+    dense.load_state_dict(torch.load(dense_path(model), weights_only=True))
+    return dense.eval()
+
+
+def interleaved_latency(
+    dense: nn.Module, pruned: nn.Module, x: torch.Tensor, repeats: int, memory_format: str
+) -> tuple[float, float]:
+    """Median seconds of one eval forward of ``dense`` and ``pruned`` on ``x``, timed alternately
+    (``repeats`` rounds after 3 warm-up rounds), on copies in ``memory_format`` (``"nchw"`` or
+    ``"channels_last"``)."""
+    nets = [copy.deepcopy(dense).eval(), copy.deepcopy(pruned).eval()]
+    if memory_format == "channels_last":
+        nets = [n.to(memory_format=torch.channels_last) for n in nets]
+        x = x.contiguous(memory_format=torch.channels_last)
+    times: list[list[float]] = [[], []]
+    with torch.inference_mode():
+        for r in range(repeats + 3):
+            for i, net in enumerate(nets):
+                t = time.perf_counter()
+                net(x)
+                if r >= 3:
+                    times[i].append(time.perf_counter() - t)
+    med = [sorted(t)[len(t) // 2] for t in times]
+    return med[0], med[1]
+
+
+def match_latency(
+    args: argparse.Namespace, dense: nn.Module, data: Any, calib: list
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Prune ``dense`` with ``args.method`` to ``1/args.latency_x`` of its measured latency.
+
+    Latency: an eval forward at batch ``LATENCY_BATCH`` on ``args.latency_threads`` threads, in
+    ``args.memory_format``, as the median of ``args.latency_repeats`` rounds timed alternately with
+    the dense network. The FLOPs ratio is found by bisection on ``[0, MAX_RATIO]`` (at most
+    ``args.bisect_steps`` probes after the end point; a probe within ±2 % ends it); the chosen
+    network is then timed again with twice the repeats, and ``latency_matched`` says whether that
+    measurement is within ±5 % of the target. A method whose most pruned network (or whose
+    pruning fails) stays slower than the target is recorded with ``latency_matched: false``.
+    """
+    torch.set_num_threads(args.latency_threads)
+    target = 1.0 / args.latency_x
+    x = data.x_test[:LATENCY_BATCH]
+    probes: list[dict[str, Any]] = []
+    best: tuple[float, float, nn.Module, dict] | None = None
+
+    def probe(ratio: float) -> float | None:
+        nonlocal best
+        torch.set_num_threads(args.threads)
+        try:
+            net, info = prune_copy(args, dense, data, calib, ratio)
+        except Exception as e:  # a method that cannot prune this far: an unreachable probe
+            probes.append({"ratio": round(ratio, 4), "error": f"{type(e).__name__}: {e}"[:200]})
+            return None
+        torch.set_num_threads(args.latency_threads)
+        t_dense, t_net = interleaved_latency(dense, net, x, args.latency_repeats, args.memory_format)
+        rel = t_net / t_dense
+        probes.append({"ratio": round(ratio, 4), "latency_rel": round(rel, 4)})
+        print(f"  probe ratio {ratio:.4f}: latency ×{rel:.3f} (target ×{target:.3f})", flush=True)
+        if best is None or abs(rel / target - 1) < abs(best[0] / target - 1):
+            best = (rel, ratio, net, info)
+        return rel
+
+    lo, hi = 0.0, MAX_RATIO
+    rel_hi = probe(hi)
+    if rel_hi is not None and rel_hi > target:
+        pass  # even the most pruned network is too slow: reported as not matched
+    else:
+        for _ in range(args.bisect_steps):
+            mid = 0.5 * (lo + hi)
+            rel = probe(mid)
+            if rel is None or rel < target:
+                hi = mid
+            else:
+                lo = mid
+            if rel is not None and abs(rel / target - 1) <= 0.02:
+                break
+    if best is None:
+        raise RuntimeError(f"{args.method} could not prune {args.model} at any probed ratio: {probes}")
+    _, ratio, net, info = best
+    t_dense, t_net = interleaved_latency(dense, net, x, 2 * args.latency_repeats, args.memory_format)
+    rel = t_net / t_dense
+    info |= {
+        "ratio_found": round(ratio, 4),
+        "latency_ms": {"dense": round(1e3 * t_dense, 3), "pruned": round(1e3 * t_net, 3)},
+        "latency_rel": round(rel, 4),
+        "latency_target_rel": round(target, 4),
+        "latency_matched": abs(rel / target - 1) <= 0.05,
+        "latency_batch": LATENCY_BATCH,
+        "latency_threads": args.latency_threads,
+        "probes": probes,
+    }
+    torch.set_num_threads(args.threads)
+    return net, info
+
+
+def iterative_prune_and_finetune(
+    args: argparse.Namespace, dense: nn.Module, data: Any, calib: list
+) -> tuple[nn.Module, dict[str, Any]]:
+    """EigenDamage in three rounds during the fine-tune, as ``benchmarks/run.py``'s iterative
+    method: at steps 0, T/6 and T/3 of the T fine-tuning steps, each removing ``1 − k^(−1/3)`` of
+    the current FLOPs (so the rounds compound to ÷k), with the options of ``args.variant`` and
+    factors from the calibration batches on the partly trained network. After each later round
+    the optimizer is rebuilt and its momentum carried across the rebuilt layers
+    (``lightning_eigendamage.optim.carry_optimizer_state``). Returns the network fine-tuned and
+    the record's fields (``acc_after_first_round`` in place of the one-shot ``acc_after``)."""
+    from lightning_eigendamage import prune
+    from lightning_eigendamage.optim import carry_optimizer_state
+
+    fraction = 1.0 - (1.0 / args.flops_x) ** (1.0 / 3.0)
+    opts = dict(VARIANTS[args.variant])
+    net = copy.deepcopy(dense)
+    rounds: list[dict[str, Any]] = []
+
+    def one_round(step: int) -> dict:
+        changes: dict = {}
+        was = net.training
+        report = prune(net, calib, ratio=fraction, target="flops", seed=args.seed, changes=changes, **opts)
+        net.train(was)
+        rounds.append({"step": step, "target_reached": report.target_reached, "forms": _forms(report)})
+        return changes
+
+    one_round(0)
+    refresh_bn(net, calib)
+    first = accuracy(net, data.x_test[:QUICK_TEST], data.y_test[:QUICK_TEST])
+    steps_per_epoch = math.ceil(len(data.y_train) / RECIPE["batch"])
+    total = args.finetune * steps_per_epoch
+    at = {max(1, total // 6), max(2, total // 3)}
+
+    def on_step(step: int, _total: int, opt: torch.optim.Optimizer) -> torch.optim.Optimizer | None:
+        if step not in at:
+            return None
+        changes = one_round(step)
+        new = sgd(net, FINETUNE_LR)
+        carry_optimizer_state(net, [opt], [new], changes)
+        return new
+
+    t1 = time.time()
+    train(net, data, args.finetune, FINETUNE_LR, args.seed + 1, on_step=on_step)
+    return net, {
+        "options": opts,
+        "rounds": rounds,
+        "round_fraction": fraction,
+        "acc_after_first_round": first,
+        "finetune_s": round(time.time() - t1, 1),
+    }
+
+
+def run_row(args: argparse.Namespace) -> dict[str, Any] | None:
     from lightning_eigendamage.costs import count_flops, count_params
 
     torch.set_num_threads(args.threads)
-    variant = args.variant if args.method == EIGEN else "-"
+    if args.method == ITER and (args.latency_x is not None or not args.finetune):
+        raise SystemExit(f"{ITER} prunes during the fine-tune: it needs --flops-x and --finetune N")
+    variant = args.variant if args.method in (EIGEN, ITER) else "-"
+    latency = args.latency_x is not None
     rec: dict[str, Any] = {
         "model": args.model,
         "method": args.method,
         "variant": variant,
-        "flops_x": args.flops_x,
+        "flops_x": None if latency else args.flops_x,
         "seed": args.seed,
         "finetune": args.finetune,
         "protocol_bn": not args.no_protocol_bn,
     }
+    if latency:
+        rec |= {"latency_x": args.latency_x, "memory_format": args.memory_format}
     if row_key(rec) in done_keys():
         print(f"done already: {row_key(rec)}")
         return None
     data = load_data("fashion-mnist", root=args.data_root)
-    dense = build_model(args.model, 10, 1)
-    dense.load_state_dict(torch.load(dense_path(args.model), weights_only=True))
-    dense.eval()
+    dense = load_dense(args.model)
     calib = calibration(data, args.seed)
     example = calib[0][0][:1]
     base_flops, base_params = count_flops(dense, example), count_params(dense)
-    ratio = 1.0 - 1.0 / args.flops_x
     torch.manual_seed(args.seed)
     t0 = time.time()
-    if args.method == EIGEN:
-        net = copy.deepcopy(dense)
-        opts = dict(VARIANTS[args.variant])
-        report = prune(net, calib, ratio=ratio, target="flops", seed=args.seed, **opts)
-        rec["options"] = opts
-        rec["target_reached"] = report.target_reached
-        rec["forms"] = _forms(report)
+    if args.method == ITER:
+        net, info = iterative_prune_and_finetune(args, dense, data, calib)
+    elif latency:
+        net, info = match_latency(args, dense, data, calib)
     else:
-        from benchmarks.baselines_tp import prune_baseline
-
-        net = (
-            slimming_net(args.model, data, dense, args.threads)
-            if args.method == "slimming"
-            else copy.deepcopy(dense)
-        )
-        prune_baseline(net, calib, args.method, ratio=ratio, target="flops", seed=args.seed)
+        net, info = prune_copy(args, dense, data, calib, 1.0 - 1.0 / args.flops_x)
+    rec |= info
     rec["prune_s"] = round(time.time() - t0, 2)
-    if not args.no_protocol_bn:
+    if args.method != ITER:
+        if not args.no_protocol_bn:
+            refresh_bn(net, calib)
+        rec["acc_after_quick"] = accuracy(net, data.x_test[:QUICK_TEST], data.y_test[:QUICK_TEST])
+        if args.finetune:
+            rec["acc_after"] = accuracy(net, data.x_test, data.y_test)
+            t1 = time.time()
+            train(net, data, args.finetune, FINETUNE_LR, args.seed + 1)
+            rec["finetune_s"] = round(time.time() - t1, 1)
+    if args.finetune:
         refresh_bn(net, calib)
+        rec["acc_finetuned"] = accuracy(net, data.x_test, data.y_test)
     rec["flops"], rec["params"] = count_flops(net, example), count_params(net)
     rec["flops_reached_x"] = base_flops / max(rec["flops"], 1)
     rec["param_ratio"] = rec["params"] / base_params
-    rec["acc_after_quick"] = accuracy(net, data.x_test[:QUICK_TEST], data.y_test[:QUICK_TEST])
-    if args.finetune:
-        rec["acc_after"] = accuracy(net, data.x_test, data.y_test)
-        t1 = time.time()
-        train(net, data, args.finetune, FINETUNE_LR, args.seed + 1)
-        refresh_bn(net, calib)
-        rec["finetune_s"] = round(time.time() - t1, 1)
-        rec["acc_finetuned"] = accuracy(net, data.x_test, data.y_test)
     rec["dense_acc"] = json.loads((RESULTS / f"dense-{args.model}.json").read_text())["test_accuracy"]
     rec["threads"] = args.threads
+    rec["date"] = time.strftime("%Y-%m-%d %H:%M")
     rec["command"] = single_command(args)
     with open(RESULTS / "records.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
@@ -324,9 +513,14 @@ def _forms(report: Any) -> dict[str, int]:
 
 def single_command(args: argparse.Namespace) -> str:
     parts = ["python benchmarks/converged.py row", f"--model {args.model}", f"--method {args.method}"]
-    if args.method == EIGEN:
+    if args.method in (EIGEN, ITER):
         parts.append(f"--variant {args.variant}")
-    parts += [f"--flops-x {args.flops_x:g}", f"--seed {args.seed}"]
+    if args.latency_x is not None:
+        parts += [f"--latency-x {args.latency_x:g}", f"--memory-format {args.memory_format}"]
+        parts += [f"--latency-threads {args.latency_threads}", f"--latency-repeats {args.latency_repeats}"]
+    else:
+        parts.append(f"--flops-x {args.flops_x:g}")
+    parts.append(f"--seed {args.seed}")
     if args.finetune:
         parts.append(f"--finetune {args.finetune}")
     if args.no_protocol_bn:
@@ -334,9 +528,13 @@ def single_command(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
-def _argv(model: str, method: str, flops_x: float, *, variant: str | None = None, **flags: Any) -> list[str]:
+def _argv(
+    model: str, method: str, flops_x: float | None, *, variant: str | None = None, **flags: Any
+) -> list[str]:
     """A ``row`` command line: ``--key value`` for each flag (``True`` flags as switches)."""
-    argv = ["--model", model, "--method", method, "--flops-x", f"{flops_x:g}"]
+    argv = ["--model", model, "--method", method]
+    if flops_x is not None:
+        argv += ["--flops-x", f"{flops_x:g}"]
     if variant is not None:
         argv += ["--variant", variant]
     for key, value in flags.items():
@@ -368,9 +566,48 @@ def grid_rows(name: str, models: tuple[str, ...] = ("resnet20-narrow", "vgg-narr
         for model in models:
             for fx, m in plan[model]:
                 rows.append(_argv(model, m, fx, variant="defaults" if m == EIGEN else None, finetune=3))
+    elif name == "finetune-seed1":  # the second seed of the fine-tuned leaders (mean of 2 seeds)
+        plan = {
+            "resnet20-narrow": [(4, EIGEN), (4, "l2"), (8, EIGEN), (8, "taylor")],
+            "vgg-narrow": [(8, "l2")],
+        }
+        for model in models:
+            for fx, m in plan[model]:
+                variant = "defaults" if m == EIGEN else None
+                rows.append(_argv(model, m, fx, variant=variant, finetune=3, seed=1))
     elif name == "finetune-all":  # the most accurate EigenDamage setting after pruning, fine-tuned
         for model in models:
             rows += [_argv(model, EIGEN, fx, variant="all", finetune=3) for fx in (4, 8)]
+    elif name == "second-order":  # the paper's channel baselines, after pruning
+        for model in models:
+            for fx in (2, 4, 8):
+                for seed in (0, 1) if fx > 2 else (0,):
+                    rows += [_argv(model, m, fx, seed=seed) for m in SECOND_ORDER]
+    elif name == "iterative":  # EigenDamage in three rounds during the 3-epoch fine-tune
+        for model in models:
+            rows += [_argv(model, ITER, fx, variant="defaults", finetune=3) for fx in (4, 8, 2)]
+            rows += [_argv(model, ITER, fx, variant="defaults", finetune=3, seed=1) for fx in (4, 8)]
+    elif name == "finetune-more":  # the other methods fine-tuned (one seed), then ÷2
+        for model in models:
+            for fx in (4, 8):
+                rows += [_argv(model, m, fx, finetune=3) for m in ("slimming", "l1", *SECOND_ORDER)]
+            rows.append(_argv(model, EIGEN, 2, variant="defaults", finetune=3))
+            rows += [_argv(model, m, 2, finetune=3) for m in ("l2", "taylor")]
+    elif name == "finetune10":  # the leaders at ÷8 with 10 fine-tuning epochs
+        for model in models:
+            rows.append(_argv(model, EIGEN, 8, variant="defaults", finetune=10))
+            rows += [_argv(model, m, 8, finetune=10) for m in ("l2", "taylor")]
+    elif name in ("latency", "latency-finetune"):  # matched measured latency (batch 64, 2 threads)
+        ks = (1.5, 2, 3) if name == "latency" else (2,)
+        extra = {} if name == "latency" else {"finetune": 3}
+        for model in models:
+            for fmt in ("nchw", "channels_last"):
+                for k in ks:
+                    for m in (EIGEN, "l2", "taylor"):
+                        variant = "defaults" if m == EIGEN else None
+                        rows.append(
+                            _argv(model, m, None, variant=variant, latency_x=k, memory_format=fmt, **extra)
+                        )
     else:
         raise ValueError(f"unknown grid {name!r}")
     return rows
@@ -383,6 +620,8 @@ def run_grid(args: argparse.Namespace) -> None:
         mine = mine[::-1]
     for i, argv in enumerate(mine):
         row_args = parse_args(["row", *argv, "--threads", str(args.threads), "--data-root", args.data_root])
+        if row_args.latency_x is not None and args.latency_repeats is not None:
+            row_args.latency_repeats = args.latency_repeats
         print(f"[{i + 1}/{len(mine)}] {single_command(row_args)}", flush=True)
         run_row(row_args)
 
@@ -581,9 +820,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=6)
     r = sub.add_parser("row", help="prune the dense network with one method and measure")
     r.add_argument("--model", required=True, choices=["resnet20-narrow", "vgg-narrow"])
-    r.add_argument("--method", required=True, choices=[EIGEN, *PEERS])
+    r.add_argument("--method", required=True, choices=list(METHODS))
     r.add_argument("--variant", default="defaults", choices=list(VARIANTS))
-    r.add_argument("--flops-x", type=float, required=True)
+    target = r.add_mutually_exclusive_group(required=True)
+    target.add_argument("--flops-x", type=float, help="prune to 1/k of the dense FLOPs")
+    target.add_argument(
+        "--latency-x", type=float, help=f"prune to 1/k of the dense latency (batch {LATENCY_BATCH}, measured)"
+    )
+    r.add_argument("--memory-format", default="nchw", choices=["nchw", "channels_last"])
+    r.add_argument("--latency-threads", type=int, default=2)
+    r.add_argument("--latency-repeats", type=int, default=15)
+    r.add_argument("--bisect-steps", type=int, default=7)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--finetune", type=int, default=0, help="fine-tuning epochs after pruning")
     r.add_argument(
@@ -600,6 +847,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--part", type=int, default=0)
     g.add_argument("--models", nargs="+", default=["resnet20-narrow", "vgg-narrow"])
     g.add_argument("--reverse", action="store_true", help="run the rows from the last one")
+    g.add_argument("--latency-repeats", type=int, default=None, help="for latency-matched rows")
     sub.add_parser("table", help="write tables.md from the records")
     for q in (p, r, g, t):
         q.add_argument("--threads", type=int, default=1)
