@@ -673,6 +673,106 @@ def train_step_times(args: argparse.Namespace) -> None:
     print(json.dumps(rec, indent=1))
 
 
+WIDTH_MODELS = ("vgg19", "vgg19-narrow", "resnet32-wide", "resnet32-narrow")
+
+
+def width_rows(args: argparse.Namespace) -> None:
+    """Latency against channel pruning at the paper's widths (VGG19, the wide ResNet-32) and at a
+    quarter of them, on Fashion-MNIST padded to 32×32.
+
+    Short schedule, one seed: ``--train-images`` training images (a seeded subset) for
+    ``--epochs`` epochs of the recipe, cached; then for each ``÷k`` in ``--flops-x``: EigenDamage
+    (defaults) and Torch-Pruning L2 on the same calibration batches, BatchNorm re-estimated,
+    accuracy on the first 2,000 test images, and the eval latency at batch ``LATENCY_BATCH`` on
+    ``--latency-threads`` threads of the dense network and both prunings, timed interleaved
+    (median of ``--latency-repeats`` rounds) in NCHW and ``channels_last``. The accuracies come
+    from a short schedule and only say that nothing collapsed; the point is the latency ratio.
+    One record per (network, ÷k) in ``width.jsonl``, with the command.
+    """
+    from benchmarks.baselines_tp import prune_baseline
+    from lightning_eigendamage import prune
+    from lightning_eigendamage.costs import count_flops
+
+    if args.train_images < CALIB_BATCHES * CALIB_SIZE:
+        raise SystemExit(f"--train-images must be at least {CALIB_BATCHES * CALIB_SIZE} (the calibration)")
+    torch.set_num_threads(args.threads)
+    out = RESULTS / "width.jsonl"
+    done = set()
+    if out.exists():
+        done = {
+            (r["model"], r["flops_x"], r["train_images"], r["epochs"])
+            for r in map(json.loads, out.read_text().splitlines())
+        }
+    full = load_data("fashion-mnist", root=args.data_root)
+    perm = torch.randperm(len(full.y_train), generator=torch.Generator().manual_seed(0))[: args.train_images]
+    pad = lambda x: F.pad(x, (2, 2, 2, 2))  # noqa: E731  28×28 → 32×32
+    data = argparse.Namespace(
+        x_train=pad(full.x_train[perm]),
+        y_train=full.y_train[perm],
+        x_test=pad(full.x_test[:2000]),
+        y_test=full.y_test[:2000],
+    )
+    for model in args.models:
+        todo = [fx for fx in args.flops_x if (model, fx, args.train_images, args.epochs) not in done]
+        if not todo:
+            continue
+        cache = Path(args.cache) / f"width-{model}-n{args.train_images}-e{args.epochs}.pt"
+        dense = build_model(model, 10, 1)
+        t0 = time.time()
+        if cache.exists():
+            dense.load_state_dict(torch.load(cache, weights_only=True))
+        else:
+            torch.manual_seed(0)
+            train(dense, data, args.epochs, RECIPE["lr"], 0)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(dense.state_dict(), cache)
+        train_s = round(time.time() - t0, 1)
+        dense.eval()
+        dense_acc = accuracy(dense, data.x_test, data.y_test)
+        calib = calibration(data, 0)
+        x = data.x_test[:LATENCY_BATCH]
+        base = count_flops(dense, x[:1])
+        for fx in todo:
+            nets: dict[str, nn.Module] = {}
+            rec: dict[str, Any] = {
+                "model": model,
+                "flops_x": fx,
+                "train_images": args.train_images,
+                "epochs": args.epochs,
+                "dense_acc": dense_acc,
+                "train_s": train_s,
+            }
+            t1 = time.time()
+            nets["eigendamage"] = copy.deepcopy(dense)
+            prune(nets["eigendamage"], calib, ratio=1 - 1 / fx, target="flops", seed=0)
+            rec["prune_s_eigendamage"] = round(time.time() - t1, 1)
+            nets["tp-l2"] = copy.deepcopy(dense)
+            prune_baseline(nets["tp-l2"], calib, "l2", ratio=1 - 1 / fx, target="flops", seed=0)
+            for name, net in nets.items():
+                refresh_bn(net, calib)
+                rec[f"acc_{name}"] = accuracy(net, data.x_test, data.y_test)
+                rec[f"flops_x_{name}"] = base / count_flops(net, x[:1])
+            torch.set_num_threads(args.latency_threads)
+            for fmt in ("nchw", "channels_last"):
+                for name, net in nets.items():
+                    t_dense, t_net = interleaved_latency(dense, net, x, args.latency_repeats, fmt)
+                    rec[f"speedup_{name}_{fmt}"] = t_dense / t_net
+                    rec[f"dense_ms_{fmt}"] = 1e3 * t_dense
+                rec[f"ed_over_tp_{fmt}"] = rec[f"speedup_eigendamage_{fmt}"] / rec[f"speedup_tp-l2_{fmt}"]
+            torch.set_num_threads(args.threads)
+            rec |= {
+                "latency_batch": LATENCY_BATCH,
+                "latency_threads": args.latency_threads,
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+                "command": f"python benchmarks/converged.py width --models {model} --flops-x {fx:g} "
+                f"--train-images {args.train_images} --epochs {args.epochs} "
+                f"--latency-threads {args.latency_threads} --latency-repeats {args.latency_repeats}",
+            }
+            with open(out, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(json.dumps(rec), flush=True)
+
+
 def _label(r: dict[str, Any]) -> str:
     if r["method"] == EIGEN:
         return f"EigenDamage {r['variant']}"
@@ -848,8 +948,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--models", nargs="+", default=["resnet20-narrow", "vgg-narrow"])
     g.add_argument("--reverse", action="store_true", help="run the rows from the last one")
     g.add_argument("--latency-repeats", type=int, default=None, help="for latency-matched rows")
+    w = sub.add_parser("width", help="latency against channel pruning at the paper's widths (32×32)")
+    w.add_argument("--models", nargs="+", default=list(WIDTH_MODELS), choices=list(WIDTH_MODELS))
+    w.add_argument("--flops-x", type=float, nargs="+", default=[2.0, 4.0])
+    w.add_argument("--train-images", type=int, default=2000)
+    w.add_argument("--epochs", type=int, default=1)
+    w.add_argument("--latency-threads", type=int, default=2)
+    w.add_argument("--latency-repeats", type=int, default=7)
     sub.add_parser("table", help="write tables.md from the records")
-    for q in (p, r, g, t):
+    for q in (p, r, g, t, w):
         q.add_argument("--threads", type=int, default=1)
         q.add_argument("--data-root", default="data")
         q.add_argument("--cache", default="data/converged-cache")
@@ -864,6 +971,8 @@ def main(argv: list[str] | None = None) -> int:
         run_row(args)
     elif args.cmd == "trainstep":
         train_step_times(args)
+    elif args.cmd == "width":
+        width_rows(args)
     elif args.cmd == "table":
         print(write_tables())
     else:
