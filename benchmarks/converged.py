@@ -338,12 +338,13 @@ def match_latency(
     x = data.x_test[:LATENCY_BATCH]
     probes: list[dict[str, Any]] = []
     best: tuple[float, float, nn.Module, dict] | None = None
+    prune_at = ratio_pruner(args, dense, data, calib)
 
     def probe(ratio: float) -> float | None:
         nonlocal best
         torch.set_num_threads(args.threads)
         try:
-            net, info = prune_copy(args, dense, data, calib, ratio)
+            net, info = prune_at(ratio)
         except Exception as e:  # a method that cannot prune this far: an unreachable probe
             probes.append({"ratio": round(ratio, 4), "error": f"{type(e).__name__}: {e}"[:200]})
             return None
@@ -387,6 +388,43 @@ def match_latency(
     }
     torch.set_num_threads(args.threads)
     return net, info
+
+
+def ratio_pruner(args: argparse.Namespace, dense: nn.Module, data: Any, calib: list) -> Any:
+    """``ratio → (network, info)`` for repeated prunings of ``dense`` at different ratios. For
+    one-shot EigenDamage the capture and eigendecompositions are done once (``analyse``) and each
+    call only decides and applies on a copy of the analysed network (what ``prune()`` does with
+    ``shots=1``); the other methods prune a fresh copy each time."""
+    from lightning_eigendamage import PruneOptions, analyse, apply, decide
+
+    opts = dict(VARIANTS[args.variant])
+    if args.method != EIGEN or opts.get("shots", 1) != 1:
+        return lambda ratio: prune_copy(args, dense, data, calib, ratio)
+    options = PruneOptions(target="flops", seed=args.seed, **opts)
+    base = copy.deepcopy(dense)
+    analysis = analyse(base, calib, options)
+
+    def prune_at(ratio: float) -> tuple[nn.Module, dict[str, Any]]:
+        net, an = copy.deepcopy((base, analysis))  # one memo: the copy's analysis points into it
+        report = apply(net, an, decide(an, ratio, options), options)
+        return net, {"options": opts, "target_reached": report.target_reached, "forms": _forms(report)}
+
+    return prune_at
+
+
+def matched_before(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The after-pruning latency-matched record this fine-tuned row continues, if there is one."""
+    path = RESULTS / "records.jsonl"
+    if not path.exists():
+        return None
+    want = dict(model=args.model, method=args.method, seed=args.seed, finetune=0)
+    want |= dict(latency_x=args.latency_x, memory_format=args.memory_format)
+    variant = args.variant if args.method in (EIGEN, ITER) else "-"
+    for line in path.read_text().splitlines():
+        r = json.loads(line) if line.strip() else {}
+        if r and all(r.get(k) == v for k, v in want.items()) and r["variant"] == variant:
+            return r
+    return None
 
 
 def iterative_prune_and_finetune(
@@ -472,6 +510,13 @@ def run_row(args: argparse.Namespace) -> dict[str, Any] | None:
     t0 = time.time()
     if args.method == ITER:
         net, info = iterative_prune_and_finetune(args, dense, data, calib)
+    elif latency and args.finetune and (before := matched_before(args)) is not None:
+        # The bisection (timed on a quiet machine) was recorded by the after-pruning row; the
+        # fine-tuned row prunes at the ratio it found and keeps its latency figures.
+        net, info = ratio_pruner(args, dense, data, calib)(before["ratio_found"])
+        keep = ("ratio_found", "latency_ms", "latency_rel", "latency_target_rel", "latency_matched")
+        info |= {k: before[k] for k in keep} | {"latency_from": before["command"]}
+        info |= {k: before[k] for k in ("latency_batch", "latency_threads", "probes")}
     elif latency:
         net, info = match_latency(args, dense, data, calib)
     else:
@@ -727,6 +772,9 @@ def width_rows(args: argparse.Namespace) -> None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             torch.save(dense.state_dict(), cache)
         train_s = round(time.time() - t0, 1)
+        if args.train_only:
+            print(f"{model}: trained and cached in {train_s} s ({cache})", flush=True)
+            continue
         dense.eval()
         dense_acc = accuracy(dense, data.x_test, data.y_test)
         calib = calibration(data, 0)
@@ -773,145 +821,6 @@ def width_rows(args: argparse.Namespace) -> None:
             print(json.dumps(rec), flush=True)
 
 
-def _label(r: dict[str, Any]) -> str:
-    if r["method"] == EIGEN:
-        return f"EigenDamage {r['variant']}"
-    return {"l1": "TP L1", "l2": "TP L2", "taylor": "TP Taylor", "slimming": "NN Slimming"}[r["method"]]
-
-
-def _mean(values: list[float]) -> str:
-    if not values:
-        return "–"
-    m = sum(values) / len(values)
-    if len(values) == 1:
-        return f"{m:.2f}"
-    return f"{m:.2f} ({min(values):.2f}–{max(values):.2f})"
-
-
-def _summary(records: list[dict[str, Any]]) -> list[str]:
-    """Defaults against the best peer at ÷4 and ÷8 (after pruning: mean over seeds; fine-tuned)."""
-
-    def mean(rows: list[dict[str, Any]], key: str) -> float | None:
-        vals = [r[key] for r in rows if key in r]
-        return sum(vals) / len(vals) if vals else None
-
-    def fmt(v: float | None) -> str:
-        return "–" if v is None else f"{v:.2f}"
-
-    out = ["## Summary: the defaults against the best peer", ""]
-    out.append(
-        'Defaults: `layer_cap=0.75`, `rank_by="damage_per_cost"`, BatchNorm re-estimated (after-pruning'
-    )
-    out.append(
-        "rows: variant `per-cost-cap0.75`, the same options). *Best setting*: `shots=4, reconstruct=True` on"
-    )
-    out.append(
-        "top (variant `all`). *Best peer*: the best of TP L1/L2/Taylor and NN Slimming in that column."
-    )
-    out.append("")
-    out.append(
-        "| network | ÷FLOPs | defaults after pruning | best setting | best peer | gap "
-        "| defaults fine-tuned | best peer fine-tuned | gap |"
-    )
-    out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for model in ("resnet20-narrow", "vgg-narrow"):
-        for fx in (4.0, 8.0):
-            rs = [r for r in records if r["model"] == model and r["flops_x"] == fx and r["protocol_bn"]]
-            quick = [r for r in rs if not r["finetune"]]
-            tuned = [r for r in rs if r["finetune"]]
-            d_after = mean([r for r in quick if r["variant"] == "per-cost-cap0.75"], "acc_after_quick")
-            best = mean([r for r in quick if r["variant"] == "all"], "acc_after_quick")
-            peers = {m: mean([r for r in quick if r["method"] == m], "acc_after_quick") for m in PEERS}
-            peers = {m: v for m, v in peers.items() if v is not None}
-            p_after = max(peers.values()) if peers else None
-            d_tuned = mean([r for r in tuned if r["variant"] == "defaults"], "acc_finetuned")
-            tpeers = {m: mean([r for r in tuned if r["method"] == m], "acc_finetuned") for m in PEERS}
-            tpeers = {m: v for m, v in tpeers.items() if v is not None}
-            p_tuned = max(tpeers.values()) if tpeers else None
-            gap1 = None if d_after is None or p_after is None else d_after - p_after
-            gap2 = None if d_tuned is None or p_tuned is None else d_tuned - p_tuned
-            who1 = max(peers, key=peers.get) if peers else "–"
-            who2 = max(tpeers, key=tpeers.get) if tpeers else "–"
-            out.append(
-                f"| {model} | ÷{fx:g} | {fmt(d_after)} | {fmt(best)} | {fmt(p_after)} ({who1}) | {fmt(gap1)} "
-                f"| {fmt(d_tuned)} | {fmt(p_tuned)} ({who2}) | {fmt(gap2)} |"
-            )
-    out.append("")
-    steps = RESULTS / "train_step.jsonl"
-    if steps.exists():
-        out.append(
-            "Training step (forward, backward, SGD step; batch 128; one thread; medians, interleaved):"
-        )
-        out.append("")
-        for line in steps.read_text().splitlines():
-            t = json.loads(line)
-            ratios = ", ".join(f"{k} {v:.2f}×" for k, v in t["vs_tp_l2"].items())
-            out.append(
-                f"- {t['model']} at ÷{t['flops_x']:g}, time against Torch-Pruning L2's: {ratios} "
-                f"(`{t['command']}`)"
-            )
-        out.append("")
-    return out
-
-
-def write_tables() -> str:
-    """``benchmarks/results/converged/tables.md`` from the records: per network and FLOPs target,
-    accuracy after pruning (BN re-estimated; first 3,000 test images; mean over seeds, range in
-    brackets) and after fine-tuning (full test set), with the parameters kept."""
-    by_key = {}
-    for line in (RESULTS / "records.jsonl").read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            by_key[row_key(r)] = r  # a row run twice (two workers met) counts once
-    records = list(by_key.values())
-    out = ["# Pruning converged networks (full Fashion-MNIST)", ""]
-    out.append("Generated by `python benchmarks/converged.py table` from `records.jsonl` (every record")
-    out.append("holds the command that reproduces it). Accuracy in %. *After pruning*: BatchNorm")
-    out.append("re-estimated on the 10 calibration batches, first 3,000 test images. *Fine-tuned*: 3 epochs")
-    out.append("(lr 0.01 cosine), full test set. Mean over seeds, range in brackets; seeds listed.")
-    out.append("")
-    out += _summary(records)
-    for model in ("resnet20-narrow", "vgg-narrow"):
-        dense = RESULTS / f"dense-{model}.json"
-        if not dense.exists():
-            continue
-        d = json.loads(dense.read_text())
-        out.append(f"## {model} (dense {d['test_accuracy']:.2f} %, {d['params']:,} parameters)")
-        out.append("")
-        for fx in sorted({r["flops_x"] for r in records if r["model"] == model}):
-            rows = [r for r in records if r["model"] == model and r["flops_x"] == fx and r["protocol_bn"]]
-            if not rows:
-                continue
-            out.append(f"### ÷{fx:g} FLOPs")
-            out.append("")
-            out.append("| method | after pruning | fine-tuned | FLOPs reached | params kept | seeds |")
-            out.append("| --- | --- | --- | --- | --- | --- |")
-            labels = sorted({_label(r) for r in rows}, key=lambda x: (not x.startswith("Eigen"), x))
-            for lab in labels:
-                mine = [r for r in rows if _label(r) == lab]
-                quick = [r["acc_after_quick"] for r in mine if not r["finetune"]]
-                tuned = [r["acc_finetuned"] for r in mine if r["finetune"]]
-                reached = _mean([r["flops_reached_x"] for r in mine]).split(" ")[0]
-                if min(r["flops_reached_x"] for r in mine) < 0.97 * fx:
-                    reached += " (target not reached)"
-                kept = sum(r["param_ratio"] for r in mine) / len(mine)
-                seeds = ",".join(str(x) for x in sorted({r["seed"] for r in mine}))
-                out.append(f"| {lab} | {_mean(quick)} | {_mean(tuned)} | ÷{reached} | {kept:.1%} | {seeds} |")
-            out.append("")
-    plain = [r for r in records if not r["protocol_bn"]]
-    if plain:
-        out.append("## What a plain `prune()` call gives (no BatchNorm re-estimation by the protocol)")
-        out.append("")
-        out.append("| network | variant | ÷FLOPs | after pruning |")
-        out.append("| --- | --- | --- | --- |")
-        for r in plain:
-            out.append(f"| {r['model']} | {r['variant']} | ÷{r['flops_x']:g} | {r['acc_after_quick']:.2f} |")
-        out.append("")
-    text = "\n".join(out)
-    (RESULTS / "tables.md").write_text(text)
-    return text
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -951,11 +860,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     w = sub.add_parser("width", help="latency against channel pruning at the paper's widths (32×32)")
     w.add_argument("--models", nargs="+", default=list(WIDTH_MODELS), choices=list(WIDTH_MODELS))
     w.add_argument("--flops-x", type=float, nargs="+", default=[2.0, 4.0])
-    w.add_argument("--train-images", type=int, default=2000)
+    w.add_argument("--train-images", type=int, default=4000)
     w.add_argument("--epochs", type=int, default=1)
     w.add_argument("--latency-threads", type=int, default=2)
     w.add_argument("--latency-repeats", type=int, default=7)
-    sub.add_parser("table", help="write tables.md from the records")
+    w.add_argument("--train-only", action="store_true", help="only train and cache the dense networks")
+    sub.add_parser("table", help="tables.md and plots from the records (benchmarks/tables.py --converged)")
     for q in (p, r, g, t, w):
         q.add_argument("--threads", type=int, default=1)
         q.add_argument("--data-root", default="data")
@@ -974,7 +884,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "width":
         width_rows(args)
     elif args.cmd == "table":
-        print(write_tables())
+        from benchmarks.tables import converged_report
+
+        print(converged_report(RESULTS))
     else:
         run_grid(args)
     return 0

@@ -1,6 +1,10 @@
-"""Markdown tables and PNG plots from the runner's JSON records (``benchmarks/run.py``).
+"""Markdown tables and PNG plots from the benchmark records.
 
     python benchmarks/tables.py --records out/fmnist/records --out benchmarks/results/fashion-mnist
+    python benchmarks/tables.py --converged benchmarks/results/converged
+
+The second form reads ``benchmarks/converged.py``'s JSON-lines records (see
+:func:`converged_report`); what follows describes the first (``benchmarks/run.py``'s records).
 
 One table and one plot per (dataset, model): rows grouped by FLOPs target in the paper's layout
 (test accuracy, reduction in weights, reduction in FLOPs) plus the measured CPU speed-up and the
@@ -16,9 +20,12 @@ import argparse
 import json
 import re
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.*` when run as a script
 
 NAMES = {
     "eigendamage": "EigenDamage (one-shot)",
@@ -247,11 +254,22 @@ def plot(key: tuple[str, str], by_target: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--records", required=True, help="folder of JSON records (run.py's OUT/records)")
-    ap.add_argument("--out", required=True, help="where the .md/.png (and a copy of the records) go")
+    ap.add_argument("--records", help="folder of JSON records (run.py's OUT/records)")
+    ap.add_argument("--out", help="where the .md/.png (and a copy of the records) go")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--copy-records", action="store_true", help="also copy the JSON records to OUT/records")
+    ap.add_argument(
+        "--converged",
+        metavar="DIR",
+        help="instead: tables.md and plots of benchmarks/converged.py's records in DIR",
+    )
     args = ap.parse_args(argv)
+    if args.converged:
+        converged_report(args.converged, plots=not args.no_plot)
+        print(f"wrote {Path(args.converged) / 'tables.md'}")
+        return
+    if not args.records or not args.out:
+        ap.error("--records and --out are required (or --converged DIR)")
     records = load_records(args.records)
     if not records:
         raise SystemExit(f"no records in {args.records}")
@@ -270,6 +288,382 @@ def main(argv: list[str] | None = None) -> None:
         rec_dir.mkdir(exist_ok=True)
         for p in sorted(Path(args.records).glob("*.json")):
             (rec_dir / p.name).write_text(p.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# Converged networks (benchmarks/converged.py): records.jsonl, width.jsonl, train_step.jsonl
+# ---------------------------------------------------------------------------------------------
+
+CONVERGED_MODELS = ("resnet20-narrow", "vgg-narrow")
+ISSUE_PEERS = ("l1", "l2", "taylor", "slimming")  # the channel-pruning peers of the goal
+SHORT = {
+    "eigendamage": "EigenDamage",
+    "eigendamage-iter": "EigenDamage iterative",
+    "c-obd": "C-OBD",
+    "c-obs": "C-OBS",
+    "kron-obd": "Kron-OBD",
+    "kron-obs": "Kron-OBS",
+    "slimming": "NN Slimming",
+    "l1": "TP L1",
+    "l2": "TP L2",
+    "taylor": "TP Taylor",
+}
+
+
+def load_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def converged_records(folder: Path) -> list[dict[str, Any]]:
+    """The rows of ``records.jsonl``, one per key (a row run twice by two workers counts once)."""
+    from benchmarks.converged import row_key
+
+    return list({row_key(r): r for r in load_jsonl(folder / "records.jsonl")}.values())
+
+
+def label(r: dict[str, Any]) -> str:
+    """``EigenDamage <variant>`` for our rows (``defaults``: the library's defaults), else the peer."""
+    if r["method"] in OURS:
+        return f"{SHORT[r['method']]} {r['variant']}"
+    return SHORT[r["method"]]
+
+
+def _mean_range(values: list[float]) -> str:
+    if not values:
+        return "–"
+    m = statistics.fmean(values)
+    return f"{m:.2f}" if len(values) == 1 else f"{m:.2f} ({min(values):.2f}–{max(values):.2f})"
+
+
+def _avg(rows: list[dict[str, Any]], key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+def _f(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def _flops_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if r.get("latency_x") is None and r["protocol_bn"]]
+
+
+def converged_summary(records: list[dict[str, Any]]) -> list[str]:
+    """The defaults against the best channel-pruning peer (TP L1/L2/Taylor, NN Slimming) and
+    against the best of every other method, at ÷4 and ÷8: after pruning (mean over seeds) and
+    after the 3-epoch fine-tune (mean over the seeds run)."""
+    out = ["## Summary: the defaults against the peers", ""]
+    out += [
+        'Defaults: `layer_cap=0.75`, `rank_by="damage_per_cost"`, BatchNorm re-estimated (after-pruning',
+        "rows: variant `per-cost-cap0.75` as well, the same options). *Best setting*: `shots=4,",
+        "reconstruct=True` on top (variant `all`). *Best peer*: the best of TP L1/L2/Taylor and NN",
+        "Slimming in that column; *best other*: the best of every method that is not EigenDamage",
+        "one-shot (C-OBD, C-OBS, Kron-OBD, Kron-OBS and iterative EigenDamage included). Seeds in",
+        "brackets.",
+        "",
+        "| network | ÷FLOPs | defaults after pruning | best setting | best peer | gap | best other "
+        "| defaults fine-tuned | best peer fine-tuned | gap | best other fine-tuned |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    rows = _flops_rows(records)
+    for model in CONVERGED_MODELS:
+        for fx in (4.0, 8.0):
+            rs = [r for r in rows if r["model"] == model and r["flops_x"] == fx]
+            quick = [r for r in rs if not r["finetune"] and r["method"] != "eigendamage-iter"]
+            tuned = [r for r in rs if r["finetune"] == 3]
+            ours = [r for r in quick if r["method"] == "eigendamage"]
+            d_after = [r for r in ours if r["variant"] in ("per-cost-cap0.75", "defaults")]
+            d_after = list({r["seed"]: r for r in d_after}.values())  # one per seed
+            best = _avg([r for r in ours if r["variant"] == "all"], "acc_after_quick")
+
+            def best_of(rows_: list[dict], key: str, methods: tuple | None) -> tuple[float | None, str]:
+                by: dict[str, list[dict]] = defaultdict(list)
+                for r in rows_:
+                    if r["method"] == "eigendamage" or (methods and r["method"] not in methods):
+                        continue
+                    by[SHORT[r["method"]]].append(r)
+                means = {k: _avg(v, key) for k, v in by.items()}
+                means = {k: v for k, v in means.items() if v is not None}
+                if not means:
+                    return None, "–"
+                k = max(means, key=means.get)
+                seeds = ",".join(str(s) for s in sorted({r["seed"] for r in by[k]}))
+                return means[k], f"{k}, seeds {seeds}"
+
+            pa, pa_who = best_of(quick, "acc_after_quick", ISSUE_PEERS)
+            oa, oa_who = best_of(quick, "acc_after_quick", None)
+            d_tuned_rows = [r for r in tuned if r["method"] == "eigendamage" and r["variant"] == "defaults"]
+            dt = _avg(d_tuned_rows, "acc_finetuned")
+            pt, pt_who = best_of(tuned, "acc_finetuned", ISSUE_PEERS)
+            ot, ot_who = best_of(tuned, "acc_finetuned", None)
+            da = _avg(d_after, "acc_after_quick")
+            gap1 = None if da is None or pa is None else da - pa
+            gap2 = None if dt is None or pt is None else dt - pt
+            ds = ",".join(str(r["seed"]) for r in sorted(d_tuned_rows, key=lambda r: r["seed"]))
+            out.append(
+                f"| {model} | ÷{fx:g} | {_f(da)} | {_f(best)} | {_f(pa)} ({pa_who}) | {_f(gap1)} "
+                f"| {_f(oa)} ({oa_who}) | {_f(dt)} (seeds {ds or '–'}) | {_f(pt)} ({pt_who}) | {_f(gap2)} "
+                f"| {_f(ot)} ({ot_who}) |"
+            )
+    return out + [""]
+
+
+def converged_flops_tables(records: list[dict[str, Any]], folder: Path) -> list[str]:
+    out: list[str] = []
+    rows = _flops_rows(records)
+    for model in CONVERGED_MODELS:
+        dense = folder / f"dense-{model}.json"
+        if not dense.exists():
+            continue
+        d = json.loads(dense.read_text())
+        out += [f"## {model} (dense {d['test_accuracy']:.2f} %, {d['params']:,} parameters)", ""]
+        for fx in sorted({r["flops_x"] for r in rows if r["model"] == model}):
+            mine = [r for r in rows if r["model"] == model and r["flops_x"] == fx]
+            out += [
+                f"### ÷{fx:g} FLOPs",
+                "",
+                "| method | after pruning | fine-tuned 3 epochs | fine-tuned 10 epochs | FLOPs reached "
+                "| params kept | seeds | prune s |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            ]
+            labels = sorted({label(r) for r in mine}, key=lambda x: (not x.startswith("Eigen"), x))
+            for lab in labels:
+                rs = [r for r in mine if label(r) == lab]
+                quick = [r["acc_after_quick"] for r in rs if not r["finetune"] and "acc_after_quick" in r]
+                first = [r["acc_after_first_round"] for r in rs if "acc_after_first_round" in r]
+                after = (
+                    _mean_range(quick) if quick else (f"{_mean_range(first)} (first round)" if first else "–")
+                )
+                t3 = [r["acc_finetuned"] for r in rs if r["finetune"] == 3]
+                t10 = [r["acc_finetuned"] for r in rs if r["finetune"] == 10]
+                reached = statistics.fmean(r["flops_reached_x"] for r in rs)
+                note = " (target not reached)" if min(r["flops_reached_x"] for r in rs) < 0.97 * fx else ""
+                kept = statistics.fmean(r["param_ratio"] for r in rs)
+                seeds = ",".join(str(x) for x in sorted({r["seed"] for r in rs}))
+                secs = statistics.fmean(r["prune_s"] for r in rs)
+                out.append(
+                    f"| {lab} | {after} | {_mean_range(t3)} | {_mean_range(t10)} | ÷{reached:.2f}{note} "
+                    f"| {kept:.1%} | {seeds} | {secs:.1f} |"
+                )
+            out.append("")
+    plain = [r for r in records if not r["protocol_bn"]]
+    if plain:
+        out += [
+            "## What a plain `prune()` call gives (no BatchNorm re-estimation by the protocol)",
+            "",
+            "| network | variant | ÷FLOPs | after pruning |",
+            "| --- | --- | --- | --- |",
+        ]
+        out += [
+            f"| {r['model']} | {r['variant']} | ÷{r['flops_x']:g} | {r['acc_after_quick']:.2f} |"
+            for r in plain
+        ]
+        out.append("")
+    return out
+
+
+def converged_latency_tables(records: list[dict[str, Any]]) -> list[str]:
+    """The latency-matched rows: per network, memory format and target, each method's FLOPs ratio
+    found by bisection, the measured latency (pruned / dense) and whether it matched within ±5 %."""
+    rows = [r for r in records if r.get("latency_x") is not None]
+    if not rows:
+        return []
+    out = [
+        "## Accuracy at a measured-latency budget",
+        "",
+        "Each method is pruned to `1/k` of the dense network's measured latency (eval forward, batch",
+        "64, 2 threads, median of the rounds timed alternately with the dense network), the FLOPs",
+        "ratio found by bisection; *matched* says whether the final measurement (twice the rounds) is",
+        "within ±5 % of the target. A method that cannot get that fast is listed with what it reached.",
+        "The machine was shared with other benchmark and test processes while these ran (2 cores).",
+        "",
+    ]
+    for model in CONVERGED_MODELS:
+        for fmt in ("nchw", "channels_last"):
+            mine = [r for r in rows if r["model"] == model and r["memory_format"] == fmt]
+            if not mine:
+                continue
+            out += [
+                f"### {model}, {fmt}",
+                "",
+                "| latency target | method | latency reached | matched | FLOPs ÷ | params kept "
+                "| after pruning | fine-tuned 3 epochs |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            ]
+            for k in sorted({r["latency_x"] for r in mine}):
+                for r in sorted(
+                    (r for r in mine if r["latency_x"] == k), key=lambda r: (label(r), r["finetune"])
+                ):
+                    tuned = f"{r['acc_finetuned']:.2f}" if r.get("acc_finetuned") is not None else "–"
+                    out.append(
+                        f"| ×{1 / k:.2f} (÷{k:g}) | {label(r)} | ×{r['latency_rel']:.3f} "
+                        f"| {'yes' if r['latency_matched'] else '**no**'} | ÷{r['flops_reached_x']:.2f} "
+                        f"| {r['param_ratio']:.1%} | {r['acc_after_quick']:.2f} | {tuned} |"
+                    )
+            out.append("")
+    return out
+
+
+def width_table(folder: Path) -> list[str]:
+    rows = load_jsonl(folder / "width.jsonl")
+    if not rows:
+        return []
+    out = [
+        "## Width: latency against channel pruning at the paper's widths",
+        "",
+        "`python benchmarks/converged.py width` (Fashion-MNIST padded to 32×32; short schedule: the",
+        "accuracies only say that nothing collapsed). Speed-up = dense latency / pruned latency (eval,",
+        "batch 64, 2 threads, interleaved medians); *ratio* = EigenDamage's speed-up / TP L2's.",
+        "",
+        "| network | ÷FLOPs | format | dense ms | EigenDamage speed-up | TP L2 speed-up | ratio "
+        "| acc dense / ED / TP |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        for fmt in ("nchw", "channels_last"):
+            out.append(
+                f"| {r['model']} | ÷{r['flops_x']:g} | {fmt} | {r[f'dense_ms_{fmt}']:.1f} "
+                f"| {r[f'speedup_eigendamage_{fmt}']:.2f}× | {r[f'speedup_tp-l2_{fmt}']:.2f}× "
+                f"| {r[f'ed_over_tp_{fmt}']:.2f} | {r['dense_acc']:.1f} / {r['acc_eigendamage']:.1f} / "
+                f"{r['acc_tp-l2']:.1f} |"
+            )
+    return out + [""]
+
+
+def train_step_lines(folder: Path) -> list[str]:
+    rows = load_jsonl(folder / "train_step.jsonl")
+    if not rows:
+        return []
+    out = ["## Training step (forward, backward, SGD step; batch 128; one thread; interleaved medians)", ""]
+    for t in rows:
+        ratios = ", ".join(f"{k} {v:.2f}×" for k, v in t["vs_tp_l2"].items())
+        out.append(f"- {t['model']} at ÷{t['flops_x']:g}, time against TP L2's: {ratios} (`{t['command']}`)")
+    return out + [""]
+
+
+def _curve(rows: list[dict[str, Any]], x: str, y: str) -> tuple[list[float], list[float]]:
+    pts: dict[float, list[float]] = defaultdict(list)
+    for r in rows:
+        if r.get(y) is not None:
+            pts[r[x]].append(r[y])
+    keys = sorted(pts)
+    return keys, [statistics.fmean(pts[k]) for k in keys]
+
+
+def converged_plots(records: list[dict[str, Any]], folder: Path) -> list[str]:
+    """Per network: accuracy against FLOPs reduction (after pruning, and after the 3-epoch
+    fine-tune) and accuracy against measured latency (the latency-matched rows, NCHW and
+    channels_last), one line per method. Returns the PNG names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    flops = _flops_rows(records)
+    lat = [r for r in records if r.get("latency_x") is not None]
+    for model in CONVERGED_MODELS:
+        mine = [r for r in flops if r["model"] == model]
+        if not mine:
+            continue
+        dense = json.loads((folder / f"dense-{model}.json").read_text())["test_accuracy"]
+        fig, axes = plt.subplots(1, 4, figsize=(20, 5))
+        panels = [
+            (
+                axes[0],
+                [r for r in mine if not r["finetune"]],
+                "flops_reached_x",
+                "acc_after_quick",
+                "after pruning",
+            ),
+            (
+                axes[1],
+                [r for r in mine if r["finetune"] == 3],
+                "flops_reached_x",
+                "acc_finetuned",
+                "fine-tuned 3 epochs",
+            ),
+        ]
+        for i, fmt in enumerate(("nchw", "channels_last")):
+            rs = [r for r in lat if r["model"] == model and r["memory_format"] == fmt]
+            ft = [r for r in rs if r["finetune"]]
+            panels.append(
+                (
+                    axes[2 + i],
+                    ft if ft else rs,
+                    "latency_rel",
+                    "acc_finetuned" if ft else "acc_after_quick",
+                    f"matched latency, {fmt}, " + ("fine-tuned" if ft else "after pruning"),
+                )
+            )
+        for ax, rows, x, y, title in panels:
+            labels = sorted({label(r) for r in rows}, key=lambda s: (not s.startswith("Eigen"), s))
+            for lab in labels:
+                if (
+                    lab.startswith("EigenDamage ")
+                    and lab.split(" ")[-1] not in ("defaults", "all")
+                    and "iterative" not in lab
+                ):
+                    continue  # the ablation variants are in the tables, not the plots
+                xs, ys = _curve([r for r in rows if label(r) == lab], x, y)
+                if x == "flops_reached_x":
+                    xs = [round(v) if v > 1.5 else v for v in xs]
+                ours = lab.startswith("Eigen")
+                ax.plot(
+                    xs,
+                    ys,
+                    marker="o" if ours else "s",
+                    lw=2.2 if ours else 1.1,
+                    ls="-" if ours else "--",
+                    label=lab,
+                )
+            ax.axhline(dense, color="k", lw=1, ls=":", label="dense")
+            if x == "flops_reached_x":
+                ax.set_xscale("log", base=2)
+                ax.set_xlabel("FLOPs reduction (dense / pruned)")
+            else:
+                ax.set_xlabel("measured latency, pruned / dense (batch 64, 2 threads)")
+            ax.set_title(title, fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        axes[0].set_ylabel("test accuracy (%)")
+        fig.suptitle(f"{model} (converged, full Fashion-MNIST): mean over seeds", fontsize=11)
+        fig.tight_layout()
+        name = f"{model}.png"
+        fig.savefig(folder / name, dpi=90)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def converged_report(folder: str | Path, plots: bool = True) -> str:
+    """``tables.md`` (and one PNG per network) in ``folder`` from its records: the summary, the
+    accuracy-at-FLOPs tables, the latency-matched tables, the width rows and the training step."""
+    folder = Path(folder)
+    records = converged_records(folder)
+    out = [
+        "# Pruning converged networks (full Fashion-MNIST)",
+        "",
+        "Generated by `python benchmarks/tables.py --converged benchmarks/results/converged` from",
+        "`records.jsonl`, `width.jsonl` and `train_step.jsonl` (every record holds the command that",
+        "reproduces it). Accuracy in %. *After pruning*: BatchNorm re-estimated on the 10 calibration",
+        "batches, first 3,000 test images. *Fine-tuned*: 3 (or 10) epochs, lr 0.01 cosine, full test",
+        "set. Mean over seeds, range in brackets; seeds listed. Rows ran on one thread each, two or",
+        "three at a time on a 2-core machine.",
+        "",
+    ]
+    pngs = converged_plots(records, folder) if plots else []
+    out += [f"![{p}]({p})" for p in pngs] + ([""] if pngs else [])
+    out += converged_summary(records)
+    out += train_step_lines(folder)
+    out += converged_flops_tables(records, folder)
+    out += converged_latency_tables(records)
+    out += width_table(folder)
+    text = "\n".join(out)
+    (folder / "tables.md").write_text(text)
+    return text
 
 
 if __name__ == "__main__":
