@@ -4,6 +4,7 @@ from .adapters import LayerAdapter, register
 from .callback import EigenDamagePruning
 from .checkpoint import enable_pruned_loading, restore_pruned
 from .criteria import register_criterion
+from .gradual import GradualRemoval
 from .layers import KFELayer
 from .options import PruneOptions
 from .plan import LayerChange, LayerPlan, Plan
@@ -20,6 +21,7 @@ from .schedule import PruningSchedule
 __all__ = [
     "Analysis",
     "EigenDamagePruning",
+    "GradualRemoval",
     "KFELayer",
     "LayerAdapter",
     "LayerChange",

@@ -68,10 +68,19 @@ from .checkpoint import PrunedLoadingHook, has_pruned_loading
 from .curvature import KFACapture, capture_batch, split_batch, target_of
 from .discovery import dynamic_skips, find_layers, no_prunable_message
 from .distributed import is_distributed
+from .gradual import (
+    GradualRemoval,
+    GradualWindow,
+    bases_fit,
+    check_windows,
+    marked_layers,
+    marked_mask,
+    penalty_grad,
+)
 from .optim import TransplantReport, carry_optimizer_state, stage_parameters
 from .options import PruneOptions
 from .plan import LayerChange
-from .pruner import prune
+from .pruner import analyse, decide, prune
 from .report import PruneReport, PruningWarning
 from .schedule import LoopState, PrunePoint, PruningSchedule
 
@@ -104,6 +113,47 @@ class EigenDamagePruning(Callback):
             the last dimension by default).
         seed: seed of the generator used to sample labels for the true Fisher.
         verbose: print a per-layer table after each round (rank zero).
+        gradual: a :class:`~lightning_eigendamage.GradualRemoval` (``steps``, ``penalty``) for
+            gradual removal in the eigenbasis before every epoch and step point (default None:
+            off). See "Gradual removal" below.
+
+    Gradual removal (``gradual=GradualRemoval(steps, penalty)``, docs/method.md §5.1): for the
+    ``steps`` optimizer steps before each prune point, the coordinates of ``W* = Q_Gᵀ W Q_A``
+    that the point's plan would remove are pulled towards zero by a growing penalty
+    ``λ_t/2·‖M ⊙ W*‖²``, ``λ_t = penalty·t/steps`` at the window's ``t``-th step
+    (:mod:`lightning_eigendamage.gradual`), so the network moves its function off them before
+    they are cut.
+
+    - *Timing.* A step point ``S`` prunes after optimizer step ``S``; an epoch point ``e`` after
+      step ``(e+1)·ceil(num_training_batches / accumulate_grad_batches)`` (so epoch points need a
+      training dataloader with a length: ValueError in ``on_train_start`` otherwise; step points
+      work with any loader). The window covers steps ``S − steps + 1 … S``. Windows must fit:
+      ``steps`` below the first point's step and below the gap between consecutive points
+      (ValueError, in the constructor for step points, in ``on_train_start`` for epoch points).
+      An ``at_start`` round has no steps before it and prunes without a window (a warning); a
+      schedule with only an ``at_start`` point is refused.
+    - *Plan.* Factors are captured (true Fisher, or with ``fisher="empirical"`` the eval-mode
+      empirical Fisher of ``loss_fn`` as for ``at_start`` points) on up to ``fisher_batches``
+      training batches of the ``ceil(fisher_batches / accumulate_grad_batches)`` optimizer steps
+      before the window, after the previous round. At the window's first batch the plan is made
+      with :func:`~lightning_eigendamage.analyse` and :func:`~lightning_eigendamage.decide`
+      (not applied) and its removed directions are marked. If no finite factors exist yet (e.g.
+      after resuming just before the window), capture goes on and the window starts at the first
+      batch that has them, with ``λ_t`` still counted from the nominal start.
+    - *Penalty.* In ``on_before_optimizer_step`` (after the backward and DDP's gradient
+      all-reduce, after AMP's unscaling, before gradient clipping and the step) the penalty's
+      gradient ``λ_t·Q_G (M ⊙ W*) Q_Aᵀ`` is added to the ``.grad`` of each marked layer's (core)
+      weight held by the stepping optimizer. The optimizers, their param groups and the LR
+      schedulers are the user's, untouched. A round still waiting for factors past ``S`` keeps
+      ``λ = penalty`` until it runs; every round ends its window. The round itself is the usual
+      one, on freshly captured factors.
+    - *DDP.* The window's factors are all-reduced, the eigendecompositions split and broadcast,
+      and rank 0's plan broadcast, as in a round: every rank holds bitwise-identical bases and
+      masks and adds the same penalty to the same (all-reduced) gradients.
+    - *Checkpoints.* An active window (point, steps, per layer the parameter name, ``Q_A``,
+      ``Q_G`` and the removed directions; float64, ``d_in² + d_out²`` numbers per layer) is saved
+      in :meth:`state_dict` under ``"gradual"`` and resumes exactly; the factors of a window's
+      capture that has not finished are not saved (the capture restarts on resume).
 
     Logged after each round through ``pl_module.log``: ``pruning/params``, ``pruning/flops``
     (per example), ``pruning/compression`` (FLOPs of the model before the first round / now),
@@ -174,9 +224,23 @@ class EigenDamagePruning(Callback):
         rank_by: str = "damage_per_cost",
         seed: int = 0,
         verbose: bool = True,
+        gradual: GradualRemoval | None = None,
     ) -> None:
         super().__init__()
         self.schedule = PruningSchedule.from_any(schedule)
+        if gradual is not None:
+            if not isinstance(gradual, GradualRemoval):
+                raise TypeError(
+                    "gradual must be a lightning_eigendamage.GradualRemoval(steps=..., penalty=...) "
+                    f"or None, got {type(gradual).__name__} {gradual!r}"
+                )
+            if not self.schedule.epochs and not self.schedule.steps:
+                raise ValueError(
+                    "gradual removal runs in the optimizer steps before a prune point, but the schedule "
+                    "has only an at_start point (pruned before any step); add epoch or step points, or "
+                    "pass gradual=None"
+                )
+            check_windows({f"step:{s}": s for s in self.schedule.steps}, gradual.steps)
         # Every option is validated here, once, before training (PruneOptions raises).
         # The callback's rounds run on factors captured during training: one shot, and no
         # calibration pass over a single example batch (training adapts BatchNorm afterwards).
@@ -184,6 +248,7 @@ class EigenDamagePruning(Callback):
             locals(), target=self.schedule.target, recalibrate_bn=False, reconstruct=False
         )
         self.verbose = verbose
+        self.gradual = gradual
 
         self.reports: list[PruneReport] = []
         self.transplants: list[dict[str, Any]] = []
@@ -202,6 +267,13 @@ class EigenDamagePruning(Callback):
         self._emp_backward = False
         self._load_hook: Any = None
         self._saved_capture: dict[str, Any] | None = None
+        # Gradual removal: the step after which each epoch/step point prunes, the active window,
+        # the capture its plan is made from, and the window's live tensors (resolved lazily).
+        self._gradual_ends: dict[str, int] = {}
+        self._window: GradualWindow | None = None
+        self._gcap: KFACapture | None = None
+        self._gexample: Any = None
+        self._targets: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
     # ------------------------------------------------------------------------------------------
     # Set-up: everything knowable before training is checked here
@@ -288,6 +360,7 @@ class EigenDamagePruning(Callback):
             with _preserve_rng(pl_module.device):
                 self._example = next(self._train_batches(trainer, pl_module, 1), None)
         self._check_run_length(trainer)
+        self._check_gradual(trainer)
         self._probe(trainer, pl_module)
         for p in self._pending():
             if p.due_at_fit_start():
@@ -310,6 +383,33 @@ class EigenDamagePruning(Callback):
             total = float("inf")
         for msg in self.schedule.validate_steps(total, done=self._done):
             rank_zero_warn(f"EigenDamagePruning: {msg}")
+
+    def _check_gradual(self, trainer: pl.Trainer) -> None:
+        """The step after which each epoch and step point prunes, and whether the windows fit.
+
+        An epoch point ``e`` prunes after step ``(e+1)·ceil(num_training_batches / accumulate)``
+        (Lightning steps on the last batch of an epoch even when the accumulation is incomplete).
+        """
+        if self.gradual is None:
+            return
+        ends = {f"step:{s}": s for s in self.schedule.steps}
+        if self.schedule.epochs:
+            n = trainer.num_training_batches
+            if not math.isfinite(n):
+                raise ValueError(
+                    "gradual removal before epoch points needs to know at which optimizer step each "
+                    "epoch ends, but the training dataloader has no length; use step points "
+                    "(PruningSchedule(steps={...})) or a dataloader with a length"
+                )
+            per_epoch = math.ceil(int(n) / max(1, trainer.accumulate_grad_batches))
+            ends.update({f"epoch:{e}": (e + 1) * per_epoch for e in self.schedule.epochs})
+        check_windows(ends, self.gradual.steps)
+        self._gradual_ends = ends
+        if self.schedule.at_start is not None and "start" not in self._done:
+            rank_zero_warn(
+                "EigenDamagePruning: the at_start round has no optimizer steps before it: it prunes "
+                "without gradual removal (the other rounds get their windows)"
+            )
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """One no-grad forward on a training batch: finds the input, the layers that run, the
@@ -433,6 +533,12 @@ class EigenDamagePruning(Callback):
         """One extra forward/backward in eval mode feeding the capture (true or empirical)."""
         cap = self._ensure_capture(pl_module)
         t0 = time.perf_counter()
+        self._capture_into(pl_module, cap, batch, fisher)
+        self._cap_time += time.perf_counter() - t0
+        self._example = batch
+
+    def _capture_into(self, pl_module: pl.LightningModule, cap: KFACapture, batch: Any, fisher: str) -> None:
+        """One forward/backward of ``pl_module`` in eval mode on ``batch`` feeding ``cap``."""
         if self.forward_fn is not None:
             inp, target = batch, target_of(batch)
         else:
@@ -456,8 +562,6 @@ class EigenDamagePruning(Callback):
         finally:
             for m, mode in modes.items():
                 m.training = mode
-        self._cap_time += time.perf_counter() - t0
-        self._example = batch
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -468,6 +572,8 @@ class EigenDamagePruning(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._step_at_batch_start = trainer.global_step
+        if self.gradual is not None:
+            self._maybe_start_window(trainer, pl_module)
         if self.fisher == "empirical" and self._wants_capture(self._loop_state(trainer, batch_idx)):
             self._ensure_capture(pl_module).begin_batch()
             self._emp_active, self._emp_backward = True, False
@@ -504,6 +610,9 @@ class EigenDamagePruning(Callback):
         elif self.fisher == "true" and self._wants_capture(state):
             self._capture_sampled(pl_module, batch, "true")
             self._epoch_captured += 1
+        if self.gradual is not None and self._wants_window_capture(trainer):
+            self._capture_into(pl_module, self._ensure_window_capture(pl_module), batch, self.fisher)
+            self._gexample = batch
         for p in self._pending():
             # A due point that waits for factors and has none (e.g. right after another round)
             # is asked again at the next batch end.
@@ -516,6 +625,168 @@ class EigenDamagePruning(Callback):
         for p in self._pending():
             if p.due_at_epoch_end(state) and self._has_factors_for(trainer, p):
                 self._run_round(trainer, pl_module, p, on_step=False)
+
+    # ------------------------------------------------------------------------------------------
+    # Gradual removal (docs/method.md §5.1, lightning_eigendamage.gradual)
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def gradual_window(self) -> GradualWindow | None:
+        """The active window of gradual removal (prune point, steps, marked layers with their
+        bases and removed directions), or None outside a window."""
+        return self._window
+
+    def _next_window(self) -> tuple[PrunePoint, int] | None:
+        """The first pending epoch/step point (by the step after which it prunes) and that step.
+
+        Only the first one: a later point's window waits until every earlier round has run, so
+        its plan is made on the network that round leaves."""
+        pending = [(self._gradual_ends[p.key], p) for p in self._pending() if p.key in self._gradual_ends]
+        if not pending:
+            return None
+        end, point = min(pending, key=lambda ep: (ep[0], ep[1].key))
+        return point, end
+
+    def _wants_window_capture(self, trainer: pl.Trainer) -> bool:
+        """Whether the current batch feeds the next window's factors: up to ``fisher_batches``
+        batches of the ``ceil(fisher_batches / accumulate)`` optimizer steps before the window
+        (every batch since the previous round if ``fisher_batches`` is None), and every batch
+        from the window's start while no finite factors exist."""
+        if self._window is not None:
+            return False
+        nxt = self._next_window()
+        if nxt is None:
+            return False
+        start = nxt[1] - self.gradual.steps
+        step = self._step_at_batch_start  # this batch contributes to step `step + 1`
+        cap = self._gcap
+        if step >= start:
+            return cap is None or cap.batches == 0
+        k = self.schedule.fisher_batches
+        if k is None:
+            return True
+        seen = 0 if cap is None else cap.batches + cap.skipped_batches
+        return step >= start - math.ceil(k / max(1, trainer.accumulate_grad_batches)) and seen < k
+
+    def _ensure_window_capture(self, pl_module: pl.LightningModule) -> KFACapture:
+        if self._gcap is None:
+            cands = find_layers(pl_module, self.exclude)
+            cap = KFACapture(
+                {c.name: c.hook_module for c in cands},
+                factors_for=[c.name for c in cands if c.skipped is None],
+            )
+            self._gcap = cap.__enter__()
+        return self._gcap
+
+    def _release_window_capture(self) -> None:
+        if self._gcap is not None:
+            self._gcap.remove()
+        self._gcap = None
+        self._gexample = None
+
+    def _window_batches(self, trainer: pl.Trainer) -> int:
+        """Finite batches captured for the next window, summed over DDP ranks."""
+        local = 0 if self._gcap is None else self._gcap.batches
+        if not _is_distributed(trainer):
+            return local
+        total = torch.tensor(float(local), dtype=torch.float64, device=trainer.strategy.root_device)
+        return int(trainer.strategy.reduce(total, reduce_op="sum").item())
+
+    def _maybe_start_window(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """At the first batch of the next window (or later, once factors exist): plan, mark."""
+        if self._window is not None:
+            if self._window.point in self._done:  # e.g. restored with a round that already ran
+                self._end_window()
+            return
+        nxt = self._next_window()
+        if nxt is None:
+            return
+        point, end = nxt
+        start = end - self.gradual.steps
+        if trainer.global_step < start or self._window_batches(trainer) == 0:
+            return  # the same answer on every rank: the planning collectives run on all or none
+        captured, example = self._gcap.result(), self._gexample
+        self._release_window_capture()
+        distributed = _is_distributed(trainer)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PruningWarning)
+            an = analyse(pl_module, [example], self.options, captured=captured, distributed=distributed)
+            plan = decide(an, point.fraction, self.options, distributed=distributed)
+        for w in caught:
+            if issubclass(w.category, PruningWarning):
+                rank_zero_warn(
+                    f"EigenDamagePruning gradual window before {point.key}: {w.message}", category=w.category
+                )
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        self._window = GradualWindow(point.key, start, end, marked_layers(an, plan, names))
+        self._targets = None
+        if self.verbose:
+            marked = sum(len(m.removed_in) + len(m.removed_out) for m in self._window.layers)
+            rank_zero_info(
+                f"EigenDamagePruning: gradual removal before {point.describe()}: {marked} "
+                f"eigen-direction(s) of {len(self._window.layers)} layer(s) marked (factors from "
+                f"{captured.batches} batch(es)); penalty up to {self.gradual.penalty:g} over optimizer "
+                f"steps {start + 1}..{end}"
+            )
+
+    def _end_window(self) -> None:
+        self._window = None
+        self._targets = None
+
+    def _window_targets(
+        self, pl_module: pl.LightningModule
+    ) -> list[tuple[nn.Parameter, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The window's layers as live tensors: (parameter, Q_A, Q_G, M) on the parameter's device,
+        in float64 for a float64 parameter and float32 otherwise."""
+        if self._targets is None:
+            params = dict(pl_module.named_parameters())
+            out, missing = [], []
+            for m in self._window.layers:
+                p = params.get(m.param)
+                if p is None or not bases_fit(p, m.q_a, m.q_g):
+                    missing.append(m.param)
+                    continue
+                work = torch.float64 if p.dtype == torch.float64 else torch.float32
+                q_a = m.q_a.to(p.device, work)
+                q_g = m.q_g.to(p.device, work)
+                mask = marked_mask(
+                    q_a.shape[0], q_g.shape[0], m.removed_in, m.removed_out, device=p.device, dtype=work
+                )
+                out.append((p, q_a, q_g, mask))
+            if missing:
+                rank_zero_warn(
+                    f"EigenDamagePruning: the gradual window before {self._window.point} names "
+                    f"parameters this model does not have (or of other shapes): {missing}; they are "
+                    "not penalised"
+                )
+            self._targets = out
+        return self._targets
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Add the gradual-removal penalty's gradient to the marked weights this optimizer holds."""
+        win = self._window
+        if win is None:
+            return
+        if win.point in self._done:
+            self._end_window()
+            return
+        lam = self.gradual.strength(trainer.global_step + 1 - win.start)
+        if lam <= 0.0:
+            return
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for p, q_a, q_g, mask in self._window_targets(pl_module):
+            if id(p) not in held or not p.requires_grad:
+                continue
+            grad = penalty_grad(p.detach(), q_a, q_g, mask, lam).to(p.dtype)
+            if p.grad is None:
+                p.grad = grad
+            else:
+                p.grad.add_(grad)
 
     def _train_batches(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, limit: int | None
@@ -588,6 +859,9 @@ class EigenDamagePruning(Callback):
     ) -> None:
         cap = self._cap
         self._done.add(point.key)
+        if self._window is not None or self._gcap is not None:
+            self._end_window()  # every round ends its window; factors from before it are stale
+            self._release_window_capture()
         if self._captured_batches(trainer) == 0:  # the same answer on every rank
             skipped = 0 if cap is None else cap.skipped_batches
             self._release_capture()
@@ -738,17 +1012,20 @@ class EigenDamagePruning(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._release_capture()
+        self._release_window_capture()
 
     @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._release_capture()
+        self._release_window_capture()
         self._remove_loading_hook()  # Lightning calls no teardown after an exception
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release_capture()
+        self._release_window_capture()
         self._remove_loading_hook()
 
     def _remove_loading_hook(self) -> None:
@@ -762,11 +1039,13 @@ class EigenDamagePruning(Callback):
         optimizer-state summaries, timings, the sampling generator's state and, when the
         checkpoint falls inside a capture window, the factors accumulated so far (float64 sums,
         ``C_in² + C_out²`` numbers per prunable layer) with the window's batch counts and one
-        example (the first row of the last captured batch, if it is made of tensors)."""
+        example (the first row of the last captured batch, if it is made of tensors). With
+        ``gradual`` set, also ``"gradual"``: the active window's plain data
+        (:meth:`~lightning_eigendamage.gradual.GradualWindow.to_dict`) or None."""
         gen = self._generator_state
         if gen is None and self._generator is not None:
             gen = self._generator.get_state()
-        return {
+        state = {
             "version": _STATE_VERSION,
             "done": sorted(self._done),
             "skipped_rounds": list(self.skipped_rounds),
@@ -780,6 +1059,9 @@ class EigenDamagePruning(Callback):
             "epoch_captured": self._epoch_captured,
             "example": _plain_example(self._example) if self._cap is not None else None,
         }
+        if self.gradual is not None:
+            state["gradual"] = self._window.to_dict() if self._window is not None else None
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -804,6 +1086,11 @@ class EigenDamagePruning(Callback):
         self._cap_time = float(state_dict.get("capture_time", 0.0))
         self._epoch_captured = int(state_dict.get("epoch_captured", 0))
         self._example = state_dict.get("example")
+        # The active window of gradual removal, if any (its capture in progress is not saved).
+        self._release_window_capture()
+        window = state_dict.get("gradual")
+        self._window = GradualWindow.from_dict(window) if window is not None and self.gradual is not None else None
+        self._targets = None
 
 
 def _plain_example(batch: Any) -> Any:

@@ -17,6 +17,10 @@ Configurations:
 - ``start_step``: empirical Fisher; one round at the start of fit (captured in eval mode, on
   BatchNorm running statistics, on every batch of each rank's half of the data), then one after
   optimizer step 3 (captured in the training steps), then two more steps.
+- ``gradual``: true Fisher, gradual removal (``GradualRemoval(steps=4, penalty=10)``) over optimizer
+  steps 4..7 before a round after step 7, then two more steps. :class:`GradualRecorder` also writes
+  the window (bases, masks), this rank's window factors before their reduction, and the parameters
+  at the window's first penalised step and at the prune.
 """
 
 from __future__ import annotations
@@ -38,7 +42,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # lit_models, wh
 from lit_models import LitClassifier, small_cnn  # noqa: E402
 
 import lightning_eigendamage  # noqa: E402
-from lightning_eigendamage import EigenDamagePruning, PruningSchedule, enable_pruned_loading  # noqa: E402
+from lightning_eigendamage import (  # noqa: E402
+    EigenDamagePruning,
+    GradualRemoval,
+    PruningSchedule,
+    enable_pruned_loading,
+)
 from lightning_eigendamage.pruner import LayerChange, PruneReport  # noqa: E402
 
 N_EXAMPLES = 64  # even: DistributedSampler pads nothing with 2 ranks
@@ -185,9 +194,56 @@ class RankRecorder(EigenDamagePruning):
                 "losses": {int(e): list(v) for e, v in getattr(pl_module, "losses", {}).items()},
                 "final": {n: _cpu(p) for n, p in pl_module.named_parameters()},
                 "generator": self._generator.get_state() if self._generator is not None else None,
+                **self._extra(),
             },
             os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"),
         )
+
+    def _extra(self) -> dict[str, Any]:
+        """More to write per rank (subclasses)."""
+        return {}
+
+
+class GradualRecorder(RankRecorder):
+    """RankRecorder that also writes what a gradual-removal window held on this rank."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.windows: list[dict[str, Any]] = []
+        self.window_local: dict[str, torch.Tensor] = {}
+        self.window_start: dict[str, torch.Tensor] = {}
+        self.window_end: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        cap = self._gcap
+        if cap is not None and self.gradual_window is None:  # the window's factors, before the reduction
+            self.window_local = {n: _cpu(lf.a()) for n, lf in cap.layers.items() if lf.a_sum is not None}
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        window = self.gradual_window
+        if window is not None and not any(w["point"] == window.point for w in self.windows):
+            self.windows.append(window.to_dict())
+            self.window_start = {n: _cpu(p) for n, p in pl_module.named_parameters()}
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    def prune_model(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, captured: Any, fraction: float, example: Any
+    ) -> tuple[PruneReport, dict[str, LayerChange]]:
+        self.window_end = {n: _cpu(p) for n, p in pl_module.named_parameters()}
+        return super().prune_model(trainer, pl_module, captured, fraction, example)
+
+    def _extra(self) -> dict[str, Any]:
+        return {
+            "windows": self.windows,
+            "window_local": self.window_local,
+            "window_start": self.window_start,
+            "window_end": self.window_end,
+        }
 
 
 START_METHODS = {"ddp": "popen", "ddp_spawn": "spawn"}  # as in DDPStrategy.register_strategies
@@ -197,6 +253,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "schedule": PruningSchedule(at_start=0.5, steps={3: 0.5}),
         "fisher": "empirical",
         "trainer": {"max_epochs": 1, "max_steps": 5},
+    },
+    "gradual": {
+        "schedule": PruningSchedule(steps={7: 0.5}, fisher_batches=2),
+        "fisher": "true",
+        "trainer": {"max_epochs": 2, "max_steps": 9},
+        "gradual": GradualRemoval(steps=4, penalty=10.0),
     },
 }
 
@@ -209,7 +271,10 @@ def run(config: str, out_dir: str, *, strategy: str, accelerator: str = "cpu", d
     out of step fail the test instead of hanging it for Lightning's default 30 minutes.
     """
     cfg = CONFIGS[config]
-    callback = RankRecorder(out_dir, cfg["schedule"], fisher=cfg["fisher"])
+    if "gradual" in cfg:
+        callback = GradualRecorder(out_dir, cfg["schedule"], fisher=cfg["fisher"], gradual=cfg["gradual"])
+    else:
+        callback = RankRecorder(out_dir, cfg["schedule"], fisher=cfg["fisher"])
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=devices,
