@@ -1,15 +1,29 @@
 """Speed and memory of curvature capture, the prune step and pruned models, as ratios in one run.
 
     python benchmarks/speed.py --quick            # a few minutes on 2 CPU cores
-    python benchmarks/speed.py --device cuda      # on a GPU
+    python benchmarks/speed.py --device cuda      # on a GPU (a few minutes)
     python benchmarks/speed.py --quick --profile  # plus a per-op profile of the capture steps
+    python benchmarks/speed.py --smoke            # tiny sizes, ~1 min on 2 cores: a check, not figures
 
 Every figure is a ratio of two timings taken in the same process, interleaved and repeated
-(medians), because the machines here are noisy. Peak memory per phase is measured in a fresh
-subprocess per phase: the phase's own peak RSS (``VmHWM`` reset through ``/proc/self/clear_refs``
-right before it) over the RSS the process had before the model existed (CPU), or
-``torch.cuda.max_memory_allocated`` after a reset (CUDA). ``--profile`` also prints where the time
-of the plain, empirical-capture and true-Fisher steps goes (self time per op).
+(medians), because the machines here are noisy. On CUDA every timing is bracketed by
+``torch.cuda.synchronize()``, one timing is a loop of calls lasting at least ``--min-ms`` (default
+10 ms on CUDA: a single small forward is shorter than the timer's resolution allows) and cuDNN's
+autotuner is on (``cudnn.benchmark``; the warm-up call tunes). Peak memory per phase is measured
+in a fresh subprocess per phase: the phase's own peak RSS (``VmHWM`` reset through
+``/proc/self/clear_refs`` right before it) over the RSS the process had before the model existed
+(CPU), or ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (CUDA: tensor
+memory only, without the CUDA context and the caching allocator's unused reserve).
+``--profile`` also prints where the time of the plain, empirical-capture and true-Fisher steps
+goes (self time per op).
+
+Latency of the pruned models is measured at ÷2 and ÷4 FLOPs (``ratio`` 0.5 and 0.75) against
+Torch-Pruning's L1 channel pruning at the same FLOPs, at batch 1, 64 and 256 on CUDA (1 and 64 on
+the CPU; ``--latency-batches`` to change).
+
+``--smoke`` (what ``benchmarks/gpu_check.sh --quick`` runs) shrinks everything (batch 8, two
+repeats, ResNet-32 only for memory and latency, no ResNet-50 prune step) to check that the
+script runs end to end; its numbers are not measurements and must not be quoted.
 """
 
 from __future__ import annotations
@@ -17,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import statistics
@@ -52,18 +67,43 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(fns: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved round-robin after a warm-up."""
-    for fn in fns.values():
+# Shortest timing (a loop of calls) per sample, by device type: on CUDA a single small forward is
+# launch-bound and too short for one synchronised timing; on the CPU one call per sample (as the
+# committed CPU results were measured).
+MIN_S = {"cuda": 0.010}
+
+
+def _timed(fn: Callable[[], None], n: int, device: torch.device) -> float:
+    """Seconds per call of ``n`` back-to-back calls of ``fn`` (synchronised on CUDA)."""
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(n):
         fn()
+    _sync(device)
+    return (time.perf_counter() - t) / n
+
+
+def interleaved(
+    fns: dict[str, Callable[[], None]], repeats: int, device: torch.device, min_s: float | None = None
+) -> dict[str, float]:
+    """Median seconds per call of each function, timings interleaved round-robin after a warm-up.
+
+    Each timing is a loop of as many calls as make it last ``min_s`` (default
+    :data:`MIN_S` for the device type, 0: one call), the count fixed per function from a second
+    warm-up call.
+    """
+    if min_s is None:
+        min_s = MIN_S.get(device.type, 0.0)
+    for fn in fns.values():
+        fn()  # warm-up (cuDNN autotuning, allocator)
+    loops = {}
+    for k, fn in fns.items():
+        once = _timed(fn, 1, device)
+        loops[k] = max(1, math.ceil(min_s / max(once, 1e-9))) if min_s > 0 else 1
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            _sync(device)
-            t = time.perf_counter()
-            fn()
-            _sync(device)
-            times[k].append(time.perf_counter() - t)
+            times[k].append(_timed(fn, loops[k], device))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -195,6 +235,9 @@ def prune_step(name: str, device: torch.device, size: int, n_batches: int = 2) -
         batches,
         factors_for=[c.name for c in cands if c.skipped is None],
     )
+    # Load the device's linear-algebra kernels first (cuSOLVER's are loaded lazily on the first
+    # call, about a second): the figure is the prune step's own cost.
+    torch.linalg.eigh(torch.eye(8, dtype=torch.float64, device=device))
     _sync(device)
     t = time.perf_counter()
     report = prune(model, batches[:1], ratio=0.5, captured=captured)
@@ -211,11 +254,24 @@ def prune_step(name: str, device: torch.device, size: int, n_batches: int = 2) -
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
+LATENCY_TAGS: dict[str, dict[str, Any]] = {
+    "": {},
+    "+lat8": {"form_by": "latency", "latency_batch": 64, "round_to": 8},
+}
+
+
 def latency(
-    name: str, device: torch.device, flops_cuts: list[float], batches_eval: list[int], repeats: int
+    name: str,
+    device: torch.device,
+    flops_cuts: list[float],
+    batches_eval: list[int],
+    repeats: int,
+    formats: tuple[str, ...] = tuple(FORMATS),
+    tags: tuple[str, ...] = tuple(LATENCY_TAGS),
 ) -> list[dict]:
-    """Eval speed-ups over the dense model, in both memory formats (each model converted, the
-    latency-chosen forms timed in that format), against Torch-Pruning at the same FLOPs."""
+    """Eval speed-ups over the dense model, in the memory ``formats`` (each model converted, the
+    latency-chosen forms timed in that format), against Torch-Pruning at the same FLOPs.
+    ``tags``: which variants of :data:`LATENCY_TAGS` to prune (default forms, latency forms)."""
     rows = []
     torch.manual_seed(0)
     dense0 = make_model(name, device).eval()
@@ -224,12 +280,14 @@ def latency(
         for _ in range(2)
     ]
     tp_cache: dict[float, Any] = {}
-    for fmt, mf in FORMATS.items():
+    for fmt in formats:
+        mf = FORMATS[fmt]
         dense = copy.deepcopy(dense0).to(memory_format=mf)
         variants: dict[str, nn.Module] = {}
         flops: dict[str, float] = {}
         for cut in flops_cuts:
-            for tag, kw in (("", {}), ("+lat8", {"form_by": "latency", "latency_batch": 64, "round_to": 8})):
+            for tag in tags:
+                kw = LATENCY_TAGS[tag]
                 m = copy.deepcopy(dense)
                 rep = prune(m, data, ratio=cut, target="flops", **kw)
                 key = f"eigendamage{tag}@{cut:g}"
@@ -256,6 +314,7 @@ def latency(
                         "format": fmt,
                         "batch": bs,
                         "variant": k,
+                        "target": f"÷{1 / (1 - float(k.rsplit('@', 1)[1])):g}",
                         "flops_x": flops[k],
                         "speedup": t["dense"] / t[k],
                         "dense_ms": 1e3 * t["dense"],
@@ -264,7 +323,9 @@ def latency(
     return rows
 
 
-def torch_pruning_variant(name: str, dense: nn.Module, flops_x: float, device: torch.device):
+def torch_pruning_variant(
+    name: str, dense: nn.Module, flops_x: float, device: torch.device
+) -> tuple[nn.Module, float] | None:
     """Torch-Pruning L1 channel removal at the same FLOPs reduction, or None if not installed."""
     try:
         import torch_pruning as tp
@@ -397,11 +458,77 @@ def factor_memory_mb(name: str, device: torch.device) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def main() -> None:
+SMOKE_BANNER = (
+    "SMOKE RUN (--smoke): tiny sizes and 2 repeats to check that the script runs end to end; "
+    "these numbers are NOT measurements, do not quote them"
+)
+
+
+def machine_line(device: torch.device) -> str:
+    """Host, threads, torch and the device (with the GPU's name on CUDA)."""
+    dev = str(device)
+    if device.type == "cuda":
+        dev += f" ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda})"
+    return (
+        f"{platform.node()} {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {dev}"
+    )
+
+
+def vs_torch_pruning(rows: list[dict]) -> list[dict]:
+    """For every EigenDamage latency row, the matching Torch-Pruning row (same model, format,
+    batch and target): both speed-ups over dense and their ratio (ours / theirs)."""
+    out = []
+    for r in rows:
+        if not r["variant"].startswith("eigendamage"):
+            continue
+        tp_name = r["variant"].replace("eigendamage", "torch-pruning")
+        tp = next(
+            (
+                t
+                for t in rows
+                if (t["model"], t["format"], t["batch"], t["variant"])
+                == (r["model"], r["format"], r["batch"], tp_name)
+            ),
+            None,
+        )
+        out.append(
+            {
+                "model": r["model"],
+                "format": r["format"],
+                "batch": r["batch"],
+                "variant": r["variant"],
+                "target": r["target"],
+                "flops_x": r["flops_x"],
+                "speedup": r["speedup"],
+                "tp_flops_x": tp["flops_x"] if tp else None,
+                "tp_speedup": tp["speedup"] if tp else None,
+                "vs_tp": r["speedup"] / tp["speedup"] if tp else None,
+            }
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run every part and print (and with ``--json`` write) the figures."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats (a few minutes on 2 cores)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes and 2 repeats: a check, not figures")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=None, help="training batch (default 128; 8 with --smoke)")
+    ap.add_argument(
+        "--latency-batches",
+        type=int,
+        nargs="+",
+        default=None,
+        help="eval batches of the latency part (default 1 64 256 on CUDA, 1 64 on CPU, 1 4 with --smoke)",
+    )
+    ap.add_argument(
+        "--min-ms",
+        type=float,
+        default=None,
+        help="shortest timing, a loop of calls (default 10 on CUDA, 0 = one call on CPU)",
+    )
     ap.add_argument(
         "--fisher-batches",
         type=int,
@@ -413,30 +540,51 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--memory-phase", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model", default="resnet32", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: torch.cuda.is_available() is False (torch {torch.__version__})")
     if args.threads:
         torch.set_num_threads(args.threads)
+    batch = args.batch or (8 if args.smoke else 128)
     if args.memory_phase:
-        print(*memory_phase(args.memory_phase, args.model, args.batch, device))
+        print(*memory_phase(args.memory_phase, args.model, batch, device))
         return
+    if args.min_ms is not None:
+        MIN_S[device.type] = args.min_ms / 1e3
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     fisher_batches = args.fisher_batches
     if fisher_batches is None:
         fisher_batches = _callback_default_fisher_batches()
-    repeats = 5 if args.quick else 15
+    repeats = 2 if args.smoke else 5 if args.quick else 15
+    lat_batches = args.latency_batches or (
+        [1, 4] if args.smoke else [1, 64, 256] if device.type == "cuda" else [1, 64]
+    )
+    # What each part runs: --smoke keeps the smallest model and the default forms only.
+    small = ("resnet32",) if args.smoke else ("resnet32", "vgg19")
+    prune_models = (("resnet32", 32),) if args.smoke else (("vgg19", 32), ("resnet50", 64))
+    formats = ("nchw",) if args.smoke else tuple(FORMATS)
+    tags = ("",) if args.smoke else tuple(LATENCY_TAGS)
     results: dict = {
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {device}",
+        "machine": machine_line(device),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join(sys.argv),
+        "command": " ".join(sys.argv if argv is None else ["benchmarks/speed.py", *argv]),
+        "smoke": args.smoke,
         "fisher_batches": fisher_batches,
+        "repeats": repeats,
+        "min_ms": 1e3 * MIN_S.get(device.type, 0.0),
     }
+    if args.smoke:
+        print(f"# {SMOKE_BANNER}")
     print(f"# {results['machine']}  ({results['date']})")
-    print(f"\n## Capture cost (training step ratios, batch {args.batch}, 32×32, 391 steps/epoch)")
+    print(f"\n## Capture cost (training step ratios, batch {batch}, 32×32, 391 steps/epoch)")
     print(f"{'model':<10} {'plain ms':>9} {'empirical':>10} {'true step':>10} {'epoch':>7}")
     results["capture"] = {}
-    for name in ("resnet32", "vgg19"):
-        r = capture_cost(name, args.batch, repeats, device, fisher_batches, 391, profile=args.profile)
+    for name in small:
+        r = capture_cost(name, batch, repeats, device, fisher_batches, 391, profile=args.profile)
         results["capture"][name] = r
         print(
             f"{name:<10} {1000 * r['plain_s']:>9.1f} {r['empirical_ratio']:>9.3f}× "
@@ -445,15 +593,20 @@ def main() -> None:
 
     print("\n## Prune step (eigendecompositions, scores, surgery, optimizer rebuild)")
     results["prune"] = {}
-    for name, size in (("vgg19", 32), ("resnet50", 64)):
+    for name, size in prune_models:
         r = prune_step(name, device, size)
         results["prune"][name] = r
         print(f"{name:<10} {r['prune_s']:6.2f} s   (FLOPs ÷{r['flops_x']:.2f} at ratio 0.5)")
+    if args.smoke:
+        print("(--smoke: ResNet-32 instead of VGG19 and ResNet-50)")
 
-    print("\n## Factor and peak memory (peak RSS during the phase over the RSS before the model existed)")
+    if device.type == "cuda":
+        print("\n## Factor and peak memory (torch.cuda.max_memory_allocated during the phase)")
+    else:
+        print("\n## Factor and peak memory (peak RSS during the phase over the RSS before the model existed)")
     results["memory"] = {}
-    for name in ("resnet32", "vgg19"):
-        r = memory(name, args.batch, args.device)
+    for name in small:
+        r = memory(name, batch, args.device)
         r["factors_mb"] = factor_memory_mb(name, device)
         results["memory"][name] = r
         print(
@@ -461,50 +614,60 @@ def main() -> None:
             f"prune step {r['prune_peak_mb']:7.1f} MB  ratio {r['ratio']:.2f}"
         )
 
-    print("\n## Pruned-model latency (eval), speed-up over dense at matched FLOPs")
+    print(
+        f"\n## Pruned-model latency (eval), speed-up over dense at ÷2 and ÷4 FLOPs, batch "
+        f"{', '.join(map(str, lat_batches))}"
+    )
     results["latency"] = []
-    for name in ("resnet32", "vgg19"):
-        rows = latency(name, device, [0.5, 0.75], [1, 64], repeats)
+    for name in small:
+        rows = latency(name, device, [0.5, 0.75], lat_batches, repeats, formats, tags)
         results["latency"] += rows
         for r in rows:
             print(
                 f"{r['model']:<9} {r['format']:<13} batch {r['batch']:>3}  {r['variant']:<24} "
-                f"FLOPs ÷{r['flops_x']:5.2f}  speed-up {r['speedup']:.2f}×  (dense {r['dense_ms']:.1f} ms)"
+                f"FLOPs ÷{r['flops_x']:5.2f}  speed-up {r['speedup']:.2f}×  (dense {r['dense_ms']:.2f} ms)"
             )
+    results["vs_torch_pruning"] = vs_torch_pruning(results["latency"])
+    print("\n## Against Torch-Pruning (L1 channels) at the same FLOPs: speed-ups over dense")
+    print(f"{'model':<9} {'format':<13} {'batch':>5}  {'variant':<24} {'ours':>7} {'TP':>7} {'ours/TP':>8}")
+    for r in results["vs_torch_pruning"]:
+        tp = "-" if r["tp_speedup"] is None else f"{r['tp_speedup']:.2f}×"
+        rel = "-" if r["vs_tp"] is None else f"{r['vs_tp']:.2f}"
+        print(
+            f"{r['model']:<9} {r['format']:<13} {r['batch']:>5}  {r['variant']:<24} "
+            f"{r['speedup']:>6.2f}× {tp:>7} {rel:>8}"
+        )
 
     cap = results["capture"]
     summary = {
         "empirical_capture": max(v["empirical_ratio"] for v in cap.values()),
         "true_fisher_step": max(v["true_step_ratio"] for v in cap.values()),
         "epoch_overhead": max(v["epoch_ratio"] for v in cap.values()),
-        "prune_vgg19_s": results["prune"]["vgg19"]["prune_s"],
-        "prune_resnet50_s": results["prune"]["resnet50"]["prune_s"],
     }
+    for name, r in results["prune"].items():
+        summary[f"prune_{name}_s"] = r["prune_s"]
     mem = max(v["ratio"] for v in results["memory"].values())
     parts = [
-        f"{k} {v:.3g} ({'ok' if v <= TARGETS[k] else 'MISSED'} ≤{TARGETS[k]:g})" for k, v in summary.items()
+        f"{k} {v:.3g} ({'ok' if v <= TARGETS[k] else 'MISSED'} ≤{TARGETS[k]:g})"
+        if k in TARGETS
+        else f"{k} {v:.3g}"
+        for k, v in summary.items()
     ]
     parts.append(f"prune/train peak memory {mem:.2f} ({'ok' if mem <= 1.5 else 'MISSED'} ≤1.5)")
-    b64 = [r for r in results["latency"] if r["batch"] == 64]
-    for r in b64:
-        if r["variant"].startswith("eigendamage"):
-            tp = next(
-                (
-                    t
-                    for t in b64
-                    if t["model"] == r["model"]
-                    and t["format"] == r["format"]
-                    and t["variant"] == r["variant"].replace("eigendamage", "torch-pruning")
-                ),
-                None,
-            )
-            rel = f", {r['speedup'] / tp['speedup']:.2f}× TP's" if tp else ""
+    ref_batch = 64 if 64 in lat_batches else max(lat_batches)
+    for r in results["vs_torch_pruning"]:
+        if r["batch"] == ref_batch:
+            rel = f", {r['vs_tp']:.2f}× TP's" if r["vs_tp"] is not None else ""
             parts.append(
-                f"{r['model']} {r['format']} {r['variant']} speed-up {r['speedup']:.2f}× at FLOPs "
-                f"÷{r['flops_x']:.2f} ({r['speedup'] / r['flops_x']:.2f} of FLOPs cut{rel})"
+                f"{r['model']} {r['format']} {r['variant']} batch {ref_batch} speed-up "
+                f"{r['speedup']:.2f}× at FLOPs ÷{r['flops_x']:.2f} "
+                f"({r['speedup'] / r['flops_x']:.2f} of FLOPs cut{rel})"
             )
+    summary["prune_train_memory"] = mem
     results["summary"] = summary
     print("\nSUMMARY: " + "; ".join(parts))
+    if args.smoke:
+        print(f"# {SMOKE_BANNER}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
