@@ -10,6 +10,10 @@
 - ``tiny-imagenet``: the 200-class 64×64 set in ``ROOT/tiny-imagenet-200/`` (``--download``
   fetches http://cs231n.stanford.edu/tiny-imagenet-200.zip, ~240 MB); the labelled
   ``val/`` split serves as the test set.
+- ``synthetic-cifar10`` / ``synthetic-cifar100``: random uint8 images of CIFAR's shape and size
+  (50,000 / 10,000 of 3×32×32, balanced labels, 10 or 100 classes), seeded, normalised and
+  augmented as CIFAR is. For timing the real protocol where CIFAR is not at hand
+  (``benchmarks/gpu_check.sh``); the accuracies mean nothing. No files, no download.
 
 A dataset that is not there and may not be downloaded raises :class:`DataMissingError` with the
 command that fixes it.
@@ -24,7 +28,16 @@ from pathlib import Path
 
 import torch
 
-DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "tiny-imagenet")
+DATASETS = (
+    "digits",
+    "fashion-mnist",
+    "cifar10",
+    "cifar100",
+    "tiny-imagenet",
+    "synthetic-cifar10",
+    "synthetic-cifar100",
+)
+SYNTHETIC_SIZES = (50_000, 10_000)  # CIFAR's training and test set sizes
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
@@ -115,6 +128,20 @@ def _cifar(name: str, root: Path, download: bool) -> tuple[torch.Tensor, ...]:
     return (*tens(train), *tens(test))
 
 
+def _synthetic(name: str, n_train: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Random uint8 CIFAR-shaped images and balanced labels: ``n_train`` training images (CIFAR's
+    50,000 unless a subset is asked for) and CIFAR's 10,000 test images, drawn with ``seed``."""
+    n_classes = 100 if name.endswith("100") else 10
+    gen = torch.Generator().manual_seed(seed)
+
+    def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randint(0, 256, (n, 3, 32, 32), generator=gen, dtype=torch.uint8)
+        y = (torch.arange(n) % n_classes)[torch.randperm(n, generator=gen)]
+        return x, y
+
+    return (*split(n_train), *split(SYNTHETIC_SIZES[1]))
+
+
 def _tiny(root: Path, download: bool) -> tuple[torch.Tensor, ...]:
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.utils import download_and_extract_archive
@@ -159,7 +186,8 @@ def load_data(
         root: the data folder (``data/`` in the repository by default; git-ignored).
         download: allow torchvision / the Tiny-ImageNet URL to fetch missing files.
         train_subset: keep this many training images (a class-stratified random subset drawn with
-            ``seed``); the test set is always complete.
+            ``seed``); the test set is always complete. The synthetic sets generate only this
+            many training images (with balanced labels).
 
     Raises:
         DataMissingError: the files are missing and ``download`` is False (or fetching failed).
@@ -179,12 +207,16 @@ def load_data(
             raw = _fashion(root, download)
         elif name in ("cifar10", "cifar100"):
             raw = _cifar(name, root, download)
+        elif name.startswith("synthetic-"):
+            n = SYNTHETIC_SIZES[0] if train_subset is None else min(train_subset, SYNTHETIC_SIZES[0])
+            raw = _synthetic(name, n, seed)
         else:
             raw = _tiny(root, download)
         x_tr, y_tr, x_te, y_te = raw
-        x_tr = _normalise(x_tr.float() / 255.0, name)
-        x_te = _normalise(x_te.float() / 255.0, name)
-        n_classes = {"fashion-mnist": 10, "cifar10": 10, "cifar100": 100, "tiny-imagenet": 200}[name]
+        stats = name.removeprefix("synthetic-")
+        x_tr = _normalise(x_tr.float() / 255.0, stats)
+        x_te = _normalise(x_te.float() / 255.0, stats)
+        n_classes = {"fashion-mnist": 10, "cifar10": 10, "cifar100": 100, "tiny-imagenet": 200}[stats]
         data = Data(name, x_tr, y_tr.long(), x_te, y_te.long(), n_classes, augment=name != "fashion-mnist")
     if train_subset is not None and train_subset < len(data.y_train):
         data.x_train, data.y_train = _stratified(data.x_train, data.y_train, train_subset, seed)

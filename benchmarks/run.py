@@ -471,6 +471,8 @@ def single_command(args: argparse.Namespace, method: str, flops_x: float, seed: 
             parts += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     if args.threads:
         parts += ["--threads", str(args.threads)]
+    if getattr(args, "test_subset", None) is not None:
+        parts += ["--test-subset", str(args.test_subset)]
     return shlex.join(parts)
 
 
@@ -503,6 +505,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", nargs="+", type=int, default=[0])
     ap.add_argument("--data-root", default="data")
     ap.add_argument("--download", action="store_true", help="allow downloading missing datasets")
+    ap.add_argument(
+        "--test-subset",
+        type=int,
+        default=None,
+        help="evaluate on the first N test images only (quick timing runs, e.g. on synthetic-cifar10)",
+    )
     ap.add_argument("--cache", default="out/cache", help="pretrained checkpoints")
     ap.add_argument("--out", default="out/bench", help="records go to OUT/records/")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -535,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     except DataMissingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.test_subset is not None:
+        data.x_test, data.y_test = data.x_test[: args.test_subset], data.y_test[: args.test_subset]
     print(
         f"{args.dataset}: {len(data.y_train)} training / {len(data.y_test)} test images; "
         f"{args.model}; preset {args.preset}",
