@@ -181,8 +181,16 @@ def fits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     }
 
 
-def _marked(weights: dict[str, torch.Tensor], window: GradualWindow) -> float:
-    return math.sqrt(sum(marked_norm(weights[m.param], m.q_a, m.q_g, m.mask) ** 2 for m in window.layers))
+def _marked(weights: dict[str, torch.Tensor], window: GradualWindow, side: str = "both") -> float:
+    """``‖M ⊙ W*‖`` over the window's layers; ``side="in"`` / ``"out"``: only the removed input
+    directions (columns) / output directions (rows) of ``W*``."""
+    total = 0.0
+    for m in window.layers:
+        d_in, d_out = m.q_a.shape[0], m.q_g.shape[0]
+        rin = m.removed_in if side in ("both", "in") else ()
+        rout = m.removed_out if side in ("both", "out") else ()
+        total += marked_norm(weights[m.param], m.q_a, m.q_g, marked_mask(d_in, d_out, rin, rout)) ** 2
+    return math.sqrt(total)
 
 
 def test_gradual_removal_empties_the_marked_coordinates_and_preserves_the_function(fits) -> None:
@@ -201,6 +209,8 @@ def test_gradual_removal_empties_the_marked_coordinates_and_preserves_the_functi
     with_opt, without = _marked(cb.at_prune, win), _marked(plain.at_prune, win)
     assert _marked(cb.at_start, win) == pytest.approx(_marked(plain.weights_at[win.start], win))
     assert with_opt < 0.2 * without, (with_opt, without)
+    for side in ("in", "out"):  # whole columns and whole rows of W* alike
+        assert _marked(cb.at_prune, win, side) < 0.2 * _marked(plain.at_prune, win, side), side
     # ... and the prune then changes the outputs on fixed inputs much less.
     assert cb.change < 0.6 * plain.change, (cb.change, plain.change)
     assert len(cb.reports) == len(plain.reports) == 1 and cb.gradual_window is None
