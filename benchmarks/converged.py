@@ -81,12 +81,14 @@ def train(
     start_epoch: int = 0,
     optimizer_state: dict | None = None,
     on_step: Any = None,
+    after_backward: Any = None,
 ) -> torch.optim.Optimizer:
     """SGD with the recipe's momentum/weight decay, cosine over ``epochs`` (per step), random crops.
 
     ``penalty(net) → tensor`` is added to the loss (e.g. a pruning regulariser); ``on_epoch(epoch,
     optimizer)`` is called after each epoch (checkpoints). ``on_step(step, total, optimizer)`` is
     called before each step; it may return a replacement optimizer (iterative pruning rebuilds it).
+    ``after_backward(step)`` may change the gradients before the optimizer step.
     Resumes from ``start_epoch``.
     """
     opt = sgd(net, lr)
@@ -112,6 +114,8 @@ def train(
                 loss = loss + penalty(net)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if after_backward is not None:
+                after_backward(step)
             opt.step()
         if on_epoch is not None:
             on_epoch(epoch, opt)
@@ -205,10 +209,12 @@ def pretrain(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------
 
 EIGEN = "eigendamage"
-ITER = "eigendamage-iter"  # three rounds during the fine-tune (see iterative_row)
+ITER = "eigendamage-iter"  # three rounds during the fine-tune (see iterative_prune_and_finetune)
+GRADUAL = "eigendamage-gradual"  # a penalised epoch before the prune (see gradual_prune)
 PEERS = ("l1", "l2", "taylor", "slimming")  # channel pruning: the peers of the method issue
 SECOND_ORDER = ("c-obd", "c-obs", "kron-obd", "kron-obs")  # the paper's channel baselines
-METHODS = (EIGEN, ITER, *PEERS, *SECOND_ORDER)
+METHODS = (EIGEN, ITER, GRADUAL, *PEERS, *SECOND_ORDER)
+OURS = (EIGEN, ITER, GRADUAL)
 # EigenDamage variants measured in the ablation: name → prune() options (the rest as default).
 VARIANTS: dict[str, dict[str, Any]] = {
     "paper-no-bn": dict(layer_cap=0.95, rank_by="damage", shots=1, reconstruct=False, recalibrate_bn=False),
@@ -419,7 +425,7 @@ def matched_before(args: argparse.Namespace) -> dict[str, Any] | None:
         return None
     want = dict(model=args.model, method=args.method, seed=args.seed, finetune=0)
     want |= dict(latency_x=args.latency_x, memory_format=args.memory_format)
-    variant = args.variant if args.method in (EIGEN, ITER) else "-"
+    variant = args.variant if args.method in OURS else "-"
     for line in path.read_text().splitlines():
         r = json.loads(line) if line.strip() else {}
         if r and all(r.get(k) == v for k, v in want.items()) and r["variant"] == variant:
@@ -479,13 +485,68 @@ def iterative_prune_and_finetune(
     }
 
 
+def gradual_prune(
+    args: argparse.Namespace, dense: nn.Module, data: Any, calib: list
+) -> tuple[nn.Module, dict[str, Any]]:
+    """EigenDamage after gradual removal (``lightning_eigendamage.gradual``, the callback's
+    ``gradual=`` option, run here in the plain training loop): the plan for ``÷k`` is made on the
+    dense network (its options from ``args.variant``), then ``--gradual-epochs`` epochs of the
+    fine-tuning recipe (lr 0.01 cosine) add ``λ_t · Q_G (M ⊙ W*) Q_Aᵀ`` to the gradient of every
+    marked layer, ``λ_t`` growing linearly to ``--gradual-penalty``; then the usual one-shot
+    prune with freshly captured factors. The penalised epochs come on top of the fine-tune (the
+    record says how many)."""
+    from lightning_eigendamage import GradualRemoval, PruneOptions, analyse, decide, prune
+    from lightning_eigendamage.gradual import marked_layers, marked_norm, penalty_grad
+
+    opts = dict(VARIANTS[args.variant])
+    ratio = 1.0 - 1.0 / args.flops_x
+    options = PruneOptions(target="flops", seed=args.seed, **opts)
+    net = copy.deepcopy(dense)
+    an = analyse(net, calib, options)
+    marked = marked_layers(an, decide(an, ratio, options), {id(p): n for n, p in net.named_parameters()})
+    del an
+    params = dict(net.named_parameters())
+    steps = args.gradual_epochs * math.ceil(len(data.y_train) / RECIPE["batch"])
+    settings = GradualRemoval(steps=steps, penalty=args.gradual_penalty)
+    masks = [m.mask for m in marked]
+
+    def norm() -> float:
+        return math.sqrt(
+            sum(marked_norm(params[m.param], m.q_a, m.q_g, k) ** 2 for m, k in zip(marked, masks))
+        )
+
+    def after_backward(step: int) -> None:
+        lam = settings.strength(step + 1)
+        for m, k in zip(marked, masks):
+            p = params[m.param]
+            p.grad.add_(penalty_grad(p, m.q_a, m.q_g, k, lam).to(p.dtype))
+
+    before = norm()
+    t0 = time.time()
+    train(net, data, args.gradual_epochs, FINETUNE_LR, args.seed + 2, after_backward=after_backward)
+    info = {
+        "options": opts,
+        "gradual": {"epochs": args.gradual_epochs, "steps": steps, "penalty": args.gradual_penalty},
+        "marked_norm_before": before,
+        "marked_norm_after": norm(),
+        "gradual_s": round(time.time() - t0, 1),
+    }
+    refresh_bn(net, calib)
+    info["acc_before_prune"] = accuracy(net, data.x_test[:QUICK_TEST], data.y_test[:QUICK_TEST])
+    report = prune(net, calib, ratio=ratio, target="flops", seed=args.seed, **opts)
+    info |= {"target_reached": report.target_reached, "forms": _forms(report)}
+    return net, info
+
+
 def run_row(args: argparse.Namespace) -> dict[str, Any] | None:
     from lightning_eigendamage.costs import count_flops, count_params
 
     torch.set_num_threads(args.threads)
     if args.method == ITER and (args.latency_x is not None or not args.finetune):
         raise SystemExit(f"{ITER} prunes during the fine-tune: it needs --flops-x and --finetune N")
-    variant = args.variant if args.method in (EIGEN, ITER) else "-"
+    if args.method == GRADUAL and args.latency_x is not None:
+        raise SystemExit(f"{GRADUAL} needs --flops-x")
+    variant = args.variant if args.method in OURS else "-"
     latency = args.latency_x is not None
     rec: dict[str, Any] = {
         "model": args.model,
@@ -510,6 +571,8 @@ def run_row(args: argparse.Namespace) -> dict[str, Any] | None:
     t0 = time.time()
     if args.method == ITER:
         net, info = iterative_prune_and_finetune(args, dense, data, calib)
+    elif args.method == GRADUAL:
+        net, info = gradual_prune(args, dense, data, calib)
     elif latency and args.finetune and (before := matched_before(args)) is not None:
         # The bisection (timed on a quiet machine) was recorded by the after-pruning row; the
         # fine-tuned row prunes at the ratio it found and keeps its latency figures.
@@ -558,8 +621,10 @@ def _forms(report: Any) -> dict[str, int]:
 
 def single_command(args: argparse.Namespace) -> str:
     parts = ["python benchmarks/converged.py row", f"--model {args.model}", f"--method {args.method}"]
-    if args.method in (EIGEN, ITER):
+    if args.method in OURS:
         parts.append(f"--variant {args.variant}")
+    if args.method == GRADUAL:
+        parts.append(f"--gradual-epochs {args.gradual_epochs} --gradual-penalty {args.gradual_penalty:g}")
     if args.latency_x is not None:
         parts += [f"--latency-x {args.latency_x:g}", f"--memory-format {args.memory_format}"]
         parts += [f"--latency-threads {args.latency_threads}", f"--latency-repeats {args.latency_repeats}"]
@@ -840,6 +905,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--latency-threads", type=int, default=2)
     r.add_argument("--latency-repeats", type=int, default=15)
     r.add_argument("--bisect-steps", type=int, default=7)
+    r.add_argument(
+        "--gradual-epochs", type=int, default=1, help=f"{GRADUAL}: penalised epochs before the prune"
+    )
+    r.add_argument("--gradual-penalty", type=float, default=5.0, help=f"{GRADUAL}: the penalty's ceiling")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--finetune", type=int, default=0, help="fine-tuning epochs after pruning")
     r.add_argument(

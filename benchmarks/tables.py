@@ -299,6 +299,7 @@ ISSUE_PEERS = ("l1", "l2", "taylor", "slimming")  # the channel-pruning peers of
 SHORT = {
     "eigendamage": "EigenDamage",
     "eigendamage-iter": "EigenDamage iterative",
+    "eigendamage-gradual": "EigenDamage gradual",
     "c-obd": "C-OBD",
     "c-obs": "C-OBS",
     "kron-obd": "Kron-OBD",
@@ -325,7 +326,7 @@ def converged_records(folder: Path) -> list[dict[str, Any]]:
 
 def label(r: dict[str, Any]) -> str:
     """``EigenDamage <variant>`` for our rows (``defaults``: the library's defaults), else the peer."""
-    if r["method"] in OURS:
+    if r["method"] in (*OURS, "eigendamage-gradual"):
         return f"{SHORT[r['method']]} {r['variant']}"
     return SHORT[r["method"]]
 

@@ -59,7 +59,7 @@ def _key(args) -> str:
     rec = {
         "model": args.model,
         "method": args.method,
-        "variant": args.variant if args.method in (converged.EIGEN, converged.ITER) else "-",
+        "variant": args.variant if args.method in converged.OURS else "-",
         "flops_x": None if args.latency_x is not None else args.flops_x,
         "seed": args.seed,
         "finetune": args.finetune,
@@ -265,3 +265,17 @@ def test_converged_report_computes_the_gaps_and_flags_unmatched_latency(tmp_path
     assert "**no**" in lat
     assert (tmp_path / "vgg-narrow.png").stat().st_size > 1000
     assert (tmp_path / "tables.md").read_text() == text
+
+
+def test_gradual_removal_moves_the_weights_off_the_marked_coordinates() -> None:
+    data, dense = _tiny_data(), _tiny_net().eval()
+    calib = [(data.x_train[i * 32 : (i + 1) * 32], data.y_train[i * 32 : (i + 1) * 32]) for i in range(3)]
+    args = _args(method="eigendamage-gradual", gradual_epochs=2, gradual_penalty=60.0)
+    net, info = converged.gradual_prune(args, dense, data, calib)
+    assert info["gradual"]["steps"] == 6  # 300 images, batch 128, 2 epochs
+    assert info["marked_norm_after"] < 0.5 * info["marked_norm_before"]
+    assert 4.0 <= count_flops(dense, data.x_test[:1]) / count_flops(net, data.x_test[:1]) < 4.8
+    # without the penalty the same epochs leave the marked coordinates where they were (roughly)
+    args.gradual_penalty = 1e-9
+    _, plain = converged.gradual_prune(args, dense, data, calib)
+    assert plain["marked_norm_after"] > 0.8 * plain["marked_norm_before"]
