@@ -577,9 +577,21 @@ def main(argv: list[str] | None = None) -> None:
         "repeats": repeats,
         "min_ms": 1e3 * MIN_S.get(device.type, 0.0),
     }
+    results["section_s"] = {}
+    clock = {"name": "", "t": time.perf_counter()}
+
+    def section(name: str) -> None:
+        """Close the running section (record and print its wall time) and start ``name``."""
+        now = time.perf_counter()
+        if clock["name"]:
+            results["section_s"][clock["name"]] = now - clock["t"]
+            print(f"({clock['name']}: {now - clock['t']:.1f} s)")
+        clock.update(name=name, t=now)
+
     if args.smoke:
         print(f"# {SMOKE_BANNER}")
     print(f"# {results['machine']}  ({results['date']})")
+    section("capture")
     print(f"\n## Capture cost (training step ratios, batch {batch}, 32×32, 391 steps/epoch)")
     print(f"{'model':<10} {'plain ms':>9} {'empirical':>10} {'true step':>10} {'epoch':>7}")
     results["capture"] = {}
@@ -591,6 +603,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['true_step_ratio']:>9.3f}× {r['epoch_ratio']:>6.3f}×"
         )
 
+    section("prune")
     print("\n## Prune step (eigendecompositions, scores, surgery, optimizer rebuild)")
     results["prune"] = {}
     for name, size in prune_models:
@@ -600,6 +613,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         print("(--smoke: ResNet-32 instead of VGG19 and ResNet-50)")
 
+    section("memory")
     if device.type == "cuda":
         print("\n## Factor and peak memory (torch.cuda.max_memory_allocated during the phase)")
     else:
@@ -614,6 +628,7 @@ def main(argv: list[str] | None = None) -> None:
             f"prune step {r['prune_peak_mb']:7.1f} MB  ratio {r['ratio']:.2f}"
         )
 
+    section("latency")
     print(
         f"\n## Pruned-model latency (eval), speed-up over dense at ÷2 and ÷4 FLOPs, batch "
         f"{', '.join(map(str, lat_batches))}"
@@ -638,6 +653,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['speedup']:>6.2f}× {tp:>7} {rel:>8}"
         )
 
+    section("")
     cap = results["capture"]
     summary = {
         "empirical_capture": max(v["empirical_ratio"] for v in cap.values()),
