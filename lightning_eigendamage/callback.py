@@ -705,7 +705,7 @@ class EigenDamagePruning(Callback):
         start = end - self.gradual.steps
         if trainer.global_step < start or self._window_batches(trainer) == 0:
             return  # the same answer on every rank: the planning collectives run on all or none
-        captured, example = self._gcap.result(), self._gexample
+        captured, example = self._ensure_window_capture(pl_module).result(), self._gexample
         self._release_window_capture()
         distributed = _is_distributed(trainer)
         with warnings.catch_warnings(record=True) as caught:
@@ -1089,7 +1089,9 @@ class EigenDamagePruning(Callback):
         # The active window of gradual removal, if any (its capture in progress is not saved).
         self._release_window_capture()
         window = state_dict.get("gradual")
-        self._window = GradualWindow.from_dict(window) if window is not None and self.gradual is not None else None
+        self._window = (
+            GradualWindow.from_dict(window) if window is not None and self.gradual is not None else None
+        )
         self._targets = None
 
 

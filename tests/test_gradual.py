@@ -19,8 +19,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lit_models import LitClassifier, image_data, loader, small_cnn, trainer
+from torch import nn
 from torch.optim.lr_scheduler import StepLR
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_eigendamage import EigenDamagePruning, GradualRemoval, PruningSchedule
 from lightning_eigendamage.gradual import (
@@ -94,8 +95,8 @@ def test_strength_grows_linearly_to_the_ceiling() -> None:
 # Fits
 # ---------------------------------------------------------------------------------------------
 
-PRUNE_STEP = 30  # 8 batches per epoch: the round falls inside epoch 3
-STEPS, PENALTY = 15, 20.0
+PRUNE_STEP = 20  # 8 batches per epoch: the round falls inside epoch 2
+STEPS, PENALTY = 10, 20.0
 PROBE = image_data(32, seed=5).tensors[0]  # fixed inputs for the function before / after the prune
 
 
@@ -103,9 +104,10 @@ class Watch(EigenDamagePruning):
     """Records the weights at the window's start and at the prune, the outputs on ``PROBE`` just
     before and after the surgery, and the optimizer/scheduler as seen at every optimizer step."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, probe: torch.Tensor = PROBE, **kwargs: Any) -> None:
         kwargs.setdefault("verbose", False)
         super().__init__(*args, **kwargs)
+        self.probe = probe
         self.window: GradualWindow | None = None
         self.at_start: dict[str, torch.Tensor] | None = None
         self.at_prune: dict[str, torch.Tensor] = {}
@@ -145,10 +147,10 @@ class Watch(EigenDamagePruning):
         mode = pl_module.training
         pl_module.eval()
         with torch.no_grad():
-            before = pl_module(PROBE)
+            before = pl_module(self.probe)
         out = super().prune_model(trainer, pl_module, captured, fraction, example)
         with torch.no_grad():
-            after = pl_module(PROBE)
+            after = pl_module(self.probe)
         pl_module.train(mode)
         self.change = float((after - before).norm() / before.norm())
         return out
@@ -237,13 +239,39 @@ def test_the_optimizer_and_lr_schedule_stay_the_users(fits) -> None:
     assert lrs == [s["lr"] for s in plain.steps if s["step"] < PRUNE_STEP]
 
 
+def test_conv1d_and_linear_layers_are_penalised_alike() -> None:
+    """Any layer type the callback prunes: a Conv1d/Linear model (through the adapters' 3-d view)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv1d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv1d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(16, 16),
+        nn.ReLU(),
+        nn.Linear(16, 4),
+    )
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 3, 16, generator=g), torch.randint(0, 4, (64,), generator=g))
+    schedule = PruningSchedule(steps={12: 0.5}, fisher_batches=2)
+    cb = Watch(schedule, gradual=GradualRemoval(6, PENALTY), probe=data.tensors[0][:16])
+    trainer(max_steps=13, callbacks=[cb]).fit(LitClassifier(net, lr=0.05), loader(data, batch_size=8))
+    win = cb.window
+    assert {m.param for m in win.layers} >= {"net.2.weight", "net.6.weight"}  # a Conv1d and a Linear
+    assert cb.at_start["net.2.weight"].dim() == 3
+    assert [s["step"] for s in cb.steps if s["penalised"] > 0] == list(range(6, 12))
+    assert _marked(cb.at_prune, win) < 0.3 * _marked(cb.at_start, win)
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
 
 
 def test_the_window_survives_state_dict_and_a_resume_inside_it(fits) -> None:
-    """The checkpoint at the end of epoch 2 (step 24) falls inside the window of steps 16..30: it
+    """The checkpoint at the end of epoch 1 (step 16) falls inside the window of steps 11..20: it
     holds the window as plain data, and the run resumed from it penalises from its first step on
     with the very bases and masks of the window (without the saved window it would capture again
     and start a window with other bases a step later). The weights are not compared with the
@@ -251,12 +279,12 @@ def test_the_window_survives_state_dict_and_a_resume_inside_it(fits) -> None:
     batch (batch_idx 8, then the epoch from batch 0), so the two runs see different batches."""
     gradual = GradualRemoval(STEPS, PENALTY)
     full, _ = fits["gradual"]
-    path = fits["ckpts"] / "epoch=2.ckpt"
+    path = fits["ckpts"] / "epoch=1.ckpt"
     state = torch.load(path, weights_only=True)["callbacks"]
     (saved,) = [v for k, v in state.items() if k.startswith("Watch")]
     got = GradualWindow.from_dict(saved["gradual"])
     want = full.window
-    assert (got.point, got.start, got.end) == (want.point, want.start, want.end) == ("step:30", 15, 30)
+    assert (got.point, got.start, got.end) == (want.point, want.start, want.end) == ("step:20", 10, 20)
     for a, b in zip(got.layers, want.layers, strict=True):
         assert a.param == b.param and (a.removed_in, a.removed_out) == (b.removed_in, b.removed_out)
         assert torch.equal(a.q_a, b.q_a.cpu()) and torch.equal(a.q_g, b.q_g.cpu())
@@ -271,7 +299,7 @@ def test_the_window_survives_state_dict_and_a_resume_inside_it(fits) -> None:
         resumed_model, loader(image_data(64), batch_size=8), ckpt_path=str(path)
     )
     penalised = [s["step"] for s in resumed.steps if s["penalised"] > 0]
-    assert penalised[0] == 24 and penalised[-1] == PRUNE_STEP - 1  # from the first resumed step on
+    assert penalised[0] == 16 and penalised[-1] == PRUNE_STEP - 1  # from the first resumed step on
     back = resumed.window
     assert (back.point, back.start, back.end) == (want.point, want.start, want.end)
     for a, b in zip(back.layers, want.layers, strict=True):
