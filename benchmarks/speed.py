@@ -96,10 +96,10 @@ def interleaved(
         min_s = MIN_S.get(device.type, 0.0)
     for fn in fns.values():
         fn()  # warm-up (cuDNN autotuning, allocator)
-    loops = {}
-    for k, fn in fns.items():
-        once = _timed(fn, 1, device)
-        loops[k] = max(1, math.ceil(min_s / max(once, 1e-9))) if min_s > 0 else 1
+    loops = dict.fromkeys(fns, 1)
+    if min_s > 0:
+        for k, fn in fns.items():
+            loops[k] = max(1, math.ceil(min_s / max(_timed(fn, 1, device), 1e-9)))
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
