@@ -2,7 +2,7 @@
 # One GPU check, at most about 10 minutes on one modern GPU (each part has a time limit):
 #
 #   bash benchmarks/gpu_check.sh                          # --device cuda, results in benchmarks/results/gpu/<date>/
-#   bash benchmarks/gpu_check.sh --device cpu --quick     # the CI check: tiny sizes, ~3 min on 2 cores
+#   bash benchmarks/gpu_check.sh --device cpu --quick     # the CI check: tiny sizes, about 1 min on 2 cores
 #
 # Parts (each one's output in OUT/<part>.log, its time in OUT/parts.tsv and summary.md):
 #   tests   tests/test_cuda.py on the device (capture, prune() and a bf16-mixed callback fit) and
@@ -68,6 +68,12 @@ else
   LIMIT_TESTS=${GPU_CHECK_LIMIT_TESTS:-110}; LIMIT_SPEED=${GPU_CHECK_LIMIT_SPEED:-250}
   LIMIT_EPOCH=${GPU_CHECK_LIMIT_EPOCH:-90}; LIMIT_EVAL=${GPU_CHECK_LIMIT_EVAL:-60}
   MODELS=(vgg19 resnet32-wide)
+fi
+
+# A quick CPU run uses one thread per process (unless OMP_NUM_THREADS says otherwise): on a shared
+# machine with 2 cores, two threads per process were 10–100× slower than one (threads spin-waiting).
+if [[ $QUICK == 1 && $DEVICE == cpu ]]; then
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-${OMP_NUM_THREADS:-1}}
 fi
 
 echo "gpu_check: $CMD"

@@ -1,4 +1,4 @@
-"""``benchmarks/gpu_check.sh --device cpu --quick`` end to end (about 2–3 minutes on 2 cores).
+"""``benchmarks/gpu_check.sh --device cpu --quick`` end to end (about a minute on 2 cores).
 
 The CPU quick run is what exercises ``tests/test_cuda.py`` in CI (``LED_TEST_DEVICE=cpu``), the
 ``--smoke`` path of ``benchmarks/speed.py`` and the synthetic paper-preset epoch of
