@@ -217,6 +217,12 @@ class RefreshBNAfterRounds(pl.Callback):
         self._check(pl_module)
 
 
+def work_device() -> torch.device:
+    """Where curvature, pruning, BatchNorm refresh and evaluation run: the GPU when there is one
+    (latency is always measured on the CPU)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def fit(model: Classifier, data: Data, epochs: int, batch_size: int, seed: int, callbacks=()) -> None:
     trainer = pl.Trainer(
         max_epochs=epochs,
@@ -338,6 +344,7 @@ def pretrained(args: argparse.Namespace, data: Data, kind: str) -> tuple[nn.Modu
         bn_l1=args.slimming_lambda if kind == "slimming" else 0.0,
     )
     fit(model, data, args.pretrain_epochs, args.batch_size, seed=0)
+    net.to(work_device())  # Lightning hands the model back on the CPU after fit
     info = {
         "accuracy": accuracy(net, data),
         "train_s": time.perf_counter() - t0,
@@ -361,7 +368,7 @@ def run_one(args: argparse.Namespace, data: Data, method: str, flops_x: float, s
     flops0, params0 = count_flops(net, example), count_params(net)
     # Curvature, pruning and BN refresh on the accelerator when there is one (Lightning moves the
     # model back to the CPU after fit); latency is always measured on the CPU.
-    net.to("cuda" if torch.cuda.is_available() else "cpu")
+    net.to(work_device())
     ratio = 1.0 - 1.0 / flops_x
     pl.seed_everything(seed, verbose=False)
     fisher_batches = _batches(data, args.fisher_batches, args.batch_size, seed)
@@ -414,6 +421,7 @@ def run_one(args: argparse.Namespace, data: Data, method: str, flops_x: float, s
     if args.finetune_epochs > 0:
         fit(model, data, args.finetune_epochs, args.batch_size, seed=seed, callbacks=[*callbacks, evals])
     t_ft = time.perf_counter() - t1
+    net.to(work_device())  # Lightning hands the model back on the CPU after fit
     if method == "eigendamage-iter":
         detail = {"rounds": [{"flops_after": r.flops_after, "fraction": r.ratio} for r in pruning.reports]}
     refresh_bn(net, bn_batches)
