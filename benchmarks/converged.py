@@ -227,6 +227,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "per-cost-cap0.75": dict(layer_cap=0.75, rank_by="damage_per_cost", shots=1, reconstruct=False),
     "all": dict(layer_cap=0.75, rank_by="damage_per_cost", shots=4, reconstruct=True),
     "defaults": dict(),  # the library's defaults, whatever they are when the row runs
+    "latency-forms": dict(form_by="latency"),  # each layer's form picked by its measured time
 }
 
 
@@ -707,6 +708,12 @@ def grid_rows(name: str, models: tuple[str, ...] = ("resnet20-narrow", "vgg-narr
         for model in models:
             rows.append(_argv(model, EIGEN, 8, variant="defaults", finetune=10))
             rows += [_argv(model, m, 8, finetune=10) for m in ("l2", "taylor")]
+    elif name == "latency-forms":  # EigenDamage with forms chosen by measured time, NCHW
+        for model in models:
+            for k in (1.5, 2):
+                rows.append(
+                    _argv(model, EIGEN, None, variant="latency-forms", latency_x=k, memory_format="nchw")
+                )
     elif name in ("latency", "latency-finetune"):  # matched measured latency (batch 64, 2 threads)
         ks = (1.5, 2, 3) if name == "latency" else (2,)
         extra = {} if name == "latency" else {"finetune": 3}

@@ -52,6 +52,7 @@ GRIDS = (
     "finetune10",
     "latency",
     "latency-finetune",
+    "latency-forms",
 )
 
 
