@@ -351,6 +351,16 @@ def _flops_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r.get("latency_x") is None and r["protocol_bn"]]
 
 
+def after_pruning_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (method, variant, seed) with an accuracy right after pruning: the quick row
+    where there is one, else a fine-tuned row (it measured the same pruning before training)."""
+    out: dict[tuple, dict[str, Any]] = {}
+    for r in sorted(rows, key=lambda r: r["finetune"] != 0):
+        if r.get("acc_after_quick") is not None:
+            out.setdefault((r["method"], r["variant"], r["seed"]), r)
+    return list(out.values())
+
+
 def converged_summary(records: list[dict[str, Any]]) -> list[str]:
     """The defaults against the best channel-pruning peer (TP L1/L2/Taylor, NN Slimming) and
     against the best of every other method, at ÷4 and ÷8: after pruning (mean over seeds) and
@@ -372,11 +382,11 @@ def converged_summary(records: list[dict[str, Any]]) -> list[str]:
     for model in CONVERGED_MODELS:
         for fx in (4.0, 8.0):
             rs = [r for r in rows if r["model"] == model and r["flops_x"] == fx]
-            quick = [r for r in rs if not r["finetune"] and r["method"] != "eigendamage-iter"]
+            quick = after_pruning_rows(rs)
             tuned = [r for r in rs if r["finetune"] == 3]
             ours = [r for r in quick if r["method"] == "eigendamage"]
             d_after = [r for r in ours if r["variant"] in ("per-cost-cap0.75", "defaults")]
-            d_after = list({r["seed"]: r for r in d_after}.values())  # one per seed
+            d_after = list({r["seed"]: r for r in d_after}.values())  # one per seed (same options)
             best = _avg([r for r in ours if r["variant"] == "all"], "acc_after_quick")
 
             def best_of(rows_: list[dict], key: str, methods: tuple | None) -> tuple[float | None, str]:
@@ -432,7 +442,7 @@ def converged_flops_tables(records: list[dict[str, Any]], folder: Path) -> list[
             labels = sorted({label(r) for r in mine}, key=lambda x: (not x.startswith("Eigen"), x))
             for lab in labels:
                 rs = [r for r in mine if label(r) == lab]
-                quick = [r["acc_after_quick"] for r in rs if not r["finetune"] and "acc_after_quick" in r]
+                quick = [r["acc_after_quick"] for r in after_pruning_rows(rs)]
                 first = [r["acc_after_first_round"] for r in rs if "acc_after_first_round" in r]
                 after = (
                     _mean_range(quick) if quick else (f"{_mean_range(first)} (first round)" if first else "–")
