@@ -649,6 +649,43 @@ def converged_plots(records: list[dict[str, Any]], folder: Path) -> list[str]:
     return written
 
 
+def runs_section(records: list[dict[str, Any]], folder: Path) -> list[str]:
+    """What was run and how long it took: records per kind, and the seconds they recorded."""
+    kinds: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r.get("latency_x") is not None:
+            kind = "latency-matched, fine-tuned" if r["finetune"] else "latency-matched, after pruning"
+        elif r["finetune"]:
+            kind = f"FLOPs target, fine-tuned {r['finetune']} epochs"
+        else:
+            kind = "FLOPs target, after pruning"
+        kinds[kind].append(r)
+    out = [
+        "## What was run",
+        "",
+        "Seconds as recorded by each row (pruning, including the latency bisection and gradual epochs,",
+        "plus fine-tuning); rows ran one thread each, two to four at a time on 2 cores, so they",
+        "are wall-clock seconds under that load.",
+        "",
+        "| rows | records | seconds recorded |",
+        "| --- | --- | --- |",
+    ]
+    for kind in sorted(kinds):
+        rs = kinds[kind]
+        # the iterative rows' prune_s spans their fine-tune; the gradual rows' spans their epoch
+        secs = sum(
+            r.get("prune_s", 0) + (r["method"] != "eigendamage-iter") * r.get("finetune_s", 0) for r in rs
+        )
+        out.append(f"| {kind} | {len(rs)} | {secs:,.0f} |")
+    width = load_jsonl(folder / "width.jsonl")
+    if width:
+        out.append(f"| width rows | {len(width)} | – (training cached; see `train_s`) |")
+    dates = sorted(r["date"] for r in records if "date" in r)
+    if dates:
+        out += ["", f"Dated records run from {dates[0]} to {dates[-1]} (older records carry no date)."]
+    return out + [""]
+
+
 def converged_report(folder: str | Path, plots: bool = True) -> str:
     """``tables.md`` (and one PNG per network) in ``folder`` from its records: the summary, the
     accuracy-at-FLOPs tables, the latency-matched tables, the width rows and the training step."""
@@ -672,6 +709,7 @@ def converged_report(folder: str | Path, plots: bool = True) -> str:
     out += converged_flops_tables(records, folder)
     out += converged_latency_tables(records)
     out += width_table(folder)
+    out += runs_section(records, folder)
     text = "\n".join(out)
     (folder / "tables.md").write_text(text)
     return text
