@@ -14,11 +14,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +87,7 @@ class Analysis:
     zero_curvature: list[str] = field(default_factory=list)
     fire_order: list[str] = field(default_factory=list)
     calibration: Any = None  # the batches again (re-iterable) or those the capture consumed
+    replay: Any = None  # RNG states from before the capture's iter() (see calibration_batches)
 
     @property
     def pooled(self) -> list[torch.Tensor]:
@@ -124,6 +126,7 @@ def analyse(
         raise ValueError(no_prunable_message(cands))
     device = next(model.parameters()).device
 
+    replay = _rng_snapshot(batches)
     it = iter(batches)
     reiterable = it is not batches
     seen: list[Any] = []
@@ -217,7 +220,38 @@ def analyse(
         zero,
         list(captured.fire_order),
         calib,
+        replay if reiterable else None,
     )
+
+
+def _rng_snapshot(batches: Any) -> dict[str, Any]:
+    """The random states a re-iterable loader draws from when ``iter()`` is called: torch's
+    global CPU generator (a shuffling ``DataLoader`` without a ``generator`` seeds its sampler and
+    workers from it) and the loader's own ``generator`` if it has one."""
+    gen = getattr(batches, "generator", None)
+    gen = gen if isinstance(gen, torch.Generator) else None
+    return {"cpu": torch.get_rng_state(), "generator": gen, "state": None if gen is None else gen.get_state()}
+
+
+@contextlib.contextmanager
+def _replaying(replay: dict[str, Any] | None) -> Iterator[None]:
+    """Re-iterate with the random states of the capture's ``iter()``, so that a shuffling or
+    augmenting loader yields the same batches again; the states are put back afterwards, so the
+    caller's RNG is drawn from only by the capture."""
+    if replay is None:
+        yield
+        return
+    gen = replay["generator"]
+    now_cpu, now_gen = torch.get_rng_state(), None if gen is None else gen.get_state()
+    torch.set_rng_state(replay["cpu"])
+    if gen is not None:
+        gen.set_state(replay["state"])
+    try:
+        yield
+    finally:
+        torch.set_rng_state(now_cpu)
+        if gen is not None:
+            gen.set_state(now_gen)
 
 
 def _recording(it: Iterable[Any], into: list[Any]) -> Iterable[Any]:
@@ -809,11 +843,15 @@ def _forward(opts: PruneOptions, device: torch.device) -> Callable[[nn.Module, A
 
 
 def _calibration_batches(an: Analysis, opts: PruneOptions) -> list[Any]:
-    """The batches the curvature was measured on again (as many as the capture used)."""
+    """The batches the curvature was measured on again (as many as the capture used). A
+    re-iterable loader is iterated with the random states of the capture's pass, so a shuffling
+    ``DataLoader`` gives the same batches (randomness from other sources, e.g. Python's or
+    NumPy's generators in a dataset's transforms, is not replayed)."""
     limit = an.batches + an.skipped_batches
     if opts.max_batches is not None:
         limit = min(limit, opts.max_batches)
-    return list(itertools.islice(an.calibration or (), limit))
+    with _replaying(an.replay):
+        return list(itertools.islice(an.calibration or (), limit))
 
 
 def _calibrate(

@@ -4,6 +4,7 @@ allocation by damage per cost; multi-shot removal."""
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -96,6 +97,40 @@ def test_batches_from_a_one_shot_iterator_are_reused_for_calibration() -> None:
     report = prune(model, iter(batches), ratio=0.5, form="bottleneck", exclude=["stem", "side"])
     assert report.batches == 2 and report.recalibrated_bn == ["bn1"]
     assert model.bn1.num_batches_tracked.item() == 2
+
+
+@pytest.mark.parametrize("own_generator", [False, True])
+def test_a_shuffling_loader_is_replayed_for_calibration(own_generator: bool) -> None:
+    """BatchNorm is re-estimated on the batches the capture saw, and the caller's RNG is drawn
+    from by the capture only (independent check: the same batches drawn beforehand, as a list)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(2)
+    ds = TensorDataset(
+        torch.randn(64, 3, 10, 10, generator=g) * 2 + 0.5, torch.randint(0, 5, (64,), generator=g)
+    )
+    kw = dict(ratio=0.5, form="bottleneck", exclude=["stem", "side"], max_batches=2)
+
+    def loader() -> DataLoader:
+        gen = torch.Generator().manual_seed(7) if own_generator else None
+        return DataLoader(ds, batch_size=12, shuffle=True, generator=gen)
+
+    a = _trained_two_branch()  # (it seeds the global RNG itself)
+    torch.manual_seed(123)
+    prune(a, loader(), **kw)
+    rng_after = torch.get_rng_state()
+
+    b = _trained_two_branch()
+    torch.manual_seed(123)
+    seen = list(itertools.islice(loader(), 2))  # what the capture's pass drew
+    prune(b, seen, **kw)
+    for name in ("running_mean", "running_var"):
+        assert torch.allclose(getattr(a.bn1, name), getattr(b.bn1, name), atol=1e-6), name
+
+    c = _trained_two_branch()
+    torch.manual_seed(123)
+    prune(c, loader(), **kw, recalibrate_bn=False)  # the capture alone
+    assert torch.equal(torch.get_rng_state(), rng_after)
 
 
 # ---------------------------------------------------------------------------------------------
