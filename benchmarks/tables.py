@@ -554,6 +554,16 @@ def train_step_lines(folder: Path) -> list[str]:
     return out + [""]
 
 
+def plot_label(r: dict[str, Any]) -> str | None:
+    """The plots' line of a record: the peers, and of EigenDamage the defaults (also as variant
+    ``per-cost-cap0.75``, the same options), ``all``, ``latency-forms``, iterative and gradual;
+    the other ablation variants are in the tables only."""
+    if r["method"] == "eigendamage":
+        variant = "defaults" if r["variant"] == "per-cost-cap0.75" else r["variant"]
+        return f"EigenDamage {variant}" if variant in ("defaults", "all", "latency-forms") else None
+    return label(r)
+
+
 def _curve(rows: list[dict[str, Any]], x: str, y: str) -> tuple[list[float], list[float]]:
     pts: dict[float, list[float]] = defaultdict(list)
     for r in rows:
@@ -582,45 +592,28 @@ def converged_plots(records: list[dict[str, Any]], folder: Path) -> list[str]:
         dense = json.loads((folder / f"dense-{model}.json").read_text())["test_accuracy"]
         fig, axes = plt.subplots(1, 4, figsize=(20, 5))
         panels = [
-            (
-                axes[0],
-                [r for r in mine if not r["finetune"]],
-                "flops_reached_x",
-                "acc_after_quick",
-                "after pruning",
-            ),
+            (axes[0], [r for r in mine if not r["finetune"]], "flops_x", "acc_after_quick", "after pruning"),
             (
                 axes[1],
                 [r for r in mine if r["finetune"] == 3],
-                "flops_reached_x",
+                "flops_x",
                 "acc_finetuned",
                 "fine-tuned 3 epochs",
             ),
         ]
         for i, fmt in enumerate(("nchw", "channels_last")):
-            rs = [r for r in lat if r["model"] == model and r["memory_format"] == fmt]
-            ft = [r for r in rs if r["finetune"]]
-            panels.append(
-                (
-                    axes[2 + i],
-                    ft if ft else rs,
-                    "latency_rel",
-                    "acc_finetuned" if ft else "acc_after_quick",
-                    f"matched latency, {fmt}, " + ("fine-tuned" if ft else "after pruning"),
-                )
-            )
+            rs = [r for r in lat if r["model"] == model and r["memory_format"] == fmt and not r["finetune"]]
+            title = f"latency-matched rows, {fmt}, after pruning"
+            panels.append((axes[2 + i], rs, "latency_rel", "acc_after_quick", title))
+        every = sorted({lab for _, rows, *_ in panels for r in rows if (lab := plot_label(r))})
+        colour = {lab: plt.get_cmap("tab20")(i % 20) for i, lab in enumerate(every)}  # one per method
         for ax, rows, x, y, title in panels:
-            labels = sorted({label(r) for r in rows}, key=lambda s: (not s.startswith("Eigen"), s))
-            for lab in labels:
-                if (
-                    lab.startswith("EigenDamage ")
-                    and lab.split(" ")[-1] not in ("defaults", "all")
-                    and "iterative" not in lab
-                ):
-                    continue  # the ablation variants are in the tables, not the plots
-                xs, ys = _curve([r for r in rows if label(r) == lab], x, y)
-                if x == "flops_reached_x":
-                    xs = [round(v) if v > 1.5 else v for v in xs]
+            by_label: dict[str, list[dict[str, Any]]] = defaultdict(list)
+            for r in rows:
+                if (lab := plot_label(r)) is not None:
+                    by_label[lab].append(r)
+            for lab in sorted(by_label, key=lambda s: (not s.startswith("Eigen"), s)):
+                xs, ys = _curve(by_label[lab], x, y)
                 ours = lab.startswith("Eigen")
                 ax.plot(
                     xs,
@@ -628,12 +621,13 @@ def converged_plots(records: list[dict[str, Any]], folder: Path) -> list[str]:
                     marker="o" if ours else "s",
                     lw=2.2 if ours else 1.1,
                     ls="-" if ours else "--",
+                    color=colour[lab],
                     label=lab,
                 )
             ax.axhline(dense, color="k", lw=1, ls=":", label="dense")
-            if x == "flops_reached_x":
+            if x == "flops_x":
                 ax.set_xscale("log", base=2)
-                ax.set_xlabel("FLOPs reduction (dense / pruned)")
+                ax.set_xlabel("FLOPs reduction target (dense / pruned; each row within 3 %)")
             else:
                 ax.set_xlabel("measured latency, pruned / dense (batch 64, 2 threads)")
             ax.set_title(title, fontsize=10)
