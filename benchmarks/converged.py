@@ -419,6 +419,12 @@ def ratio_pruner(args: argparse.Namespace, dense: nn.Module, data: Any, calib: l
     return prune_at
 
 
+def reproducible(args: argparse.Namespace) -> bool:
+    """Whether pruning again at a recorded ratio gives the same network: not with forms chosen by
+    timing (``form_by="latency"``), whose choice depends on the machine's load at the time."""
+    return args.method not in OURS or VARIANTS[args.variant].get("form_by") != "latency"
+
+
 def matched_before(args: argparse.Namespace) -> dict[str, Any] | None:
     """The after-pruning latency-matched record this fine-tuned row continues, if there is one."""
     path = RESULTS / "records.jsonl"
@@ -574,7 +580,7 @@ def run_row(args: argparse.Namespace) -> dict[str, Any] | None:
         net, info = iterative_prune_and_finetune(args, dense, data, calib)
     elif args.method == GRADUAL:
         net, info = gradual_prune(args, dense, data, calib)
-    elif latency and args.finetune and (before := matched_before(args)) is not None:
+    elif latency and args.finetune and reproducible(args) and (before := matched_before(args)) is not None:
         # The bisection (timed on a quiet machine) was recorded by the after-pruning row; the
         # fine-tuned row prunes at the ratio it found and keeps its latency figures.
         net, info = ratio_pruner(args, dense, data, calib)(before["ratio_found"])
