@@ -473,12 +473,7 @@ class EigenDamagePruning(Callback):
 
     def _ensure_capture(self, pl_module: pl.LightningModule) -> KFACapture:
         if self._cap is None:
-            cands = find_layers(pl_module, self.exclude)
-            cap = KFACapture(
-                {c.name: c.hook_module for c in cands},
-                factors_for=[c.name for c in cands if c.skipped is None],
-            )
-            self._cap = cap.__enter__()
+            self._cap = _open_capture(pl_module, self.exclude)
             self._cap_time = 0.0
         return self._cap
 
@@ -670,12 +665,7 @@ class EigenDamagePruning(Callback):
 
     def _ensure_window_capture(self, pl_module: pl.LightningModule) -> KFACapture:
         if self._gcap is None:
-            cands = find_layers(pl_module, self.exclude)
-            cap = KFACapture(
-                {c.name: c.hook_module for c in cands},
-                factors_for=[c.name for c in cands if c.skipped is None],
-            )
-            self._gcap = cap.__enter__()
+            self._gcap = _open_capture(pl_module, self.exclude)
         return self._gcap
 
     def _release_window_capture(self) -> None:
@@ -1093,6 +1083,17 @@ class EigenDamagePruning(Callback):
             GradualWindow.from_dict(window) if window is not None and self.gradual is not None else None
         )
         self._targets = None
+
+
+def _open_capture(pl_module: pl.LightningModule, exclude: Any) -> KFACapture:
+    """A K-FAC capture with its hooks installed on every candidate layer of ``pl_module``
+    (factors for those not skipped); the caller closes it with ``__exit__``."""
+    cands = find_layers(pl_module, exclude)
+    cap = KFACapture(
+        {c.name: c.hook_module for c in cands},
+        factors_for=[c.name for c in cands if c.skipped is None],
+    )
+    return cap.__enter__()
 
 
 def _plain_example(batch: Any) -> Any:
