@@ -25,6 +25,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lit_models import LitClassifier, image_data, small_cnn
+from lit_models import trainer as make_trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -302,16 +303,8 @@ def test_callback_prunes_on_device_in_a_bf16_mixed_fit() -> None:
     cb = EigenDamagePruning(schedule=PruningSchedule(epochs={0: 0.5}, target="flops"), verbose=False)
     watch = _Watch()
     accelerator, devices = _lightning_device()
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        precision="bf16-mixed",
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[cb, watch],
+    trainer = make_trainer(
+        accelerator=accelerator, devices=devices, precision="bf16-mixed", max_epochs=2, callbacks=[cb, watch]
     )
     trainer.fit(model, DataLoader(ds, batch_size=16, shuffle=False))
 
