@@ -41,6 +41,7 @@ sizes (as ``DistributedSampler``'s do), so rank 0's checkpointed state fits ever
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -111,6 +112,13 @@ class EigenDamagePruning(Callback):
         form_by, latency_batch, round_to, rank_by:
             as in :func:`~lightning_eigendamage.prune` (exemptions, per-layer caps, forms, classes on
             the last dimension by default).
+        recalibrate_bn: after each round, re-estimate the running statistics of the BatchNorm
+            layers downstream of the pruned layers on the round's last captured training batch
+            (default True; as ``prune(recalibrate_bn=True)``, on that one batch, averaged over the
+            processes under DDP), so an evaluation or checkpoint right after a round does not use
+            the dense network's statistics. Training then updates them with each layer's own
+            momentum. Skipped (with a message) when the batch is the one-row example a checkpoint
+            keeps (a round resumed inside its capture window).
         seed: seed of the generator used to sample labels for the true Fisher.
         verbose: print a per-layer table after each round (rank zero).
         gradual: a :class:`~lightning_eigendamage.GradualRemoval` (``steps``, ``penalty``) for
@@ -199,6 +207,7 @@ class EigenDamagePruning(Callback):
     latency_batch = property(lambda self: self.options.latency_batch)
     round_to = property(lambda self: self.options.round_to)
     rank_by = property(lambda self: self.options.rank_by)
+    recalibrate_bn = property(lambda self: self.options.recalibrate_bn)
     seed = property(lambda self: self.options.seed)
 
     def __init__(
@@ -222,6 +231,7 @@ class EigenDamagePruning(Callback):
         latency_batch: int = 64,
         round_to: int = 1,
         rank_by: str = "damage_per_cost",
+        recalibrate_bn: bool = True,
         seed: int = 0,
         verbose: bool = True,
         gradual: GradualRemoval | None = None,
@@ -242,11 +252,9 @@ class EigenDamagePruning(Callback):
                 )
             check_windows({f"step:{s}": s for s in self.schedule.steps}, gradual.steps)
         # Every option is validated here, once, before training (PruneOptions raises).
-        # The callback's rounds run on factors captured during training: one shot, and no
-        # calibration pass over a single example batch (training adapts BatchNorm afterwards).
-        self.options = PruneOptions.from_arguments(
-            locals(), target=self.schedule.target, recalibrate_bn=False, reconstruct=False
-        )
+        # The callback's rounds run on factors captured during training: one shot, no
+        # reconstruction; BatchNorm is re-estimated on the round's example batch.
+        self.options = PruneOptions.from_arguments(locals(), target=self.schedule.target, reconstruct=False)
         self.verbose = verbose
         self.gradual = gradual
 
@@ -261,6 +269,7 @@ class EigenDamagePruning(Callback):
         self._cap: KFACapture | None = None
         self._cap_time = 0.0
         self._example: Any = None
+        self._example_saved = False  # whether _example is the one-row example of a checkpoint
         self._epoch_captured = 0
         self._step_at_batch_start = 0
         self._emp_active = False
@@ -359,6 +368,7 @@ class EigenDamagePruning(Callback):
             # batch serves (the example only gives the input shape for FLOP counts).
             with _preserve_rng(pl_module.device):
                 self._example = next(self._train_batches(trainer, pl_module, 1), None)
+                self._example_saved = False
         self._check_run_length(trainer)
         self._check_gradual(trainer)
         self._probe(trainer, pl_module)
@@ -530,7 +540,7 @@ class EigenDamagePruning(Callback):
         t0 = time.perf_counter()
         self._capture_into(pl_module, cap, batch, fisher)
         self._cap_time += time.perf_counter() - t0
-        self._example = batch
+        self._example, self._example_saved = batch, False
 
     def _capture_into(self, pl_module: pl.LightningModule, cap: KFACapture, batch: Any, fisher: str) -> None:
         """One forward/backward of ``pl_module`` in eval mode on ``batch`` feeding ``cap``."""
@@ -599,7 +609,7 @@ class EigenDamagePruning(Callback):
                 n = cap.pending_examples
                 cap.end_batch(n)
                 self._epoch_captured += 1
-                self._example = batch
+                self._example, self._example_saved = batch, False
             elif cap is not None:
                 cap.abort_batch()
         elif self.fisher == "true" and self._wants_capture(state):
@@ -818,11 +828,18 @@ class EigenDamagePruning(Callback):
         used to carry optimizer state over.
         """
         changes: dict[str, LayerChange] = {}
+        options = self.options
+        if options.recalibrate_bn and self._example_saved:
+            options = dataclasses.replace(options, recalibrate_bn=False)
+            rank_zero_info(
+                "EigenDamagePruning: BatchNorm statistics are not re-estimated in this round: it "
+                "resumed inside its capture window, and the checkpoint keeps one example, not a batch"
+            )
         report = prune(
             pl_module,
             [example],
             ratio=fraction,
-            options=self.options,
+            options=options,
             captured=captured,
             changes=changes,
             distributed=_is_distributed(trainer),
@@ -1076,6 +1093,7 @@ class EigenDamagePruning(Callback):
         self._cap_time = float(state_dict.get("capture_time", 0.0))
         self._epoch_captured = int(state_dict.get("epoch_captured", 0))
         self._example = state_dict.get("example")
+        self._example_saved = self._example is not None  # one row: too few for BatchNorm statistics
         # The active window of gradual removal, if any (its capture in progress is not saved).
         self._release_window_capture()
         window = state_dict.get("gradual")

@@ -128,10 +128,11 @@ class PruneOptions:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {value!r}")
         object.__setattr__(self, "exclude", normalise_exclude(self.exclude))
-        object.__setattr__(self, "exempt_last", bool(self.exempt_last))
-        object.__setattr__(self, "train_rotations", bool(self.train_rotations))
-        object.__setattr__(self, "recalibrate_bn", bool(self.recalibrate_bn))
-        object.__setattr__(self, "reconstruct", bool(self.reconstruct))
+        for name in ("exempt_last", "train_rotations", "recalibrate_bn", "reconstruct"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):  # "no" or 0.5 would silently count as True
+                raise TypeError(f"{name} must be True or False, got {value!r}")
+            object.__setattr__(self, name, bool(value))
 
     @classmethod
     def from_arguments(cls, arguments: Mapping[str, Any], **overrides: Any) -> PruneOptions:

@@ -68,7 +68,9 @@ def dataset(seed: int = 0) -> TensorDataset:
 def build_model(seed: int = 0) -> LossLog:
     """The same initial weights in every process that calls it."""
     torch.manual_seed(seed)
-    return LossLog(small_cnn(n_classes=CLASSES))
+    layers = list(small_cnn(n_classes=CLASSES))
+    layers.insert(4, nn.BatchNorm2d(32))  # after a pruned conv: re-estimated after each round
+    return LossLog(nn.Sequential(*layers))
 
 
 class LossLog(LitClassifier):
@@ -138,6 +140,8 @@ class RankRecorder(EigenDamagePruning):
                 "realised_fraction": report.realised_fraction,
                 "params_after": report.params_after,
                 "params": {n: _cpu(p) for n, p in pl_module.named_parameters()},
+                "recalibrated_bn": list(report.recalibrated_bn),
+                "bn": {n: _cpu(b) for n, b in pl_module.named_buffers() if "running_" in n},
                 "factors": self._factors,
                 "local_factors": self._local,
             }

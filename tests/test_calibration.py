@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from typing import Any
 
 import pytest
 import torch
@@ -254,6 +255,16 @@ def test_several_shots_recapture_and_meet_the_target(monkeypatch) -> None:
 def test_bad_allocation_and_calibration_options(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         prune(ConvNet(), conv_batches(1), ratio=0.5, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["recalibrate_bn", "reconstruct", "train_rotations", "exempt_last"])
+@pytest.mark.parametrize("value", ["no", 0.5, None])
+def test_switches_must_be_booleans(name: str, value: Any) -> None:
+    model = ConvNet()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match=f"{name} must be True or False"):
+        prune(model, conv_batches(1), ratio=0.5, **{name: value})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_several_shots_reconstruct_once_against_the_dense_model() -> None:

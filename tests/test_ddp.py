@@ -81,6 +81,12 @@ def _check_one_decision(ranks: list[dict[str, Any]], i: int, *, stepped: bool = 
         assert round0["kept"] == round1["kept"]
         # bitwise-identical parameters before the new DDP wrapper broadcasts rank 0's,
         _assert_same_tensors(round0["params"], round1["params"], f"round {i} parameters")
+        # BatchNorm downstream of the pruned layers re-estimated on the ranks' own example batches
+        # and averaged: the same running statistics everywhere (a rank's own would differ).
+        assert round0["recalibrated_bn"] == round1["recalibrated_bn"]
+        recal = {k: v for k, v in round0["bn"].items() if k.rsplit(".", 1)[0] in round0["recalibrated_bn"]}
+        assert recal, "no BatchNorm was re-estimated: nothing to compare"
+        _assert_same_tensors(recal, {k: round1["bn"][k] for k in recal}, f"round {i} BatchNorm statistics")
         # and the same optimizer state (DDP never synchronises momentum buffers).
         _assert_same_tensors(round0["momentum"], round1["momentum"], f"round {i} momentum")
     assert bool(round0["momentum"]) == stepped, "no momentum buffer to compare"

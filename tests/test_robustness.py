@@ -400,3 +400,17 @@ def test_zero_curvature_warns_and_names_the_layers() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", ZeroCurvatureWarning)
         prune(ConvNet(), conv_batches(2), ratio=0.5)
+
+
+@pytest.mark.parametrize("where", [0, 1])
+def test_a_batch_without_examples_is_a_clear_error_and_changes_nothing(where: int) -> None:
+    torch.manual_seed(0)
+    model = ConvNet()
+    before = copy.deepcopy(model.state_dict())
+    batches = list(conv_batches(2))
+    x, y = batches[where]
+    batches[where] = (x[:0], y[:0])
+    with pytest.raises(ValueError, match=f"batch {where} holds no examples"):
+        prune(model, batches, ratio=0.5)
+    assert not any(isinstance(m, KFELayer) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -231,6 +231,11 @@ def drive_capture(
                     inp, target = split_batch(batch, input_fn)
                 else:
                     inp, target = batch, target_of(batch)
+                if _first_tensor(inp) is not None and _first_tensor(inp).shape[:1] == (0,):
+                    raise ValueError(
+                        f"batch {seen - 1} holds no examples (its input has shape "
+                        f"{tuple(_first_tensor(inp).shape)}); {what} needs non-empty batches"
+                    )
                 capture_batch(
                     model,
                     cap,
@@ -249,6 +254,18 @@ def drive_capture(
     if seen == 0:
         raise ValueError(f"batches is empty: {what} needs at least one batch")
     return seen
+
+
+def _first_tensor(x: Any) -> torch.Tensor | None:
+    """The first tensor in ``x`` (a tensor, or tuples, lists and dicts of them), or None."""
+    if torch.is_tensor(x):
+        return x
+    items = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ()
+    for item in items:
+        t = _first_tensor(item)
+        if t is not None:
+            return t
+    return None
 
 
 def _limit(batches: Iterable[Any], n: int | None) -> Iterator[Any]:
