@@ -228,6 +228,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "all": dict(layer_cap=0.75, rank_by="damage_per_cost", shots=4, reconstruct=True),
     "defaults": dict(),  # the library's defaults, whatever they are when the row runs
     "latency-forms": dict(form_by="latency"),  # each layer's form picked by its measured time
+    "frozen-rotations": dict(train_rotations=False),  # fine-tune the cores only (cheaper backward)
 }
 
 
@@ -425,6 +426,13 @@ def reproducible(args: argparse.Namespace) -> bool:
     return args.method not in OURS or VARIANTS[args.variant].get("form_by") != "latency"
 
 
+def matched_net_path(args: argparse.Namespace) -> Path:
+    """Where an after-pruning latency row whose network cannot be rebuilt from its ratio (see
+    :func:`reproducible`) keeps the network it matched, for the fine-tuned row to continue."""
+    name = f"latency-{args.model}-{args.method}-{args.variant}-x{args.latency_x:g}-{args.memory_format}"
+    return Path(args.cache) / f"{name}-s{args.seed}.pt"
+
+
 def matched_before(args: argparse.Namespace) -> dict[str, Any] | None:
     """The after-pruning latency-matched record this fine-tuned row continues, if there is one."""
     path = RESULTS / "records.jsonl"
@@ -587,8 +595,22 @@ def run_row(args: argparse.Namespace) -> dict[str, Any] | None:
         keep = ("ratio_found", "latency_ms", "latency_rel", "latency_target_rel", "latency_matched")
         info |= {k: before[k] for k in keep} | {"latency_from": before["command"]}
         info |= {k: before[k] for k in ("latency_batch", "latency_threads", "probes")}
+    elif (
+        latency
+        and args.finetune
+        and (before := matched_before(args)) is not None
+        and matched_net_path(args).exists()
+    ):
+        # Forms chosen by timing: the after-pruning row saved the very network it timed.
+        net = torch.load(matched_net_path(args), weights_only=False)  # our own cache file
+        keep = ("options", "target_reached", "forms", "ratio_found", "latency_ms", "latency_rel")
+        keep += ("latency_target_rel", "latency_matched", "latency_batch", "latency_threads", "probes")
+        info = {k: before[k] for k in keep if k in before} | {"latency_from": before["command"]}
     elif latency:
         net, info = match_latency(args, dense, data, calib)
+        if not reproducible(args) and not args.finetune:
+            matched_net_path(args).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(net, matched_net_path(args))
     else:
         net, info = prune_copy(args, dense, data, calib, 1.0 - 1.0 / args.flops_x)
     rec |= info
