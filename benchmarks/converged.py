@@ -433,6 +433,15 @@ def matched_net_path(args: argparse.Namespace) -> Path:
     return Path(args.cache) / f"{name}-s{args.seed}.pt"
 
 
+def continue_matched(args: argparse.Namespace, before: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """The network an after-pruning latency row saved (forms chosen by timing), with that
+    record's pruning and latency figures, for the fine-tuned row to continue."""
+    net = torch.load(matched_net_path(args), weights_only=False)  # our own cache file: a module
+    keep = ("options", "target_reached", "forms", "ratio_found", "latency_ms", "latency_rel")
+    keep += ("latency_target_rel", "latency_matched", "latency_batch", "latency_threads", "probes")
+    return net, {k: before[k] for k in keep if k in before} | {"latency_from": before["command"]}
+
+
 def matched_before(args: argparse.Namespace) -> dict[str, Any] | None:
     """The after-pruning latency-matched record this fine-tuned row continues, if there is one."""
     path = RESULTS / "records.jsonl"
@@ -601,11 +610,7 @@ def run_row(args: argparse.Namespace) -> dict[str, Any] | None:
         and (before := matched_before(args)) is not None
         and matched_net_path(args).exists()
     ):
-        # Forms chosen by timing: the after-pruning row saved the very network it timed.
-        net = torch.load(matched_net_path(args), weights_only=False)  # our own cache file
-        keep = ("options", "target_reached", "forms", "ratio_found", "latency_ms", "latency_rel")
-        keep += ("latency_target_rel", "latency_matched", "latency_batch", "latency_threads", "probes")
-        info = {k: before[k] for k in keep if k in before} | {"latency_from": before["command"]}
+        net, info = continue_matched(args, before)
     elif latency:
         net, info = match_latency(args, dense, data, calib)
         if not reproducible(args) and not args.finetune:

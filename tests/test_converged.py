@@ -280,3 +280,34 @@ def test_gradual_removal_moves_the_weights_off_the_marked_coordinates() -> None:
     args.gradual_penalty = 1e-9
     _, plain = converged.gradual_prune(args, dense, data, calib)
     assert plain["marked_norm_after"] > 0.8 * plain["marked_norm_before"]
+
+
+def test_a_latency_matched_network_chosen_by_timing_is_continued_not_rebuilt(tmp_path) -> None:
+    """Forms chosen by timing cannot be rebuilt from the ratio: the fine-tuned row continues the
+    very network the after-pruning row saved, with that row's latency figures."""
+    from lightning_eigendamage import prune
+
+    argv = ["--model", "vgg-narrow", "--method", "eigendamage", "--variant", "latency-forms"]
+    argv += ["--latency-x", "1.22", "--cache", str(tmp_path)]
+    after = converged.parse_args(["row", *argv])
+    tuned = converged.parse_args(["row", *argv, "--finetune", "3"])
+    assert not converged.reproducible(after) and converged.matched_net_path(
+        after
+    ) == converged.matched_net_path(tuned)
+    other = converged.parse_args(["row", *argv[:-2], "--cache", str(tmp_path), "--seed", "1"])
+    assert converged.matched_net_path(other) != converged.matched_net_path(after)
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 24 * 24, 10)
+    )
+    batches = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))]
+    prune(net, batches, ratio=0.5)
+    torch.save(net, converged.matched_net_path(after))
+    before = {"command": "python benchmarks/converged.py row ...", "ratio_found": 0.5, "latency_rel": 0.81}
+    before |= {"latency_matched": True, "probes": [{"ratio": 0.5, "latency_rel": 0.81}], "unrelated": 1}
+    got, info = converged.continue_matched(tuned, before)
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(got(x), net(x), rtol=0, atol=0)
+    assert info == {k: v for k, v in before.items() if k not in ("command", "unrelated")} | {
+        "latency_from": before["command"]
+    }
