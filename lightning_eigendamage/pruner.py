@@ -671,7 +671,7 @@ def _what_limits(an: Analysis, opts: PruneOptions) -> str:
     target = opts.target
     before = an.totals[target]
     prunable = sum(getattr(w.current, target) for w in an.layers)
-    top = _plan_at(an.layers, global_marks(an.pooled, 1.0 - 1e-9), opts, "auto")
+    top = _plan_at(an.layers, global_marks(an.pooled, 1.0 - 1e-9), opts, opts.form)
     floor_share = sum(getattr(p, target) for p in top) / before if before else 0.0
     parts = [
         f"the {len(an.layers)} pruned layers hold {prunable / before:.1%} of the {target} and keep at "
@@ -685,6 +685,9 @@ def _what_limits(an: Analysis, opts: PruneOptions) -> str:
         parts.append(f"{len(skipped)} layer(s) are not pruned: {names}{more}")
     if prunable < before:
         parts.append(f"{1 - prunable / before:.1%} of the {target} lie outside the pruned layers")
+    if opts.form in ("fold_in", "fold_out", "dense"):
+        whole = {"fold_in": "input side", "fold_out": "output side", "dense": "both sides"}[opts.form]
+        parts.append(f"form={opts.form!r} keeps the {whole} of every pruned layer at full width")
     if opts.form_by == "latency":
         parts.append("form_by='latency' leaves layers whole where their reduced forms run slower")
     return "; ".join(parts)

@@ -4,6 +4,7 @@ run lengths, forwards with more than one input, Transformer decoders, modes and 
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -414,3 +415,16 @@ def test_a_batch_without_examples_is_a_clear_error_and_changes_nothing(where: in
         prune(model, batches, ratio=0.5)
     assert not any(isinstance(m, KFELayer) for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("form", ["fold_in", "fold_out"])
+def test_a_forced_form_that_cannot_reach_the_target_says_so_with_its_own_floor(form: str) -> None:
+    torch.manual_seed(0)
+    model = ConvNet()
+    with pytest.warns(TargetNotReachedWarning) as rec:
+        report = prune(model, conv_batches(2), ratio=0.97, target="flops", form=form)
+    msg = str(rec[0].message)
+    assert f"form={form!r} keeps the" in msg
+    # The floor the message names is the one this form reaches, not the free choice of forms'.
+    floor = float(re.search(r"keep at least ([0-9.]+)%", msg).group(1)) / 100
+    assert floor == pytest.approx(report.flops_after / report.flops_before, abs=0.002)
