@@ -231,10 +231,11 @@ def drive_capture(
                     inp, target = split_batch(batch, input_fn)
                 else:
                     inp, target = batch, target_of(batch)
-                if _first_tensor(inp) is not None and _first_tensor(inp).shape[:1] == (0,):
+                first = _first_tensor(inp)
+                if first is not None and first.shape[:1] == (0,):
                     raise ValueError(
                         f"batch {seen - 1} holds no examples (its input has shape "
-                        f"{tuple(_first_tensor(inp).shape)}); {what} needs non-empty batches"
+                        f"{tuple(first.shape)}); {what} needs non-empty batches"
                     )
                 capture_batch(
                     model,
