@@ -433,13 +433,22 @@ def matched_net_path(args: argparse.Namespace) -> Path:
     return Path(args.cache) / f"{name}-s{args.seed}.pt"
 
 
+LATENCY_FIGURES = ("ratio_found", "latency_ms", "latency_rel", "latency_target_rel", "latency_matched")
+LATENCY_FIGURES += ("latency_batch", "latency_threads", "probes")
+
+
+def latency_figures(before: dict[str, Any]) -> dict[str, Any]:
+    """What a fine-tuned latency row keeps of the after-pruning record it continues: the
+    bisection's result and timings, and that record's command."""
+    return {k: before[k] for k in LATENCY_FIGURES} | {"latency_from": before["command"]}
+
+
 def continue_matched(args: argparse.Namespace, before: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     """The network an after-pruning latency row saved (forms chosen by timing), with that
     record's pruning and latency figures, for the fine-tuned row to continue."""
     net = torch.load(matched_net_path(args), weights_only=False)  # our own cache file: a module
-    keep = ("options", "target_reached", "forms", "ratio_found", "latency_ms", "latency_rel")
-    keep += ("latency_target_rel", "latency_matched", "latency_batch", "latency_threads", "probes")
-    return net, {k: before[k] for k in keep if k in before} | {"latency_from": before["command"]}
+    pruning = {k: before[k] for k in ("options", "target_reached", "forms") if k in before}
+    return net, pruning | latency_figures(before)
 
 
 def matched_before(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -601,9 +610,7 @@ def run_row(args: argparse.Namespace) -> dict[str, Any] | None:
         # The bisection (timed on a quiet machine) was recorded by the after-pruning row; the
         # fine-tuned row prunes at the ratio it found and keeps its latency figures.
         net, info = ratio_pruner(args, dense, data, calib)(before["ratio_found"])
-        keep = ("ratio_found", "latency_ms", "latency_rel", "latency_target_rel", "latency_matched")
-        info |= {k: before[k] for k in keep} | {"latency_from": before["command"]}
-        info |= {k: before[k] for k in ("latency_batch", "latency_threads", "probes")}
+        info |= latency_figures(before)
     elif (
         latency
         and args.finetune

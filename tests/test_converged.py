@@ -305,6 +305,8 @@ def test_a_latency_matched_network_chosen_by_timing_is_continued_not_rebuilt(tmp
     torch.save(net, converged.matched_net_path(after))
     before = {"command": "python benchmarks/converged.py row ...", "ratio_found": 0.5, "latency_rel": 0.81}
     before |= {"latency_matched": True, "probes": [{"ratio": 0.5, "latency_rel": 0.81}], "unrelated": 1}
+    before |= {"latency_ms": {"dense": 10.0, "pruned": 8.1}, "latency_target_rel": 0.82}
+    before |= {"latency_batch": 64, "latency_threads": 2, "forms": {"fold_out": 3}}
     got, info = converged.continue_matched(tuned, before)
     x = torch.randn(2, 1, 28, 28)
     torch.testing.assert_close(got(x), net(x), rtol=0, atol=0)
