@@ -748,6 +748,29 @@ def grid_rows(name: str, models: tuple[str, ...] = ("resnet20-narrow", "vgg-narr
         for model in models:
             rows.append(_argv(model, EIGEN, 8, variant="defaults", finetune=10))
             rows += [_argv(model, m, 8, finetune=10) for m in ("l2", "taylor")]
+    elif name == "finetune-complete":  # every method fine-tuned: ÷2 seed 0, ÷4 / ÷8 seeds 0 and 1
+        # in order of priority (rows already recorded are skipped): the leaders first, then the
+        # paper's baselines, the 10-epoch rows, the second seeds of the baselines and iterative
+        leaders = (EIGEN, "l1", "l2", "taylor", "slimming")
+
+        def ft(model: str, m: str, fx: float, epochs: int = 3, seed: int = 0) -> list[str]:
+            variant = "defaults" if m in (EIGEN, ITER) else None
+            return _argv(model, m, fx, variant=variant, finetune=epochs, seed=seed)
+
+        for model in models:
+            rows += [ft(model, m, fx, seed=s) for fx in (4, 8) for s in (0, 1) for m in leaders]
+        for model in models:
+            rows += [ft(model, m, 2) for m in leaders]
+        for model in models:
+            rows += [ft(model, m, fx) for fx in (4, 8) for m in SECOND_ORDER]
+        for model in models:
+            rows += [ft(model, m, 2) for m in SECOND_ORDER]
+        for model in models:
+            rows += [ft(model, m, 8, epochs=10) for m in leaders[:4]]
+        for model in models:
+            rows += [ft(model, m, fx, seed=1) for fx in (4, 8) for m in SECOND_ORDER]
+        for model in models:
+            rows += [ft(model, ITER, fx, seed=s) for fx, s in ((4, 1), (8, 1), (2, 0))]
     elif name == "latency-forms":  # EigenDamage with forms chosen by measured time, NCHW
         for model in models:
             for k in (1.5, 2):

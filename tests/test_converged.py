@@ -50,6 +50,7 @@ GRIDS = (
     "iterative",
     "finetune-more",
     "finetune10",
+    "finetune-complete",
     "latency",
     "latency-finetune",
     "latency-forms",
