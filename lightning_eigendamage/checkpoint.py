@@ -16,7 +16,7 @@ import itertools
 import os
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -28,13 +28,15 @@ from .surgery import layers_for_records, records_in, swap_modules
 _EXTRA_STATE = "_extra_state"
 
 
-def _state_dict_of(checkpoint: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
-    if isinstance(checkpoint, (str, os.PathLike)):
+def _state_dict_of(checkpoint: str | os.PathLike | IO[bytes] | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(checkpoint, (str, os.PathLike)) or (
+        hasattr(checkpoint, "read") and hasattr(checkpoint, "seek")
+    ):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict):
         raise TypeError(
-            f"checkpoint must be a path, a state_dict or a Lightning checkpoint dict, got "
-            f"{type(checkpoint).__name__}"
+            f"checkpoint must be a path, a binary file object, a state_dict or a Lightning "
+            f"checkpoint dict, got {type(checkpoint).__name__}"
         )
     if "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], dict):
         return checkpoint["state_dict"]
@@ -42,13 +44,17 @@ def _state_dict_of(checkpoint: str | os.PathLike | dict[str, Any]) -> dict[str, 
 
 
 def restore_pruned(
-    model: nn.Module, checkpoint: str | os.PathLike | dict[str, Any], *, strict: bool = True
+    model: nn.Module,
+    checkpoint: str | os.PathLike | IO[bytes] | dict[str, Any],
+    *,
+    strict: bool = True,
 ) -> nn.Module:
     """Reshape a freshly built ``model`` to the pruned architecture in ``checkpoint`` and load it.
 
     Args:
         model: the model as constructed (unpruned), or already pruned to the same architecture.
-        checkpoint: a path (loaded with ``torch.load(weights_only=True)``), a plain state_dict,
+        checkpoint: a path or a binary file object with ``read`` and ``seek`` (e.g.
+            ``io.BytesIO``; loaded with ``torch.load(weights_only=True)``), a plain state_dict,
             or a Lightning checkpoint dict (its ``"state_dict"`` is used). Keys must be relative
             to ``model`` (for a Lightning checkpoint: pass the LightningModule).
         strict: passed to ``load_state_dict``.

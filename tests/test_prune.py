@@ -206,6 +206,14 @@ def test_restore_from_path_and_mismatch_leaves_model_unchanged(tmp_path):
     restore_pruned(fresh, path)
     pruned_names = {n for n, m in model.named_modules() if isinstance(m, KFELayer)}
     assert pruned_names and pruned_names == {n for n, m in fresh.named_modules() if isinstance(m, KFELayer)}
+    # A binary file object, as torch.load takes it.
+    x = batches[0][0]
+    with open(path, "rb") as f:
+        from_file = restore_pruned(ConvNet(), f)
+    with torch.no_grad():
+        assert torch.equal(from_file.eval()(x), model.eval()(x))
+    with pytest.raises(TypeError, match="binary file object"):
+        restore_pruned(ConvNet(), [1, 2])
     # Another model class: clear error, nothing changed.
     other = TinyTransformer()
     snapshot = copy.deepcopy(other.state_dict())
