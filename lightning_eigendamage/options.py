@@ -22,6 +22,7 @@ from .layers import FORMS
 TARGETS = ("directions", "params", "flops")
 FORM_CHOICES = ("auto",) + FORMS
 FORM_BY = ("cost", "latency")
+LATENCY_FORMATS = ("model", "channels_last", "contiguous")
 RANK_BY = ("damage", "damage_per_cost")
 
 
@@ -91,6 +92,7 @@ class PruneOptions:
     seed: int = 0
     form_by: str = "cost"
     latency_batch: int = 64
+    latency_format: str = "model"
     round_to: int = 1
     rank_by: str = "damage_per_cost"
     shots: int = 1
@@ -105,6 +107,7 @@ class PruneOptions:
         _one_of("target", self.target, TARGETS)
         _one_of("form", self.form, FORM_CHOICES)
         _one_of("form_by", self.form_by, FORM_BY)
+        _one_of("latency_format", self.latency_format, LATENCY_FORMATS)
         _one_of("rank_by", self.rank_by, RANK_BY)
         _positive_int("shots", self.shots)
         d = self.reconstruct_damping

@@ -393,6 +393,9 @@ def _by_latency(an: Analysis, plans: list[LayerPlan], opts: PruneOptions, cache:
     per ``(layer, kept_in, kept_out)``: only the widths matter for the timing.
     """
     out = []
+    # "model": channels_last if any layer's weight is (a 1×1 weight is both, so look at all)
+    model_last = any(is_channels_last(w.state.template.weight) for w in an.layers)
+    last = model_last if opts.latency_format == "model" else opts.latency_format == "channels_last"
     for idx, (w, lp) in enumerate(zip(an.layers, plans)):
         if not lp.changed or w.input_shape is None:
             out.append(lp)
@@ -422,12 +425,29 @@ def _by_latency(an: Analysis, plans: list[LayerPlan], opts: PruneOptions, cache:
                     )
             dt = w.state.template.weight.dtype
             example = torch.randn((opts.latency_batch,) + w.input_shape, device=an.device, dtype=dt)
-            if is_channels_last(w.state.template.weight) and example.dim() == 4:
-                example = example.contiguous(memory_format=torch.channels_last)  # as the model runs
+            if example.dim() == 4:
+                mods, example = _in_memory_format(mods, example, last)
             times = time_modules(mods, example)
             best = cache[key] = min(times, key=times.get)
         out.append(options[best])
     return out
+
+
+def _in_memory_format(
+    mods: dict[str, nn.Module], example: torch.Tensor, last: bool
+) -> tuple[dict[str, nn.Module], torch.Tensor]:
+    """The candidate modules and the 4-d example in the memory format the forms are timed in
+    (``channels_last`` if ``last``, else contiguous). A candidate in the other format is timed as
+    a converted copy, so the model itself (``"unchanged"`` is its live layer) is never converted.
+    """
+    fmt = torch.channels_last if last else torch.contiguous_format
+    out = {}
+    for name, mod in mods.items():
+        convs = [p for p in mod.parameters() if p.dim() == 4]
+        if any(not p.is_contiguous(memory_format=fmt) for p in convs):
+            mod = copy.deepcopy(mod).to(memory_format=fmt)
+        out[name] = mod
+    return out, example.contiguous(memory_format=fmt)
 
 
 def _latency_plan(an: Analysis, ratio: float, opts: PruneOptions) -> tuple[list[LayerPlan], float]:
@@ -721,6 +741,7 @@ def prune(
     seed: int = 0,
     form_by: str = "cost",
     latency_batch: int = 64,
+    latency_format: str = "model",
     round_to: int = 1,
     rank_by: str = "damage_per_cost",
     shots: int = 1,
@@ -776,6 +797,11 @@ def prune(
             run slower is left whole. A ``params``/``flops`` target is then met with the chosen
             forms: the threshold is raised until the cut reaches ``ratio`` again (or nothing more
             can be removed). Timed once, on rank 0 when ``distributed``.
+        latency_format: the memory format 4-d inputs and convolutions are timed in:
+            ``"model"`` (the model's at the call: ``channels_last`` if any of its convolution
+            weights is stored so; the new stages keep each layer's format),
+            ``"channels_last"`` or ``"contiguous"`` (for a model converted after pruning; the
+            model itself is not converted).
         round_to: round the kept directions of each pruned side up to a multiple of this (e.g. 8
             for vector-unit and tensor-core friendly widths; the widths' full size is the cap).
         rank_by: ``"damage"`` ranks directions by their loss increase (the paper);

@@ -539,3 +539,42 @@ def test_round_to_rounds_kept_widths_up_to_multiples():
     assert report.realised_fraction <= plain.realised_fraction
     with pytest.raises(ValueError, match="round_to must be a positive integer"):
         prune(model, batches, ratio=0.5, round_to=0)
+
+
+@pytest.mark.parametrize(
+    ("model_format", "latency_format", "timed_last"),
+    [
+        ("contiguous", "model", False),
+        ("channels_last", "model", True),
+        ("contiguous", "channels_last", True),
+        ("channels_last", "contiguous", False),
+    ],
+)
+def test_latency_format_sets_the_memory_format_forms_are_timed_in(
+    monkeypatch, model_format, latency_format, timed_last
+):
+    """Every candidate and the example are timed in the asked format; the model keeps its own."""
+    import lightning_eigendamage.pruner as pruner_mod
+
+    fmt = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    seen = []
+
+    def record(mods, example, repeats=7):
+        want = torch.channels_last if timed_last else torch.contiguous_format
+        for mod in mods.values():
+            convs = [p for p in mod.parameters() if p.dim() == 4]
+            seen.append(all(p.is_contiguous(memory_format=want) for p in convs))
+        if example.dim() == 4:  # (a Linear's 2-d example has no memory format)
+            seen.append(example.is_contiguous(memory_format=want) and example.is_contiguous() != timed_last)
+        return {k: (0.0 if k == "unchanged" else 1.0) for k in mods}
+
+    monkeypatch.setattr(pruner_mod, "time_modules", record)
+    model, batches = _conv()
+    model = model.to(memory_format=fmt[model_format])
+    before = copy.deepcopy(model.state_dict())
+    prune(model, batches, ratio=0.6, form_by="latency", latency_format=latency_format, recalibrate_bn=False)
+    assert seen and all(seen)
+    for name, p in model.state_dict().items():  # the model was not converted (nor changed)
+        assert torch.equal(p, before[name]) and p.stride() == before[name].stride(), name
+    with pytest.raises(ValueError, match="latency_format must be one of"):
+        prune(model, batches, ratio=0.5, form_by="latency", latency_format="nhwc")
