@@ -229,6 +229,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "defaults": dict(),  # the library's defaults, whatever they are when the row runs
     "latency-forms": dict(form_by="latency"),  # each layer's form picked by its measured time
     "frozen-rotations": dict(train_rotations=False),  # fine-tune the cores only (cheaper backward)
+    # forms picked by the measured time of a training step's share (forward and backward) at the
+    # training batch size
+    "train-forms": dict(form_by="latency", latency_mode="training", latency_batch=128),
 }
 
 
@@ -702,7 +705,7 @@ def grid_rows(name: str, models: tuple[str, ...] = ("resnet20-narrow", "vgg-narr
             for fx in (2, 4, 8):
                 for seed in (0, 1) if fx > 2 else (0,):
                     for v in VARIANTS:
-                        if v not in ("defaults", "paper-no-bn"):
+                        if v not in ("defaults", "paper-no-bn", "train-forms"):  # (trainstep's)
                             rows.append(_argv(model, EIGEN, fx, variant=v, seed=seed))
                     rows += [_argv(model, m, fx, seed=seed) for m in PEERS]
     elif name == "plain-user":  # what prune() gives without the protocol's BatchNorm re-estimation

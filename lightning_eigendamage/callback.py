@@ -109,7 +109,7 @@ class EigenDamagePruning(Callback):
         loss_fn: ``(output, target) → mean loss``; only used by ``fisher="empirical"`` with
             ``at_start`` pruning (default: cross-entropy), where there is no training step yet.
         exclude, exempt_last, layer_cap, min_rank, form, train_rotations, likelihood, class_dim,
-        form_by, latency_batch, latency_format, round_to, rank_by:
+        form_by, latency_batch, latency_format, latency_mode, round_to, rank_by:
             as in :func:`~lightning_eigendamage.prune` (exemptions, per-layer caps, forms, classes on
             the last dimension by default).
         recalibrate_bn: after each round, re-estimate the running statistics of the BatchNorm
@@ -206,6 +206,7 @@ class EigenDamagePruning(Callback):
     form_by = property(lambda self: self.options.form_by)
     latency_batch = property(lambda self: self.options.latency_batch)
     latency_format = property(lambda self: self.options.latency_format)
+    latency_mode = property(lambda self: self.options.latency_mode)
     round_to = property(lambda self: self.options.round_to)
     rank_by = property(lambda self: self.options.rank_by)
     recalibrate_bn = property(lambda self: self.options.recalibrate_bn)
@@ -231,6 +232,7 @@ class EigenDamagePruning(Callback):
         form_by: str = "cost",
         latency_batch: int = 64,
         latency_format: str = "model",
+        latency_mode: str = "inference",
         round_to: int = 1,
         rank_by: str = "damage_per_cost",
         recalibrate_bn: bool = True,

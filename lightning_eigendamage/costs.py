@@ -111,24 +111,42 @@ def _first_example(example):
     return example
 
 
-def time_modules(modules: dict[str, nn.Module], example: torch.Tensor, repeats: int = 7) -> dict[str, float]:
+def time_modules(
+    modules: dict[str, nn.Module], example: torch.Tensor, repeats: int = 7, *, backward: bool = False
+) -> dict[str, float]:
     """Median seconds of one eval forward of each module on ``example``, calls interleaved.
 
-    Used to pick the fastest equivalent form of a layer for a declared setting (the device and
-    batch size of ``example``). Modes are restored afterwards.
+    With ``backward``, the time of a training step's share instead: the forward plus the backward
+    to the input and to every trainable parameter (``torch.autograd.grad`` with one fixed random
+    output gradient per module, so no ``.grad`` is written). Used to pick the fastest equivalent
+    form of a layer for a declared setting (the device and batch size of ``example``). Modes are
+    restored afterwards.
     """
     modes = {m: m.training for mod in modules.values() for m in mod.modules()}
     sync = torch.cuda.synchronize if example.device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {k: [] for k in modules}
+    grads: dict[str, torch.Tensor] = {}
+
+    def run(k: str, mod: nn.Module) -> None:
+        if not backward:
+            mod(example)
+            return
+        x = example.detach().requires_grad_(True)
+        out = mod(x)
+        if k not in grads:
+            grads[k] = torch.randn_like(out)
+        wrt = [x, *(p for p in mod.parameters() if p.requires_grad)]
+        torch.autograd.grad(out, wrt, grad_outputs=grads[k])
+
     try:
-        with torch.no_grad():
-            for mod in modules.values():
-                mod.eval()(example)  # warm-up
+        with torch.set_grad_enabled(backward):
+            for k, mod in modules.items():
+                run(k, mod.eval())  # warm-up
             for _ in range(repeats):
                 for k, mod in modules.items():
                     sync()
                     t = time.perf_counter()
-                    mod(example)
+                    run(k, mod)
                     sync()
                     times[k].append(time.perf_counter() - t)
     finally:

@@ -23,6 +23,7 @@ TARGETS = ("directions", "params", "flops")
 FORM_CHOICES = ("auto",) + FORMS
 FORM_BY = ("cost", "latency")
 LATENCY_FORMATS = ("model", "channels_last", "contiguous")
+LATENCY_MODES = ("inference", "training")
 RANK_BY = ("damage", "damage_per_cost")
 
 
@@ -93,6 +94,7 @@ class PruneOptions:
     form_by: str = "cost"
     latency_batch: int = 64
     latency_format: str = "model"
+    latency_mode: str = "inference"
     round_to: int = 1
     rank_by: str = "damage_per_cost"
     shots: int = 1
@@ -108,6 +110,7 @@ class PruneOptions:
         _one_of("form", self.form, FORM_CHOICES)
         _one_of("form_by", self.form_by, FORM_BY)
         _one_of("latency_format", self.latency_format, LATENCY_FORMATS)
+        _one_of("latency_mode", self.latency_mode, LATENCY_MODES)
         _one_of("rank_by", self.rank_by, RANK_BY)
         _positive_int("shots", self.shots)
         d = self.reconstruct_damping

@@ -427,7 +427,7 @@ def _by_latency(an: Analysis, plans: list[LayerPlan], opts: PruneOptions, cache:
             example = torch.randn((opts.latency_batch,) + w.input_shape, device=an.device, dtype=dt)
             if example.dim() == 4:
                 mods, example = _in_memory_format(mods, example, last)
-            times = time_modules(mods, example)
+            times = time_modules(mods, example, backward=opts.latency_mode == "training")
             best = cache[key] = min(times, key=times.get)
         out.append(options[best])
     return out
@@ -742,6 +742,7 @@ def prune(
     form_by: str = "cost",
     latency_batch: int = 64,
     latency_format: str = "model",
+    latency_mode: str = "inference",
     round_to: int = 1,
     rank_by: str = "damage_per_cost",
     shots: int = 1,
@@ -802,6 +803,9 @@ def prune(
             weights is stored so; the new stages keep each layer's format),
             ``"channels_last"`` or ``"contiguous"`` (for a model converted after pruning; the
             model itself is not converted).
+        latency_mode: ``"inference"`` times an eval forward; ``"training"`` the forward and the
+            backward to the layer's input and trainable parameters, for a network whose cost that
+            matters is its training step (set ``latency_batch`` to the training batch size).
         round_to: round the kept directions of each pruned side up to a multiple of this (e.g. 8
             for vector-unit and tensor-core friendly widths; the widths' full size is the cap).
         rank_by: ``"damage"`` ranks directions by their loss increase (the paper);

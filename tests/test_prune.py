@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import time
 
 import pytest
 import torch
@@ -578,3 +579,62 @@ def test_latency_format_sets_the_memory_format_forms_are_timed_in(
         assert torch.equal(p, before[name]) and p.stride() == before[name].stride(), name
     with pytest.raises(ValueError, match="latency_format must be one of"):
         prune(model, batches, ratio=0.5, form_by="latency", latency_format="nhwc")
+
+
+class _SlowBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        time.sleep(0.004)
+        return g
+
+
+class _SlowIn(nn.Module):
+    """A 1×1 conv whose forward (``slow_forward``) or backward (otherwise) sleeps 4 ms."""
+
+    def __init__(self, slow_forward: bool) -> None:
+        super().__init__()
+        self.conv, self.slow_forward = nn.Conv2d(2, 2, 1), slow_forward
+
+    def forward(self, x):
+        if self.slow_forward:
+            time.sleep(0.004)
+            return self.conv(x)
+        return _SlowBackward.apply(self.conv(x))
+
+
+def test_time_modules_backward_times_the_training_step_and_writes_no_grad():
+    from lightning_eigendamage.costs import time_modules
+
+    mods = {"slow_fwd": _SlowIn(True), "slow_bwd": _SlowIn(False)}
+    x = torch.randn(3, 2, 4, 4)
+    fwd = time_modules(mods, x, repeats=3)
+    step = time_modules(mods, x, repeats=3, backward=True)
+    assert fwd["slow_bwd"] < fwd["slow_fwd"]  # an eval forward does not see the backward
+    assert step["slow_bwd"] > 0.004 and step["slow_fwd"] > 0.004  # the step sees both
+    assert all(p.grad is None for m in mods.values() for p in m.parameters())
+    assert not x.requires_grad and x.grad is None
+
+
+def test_latency_mode_training_times_forward_and_backward(monkeypatch):
+    import lightning_eigendamage.pruner as pruner_mod
+
+    seen = []
+
+    def record(mods, example, repeats=7, *, backward=False):
+        seen.append(backward)
+        return {k: (0.0 if k == "fold_out" else 1.0) for k in mods}
+
+    monkeypatch.setattr(pruner_mod, "time_modules", record)
+    for mode, want in (("inference", False), ("training", True)):
+        seen.clear()
+        model, batches = _conv()
+        report = prune(model, batches, ratio=0.6, form_by="latency", latency_mode=mode)
+        assert seen and set(seen) == {want}
+        assert any(r.form == "fold_out" for r in report.layers)
+        assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="latency_mode must be one of"):
+        prune(model, batches, ratio=0.5, form_by="latency", latency_mode="train")
