@@ -812,10 +812,12 @@ def run_grid(args: argparse.Namespace) -> None:
 def train_step_times(args: argparse.Namespace) -> None:
     """Seconds per training step (forward, backward, SGD step; batch 128) of the dense network and
     of its ``÷k`` prunings by EigenDamage (each variant in ``--variants``) and Torch-Pruning L2,
-    timed interleaved in one process (medians of ``--repeats`` rounds); printed and appended to
-    ``train_step.jsonl`` with the command."""
+    timed interleaved in one process (medians of ``--repeats`` rounds), with the FLOPs reduction
+    each pruning reached (``flops_reached_x``: a variant whose forms are chosen by time can fall
+    short of ``÷k``); printed and appended to ``train_step.jsonl`` with the command."""
     from benchmarks.baselines_tp import prune_baseline
     from lightning_eigendamage import prune
+    from lightning_eigendamage.costs import count_flops
 
     torch.set_num_threads(args.threads)
     data = load_data("fashion-mnist", root=args.data_root)
@@ -830,6 +832,7 @@ def train_step_times(args: argparse.Namespace) -> None:
     nets["tp-l2"] = copy.deepcopy(dense)
     prune_baseline(nets["tp-l2"], calib, "l2", ratio=ratio, target="flops")
     x, y = data.x_train[:128], data.y_train[:128]
+    flops = {k: count_flops(n, x[:1]) for k, n in nets.items()}
     opts = {k: torch.optim.SGD(n.parameters(), lr=1e-3, momentum=0.9) for k, n in nets.items()}
     times: dict[str, list[float]] = {k: [] for k in nets}
     for r in range(args.repeats + 2):
@@ -849,6 +852,7 @@ def train_step_times(args: argparse.Namespace) -> None:
         "seconds_per_step": med,
         "vs_dense": {k: med[k] / med["dense"] for k in med},
         "vs_tp_l2": {k: med[k] / med["tp-l2"] for k in med},
+        "flops_reached_x": {k: flops["dense"] / flops[k] for k in nets},
         "command": "python benchmarks/converged.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     }
     with open(RESULTS / "train_step.jsonl", "a") as f:
