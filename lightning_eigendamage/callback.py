@@ -109,6 +109,7 @@ class EigenDamagePruning(Callback):
         loss_fn: ``(output, target) → mean loss``; only used by ``fisher="empirical"`` with
             ``at_start`` pruning (default: cross-entropy), where there is no training step yet.
         exclude, exempt_last, layer_cap, min_rank, form, train_rotations, likelihood, class_dim,
+        max_factor_dim,
         form_by, latency_batch, latency_format, latency_mode, round_to, rank_by:
             as in :func:`~lightning_eigendamage.prune` (exemptions, per-layer caps, forms, classes on
             the last dimension by default).
@@ -203,6 +204,7 @@ class EigenDamagePruning(Callback):
     train_rotations = property(lambda self: self.options.train_rotations)
     likelihood = property(lambda self: self.options.likelihood)
     class_dim = property(lambda self: self.options.class_dim)
+    max_factor_dim = property(lambda self: self.options.max_factor_dim)
     form_by = property(lambda self: self.options.form_by)
     latency_batch = property(lambda self: self.options.latency_batch)
     latency_format = property(lambda self: self.options.latency_format)
@@ -229,6 +231,7 @@ class EigenDamagePruning(Callback):
         train_rotations: bool = True,
         likelihood: str = "categorical",
         class_dim: int = -1,
+        max_factor_dim: int | None = 16384,
         form_by: str = "cost",
         latency_batch: int = 64,
         latency_format: str = "model",
@@ -309,7 +312,7 @@ class EigenDamagePruning(Callback):
                 "fisher='empirical' reads the curvature from Lightning's own backward and needs "
                 "automatic optimization; with manual optimization use fisher='true'"
             )
-        cands = find_layers(pl_module, self.exclude)
+        cands = find_layers(pl_module, self.exclude, max_factor_dim=self.options.max_factor_dim)
         if not any(c.skipped is None for c in cands):
             raise ValueError(f"EigenDamagePruning: {no_prunable_message(cands)}")
         self._log_skips([(c.name, c.skipped) for c in cands if c.skipped is not None], "")
@@ -432,7 +435,7 @@ class EigenDamagePruning(Callback):
             batch = next(self._train_batches(trainer, pl_module, 1), None)
         if batch is None:
             return
-        cands = find_layers(pl_module, self.exclude)
+        cands = find_layers(pl_module, self.exclude, max_factor_dim=self.options.max_factor_dim)
         cap = KFACapture({c.name: c.hook_module for c in cands}, factors_for=[])
         modes = {m: m.training for m in pl_module.modules()}
         pl_module.eval()
@@ -487,7 +490,7 @@ class EigenDamagePruning(Callback):
 
     def _ensure_capture(self, pl_module: pl.LightningModule) -> KFACapture:
         if self._cap is None:
-            self._cap = _open_capture(pl_module, self.exclude)
+            self._cap = _open_capture(pl_module, self.options)
             self._cap_time = 0.0
         return self._cap
 
@@ -679,7 +682,7 @@ class EigenDamagePruning(Callback):
 
     def _ensure_window_capture(self, pl_module: pl.LightningModule) -> KFACapture:
         if self._gcap is None:
-            self._gcap = _open_capture(pl_module, self.exclude)
+            self._gcap = _open_capture(pl_module, self.options)
         return self._gcap
 
     def _release_window_capture(self) -> None:
@@ -1107,10 +1110,10 @@ class EigenDamagePruning(Callback):
         self._targets = None
 
 
-def _open_capture(pl_module: pl.LightningModule, exclude: Any) -> KFACapture:
+def _open_capture(pl_module: pl.LightningModule, opts: PruneOptions) -> KFACapture:
     """A K-FAC capture with its hooks installed on every candidate layer of ``pl_module``
     (factors for those not skipped); the caller closes it with ``__exit__``."""
-    cands = find_layers(pl_module, exclude)
+    cands = find_layers(pl_module, opts.exclude, max_factor_dim=opts.max_factor_dim)
     cap = KFACapture(
         {c.name: c.hook_module for c in cands},
         factors_for=[c.name for c in cands if c.skipped is None],

@@ -87,12 +87,16 @@ def _matches(name: str, module: nn.Module, exclude: Iterable[Any]) -> bool:
     return False
 
 
-def find_layers(model: nn.Module, exclude: Any = None, *, unsupported: bool = False) -> list[Candidate]:
+def find_layers(
+    model: nn.Module, exclude: Any = None, *, unsupported: bool = False, max_factor_dim: int | None = None
+) -> list[Candidate]:
     """Every layer of a registered type (or already pruned :class:`KFELayer`) in ``model``, with
     skip reasons known before running it.
 
     ``unsupported=True`` also lists embeddings and recurrent layers, always skipped with the
-    reason (for reports); they are never hooked.
+    reason (for reports); they are never hooked. ``max_factor_dim``: a layer whose input or
+    output width (the side of its ``d × d`` K-FAC factor) exceeds it is skipped, with the reason,
+    before any factor is allocated.
     """
     exclude = normalise_exclude(exclude)
     # Modules or parameters reachable under several names are shared: never rebuilt.
@@ -119,6 +123,8 @@ def find_layers(model: nn.Module, exclude: Any = None, *, unsupported: bool = Fa
                 cand.skipped = _static_reason(child, hook, module, child_name, names_of, owners)
                 if cand.skipped is None and _matches(name, child, exclude):
                     cand.skipped = "excluded by user"
+                if cand.skipped is None and max_factor_dim is not None:
+                    cand.skipped = _too_large(cand.adapter.widths(hook), max_factor_dim)
                 found.append(cand)
             elif unsupported and _unsupported_reason(child) is not None:
                 if id(child) not in seen:
@@ -129,6 +135,17 @@ def find_layers(model: nn.Module, exclude: Any = None, *, unsupported: bool = Fa
 
     visit("", model)
     return found
+
+
+def _too_large(widths: tuple[int, int], limit: int) -> str | None:
+    d = max(widths)
+    if d <= limit:
+        return None
+    return (
+        f"a K-FAC factor of {d}×{d} ({d * d * 4 / 2**30:.1f} GiB in float32, several times that "
+        f"while it is eigendecomposed) exceeds max_factor_dim={limit}; raise max_factor_dim (or "
+        "set it to None) to prune this layer"
+    )
 
 
 def _fastpath_reads_weights(layer: nn.Module) -> bool:

@@ -90,6 +90,7 @@ class PruneOptions:
     likelihood: str = "categorical"
     class_dim: int = -1
     max_batches: int | None = None
+    max_factor_dim: int | None = 16384
     seed: int = 0
     form_by: str = "cost"
     latency_batch: int = 64
@@ -125,6 +126,8 @@ class PruneOptions:
         _positive_int("round_to", self.round_to)
         if self.max_batches is not None:
             _positive_int("max_batches", self.max_batches)
+        if self.max_factor_dim is not None:
+            _positive_int("max_factor_dim", self.max_factor_dim)
         for name in ("input_fn", "forward_fn", "loss_fn"):
             fn = getattr(self, name)
             if fn is not None and not callable(fn):

@@ -121,7 +121,7 @@ def analyse(
             "examples (or keys); wrap one batch in a list: prune(model, [batch], ...)"
         )
     opts = options
-    cands = find_layers(model, opts.exclude, unsupported=True)
+    cands = find_layers(model, opts.exclude, unsupported=True, max_factor_dim=opts.max_factor_dim)
     if not any(c.skipped is None for c in cands):
         raise ValueError(no_prunable_message(cands))
     device = next(model.parameters()).device
@@ -738,6 +738,7 @@ def prune(
     likelihood: str = "categorical",
     class_dim: int = -1,
     max_batches: int | None = None,
+    max_factor_dim: int | None = 16384,
     seed: int = 0,
     form_by: str = "cost",
     latency_batch: int = 64,
@@ -792,6 +793,10 @@ def prune(
         train_rotations: if False, rotation stages are frozen (``requires_grad=False``).
         likelihood: ``"categorical"`` (classes on ``class_dim``) or ``"gaussian"`` (regression).
         max_batches: use at most this many batches.
+        max_factor_dim: a layer whose input or output width exceeds this is left whole (with the
+            reason in the report) before anything is captured: its ``d × d`` factor takes
+            ``4·d²`` bytes, several times that while it is eigendecomposed, and ``O(d³)`` time
+            (VGG's ``Linear(25088, 4096)``: 2.3 GiB per copy). None: no limit.
         form_by: ``"cost"`` picks each layer's form by FLOPs (then parameters); ``"latency"``
             times the eligible forms (and the layer as it is) on the model's device with
             ``latency_batch`` random inputs and picks the fastest, so a layer whose cheaper forms

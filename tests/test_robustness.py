@@ -428,3 +428,65 @@ def test_a_forced_form_that_cannot_reach_the_target_says_so_with_its_own_floor(f
     # The floor the message names is the one this form reaches, not the free choice of forms'.
     floor = float(re.search(r"keep at least ([0-9.]+)%", msg).group(1)) / 100
     assert floor == pytest.approx(report.flops_after / report.flops_before, abs=0.002)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers too wide for their factors (max_factor_dim)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_layers_wider_than_max_factor_dim_are_left_whole_and_get_no_factor(monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = ConvNet()
+    batches = conv_batches(2)
+    wide = {"features.5", "features.7", "fc1"}  # a side of 32 > 24; fc2 is the exempt last layer
+    before = {n: copy.deepcopy(model.get_submodule(n).state_dict()) for n in wide}
+    asked = []
+    real = pruner.capture_factors
+
+    def spy(*args, **kwargs):
+        asked.append(set(kwargs["factors_for"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pruner, "capture_factors", spy)
+    report = prune(model, batches, ratio=0.5, max_factor_dim=24)
+    assert asked == [{"features.0", "features.2"}]  # no factor is ever allocated for the wide ones
+    skipped = {r.name: r.skipped for r in report.layers if r.skipped}
+    for name in wide:
+        assert "max_factor_dim=24" in skipped[name] and "32×32" in skipped[name]
+        mod = model.get_submodule(name)
+        assert not isinstance(mod, KFELayer)
+        assert all(torch.equal(v, before[name][k]) for k, v in mod.state_dict().items())
+    assert isinstance(model.get_submodule("features.2"), KFELayer)  # the narrow ones are pruned
+    # None lifts the limit; the default (16384) does not touch these layers.
+    for limit in (None, 16384):
+        rep = prune(ConvNet(), batches, ratio=0.5, max_factor_dim=limit)
+        assert not any("max_factor_dim" in (r.skipped or "") for r in rep.layers)
+    for bad in (0, -1, 1.5, True, "32"):
+        with pytest.raises(ValueError, match="max_factor_dim must be a positive integer"):
+            prune(ConvNet(), batches, ratio=0.5, max_factor_dim=bad)
+
+
+def test_callback_leaves_layers_wider_than_max_factor_dim_whole(monkeypatch) -> None:
+    import lightning_eigendamage.callback as callback_mod
+
+    asked = []
+    real = callback_mod.KFACapture
+
+    def spy(modules, *, factors_for, **kw):
+        asked.append(set(factors_for))
+        return real(modules, factors_for=factors_for, **kw)
+
+    monkeypatch.setattr(callback_mod, "KFACapture", spy)
+    torch.manual_seed(0)
+    model = LitClassifier(small_cnn())
+    cb = EigenDamagePruning(
+        PruningSchedule(epochs={0: 0.5}, fisher_batches=2), max_factor_dim=16, verbose=False
+    )
+    trainer(max_epochs=1, callbacks=[cb]).fit(model, loader(image_data(32)))
+    skipped = {r.name: r.skipped for r in cb.reports[0].layers if r.skipped}
+    assert {"net.3", "net.5", "net.9"} <= {n for n, s in skipped.items() if "max_factor_dim=16" in s}
+    assert isinstance(model.net[0], KFELayer) and isinstance(model.net[3], nn.Conv2d)
+    assert {"net.0"} in asked and not any({"net.3", "net.5", "net.9"} & a for a in asked)  # no factor
+    with pytest.raises(ValueError, match="max_factor_dim must be a positive integer"):
+        EigenDamagePruning({0: 0.5}, max_factor_dim=0)
