@@ -607,7 +607,7 @@ def test_round_to_and_form_by_are_passed_to_prune(monkeypatch) -> None:
     seen = []
     real = pruner_mod.time_modules
 
-    def spy(mods, example, repeats=7):
+    def spy(mods, example, repeats=7, *, backward=False):
         seen.append(example.shape[0])
         return real(mods, example, repeats=2)
 

@@ -433,7 +433,7 @@ def test_form_by_latency_picks_the_fastest_eligible_form(monkeypatch):
     import lightning_eigendamage.pruner as pruner_mod
 
     # Pretend the layer as it is now is always fastest: nothing changes.
-    def unchanged_fastest(mods, example, repeats=7):
+    def unchanged_fastest(mods, example, repeats=7, *, backward=False):
         return {k: (0.0 if k == "unchanged" else 1.0) for k in mods}
 
     monkeypatch.setattr(pruner_mod, "time_modules", unchanged_fastest)
@@ -445,7 +445,7 @@ def test_form_by_latency_picks_the_fastest_eligible_form(monkeypatch):
     # Pretend fold_out is fastest wherever it is eligible; the module structure follows.
     seen = []
 
-    def fold_out_fastest(mods, example, repeats=7):
+    def fold_out_fastest(mods, example, repeats=7, *, backward=False):
         seen.append((sorted(mods), tuple(example.shape)))
         return {k: (0.0 if k == "fold_out" else 1.0) for k in mods}
 
@@ -492,7 +492,7 @@ def test_form_by_latency_meets_a_flops_target_with_the_chosen_forms(monkeypatch)
     for h in hooks:
         h.remove()
 
-    def timing(mods, example, repeats=7):
+    def timing(mods, example, repeats=7, *, backward=False):
         name = shapes[tuple(example.shape[1:])]
         order = ["unchanged"] if name == big.name else ["bottleneck", "fold_in", "fold_out", "unchanged"]
         best = next(k for k in order if k in mods)
@@ -560,7 +560,7 @@ def test_latency_format_sets_the_memory_format_forms_are_timed_in(
     fmt = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
     seen = []
 
-    def record(mods, example, repeats=7):
+    def record(mods, example, repeats=7, *, backward=False):
         want = torch.channels_last if timed_last else torch.contiguous_format
         for mod in mods.values():
             convs = [p for p in mod.parameters() if p.dim() == 4]
