@@ -67,7 +67,7 @@ from typing_extensions import override
 
 from .checkpoint import PrunedLoadingHook, has_pruned_loading
 from .curvature import KFACapture, capture_batch, split_batch, target_of
-from .discovery import dynamic_skips, find_layers, no_prunable_message
+from .discovery import Candidate, dynamic_skips, find_layers, no_prunable_message
 from .distributed import is_distributed
 from .gradual import (
     GradualRemoval,
@@ -312,7 +312,7 @@ class EigenDamagePruning(Callback):
                 "fisher='empirical' reads the curvature from Lightning's own backward and needs "
                 "automatic optimization; with manual optimization use fisher='true'"
             )
-        cands = find_layers(pl_module, self.exclude, max_factor_dim=self.options.max_factor_dim)
+        cands = _candidates(pl_module, self.options)
         if not any(c.skipped is None for c in cands):
             raise ValueError(f"EigenDamagePruning: {no_prunable_message(cands)}")
         self._log_skips([(c.name, c.skipped) for c in cands if c.skipped is not None], "")
@@ -435,7 +435,7 @@ class EigenDamagePruning(Callback):
             batch = next(self._train_batches(trainer, pl_module, 1), None)
         if batch is None:
             return
-        cands = find_layers(pl_module, self.exclude, max_factor_dim=self.options.max_factor_dim)
+        cands = _candidates(pl_module, self.options)
         cap = KFACapture({c.name: c.hook_module for c in cands}, factors_for=[])
         modes = {m: m.training for m in pl_module.modules()}
         pl_module.eval()
@@ -1110,10 +1110,16 @@ class EigenDamagePruning(Callback):
         self._targets = None
 
 
+def _candidates(pl_module: pl.LightningModule, opts: PruneOptions) -> list[Candidate]:
+    """Every candidate layer of ``pl_module`` under the callback's ``exclude`` and
+    ``max_factor_dim``, with the reason for those that will not be pruned."""
+    return find_layers(pl_module, opts.exclude, max_factor_dim=opts.max_factor_dim)
+
+
 def _open_capture(pl_module: pl.LightningModule, opts: PruneOptions) -> KFACapture:
     """A K-FAC capture with its hooks installed on every candidate layer of ``pl_module``
     (factors for those not skipped); the caller closes it with ``__exit__``."""
-    cands = find_layers(pl_module, opts.exclude, max_factor_dim=opts.max_factor_dim)
+    cands = _candidates(pl_module, opts)
     cap = KFACapture(
         {c.name: c.hook_module for c in cands},
         factors_for=[c.name for c in cands if c.skipped is None],

@@ -383,19 +383,19 @@ def _quantile_for_target(an: Analysis, ratio: float, opts: PruneOptions, form: s
     return hi
 
 
-def _by_latency(an: Analysis, plans: list[LayerPlan], opts: PruneOptions, cache: dict) -> list[LayerPlan]:
+def _by_latency(
+    an: Analysis, plans: list[LayerPlan], opts: PruneOptions, cache: dict, last: bool
+) -> list[LayerPlan]:
     """Replace each changed layer's form by the fastest eligible one, measured on
     ``opts.latency_batch`` inputs.
 
     Eligible: every form that costs no more FLOPs or parameters than the layer does now, and the
     layer as it is now (then it is left unchanged). Measured once, here; the choice is recorded in
     the module structure, so restoring a checkpoint never re-measures. ``cache`` keeps the winner
-    per ``(layer, kept_in, kept_out)``: only the widths matter for the timing.
+    per ``(layer, kept_in, kept_out)``: only the widths matter for the timing. 4-d inputs are
+    timed in ``channels_last`` if ``last``, else contiguous.
     """
     out = []
-    # "model": channels_last if any layer's weight is (a 1×1 weight is both, so look at all)
-    model_last = any(is_channels_last(w.state.template.weight) for w in an.layers)
-    last = model_last if opts.latency_format == "model" else opts.latency_format == "channels_last"
     for idx, (w, lp) in enumerate(zip(an.layers, plans)):
         if not lp.changed or w.input_shape is None:
             out.append(lp)
@@ -460,9 +460,13 @@ def _latency_plan(an: Analysis, ratio: float, opts: PruneOptions) -> tuple[list[
     """
     cache: dict = {}
     pooled = an.pooled
+    # "model": channels_last if any layer's weight is (a 1×1 weight is both, so look at all)
+    model_last = any(is_channels_last(w.state.template.weight) for w in an.layers)
+    last = model_last if opts.latency_format == "model" else opts.latency_format == "channels_last"
 
     def plan(q: float) -> list[LayerPlan]:
-        return _by_latency(an, _plan_at(an.layers, global_marks(pooled, q), opts, "auto"), opts, cache)
+        marks = global_marks(pooled, q)
+        return _by_latency(an, _plan_at(an.layers, marks, opts, "auto"), opts, cache, last)
 
     if opts.target == "directions":
         return plan(ratio), ratio

@@ -91,7 +91,8 @@ def _latency_worker(rank: int, world: int, init_file: str, out_dir: str) -> None
 
     calls = []
 
-    def timing(mods, example, repeats=7, *, backward=False):  # ranks disagree: rank 1 would keep every layer whole
+    # ranks disagree: rank 1 would keep every layer whole
+    def timing(mods, example, repeats=7, *, backward=False):
         calls.append(sorted(mods))
         best = "unchanged" if rank == 1 else ("bottleneck" if "bottleneck" in mods else "unchanged")
         return {k: (0.0 if k == best else 1.0) for k in mods}
