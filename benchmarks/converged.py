@@ -16,6 +16,10 @@ Each row then prunes a copy of the dense network to ``÷k`` FLOPs with one metho
 - *after fine-tuning* (``--finetune N``): N epochs, lr 0.01 cosine, same recipe otherwise, BatchNorm
   re-estimated, accuracy on the full test set.
 
+Channel methods remove at most 95 % of a layer's channels (Torch-Pruning's default, and the
+paper's ``prune_ratio_limit`` for its baselines); ``--group-cap x`` sets another cap (variant
+``cap<x>`` in the record; grid ``baselines-cap``). Their records keep each layer's output width.
+
 Commands (records are appended to ``benchmarks/results/converged/records.jsonl`` with the command
 that reproduces each; a row whose key is already there is skipped, so every command resumes)::
 
@@ -297,9 +301,14 @@ def prune_copy(
 
     slim = method == "slimming"
     net = slimming_net(args.model, data, dense, args.threads) if slim else copy.deepcopy(dense)
-    rep = prune_baseline(net, calib, method, ratio=ratio, target="flops", seed=seed)
+    cap = {} if args.group_cap is None else {"max_group_ratio": args.group_cap}
+    rep = prune_baseline(net, calib, method, ratio=ratio, target="flops", seed=seed, **cap)
     if rep.skipped:
         info["skipped"] = rep.skipped
+    # the output width of every conv/linear after pruning: shows a layer the ranking emptied
+    info["widths"] = {
+        n: m.weight.shape[0] for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    }
     return net, info
 
 
@@ -461,7 +470,7 @@ def matched_before(args: argparse.Namespace) -> dict[str, Any] | None:
         return None
     want = dict(model=args.model, method=args.method, seed=args.seed, finetune=0)
     want |= dict(latency_x=args.latency_x, memory_format=args.memory_format)
-    variant = args.variant if args.method in OURS else "-"
+    variant = args.variant if args.method in OURS else channel_variant(args)
     for line in path.read_text().splitlines():
         r = json.loads(line) if line.strip() else {}
         if r and all(r.get(k) == v for k, v in want.items()) and r["variant"] == variant:
@@ -582,7 +591,9 @@ def run_row(args: argparse.Namespace) -> dict[str, Any] | None:
         raise SystemExit(f"{ITER} prunes during the fine-tune: it needs --flops-x and --finetune N")
     if args.method == GRADUAL and args.latency_x is not None:
         raise SystemExit(f"{GRADUAL} needs --flops-x")
-    variant = args.variant if args.method in OURS else "-"
+    if args.group_cap is not None and (args.method in OURS or not 0.0 < args.group_cap < 1.0):
+        raise SystemExit("--group-cap is a channel method's per-layer cap, in (0, 1)")
+    variant = args.variant if args.method in OURS else channel_variant(args)
     latency = args.latency_x is not None
     rec: dict[str, Any] = {
         "model": args.model,
@@ -663,10 +674,19 @@ def _forms(report: Any) -> dict[str, int]:
     return out
 
 
+def channel_variant(args: argparse.Namespace) -> str:
+    """A channel method's variant in the record: ``"-"`` with Torch-Pruning's default cap on the
+    fraction of a layer's channels removed (0.95, the paper's ``prune_ratio_limit``), else
+    ``cap<x>``."""
+    return "-" if args.group_cap is None else f"cap{args.group_cap:g}"
+
+
 def single_command(args: argparse.Namespace) -> str:
     parts = ["python benchmarks/converged.py row", f"--model {args.model}", f"--method {args.method}"]
     if args.method in OURS:
         parts.append(f"--variant {args.variant}")
+    if args.group_cap is not None:
+        parts.append(f"--group-cap {args.group_cap:g}")
     if args.method == GRADUAL:
         parts.append(f"--gradual-epochs {args.gradual_epochs} --gradual-penalty {args.gradual_penalty:g}")
     if args.latency_x is not None:
@@ -774,6 +794,12 @@ def grid_rows(name: str, models: tuple[str, ...] = ("resnet20-narrow", "vgg-narr
             rows += [ft(model, m, fx, seed=1) for fx in (4, 8) for m in SECOND_ORDER]
         for model in models:
             rows += [ft(model, ITER, fx, seed=s) for fx, s in ((4, 1), (8, 1), (2, 0))]
+    elif name == "baselines-cap":  # the paper's channel baselines with a 0.75 per-layer cap
+        for model, budgets in (("vgg-narrow", (2, 4)), ("resnet20-narrow", (8,))):
+            if model in models:
+                rows += [
+                    _argv(model, m, fx, group_cap=0.75, finetune=3) for fx in budgets for m in SECOND_ORDER
+                ]
     elif name == "latency-forms":  # EigenDamage with forms chosen by measured time, NCHW
         for model in models:
             for k in (1.5, 2):
@@ -986,6 +1012,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--gradual-epochs", type=int, default=1, help=f"{GRADUAL}: penalised epochs before the prune"
     )
     r.add_argument("--gradual-penalty", type=float, default=5.0, help=f"{GRADUAL}: the penalty's ceiling")
+    r.add_argument(
+        "--group-cap",
+        type=float,
+        default=None,
+        help="channel methods: the most of a layer's channels removed (default 0.95, TP's and the paper's)",
+    )
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--finetune", type=int, default=0, help="fine-tuning epochs after pruning")
     r.add_argument(

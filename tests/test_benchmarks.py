@@ -92,3 +92,35 @@ def test_flops_target_is_met_within_tolerance_when_cheap_channels_run_out():
 
     assert cut(1.0) < 0.97
     assert cut(0.03) >= 0.97
+
+
+def test_zoo_row_records_a_reload_exact_pruned_model_and_resumes(tmp_path, capsys):
+    from benchmarks import zoo
+
+    out = tmp_path / "zoo.jsonl"
+    argv = ["--models", "squeezenet1_0", "--size", "32", "--batch", "2", "--threads", "1", "--out", str(out)]
+    assert zoo.main(argv) == 0
+    (rec,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rec["ok"] and rec["finite"] and rec["trains"] and rec["reload_exact"]
+    assert rec["reload_max_abs"] == 0.0  # same modules, same weights: bitwise the same outputs
+    assert rec["target_reached"] and rec["flops_reached_x"] == pytest.approx(1.67, rel=0.03)
+    assert rec["params_after"] < rec["params_before"] and rec["pruned_layers"] > 0
+    assert rec["skipped"] == {"classifier.1": "last layer (exempt_last=True)"}
+    assert zoo.main(argv) == 0  # resumes: the row is there, nothing is rerun
+    assert len(out.read_text().splitlines()) == 1
+    assert "done already" in capsys.readouterr().out
+
+
+def test_zoo_records_a_failure_instead_of_dropping_it(tmp_path, monkeypatch):
+    from benchmarks import zoo
+
+    def broken_restore(model, state_dict):  # a reload that loses the pruned weights
+        return model
+
+    monkeypatch.setattr(zoo, "restore_pruned", broken_restore)
+    out = tmp_path / "zoo.jsonl"
+    argv = ["--models", "squeezenet1_0", "nonexistent_net", "--size", "32", "--batch", "2", "--out", str(out)]
+    assert zoo.main(argv + ["--threads", "1"]) == 1
+    recs = {r["model"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert not recs["squeezenet1_0"]["ok"] and not recs["squeezenet1_0"]["reload_exact"]
+    assert not recs["nonexistent_net"]["ok"] and "nonexistent_net" in recs["nonexistent_net"]["error"]

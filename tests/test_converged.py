@@ -54,6 +54,7 @@ GRIDS = (
     "latency",
     "latency-finetune",
     "latency-forms",
+    "baselines-cap",
 )
 
 
@@ -61,7 +62,7 @@ def _key(args) -> str:
     rec = {
         "model": args.model,
         "method": args.method,
-        "variant": args.variant if args.method in converged.OURS else "-",
+        "variant": args.variant if args.method in converged.OURS else converged.channel_variant(args),
         "flops_x": None if args.latency_x is not None else args.flops_x,
         "seed": args.seed,
         "finetune": args.finetune,
@@ -222,6 +223,17 @@ def test_converged_report_computes_the_gaps_and_flags_unmatched_latency(tmp_path
         model="vgg-narrow", seed=0, protocol_bn=True, flops_reached_x=4.0, param_ratio=0.3, prune_s=1.0
     )
     rows = [
+        # a capped channel row: its own table, never the default method's "best other"
+        base
+        | dict(
+            method="c-obd",
+            variant="cap0.75",
+            flops_x=4.0,
+            finetune=3,
+            acc_after_quick=89.0,
+            acc_finetuned=95.0,
+            widths={"a": 7, "b": 4},
+        ),
         base | dict(method="eigendamage", variant="defaults", flops_x=4.0, finetune=0, acc_after_quick=80.0),
         base
         | dict(
@@ -263,10 +275,36 @@ def test_converged_report_computes_the_gaps_and_flags_unmatched_latency(tmp_path
     assert cells[4].startswith("70.00 (TP L2") and cells[5] == "12.00"
     assert cells[6].startswith("75.00 (C-OBD")  # the best of every other method
     assert cells[9] == "-0.50"  # 91.0 against Taylor's 91.5
+    cap = next(x for x in text.splitlines() if x.startswith("| vgg-narrow | ÷4 | C-OBD | 0.75 |"))
+    # after pruning, fine-tuned, narrowest layer; the default-cap row after pruning (no fine-tune)
+    assert [c.strip() for c in cap.split("|")[5:-1]] == ["89.00", "95.00", "4", "75.00", "–"]
     lat = next(x for x in text.splitlines() if "| TP L2 | ×0.620 |" in x)
     assert "**no**" in lat
     assert (tmp_path / "vgg-narrow.png").stat().st_size > 1000
     assert (tmp_path / "tables.md").read_text() == text
+
+
+def test_group_cap_reaches_the_baseline_and_the_record_key(monkeypatch) -> None:
+    import benchmarks.baselines_tp as btp
+
+    seen = {}
+
+    def fake(net, calib, method, **kw):
+        seen.update(kw)
+        return SimpleNamespace(skipped={})
+
+    monkeypatch.setattr(btp, "prune_baseline", fake)
+    args = _args(method="c-obs", group_cap=0.75)
+    net, info = converged.prune_copy(args, torch.nn.Sequential(torch.nn.Linear(3, 2)), None, [], 0.5)
+    assert seen["max_group_ratio"] == 0.75 and info["widths"] == {"0": 2}
+    assert converged.channel_variant(args) == "cap0.75"
+    assert "--group-cap 0.75" in converged.single_command(args)
+    default = _args(method="c-obs")
+    seen.clear()
+    converged.prune_copy(default, torch.nn.Sequential(torch.nn.Linear(3, 2)), None, [], 0.5)
+    assert "max_group_ratio" not in seen and converged.channel_variant(default) == "-"
+    with pytest.raises(SystemExit, match="group-cap"):
+        converged.run_row(_args(method="eigendamage", group_cap=0.75))
 
 
 def test_gradual_removal_moves_the_weights_off_the_marked_coordinates() -> None:

@@ -1,0 +1,191 @@
+"""Does ``prune()`` work on torchvision's model zoo? One row per architecture, resumable.
+
+    python benchmarks/zoo.py [--models resnet18 vit_b_16 ...] [--flops-x 1.67] [--size 64]
+                             [--out benchmarks/results/zoo.jsonl] [--threads 2]
+
+Each model is built with random weights (``weights=None``, ``torch.manual_seed(0)``; accuracy is
+not the point) and pruned in place by ``prune(target="flops", ratio=1 - 1/flops_x)`` with the
+library's defaults on ``--batches`` batches of ``--batch`` random images (``--size``² pixels, or
+the fixed size the architecture needs) with random labels. The row records:
+
+- ``flops_reached_x``: dense FLOPs / pruned FLOPs (``torch.utils.flop_counter``), and
+  ``target_reached`` / ``limited_by`` from the report;
+- ``finite``: the pruned model's eval-mode outputs on a held-out batch are all finite;
+- ``reload_max_abs``: the largest difference between those outputs and the ones of a fresh,
+  unpruned copy of the architecture restored with ``restore_pruned`` from the pruned state_dict
+  (saved through ``torch.save`` / ``weights_only`` ``torch.load``), and ``reload_exact``
+  (``≤ 1e-5 · max|output|``);
+- ``layers`` / ``pruned_layers`` / ``skipped`` (layer name → reason) and ``prune_s``;
+- ``trains``: one training-mode forward and backward of the pruned model gives a finite loss and a
+  finite gradient for every trainable parameter;
+- ``ok``: finite, reloads exactly, trains and removed FLOPs; a failure is recorded with its error
+  (``error``), never dropped.
+
+A model whose row is already in ``--out`` is skipped, so an interrupted sweep resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shlex
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_eigendamage import prune, restore_pruned  # noqa: E402
+from lightning_eigendamage.costs import count_flops  # noqa: E402
+
+MODELS = (
+    "resnet18",
+    "resnet50",
+    "resnext50_32x4d",
+    "wide_resnet50_2",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "efficientnet_v2_s",
+    "mnasnet0_5",
+    "shufflenet_v2_x0_5",
+    "squeezenet1_0",
+    "regnet_y_400mf",
+    "densenet121",
+    "googlenet",
+    "alexnet",
+    "vgg11_bn",
+    "convnext_tiny",
+    "vit_b_16",
+    "swin_t",
+    "maxvit_t",
+)
+FIXED_SIZE = {"vit_b_16": 224, "maxvit_t": 224}  # the architectures that need one input size
+RESULTS = Path(__file__).resolve().parent / "results" / "zoo.jsonl"
+
+
+def build(name: str) -> torch.nn.Module:
+    """``torchvision.models.<name>`` with random weights drawn after ``manual_seed(0)``."""
+    torch.manual_seed(0)
+    kwargs: dict[str, Any] = {"weights": None}
+    if name == "googlenet":
+        kwargs |= {"aux_logits": False, "init_weights": True}
+    return torchvision.models.get_model(name, **kwargs)
+
+
+def done(out: Path, key: tuple) -> bool:
+    if not out.exists():
+        return False
+    for line in out.read_text().splitlines():
+        r = json.loads(line)
+        if (r["model"], r["flops_x"], r["size"]) == key:
+            return True
+    return False
+
+
+def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    size = FIXED_SIZE.get(name, args.size)
+    gen = torch.Generator().manual_seed(1)
+    batches = [
+        (
+            torch.randn(args.batch, 3, size, size, generator=gen),
+            torch.randint(0, 1000, (args.batch,), generator=gen),
+        )
+        for _ in range(args.batches)
+    ]
+    held_out = torch.randn(args.batch, 3, size, size, generator=gen)
+    rec: dict[str, Any] = {"model": name, "flops_x": args.flops_x, "size": size}
+    model = build(name).eval()
+    flops_before = count_flops(model, held_out)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = prune(model, batches, ratio=1.0 - 1.0 / args.flops_x, target="flops")
+    rec["prune_s"] = round(time.perf_counter() - t0, 2)
+    rec["warnings"] = sorted({f"{w.category.__name__}: {str(w.message)[:200]}" for w in caught})
+    flops_after = count_flops(model, held_out)
+    rec |= {
+        "flops_reached_x": flops_before / flops_after,
+        "target_reached": report.target_reached,
+        "limited_by": report.limited_by,
+        "params_before": report.params_before,
+        "params_after": report.params_after,
+        "layers": len(report.layers),
+        "pruned_layers": sum(1 for r in report.layers if r.removed_in or r.removed_out),
+        "skipped": {r.name: r.skipped for r in report.layers if r.skipped is not None},
+    }
+    model.eval()
+    with torch.no_grad():
+        y = model(held_out)
+    rec["finite"] = bool(torch.isfinite(y).all())
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    fresh = restore_pruned(build(name), torch.load(buf, weights_only=True)).eval()
+    with torch.no_grad():
+        y2 = fresh(held_out)
+    diff = float((y - y2).abs().max())
+    rec["reload_max_abs"] = diff
+    rec["reload_exact"] = diff <= 1e-5 * max(float(y.abs().max()), 1e-12)
+    model.train()
+    loss = torch.nn.functional.cross_entropy(model(batches[0][0]), batches[0][1])
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    rec["trains"] = bool(torch.isfinite(loss)) and all(
+        g is not None and torch.isfinite(g).all() for g in grads
+    )
+    rec["ok"] = rec["finite"] and rec["reload_exact"] and rec["trains"] and rec["flops_reached_x"] > 1.0
+    return rec
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--flops-x", type=float, default=1.67, help="FLOPs target: dense / pruned")
+    p.add_argument("--size", type=int, default=64, help="image side (except FIXED_SIZE models)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batches", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for name in args.models:
+        key = (name, args.flops_x, FIXED_SIZE.get(name, args.size))
+        if done(args.out, key):
+            print(f"{name}: done already")
+            continue
+        t0 = time.perf_counter()
+        try:
+            rec = run_model(name, args)
+        except Exception as e:  # recorded, not dropped: the sweep is a record of what works
+            rec = {"model": name, "flops_x": args.flops_x, "size": key[2], "ok": False}
+            rec["error"] = f"{type(e).__name__}: {e}"[:500]
+            rec["traceback"] = traceback.format_exc()[-2000:]
+        rec["seconds"] = round(time.perf_counter() - t0, 1)
+        rec["torch"], rec["torchvision"] = torch.__version__, torchvision.__version__
+        rec["threads"] = args.threads
+        rec["date"] = time.strftime("%Y-%m-%d %H:%M")
+        cmd = f"python benchmarks/zoo.py --models {name} --flops-x {args.flops_x:g} --size {args.size}"
+        rec["command"] = cmd + f" --batch {args.batch} --batches {args.batches}"
+        failures += not rec["ok"]
+        with args.out.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        status = "ok" if rec["ok"] else f"FAILED ({rec.get('error', 'see record')})"
+        reached = rec.get("flops_reached_x")
+        print(f"{name}: {status}" + (f", ÷{reached:.2f} FLOPs" if reached else "") + f", {rec['seconds']} s")
+    print(f"{failures} failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    print(" ".join(shlex.quote(a) for a in ["python", *sys.argv]))
+    sys.exit(main())
