@@ -109,6 +109,10 @@ def test_zoo_row_records_a_reload_exact_pruned_model_and_resumes(tmp_path, capsy
     assert zoo.main(argv) == 0  # resumes: the row is there, nothing is rerun
     assert len(out.read_text().splitlines()) == 1
     assert "done already" in capsys.readouterr().out
+    assert zoo.main(["--table", "--out", str(out)]) == 0
+    md = (tmp_path / "zoo.md").read_text()
+    assert f"| squeezenet1_0 | 32² | ÷1.67 | ÷{rec['flops_reached_x']:.2f} |" in md
+    assert "1× last layer (exempt_last=True) | 0.0e+00 | yes |" in md
 
 
 def test_zoo_records_a_failure_instead_of_dropping_it(tmp_path, monkeypatch):
