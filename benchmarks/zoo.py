@@ -73,12 +73,20 @@ RESULTS = Path(__file__).resolve().parent / "results" / "zoo.jsonl"
 
 
 def build(name: str) -> torch.nn.Module:
-    """``torchvision.models.<name>`` with random weights drawn after ``manual_seed(0)``."""
+    """``torchvision.models.<name>`` with random weights drawn after ``manual_seed(0)``.
+
+    A Linear initialised to all zeros (ViT's classification head) is re-drawn with its default
+    initialisation: behind it no gradient reaches any layer, so every curvature would be zero and
+    the scores meaningless (``prune`` says so with a ``ZeroCurvatureWarning``)."""
     torch.manual_seed(0)
     kwargs: dict[str, Any] = {"weights": None}
     if name == "googlenet":
         kwargs |= {"aux_logits": False, "init_weights": True}
-    return torchvision.models.get_model(name, **kwargs)
+    model = torchvision.models.get_model(name, **kwargs)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and not m.weight.any():
+            m.reset_parameters()
+    return model
 
 
 def done(out: Path, key: tuple) -> bool:
@@ -158,8 +166,8 @@ def table(records: list[dict[str, Any]]) -> str:
         "restored with `restore_pruned`. *Trains*: a training step gives finite gradients.",
         "",
         "| model | input | ÷FLOPs asked | reached | params kept | layers pruned / listed | left whole | "
-        "reload | trains | prune s | ok |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "warnings | reload | trains | prune s | ok |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in last.values():
         if "error" in r:
@@ -174,10 +182,11 @@ def table(records: list[dict[str, Any]]) -> str:
             why = why.split(";")[0]  # the reason, without the advice after it
             reasons[why] = reasons.get(why, 0) + 1
         whole = "; ".join(f"{n}× {why}" for why, n in sorted(reasons.items())) or "–"
+        warned = ", ".join(sorted({w.split(":")[0] for w in r["warnings"]})) or "–"
         lines.append(
             f"| {r['model']} | {r['size']}² | ÷{r['flops_x']:g} | ÷{r['flops_reached_x']:.2f} | "
             f"{r['params_after'] / r['params_before']:.0%} | {r['pruned_layers']} / {r['layers']} | "
-            f"{whole} | "
+            f"{whole} | {warned} | "
             f"{r['reload_max_abs']:.1e} | {'yes' if r['trains'] else 'no'} | {r['prune_s']:.1f} | "
             f"{'yes' if r['ok'] else '**no**'} |"
         )

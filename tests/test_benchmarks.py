@@ -112,7 +112,7 @@ def test_zoo_row_records_a_reload_exact_pruned_model_and_resumes(tmp_path, capsy
     assert zoo.main(["--table", "--out", str(out)]) == 0
     md = (tmp_path / "zoo.md").read_text()
     assert f"| squeezenet1_0 | 32² | ÷1.67 | ÷{rec['flops_reached_x']:.2f} |" in md
-    assert "1× last layer (exempt_last=True) | 0.0e+00 | yes |" in md
+    assert "1× last layer (exempt_last=True) | – | 0.0e+00 | yes |" in md
 
 
 def test_zoo_records_a_failure_instead_of_dropping_it(tmp_path, monkeypatch):
@@ -128,3 +128,10 @@ def test_zoo_records_a_failure_instead_of_dropping_it(tmp_path, monkeypatch):
     recs = {r["model"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert not recs["squeezenet1_0"]["ok"] and not recs["squeezenet1_0"]["reload_exact"]
     assert not recs["nonexistent_net"]["ok"] and "nonexistent_net" in recs["nonexistent_net"]["error"]
+
+
+def test_zoo_redraws_a_zero_initialised_head():
+    from benchmarks import zoo
+
+    # torchvision initialises ViT's head to zeros: behind it no gradient reaches any layer
+    assert zoo.build("vit_b_16").heads.head.weight.any()
