@@ -800,19 +800,25 @@ def grid_rows(name: str, models: tuple[str, ...] = ("resnet20-narrow", "vgg-narr
                 rows += [
                     _argv(model, m, fx, group_cap=0.75, finetune=3) for fx in budgets for m in SECOND_ORDER
                 ]
-    elif name == "latency-forms":  # EigenDamage with forms chosen by measured time, NCHW
+    elif name in ("latency-forms", "latency-forms-finetune"):  # forms chosen by measured time
         for model in models:
-            for k in (1.5, 2):
-                rows.append(
-                    _argv(model, EIGEN, None, variant="latency-forms", latency_x=k, memory_format="nchw")
-                )
+            if name == "latency-forms-finetune":
+                for fmt in ("nchw", "channels_last"):
+                    lat = dict(latency_x=1.22, memory_format=fmt, finetune=3)
+                    rows.append(_argv(model, EIGEN, None, variant="latency-forms", **lat))
+                continue
+            for fmt, ks in (("nchw", (1.22, 1.5, 2)), ("channels_last", (1.22,))):
+                for k in ks:
+                    lat = dict(latency_x=k, memory_format=fmt)
+                    rows.append(_argv(model, EIGEN, None, variant="latency-forms", **lat))
     elif name in ("latency", "latency-finetune"):  # matched measured latency (batch 64, 2 threads)
-        ks = (1.5, 2, 3) if name == "latency" else (2,)
+        # ×0.82, ×0.67, ×0.5, ×0.33 of the dense time; fine-tuned at ×0.82 and ×0.5
+        ks = (1.22, 1.5, 2, 3) if name == "latency" else (1.22, 2)
         extra = {} if name == "latency" else {"finetune": 3}
         for model in models:
             for fmt in ("nchw", "channels_last"):
                 for k in ks:
-                    for m in (EIGEN, "l2", "taylor"):
+                    for m in (EIGEN, "l1", "l2", "taylor"):
                         variant = "defaults" if m == EIGEN else None
                         rows.append(
                             _argv(model, m, None, variant=variant, latency_x=k, memory_format=fmt, **extra)

@@ -54,6 +54,7 @@ GRIDS = (
     "latency",
     "latency-finetune",
     "latency-forms",
+    "latency-forms-finetune",
     "baselines-cap",
 )
 
