@@ -602,9 +602,10 @@ def _curve(rows: list[dict[str, Any]], x: str, y: str) -> tuple[list[float], lis
 
 
 def converged_plots(records: list[dict[str, Any]], folder: Path) -> list[str]:
-    """Per network: accuracy against FLOPs reduction (after pruning, and after the 3-epoch
-    fine-tune) and accuracy against measured latency (the latency-matched rows, NCHW and
-    channels_last), one line per method. Returns the PNG names written."""
+    """Per network, one line per method: accuracy against FLOPs reduction and against measured
+    latency (the latency-matched rows, NCHW and channels_last), right after pruning (top row)
+    and after the 3-epoch fine-tune (bottom row: the final accuracy). Returns the PNG names
+    written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -618,11 +619,18 @@ def converged_plots(records: list[dict[str, Any]], folder: Path) -> list[str]:
         if not mine:
             continue
         dense = json.loads((folder / f"dense-{model}.json").read_text())["test_accuracy"]
-        fig, axes = plt.subplots(1, 4, figsize=(20, 5))
+        # top row: right after pruning; bottom row: after the 3-epoch fine-tune (final accuracy)
+        fig, grid = plt.subplots(2, 3, figsize=(17, 10))
         panels = [
-            (axes[0], [r for r in mine if not r["finetune"]], "flops_x", "acc_after_quick", "after pruning"),
             (
-                axes[1],
+                grid[0][0],
+                [r for r in mine if not r["finetune"]],
+                "flops_x",
+                "acc_after_quick",
+                "after pruning",
+            ),
+            (
+                grid[1][0],
                 [r for r in mine if r["finetune"] == 3],
                 "flops_x",
                 "acc_finetuned",
@@ -630,9 +638,15 @@ def converged_plots(records: list[dict[str, Any]], folder: Path) -> list[str]:
             ),
         ]
         for i, fmt in enumerate(("nchw", "channels_last")):
-            rs = [r for r in lat if r["model"] == model and r["memory_format"] == fmt and not r["finetune"]]
-            title = f"latency-matched rows, {fmt}, after pruning"
-            panels.append((axes[2 + i], rs, "latency_rel", "acc_after_quick", title))
+            here = [r for r in lat if r["model"] == model and r["memory_format"] == fmt]
+            title = f"latency-matched rows, {fmt}"
+            rs = [r for r in here if not r["finetune"]]
+            panels.append((grid[0][1 + i], rs, "latency_rel", "acc_after_quick", f"{title}, after pruning"))
+            rs = [r for r in here if r["finetune"] == 3 and r.get("latency_rel") is not None]
+            panels.append(
+                (grid[1][1 + i], rs, "latency_rel", "acc_finetuned", f"{title}, fine-tuned 3 epochs")
+            )
+        axes = [grid[0][0], grid[1][0]]
         every = sorted({lab for _, rows, *_ in panels for r in rows if (lab := plot_label(r))})
         colour = {lab: plt.get_cmap("tab20")(i % 20) for i, lab in enumerate(every)}  # one per method
         for ax, rows, x, y, title in panels:
@@ -661,7 +675,8 @@ def converged_plots(records: list[dict[str, Any]], folder: Path) -> list[str]:
             ax.set_title(title, fontsize=10)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        axes[0].set_ylabel("test accuracy (%)")
+        for ax in axes:
+            ax.set_ylabel("test accuracy (%)")
         fig.suptitle(f"{model} (converged, full Fashion-MNIST): mean over seeds", fontsize=11)
         fig.tight_layout()
         name = f"{model}.png"
