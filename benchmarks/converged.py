@@ -237,6 +237,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # training batch size
     "train-forms": dict(form_by="latency", latency_mode="training", latency_batch=128),
 }
+# Variants the after-pruning ablation leaves out: "defaults" and "paper-no-bn" have their own
+# grids (finetune…, plain-user), "train-forms" is trainstep's, "latency-forms" (timed, so run on
+# a quiet machine) is grid latency-forms', and "frozen-rotations" only changes the fine-tune.
+NOT_IN_ABLATION = ("defaults", "paper-no-bn", "train-forms", "latency-forms", "frozen-rotations")
 
 
 def refresh_bn(net: nn.Module, batches: list) -> None:
@@ -725,7 +729,7 @@ def grid_rows(name: str, models: tuple[str, ...] = ("resnet20-narrow", "vgg-narr
             for fx in (2, 4, 8):
                 for seed in (0, 1) if fx > 2 else (0,):
                     for v in VARIANTS:
-                        if v not in ("defaults", "paper-no-bn", "train-forms"):  # (trainstep's)
+                        if v not in NOT_IN_ABLATION:
                             rows.append(_argv(model, EIGEN, fx, variant=v, seed=seed))
                     rows += [_argv(model, m, fx, seed=seed) for m in PEERS]
     elif name == "plain-user":  # what prune() gives without the protocol's BatchNorm re-estimation

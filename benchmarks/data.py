@@ -22,7 +22,9 @@ command that fixes it.
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,8 +102,16 @@ def _fashion(root: Path, download: bool) -> tuple[torch.Tensor, ...]:
         for f in files:
             src = DEBIAN_FASHION / f"{f}.gz"
             if src.exists() and not (raw / f).exists():
-                with gzip.open(src, "rb") as fin, open(raw / f, "wb") as fout:
-                    shutil.copyfileobj(fin, fout)
+                # unpack beside the target and rename: a reader running at the same time (two
+                # benchmark workers) or a run killed half-way never sees a partial file
+                fd, tmp = tempfile.mkstemp(dir=raw, prefix=f".{f}.")
+                try:
+                    with gzip.open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
+                        shutil.copyfileobj(fin, fout)
+                    os.replace(tmp, raw / f)
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
     try:
         train = FashionMNIST(str(root), train=True, download=download)
         test = FashionMNIST(str(root), train=False, download=download)

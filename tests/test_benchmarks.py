@@ -62,6 +62,43 @@ def test_missing_dataset_gives_a_clear_error(tmp_path, monkeypatch, capsys):
     assert "cifar100" in capsys.readouterr().err
 
 
+def _idx(dims: tuple[int, ...], data: bytes) -> bytes:
+    """An IDX file (unsigned bytes): magic, dimension sizes, then the data."""
+    import struct
+
+    return struct.pack(">HBB", 0, 0x08, len(dims)) + struct.pack(f">{len(dims)}I", *dims) + data
+
+
+def test_debian_fashion_unpack_never_leaves_a_partial_file(tmp_path, monkeypatch):
+    import gzip
+
+    deb = tmp_path / "deb"
+    deb.mkdir()
+    images = bytes(range(256)) * (3 * 28 * 28 // 256) + bytes(3 * 28 * 28 % 256)
+    for split in ("train", "t10k"):
+        (deb / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx((3, 28, 28), images)))
+        (deb / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx((3,), bytes([1, 2, 3]))))
+    monkeypatch.setattr(bdata, "DEBIAN_FASHION", deb)
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+
+    real_copy = bdata.shutil.copyfileobj
+
+    def killed_half_way(fin, fout):  # a run stopped while it writes the first file
+        fout.write(fin.read(100))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bdata.shutil, "copyfileobj", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        bdata.load_data("fashion-mnist", tmp_path / "data")
+    assert list(raw.iterdir()) == []  # neither a truncated file nor a temporary one is left
+    monkeypatch.setattr(bdata.shutil, "copyfileobj", real_copy)
+    d = bdata.load_data("fashion-mnist", tmp_path / "data")
+    assert d.x_train.shape == (3, 1, 28, 28) and d.y_test.tolist() == [1, 2, 3]
+    assert sorted(p.name for p in raw.iterdir()) == sorted(
+        f"{s}-{k}" for s in ("train", "t10k") for k in ("images-idx3-ubyte", "labels-idx1-ubyte")
+    )
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(SystemExit):
         run.parse_args(["--dataset", "digits", "--model", "vgg-narrow", "--method", "obd"])

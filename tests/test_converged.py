@@ -84,6 +84,12 @@ def test_grid_rows_parse_and_have_distinct_keys() -> None:
     lat = [converged.parse_args(["row", *a]) for a in converged.grid_rows("latency")]
     assert {a.memory_format for a in lat} == {"nchw", "channels_last"}
     assert all(a.flops_x is None and a.latency_x for a in lat)
+    # the after-pruning ablation holds no timed variant (its rows would need a quiet machine) and
+    # no variant that only changes the fine-tune (its after-pruning row would repeat the defaults)
+    ablation = {converged.parse_args(["row", *a]).variant for a in converged.grid_rows("after-pruning")}
+    for v in ablation:
+        opts = converged.VARIANTS[v]
+        assert opts.get("form_by") != "latency" and "train_rotations" not in opts, v
 
 
 def test_old_records_keep_their_keys() -> None:
