@@ -25,7 +25,7 @@ that reproduces each; a row whose key is already there is skipped, so every comm
 
     python benchmarks/converged.py pretrain --model resnet20-narrow --epochs 6
     python benchmarks/converged.py row --model resnet20-narrow --method eigendamage --flops-x 4
-    python benchmarks/converged.py grid --grid after-pruning   # the ablation grid (see GRIDS)
+    python benchmarks/converged.py grid --grid after-pruning   # the ablation grid (names: grid_rows)
 """
 
 from __future__ import annotations

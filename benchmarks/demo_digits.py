@@ -8,9 +8,9 @@ into 1,437 training and 360 test images (stratified, ``random_state=0``).
 1. Dense training: ``--epochs`` epochs of SGD (momentum 0.9, cosine LR).
 2. Pruning and fine-tuning in one ``Trainer.fit`` with the ``EigenDamagePruning`` callback
    (true Fisher, FLOPs targets): one-shot pruning at the start of the fit removing 40 % of the
-   FLOPs (factors from one pass over the training set), then 40 % of what is left at the end of
-   fine-tuning epoch 2 and 30 % at the end of epoch 5 (factors from those epochs), fine-tuning
-   to ``--finetune-epochs`` (SGD, cosine LR from ``--finetune-lr``).
+   FLOPs (factors from the first 16 training batches, ``fisher_batches``' default), then 40 % of
+   what is left at the end of fine-tuning epoch 2 and 30 % at the end of epoch 5 (factors from
+   those epochs), fine-tuning to ``--finetune-epochs`` (SGD, cosine LR from ``--finetune-lr``).
 
 Prints accuracy, parameters, FLOPs (per example, ``torch.utils.flop_counter``, 2 per
 multiply-add) and measured CPU latency of the dense and of the pruned model, the per-layer table of

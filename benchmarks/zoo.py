@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         rec["threads"] = args.threads
         rec["date"] = time.strftime("%Y-%m-%d %H:%M")
         cmd = f"python benchmarks/zoo.py --models {name} --flops-x {args.flops_x:g} --size {args.size}"
-        rec["command"] = cmd + f" --batch {args.batch} --batches {args.batches}"
+        rec["command"] = cmd + f" --batch {args.batch} --batches {args.batches} --threads {args.threads}"
         failures += not rec["ok"]
         with args.out.open("a") as f:
             f.write(json.dumps(rec) + "\n")

@@ -106,8 +106,9 @@ class EigenDamagePruning(Callback):
             the input (e.g. ``lambda m, b: m(*b)`` for ``forward(inputs, target)``); used for the
             probe at the start of fit, every capture forward and the FLOP counts, instead of
             ``pl_module(input_fn(batch))``.
-        loss_fn: ``(output, target) → mean loss``; only used by ``fisher="empirical"`` with
-            ``at_start`` pruning (default: cross-entropy), where there is no training step yet.
+        loss_fn: ``(output, target) → mean loss``; only used by ``fisher="empirical"`` for the
+            eval-mode captures, where there is no training step to read the Fisher from:
+            ``at_start`` rounds and the plans of gradual removal (default: cross-entropy).
         exclude, exempt_last, layer_cap, min_rank, form, train_rotations, likelihood, class_dim,
         max_factor_dim,
         form_by, latency_batch, latency_format, latency_mode, round_to, rank_by:

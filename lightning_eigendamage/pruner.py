@@ -762,7 +762,7 @@ def prune(
 ) -> PruneReport:
     """Prune ``model`` in place with EigenDamage and return a :class:`PruneReport`.
 
-    Each prunable Conv2d/Linear is rewritten in its Kronecker-factored eigenbasis and the
+    Each prunable Conv2d/Conv1d/Linear is rewritten in its Kronecker-factored eigenbasis and the
     eigen-directions (rows and columns of ``W*``) with the smallest loss increase
     ``Σ ½·T·W*²·λ_G·λ_A`` are removed under one global threshold: the ``ratio``-quantile of all
     pooled direction scores. Each layer then takes its cheapest equivalent form (bottleneck,
@@ -781,9 +781,12 @@ def prune(
             FLOP count) instead of ``model(input_fn(batch))``. The target of the empirical
             Fisher is then ``batch[1]`` of a tuple/list batch.
         ratio: in ``[0, 1)``: with ``target="directions"`` the quantile of pooled direction scores
-            used as threshold (the realised fraction is at most this: see the report); with
+            used as threshold (``ceil(ratio·(n−1))`` of the ``n`` pooled scores are marked, so the
+            realised fraction is at most ``ratio + 1/n``: see the report); with
             ``"params"``/``"flops"`` the fraction of the model's parameters/FLOPs to remove (the
             threshold is found by bisection).
+        method: the scoring criterion, by name in the registry (``"eigendamage"``; others are
+            added with :func:`~lightning_eigendamage.register_criterion`).
         fisher: ``"true"`` (targets sampled from the model, seeded by ``seed``) or
             ``"empirical"`` (``loss_fn(output, target)``, default cross-entropy; it must return
             the mean over the batch's examples).
@@ -863,14 +866,20 @@ def prune(
     dense = copy.deepcopy(model) if shots > 1 and options.reconstruct else None
     per_shot = dataclasses.replace(options, reconstruct=False) if dense is not None else options
     first: PruneReport | None = None
+    kept = 1.0  # share of the directions the shots so far kept
     for _ in range(shots):
-        an = analyse(model, batches, per_shot, captured=captured, **dist_kw)
-        report = apply(model, an, decide(an, step, per_shot, **dist_kw), per_shot, changes=changes, **dist_kw)
+        with warnings.catch_warnings():
+            if shots > 1:  # one warning for the whole call (below), not one per shot's share
+                warnings.simplefilter("ignore", TargetNotReachedWarning)
+            an = analyse(model, batches, per_shot, captured=captured, **dist_kw)
+            plan = decide(an, step, per_shot, **dist_kw)
+            report = apply(model, an, plan, per_shot, changes=changes, **dist_kw)
         if an.calibration is not None and not isinstance(batches, (list, tuple)) and iter(batches) is batches:
             batches = an.calibration  # a one-shot iterator: later shots reuse what it gave
         first = report if first is None else first
+        kept *= 1.0 - report.realised_fraction
     if shots > 1:
-        report = _overall(first, report, ratio, options)
+        report = _overall(first, report, ratio, options, an, realised=1.0 - kept)
     if dense is not None:
         rebuilt = [n for n, m in model.named_modules() if isinstance(m, KFELayer)]
         _calibrate(model, dense, an, report, options, rebuilt=rebuilt, **dist_kw)
@@ -931,21 +940,37 @@ def _calibrate(
             report.recalibrated_bn = [names[id(m)] for m in bns]
 
 
-def _overall(first: PruneReport, last: PruneReport, ratio: float, opts: PruneOptions) -> PruneReport:
+def _overall(
+    first: PruneReport, last: PruneReport, ratio: float, opts: PruneOptions, an: Analysis, *, realised: float
+) -> PruneReport:
     """The report of a multi-shot call: the last shot's layers, totals against the model before
-    the first shot, and the target judged on the whole call."""
+    the first shot, the target judged on the whole call (one warning if it was missed, with what
+    limits the last shot, ``an``), and ``realised_fraction`` the share of the directions the whole
+    call removed: ``1 − Π_k (1 − r_k)`` over the shots' own fractions ``r_k`` (each shot's
+    directions are those the previous one kept)."""
     out = dataclasses.replace(
         last,
         params_before=first.params_before,
         flops_before=first.flops_before,
         ratio=ratio,
         shots=opts.shots,
+        realised_fraction=realised,
     )
-    if opts.target != "directions":
+    if opts.target == "directions":
+        out.reached = realised
+    else:
         before = out.params_before if opts.target == "params" else out.flops_before
         after = out.params_after if opts.target == "params" else out.flops_after
         out.reached = 1.0 - after / before if before else 0.0
         out.target_reached = out.reached >= ratio - TARGET_TOLERANCE
-        if out.target_reached:
-            out.limited_by = None
+        out.limited_by = None
+        if not out.target_reached:
+            out.limited_by = last.limited_by or _what_limits(an, opts)
+            warnings.warn(
+                f"prune: target not reached: asked to remove {ratio:.1%} of the {opts.target} in "
+                f"{opts.shots} shots, removed {out.reached:.1%} (÷{1 / max(1e-12, 1 - out.reached):.2f} "
+                f"instead of ÷{1 / max(1e-12, 1 - ratio):.2f}); limited by {out.limited_by}",
+                TargetNotReachedWarning,
+                stacklevel=3,
+            )
     return out

@@ -9,7 +9,8 @@ from typing import Any
 
 @dataclass
 class LayerReport:
-    """One prunable-type layer (Conv2d, Conv1d, Linear) considered by a pruning call.
+    """One layer considered by a pruning call: a prunable-type layer (Conv2d, Conv1d, Linear) or,
+    marked as not pruned with the reason, an embedding or recurrent layer.
 
     ``in_features``/``out_features`` are the original widths; ``kept_in``/``kept_out`` the
     eigen-directions (core widths) after the call; ``skipped`` the reason the layer was left

@@ -4,7 +4,8 @@ A schedule is a list of *prune points*. Each point removes ``fraction`` of what 
 in ``target`` units:
 
 - ``"directions"``: ``fraction`` is the global quantile of the pooled eigen-direction scores (as
-  ``prune(ratio=...)``); the realised fraction of removed directions is at most ``fraction``.
+  ``prune(ratio=...)``); the realised fraction of removed directions is at most
+  ``fraction + 1/n`` for ``n`` pooled directions.
 - ``"params"`` / ``"flops"``: ``fraction`` of the model's current parameters / FLOPs is removed
   (the global threshold that meets it is found by bisection).
 

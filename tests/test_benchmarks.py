@@ -143,6 +143,8 @@ def test_zoo_row_records_a_reload_exact_pruned_model_and_resumes(tmp_path, capsy
     assert rec["target_reached"] and rec["flops_reached_x"] == pytest.approx(1.67, rel=0.03)
     assert rec["params_after"] < rec["params_before"] and rec["pruned_layers"] > 0
     assert rec["skipped"] == {"classifier.1": "last layer (exempt_last=True)"}
+    # the recorded command reruns the row as it ran (the thread count sets the prune time)
+    assert rec["command"].endswith("--batch 2 --batches 2 --threads 1")
     assert zoo.main(argv) == 0  # resumes: the row is there, nothing is rerun
     assert len(out.read_text().splitlines()) == 1
     assert "done already" in capsys.readouterr().out

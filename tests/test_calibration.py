@@ -243,6 +243,31 @@ def test_several_shots_recapture_and_meet_the_target(monkeypatch) -> None:
     assert all(len(list(m.children())) <= 3 for m in model.modules() if isinstance(m, KFELayer))
 
 
+def test_several_shots_warn_once_for_the_whole_call_and_count_every_direction() -> None:
+    import warnings
+
+    from lightning_eigendamage import TargetNotReachedWarning
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3))
+    batches = [(torch.randn(16, 12), torch.randint(0, 3, (16,))) for _ in range(2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # layer_cap 0.5 on both sides of a bottleneck keeps at least a quarter of each core: ÷4 of
+        # the parameters is out of reach, and each of the two shots' own share (50 %) is too
+        report = prune(model, batches, ratio=0.75, target="params", shots=2, layer_cap=0.5, form="bottleneck")
+    missed = [w for w in caught if issubclass(w.category, TargetNotReachedWarning)]
+    assert len(missed) == 1, [str(w.message) for w in missed]
+    assert "asked to remove 75.0% of the params in 2 shots" in str(missed[0].message)
+    assert f"removed {report.reached:.1%}" in str(missed[0].message)
+    assert not report.target_reached and report.limited_by and "layer_cap=0.5" in report.limited_by
+    # every direction of the dense layers (input and output sides), against those kept at the end
+    pruned = [r for r in report.layers if r.skipped is None]
+    total = sum(r.in_features + r.out_features for r in pruned)
+    kept = sum(r.kept_in + r.kept_out for r in pruned)
+    assert report.realised_fraction == pytest.approx(1 - kept / total, abs=1e-12)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
