@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from .adapters import LayerAdapter, adapter_for, registered_base, registered_names
+from .curvature.hooks import is_capture_hook
 from .layers import KFELayer
 from .options import normalise_exclude
 
@@ -46,8 +47,9 @@ class Candidate:
         u = self.unit
         if isinstance(u, KFELayer):
             return u.in_features, u.out_features
-        if self.adapter is not None:
-            return self.adapter.widths(u)
+        adapter = self.adapter or adapter_for(u, exact=False)  # a subclass: its base type's widths
+        if adapter is not None:
+            return adapter.widths(u)
         return _unsupported_widths(u)
 
 
@@ -183,6 +185,12 @@ def _static_reason(unit, core, parent, child_name, names_of, owners) -> str | No
     reason = adapter.skip_reason(core)
     if reason is not None:
         return reason
+    hooked = _user_hooks(unit)
+    if hooked:
+        return (
+            f"has {' and '.join(hooked)} (e.g. torch.nn.utils.prune, spectral_norm or your own), which "
+            "the rebuilt layer would lose; remove them to prune it"
+        )
     if names_of.get(id(unit), 0) > 1:
         return "module is shared (registered under several names)"
     stage_params = list(unit.parameters())
@@ -191,6 +199,23 @@ def _static_reason(unit, core, parent, child_name, names_of, owners) -> str | No
     if not core.weight.requires_grad:
         return "frozen parameters"
     return None
+
+
+_HOOK_DICTS = (
+    ("_forward_pre_hooks", "forward pre-hooks"),
+    ("_forward_hooks", "forward hooks"),
+    ("_backward_pre_hooks", "backward pre-hooks"),
+    ("_backward_hooks", "backward hooks"),
+)
+
+
+def _user_hooks(unit: nn.Module) -> list[str]:
+    """The kinds of module hooks on ``unit`` or its stages that this package did not install."""
+    return [
+        label
+        for attr, label in _HOOK_DICTS
+        if any(not is_capture_hook(h) for m in unit.modules() for h in getattr(m, attr, {}).values())
+    ]
 
 
 def hookable(cands: list[Candidate]) -> dict[str, nn.Module]:

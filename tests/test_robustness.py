@@ -490,3 +490,63 @@ def test_callback_leaves_layers_wider_than_max_factor_dim_whole(monkeypatch) -> 
     assert {"net.0"} in asked and not any({"net.3", "net.5", "net.9"} & a for a in asked)  # no factor
     with pytest.raises(ValueError, match="max_factor_dim must be a positive integer"):
         EigenDamagePruning({0: 0.5}, max_factor_dim=0)
+
+
+def _hooked_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+    )  # fmt: skip
+
+
+def test_layers_with_user_hooks_are_left_whole_and_their_hooks_keep_firing() -> None:
+    model = _hooked_net().eval()
+    seen: list[torch.Tensor] = []
+    model[2].register_forward_hook(lambda m, i, o: seen.append(o))
+    model[2].register_forward_pre_hook(lambda m, i: (i[0] * 0.5,))
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    batches = [(torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))) for _ in range(2)]
+    report = prune(model, batches, ratio=0.0, form="bottleneck")  # full rank: nothing removed
+    by_name = {r.name: r for r in report.layers}
+    assert "forward pre-hooks and forward hooks" in by_name["2"].skipped
+    assert model[2].__class__ is nn.Conv2d  # left whole, hooks and all
+    assert isinstance(model[0], KFELayer) and isinstance(model[4], KFELayer)  # the others are pruned
+    seen.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+    assert len(seen) == 1  # the user's hook still fires
+
+
+def test_torch_pruning_masks_and_parametrisations_are_reported_with_the_right_reason_and_widths() -> None:
+    from torch.nn.utils import parametrizations
+    from torch.nn.utils import prune as torch_prune
+
+    model = _hooked_net()
+    torch_prune.l1_unstructured(model[2], "weight", amount=0.3)  # recomputes .weight in a pre-hook
+    model[4] = parametrizations.weight_norm(model[4])  # a parametrised subclass of Conv2d
+    batches = [(torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))) for _ in range(2)]
+    report = prune(model, batches, ratio=0.5)
+    by_name = {r.name: r for r in report.layers}
+    assert "forward pre-hooks" in by_name["2"].skipped and "frozen" not in by_name["2"].skipped
+    assert "subclasses Conv2d" in by_name["4"].skipped
+    for name in ("2", "4"):
+        r = by_name[name]
+        assert (r.in_features, r.out_features, r.kept_in, r.kept_out) == (8, 8, 8, 8), name
+    assert isinstance(model[0], KFELayer)
+
+
+def test_an_open_capture_is_not_taken_for_user_hooks() -> None:
+    """The callback keeps a capture's hooks installed across a window's batches; discovery then
+    must still see the layers as prunable."""
+    from lightning_eigendamage.curvature import KFACapture
+    from lightning_eigendamage.discovery import find_layers
+
+    model = _hooked_net()
+    names = [c.name for c in find_layers(model) if c.skipped is None]
+    with KFACapture({n: model.get_submodule(n) for n in names}):
+        assert [c.name for c in find_layers(model) if c.skipped is None] == names
+    model[2].register_forward_hook(lambda m, i, o: None)
+    assert "forward hooks" in {c.name: c.skipped for c in find_layers(model)}["2"]

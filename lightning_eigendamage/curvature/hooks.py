@@ -19,6 +19,15 @@ from torch import nn
 from ..costs import Geometry
 from .factors import A_FORMS, compute_dtype
 
+# Set on the forward hooks a capture installs, so that layer discovery can tell them from a
+# user's hooks (which a rebuilt layer would lose) while a capture is open.
+CAPTURE_HOOK = "_lightning_eigendamage_capture"
+
+
+def is_capture_hook(fn: Any) -> bool:
+    """Whether ``fn`` (a value of a module's hook dicts) was installed by a capture of this package."""
+    return bool(getattr(fn, CAPTURE_HOOK, False))
+
 _C = TypeVar("_C", bound="HookCapture")
 
 
@@ -171,6 +180,7 @@ class HookCapture:
                 return
             self.record(name, module, inputs, output)
 
+        setattr(hook, CAPTURE_HOOK, True)
         return hook
 
 
