@@ -28,6 +28,7 @@ def is_capture_hook(fn: Any) -> bool:
     """Whether ``fn`` (a value of a module's hook dicts) was installed by a capture of this package."""
     return bool(getattr(fn, CAPTURE_HOOK, False))
 
+
 _C = TypeVar("_C", bound="HookCapture")
 
 
