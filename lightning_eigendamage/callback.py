@@ -66,7 +66,7 @@ from torch import nn
 from typing_extensions import override
 
 from .checkpoint import PrunedLoadingHook, has_pruned_loading
-from .curvature import KFACapture, capture_batch, split_batch, target_of
+from .curvature import KFACapture, capture_batch, single_class_message, split_batch, target_of
 from .discovery import Candidate, dynamic_skips, find_layers, no_prunable_message
 from .distributed import is_distributed
 from .gradual import (
@@ -443,11 +443,20 @@ class EigenDamagePruning(Callback):
         try:
             with cap, torch.no_grad():
                 cap.begin_batch()
-                self._forward(pl_module, batch)
+                out = self._forward(pl_module, batch)
                 cap.end_batch(0)
         finally:
             for m, mode in modes.items():
                 m.training = mode
+        opts = self.options
+        if (
+            opts.fisher == "true"
+            and opts.likelihood == "categorical"
+            and isinstance(out, torch.Tensor)
+            and out.dim() > 0
+            and out.movedim(opts.class_dim, -1).shape[-1] == 1
+        ):  # before any training: every capture would fail on it
+            raise ValueError(f"EigenDamagePruning: {single_class_message(tuple(out.shape), opts.class_dim)}")
         skips = dynamic_skips(cands, cap.layers, cap.fire_order, self.exempt_last, backward=False)
         if not any(c.skipped is None for c in cands):
             raise ValueError(f"EigenDamagePruning: {no_prunable_message(cands)}")

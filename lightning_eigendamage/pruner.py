@@ -798,7 +798,9 @@ def prune(
         form: ``"auto"`` (cheapest form) or a form forced on every pruned layer (for testing;
             forced forms may cost more than the original layer).
         train_rotations: if False, rotation stages are frozen (``requires_grad=False``).
-        likelihood: ``"categorical"`` (classes on ``class_dim``) or ``"gaussian"`` (regression).
+        likelihood: ``"categorical"`` (classes on ``class_dim``; a single logit there is an error),
+            ``"bernoulli"`` (every output an independent sigmoid logit: binary or multi-label
+            classifiers) or ``"gaussian"`` (regression, unit variance).
         max_batches: use at most this many batches.
         max_factor_dim: a layer whose input or output width exceeds this is left whole (with the
             reason in the report) before anything is captured: its ``d × d`` factor takes

@@ -297,6 +297,14 @@ def test_model_whose_only_layer_is_the_classifier_raises_before_training() -> No
     assert model.steps_run == 0
 
 
+def test_single_logit_with_the_categorical_likelihood_raises_before_training() -> None:
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, 8), nn.ReLU(), nn.Linear(8, 1))
+    model = LitClassifier(net)
+    with pytest.raises(ValueError, match=r"single logit on class_dim=-1.*likelihood='bernoulli'"):
+        _fit(model, EigenDamagePruning(schedule={0: 0.5}), max_epochs=2)
+    assert model.steps_run == 0
+
+
 class _Mixed(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -364,3 +364,40 @@ def test_gram_paths_match_the_definition(channels):
     v = torch.randn(3, channels, 17)
     ref = sum(v[i].double() @ v[i].double().T for i in range(3))
     torch.testing.assert_close(gram(v).double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_true_fisher_of_the_output_layer_has_the_likelihood_s_second_moment(likelihood):
+    """For the last layer ``z = W a`` the true Fisher's ``G`` is ``E[D Dᵀ]`` with ``D = ∂ℓ/∂z``:
+    ``diag(σ(z)(1 − σ(z)))`` averaged over examples for independent Bernoulli outputs, the
+    identity for a unit-variance Gaussian. Sampled, so compared to a tolerance."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    x = torch.randn(20000, 4) * 2
+    res = capture_factors(
+        model,
+        {"out": model[2]},
+        [(x, torch.zeros(len(x)))],
+        factors_for=["out"],
+        likelihood=likelihood,
+        generator=torch.Generator().manual_seed(3),
+    )
+    with torch.no_grad():
+        p = torch.sigmoid(model(x))
+    expected = torch.diag((p * (1 - p)).mean(0)) if likelihood == "bernoulli" else torch.eye(2)
+    torch.testing.assert_close(res.layers["out"].g().float(), expected, rtol=0, atol=0.01)
+
+
+def test_a_single_logit_with_the_categorical_likelihood_is_an_error():
+    from lightning_eigendamage import prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    batches = [(torch.randn(16, 4), torch.randint(0, 2, (16, 1)).float()) for _ in range(2)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for fisher in ("true", "empirical"):
+        with pytest.raises(ValueError, match="single logit.*likelihood='bernoulli'"):
+            prune(model, batches, ratio=0.5, fisher=fisher)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    report = prune(model, batches, ratio=0.5, likelihood="bernoulli")
+    assert report.realised_fraction > 0 and all(r.skipped is None for r in report.layers[:2])

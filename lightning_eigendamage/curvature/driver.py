@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 FISHER_TYPES = ("true", "empirical")
-LIKELIHOODS = ("categorical", "gaussian")
+LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
 
 
 class CaptureOptions(TypedDict, total=False):
@@ -68,9 +68,21 @@ def to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def single_class_message(shape: tuple[int, ...], class_dim: int) -> str:
+    """The error for a categorical likelihood over one logit (a softmax of one class is 1)."""
+    return (
+        f"the model's output {shape} has a single logit on class_dim={class_dim}: a softmax over one "
+        "class is constant, so every gradient and all curvature would be zero. For a sigmoid output "
+        "(binary or multi-label) pass likelihood='bernoulli', for regression likelihood='gaussian', "
+        "or fisher='empirical' with your own loss_fn"
+    )
+
+
 def default_loss(output: torch.Tensor, target: torch.Tensor, class_dim: int = -1) -> torch.Tensor:
     """Cross-entropy summed over locations, averaged over the ``N`` examples (leading dim)."""
     logits = output.movedim(class_dim, -1)
+    if logits.shape[-1] == 1:
+        raise ValueError(single_class_message(tuple(output.shape), class_dim))
     flat = logits.reshape(-1, logits.shape[-1])
     return F.cross_entropy(flat.float(), target.reshape(-1), reduction="sum") / output.shape[0]
 
@@ -81,11 +93,16 @@ def sampled_loss(
     """Loss of targets drawn from the model's own predictive distribution, summed over examples.
 
     Categorical: ``ŷ ~ softmax(logits)`` along ``class_dim``; loss ``Σ −log p(ŷ)``.
+    Bernoulli (each output a logit of its own, e.g. a binary classifier's single logit or a
+    multi-label head): ``ŷ ~ Bernoulli(σ(z))`` elementwise; loss ``Σ BCE(z, ŷ)``, whose gradient
+    ``σ(z) − ŷ`` has second moment ``σ(1 − σ)``.
     Gaussian (unit variance): ``ŷ = output + ε``, loss ``½ Σ (ŷ − output)²``.
     Its gradient w.r.t. a layer output is the per-example ``D`` of the true Fisher.
     """
     if likelihood == "categorical":
         logits = output.movedim(class_dim, -1)
+        if logits.shape[-1] == 1:
+            raise ValueError(single_class_message(tuple(output.shape), class_dim))
         flat = logits.reshape(-1, logits.shape[-1]).float()
         with torch.no_grad():
             probs = torch.softmax(flat, dim=-1)
@@ -94,6 +111,13 @@ def sampled_loss(
             probs = torch.where(bad, torch.ones_like(probs), probs)
             y = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         return F.cross_entropy(flat, y, reduction="sum")
+    if likelihood == "bernoulli":
+        z = output.float()
+        with torch.no_grad():
+            p = torch.sigmoid(z)
+            p = torch.where(torch.isfinite(p), p, torch.full_like(p, 0.5))  # non-finite: dropped later
+            y = torch.bernoulli(p, generator=generator)
+        return F.binary_cross_entropy_with_logits(z, y, reduction="sum")
     with torch.no_grad():
         eps = torch.randn(output.shape, generator=generator, device=output.device, dtype=torch.float32)
         y = output.detach().float() + eps
