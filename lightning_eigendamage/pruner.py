@@ -59,6 +59,7 @@ class ScoredLayer:
     s_in: torch.Tensor  # (d_in,) input-direction scores
     current: Cost
     input_shape: tuple[int, ...] | None = None  # per-example input of the whole layer
+    fingerprint: tuple = ()  # the layer's type and parameters when analysed (see apply)
 
     @property
     def name(self) -> str:
@@ -199,7 +200,9 @@ def analyse(
             s_out, s_in = s_out / cost_out, s_in / cost_in
         current = form_cost(geo, state.form, d_in, d_out, bias=bias)
         shape = None if lf.input_shape is None else c.adapter.input_shape_at(lf.input_shape, state.c_in)
-        layers.append(ScoredLayer(c, state, geo, bias, q_a, q_g, s_out, s_in, current, shape))
+        layers.append(
+            ScoredLayer(c, state, geo, bias, q_a, q_g, s_out, s_in, current, shape, _fingerprint(c.unit))
+        )
     if not layers:
         raise RuntimeError(
             "no layer could be pruned: "
@@ -539,6 +542,44 @@ def _all_finite(module: nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in module.state_dict().values() if torch.is_tensor(t))
 
 
+def _fingerprint(unit: nn.Module) -> tuple:
+    """What :func:`apply` checks a layer against: its type and, per parameter and buffer, name,
+    shape, dtype, and the float64 sum and sum of squares of its values (one pass, no copy)."""
+    tensors = [(n, t.detach()) for n, t in unit.state_dict(keep_vars=True).items() if torch.is_tensor(t)]
+    sums = [(t.double().sum(), t.double().square().sum()) for _, t in tensors]
+    values = torch.stack([torch.stack(p) for p in sums]).cpu().tolist() if sums else []
+    return (type(unit), tuple((n, tuple(t.shape), t.dtype) for n, t in tensors), tuple(map(tuple, values)))
+
+
+def _check_analysis_fits(model: nn.Module, an: Analysis) -> None:
+    """Raise before any change if ``model`` is not the analysed model (or a copy of it) as it was:
+    a layer missing, of another type or shape, or with other weights (the plan would rebuild it
+    from the analysed weights), e.g. an analysis applied twice or to another network."""
+    for w in an.layers:
+        try:
+            unit = model.get_submodule(w.name)
+        except AttributeError:
+            unit = None
+        if unit is None:
+            why = "the model has no such layer"
+        elif w.fingerprint and _fingerprint(unit) != w.fingerprint:
+            now, then = _fingerprint(unit), w.fingerprint
+            why = (
+                f"it is a {type(unit).__name__} now, a {then[0].__name__} when analysed"
+                if now[0] is not then[0]
+                else "its parameter shapes differ"
+                if now[1] != then[1]
+                else "its weights changed since"
+            )
+        else:
+            continue
+        raise ValueError(
+            f"apply: the analysis does not fit this model at layer {w.name!r} ({why}); apply an "
+            "analysis once, to the model it was made on (or a copy of it), right after analyse(); "
+            "the model was left unchanged"
+        )
+
+
 def apply(
     model: nn.Module,
     analysis: Analysis,
@@ -551,6 +592,10 @@ def apply(
 ) -> PruneReport:
     """Rebuild the layers ``plan`` changes, install them all at once, calibrate, and report.
 
+    ``model`` must be the analysed model, or a copy of it, as it was analysed: a layer that is
+    missing, of another type or shape, or whose weights changed since (an analysis applied twice,
+    or to another network) is a ValueError before anything changes.
+
     A rebuilt layer whose weights are not all finite is never installed (the layer stays as it
     is, with the reason in the report). New stages take the train/eval mode of the layer they
     replace. ``changes``, if given, is filled with one :class:`LayerChange` per rebuilt layer.
@@ -559,6 +604,7 @@ def apply(
     ``options.recalibrate_bn`` re-estimates the BatchNorm layers downstream of them.
     """
     an, opts = analysis, options
+    _check_analysis_fits(model, an)
     dense = copy.deepcopy(model) if opts.reconstruct and an.calibration is not None else None
     plans = {lp.name: lp for lp in plan.layers}
     final: dict[str, LayerPlan] = {}

@@ -25,6 +25,48 @@ from lightning_eigendamage import (
 from lightning_eigendamage.criteria import criterion_names
 
 
+def _state(model: nn.Module) -> tuple[list[str], dict[str, torch.Tensor]]:
+    return [type(m).__name__ for m in model.modules()], copy.deepcopy(model.state_dict())
+
+
+def _same(model: nn.Module, saved: tuple[list[str], dict[str, torch.Tensor]]) -> bool:
+    types, sd = _state(model)
+    if types != saved[0] or sd.keys() != saved[1].keys():
+        return False
+    return all(torch.equal(v, saved[1][k]) if torch.is_tensor(v) else v == saved[1][k] for k, v in sd.items())
+
+
+def test_apply_refuses_an_analysis_that_does_not_fit_the_model() -> None:
+    torch.manual_seed(0)
+    model, batches, opts = ConvNet(), conv_batches(2), PruneOptions(target="flops")
+    an = analyse(model, batches, opts)
+    plan = decide(an, 0.5, opts)
+    copy_ok = copy.deepcopy(model)
+    apply(copy_ok, an, plan, opts)  # a copy of the analysed model is fine
+
+    changed = copy.deepcopy(model)
+    name = an.layers[1].name
+    with torch.no_grad():
+        changed.get_submodule(name).weight.zero_()
+    saved = _state(changed)
+    with pytest.raises(ValueError, match=rf"layer '{name}' \(its weights changed since\)"):
+        apply(changed, an, plan, opts)
+    assert _same(changed, saved)
+
+    other = copy.deepcopy(model)  # same names, another kernel size at one layer
+    other.features[2] = nn.Conv2d(16, 24, 5, dilation=2, padding="same")
+    saved = _state(other)
+    with pytest.raises(ValueError, match=r"layer 'features.2' \(its parameter shapes differ\)"):
+        apply(other, an, plan, opts)
+    assert _same(other, saved)
+
+    apply(model, an, plan, opts)
+    saved = _state(model)
+    with pytest.raises(ValueError, match=r"it is a KFELayer now, a Conv2d when analysed"):
+        apply(model, an, plan, opts)  # the same plan twice
+    assert _same(model, saved)
+
+
 def test_analyse_decide_apply_is_prune() -> None:
     torch.manual_seed(0)
     a = ConvNet()
