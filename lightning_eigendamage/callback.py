@@ -306,6 +306,7 @@ class EigenDamagePruning(Callback):
         if stage != "fit":
             return
         _check_strategy(trainer.strategy)
+        _check_other_callbacks(trainer)
         for msg in self.schedule.validate_for(trainer.max_epochs, trainer.max_steps):
             rank_zero_warn(f"EigenDamagePruning: {msg}")
         if self.fisher == "empirical" and not pl_module.automatic_optimization:
@@ -1118,6 +1119,22 @@ class EigenDamagePruning(Callback):
             GradualWindow.from_dict(window) if window is not None and self.gradual is not None else None
         )
         self._targets = None
+
+
+def _check_other_callbacks(trainer: pl.Trainer) -> None:
+    """Refuse, before training, callbacks that keep their own copy of the model's weights: a
+    pruning round changes the shapes, and the copy then no longer fits (Lightning's
+    ``StochasticWeightAveraging`` copies the module at the start of fit and fails at its first
+    update after a round)."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, StochasticWeightAveraging):
+            raise ValueError(
+                "EigenDamagePruning cannot run beside StochasticWeightAveraging: SWA averages into "
+                "a copy of the model taken at the start of fit, and pruning changes the layers' "
+                "shapes. Prune in one fit, then start a second fit with SWA on the pruned model"
+            )
 
 
 def _candidates(pl_module: pl.LightningModule, opts: PruneOptions) -> list[Candidate]:

@@ -297,6 +297,16 @@ def test_model_whose_only_layer_is_the_classifier_raises_before_training() -> No
     assert model.steps_run == 0
 
 
+def test_stochastic_weight_averaging_beside_the_callback_is_refused_before_training() -> None:
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    model = LitClassifier(small_cnn())
+    swa = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1)
+    with pytest.raises(ValueError, match="cannot run beside StochasticWeightAveraging"):
+        _fit(model, [EigenDamagePruning(schedule={0: 0.5}), swa], max_epochs=2)
+    assert model.steps_run == 0
+
+
 def test_single_logit_with_the_categorical_likelihood_raises_before_training() -> None:
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, 8), nn.ReLU(), nn.Linear(8, 1))
     model = LitClassifier(net)
