@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from .eigenbasis import to_kfe, weight_as_3d
+from .values import as_int, as_real
 
 
 @dataclass(frozen=True)
@@ -64,17 +65,20 @@ class GradualRemoval:
     penalty: float
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int):
+        steps = as_int(self.steps)
+        if steps is None:
             raise TypeError(
                 f"GradualRemoval(steps=...) must be an int (optimizer steps before each prune "
                 f"point), got {type(self.steps).__name__} {self.steps!r}"
             )
-        if self.steps < 1:
-            raise ValueError(f"GradualRemoval(steps=...) must be ≥ 1, got {self.steps}")
-        p = self.penalty
-        if isinstance(p, bool) or not isinstance(p, (int, float)):
+        if steps < 1:
+            raise ValueError(f"GradualRemoval(steps=...) must be ≥ 1, got {steps}")
+        object.__setattr__(self, "steps", steps)
+        p = as_real(self.penalty)
+        if p is None:
             raise TypeError(
-                f"GradualRemoval(penalty=...) must be a real number, got {type(p).__name__} {p!r}"
+                f"GradualRemoval(penalty=...) must be a real number, got {type(self.penalty).__name__} "
+                f"{self.penalty!r}"
             )
         if not math.isfinite(p) or p <= 0:
             raise ValueError(

@@ -18,6 +18,7 @@ from torch import nn
 from .criteria import criterion_names
 from .curvature import FISHER_TYPES, LIKELIHOODS
 from .layers import FORMS
+from .values import as_int, as_real
 
 TARGETS = ("directions", "params", "flops")
 FORM_CHOICES = ("auto",) + FORMS
@@ -53,9 +54,11 @@ def normalise_exclude(exclude: Any) -> tuple[Any, ...]:
     return items
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def _positive_int(name: str, value: Any) -> int:
+    n = as_int(value)
+    if n is None or n < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return n
 
 
 def _one_of(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -113,29 +116,34 @@ class PruneOptions:
         _one_of("latency_format", self.latency_format, LATENCY_FORMATS)
         _one_of("latency_mode", self.latency_mode, LATENCY_MODES)
         _one_of("rank_by", self.rank_by, RANK_BY)
-        _positive_int("shots", self.shots)
-        d = self.reconstruct_damping
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not d >= 0:
-            raise ValueError(f"reconstruct_damping must be a number ≥ 0, got {d!r}")
-        cap = self.layer_cap
-        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0.0 < cap <= 1.0:
-            raise ValueError(f"layer_cap must be in (0, 1], got {cap!r}")
-        if isinstance(self.min_rank, bool) or not isinstance(self.min_rank, int) or self.min_rank < 1:
+        set_ = object.__setattr__  # frozen: numbers are stored as Python ints and floats
+        set_(self, "shots", _positive_int("shots", self.shots))
+        d = as_real(self.reconstruct_damping)
+        if d is None or not d >= 0:
+            raise ValueError(f"reconstruct_damping must be a number ≥ 0, got {self.reconstruct_damping!r}")
+        set_(self, "reconstruct_damping", d)
+        cap = as_real(self.layer_cap)
+        if cap is None or not 0.0 < cap <= 1.0:
+            raise ValueError(f"layer_cap must be in (0, 1], got {self.layer_cap!r}")
+        set_(self, "layer_cap", cap)
+        min_rank = as_int(self.min_rank)
+        if min_rank is None or min_rank < 1:
             raise ValueError(f"min_rank must be an integer ≥ 1, got {self.min_rank!r}")
-        _positive_int("latency_batch", self.latency_batch)
-        _positive_int("round_to", self.round_to)
-        if self.max_batches is not None:
-            _positive_int("max_batches", self.max_batches)
-        if self.max_factor_dim is not None:
-            _positive_int("max_factor_dim", self.max_factor_dim)
+        set_(self, "min_rank", min_rank)
+        set_(self, "latency_batch", _positive_int("latency_batch", self.latency_batch))
+        set_(self, "round_to", _positive_int("round_to", self.round_to))
+        for name in ("max_batches", "max_factor_dim"):
+            if getattr(self, name) is not None:
+                set_(self, name, _positive_int(name, getattr(self, name)))
         for name in ("input_fn", "forward_fn", "loss_fn"):
             fn = getattr(self, name)
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be a callable or None, got {type(fn).__name__}")
         for name in ("seed", "class_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {value!r}")
+            value = as_int(getattr(self, name))
+            if value is None:
+                raise TypeError(f"{name} must be an int, got {getattr(self, name)!r}")
+            set_(self, name, value)
         object.__setattr__(self, "exclude", normalise_exclude(self.exclude))
         for name in ("exempt_last", "train_rotations", "recalibrate_bn", "reconstruct"):
             value = getattr(self, name)

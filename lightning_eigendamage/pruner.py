@@ -39,6 +39,7 @@ from .options import PruneOptions
 from .plan import LayerChange, LayerPlan, Plan
 from .report import TARGET_TOLERANCE, LayerReport, PruneReport, TargetNotReachedWarning, ZeroCurvatureWarning
 from .surgery import LayerState, build_layer, is_channels_last, read_state, swap_modules
+from .values import as_real
 
 # ---------------------------------------------------------------------------------------------
 # Analysis: factors → bases → scores
@@ -496,10 +497,12 @@ def _latency_plan(an: Analysis, ratio: float, opts: PruneOptions) -> tuple[list[
 
 
 def check_ratio(ratio: Any) -> float:
-    """``ratio`` as a float in ``[0, 1)``, or a ValueError."""
-    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 <= ratio < 1.0:
+    """``ratio`` as a float in ``[0, 1)`` (NumPy scalars and one-element tensors too), or a
+    ValueError."""
+    value = as_real(ratio)
+    if value is None or not 0.0 <= value < 1.0:
         raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
-    return float(ratio)
+    return value
 
 
 def decide(
@@ -898,7 +901,7 @@ def prune(
         ValueError: bad arguments, empty ``batches``, no prunable layer.
         RuntimeError: every batch gave non-finite curvature (the model is left unchanged).
     """
-    check_ratio(ratio)
+    ratio = check_ratio(ratio)
     if options is None:
         options = PruneOptions.from_arguments(locals())
     dist_kw = {"distributed": distributed, "process_group": process_group}

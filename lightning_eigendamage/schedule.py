@@ -28,6 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from .values import as_int, as_real
+
 TARGETS = ("directions", "params", "flops")
 _OBJECT_KEYS = ("epochs", "steps", "at_start", "fisher_batches", "target")
 _EXAMPLE = "e.g. schedule={1: 0.5} (prune 50 % at the end of epoch 1) or PruningSchedule(epochs={1: 0.5})"
@@ -231,17 +233,13 @@ class StepPoint(PrunePoint):
 
 
 def _check_fraction(value: Any, where: str) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or not 0.0 <= value < 1.0
-    ):
+    number = as_real(value)
+    if number is None or not math.isfinite(number) or not 0.0 <= number < 1.0:
         raise ValueError(
             f"schedule fraction {where} must be a number in [0, 1), got {value!r}; it is the share of "
             "what remains that is removed (0.5 removes half), so 1 or more would remove everything"
         )
-    return float(value)
+    return number
 
 
 def _check_points(points: Any, unit: str, minimum: int) -> dict[int, float]:
@@ -250,11 +248,12 @@ def _check_points(points: Any, unit: str, minimum: int) -> dict[int, float]:
             f"PruningSchedule({unit}s=...) takes a dict {{{unit}: fraction}}, got {type(points).__name__}"
         )
     out = {}
-    for at, fraction in points.items():
-        if isinstance(at, bool) or not isinstance(at, int):
+    for key, fraction in points.items():
+        at = as_int(key)
+        if at is None:
             raise TypeError(
-                f"schedule keys are {unit} numbers (int ≥ {minimum}), got {at!r} "
-                f"({type(at).__name__}); {_EXAMPLE}"
+                f"schedule keys are {unit} numbers (int ≥ {minimum}), got {key!r} "
+                f"({type(key).__name__}); {_EXAMPLE}"
             )
         if at < minimum:
             raise ValueError(f"schedule {unit} must be an integer ≥ {minimum}, got {at}; {_EXAMPLE}")
@@ -299,8 +298,11 @@ class PruningSchedule:
         if self.at_start is not None:
             object.__setattr__(self, "at_start", _check_fraction(self.at_start, "at_start"))
         fb = self.fisher_batches
-        if fb is not None and (isinstance(fb, bool) or not isinstance(fb, int) or fb < 1):
-            raise ValueError(f"fisher_batches must be an integer ≥ 1 or None (every batch), got {fb!r}")
+        if fb is not None:
+            n = as_int(fb)
+            if n is None or n < 1:
+                raise ValueError(f"fisher_batches must be an integer ≥ 1 or None (every batch), got {fb!r}")
+            object.__setattr__(self, "fisher_batches", n)
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if not self.epochs and not self.steps and self.at_start is None:

@@ -172,3 +172,32 @@ def test_register_refuses_what_is_not_a_module_type() -> None:
 
     with pytest.raises(ValueError, match="registered as 'linear'"):
         register(Clash())
+
+
+def test_numbers_from_numpy_and_tensors_are_taken_as_python_numbers() -> None:
+    """A config or a sweep hands over NumPy scalars and 0-d tensors; bools are never numbers."""
+    np = pytest.importorskip("numpy")
+    from lightning_eigendamage import GradualRemoval, PruningSchedule
+
+    torch.manual_seed(0)
+    model, batches = ConvNet(), conv_batches(2)
+    plain = prune(copy.deepcopy(model), batches, ratio=0.5, target="flops").to_dict()
+    for ratio in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5)):
+        report = prune(copy.deepcopy(model), batches, ratio=ratio, target="flops")
+        assert report.to_dict() == plain and type(report.ratio) is float
+    for bad in (True, np.bool_(True), "0.5", torch.tensor([0.1, 0.2]), float("nan")):
+        with pytest.raises(ValueError, match="ratio must be a number in"):
+            prune(copy.deepcopy(model), batches, ratio=bad)
+    opts = PruneOptions(
+        layer_cap=np.float32(0.75), min_rank=np.int64(2), shots=torch.tensor(2), seed=np.int64(1)
+    )
+    assert (opts.layer_cap, opts.min_rank, opts.shots, opts.seed) == (0.75, 2, 2, 1)
+    assert all(type(v) in (int, float) for v in (opts.layer_cap, opts.min_rank, opts.shots, opts.seed))
+    with pytest.raises(ValueError, match="min_rank must be an integer"):
+        PruneOptions(min_rank=np.float32(2.0))
+    schedule = PruningSchedule(epochs={np.int64(1): np.float32(0.5)}, fisher_batches=np.int64(4))
+    assert schedule.epochs == {1: 0.5} and type(next(iter(schedule.epochs))) is int
+    assert schedule.fisher_batches == 4 and type(schedule.fisher_batches) is int
+    with pytest.raises(TypeError, match="schedule keys are epoch numbers"):
+        PruningSchedule(epochs={np.float32(1.0): 0.5})
+    assert GradualRemoval(np.int64(3), np.float32(2.0)) == GradualRemoval(3, 2.0)
