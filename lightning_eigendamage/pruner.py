@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import itertools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -112,15 +113,35 @@ def analyse(
     """Find, capture, decompose and score (see :func:`prune` for the arguments).
 
     Raises:
-        TypeError: ``batches`` is a single tensor or dict.
+        TypeError: ``batches`` is a single tensor or dict, or one unwrapped ``(input, target)``
+            batch (a tuple or list of tensors of different dtypes or ranks).
         ValueError: empty ``batches``, no prunable layer.
-        RuntimeError: every batch gave non-finite curvature, or no layer could be decomposed.
+        RuntimeError: every batch gave non-finite curvature, or no layer could be decomposed;
+            called inside ``torch.inference_mode()``.
     """
     if isinstance(batches, (torch.Tensor, Mapping)):
         raise TypeError(
             f"batches must be an iterable of batches (a DataLoader, or a list such as [x] or "
             f"[(x, y)]), got a single {type(batches).__name__}: iterating it would give single "
             "examples (or keys); wrap one batch in a list: prune(model, [batch], ...)"
+        )
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "prune()/analyse() was called inside torch.inference_mode(), where no gradient can be "
+            "taken, and the curvature needs gradients; call it outside (torch.no_grad() around the "
+            "call is fine: the capture turns gradients on itself)"
+        )
+    if (
+        isinstance(batches, (tuple, list))
+        and len(batches) >= 2
+        and all(isinstance(b, torch.Tensor) for b in batches)
+        and len({(b.dtype, b.dim()) for b in batches}) > 1
+    ):  # batches of bare inputs share dtype and rank; (x, y) does not
+        kinds = ", ".join(f"{b.dtype} {tuple(b.shape)}" for b in batches[:4])
+        raise TypeError(
+            f"batches is a {type(batches).__name__} of tensors of different kinds ({kinds}): that looks "
+            "like one (input, target) batch, and iterating it would feed the target to the model as a "
+            "batch; wrap it in a list: prune(model, [(x, y)], ...)"
         )
     opts = options
     cands = find_layers(model, opts.exclude, unsupported=True, max_factor_dim=opts.max_factor_dim)
@@ -895,7 +916,8 @@ def prune(
             (bases and kept directions), e.g. to carry optimizer state over (used by the callback).
         options: a :class:`~lightning_eigendamage.options.PruneOptions` already built (and
             validated), used instead of the individual option arguments (the callback passes its
-            own).
+            own); an option argument also given with another value than its default is a
+            ValueError (it would be ignored).
 
     Raises:
         ValueError: bad arguments, empty ``batches``, no prunable layer.
@@ -904,6 +926,8 @@ def prune(
     ratio = check_ratio(ratio)
     if options is None:
         options = PruneOptions.from_arguments(locals())
+    else:
+        _check_options_alone(options, locals())
     dist_kw = {"distributed": distributed, "process_group": process_group}
     shots = options.shots if captured is None else 1
     if shots > 1 and changes is not None:
@@ -935,6 +959,33 @@ def prune(
         rebuilt = [n for n, m in model.named_modules() if isinstance(m, KFELayer)]
         _calibrate(model, dense, an, report, options, rebuilt=rebuilt, **dist_kw)
     return report
+
+
+def _check_options_alone(options: Any, arguments: dict[str, Any]) -> None:
+    """``options=`` replaces the individual option arguments: refuse a non-PruneOptions, and any
+    option argument also given with a value other than its default (it would be ignored)."""
+    if not isinstance(options, PruneOptions):
+        raise TypeError(
+            f"options must be a PruneOptions (or None), got {type(options).__name__}; build one with "
+            "PruneOptions(**your_dict), or pass the options as keyword arguments"
+        )
+    defaults = inspect.signature(prune).parameters
+    names = {f.name for f in dataclasses.fields(PruneOptions)}
+    given = []
+    for name in sorted(names & arguments.keys()):
+        value, default = arguments[name], defaults[name].default
+        try:
+            same = value is default or (type(value) is type(default) and bool(value == default))
+        except Exception:  # a value whose == is not a plain truth value
+            same = False
+        if not same:
+            given.append(name)
+    if given:
+        raise ValueError(
+            f"options= is used instead of the individual option arguments, and {', '.join(given)} "
+            "was also given: pass them inside the PruneOptions (dataclasses.replace(options, ...)) "
+            "or leave options out"
+        )
 
 
 def _forward(opts: PruneOptions, device: torch.device) -> Callable[[nn.Module, Any], Any]:

@@ -201,3 +201,18 @@ def test_numbers_from_numpy_and_tensors_are_taken_as_python_numbers() -> None:
     with pytest.raises(TypeError, match="schedule keys are epoch numbers"):
         PruningSchedule(epochs={np.float32(1.0): 0.5})
     assert GradualRemoval(np.int64(3), np.float32(2.0)) == GradualRemoval(3, 2.0)
+
+
+def test_options_and_individual_option_arguments_are_not_mixed() -> None:
+    model = ConvNet()
+    before = copy.deepcopy(model.state_dict())
+    opts = PruneOptions(target="flops")
+    with pytest.raises(ValueError, match="target was also given"):
+        prune(model, conv_batches(1), ratio=0.5, options=opts, target="params")
+    with pytest.raises(ValueError, match="layer_cap, shots was also given"):
+        prune(model, conv_batches(1), ratio=0.5, options=opts, shots=2, layer_cap=0.5)
+    with pytest.raises(TypeError, match="options must be a PruneOptions"):
+        prune(model, conv_batches(1), ratio=0.5, options={"target": "flops"})
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    report = prune(model, conv_batches(1), ratio=0.5, options=opts, layer_cap=0.75)  # the default: fine
+    assert report.target == "flops"

@@ -387,6 +387,10 @@ def test_a_bare_tensor_as_batches_says_to_wrap_it() -> None:
         prune(model, torch.randn(4, 3, 16, 16), ratio=0.5)
     with pytest.raises(TypeError, match=r"single dict"):
         prune(model, {"x": torch.randn(4, 3, 16, 16)}, ratio=0.5)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    for one_batch in ((x, y), [x, y]):
+        with pytest.raises(TypeError, match=r"looks like one \(input, target\) batch.*\[\(x, y\)\]"):
+            prune(model, one_batch, ratio=0.5)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
@@ -550,3 +554,13 @@ def test_an_open_capture_is_not_taken_for_user_hooks() -> None:
         assert [c.name for c in find_layers(model) if c.skipped is None] == names
     model[2].register_forward_hook(lambda m, i, o: None)
     assert "forward hooks" in {c.name: c.skipped for c in find_layers(model)}["2"]
+
+
+def test_inference_mode_is_named_as_the_cause_and_no_grad_works() -> None:
+    model = ConvNet()
+    before = copy.deepcopy(model.state_dict())
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"inside torch.inference_mode\(\)"):
+        prune(model, conv_batches(1), ratio=0.5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert prune(model, conv_batches(1), ratio=0.5).realised_fraction > 0
