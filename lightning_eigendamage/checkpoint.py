@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from .layers import KFELayer, architecture_record, is_record
+from .layers import KFELayer, architecture_record, is_record, same_architecture
 from .surgery import layers_for_records, records_in, swap_modules
 
 _EXTRA_STATE = "_extra_state"
@@ -122,8 +122,8 @@ class PrunedLoadingHook:
 
     Args:
         rotations_require_grad: if not None, the rotation stages of every recorded layer get this
-            ``requires_grad`` (records do not store it; the callback passes its
-            ``train_rotations``).
+            ``requires_grad`` (the callback passes its ``train_rotations``); None keeps what each
+            record says (frozen if the layer was pruned with ``train_rotations=False``).
     """
 
     def __init__(self, rotations_require_grad: bool | None = None) -> None:
@@ -283,7 +283,7 @@ def check_loadable(
             if extra_key in state_dict:
                 if isinstance(module, KFELayer):
                     mine, theirs = architecture_record(module), state_dict[extra_key]
-                    if theirs != mine:
+                    if not same_architecture(theirs, mine):
                         errors.append(
                             f"{extra_key}: the checkpoint's pruned-layer record {theirs!r} does not "
                             f"match the layer's architecture {mine!r}"

@@ -98,7 +98,7 @@ class KFELayer(nn.Module):
         # The structure is fixed by construction (see restore); a record that disagrees with it
         # means the weights would be loaded into the wrong architecture.
         mine = architecture_record(self)
-        if state != mine:
+        if not same_architecture(state, mine):
             raise ValueError(
                 f"pruned-layer record {state!r} does not match this layer's architecture {mine!r}"
             )
@@ -128,7 +128,21 @@ def architecture_record(layer: KFELayer) -> dict[str, Any]:
         "out_features": layer.out_features,
         "rank_in": layer.rank_in,
         "rank_out": layer.rank_out,
+        # whether the rotations train (prune(train_rotations=False) freezes them); a record
+        # without the key is read as True
+        "rotations_trainable": all(
+            s.weight.requires_grad for s in (layer.rotate_in, layer.rotate_out) if s is not None
+        ),
     }
+
+
+def same_architecture(a: Any, b: Any) -> bool:
+    """Whether two records describe the same layer structure (``rotations_trainable``, which
+    loading does not change, is not part of it)."""
+    if not (is_record(a) and is_record(b)):
+        return a == b
+    drop = ("rotations_trainable",)
+    return {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
 
 
 def is_record(obj: Any) -> bool:
@@ -186,4 +200,10 @@ def empty_from_record(template: nn.Module, record: dict[str, Any]) -> KFELayer:
     rot_in = stage_like(template, c_in, r_in, pointwise=True, bias=False) if has_in else None
     core = stage_like(template, r_in, r_out, pointwise=False, bias=bias and not has_out)
     rot_out = stage_like(template, r_out, c_out, pointwise=True, bias=bias) if has_out else None
+    trainable = record.get("rotations_trainable", True)
+    if not isinstance(trainable, bool):
+        raise ValueError(f"bad rotations_trainable {trainable!r} in record")
+    for stage in (rot_in, rot_out):
+        if stage is not None:
+            stage.weight.requires_grad_(trainable)
     return KFELayer(rot_in, core, rot_out, in_features=c_in, out_features=c_out)

@@ -20,7 +20,7 @@ from torch import nn
 
 from .adapters import adapter_for
 from .eigenbasis import to_kfe, weight_as_3d, weight_from_3d
-from .layers import KFELayer, empty_from_record, form_of, is_record, stage_like
+from .layers import KFELayer, empty_from_record, form_of, is_record, same_architecture, stage_like
 
 
 @dataclass
@@ -204,7 +204,7 @@ def layers_for_records(model: nn.Module, records: dict[str, dict]) -> dict[str, 
                 "saved from another model class (or with a different prefix)?"
             )
         if isinstance(mod, KFELayer):
-            if mod.get_extra_state() == rec:
+            if same_architecture(mod.get_extra_state(), rec):
                 continue
             template = _template_of(mod)
         else:

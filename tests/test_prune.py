@@ -198,6 +198,26 @@ def test_restore_pruned_reproduces_outputs_with_weights_only(which):
         assert torch.equal(fresh.eval()(x), model.eval()(x))
 
 
+def test_restore_pruned_keeps_frozen_rotations_frozen():
+    model, batches = _conv()
+    fresh, trainable_fresh = copy.deepcopy(model), copy.deepcopy(model)
+    prune(model, batches, ratio=0.5, train_rotations=False)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(".rotate_" in n for n in frozen)
+    restore_pruned(fresh, model.state_dict())
+    assert {n for n, p in fresh.named_parameters() if not p.requires_grad} == frozen
+    # an old record without the flag, and one of trainable rotations, restore as trainable
+    sd = model.state_dict()
+    old = {k: ({kk: vv for kk, vv in v.items() if kk != "rotations_trainable"} if isinstance(v, dict) else v)
+           for k, v in sd.items()}  # fmt: skip
+    restore_pruned(trainable_fresh, old)
+    assert all(p.requires_grad for p in trainable_fresh.parameters())
+    # into layers of the same structure, a frozen record loads and, as torch's loading does,
+    # leaves requires_grad alone
+    trainable_fresh.load_state_dict(sd)
+    assert all(p.requires_grad for p in trainable_fresh.parameters())
+
+
 def test_restore_from_path_and_mismatch_leaves_model_unchanged(tmp_path):
     model, batches = _conv()
     prune(model, batches, ratio=0.5)
