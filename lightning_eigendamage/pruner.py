@@ -859,7 +859,8 @@ def prune(
             added with :func:`~lightning_eigendamage.register_criterion`).
         fisher: ``"true"`` (targets sampled from the model, seeded by ``seed``) or
             ``"empirical"`` (``loss_fn(output, target)``, default cross-entropy; it must return
-            the mean over the batch's examples).
+            the mean over the batch's examples; ``target`` is ``batch[1]`` of a tuple batch and
+            the whole batch of a dict batch, for ``loss_fn`` to read the labels from).
         exclude: module instances, module types, glob patterns on names, or compiled regexes of
             layers to leave alone. ``exempt_last`` also exempts the last layer to run (the
             classifier).

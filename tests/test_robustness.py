@@ -564,3 +564,28 @@ def test_inference_mode_is_named_as_the_cause_and_no_grad_works() -> None:
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with torch.no_grad():
         assert prune(model, conv_batches(1), ratio=0.5).realised_fraction > 0
+
+
+def test_dict_batches_take_the_empirical_fisher_through_loss_fn() -> None:
+    """The whole dict is loss_fn's target: the same pruning as (x, y) tuples with cross-entropy."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    tuples = conv_batches(2)
+    dicts = [{"image": x, "label": y} for x, y in tuples]
+    a = ConvNet()
+    b = copy.deepcopy(a)
+    ra = prune(a, tuples, ratio=0.5, fisher="empirical")
+    rb = prune(
+        b,
+        dicts,
+        ratio=0.5,
+        fisher="empirical",
+        input_fn=lambda d: d["image"],
+        loss_fn=lambda out, d: F.cross_entropy(out, d["label"]),
+    )
+    assert ra.to_dict() == rb.to_dict()
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa if torch.is_tensor(sa[k]))
+    with pytest.raises(ValueError, match=r"dict batches needs loss_fn=lambda output, batch"):
+        prune(ConvNet(), dicts, ratio=0.5, fisher="empirical", input_fn=lambda d: d["image"])

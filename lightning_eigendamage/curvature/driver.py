@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
@@ -38,10 +38,10 @@ class CaptureOptions(TypedDict, total=False):
 
 
 def split_batch(batch: Any, input_fn: Callable | None) -> tuple[Any, Any]:
-    """``(input, target)`` of a batch: a tensor, an ``(input, target, ...)`` tuple, or via ``input_fn``."""
+    """``(input, target)`` of a batch: a tensor, an ``(input, target, ...)`` tuple, or via
+    ``input_fn`` (the target then as :func:`target_of` finds it)."""
     if input_fn is not None:
-        target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
-        return input_fn(batch), target
+        return input_fn(batch), target_of(batch)
     if isinstance(batch, torch.Tensor):
         return batch, None
     if isinstance(batch, (tuple, list)) and batch:
@@ -53,7 +53,10 @@ def split_batch(batch: Any, input_fn: Callable | None) -> tuple[Any, Any]:
 
 
 def target_of(batch: Any) -> Any:
-    """The target of an ``(input, target, ...)`` batch, None for any other batch."""
+    """The target of an ``(input, target, ...)`` batch; for a dict batch the whole dict (a
+    ``loss_fn`` reads its labels from it); None for any other batch."""
+    if isinstance(batch, Mapping):
+        return batch
     return batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
 
 
@@ -172,7 +175,15 @@ def capture_batch(
                 cap.grad_scale = 1.0
             else:
                 if target is None:
-                    raise ValueError("fisher='empirical' needs (input, target) batches; got no target")
+                    raise ValueError(
+                        "fisher='empirical' needs (input, target) batches, or dict batches with a "
+                        "loss_fn(output, batch) that reads the labels from the dict; got no target"
+                    )
+                if isinstance(target, Mapping) and loss_fn is None:
+                    raise ValueError(
+                        "fisher='empirical' with dict batches needs loss_fn=lambda output, batch: ... "
+                        "(it gets the whole dict as its target, to read the labels from)"
+                    )
                 fn = loss_fn or (lambda o, t: default_loss(o, t, class_dim))
                 loss = fn(output, target)
                 cap.grad_scale = float(n)
