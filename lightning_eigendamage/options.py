@@ -144,6 +144,8 @@ class PruneOptions:
             if value is None:
                 raise TypeError(f"{name} must be an int, got {getattr(self, name)!r}")
             set_(self, name, value)
+        if not 0 <= self.seed < 2**64:  # what torch.Generator.manual_seed takes, non-negative
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
         object.__setattr__(self, "exclude", normalise_exclude(self.exclude))
         for name in ("exempt_last", "train_rotations", "recalibrate_bn", "reconstruct"):
             value = getattr(self, name)
