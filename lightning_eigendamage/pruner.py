@@ -302,8 +302,9 @@ def _warn_zero_curvature(names: list[str], n_layers: int) -> None:
     warnings.warn(
         f"prune: {len(names)} of {n_layers} layers have zero curvature (every direction scores 0), "
         f"so their directions are removed in arbitrary order: {shown}. No gradient reaches them: "
-        "is a layer downstream zero-initialised (e.g. a classifier head) or the loss constant? "
-        "Train the model (a few steps suffice) before pruning it",
+        "is a layer downstream zero-initialised (e.g. a classifier head; train the model a few "
+        "steps before pruning it), or is the loss constant in the output (the likelihood or "
+        "loss_fn does not fit what the model returns)?",
         ZeroCurvatureWarning,
         stacklevel=4,
     )
