@@ -237,7 +237,7 @@ def test_sharding_strategies_are_refused_by_setup(make) -> None:
 
 @pytest.mark.parametrize("strategy", [DDPStrategy(), SingleDeviceStrategy("cpu")], ids=["ddp", "single"])
 def test_supported_strategies_pass_setup(strategy) -> None:
-    stand_in = SimpleNamespace(strategy=strategy, max_epochs=2, max_steps=-1)
+    stand_in = SimpleNamespace(strategy=strategy, max_epochs=2, max_steps=-1, callbacks=[])
     EigenDamagePruning({0: 0.5}).setup(stand_in, LitClassifier(small_cnn()), "fit")
 
 
