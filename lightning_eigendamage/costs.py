@@ -117,8 +117,8 @@ def time_modules(
     """Median seconds of one eval forward of each module on ``example``, calls interleaved.
 
     With ``backward``, the time of a training step's share instead: the forward plus the backward
-    to the input and to every trainable parameter (``torch.autograd.grad`` with one fixed random
-    output gradient per module, so no ``.grad`` is written). Used to pick the fastest equivalent
+    to the input and to every trainable parameter (``torch.autograd.grad`` with an output gradient of ones
+    per module, so no ``.grad`` is written). Used to pick the fastest equivalent
     form of a layer for a declared setting (the device and batch size of ``example``). Modes are
     restored afterwards.
     """
@@ -134,7 +134,7 @@ def time_modules(
         x = example.detach().requires_grad_(True)
         out = mod(x)
         if k not in grads:
-            grads[k] = torch.randn_like(out)
+            grads[k] = torch.ones_like(out)  # values do not change the time; no global RNG
         wrt = [x, *(p for p in mod.parameters() if p.requires_grad)]
         torch.autograd.grad(out, wrt, grad_outputs=grads[k])
 

@@ -158,7 +158,11 @@ def stage_like(template: nn.Module, c_in: int, c_out: int, *, pointwise: bool, b
     adapter = adapter_for(template)
     if adapter is None:
         raise TypeError(f"cannot build a stage like a {type(template).__name__}")
-    return adapter.stage(template, c_in, c_out, pointwise=pointwise, bias=bias)
+    # The new module's default initialisation is overwritten by its caller; it must not draw from
+    # the user's global random streams (dropout, shuffling and so on would shift after a prune).
+    device = template.weight.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type="cuda"):
+        return adapter.stage(template, c_in, c_out, pointwise=pointwise, bias=bias)
 
 
 def empty_from_record(template: nn.Module, record: dict[str, Any]) -> KFELayer:

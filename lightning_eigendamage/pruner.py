@@ -450,7 +450,9 @@ def _by_latency(
                         train_rotations=opts.train_rotations,
                     )
             dt = w.state.template.weight.dtype
-            example = torch.randn((opts.latency_batch,) + w.input_shape, device=an.device, dtype=dt)
+            gen = torch.Generator().manual_seed(0)  # the user's global random streams stay as they are
+            shape = (opts.latency_batch,) + w.input_shape
+            example = torch.randn(shape, generator=gen, dtype=dt).to(an.device)
             if example.dim() == 4:
                 mods, example = _in_memory_format(mods, example, last)
             times = time_modules(mods, example, backward=opts.latency_mode == "training")

@@ -7,6 +7,7 @@ import copy
 import re
 import warnings
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lit_models import LitClassifier, MemoryLogger, image_data, loader, small_cnn, trainer
@@ -589,3 +590,33 @@ def test_dict_batches_take_the_empirical_fisher_through_loss_fn() -> None:
     assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa if torch.is_tensor(sa[k]))
     with pytest.raises(ValueError, match=r"dict batches needs loss_fn=lambda output, batch"):
         prune(ConvNet(), dicts, ratio=0.5, fisher="empirical", input_fn=lambda d: d["image"])
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"form_by": "latency"}, {"form_by": "latency", "latency_mode": "training"}, {"shots": 2}]
+)
+def test_prune_leaves_the_global_random_stream_alone(kwargs) -> None:
+    """New stages are initialised and then overwritten, timing inputs are made up: neither may
+    shift the user's dropout or shuffling."""
+    torch.manual_seed(0)
+    model, batches = ConvNet(), conv_batches(2)
+    state = torch.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # forms chosen by time may stop short of the target
+        prune(model, batches, ratio=0.5, target="flops", **kwargs)
+    assert any(isinstance(m, KFELayer) for m in model.modules())
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_callback_round_leaves_the_global_random_stream_alone() -> None:
+    states: list[torch.Tensor] = []
+
+    class Spy(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            states.append(torch.get_rng_state())
+
+    cb = EigenDamagePruning(schedule={0: 0.5}, verbose=False)
+    model = LitClassifier(small_cnn())
+    trainer(callbacks=[Spy(), cb, Spy()], max_epochs=1).fit(model, loader(image_data(32), 16))
+    assert len(cb.reports) == 1 and len(states) == 2
+    assert torch.equal(states[0], states[1])
