@@ -628,8 +628,28 @@ def apply(
     replace. ``changes``, if given, is filled with one :class:`LayerChange` per rebuilt layer.
     Then, on the analysis' calibration batches: ``options.reconstruct`` re-fits the rebuilt layers
     against a copy of the model taken before the surgery (:func:`~.calibration.reconstruct`), and
-    ``options.recalibrate_bn`` re-estimates the BatchNorm layers downstream of them.
+    ``options.recalibrate_bn`` re-estimates the BatchNorm layers downstream of them. A failure or
+    interrupt at any point after the swap (report, reconstruction, re-estimation) swaps the
+    original layers back and restores the buffers, so the model is as it was.
     """
+    report, _ = _apply(
+        model, analysis, plan, options, changes=changes, distributed=distributed, process_group=process_group
+    )
+    return report
+
+
+def _apply(
+    model: nn.Module,
+    analysis: Analysis,
+    plan: Plan,
+    options: PruneOptions,
+    *,
+    changes: dict[str, LayerChange] | None,
+    distributed: bool,
+    process_group: Any,
+) -> tuple[PruneReport, Callable[[], None]]:
+    """:func:`apply`, also returning a function that undoes it (for a multi-shot :func:`prune`
+    that fails in a later shot)."""
     an, opts = analysis, options
     _check_analysis_fits(model, an)
     dense = copy.deepcopy(model) if opts.reconstruct and an.calibration is not None else None
@@ -655,23 +675,41 @@ def apply(
                 new.train(w.cand.unit.training)  # the mode of the layer it replaces
                 replacements[w.name] = new
         final[w.name] = lp
+    originals = {name: model.get_submodule(name) for name in replacements}  # this model's own
+    with torch.no_grad():
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # BatchNorm statistics…
     swap_modules(model, replacements)
-    if changes is not None:
-        for w in an.layers:
-            lp = final[w.name]
-            if w.name in replacements:
-                changes[w.name] = LayerChange(
-                    w.cand.unit,
-                    replacements[w.name],
-                    w.q_a,
-                    w.q_g,
-                    list(lp.kept_in),
-                    list(lp.kept_out),
-                    lp.form,
-                )
-    report = _report(model, an, plan, final, opts)
-    _calibrate(model, dense, an, report, opts, distributed=distributed, process_group=process_group)
-    return report
+
+    def undo() -> None:
+        swap_modules(model, originals)
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                if n in buffers and b.shape == buffers[n].shape:
+                    b.copy_(buffers[n])
+        if changes is not None:
+            for name in replacements:
+                changes.pop(name, None)
+
+    try:
+        if changes is not None:
+            for w in an.layers:
+                lp = final[w.name]
+                if w.name in replacements:
+                    changes[w.name] = LayerChange(
+                        originals[w.name],
+                        replacements[w.name],
+                        w.q_a,
+                        w.q_g,
+                        list(lp.kept_in),
+                        list(lp.kept_out),
+                        lp.form,
+                    )
+        report = _report(model, an, plan, final, opts)
+        _calibrate(model, dense, an, report, opts, distributed=distributed, process_group=process_group)
+    except BaseException:
+        undo()
+        raise
+    return report, undo
 
 
 def _report(
@@ -946,22 +984,30 @@ def prune(
     per_shot = dataclasses.replace(options, reconstruct=False) if dense is not None else options
     first: PruneReport | None = None
     kept = 1.0  # share of the directions the shots so far kept
-    for _ in range(shots):
-        with warnings.catch_warnings():
-            if shots > 1:  # one warning for the whole call (below), not one per shot's share
-                warnings.simplefilter("ignore", TargetNotReachedWarning)
-            an = analyse(model, batches, per_shot, captured=captured, **dist_kw)
-            plan = decide(an, step, per_shot, **dist_kw)
-            report = apply(model, an, plan, per_shot, changes=changes, **dist_kw)
-        if an.calibration is not None and not isinstance(batches, (list, tuple)) and iter(batches) is batches:
-            batches = an.calibration  # a one-shot iterator: later shots reuse what it gave
-        first = report if first is None else first
-        kept *= 1.0 - report.realised_fraction
-    if shots > 1:
-        report = _overall(first, report, ratio, options, an, realised=1.0 - kept)
-    if dense is not None:
-        rebuilt = [n for n, m in model.named_modules() if isinstance(m, KFELayer)]
-        _calibrate(model, dense, an, report, options, rebuilt=rebuilt, **dist_kw)
+    undos: list[Callable[[], None]] = []
+    try:  # a failure or interrupt in any shot undoes the earlier ones: the model is as it was
+        for _ in range(shots):
+            with warnings.catch_warnings():
+                if shots > 1:  # one warning for the whole call (below), not one per shot's share
+                    warnings.simplefilter("ignore", TargetNotReachedWarning)
+                an = analyse(model, batches, per_shot, captured=captured, **dist_kw)
+                plan = decide(an, step, per_shot, **dist_kw)
+                report, undo = _apply(model, an, plan, per_shot, changes=changes, **dist_kw)
+                undos.append(undo)
+            one_shot_iterator = not isinstance(batches, (list, tuple)) and iter(batches) is batches
+            if an.calibration is not None and one_shot_iterator:
+                batches = an.calibration  # later shots reuse what it gave
+            first = report if first is None else first
+            kept *= 1.0 - report.realised_fraction
+        if shots > 1:
+            report = _overall(first, report, ratio, options, an, realised=1.0 - kept)
+        if dense is not None:
+            rebuilt = [n for n, m in model.named_modules() if isinstance(m, KFELayer)]
+            _calibrate(model, dense, an, report, options, rebuilt=rebuilt, **dist_kw)
+    except BaseException:
+        for undo in reversed(undos):
+            undo()
+        raise
     return report
 
 

@@ -620,3 +620,45 @@ def test_a_callback_round_leaves_the_global_random_stream_alone() -> None:
     trainer(callbacks=[Spy(), cb, Spy()], max_epochs=1).fit(model, loader(image_data(32), 16))
     assert len(cb.reports) == 1 and len(states) == 2
     assert torch.equal(states[0], states[1])
+
+
+def _snapshot(model: nn.Module):
+    return [type(m).__name__ for m in model.modules()], copy.deepcopy(model.state_dict())
+
+
+def _unchanged(model: nn.Module, snap) -> bool:
+    types, sd = _snapshot(model)
+    return types == snap[0] and sd.keys() == snap[1].keys() and all(torch.equal(v, snap[1][k]) for k, v in sd.items())
+
+
+@pytest.mark.parametrize(
+    "where, kwargs",
+    [
+        ("count_flops", {}),  # the report's count, after the swap
+        ("reconstruct", {"reconstruct": True}),
+        ("recalibrate_batchnorm", {}),
+        ("capture_factors", {"shots": 2}),  # the second shot's capture, after the first surgery
+        ("recalibrate_batchnorm", {"shots": 2}),
+    ],
+)
+def test_a_call_interrupted_after_the_surgery_leaves_the_model_as_it_was(monkeypatch, where, kwargs) -> None:
+    torch.manual_seed(0)
+    model, batches = ConvNet(), conv_batches(2)
+    model.train()
+    snap = _snapshot(model)
+    real = getattr(pruner, where)
+    calls = {"n": 0}
+    fail_at = {"count_flops": 2, "capture_factors": 2}.get(where, 2 if kwargs.get("shots") else 1)
+
+    def interrupted(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(pruner, where, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prune(model, batches, ratio=0.5, target="flops", **kwargs)
+    assert calls["n"] == fail_at
+    assert _unchanged(model, snap)
+    assert model.training and all(m.training for m in model.modules())
