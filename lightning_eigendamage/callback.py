@@ -46,6 +46,7 @@ import math
 import random
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -265,7 +266,17 @@ class EigenDamagePruning(Callback):
         self.options = PruneOptions.from_arguments(locals(), target=self.schedule.target, reconstruct=False)
         self.verbose = verbose
         self.gradual = gradual
+        self._load_hook: Any = None
+        self._fitted: weakref.ref | None = None  # the module of the last fit (see setup)
+        self._reset_run_state()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Spawning launchers pickle the callback; the weak reference to the last fit's module
+        # cannot be pickled, and a copy in another process has no earlier fit anyway.
+        return {**self.__dict__, "_fitted": None}
+
+    def _reset_run_state(self) -> None:
+        """Everything one fit accumulates (rounds done, reports, captures, windows)."""
         self.reports: list[PruneReport] = []
         self.transplants: list[dict[str, Any]] = []
         self.timings: list[dict[str, float]] = []
@@ -282,7 +293,6 @@ class EigenDamagePruning(Callback):
         self._step_at_batch_start = 0
         self._emp_active = False
         self._emp_backward = False
-        self._load_hook: Any = None
         self._saved_capture: dict[str, Any] | None = None
         # Gradual removal: the step after which each epoch/step point prunes, the active window,
         # the capture its plan is made from, and the window's live tensors (resolved lazily).
@@ -300,6 +310,17 @@ class EigenDamagePruning(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._check_spawn(trainer, pl_module)
+            # One instance used again for another model starts over (a resumed fit then loads
+            # its state from the checkpoint, after this); the same model fitted again goes on.
+            previous = self._fitted() if self._fitted is not None else None
+            if self._fitted is not None and previous is not pl_module:
+                if self._done:
+                    rank_zero_info(
+                        "EigenDamagePruning: fitting another model than the last fit's: its rounds "
+                        f"({', '.join(sorted(self._done))}) and reports start over"
+                    )
+                self._reset_run_state()
+            self._fitted = weakref.ref(pl_module)
         # Checkpoints of a pruned model (resume, ``trainer.test(ckpt_path="best")``) load into
         # this model: a pre-hook on the root reshapes the pruned layers before any child loads.
         self._install_loading_hook(pl_module)

@@ -307,6 +307,22 @@ def test_stochastic_weight_averaging_beside_the_callback_is_refused_before_train
     assert model.steps_run == 0
 
 
+def test_one_instance_fitting_a_new_model_starts_over_and_the_same_model_goes_on() -> None:
+    import pickle
+
+    cb = EigenDamagePruning(schedule={0: 0.5}, verbose=False)
+    first, second = LitClassifier(small_cnn()), LitClassifier(small_cnn())
+    _fit(first, cb, max_epochs=1)
+    assert len(cb.reports) == 1 and any(isinstance(m, KFELayer) for m in first.modules())
+    _fit(second, cb, max_epochs=1)  # a fresh model, no checkpoint: pruned too, one report
+    assert len(cb.reports) == 1 and any(isinstance(m, KFELayer) for m in second.modules())
+    assert cb.reports[0].params_before == sum(p.numel() for p in small_cnn().parameters())
+    pickle.loads(pickle.dumps(cb))  # spawning launchers pickle callbacks
+    again = cb.reports[0]
+    _fit(second, cb, max_epochs=2)  # the same model fitted again: its round is not repeated
+    assert cb.reports == [again]
+
+
 def test_single_logit_with_the_categorical_likelihood_raises_before_training() -> None:
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, 8), nn.ReLU(), nn.Linear(8, 1))
     model = LitClassifier(net)

@@ -628,7 +628,9 @@ def _snapshot(model: nn.Module):
 
 def _unchanged(model: nn.Module, snap) -> bool:
     types, sd = _snapshot(model)
-    return types == snap[0] and sd.keys() == snap[1].keys() and all(torch.equal(v, snap[1][k]) for k, v in sd.items())
+    if types != snap[0] or sd.keys() != snap[1].keys():
+        return False
+    return all(torch.equal(v, snap[1][k]) for k, v in sd.items())
 
 
 @pytest.mark.parametrize(
