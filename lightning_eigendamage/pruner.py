@@ -895,7 +895,9 @@ def prune(
             used as threshold (``ceil(ratio·(n−1))`` of the ``n`` pooled scores are marked, so the
             realised fraction is at most ``ratio + 1/n``: see the report); with
             ``"params"``/``"flops"`` the fraction of the model's parameters/FLOPs to remove (the
-            threshold is found by bisection).
+            threshold is found by bisection). FLOPs are counted per example on the first row of
+            the first batch's input, so examples must lie on dim 0 (``batch_first=True`` for
+            transformer layers; for sequence-first inputs pass a ``forward_fn`` that transposes).
         method: the scoring criterion, by name in the registry (``"eigendamage"``; others are
             added with :func:`~lightning_eigendamage.register_criterion`).
         fisher: ``"true"`` (targets sampled from the model, seeded by ``seed``) or
