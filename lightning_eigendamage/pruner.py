@@ -571,7 +571,7 @@ def _all_finite(module: nn.Module) -> bool:
 
 def _fingerprint(unit: nn.Module) -> tuple:
     """What :func:`apply` checks a layer against: its type and, per parameter and buffer, name,
-    shape, dtype, and the float64 sum and sum of squares of its values (one pass, no copy)."""
+    shape, dtype, and the float64 sum and sum of squares of its values (one tensor at a time)."""
     tensors = [(n, t.detach()) for n, t in unit.state_dict(keep_vars=True).items() if torch.is_tensor(t)]
     sums = [(t.double().sum(), t.double().square().sum()) for _, t in tensors]
     values = torch.stack([torch.stack(p) for p in sums]).cpu().tolist() if sums else []
@@ -587,19 +587,17 @@ def _check_analysis_fits(model: nn.Module, an: Analysis) -> None:
             unit = model.get_submodule(w.name)
         except AttributeError:
             unit = None
+        now, then = (_fingerprint(unit) if unit is not None else None), w.fingerprint
         if unit is None:
             why = "the model has no such layer"
-        elif w.fingerprint and _fingerprint(unit) != w.fingerprint:
-            now, then = _fingerprint(unit), w.fingerprint
-            why = (
-                f"it is a {type(unit).__name__} now, a {then[0].__name__} when analysed"
-                if now[0] is not then[0]
-                else "its parameter shapes differ"
-                if now[1] != then[1]
-                else "its weights changed since"
-            )
-        else:
+        elif not then or now == then:
             continue
+        elif now[0] is not then[0]:
+            why = f"it is a {type(unit).__name__} now, a {then[0].__name__} when analysed"
+        elif now[1] != then[1]:
+            why = "its parameter shapes differ"
+        else:
+            why = "its weights changed since"
         raise ValueError(
             f"apply: the analysis does not fit this model at layer {w.name!r} ({why}); apply an "
             "analysis once, to the model it was made on (or a copy of it), right after analyse(); "
