@@ -67,7 +67,7 @@ from torch import nn
 from typing_extensions import override
 
 from .checkpoint import PrunedLoadingHook, has_pruned_loading
-from .curvature import KFACapture, capture_batch, single_class_message, split_batch, target_of
+from .curvature import KFACapture, capture_batch, check_categorical, split_batch, target_of
 from .discovery import Candidate, dynamic_skips, find_layers, no_prunable_message
 from .distributed import is_distributed
 from .gradual import (
@@ -470,15 +470,11 @@ class EigenDamagePruning(Callback):
         finally:
             for m, mode in modes.items():
                 m.training = mode
-        opts = self.options
-        if (
-            opts.fisher == "true"
-            and opts.likelihood == "categorical"
-            and isinstance(out, torch.Tensor)
-            and out.dim() > 0
-            and out.movedim(opts.class_dim, -1).shape[-1] == 1
-        ):  # before any training: every capture would fail on it
-            raise ValueError(f"EigenDamagePruning: {single_class_message(tuple(out.shape), opts.class_dim)}")
+        if self.options.fisher == "true" and self.options.likelihood == "categorical":
+            try:  # before any training: every capture would fail on it
+                check_categorical(out, self.options.class_dim)
+            except ValueError as err:
+                raise ValueError(f"EigenDamagePruning: {err}") from None
         skips = dynamic_skips(cands, cap.layers, cap.fire_order, self.exempt_last, backward=False)
         if not any(c.skipped is None for c in cands):
             raise ValueError(f"EigenDamagePruning: {no_prunable_message(cands)}")

@@ -71,21 +71,24 @@ def to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def single_class_message(shape: tuple[int, ...], class_dim: int) -> str:
-    """The error for a categorical likelihood over one logit (a softmax of one class is 1)."""
-    return (
-        f"the model's output {shape} has a single logit on class_dim={class_dim}: a softmax over one "
-        "class is constant, so every gradient and all curvature would be zero. For a sigmoid output "
-        "(binary or multi-label) pass likelihood='bernoulli', for regression likelihood='gaussian', "
-        "or fisher='empirical' with your own loss_fn"
-    )
+def check_categorical(output: Any, class_dim: int) -> None:
+    """ValueError if ``output`` is a tensor with a single logit on ``class_dim``: a softmax over
+    one class is constant, so a categorical likelihood (or cross-entropy) gives zero curvature."""
+    if not isinstance(output, torch.Tensor) or output.dim() == 0:
+        return
+    if output.movedim(class_dim, -1).shape[-1] == 1:
+        raise ValueError(
+            f"the model's output {tuple(output.shape)} has a single logit on class_dim={class_dim}: a "
+            "softmax over one class is constant, so every gradient and all curvature would be zero. "
+            "For a sigmoid output (binary or multi-label) pass likelihood='bernoulli', for regression "
+            "likelihood='gaussian', or fisher='empirical' with your own loss_fn"
+        )
 
 
 def default_loss(output: torch.Tensor, target: torch.Tensor, class_dim: int = -1) -> torch.Tensor:
     """Cross-entropy summed over locations, averaged over the ``N`` examples (leading dim)."""
+    check_categorical(output, class_dim)
     logits = output.movedim(class_dim, -1)
-    if logits.shape[-1] == 1:
-        raise ValueError(single_class_message(tuple(output.shape), class_dim))
     flat = logits.reshape(-1, logits.shape[-1])
     return F.cross_entropy(flat.float(), target.reshape(-1), reduction="sum") / output.shape[0]
 
@@ -103,9 +106,8 @@ def sampled_loss(
     Its gradient w.r.t. a layer output is the per-example ``D`` of the true Fisher.
     """
     if likelihood == "categorical":
+        check_categorical(output, class_dim)
         logits = output.movedim(class_dim, -1)
-        if logits.shape[-1] == 1:
-            raise ValueError(single_class_message(tuple(output.shape), class_dim))
         flat = logits.reshape(-1, logits.shape[-1]).float()
         with torch.no_grad():
             probs = torch.softmax(flat, dim=-1)
