@@ -962,10 +962,17 @@ def prune(
             ValueError (it would be ignored).
 
     Raises:
-        ValueError: bad arguments, empty ``batches``, no prunable layer.
+        ValueError: bad arguments, empty ``batches``, no prunable layer, ``distributed`` without
+            an initialised process group.
         RuntimeError: every batch gave non-finite curvature (the model is left unchanged).
     """
     ratio = check_ratio(ratio)
+    if distributed and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            "distributed=True needs an initialised torch.distributed process group (run under "
+            "torchrun, or call dist.init_process_group first); in a single process pass "
+            "distributed=False"
+        )
     if options is None:
         options = PruneOptions.from_arguments(locals())
     else:

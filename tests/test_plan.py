@@ -216,3 +216,14 @@ def test_options_and_individual_option_arguments_are_not_mixed() -> None:
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     report = prune(model, conv_batches(1), ratio=0.5, options=opts, layer_cap=0.75)  # the default: fine
     assert report.target == "flops"
+
+
+def test_distributed_without_a_process_group_is_an_error() -> None:
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    model = ConvNet()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="distributed=True needs an initialised"):
+        prune(model, conv_batches(1), ratio=0.5, distributed=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
