@@ -34,7 +34,7 @@ def test_latency_is_the_median_per_forward_and_tells_models_apart() -> None:
     t = latency_ms({"slow": slow, "fast": fast}, torch.randn(3, 2), repeats=5, min_ms=1.0)
     assert set(t) == {"slow", "fast"}
     assert 3.5 <= t["slow"] <= 20.0  # milliseconds per forward, sleep included
-    assert t["fast"] < 1.0
+    assert t["fast"] < t["slow"] / 2  # relative: on a loaded machine every forward takes longer
     assert slow.training and fast.training  # modes restored
 
 
