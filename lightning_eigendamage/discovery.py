@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from .adapters import LayerAdapter, adapter_for, registered_base, registered_nam
 from .curvature.hooks import is_capture_hook
 from .layers import KFELayer
 from .options import normalise_exclude
+from .report import PruningWarning
 
 
 @dataclass
@@ -113,7 +115,8 @@ def find_layers(
     found: list[Candidate] = []
     seen: set[int] = set()
 
-    def visit(prefix: str, module: nn.Module) -> None:
+    def visit(prefix: str, module: nn.Module, excluded: bool) -> None:
+        """``excluded``: an enclosing module matched ``exclude`` (every layer inside is left)."""
         for child_name, child in module.named_children():
             name = f"{prefix}{child_name}"
             if isinstance(child, KFELayer) or registered_base(child) is not None:
@@ -123,7 +126,7 @@ def find_layers(
                 hook = child.core if isinstance(child, KFELayer) else child
                 cand = Candidate(name, child, hook)
                 cand.skipped = _static_reason(child, hook, module, child_name, names_of, owners)
-                if cand.skipped is None and _matches(name, child, exclude):
+                if cand.skipped is None and (excluded or _matches(name, child, exclude)):
                     cand.skipped = "excluded by user"
                 if cand.skipped is None and max_factor_dim is not None:
                     cand.skipped = _too_large(cand.adapter.widths(hook), max_factor_dim)
@@ -133,10 +136,29 @@ def find_layers(
                     seen.add(id(child))
                     found.append(Candidate(name, child, child, _unsupported_reason(child)))
             else:
-                visit(f"{name}.", child)
+                visit(f"{name}.", child, excluded or _matches(name, child, exclude))
 
-    visit("", model)
+    visit("", model, _matches("", model, exclude))
+    _warn_unmatched(model, exclude)
     return found
+
+
+def _warn_unmatched(model: nn.Module, exclude: Iterable[Any]) -> None:
+    """Warn about name patterns and module instances in ``exclude`` that match nothing in
+    ``model`` (a typo, or a regex that does not match whole names, would otherwise prune the
+    layers it was meant to protect)."""
+    names = [(n, m) for n, m in model.named_modules()]
+    for e in exclude:
+        if isinstance(e, type):
+            continue
+        if not any(_matches(n, m, [e]) for n, m in names):
+            what = (
+                "a module that is not part of the model"
+                if isinstance(e, nn.Module)
+                else "no module name (patterns and regexes must match the whole name, e.g. 'net.fc*')"
+            )
+            shown = f"a {type(e).__name__}" if isinstance(e, nn.Module) else repr(e)
+            warnings.warn(f"exclude entry {shown} matches {what}", PruningWarning, stacklevel=4)
 
 
 def _too_large(widths: tuple[int, int], limit: int) -> str | None:

@@ -51,6 +51,9 @@ class KFELayer(nn.Module):
         rank_in / rank_out: widths of the core, ``r_in`` / ``r_out``.
     """
 
+    # Python-side descriptions, not part of the computation: TorchScript leaves them out.
+    __jit_unused_properties__ = ["form", "rank_in", "rank_out"]
+
     def __init__(
         self,
         rotate_in: nn.Module | None,

@@ -605,6 +605,42 @@ def _check_analysis_fits(model: nn.Module, an: Analysis) -> None:
         )
 
 
+def _checked_plan(an: Analysis, plan: Plan) -> dict[str, LayerPlan]:
+    """Name → layer plan, each checked against its analysed layer (a plan may be edited by hand:
+    its ``to_dict``/``from_dict`` are public), with ``params``/``flops`` recomputed from the kept
+    directions and form. ValueError, before anything changes, for a missing layer, an unknown
+    form, kept indices that are empty, repeated, unsorted or out of range, or a folded side that
+    does not keep all its directions."""
+    plans = {lp.name: lp for lp in plan.layers}
+    out = {}
+    for w in an.layers:
+        lp = plans.get(w.name)
+        if lp is None:
+            raise ValueError(f"apply: the plan has no entry for layer {w.name!r} of the analysis")
+        if not lp.changed:
+            out[w.name] = _unchanged(w)
+            continue
+        if lp.form not in FORMS:
+            raise ValueError(f"apply: layer {w.name!r}: unknown form {lp.form!r} (one of {FORMS})")
+        d_out, _, d_in = w.state.core.shape
+        for side, kept, n in (("kept_in", lp.kept_in, d_in), ("kept_out", lp.kept_out, d_out)):
+            if not kept or list(kept) != sorted(set(kept)) or kept[0] < 0 or kept[-1] >= n:
+                raise ValueError(
+                    f"apply: layer {w.name!r}: {side} must be ascending, distinct indices in "
+                    f"[0, {n}), at least one; got {list(kept)}"
+                )
+        whole_in = lp.form in ("fold_in", "dense")
+        whole_out = lp.form in ("fold_out", "dense")
+        if (whole_in and len(lp.kept_in) != d_in) or (whole_out and len(lp.kept_out) != d_out):
+            raise ValueError(
+                f"apply: layer {w.name!r}: form {lp.form!r} folds a rotation into the core, so that "
+                "side keeps all its directions"
+            )
+        cost = form_cost(w.geo, lp.form, len(lp.kept_in), len(lp.kept_out), bias=w.bias)
+        out[w.name] = dataclasses.replace(lp, params=cost.params, flops=cost.flops)
+    return out
+
+
 def apply(
     model: nn.Module,
     analysis: Analysis,
@@ -651,7 +687,7 @@ def _apply(
     an, opts = analysis, options
     _check_analysis_fits(model, an)
     dense = copy.deepcopy(model) if opts.reconstruct and an.calibration is not None else None
-    plans = {lp.name: lp for lp in plan.layers}
+    plans = _checked_plan(an, plan)
     final: dict[str, LayerPlan] = {}
     replacements = {}
     for w in an.layers:
@@ -902,9 +938,10 @@ def prune(
             ``"empirical"`` (``loss_fn(output, target)``, default cross-entropy; it must return
             the mean over the batch's examples; ``target`` is ``batch[1]`` of a tuple batch and
             the whole batch of a dict batch, for ``loss_fn`` to read the labels from).
-        exclude: module instances, module types, glob patterns on names, or compiled regexes of
-            layers to leave alone. ``exempt_last`` also exempts the last layer to run (the
-            classifier).
+        exclude: module instances, module types, glob patterns on names, or compiled regexes
+            (``fullmatch`` on whole names) of layers to leave alone; an entry that matches a
+            container leaves every layer inside it alone, one that matches nothing warns.
+            ``exempt_last`` also exempts the last layer to run (the classifier).
         layer_cap: at most this fraction of one layer's input (and of its output) directions is
             removed in one call. ``min_rank``: directions always kept per side.
         form: ``"auto"`` (cheapest form) or a form forced on every pruned layer (for testing;

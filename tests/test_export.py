@@ -25,6 +25,13 @@ def test_torch_export_matches_eager():
         torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-6)
 
 
+def test_torchscript_matches_eager():
+    model, x = _pruned()
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", ["aot_eager"])
 def test_torch_compile_recompiles_after_prune(backend):
     torch._dynamo.reset()

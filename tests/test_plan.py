@@ -227,3 +227,36 @@ def test_distributed_without_a_process_group_is_an_error() -> None:
     with pytest.raises(ValueError, match="distributed=True needs an initialised"):
         prune(model, conv_batches(1), ratio=0.5, distributed=True)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_apply_checks_an_edited_plan_and_reports_the_costs_of_what_it_built() -> None:
+    torch.manual_seed(0)
+    model, batches, opts = ConvNet(), conv_batches(2), PruneOptions(target="flops")
+    an = analyse(model, batches, opts)
+    d = decide(an, 0.5, opts).to_dict()
+    i = next(k for k, lp in enumerate(d["layers"]) if lp["changed"] and lp["form"] == "bottleneck")
+    name = d["layers"][i]["name"]
+    saved = _state(model)
+    for kept_in, match in (
+        ([0, 0, 1], "distinct"),
+        ([99], r"in \[0, "),
+        ([], "at least one"),
+        ([2, 1], "ascending"),
+    ):
+        bad = copy.deepcopy(d)
+        bad["layers"][i]["kept_in"] = kept_in
+        with pytest.raises(ValueError, match=match):
+            apply(model, an, Plan.from_dict(bad), opts)
+        assert _same(model, saved)
+    bad = copy.deepcopy(d)
+    bad["layers"][i]["form"] = "fold_in"  # folds the input rotation: all of A's directions stay
+    with pytest.raises(ValueError, match="keeps all its directions"):
+        apply(model, an, Plan.from_dict(bad), opts)
+    edited = copy.deepcopy(d)
+    edited["layers"][i]["kept_in"] = edited["layers"][i]["kept_in"][:1]
+    edited["layers"][i]["params"] = edited["layers"][i]["flops"] = 1  # stale costs are recomputed
+    report = apply(model, an, Plan.from_dict(edited), opts)
+    layer = {r.name: r for r in report.layers}[name]
+    built = sum(p.numel() for p in model.get_submodule(name).parameters())
+    assert layer.kept_in == 1 and layer.params_after == built
+    assert report.params_after == sum(p.numel() for p in model.parameters())

@@ -664,3 +664,40 @@ def test_a_call_interrupted_after_the_surgery_leaves_the_model_as_it_was(monkeyp
     assert calls["n"] == fail_at
     assert _unchanged(model, snap)
     assert model.training and all(m.training for m in model.modules())
+
+
+def _two_blocks() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+        nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 10),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["instance", "glob", "regex"])
+def test_excluding_a_container_leaves_every_layer_inside_it_whole(how: str) -> None:
+    from lightning_eigendamage import PruningWarning
+
+    model = _two_blocks()
+    entry = {"instance": model[0], "glob": "0", "regex": re.compile("0")}[how]
+    batches = [(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PruningWarning)  # the entry matches: no warning
+        warnings.filterwarnings("ignore", category=TargetNotReachedWarning)
+        report = prune(model, batches, ratio=0.6, exclude=[entry])
+    skipped = {r.name: r.skipped for r in report.layers}
+    assert skipped["0.0"] == skipped["0.2"] == "excluded by user"
+    assert isinstance(model[0][0], nn.Conv2d) and isinstance(model[0][2], nn.Conv2d)
+    assert isinstance(model.get_submodule("1.0"), KFELayer)  # the other block is pruned
+
+
+def test_an_exclude_entry_that_matches_nothing_warns() -> None:
+    from lightning_eigendamage import PruningWarning
+
+    model = _two_blocks()
+    batches = [(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))) for _ in range(2)]
+    with pytest.warns(PruningWarning, match=r"exclude entry re.compile\('block'\) matches no module name"):
+        prune(copy.deepcopy(model), batches, ratio=0.5, exclude=[re.compile("block")])
+    with pytest.warns(PruningWarning, match="exclude entry a Conv2d matches a module that is not part"):
+        prune(copy.deepcopy(model), batches, ratio=0.5, exclude=[nn.Conv2d(3, 3, 1)])
