@@ -609,8 +609,7 @@ def _checked_plan(an: Analysis, plan: Plan) -> dict[str, LayerPlan]:
     """Name → layer plan, each checked against its analysed layer (a plan may be edited by hand:
     its ``to_dict``/``from_dict`` are public), with ``params``/``flops`` recomputed from the kept
     directions and form. ValueError, before anything changes, for a missing layer, an unknown
-    form, kept indices that are empty, repeated, unsorted or out of range, or a folded side that
-    does not keep all its directions."""
+    form, or kept indices that are empty, repeated, unsorted or out of range."""
     plans = {lp.name: lp for lp in plan.layers}
     out = {}
     for w in an.layers:
@@ -629,13 +628,6 @@ def _checked_plan(an: Analysis, plan: Plan) -> dict[str, LayerPlan]:
                     f"apply: layer {w.name!r}: {side} must be ascending, distinct indices in "
                     f"[0, {n}), at least one; got {list(kept)}"
                 )
-        whole_in = lp.form in ("fold_in", "dense")
-        whole_out = lp.form in ("fold_out", "dense")
-        if (whole_in and len(lp.kept_in) != d_in) or (whole_out and len(lp.kept_out) != d_out):
-            raise ValueError(
-                f"apply: layer {w.name!r}: form {lp.form!r} folds a rotation into the core, so that "
-                "side keeps all its directions"
-            )
         cost = form_cost(w.geo, lp.form, len(lp.kept_in), len(lp.kept_out), bias=w.bias)
         out[w.name] = dataclasses.replace(lp, params=cost.params, flops=cost.flops)
     return out

@@ -249,8 +249,8 @@ def test_apply_checks_an_edited_plan_and_reports_the_costs_of_what_it_built() ->
             apply(model, an, Plan.from_dict(bad), opts)
         assert _same(model, saved)
     bad = copy.deepcopy(d)
-    bad["layers"][i]["form"] = "fold_in"  # folds the input rotation: all of A's directions stay
-    with pytest.raises(ValueError, match="keeps all its directions"):
+    bad["layers"][i]["form"] = "folded"
+    with pytest.raises(ValueError, match="unknown form 'folded'"):
         apply(model, an, Plan.from_dict(bad), opts)
     edited = copy.deepcopy(d)
     edited["layers"][i]["kept_in"] = edited["layers"][i]["kept_in"][:1]
