@@ -117,10 +117,10 @@ def time_modules(
     """Median seconds of one eval forward of each module on ``example``, calls interleaved.
 
     With ``backward``, the time of a training step's share instead: the forward plus the backward
-    to the input and to every trainable parameter (``torch.autograd.grad`` with an output gradient of ones
-    per module, so no ``.grad`` is written). Used to pick the fastest equivalent
-    form of a layer for a declared setting (the device and batch size of ``example``). Modes are
-    restored afterwards.
+    to the input and to every trainable parameter (``torch.autograd.grad`` with an output
+    gradient of ones, so no ``.grad`` is written). Used to pick the fastest equivalent form of a
+    layer for a declared setting (the device and batch size of ``example``). Modes are restored
+    afterwards.
     """
     modes = {m: m.training for mod in modules.values() for m in mod.modules()}
     sync = torch.cuda.synchronize if example.device.type == "cuda" else (lambda: None)

@@ -147,7 +147,7 @@ def _warn_unmatched(model: nn.Module, exclude: Iterable[Any]) -> None:
     """Warn about name patterns and module instances in ``exclude`` that match nothing in
     ``model`` (a typo, or a regex that does not match whole names, would otherwise prune the
     layers it was meant to protect)."""
-    names = [(n, m) for n, m in model.named_modules()]
+    names = list(model.named_modules())
     for e in exclude:
         if isinstance(e, type):
             continue
