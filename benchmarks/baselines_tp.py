@@ -39,10 +39,13 @@ from torch import nn
 from lightning_eigendamage.baselines import (
     CRITERIA,
     DEFAULT_DAMPING,
+    InputObsUpdate,
     ObsUpdate,
     c_obs_scores,
     capture_diag_fisher,
     channel_scores,
+    damped_inverse,
+    input_obs_scores,
     kron_obd_scores,
     kron_obs_scores,
     obs_update,
@@ -54,7 +57,13 @@ from lightning_eigendamage.curvature import capture_factors, split_batch, to_dev
 from lightning_eigendamage.pruner import find_layers
 
 PEERS = ("l1", "l2", "taylor")
-METHODS = CRITERIA + ("slimming",) + PEERS
+# input-side Kron-OBS: a channel is scored by the layers that read it and removed with their
+# least-squares compensation (docs/method.md §8), ranked by damage per FLOP saved
+# (what it is ranked by: the raw score, score per FLOP saved, or score over its group's mean score,
+# Torch-Pruning's normaliser, which spreads the removal evenly over the layers)
+INPUT_SIDE = {"kron-obs-in": "score", "kron-obs-in-flop": "per_flop", "kron-obs-in-mean": "group_mean"}
+RANKS = ("score", "per_flop", "group_mean")
+METHODS = CRITERIA + tuple(INPUT_SIDE) + ("slimming",) + PEERS
 TARGETS = ("channels", "flops")
 
 Scores = dict[nn.Module, torch.Tensor]
@@ -179,10 +188,15 @@ class _Group:
     # per member Conv2d/Linear: (module, side, Counter root_idx → number of its indices)
     effects: list[tuple[nn.Module, str, Counter]]
     rows: list[tuple[nn.Module, list[int], list[int]]]  # out-side members: (module, idxs, root_idxs)
+    cols: list[tuple[nn.Module, list[int], list[int]]]  # in-side members: (module, idxs, root_idxs)
 
 
-def _group_score(group: Any, dg: tp.DependencyGraph, n: int, scores: Scores | None, importance: Any):
-    """``(n,)`` float64 scores of a full group's root channels, or None if nothing in it is scored."""
+def _group_score(
+    group: Any, dg: tp.DependencyGraph, n: int, scores: Scores | None, importance: Any, in_scores: Scores
+):
+    """``(n,)`` float64 scores of a full group's root channels, or None if nothing in it is scored:
+    the sum of the output-channel ``scores`` of its producers and the input-channel ``in_scores``
+    of the layers that read it."""
     if importance is not None:
         s = importance(group)
         return None if s is None else s.detach().to(torch.float64).reshape(-1)
@@ -190,11 +204,13 @@ def _group_score(group: Any, dg: tp.DependencyGraph, n: int, scores: Scores | No
     hit = False
     for item in group:
         module = item.dep.target.module
-        if module in scores and dg.is_out_channel_pruning_fn(item.dep.handler):
+        out_side = dg.is_out_channel_pruning_fn(item.dep.handler)
+        table = (scores or {}) if out_side else in_scores
+        if module in table and (out_side or dg.is_in_channel_pruning_fn(item.dep.handler)):
             idxs, roots = list(item.idxs), list(item.root_idxs)
             if any(r is None for r in roots):
                 continue
-            total.index_add_(0, torch.tensor(roots), scores[module].detach().cpu().to(torch.float64)[idxs])
+            total.index_add_(0, torch.tensor(roots), table[module].detach().cpu().to(torch.float64)[idxs])
             hit = True
     return total if hit else None
 
@@ -206,18 +222,19 @@ def _collect_groups(
     scores: Scores | None,
     importance: Any,
     names: dict[nn.Module, str],
+    in_scores: Scores,
 ) -> list[_Group]:
     groups = []
     for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
         root_item = group[0]
         root = root_item.dep.target.module
         n = len(root_item.idxs)
-        s = _group_score(group, dg, n, scores, importance)
+        s = _group_score(group, dg, n, scores, importance, in_scores)
         if s is None:
             continue
         if s.numel() != n or not bool(torch.isfinite(s).all()):
             raise ValueError(f"group rooted at {names.get(root)}: scores must be {n} finite numbers")
-        effects, rows = [], []
+        effects, rows, cols = [], [], []
         for item in group:
             module = item.dep.target.module
             if module not in costs:
@@ -225,9 +242,8 @@ def _collect_groups(
             side = "out" if dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
             roots = [r for r in item.root_idxs if r is not None]
             effects.append((module, side, Counter(roots)))
-            if side == "out":
-                rows.append((module, list(item.idxs), list(item.root_idxs)))
-        groups.append(_Group(root, root_item.dep.handler, n, s, effects, rows))
+            (rows if side == "out" else cols).append((module, list(item.idxs), list(item.root_idxs)))
+        groups.append(_Group(root, root_item.dep.handler, n, s, effects, rows, cols))
     return groups
 
 
@@ -247,14 +263,13 @@ def _select(
     other_flops: int,
     flops_before: int,
     flops_tolerance: float = 0.03,
+    rank_by: str = "score",
 ) -> tuple[list[list[int]], int]:
     """Root channels removed per group (lowest scores first under the caps, until the target), and
-    the analytic FLOPs after removal."""
+    the analytic FLOPs after removal. ``rank_by="per_flop"`` ranks by score per FLOP that the
+    channel's removal saves from the unpruned network, ``"group_mean"`` by score over the mean
+    score of its group."""
     caps = [max(0, min(math.floor(max_group_ratio * g.n + 1e-9), g.n - min_channels)) for g in groups]
-    pool = sorted(
-        ((float(g.scores[c]), gi, c) for gi, g in enumerate(groups) for c in range(g.n)),
-        key=lambda x: (x[0], x[1], x[2]),
-    )
     state = {m: _LayerCost(c.coef, c.c_in, c.c_out, c.groups, c.depthwise) for m, c in costs.items()}
     flops = other_flops + sum(c.flops() for c in state.values())
     goal_channels = math.floor(ratio * sum(g.n for g in groups) + 1e-9)
@@ -285,6 +300,18 @@ def _select(
                 state[module] = new
         return delta
 
+    def rank(gi: int, c: int) -> float:
+        score = float(groups[gi].scores[c])
+        if rank_by == "per_flop":
+            return score / max(-apply(gi, c, dry=True), 1)
+        if rank_by == "group_mean":
+            return score / max(float(groups[gi].scores.mean()), 1e-300)
+        return score
+
+    pool = sorted(
+        ((rank(gi, c), gi, c) for gi, g in enumerate(groups) for c in range(g.n)),
+        key=lambda x: (x[0], x[1], x[2]),
+    )
     # With a FLOPs target, a channel whose removal would land more than `flops_tolerance` below
     # the goal is passed over for the next ones in the ranking (a thin, cheap channel elsewhere);
     # only if the goal cannot be met otherwise are passed-over channels taken, in ranking order.
@@ -343,6 +370,9 @@ def prune_channels(
     scores: Scores | None = None,
     importance: Callable[[Any], torch.Tensor | None] | None = None,
     updates: dict[nn.Module, Update] | None = None,
+    in_scores: Scores | None = None,
+    in_updates: dict[nn.Module, Callable[[list[int]], torch.Tensor]] | None = None,
+    rank_by: str = "score",
     ignored_layers: Iterable[nn.Module] | None = None,
     exempt_last: bool = True,
     max_group_ratio: float = 0.95,
@@ -363,6 +393,11 @@ def prune_channels(
         importance: instead of ``scores``, a Torch-Pruning importance called on each full group.
         updates: module → OBS update (``removed rows → (δW (C_out, d), δb or None)``), applied to
             ``weight.reshape(C_out, -1)`` / ``bias`` before the channels are removed.
+        in_scores: module → per-input-channel scores (``(C_in,)`` of a Conv2d, ``(in_features,)``
+            of a Linear) of the layers that read a group, added to its score.
+        in_updates: module → input-side update (``removed input channels → δW (C_out, d)``),
+            applied like ``updates`` to the layers that lose input channels.
+        rank_by: ``"score"``, ``"per_flop"`` or ``"group_mean"`` (see :func:`_select`).
         ignored_layers: modules whose output channels are never removed; with ``exempt_last`` the
             last Conv2d/Linear to run is added.
         max_group_ratio: at most this fraction of one group's channels is removed;
@@ -376,9 +411,12 @@ def prune_channels(
         A :class:`ChannelPruneReport`.
     """
     _check(ratio, target, max_group_ratio, min_channels)
-    if (scores is None) == (importance is None):
+    if rank_by not in RANKS:
+        raise ValueError(f"rank_by must be one of {RANKS}, got {rank_by!r}")
+    if sum(x is not None for x in (scores, importance, in_scores)) != 1:
         raise ValueError(
-            "pass exactly one of scores= (per-layer channel scores) or importance= (Torch-Pruning)"
+            "pass exactly one of scores= (per-layer channel scores), in_scores= (per-layer input "
+            "channel scores) or importance= (Torch-Pruning)"
         )
     ignored = list(ignored_layers or [])
     if exempt_last:
@@ -397,7 +435,7 @@ def prune_channels(
         # Torch-Pruning calls model(*example_inputs) first: a batch tensor must not be unpacked.
         traced = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=traced, verbose=False)
-        groups = _collect_groups(dg, ignored, costs, scores, importance, names)
+        groups = _collect_groups(dg, ignored, costs, scores, importance, names, in_scores or {})
         chosen, planned = _select(
             groups,
             costs,
@@ -408,13 +446,17 @@ def prune_channels(
             other_flops=other,
             flops_before=flops_before,
             flops_tolerance=flops_tolerance,
+            rank_by=rank_by,
         )
         # OBS updates first, on the full-size weights; a module's output rows belong to one group.
         removed_rows: dict[nn.Module, list[int]] = {}
+        removed_cols: dict[nn.Module, list[int]] = {}
         for g, sel in zip(groups, chosen):
             keep = set(sel)
             for module, idxs, roots in g.rows:
                 removed_rows.setdefault(module, []).extend(i for i, r in zip(idxs, roots) if r in keep)
+            for module, idxs, roots in g.cols:
+                removed_cols.setdefault(module, []).extend(i for i, r in zip(idxs, roots) if r in keep)
         with torch.no_grad():
             for module, update in (updates or {}).items():
                 rows = sorted(set(removed_rows.get(module, [])))
@@ -424,6 +466,10 @@ def prune_channels(
                 module.weight.add_(dw.reshape(module.weight.shape).to(module.weight))
                 if db is not None and module.bias is not None:
                     module.bias.add_(db.to(module.bias))
+            for module, update in (in_updates or {}).items():
+                chans = sorted(set(removed_cols.get(module, [])))
+                if chans:
+                    module.weight.add_(update(chans).reshape(module.weight.shape).to(module.weight))
         for g, sel in zip(groups, chosen):
             if not sel:
                 continue
@@ -509,10 +555,12 @@ def baseline_scores(
     max_batches: int | None = None,
     loss_fn: Callable | None = None,
     input_fn: Callable | None = None,
-) -> tuple[Scores, dict[nn.Module, ObsUpdate], dict[str, str]]:
+) -> tuple[Scores, dict[nn.Module, ObsUpdate | InputObsUpdate], dict[str, str]]:
     """Per-layer output-channel scores of a parameter-space baseline, and OBS updates.
 
-    ``method`` in ``("c-obd", "c-obs", "kron-obd", "kron-obs", "slimming")``. Curvature comes from
+    ``method`` in ``("c-obd", "c-obs", "kron-obd", "kron-obs", "kron-obs-in", "slimming")``; for
+    ``kron-obs-in`` the scores are per *input* channel and the updates :class:`InputObsUpdate`
+    (pass them as ``in_scores`` / ``in_updates``). Curvature comes from
     ``batches`` exactly as for EigenDamage (eval mode, true Fisher with labels sampled by a generator
     seeded with ``seed``, or the empirical Fisher), with the patch-form ``A`` for convs.
     Layers the core cannot score correctly (grouped/depthwise convs, shared or frozen weights,
@@ -529,8 +577,10 @@ def baseline_scores(
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None
         ]
         return {bn: slimming_scores(bn) for bn in bns}, {}, {}
-    if method not in CRITERIA:
-        raise ValueError(f"method must be one of {CRITERIA + ('slimming',)}, got {method!r}")
+    if method not in CRITERIA + tuple(INPUT_SIDE):
+        raise ValueError(
+            f"method must be one of {CRITERIA + tuple(INPUT_SIDE) + ('slimming',)}, got {method!r}"
+        )
     cands = find_layers(model, exclude)
     skipped = {c.name: c.skipped for c in cands if c.skipped is not None}
     layers = {c.name: c.unit for c in cands if c.skipped is None}
@@ -545,7 +595,7 @@ def baseline_scores(
         max_batches=max_batches,
     )
     scores: Scores = {}
-    updates: dict[nn.Module, ObsUpdate] = {}
+    updates: dict[nn.Module, ObsUpdate | InputObsUpdate] = {}
     if method == "c-obd":
         res = capture_diag_fisher(model, layers, batches, **common)
         for name, module in layers.items():
@@ -567,6 +617,14 @@ def baseline_scores(
             continue
         w = weight_matrix(module)
         a, g = lf.a().to(w.device), lf.g().to(w.device)
+        if method in INPUT_SIDE:
+            block = w.shape[1] // (
+                module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
+            )
+            a_inv = damped_inverse(a, damping)
+            scores[module] = input_obs_scores(w, a_inv, g, block, lf.locations)
+            updates[module] = InputObsUpdate(w, a_inv, block)
+            continue
         if method == "kron-obd":
             scores[module] = kron_obd_scores(w, a, g, lf.locations)
             continue
@@ -644,6 +702,11 @@ def prune_baseline(
         loss_fn=loss_fn,
         input_fn=input_fn,
     )
-    report = prune_channels(model, example_inputs, scores=scores, updates=updates, **kwargs)
+    if method in INPUT_SIDE:
+        report = prune_channels(
+            model, example_inputs, in_scores=scores, in_updates=updates, rank_by=INPUT_SIDE[method], **kwargs
+        )
+    else:
+        report = prune_channels(model, example_inputs, scores=scores, updates=updates, **kwargs)
     report.skipped = skipped
     return report

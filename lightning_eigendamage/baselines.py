@@ -320,6 +320,89 @@ def channel_scores(
     return kron_obs_scores(weight, a, damped_inverse(g, damping), locations)
 
 
+def _column_blocks(d: int, block: int) -> int:
+    if block < 1 or d % block:
+        raise ValueError(f"block must be a positive divisor of the weight's {d} columns, got {block!r}")
+    return d // block
+
+
+def input_obs_scores(
+    weight: torch.Tensor, a_inv: torch.Tensor, g: torch.Tensor, block: int = 1, locations: float = 1.0
+) -> torch.Tensor:
+    """Input-side Kron-OBS: the loss increase of removing one *input* channel of a layer while the
+    other input columns absorb it, ``s_c = ½ · T · tr(W_cᵀ G W_c ([A⁻¹]_cc)⁻¹)``.
+
+    Input channel ``c`` owns the ``block`` consecutive columns ``W_c = W[:, c·b:(c+1)·b]`` of
+    ``W = weight.reshape(C_out, -1)`` (``b = kh·kw`` for a conv, 1 for a Linear). With
+    ``F = T·(G ⊗ A)`` and ``δW_c = −W_c`` fixed, the minimiser over the kept columns is
+    :func:`input_obs_update` and its increase is the formula above; ``G`` only weighs the damage,
+    the compensation itself is the least-squares fit of the layer's outputs (``A`` is the
+    calibration inputs' second moment). This is what channel pruning costs a layer that *reads*
+    the removed channel (its producer's rows are simply gone).
+
+    Args:
+        weight: ``(C_out, d)``; a_inv: damped ``A⁻¹`` ``(d, d)``; g: ``G`` ``(C_out, C_out)``;
+            block: columns per input channel; locations: ``T``.
+
+    Returns:
+        ``(d / block,)`` float64.
+    """
+    w = _f64(weight)
+    _check_shapes(w, a_inv, g)
+    n = _column_blocks(w.shape[1], block)
+    p = _f64(a_inv).reshape(n, block, n, block)
+    idx = torch.arange(n, device=w.device)
+    m = torch.linalg.inv(p[idx, :, idx, :])  # ([A⁻¹]_cc)⁻¹  (n, b, b)
+    wc = w.reshape(w.shape[0], n, block).permute(1, 0, 2)  # (n, C_out, b)
+    gw = torch.einsum("oj,cjb->cob", _f64(g), wc)
+    return 0.5 * locations * torch.einsum("cob,cbe,coe->c", gw, m, wc)
+
+
+def input_obs_update(
+    weight: torch.Tensor, a_inv: torch.Tensor, removed: Sequence[int] | torch.Tensor, block: int = 1
+) -> torch.Tensor:
+    """Joint input-side Kron-OBS update for removing the input channels ``removed`` together.
+
+    With ``R`` the removed channels' columns and ``P = A⁻¹`` (damped),
+    ``δW = −W_R (P_RR)⁻¹ P_R,:``: ``(W + δW)[:, R] = 0`` and the kept columns ``K`` gain
+    ``W_R A_RK A_KK⁻¹``, the damped least-squares fit of ``W a`` from the kept inputs over the
+    calibration distribution (``G`` cancels). ``A`` holds no mean column, so a bias is left as it
+    is: a BatchNorm after the layer, re-estimated, takes up the mean shift.
+
+    Args:
+        weight: ``(C_out, d)``; a_inv: damped ``A⁻¹`` ``(d, d)``; removed: input channel indices;
+            block: columns per input channel.
+
+    Returns:
+        ``δW`` ``(C_out, d)`` float64.
+    """
+    w = _f64(weight)
+    _check_shapes(w, a_inv, None)
+    n = _column_blocks(w.shape[1], block)
+    ch = _as_index(removed, n, w.device)
+    if ch.numel() == 0:
+        return torch.zeros_like(w)
+    cols = (ch[:, None] * block + torch.arange(block, device=w.device)).reshape(-1)
+    p = _f64(a_inv)
+    coeff = torch.linalg.solve(p[cols][:, cols], p[cols])  # (P_RR)⁻¹ P_R,:  (|R|, d)
+    delta = -(w[:, cols] @ coeff)
+    delta[:, cols] = -w[:, cols]  # exactly (the solve gives it up to round-off)
+    return delta
+
+
+@dataclass
+class InputObsUpdate:
+    """A consumer layer's input-side OBS compensation, applied once its removed input channels
+    are known: call it with them to get ``δW`` ``(C_out, d)`` for ``weight.reshape(C_out, -1)``."""
+
+    weight: torch.Tensor  # (C_out, d) float64
+    a_inv: torch.Tensor  # damped A⁻¹ (d, d)
+    block: int
+
+    def __call__(self, removed: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        return input_obs_update(self.weight, self.a_inv, removed, self.block)
+
+
 @dataclass
 class ObsUpdate:
     """A layer's OBS compensation, ready to apply once the removed rows are known.

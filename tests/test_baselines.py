@@ -19,6 +19,8 @@ from lightning_eigendamage.baselines import (
     channel_scores,
     damped,
     damped_inverse,
+    input_obs_scores,
+    input_obs_update,
     kron_obd_scores,
     kron_obs_damage,
     kron_obs_scores,
@@ -147,6 +149,69 @@ def test_kron_obs_joint_update_is_the_constrained_least_squares_solution(problem
     assert 0.5 * v @ f @ v > loss * (1 + 1e-6)
     # And the joint damage is not the sum of the single-row scores.
     assert not torch.isclose(loss, kron_obs_scores(w, a, g_inv, t)[removed].sum(), rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input-side Kron-OBS (the layers that read a removed channel compensate for it)
+# ---------------------------------------------------------------------------------------------
+
+
+def col_mask(c_out: int, d: int, chans: list[int], block: int) -> torch.Tensor:
+    m = torch.zeros(c_out, d, dtype=torch.bool)
+    for c in chans:
+        m[:, c * block : (c + 1) * block] = True
+    return m.reshape(-1)
+
+
+@pytest.mark.parametrize("block", [1, 3])
+def test_input_obs_scores_and_joint_update_are_the_constrained_obs_minimum(block):
+    gen = torch.Generator().manual_seed(5)
+    c_out, n_in, t = 4, 5, 2.0
+    d = n_in * block
+    w = torch.randn(c_out, d, generator=gen, dtype=DT)
+    a, g = spd(d, gen), spd(c_out, gen)
+    a_inv = damped_inverse(a, 0.0)  # A is SPD: the exact inverse
+    f = dense_fisher(g, a, t)
+    got = input_obs_scores(w, a_inv, g, block, t)
+    assert got.shape == (n_in,)
+    for c in range(n_in):
+        delta, loss = obs_constrained(f, w.reshape(-1), col_mask(c_out, d, [c], block))
+        torch.testing.assert_close(got[c], loss)
+        torch.testing.assert_close(input_obs_update(w, a_inv, [c], block).reshape(-1), delta)
+    removed = [0, 3]
+    delta, loss = obs_constrained(f, w.reshape(-1), col_mask(c_out, d, removed, block))
+    joint = input_obs_update(w, a_inv, removed, block)
+    torch.testing.assert_close(joint.reshape(-1), delta)
+    v = joint.reshape(-1)
+    torch.testing.assert_close(0.5 * v @ f @ v, loss)
+    assert not torch.isclose(loss, got[removed].sum(), rtol=1e-3)  # correlated: not additive
+
+
+def test_input_obs_update_is_the_least_squares_fit_from_the_kept_inputs():
+    gen = torch.Generator().manual_seed(6)
+    n, n_in, block, c_out = 400, 6, 2, 3
+    d = n_in * block
+    x = torch.randn(n, d, generator=gen, dtype=DT) @ torch.randn(d, d, generator=gen, dtype=DT)
+    w = torch.randn(c_out, d, generator=gen, dtype=DT)
+    removed = [1, 4]
+    cols = [j for c in removed for j in range(c * block, (c + 1) * block)]
+    kept = [j for j in range(d) if j not in cols]
+    new = w + input_obs_update(w, damped_inverse(x.T @ x / n, 1e-12), removed, block)
+    assert float(new[:, cols].abs().max()) == 0.0
+    best = torch.linalg.lstsq(x[:, kept], x @ w.T).solution.T  # argmin ‖x_K w_Kᵀ − x wᵀ‖²
+    torch.testing.assert_close(new[:, kept], best, rtol=1e-6, atol=1e-8)
+
+
+def test_input_obs_bad_inputs_name_the_problem():
+    w, a = torch.ones(2, 6, dtype=DT), torch.eye(6, dtype=DT)
+    with pytest.raises(ValueError, match="divisor"):
+        input_obs_scores(w, a, torch.eye(2, dtype=DT), block=4)
+    with pytest.raises(ValueError, match="duplicates"):
+        input_obs_update(w, a, [1, 1], block=2)
+    with pytest.raises(IndexError, match=r"\[0, 3\)"):
+        input_obs_update(w, a, [3], block=2)
+    with pytest.raises(ValueError, match="A must be"):
+        input_obs_scores(w, torch.eye(5, dtype=DT), torch.eye(2, dtype=DT))
 
 
 def test_kron_obs_update_of_the_bias_is_exact_for_a_constant_input(problem):

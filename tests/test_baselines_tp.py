@@ -21,8 +21,11 @@ from benchmarks.baselines_tp import (
 )
 from lightning_eigendamage.baselines import (
     CRITERIA,
+    DEFAULT_DAMPING,
     capture_diag_fisher,
     channel_scores,
+    damped_inverse,
+    input_obs_scores,
     kron_obs_update,
     weight_matrix,
 )
@@ -193,6 +196,65 @@ def test_obs_update_lands_on_the_kept_rows(method):
         if len(removed) > 1:
             single = sum(kron_obs_update(w0, expected_update.g_inv, [r]) for r in removed)
             assert (single - dw)[kept].abs().max() > 1e-6
+
+
+def _chain() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1, bias=False),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3, padding=1, bias=False),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    ).eval()
+
+
+def test_input_side_update_lands_on_the_readers_kept_columns():
+    model = _chain()
+    batches = _batches()
+    conv, fc = model[3], model[7]
+    w_conv, w_fc = weight_matrix(conv), weight_matrix(fc)
+    in_scores, updates, skipped = baseline_scores(model, batches, "kron-obs-in")
+    assert not skipped and set(updates) == {model[0], conv, fc}
+    expected = {m: copy.deepcopy(updates[m]) for m in (conv, fc)}
+    report = prune_baseline(model, batches, "kron-obs-in-mean", ratio=0.6, target="channels")
+    removed = {g["root"]: g["removed"] for g in report.groups}
+    assert removed["0"] and removed["3"], "the test needs both groups to lose channels"
+    rows = {conv: [i for i in range(8) if i not in removed["3"]], fc: list(range(5))}
+    for module, w0, chans, block in ((conv, w_conv, removed["0"], 9), (fc, w_fc, removed["3"], 1)):
+        kept = [j for j in range(w0.shape[1]) if j // block not in chans]
+        want = (w0 + expected[module](chans))[rows[module]][:, kept]
+        torch.testing.assert_close(weight_matrix(module), want, rtol=1e-5, atol=1e-6)
+        assert (want - w0[rows[module]][:, kept]).abs().max() > 1e-4, "the kept columns are compensated"
+    # the scores are the input side's (of the layer that reads the channel), from patch factors
+    fresh = _chain()
+    gen = torch.Generator().manual_seed(0)
+    lf = capture_factors(fresh, {"3": fresh[3]}, batches, factors_for=["3"], a_form="patch", generator=gen)
+    a, g, t = lf.layers["3"].a(), lf.layers["3"].g(), lf.layers["3"].locations
+    want = input_obs_scores(w_conv, damped_inverse(a, DEFAULT_DAMPING), g, 9, t)
+    torch.testing.assert_close(in_scores[conv], want)
+
+
+def test_rank_by_group_mean_spreads_the_removal_over_the_groups():
+    model = _chain()
+    x = torch.randn(2, 3, 8, 8)
+    in_scores = {  # the first group's scores are a thousand times the second's
+        model[3]: 1000.0 * torch.arange(1.0, 7.0),
+        model[7]: torch.arange(1.0, 9.0),
+    }
+    by = {}
+    for rank_by in ("score", "group_mean"):
+        net = copy.deepcopy(model)
+        scores = {net[3]: in_scores[model[3]], net[7]: in_scores[model[7]]}
+        rep = prune_channels(net, x, ratio=0.5, in_scores=scores, rank_by=rank_by)
+        by[rank_by] = {g["root"]: len(g["removed"]) for g in rep.groups}
+    assert by["score"] == {"0": 0, "3": 7}  # raw scores: the cheap group first, down to its cap
+    assert by["group_mean"] == {"0": 3, "3": 4}  # normalised: about half of each
+    with pytest.raises(ValueError, match="rank_by"):
+        prune_channels(copy.deepcopy(model), x, ratio=0.5, in_scores=in_scores, rank_by="flops")
 
 
 def test_group_score_is_the_sum_over_coupled_layers():
