@@ -850,7 +850,8 @@ def run_grid(args: argparse.Namespace) -> None:
 
 def train_step_times(args: argparse.Namespace) -> None:
     """Seconds per training step (forward, backward, SGD step; batch 128) of the dense network and
-    of its ``÷k`` prunings by EigenDamage (each variant in ``--variants``) and Torch-Pruning L2,
+    of its ``÷k`` prunings by EigenDamage (each variant in ``--variants``), by each channel method
+    in ``--channel-methods`` (e.g. ``kron-obs-in-mean``) and by Torch-Pruning L2,
     timed interleaved in one process (medians of ``--repeats`` rounds), with the FLOPs reduction
     each pruning reached (``flops_reached_x``: a variant whose forms are chosen by time can fall
     short of ``÷k``); printed and appended to ``train_step.jsonl`` with the command."""
@@ -868,6 +869,9 @@ def train_step_times(args: argparse.Namespace) -> None:
     for v in args.variants:
         nets[f"eigendamage:{v}"] = copy.deepcopy(dense)
         prune(nets[f"eigendamage:{v}"], calib, ratio=ratio, target="flops", **VARIANTS[v])
+    for m in args.channel_methods:
+        nets[m] = copy.deepcopy(dense)
+        prune_baseline(nets[m], calib, m, ratio=ratio, target="flops")
     nets["tp-l2"] = copy.deepcopy(dense)
     prune_baseline(nets["tp-l2"], calib, "l2", ratio=ratio, target="flops")
     x, y = data.x_train[:128], data.y_train[:128]
@@ -1040,6 +1044,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--model", required=True, choices=["resnet20-narrow", "vgg-narrow"])
     t.add_argument("--flops-x", type=float, default=4.0)
     t.add_argument("--variants", nargs="+", default=["paper", "defaults"], choices=list(VARIANTS))
+    t.add_argument("--channel-methods", nargs="*", default=[], choices=[m for m in METHODS if m not in OURS])
     t.add_argument("--repeats", type=int, default=21)
     g = sub.add_parser("grid", help="run the rows of a named grid (resumable; --parts/--part split it)")
     g.add_argument("--grid", required=True)
