@@ -34,6 +34,9 @@ NAMES = {
     "c-obs": "C-OBS",
     "kron-obd": "Kron-OBD",
     "kron-obs": "Kron-OBS",
+    "kron-obs-in": "Input-side Kron-OBS (raw damage)",
+    "kron-obs-in-flop": "Input-side Kron-OBS (damage per FLOP)",
+    "kron-obs-in-mean": "prune_channels (input-side Kron-OBS, relative)",
     "slimming": "NN Slimming",
     "l1": "L1 magnitude (Torch-Pruning)",
     "l2": "L2 magnitude (Torch-Pruning)",
@@ -304,6 +307,9 @@ SHORT = {
     "c-obs": "C-OBS",
     "kron-obd": "Kron-OBD",
     "kron-obs": "Kron-OBS",
+    "kron-obs-in": "input Kron-OBS raw",
+    "kron-obs-in-flop": "input Kron-OBS per FLOP",
+    "kron-obs-in-mean": "prune_channels",
     "slimming": "NN Slimming",
     "l1": "TP L1",
     "l2": "TP L2",
@@ -417,6 +423,58 @@ def converged_summary(records: list[dict[str, Any]]) -> list[str]:
                 f"| {model} | ÷{fx:g} | {_f(da)} | {_f(best)} | {_f(pa)} ({pa_who}) | {_f(gap1)} "
                 f"| {_f(oa)} ({oa_who}) | {_f(dt)} (seeds {ds or '–'}) | {_f(pt)} ({pt_who}) | {_f(gap2)} "
                 f"| {_f(ot)} ({ot_who}) |"
+            )
+    return out + [""]
+
+
+def channels_summary(records: list[dict[str, Any]]) -> list[str]:
+    """``prune_channels`` (benchmark method ``kron-obs-in-mean``, default cap) against the best
+    channel-pruning peer at ÷4 and ÷8: after pruning and fine-tuned, means over the seeds run."""
+    rows = [r for r in _flops_rows(records) if r["method"] in ("kron-obs-in-mean", *ISSUE_PEERS)]
+    rows = [r for r in rows if r["variant"] == "-"]
+    if not any(r["method"] == "kron-obs-in-mean" for r in rows):
+        return []
+    out = [
+        "## Summary: `prune_channels` (real channels) against the peers",
+        "",
+        "Method `kron-obs-in-mean`: input-side Kron-OBS scores and compensation, ranked against each",
+        "group's mean, cap 0.95 (the peers' cap), BatchNorm re-estimated. *Best peer*: the best of",
+        "TP L1/L2/Taylor and NN Slimming in that column (mean over its seeds). Seeds in brackets.",
+        "",
+        "| network | ÷FLOPs | after pruning | best peer | gap | fine-tuned | best peer fine-tuned | gap "
+        "| params kept (peer) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for model in CONVERGED_MODELS:
+        for fx in (4.0, 8.0):
+            rs = [r for r in rows if r["model"] == model and r["flops_x"] == fx]
+            quick, tuned = after_pruning_rows(rs), [r for r in rs if r["finetune"] == 3]
+
+            def mean_of(rows_: list[dict], key: str, method: str) -> tuple[float | None, str]:
+                mine = [r for r in rows_ if r["method"] == method and r.get(key) is not None]
+                seeds = ",".join(str(s) for s in sorted({r["seed"] for r in mine}))
+                return _avg(mine, key), seeds
+
+            def best(rows_: list[dict], key: str) -> tuple[float | None, str, float | None]:
+                means = {m: mean_of(rows_, key, m) for m in ISSUE_PEERS}
+                means = {m: v for m, v in means.items() if v[0] is not None}
+                if not means:
+                    return None, "–", None
+                m = max(means, key=lambda k: means[k][0])
+                kept = _avg([r for r in rows_ if r["method"] == m], "param_ratio")
+                return means[m][0], f"{SHORT[m]}, seeds {means[m][1]}", kept
+
+            ca, ca_s = mean_of(quick, "acc_after_quick", "kron-obs-in-mean")
+            ct, ct_s = mean_of(tuned, "acc_finetuned", "kron-obs-in-mean")
+            pa, pa_who, _ = best(quick, "acc_after_quick")
+            pt, pt_who, p_kept = best(tuned, "acc_finetuned")
+            c_kept = _avg([r for r in rs if r["method"] == "kron-obs-in-mean"], "param_ratio")
+            gap1 = None if ca is None or pa is None else ca - pa
+            gap2 = None if ct is None or pt is None else ct - pt
+            kept = "–" if c_kept is None else f"{c_kept:.1%}" + ("" if p_kept is None else f" ({p_kept:.1%})")
+            out.append(
+                f"| {model} | ÷{fx:g} | {_f(ca)} (seeds {ca_s or '–'}) | {_f(pa)} ({pa_who}) | {_f(gap1)} "
+                f"| {_f(ct)} (seeds {ct_s or '–'}) | {_f(pt)} ({pt_who}) | {_f(gap2)} | {kept} |"
             )
     return out + [""]
 
@@ -786,6 +844,7 @@ def converged_report(folder: str | Path, plots: bool = True) -> str:
     pngs = converged_plots(records, folder) if plots else []
     out += [f"![{p}]({p})" for p in pngs] + ([""] if pngs else [])
     out += converged_summary(records)
+    out += channels_summary(records)
     out += train_step_lines(folder)
     out += callback_bn_table(folder)
     out += converged_flops_tables(records, folder)

@@ -2,6 +2,7 @@
 
 from .adapters import LayerAdapter, register
 from .callback import EigenDamagePruning
+from .channels import ChannelPruneReport, prune_channels
 from .checkpoint import enable_pruned_loading, restore_pruned
 from .criteria import register_criterion
 from .gradual import GradualRemoval
@@ -20,6 +21,7 @@ from .schedule import PruningSchedule
 
 __all__ = [
     "Analysis",
+    "ChannelPruneReport",
     "EigenDamagePruning",
     "GradualRemoval",
     "KFELayer",
@@ -40,6 +42,7 @@ __all__ = [
     "enable_pruned_loading",
     "find_layers",
     "prune",
+    "prune_channels",
     "register",
     "register_criterion",
     "restore_pruned",

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -30,6 +33,44 @@ class ConvNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.pool(self.features(x)).flatten(1)
         return self.fc2(torch.relu(self.fc1(h)))
+
+
+class ResBlock(nn.Module):
+    """Two 3×3 conv + BN, a 1×1 conv shortcut when the shape changes, activation ``act``."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, act: Callable = F.relu) -> None:
+        super().__init__()
+        self.act = act
+        self.c1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.b1 = nn.BatchNorm2d(c_out)
+        self.c2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.b2 = nn.BatchNorm2d(c_out)
+        self.sc = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.sc = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.b1(self.c1(x)))
+        return self.act(self.b2(self.c2(h)) + self.sc(x))
+
+
+class TinyResNet(nn.Module):
+    """Stem (3→8) + identity block + strided block (8→12) with a 1×1 shortcut + Linear(12, 5);
+    with ``heads=2`` also ``aux = Linear(12, 3)``, returned as ``(logits, {"aux": …})``."""
+
+    def __init__(self, act: Callable = F.relu, heads: int = 1) -> None:
+        super().__init__()
+        self.act = act
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.l1 = ResBlock(8, 8, 1, act)
+        self.l2 = ResBlock(8, 12, 2, act)
+        self.fc = nn.Linear(12, 5)
+        self.aux = nn.Linear(12, 3) if heads == 2 else None
+
+    def forward(self, x: torch.Tensor):
+        h = self.l2(self.l1(self.act(self.bn(self.stem(x))))).mean((2, 3))
+        return self.fc(h) if self.aux is None else (self.fc(h), {"aux": self.aux(h)})
 
 
 class TinyTransformer(nn.Module):

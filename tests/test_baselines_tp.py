@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from models import TinyResNet
 from torch import nn
 
 from benchmarks.baselines_tp import (
@@ -17,7 +18,6 @@ from benchmarks.baselines_tp import (
     baseline_scores,
     magnitude_importance,
     prune_baseline,
-    prune_channels,
 )
 from lightning_eigendamage.baselines import (
     CRITERIA,
@@ -29,51 +29,18 @@ from lightning_eigendamage.baselines import (
     kron_obs_update,
     weight_matrix,
 )
+from lightning_eigendamage.channels import remove_channels
 from lightning_eigendamage.costs import count_flops
 from lightning_eigendamage.curvature import capture_factors
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-class Block(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.b1 = nn.BatchNorm2d(c_out)
-        self.c2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.b2 = nn.BatchNorm2d(c_out)
-        self.sc = nn.Sequential()
-        if stride != 1 or c_in != c_out:
-            self.sc = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.b1(self.c1(x)))
-        return F.silu(self.b2(self.c2(h)) + self.sc(x))
-
-
-class TinyResNet(nn.Module):
-    """Stem + identity block + strided block with a 1×1 shortcut + Linear classifier.
-
-    SiLU instead of ReLU: no channel is dead (zero gradient, so zero second-order score) by chance,
-    yet a channel that is zero before the activation stays zero after it.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
-        self.bn = nn.BatchNorm2d(8)
-        self.l1 = Block(8, 8, 1)
-        self.l2 = Block(8, 12, 2)
-        self.fc = nn.Linear(12, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.bn(self.stem(x)))
-        return self.fc(self.l2(self.l1(h)).mean((2, 3)))
-
-
 def _resnet(seed: int = 0) -> TinyResNet:
+    """SiLU instead of ReLU: no channel is dead (zero gradient, so zero second-order score) by
+    chance, yet a channel that is zero before the activation stays zero after it."""
     torch.manual_seed(seed)
-    model = TinyResNet()
+    model = TinyResNet(act=F.silu)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -180,7 +147,7 @@ def test_obs_update_lands_on_the_kept_rows(method):
     assert (conv in updates) == (method != "kron-obd")
     expected_update = copy.deepcopy(updates.get(conv))
 
-    report = prune_channels(model, batches[0][0], ratio=0.3, scores=scores, updates=updates, method=method)
+    report = remove_channels(model, batches[0][0], ratio=0.3, scores=scores, updates=updates, method=method)
     removed = next(g["removed"] for g in report.groups if g["root"] == "3")
     assert removed, "the test needs the conv to lose rows"
     kept = [i for i in range(8) if i not in removed]
@@ -246,15 +213,15 @@ def test_rank_by_group_mean_spreads_the_removal_over_the_groups():
         model[7]: torch.arange(1.0, 9.0),
     }
     by = {}
-    for rank_by in ("score", "group_mean"):
+    for rank_by in ("score", "relative"):
         net = copy.deepcopy(model)
         scores = {net[3]: in_scores[model[3]], net[7]: in_scores[model[7]]}
-        rep = prune_channels(net, x, ratio=0.5, in_scores=scores, rank_by=rank_by)
+        rep = remove_channels(net, x, ratio=0.5, in_scores=scores, rank_by=rank_by)
         by[rank_by] = {g["root"]: len(g["removed"]) for g in rep.groups}
     assert by["score"] == {"0": 0, "3": 7}  # raw scores: the cheap group first, down to its cap
-    assert by["group_mean"] == {"0": 3, "3": 4}  # normalised: about half of each
+    assert by["relative"] == {"0": 3, "3": 4}  # normalised: about half of each
     with pytest.raises(ValueError, match="rank_by"):
-        prune_channels(copy.deepcopy(model), x, ratio=0.5, in_scores=in_scores, rank_by="flops")
+        remove_channels(copy.deepcopy(model), x, ratio=0.5, in_scores=in_scores, rank_by="flops")
 
 
 def test_group_score_is_the_sum_over_coupled_layers():
@@ -271,7 +238,7 @@ def test_group_score_is_the_sum_over_coupled_layers():
         model.l2.c1: torch.full((12,), big),
         model.l2.c2: torch.full((12,), big),
     }
-    report = prune_channels(model, torch.randn(2, 3, 8, 8), ratio=1 / 40, scores=scores)
+    report = remove_channels(model, torch.randn(2, 3, 8, 8), ratio=1 / 40, scores=scores)
     removed = {g["root"]: g["removed"] for g in report.groups}
     assert removed == {"l2.sc.0": [], "stem": [2], "l1.c1": [], "l2.c1": []}
     assert model.stem.out_channels == 7 and model.l1.c2.out_channels == 7
@@ -299,7 +266,7 @@ def test_flops_target_is_met_and_matches_the_flop_counter():
     for model in (_resnet(), Mixed().eval()):
         x = torch.randn(1, 3, 8, 8)  # a batch of one: Torch-Pruning must not unpack it
         before = count_flops(model, x)
-        report = prune_channels(
+        report = remove_channels(
             model, x, ratio=0.3, target="flops", importance=magnitude_importance(2), method="l2"
         )
         assert report.flops_before == before
@@ -312,12 +279,12 @@ def test_bad_arguments_name_the_problem():
     model = _resnet()
     x = torch.randn(2, 3, 8, 8)
     with pytest.raises(ValueError, match="ratio must be"):
-        prune_channels(model, x, ratio=1.0, importance=magnitude_importance(1))
+        remove_channels(model, x, ratio=1.0, importance=magnitude_importance(1))
     with pytest.raises(ValueError, match="target must be one of"):
-        prune_channels(model, x, ratio=0.1, target="params", importance=magnitude_importance(1))
+        remove_channels(model, x, ratio=0.1, target="params", importance=magnitude_importance(1))
     with pytest.raises(ValueError, match="exactly one of"):
-        prune_channels(model, x, ratio=0.1)
+        remove_channels(model, x, ratio=0.1)
     with pytest.raises(ValueError, match="method must be one of"):
         prune_baseline(model, _batches(), "obd", ratio=0.1)
     with pytest.raises(ValueError, match="finite"):
-        prune_channels(model, x, ratio=0.1, scores={model.l1.c1: torch.full((8,), float("nan"))})
+        remove_channels(model, x, ratio=0.1, scores={model.l1.c1: torch.full((8,), float("nan"))})

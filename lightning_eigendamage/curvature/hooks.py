@@ -214,6 +214,15 @@ class LayerFactors:
         """``T``: output locations per example (``H_out·W_out``, tokens, or 1)."""
         return self.g_rows / max(self.examples, 1)
 
+    def unusable(self) -> str | None:
+        """Why these factors cannot score the layer (run more than once per forward pass, never
+        run, or no gradient reached it), or None."""
+        if self.max_calls > 1:
+            return f"called {self.max_calls} times per forward pass"
+        if not self.reached or self.a_rows == 0 or self.g_rows == 0:
+            return "never called, or no gradient reached its output"
+        return None
+
 
 @dataclass
 class CaptureResult:

@@ -1,0 +1,796 @@
+"""Real channel removal, scored and compensated with K-FAC on the layers that read each channel.
+
+EigenDamage (:func:`~lightning_eigendamage.prune`) keeps every layer's input and output widths and
+adds rotation stages; on small layers those extra stages cost more time per training step than
+their FLOPs say. :func:`prune_channels` removes whole channels instead, so the network becomes a
+plain narrower one (as with Torch-Pruning), and uses second-order information to choose and to
+compensate:
+
+- A channel is scored where it is *read*: for every Conv2d/Linear ``j`` that takes it as input,
+  the input-side Kron-OBS damage ``½·T_j·tr(W_jcᵀ G_j W_jc ([A_j⁻¹]_cc)⁻¹)``
+  (:func:`~lightning_eigendamage.baselines.input_obs_scores`), summed over the readers of the
+  channel's dependency group (residual adds couple several layers' channels).
+- The removed channels' columns are folded into each reader's kept columns,
+  ``W_K += W_R A_RK A_KK⁻¹`` (:func:`~lightning_eigendamage.baselines.input_obs_update`): the
+  damped least-squares fit of the reader's outputs on the calibration inputs.
+- ``rank_by="relative"`` (default) ranks each channel against the mean score of its group, which
+  spreads the removal about evenly over the layers; the ranking is global.
+- The BatchNorm layers downstream of the compensated readers are then re-estimated on the batches.
+
+Dependency groups come from Torch-Pruning's :class:`~torch_pruning.DependencyGraph` (optional
+dependency: ``pip install "lightning-eigendamage[channels]"``). :func:`remove_channels` is the
+engine under both this module and the benchmarks' baselines: it takes per-channel scores (or a
+Torch-Pruning importance), selects channels globally under a per-group cap until a channel or
+FLOPs target, applies weight updates and removes the channels.
+
+FLOPs are per example, 2 per multiply-add, counted by ``torch.utils.flop_counter`` in eval mode
+(:func:`~lightning_eigendamage.costs.count_flops`); the search uses an exact analytic count of the
+Conv2d/Linear FLOPs and treats every other op's FLOPs as fixed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .baselines import DEFAULT_DAMPING, InputObsUpdate, damped_inverse, input_obs_scores, weight_matrix
+from .calibration import downstream_batchnorms, recalibrate_batchnorm
+from .costs import count_flops, count_params
+from .curvature import CaptureOptions, capture_factors, split_batch, to_device
+from .discovery import find_layers
+from .values import as_int, as_real
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+TARGETS = ("channels", "flops")
+RANKS = ("score", "per_flop", "relative")
+RANK_BY = {"relative": "relative", "damage": "score", "damage_per_cost": "per_flop"}
+
+Scores = dict[nn.Module, torch.Tensor]
+Update = Callable[[Sequence[int]], tuple[torch.Tensor, torch.Tensor | None]]
+_BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
+
+
+def _torch_pruning() -> Any:
+    try:
+        import torch_pruning
+    except ImportError as err:  # pragma: no cover - the test environment has it
+        raise ImportError(
+            "channel removal needs Torch-Pruning's dependency graph: pip install "
+            '"lightning-eigendamage[channels]" (or torch-pruning>=1.6.1)'
+        ) from err
+    return torch_pruning
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChannelPruneReport:
+    """What :func:`remove_channels` (and :func:`prune_channels`) did; ``to_dict()`` is plain data.
+
+    ``groups``: one entry per prunable dependency group: ``root`` (module name), ``channels``
+    (before), ``removed`` (root channel indices). FLOPs are per example (FlopCounterMode).
+    """
+
+    method: str
+    target: str
+    ratio: float
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    channels_total: int
+    channels_removed: int
+    flops_planned: int = 0  # the analytic count the search stopped at (equals flops_after)
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def flops_fraction_removed(self) -> float:
+        return 1.0 - self.flops_after / max(self.flops_before, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Analytic Conv2d/Linear FLOPs under channel removal
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _LayerCost:
+    """``flops = coef · (c_in / groups) · c_out`` (``coef = 2·Σ_calls T·k²``); depthwise: ``coef · c``."""
+
+    coef: int
+    c_in: int
+    c_out: int
+    groups: int
+    depthwise: bool
+
+    def flops(self) -> int:
+        if self.depthwise:
+            return self.coef * self.c_out
+        return self.coef * (self.c_in // self.groups) * self.c_out
+
+
+def _layer_costs(model: nn.Module, example: Any) -> tuple[dict[nn.Module, _LayerCost], list[nn.Module]]:
+    """Per Conv2d/Linear that runs on ``example``: its cost model, and the modules in call order."""
+    costs: dict[nn.Module, _LayerCost] = {}
+    order: list[nn.Module] = []
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        n = output.shape[0]
+        if isinstance(module, nn.Conv2d):
+            t = output.shape[2] * output.shape[3]
+            k2 = module.kernel_size[0] * module.kernel_size[1]
+            c_in, c_out, groups = module.in_channels, module.out_channels, module.groups
+        else:
+            t = output.numel() // (n * module.out_features)
+            k2, c_in, c_out, groups = 1, module.in_features, module.out_features, 1
+        if module not in costs:
+            depthwise = groups > 1 and groups == c_in == c_out
+            costs[module] = _LayerCost(0, c_in, c_out, groups, depthwise)
+            order.append(module)
+        costs[module].coef += 2 * t * k2
+
+    mods = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(hook) for m in mods]
+    try:
+        _run(model, _first(example))
+    finally:
+        for h in handles:
+            h.remove()
+    return costs, order
+
+
+def _first(example: Any) -> Any:
+    if isinstance(example, torch.Tensor):
+        return example[:1]
+    if isinstance(example, (tuple, list)):
+        return type(example)(_first(e) for e in example)
+    return example
+
+
+def _run(model: nn.Module, example: Any) -> Any:
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(example)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+# ---------------------------------------------------------------------------------------------
+# Groups and their scores
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Group:
+    root: nn.Module
+    root_fn: Callable
+    n: int
+    scores: torch.Tensor  # (n,) float64
+    # per member Conv2d/Linear: (module, side, Counter root_idx → number of its indices)
+    effects: list[tuple[nn.Module, str, Counter]]
+    rows: list[tuple[nn.Module, list[int], list[int]]]  # out-side members: (module, idxs, root_idxs)
+    cols: list[tuple[nn.Module, list[int], list[int]]]  # in-side members: (module, idxs, root_idxs)
+
+
+def _group_score(group: Any, dg: Any, n: int, scores: Scores | None, importance: Any, in_scores: Scores):
+    """``(n,)`` float64 scores of a full group's root channels, or None if nothing in it is scored:
+    the sum of the output-channel ``scores`` of its producers and the input-channel ``in_scores``
+    of the layers that read it."""
+    if importance is not None:
+        s = importance(group)
+        return None if s is None else s.detach().to(torch.float64).reshape(-1)
+    total = torch.zeros(n, dtype=torch.float64)
+    hit = False
+    for item in group:
+        module = item.dep.target.module
+        out_side = dg.is_out_channel_pruning_fn(item.dep.handler)
+        table = (scores or {}) if out_side else in_scores
+        if module in table and (out_side or dg.is_in_channel_pruning_fn(item.dep.handler)):
+            idxs, roots = list(item.idxs), list(item.root_idxs)
+            if any(r is None for r in roots):
+                continue
+            total.index_add_(0, torch.tensor(roots), table[module].detach().cpu().to(torch.float64)[idxs])
+            hit = True
+    return total if hit else None
+
+
+def _collect_groups(
+    dg: Any,
+    ignored: list[nn.Module],
+    costs: dict[nn.Module, _LayerCost],
+    scores: Scores | None,
+    importance: Any,
+    names: dict[nn.Module, str],
+    in_scores: Scores,
+    allowed: Callable[[nn.Module], str | None] | None = None,
+    left: dict[str, str] | None = None,
+) -> list[_Group]:
+    """The prunable groups, scored. ``allowed(module)`` gives the reason a member forbids its
+    group (the group is left whole, the reason put in ``left`` under "group of <root>"), or None."""
+    groups = []
+    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
+        root_item = group[0]
+        root = root_item.dep.target.module
+        n = len(root_item.idxs)
+        if allowed is not None:
+            why = next((r for r in (allowed(it.dep.target.module) for it in group) if r), None)
+            if why is not None:
+                if left is not None:
+                    left[f"group of {names.get(root, '?')}"] = f"left whole: {why}"
+                continue
+        s = _group_score(group, dg, n, scores, importance, in_scores)
+        if s is None:
+            continue
+        if s.numel() != n or not bool(torch.isfinite(s).all()):
+            raise ValueError(f"group rooted at {names.get(root)}: scores must be {n} finite numbers")
+        effects, rows, cols = [], [], []
+        for item in group:
+            module = item.dep.target.module
+            if module not in costs:
+                continue
+            side = "out" if dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
+            roots = [r for r in item.root_idxs if r is not None]
+            effects.append((module, side, Counter(roots)))
+            (rows if side == "out" else cols).append((module, list(item.idxs), list(item.root_idxs)))
+        groups.append(_Group(root, root_item.dep.handler, n, s, effects, rows, cols))
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# Global selection
+# ---------------------------------------------------------------------------------------------
+
+
+def _select(
+    groups: list[_Group],
+    costs: dict[nn.Module, _LayerCost],
+    *,
+    ratio: float,
+    target: str,
+    max_group_ratio: float,
+    min_channels: int,
+    other_flops: int,
+    flops_before: int,
+    flops_tolerance: float = 0.03,
+    rank_by: str = "score",
+) -> tuple[list[list[int]], int]:
+    """Root channels removed per group (lowest scores first under the caps, until the target), and
+    the analytic FLOPs after removal. ``rank_by="per_flop"`` ranks by score per FLOP that the
+    channel's removal saves from the unpruned network, ``"relative"`` by score over the mean
+    score of its group (Torch-Pruning's normaliser: the removal spreads about evenly)."""
+    caps = [max(0, min(math.floor(max_group_ratio * g.n + 1e-9), g.n - min_channels)) for g in groups]
+    state = {m: _LayerCost(c.coef, c.c_in, c.c_out, c.groups, c.depthwise) for m, c in costs.items()}
+    flops = other_flops + sum(c.flops() for c in state.values())
+    goal_channels = math.floor(ratio * sum(g.n for g in groups) + 1e-9)
+    goal_flops = (1.0 - ratio) * flops_before
+    chosen: list[list[int]] = [[] for _ in groups]
+    n_removed = 0
+
+    def done() -> bool:
+        return n_removed >= goal_channels if target == "channels" else flops <= goal_flops
+
+    def apply(gi: int, c: int, dry: bool) -> int:
+        """FLOPs change of removing root channel ``c`` of group ``gi`` (applied unless ``dry``)."""
+        delta = 0
+        for module, side, counter in groups[gi].effects:
+            k = counter.get(c, 0)
+            if not k:
+                continue
+            st = state[module]
+            new = _LayerCost(st.coef, st.c_in, st.c_out, st.groups, st.depthwise)
+            if side == "out" or new.depthwise:
+                new.c_out -= k
+                if new.depthwise:
+                    new.c_in = new.groups = new.c_out
+            else:
+                new.c_in -= k
+            delta += new.flops() - st.flops()
+            if not dry:
+                state[module] = new
+        return delta
+
+    def rank(gi: int, c: int) -> float:
+        score = float(groups[gi].scores[c])
+        if rank_by == "per_flop":
+            return score / max(-apply(gi, c, dry=True), 1)
+        if rank_by == "relative":
+            return score / max(float(groups[gi].scores.mean()), 1e-300)
+        return score
+
+    pool = sorted(
+        ((rank(gi, c), gi, c) for gi, g in enumerate(groups) for c in range(g.n)),
+        key=lambda x: (x[0], x[1], x[2]),
+    )
+    # With a FLOPs target, a channel whose removal would land more than `flops_tolerance` below
+    # the goal is passed over for the next ones in the ranking (a thin, cheap channel elsewhere);
+    # only if the goal cannot be met otherwise are passed-over channels taken, in ranking order.
+    floor = (1.0 - flops_tolerance) * goal_flops
+    passed: list[tuple[int, int]] = []
+    for _, gi, c in pool:
+        if done():
+            break
+        if len(chosen[gi]) >= caps[gi]:
+            continue
+        if target == "flops" and flops + apply(gi, c, dry=True) < floor:
+            passed.append((gi, c))
+            continue
+        chosen[gi].append(c)
+        n_removed += 1
+        flops += apply(gi, c, dry=False)
+    for gi, c in passed:
+        if done():
+            break
+        if len(chosen[gi]) >= caps[gi]:
+            continue
+        chosen[gi].append(c)
+        n_removed += 1
+        flops += apply(gi, c, dry=False)
+    return [sorted(c) for c in chosen], flops
+
+
+# ---------------------------------------------------------------------------------------------
+# prune_channels
+# ---------------------------------------------------------------------------------------------
+
+
+def _check(ratio: float, target: str, max_group_ratio: float, min_channels: int) -> None:
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if not 0.0 < max_group_ratio <= 1.0:
+        raise ValueError(f"max_group_ratio must be in (0, 1], got {max_group_ratio!r}")
+    if not isinstance(min_channels, int) or min_channels < 1:
+        raise ValueError(f"min_channels must be an integer ≥ 1, got {min_channels!r}")
+
+
+def last_layer(model: nn.Module, example_inputs: Any) -> nn.Module | None:
+    """The last Conv2d/Linear to run on ``example_inputs`` (the classifier, usually)."""
+    _, order = _layer_costs(model, example_inputs)
+    return order[-1] if order else None
+
+
+def remove_channels(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    ratio: float,
+    target: str = "channels",
+    scores: Scores | None = None,
+    importance: Callable[[Any], torch.Tensor | None] | None = None,
+    updates: dict[nn.Module, Update] | None = None,
+    in_scores: Scores | None = None,
+    in_updates: dict[nn.Module, Callable[[list[int]], torch.Tensor]] | None = None,
+    rank_by: str = "score",
+    ignored_layers: Iterable[nn.Module] | None = None,
+    exempt_last: bool = True,
+    max_group_ratio: float = 0.95,
+    min_channels: int = 1,
+    method: str = "custom",
+    flops_tolerance: float = 0.03,
+    allowed: Callable[[nn.Module], str | None] | None = None,
+) -> ChannelPruneReport:
+    """Remove real channels of ``model`` in place, ranked globally by group scores.
+
+    Args:
+        model: any ``nn.Module`` Torch-Pruning can trace; its train/eval modes are kept.
+        example_inputs: a batch the model accepts (traced once; FLOPs use its first example).
+        ratio: in ``[0, 1)``: fraction of the prunable channels (``target="channels"``) or of the
+            model's FLOPs (``target="flops"``) to remove.
+        scores: module → per-output-channel scores ``(C_out,)`` (Conv2d/Linear, or BatchNorm for
+            Network Slimming); a group's score is the sum over its members. Groups with no scored
+            member are left alone.
+        importance: instead of ``scores``, a Torch-Pruning importance called on each full group.
+        updates: module → OBS update (``removed rows → (δW (C_out, d), δb or None)``), applied to
+            ``weight.reshape(C_out, -1)`` / ``bias`` before the channels are removed.
+        in_scores: module → per-input-channel scores (``(C_in,)`` of a Conv2d, ``(in_features,)``
+            of a Linear) of the layers that read a group, added to its score.
+        in_updates: module → input-side update (``removed input channels → δW (C_out, d)``),
+            applied like ``updates`` to the layers that lose input channels.
+        rank_by: ``"score"``, ``"per_flop"`` or ``"relative"`` (see :func:`_select`).
+        ignored_layers: modules whose output channels are never removed; with ``exempt_last`` the
+            last Conv2d/Linear to run is added.
+        max_group_ratio: at most this fraction of one group's channels is removed;
+            ``min_channels``: channels always kept per group (the best ones).
+        flops_tolerance: with ``target="flops"``, a channel whose removal would leave fewer than
+            ``(1 − flops_tolerance)`` of the goal's FLOPs is passed over for the next ones in the
+            ranking (when the cheap channels are capped, one wide early channel can cost several
+            % of the goal), so that matched-FLOPs comparisons land within the tolerance.
+        allowed: ``module → reason or None``: a group with a member that has a reason is left
+            whole (listed in the report's ``skipped`` as "group of <root name>").
+
+    Returns:
+        A :class:`ChannelPruneReport`.
+    """
+    tp = _torch_pruning()
+    _check(ratio, target, max_group_ratio, min_channels)
+    if rank_by not in RANKS:
+        raise ValueError(f"rank_by must be one of {RANKS}, got {rank_by!r}")
+    if sum(x is not None for x in (scores, importance, in_scores)) != 1:
+        raise ValueError(
+            "pass exactly one of scores= (per-layer channel scores), in_scores= (per-layer input "
+            "channel scores) or importance= (Torch-Pruning)"
+        )
+    ignored = list(ignored_layers or [])
+    if exempt_last:
+        last = last_layer(model, example_inputs)
+        if last is not None and last not in ignored:
+            ignored.append(last)
+    names = {m: n for n, m in model.named_modules()}
+    modes = {m: m.training for m in model.modules()}
+    params_before = count_params(model)
+    flops_before = count_flops(model, example_inputs)
+    costs, _ = _layer_costs(model, example_inputs)
+    other = flops_before - sum(c.flops() for c in costs.values())
+
+    model.eval()  # tracing runs a forward pass: keep BatchNorm statistics untouched
+    try:
+        # Torch-Pruning calls model(*example_inputs) first: a batch tensor must not be unpacked.
+        traced = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=traced, verbose=False)
+        left: dict[str, str] = {}
+        groups = _collect_groups(
+            dg, ignored, costs, scores, importance, names, in_scores or {}, allowed, left
+        )
+        chosen, planned = _select(
+            groups,
+            costs,
+            ratio=ratio,
+            target=target,
+            max_group_ratio=max_group_ratio,
+            min_channels=min_channels,
+            other_flops=other,
+            flops_before=flops_before,
+            flops_tolerance=flops_tolerance,
+            rank_by=rank_by,
+        )
+        # OBS updates first, on the full-size weights; a module's output rows belong to one group.
+        removed_rows: dict[nn.Module, list[int]] = {}
+        removed_cols: dict[nn.Module, list[int]] = {}
+        for g, sel in zip(groups, chosen):
+            keep = set(sel)
+            for module, idxs, roots in g.rows:
+                removed_rows.setdefault(module, []).extend(i for i, r in zip(idxs, roots) if r in keep)
+            for module, idxs, roots in g.cols:
+                removed_cols.setdefault(module, []).extend(i for i, r in zip(idxs, roots) if r in keep)
+        with torch.no_grad():
+            for module, update in (updates or {}).items():
+                rows = sorted(set(removed_rows.get(module, [])))
+                if not rows:
+                    continue
+                dw, db = update(rows)
+                module.weight.add_(dw.reshape(module.weight.shape).to(module.weight))
+                if db is not None and module.bias is not None:
+                    module.bias.add_(db.to(module.bias))
+            for module, update in (in_updates or {}).items():
+                chans = sorted(set(removed_cols.get(module, [])))
+                if chans:
+                    module.weight.add_(update(chans).reshape(module.weight.shape).to(module.weight))
+        for g, sel in zip(groups, chosen):
+            if not sel:
+                continue
+            group = dg.get_pruning_group(g.root, g.root_fn, sel)
+            if not dg.check_pruning_group(group):
+                raise RuntimeError(f"pruning {len(sel)} channels of {names.get(g.root)} would empty a layer")
+            group.prune()
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return ChannelPruneReport(
+        method=method,
+        target=target,
+        ratio=float(ratio),
+        params_before=params_before,
+        params_after=count_params(model),
+        flops_before=flops_before,
+        flops_after=count_flops(model, example_inputs),
+        channels_total=sum(g.n for g in groups),
+        channels_removed=sum(len(s) for s in chosen),
+        flops_planned=planned,
+        groups=[
+            {"root": names.get(g.root, "?"), "channels": g.n, "removed": s} for g, s in zip(groups, chosen)
+        ],
+        skipped=left,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# prune_channels: the K-FAC input-side method
+# ---------------------------------------------------------------------------------------------
+
+
+def _output_layers(
+    model: nn.Module, example: Any, forward: Callable[[nn.Module, Any], Any]
+) -> list[nn.Module]:
+    """The Conv2d/Linear layers whose output channels reach the model's output without passing
+    through another Conv2d/Linear (found on the autograd graph of one forward): their output
+    widths are the model's, so they are never narrowed."""
+    made: dict[Any, nn.Module] = {}
+
+    def mark(module: nn.Module, inputs: tuple, output: Any) -> None:
+        if torch.is_tensor(output) and output.grad_fn is not None:
+            made[output.grad_fn] = module
+
+    mods = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(mark) for m in mods]
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.enable_grad():
+            out = forward(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    roots: list[Any] = []
+    stack: list[Any] = [out]
+    while stack:  # every tensor in the output (tuples, lists, dicts)
+        o = stack.pop()
+        if torch.is_tensor(o):
+            roots.append(o.grad_fn)
+        elif isinstance(o, (tuple, list)):
+            stack.extend(o)
+        elif isinstance(o, dict):
+            stack.extend(o.values())
+    found: list[nn.Module] = []
+    seen: set = set()
+    while roots:
+        node = roots.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in made:
+            if made[node] not in found:
+                found.append(made[node])
+            continue
+        roots.extend(nxt for nxt, _ in node.next_functions)
+    return found
+
+
+def _check_options(ratio: Any, target: str, layer_cap: Any, min_channels: Any, rank_by: str, damping: Any):
+    r = as_real(ratio)
+    if r is None or not 0.0 <= r < 1.0:
+        raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    cap = as_real(layer_cap)
+    if cap is None or not 0.0 < cap <= 1.0:
+        raise ValueError(f"layer_cap must be in (0, 1], got {layer_cap!r}")
+    k = as_int(min_channels)
+    if k is None or k < 1:
+        raise ValueError(f"min_channels must be an integer ≥ 1, got {min_channels!r}")
+    if rank_by not in RANK_BY:
+        raise ValueError(f"rank_by must be one of {tuple(RANK_BY)}, got {rank_by!r}")
+    d = as_real(damping)
+    if d is None or not d > 0:
+        raise ValueError(f"damping must be a number > 0, got {damping!r}")
+    return r, cap, k, d
+
+
+def input_side_scores(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    exclude: Any = None,
+    damping: float = DEFAULT_DAMPING,
+    seed: int = 0,
+    **capture: Unpack[CaptureOptions],
+) -> tuple[Scores, dict[nn.Module, InputObsUpdate], dict[str, str]]:
+    """Input-side Kron-OBS of every Conv2d/Linear of ``model`` that can be scored.
+
+    One patch-form K-FAC capture over ``batches`` (eval mode; the true Fisher's labels drawn
+    with a generator seeded by ``seed``; ``capture``: the options of
+    :func:`~lightning_eigendamage.curvature.capture_factors`), then per layer the damage of
+    removing each input channel (:func:`~lightning_eigendamage.baselines.input_obs_scores`,
+    ``(C_in,)`` for a Conv2d, ``(in_features,)`` for a Linear) and its compensation
+    (:class:`~lightning_eigendamage.baselines.InputObsUpdate`), ``A`` damped by ``damping``.
+
+    Returns:
+        ``(scores, updates, skipped)``: module → scores; module → update; layer name → the reason
+        it was not scored (excluded, shared, grouped, another layer type, run twice, no gradient).
+    """
+    cands = find_layers(model, exclude)
+    skipped = {c.name: c.skipped for c in cands if c.skipped is not None}
+    layers = {
+        c.name: c.unit for c in cands if c.skipped is None and isinstance(c.unit, (nn.Conv2d, nn.Linear))
+    }
+    for c in cands:
+        if c.skipped is None and c.name not in layers:
+            skipped[c.name] = f"{type(c.unit).__name__}: only Conv2d and Linear layers lose channels"
+    scores: Scores = {}
+    updates: dict[nn.Module, InputObsUpdate] = {}
+    if not layers:
+        return scores, updates, skipped
+    params = list(model.parameters())
+    gen = torch.Generator(device=params[0].device).manual_seed(seed)
+    res = capture_factors(
+        model, layers, batches, factors_for=list(layers), a_form="patch", generator=gen, **capture
+    )
+    for name, module in layers.items():
+        lf = res.layers[name]
+        if (why := lf.unusable()) is not None:
+            skipped[name] = why
+            continue
+        w = weight_matrix(module)
+        a_inv = damped_inverse(lf.a().to(w.device), damping)
+        block = w.shape[1] // (module.in_channels if isinstance(module, nn.Conv2d) else module.in_features)
+        scores[module] = input_obs_scores(w, a_inv, lf.g().to(w.device), block, lf.locations)
+        updates[module] = InputObsUpdate(w, a_inv, block)
+    return scores, updates, skipped
+
+
+def prune_channels(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    ratio: float,
+    target: str = "channels",
+    rank_by: str = "relative",
+    layer_cap: float = 0.95,
+    min_channels: int = 1,
+    exclude: Any = None,
+    fisher: str = "true",
+    likelihood: str = "categorical",
+    class_dim: int = -1,
+    loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+    input_fn: Callable[[Any], Any] | None = None,
+    forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    max_batches: int | None = None,
+    damping: float = DEFAULT_DAMPING,
+    recalibrate_bn: bool = True,
+    seed: int = 0,
+) -> ChannelPruneReport:
+    """Remove whole channels of ``model`` in place, chosen and compensated with K-FAC curvature.
+
+    Every Conv2d/Linear keeps its type and becomes narrower; a channel's dependency group (a
+    conv's output channel, its BatchNorm, the layers that read it, and every layer tied to it by a
+    residual add) goes as one. Scores, compensation and ranking are described in the module
+    docstring; the pruned network is an ordinary one (no extra stages), so it trains and runs as
+    fast as any channel-pruned network of its widths.
+
+    Args:
+        model: any ``nn.Module`` Torch-Pruning can trace; it stays on its device and dtype and
+            keeps its train/eval modes.
+        batches: calibration batches (tensors, ``(input, target, ...)`` tuples, or anything
+            ``input_fn`` understands), iterated twice (curvature, BatchNorm re-estimation) and
+            kept in memory; the first one's input is traced.
+        ratio: in ``[0, 1)``: the fraction of the prunable channels (``target="channels"``) or
+            of the model's FLOPs (``target="flops"``) to remove.
+        rank_by: ``"relative"`` (each channel's damage over its group's mean damage: an about
+            even spread over the layers), ``"damage"`` (the predicted loss increase; cheap deep
+            layers go first) or ``"damage_per_cost"`` (loss increase per FLOP saved).
+        layer_cap: at most this fraction of one group's channels is removed; ``min_channels``:
+            channels always kept per group.
+        exclude: module instances, types, glob patterns or regexes (as for
+            :func:`~lightning_eigendamage.prune`): an excluded layer keeps both its widths, so
+            every group it belongs to is left whole.
+        fisher, likelihood, class_dim, loss_fn, input_fn, max_batches, seed: the curvature, as
+            for :func:`~lightning_eigendamage.prune` (true Fisher by default, labels sampled with
+            a generator seeded by ``seed``).
+        forward_fn: ``(model, batch) → logits`` for the curvature capture, for a model whose
+            output is not one tensor of logits (several heads: pick the one to keep accurate). The
+            model itself must still run as ``model(input_fn(batch))``: that forward is traced, and
+            every tensor it returns keeps its shape.
+        damping: relative damping of ``A`` before it is inverted (``γ·mean eigenvalue``).
+        recalibrate_bn: re-estimate the running statistics of the BatchNorm layers downstream
+            of the compensated layers on ``batches``.
+
+    Returns:
+        A :class:`ChannelPruneReport` (``method="kron-obs-in"``); ``skipped`` names the layers
+        that could not be scored and the groups left whole, with the reasons.
+
+    Raises:
+        ValueError / TypeError: bad arguments or batches; ImportError without torch-pruning.
+        RuntimeError: nothing can be pruned. On any error the model is left as it was.
+
+    Memory: one copy of the model while it runs (to restore it on failure), and per layer the
+    patch-form ``A`` (``(C_in·k²)²`` floats) and its inverse.
+    """
+    ratio, cap, min_channels, damping = _check_options(
+        ratio, target, layer_cap, min_channels, rank_by, damping
+    )
+    _torch_pruning()
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches is empty: channel pruning needs at least one calibration batch")
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("the model has no parameters: nothing to prune")
+    device = params[0].device
+    example = to_device(split_batch(batches[0], input_fn)[0], device)
+
+    def forward(m: nn.Module, batch: Any) -> Any:
+        return m(batch)
+
+    in_scores, updates, skipped = input_side_scores(
+        model,
+        batches,
+        exclude=exclude,
+        damping=damping,
+        seed=seed,
+        fisher=fisher,
+        loss_fn=loss_fn,
+        input_fn=input_fn,
+        likelihood=likelihood,
+        class_dim=class_dim,
+        max_batches=max_batches,
+        forward_fn=forward_fn,
+    )
+    if not in_scores:
+        raise RuntimeError(
+            "no Conv2d/Linear layer can be scored: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
+        )
+    by_module = {m: n for n, m in model.named_modules()}
+
+    def allowed(module: nn.Module) -> str | None:
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            if module in in_scores:
+                return None
+            name = by_module.get(module, "?")
+            return f"{name} is not scored ({skipped.get(name, 'not a prunable layer')})"
+        if isinstance(module, _BATCHNORMS) or not any(True for _ in module.parameters(recurse=False)):
+            return None
+        kind = type(module).__name__
+        return f"{by_module.get(module, '?')} ({kind}) has parameters whose effect is not scored"
+
+    ignored = _output_layers(model, example, forward)
+    widths = {m: m.weight[0].numel() for m in updates}
+    backup = copy.deepcopy(model)
+    try:
+        report = remove_channels(
+            model,
+            example,
+            ratio=ratio,
+            target=target,
+            in_scores=in_scores,
+            in_updates=updates,
+            rank_by=RANK_BY[rank_by],
+            ignored_layers=ignored,
+            exempt_last=False,
+            max_group_ratio=cap,
+            min_channels=min_channels,
+            method="kron-obs-in",
+            allowed=allowed,
+        )
+        if recalibrate_bn:
+            touched = [m for m, w in widths.items() if m.weight[0].numel() < w]
+            bns = downstream_batchnorms(model, touched, example, forward)
+            recalibrate_batchnorm(model, bns, [split_batch(b, input_fn)[0] for b in batches], _on(device))
+    except BaseException:
+        _restore(model, backup)
+        raise
+    report.skipped = {**skipped, **report.skipped}
+    return report
+
+
+def _on(device: torch.device) -> Callable[[nn.Module, Any], Any]:
+    return lambda m, x: m(to_device(x, device))
+
+
+def _restore(model: nn.Module, backup: nn.Module) -> None:
+    """Put every module's parameters, buffers and attributes back from ``backup`` (a deep copy
+    taken before): the model object and its module tree stay the same objects."""
+    for m, b in zip(model.modules(), backup.modules()):
+        for k, v in b.__dict__.items():
+            if k != "_modules":
+                m.__dict__[k] = v

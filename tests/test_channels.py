@@ -1,0 +1,239 @@
+"""prune_channels: real channel removal scored and compensated with K-FAC on the layers that read
+each channel (lightning_eigendamage/channels.py), against independent computations."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import ResBlock, TinyResNet
+from torch import nn
+
+from lightning_eigendamage import channels as channels_mod
+from lightning_eigendamage.baselines import damped_inverse, input_obs_scores, input_obs_update
+from lightning_eigendamage.channels import prune_channels
+from lightning_eigendamage.costs import count_flops
+from lightning_eigendamage.curvature import capture_factors
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def _net(heads: int = 1) -> TinyResNet:
+    torch.manual_seed(0)
+    net = TinyResNet(heads=heads)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    net.train()
+    net(torch.randn(64, 3, 8, 8))  # running statistics that fit the inputs
+    return net.eval()
+
+
+def _batches(n_batches: int = 3, n: int = 16, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(n, 3, 8, 8, generator=gen), torch.randint(0, 5, (n,), generator=gen))
+        for _ in range(n_batches)
+    ]
+
+
+def test_flops_target_is_met_and_every_layer_stays_a_plain_narrower_layer():
+    net, batches = _net(), _batches()
+    x = batches[0][0]
+    before = count_flops(net, x)
+    report = prune_channels(net, batches, ratio=0.5, target="flops")
+    assert report.flops_before == before and report.flops_after == count_flops(net, x)
+    assert 0.47 <= report.flops_fraction_removed <= 0.56
+    assert report.method == "kron-obs-in" and report.channels_removed > 0
+    kinds = {type(m) for m in net.modules()}
+    assert kinds <= {TinyResNet, ResBlock, nn.Conv2d, nn.BatchNorm2d, nn.Linear, nn.Sequential}
+    assert net.fc.out_features == 5 and net(x).shape == (16, 5) and not net.training
+    # the residual channels go together: the stem, l1.c2 and the l1 input of l2 keep one width
+    assert net.stem.out_channels == net.l1.c2.out_channels == net.l1.c1.in_channels == net.bn.num_features
+
+
+def test_readers_absorb_the_removed_channels_by_least_squares():
+    """An MLP whose hidden activations span 5 of 10 dimensions: removing 5 hidden channels with the
+    compensation keeps the function (damping ~0), removing them without it does not."""
+    torch.manual_seed(0)
+    # the hidden activations are affine in the 4 inputs
+    net = nn.Sequential(nn.Linear(4, 10), nn.Identity(), nn.Linear(10, 3)).eval()
+    gen = torch.Generator().manual_seed(2)
+    batches = [
+        (torch.randn(64, 4, generator=gen), torch.randint(0, 3, (64,), generator=gen)) for _ in range(2)
+    ]
+    x = batches[0][0]
+    with torch.no_grad():
+        dense = net(x)
+    pruned = copy.deepcopy(net)
+    report = prune_channels(pruned, batches, ratio=0.5, damping=1e-10)
+    assert report.channels_removed == 5 and pruned[0].out_features == 5 and pruned[2].in_features == 5
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), dense, rtol=1e-5, atol=1e-5)
+        kept = [i for i in range(10) if i not in report.groups[0]["removed"]]
+        naive = F.linear(
+            F.linear(x, net[0].weight[kept], net[0].bias[kept]), net[2].weight[:, kept], net[2].bias
+        )
+    assert (naive - dense).abs().max() > 1e-2
+
+
+def test_scores_and_update_are_the_input_side_kron_obs_of_each_reader():
+    net, batches = _net(), _batches()
+    ref = copy.deepcopy(net)
+    w0 = ref.l1.c2.weight.detach().double().reshape(8, -1)
+    report = prune_channels(net, batches, ratio=0.3)
+    removed = next(g["removed"] for g in report.groups if g["root"] == "l1.c1")
+    assert removed, "the test needs l1's inner group to lose channels"
+    layers = {"l1.c2": ref.l1.c2}
+    gen = torch.Generator().manual_seed(0)
+    lf = capture_factors(ref, layers, batches, factors_for=list(layers), a_form="patch", generator=gen)
+    a_inv = damped_inverse(lf.layers["l1.c2"].a(), 1e-3)
+    assert input_obs_scores(w0, a_inv, lf.layers["l1.c2"].g(), 9).shape == (8,)
+    want = w0 + input_obs_update(w0, a_inv, removed, 9)
+    kept_cols = [j for j in range(72) if j // 9 not in removed]
+    rows = [i for i in range(8) if i not in next(g["removed"] for g in report.groups if g["root"] == "stem")]
+    got = net.l1.c2.weight.detach().double().reshape(net.l1.c2.out_channels, -1)
+    torch.testing.assert_close(got, want[rows][:, kept_cols], rtol=1e-5, atol=1e-6)
+
+
+def _input_mean(net: nn.Module, bn: nn.Module, batches) -> torch.Tensor:
+    seen = []
+    hook = bn.register_forward_pre_hook(lambda m, i: seen.append(i[0].mean((0, 2, 3))))
+    with torch.no_grad():
+        for b in batches:
+            net(b[0])
+    hook.remove()
+    return torch.stack(seen).mean(0)
+
+
+def test_batchnorm_downstream_of_compensated_layers_is_re_estimated():
+    batches = _batches()
+    ref = _net()
+    report = prune_channels(net := _net(), batches, ratio=0.3)
+    off = _net()
+    prune_channels(off, batches, ratio=0.3, recalibrate_bn=False)
+    # l1.b2 follows l1.c2, which read the removed channels of l1.c1: its statistics fit it again
+    err_on = (net.l1.b2.running_mean - _input_mean(net, net.l1.b2, batches)).abs().max()
+    err_off = (off.l1.b2.running_mean - _input_mean(off, off.l1.b2, batches)).abs().max()
+    assert err_on < 2e-3 and err_off > 10 * err_on
+    # the stem's BatchNorm is upstream of every compensated layer: its kept statistics stay
+    kept = [i for i in range(8) if i not in next(g["removed"] for g in report.groups if g["root"] == "stem")]
+    torch.testing.assert_close(net.bn.running_mean, ref.bn.running_mean[kept], rtol=0, atol=0)
+    torch.testing.assert_close(net.bn.running_var, ref.bn.running_var[kept], rtol=0, atol=0)
+
+
+def test_every_output_width_is_kept_and_excluded_layers_keep_theirs():
+    net, batches = _net(heads=2), _batches()
+    out, extra = net(batches[0][0])
+    report = prune_channels(net, batches, ratio=0.5, exclude=["l1.c1"], forward_fn=lambda m, b: m(b[0])[0])
+    assert report.channels_removed > 0
+    new_out, new_extra = net(batches[0][0])
+    assert new_out.shape == out.shape and new_extra["aux"].shape == extra["aux"].shape
+    assert (net.l1.c1.in_channels, net.l1.c1.out_channels) == (net.stem.out_channels, 8)
+    assert any("l1.c1" in why for why in report.skipped.values())
+
+    class Features(nn.Module):  # returns a conv's channels too, which a classifier also reads
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 6, 3, padding=1)
+            self.b = nn.Conv2d(6, 7, 3, padding=1)
+            self.fc = nn.Linear(7, 5)
+
+        def forward(self, x):
+            h = self.b(torch.relu(self.a(x)))
+            return self.fc(torch.relu(h).mean((2, 3))), h
+
+    torch.manual_seed(0)
+    feat = Features().eval()
+    prune_channels(feat, batches, ratio=0.5, forward_fn=lambda m, b: m(b[0])[0])
+    assert feat.b.out_channels == 7 and feat.fc.in_features == 7 and feat.a.out_channels < 6
+    assert feat(batches[0][0])[1].shape == (16, 7, 8, 8)
+
+
+def test_groups_with_unscored_parameters_are_left_whole():
+    class WithNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 8)
+            self.norm = nn.LayerNorm(8)
+            self.b = nn.Linear(8, 8)
+            self.c = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(self.norm(self.a(x)))))
+
+    torch.manual_seed(0)
+    net = WithNorm().eval()
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(32, 4, generator=gen), torch.randint(0, 3, (32,), generator=gen))]
+    report = prune_channels(net, batches, ratio=0.4)
+    assert net.a.out_features == 8 and net.norm.normalized_shape == (8,)
+    assert net.b.out_features < 8 and net.c.in_features == net.b.out_features
+    assert any("LayerNorm" in why for why in report.skipped.values())
+
+
+def test_a_failure_leaves_the_model_as_it_was(monkeypatch):
+    net, batches = _net(), _batches()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    widths = [(m.in_channels, m.out_channels) for m in net.modules() if isinstance(m, nn.Conv2d)]
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(channels_mod, "recalibrate_batchnorm", boom)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        prune_channels(net, batches, ratio=0.5)
+    assert [(m.in_channels, m.out_channels) for m in net.modules() if isinstance(m, nn.Conv2d)] == widths
+    after = net.state_dict()
+    assert set(after) == set(state)
+    for k, v in state.items():
+        torch.testing.assert_close(after[k], v, rtol=0, atol=0)
+    assert net(batches[0][0]).shape == (16, 5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(ratio=1.0), "ratio"),
+        (dict(ratio=0.5, target="params"), "target"),
+        (dict(ratio=0.5, layer_cap=0.0), "layer_cap"),
+        (dict(ratio=0.5, min_channels=0), "min_channels"),
+        (dict(ratio=0.5, rank_by="flops"), "rank_by"),
+        (dict(ratio=0.5, damping=0.0), "damping"),
+    ],
+)
+def test_bad_arguments_name_the_problem(kwargs, match):
+    net = _net()
+    with pytest.raises(ValueError, match=match):
+        prune_channels(net, _batches(), **kwargs)
+
+
+def test_empty_batches_and_nothing_prunable_are_clear_errors():
+    with pytest.raises(ValueError, match="empty"):
+        prune_channels(_net(), [], ratio=0.5)
+    with pytest.raises(RuntimeError, match="no Conv2d/Linear"):
+        prune_channels(_net(), _batches(), ratio=0.5, exclude=[nn.Conv2d, nn.Linear])
+
+
+def test_a_layer_run_twice_is_not_scored_and_its_groups_stay_whole():
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 8)
+            self.shared = nn.Linear(8, 8)
+            self.c = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.shared(torch.relu(self.shared(torch.relu(self.a(x)))))))
+
+    torch.manual_seed(0)
+    net = Twice().eval()
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(32, 4, generator=gen), torch.randint(0, 3, (32,), generator=gen))]
+    report = prune_channels(net, batches, ratio=0.3)
+    assert report.skipped["shared"] == "called 2 times per forward pass"
+    assert (net.a.out_features, net.shared.in_features, net.shared.out_features) == (8, 8, 8)
