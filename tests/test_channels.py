@@ -204,6 +204,7 @@ def test_a_failure_leaves_the_model_as_it_was(monkeypatch):
         (dict(ratio=0.5, min_channels=0), "min_channels"),
         (dict(ratio=0.5, rank_by="flops"), "rank_by"),
         (dict(ratio=0.5, damping=0.0), "damping"),
+        (dict(ratio=0.5, max_factor_dim=0), "max_factor_dim"),
     ],
 )
 def test_bad_arguments_name_the_problem(kwargs, match):
@@ -237,3 +238,20 @@ def test_a_layer_run_twice_is_not_scored_and_its_groups_stay_whole():
     report = prune_channels(net, batches, ratio=0.3)
     assert report.skipped["shared"] == "called 2 times per forward pass"
     assert (net.a.out_features, net.shared.in_features, net.shared.out_features) == (8, 8, 8)
+
+
+def test_layers_with_too_wide_factors_are_not_scored_before_any_capture(monkeypatch):
+    net, batches = _net(), _batches()
+    seen = []
+    real = channels_mod.capture_factors
+
+    def spy(model, layers, *args, **kwargs):
+        seen.append(set(layers))
+        return real(model, layers, *args, **kwargs)
+
+    monkeypatch.setattr(channels_mod, "capture_factors", spy)
+    # l1.c2 and l2.c1 read 8 channels through 3×3 kernels: 72-wide patch factors; l2.c2: 108
+    report = prune_channels(net, batches, ratio=0.3, max_factor_dim=80)
+    assert seen and not seen[0] & {"l2.c2"} and "l1.c2" in seen[0]
+    assert "max_factor_dim=80" in report.skipped["l2.c2"]
+    assert net.l2.c2.in_channels == 12  # its input group stays whole
