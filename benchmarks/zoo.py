@@ -2,6 +2,12 @@
 
     python benchmarks/zoo.py [--models resnet18 vit_b_16 ...] [--flops-x 1.67] [--size 64]
                              [--out benchmarks/results/zoo.jsonl] [--threads 2]
+                             [--method prune|prune_channels]
+
+``--method prune_channels`` runs :func:`~lightning_eigendamage.prune_channels` instead (records in
+``zoo_channels.jsonl``); its ``reload`` check saves and loads the whole pickled model (a
+channel-pruned model has no ``restore_pruned`` records), and ``skipped`` lists the layers not
+scored and the groups left whole.
 
 Each model is built with random weights (``weights=None``, ``torch.manual_seed(0)``; accuracy is
 not the point) and pruned in place by ``prune(target="flops", ratio=1 - 1/flops_x)`` with the
@@ -40,10 +46,11 @@ from typing import Any
 
 import torch
 import torchvision
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_eigendamage import prune, restore_pruned  # noqa: E402
+from lightning_eigendamage import prune, prune_channels, restore_pruned  # noqa: E402
 from lightning_eigendamage.costs import count_flops  # noqa: E402
 
 MODELS = (
@@ -70,6 +77,7 @@ MODELS = (
 )
 FIXED_SIZE = {"vit_b_16": 224, "maxvit_t": 224}  # the architectures that need one input size
 RESULTS = Path(__file__).resolve().parent / "results" / "zoo.jsonl"
+CHANNEL_RESULTS = RESULTS.with_name("zoo_channels.jsonl")
 
 
 def build(name: str) -> torch.nn.Module:
@@ -94,7 +102,7 @@ def done(out: Path, key: tuple) -> bool:
         return False
     for line in out.read_text().splitlines():
         r = json.loads(line)
-        if (r["model"], r["flops_x"], r["size"]) == key:
+        if (r["model"], r["flops_x"], r["size"], r.get("method", "prune")) == key:
             return True
     return False
 
@@ -110,34 +118,55 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.batches)
     ]
     held_out = torch.randn(args.batch, 3, size, size, generator=gen)
-    rec: dict[str, Any] = {"model": name, "flops_x": args.flops_x, "size": size}
+    rec: dict[str, Any] = {"model": name, "flops_x": args.flops_x, "size": size, "method": args.method}
     model = build(name).eval()
     flops_before = count_flops(model, held_out)
+    shapes = {n: m.weight.shape for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = prune(model, batches, ratio=1.0 - 1.0 / args.flops_x, target="flops")
+        if args.method == "prune_channels":
+            report = prune_channels(model, batches, ratio=1.0 - 1.0 / args.flops_x, target="flops")
+        else:
+            report = prune(model, batches, ratio=1.0 - 1.0 / args.flops_x, target="flops")
     rec["prune_s"] = round(time.perf_counter() - t0, 2)
     rec["warnings"] = sorted({f"{w.category.__name__}: {str(w.message)[:200]}" for w in caught})
     flops_after = count_flops(model, held_out)
     rec |= {
         "flops_reached_x": flops_before / flops_after,
-        "target_reached": report.target_reached,
-        "limited_by": report.limited_by,
         "params_before": report.params_before,
         "params_after": report.params_after,
-        "layers": len(report.layers),
-        "pruned_layers": sum(1 for r in report.layers if r.removed_in or r.removed_out),
-        "skipped": {r.name: r.skipped for r in report.layers if r.skipped is not None},
     }
+    if args.method == "prune_channels":
+        now = {n: m.weight.shape for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+        rec |= {
+            "target_reached": rec["flops_reached_x"] >= 0.97 * args.flops_x,
+            "limited_by": None,
+            "layers": len(shapes),
+            "pruned_layers": sum(1 for n, shape in shapes.items() if now.get(n) != shape),
+            "skipped": dict(report.skipped),
+        }
+    else:
+        rec |= {
+            "target_reached": report.target_reached,
+            "limited_by": report.limited_by,
+            "layers": len(report.layers),
+            "pruned_layers": sum(1 for r in report.layers if r.removed_in or r.removed_out),
+            "skipped": {r.name: r.skipped for r in report.layers if r.skipped is not None},
+        }
     model.eval()
     with torch.no_grad():
         y = model(held_out)
     rec["finite"] = bool(torch.isfinite(y).all())
     buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    buf.seek(0)
-    fresh = restore_pruned(build(name), torch.load(buf, weights_only=True)).eval()
+    if args.method == "prune_channels":
+        torch.save(model, buf)
+        buf.seek(0)
+        fresh = torch.load(buf, weights_only=False).eval()
+    else:
+        torch.save(model.state_dict(), buf)
+        buf.seek(0)
+        fresh = restore_pruned(build(name), torch.load(buf, weights_only=True)).eval()
     with torch.no_grad():
         y2 = fresh(held_out)
     diff = float((y - y2).abs().max())
@@ -154,16 +183,23 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return rec
 
 
-def table(records: list[dict[str, Any]]) -> str:
+def table(records: list[dict[str, Any]], method: str = "prune", source: str = "zoo.jsonl") -> str:
     """A markdown table of the records (the last row per model, FLOPs target and size)."""
     last = {(r["model"], r["flops_x"], r["size"]): r for r in records}
+    flag = "" if method == "prune" else " --method prune_channels"
+    reload = (
+        "restored with `restore_pruned`"
+        if method == "prune"
+        else "loaded from the whole pickled model (`torch.save(model)`)"
+    )
     lines = [
-        "# torchvision architectures pruned by `prune()`",
+        f"# torchvision architectures pruned by `{method}()`",
         "",
-        "Generated by `python benchmarks/zoo.py --table` from `zoo.jsonl` (each row holds its command).",
-        'Random weights; `prune(model, batches, ratio=1 - 1/k, target="flops")` with the defaults on',
-        "random images with random labels. *Reload*: largest output difference of a fresh copy",
-        "restored with `restore_pruned`. *Trains*: a training step gives finite gradients.",
+        f"Generated by `python benchmarks/zoo.py --table{flag}` from `{source}`",
+        "(each row holds its command).",
+        f'Random weights; `{method}(model, batches, ratio=1 - 1/k, target="flops")` with the defaults on',
+        f"random images with random labels. *Reload*: largest output difference of a fresh copy {reload}.",
+        "*Trains*: a training step gives finite gradients.",
         "",
         "| model | input | ÷FLOPs asked | reached | params kept | layers pruned / listed | left whole | "
         "warnings | reload | trains | prune s | ok |",
@@ -201,19 +237,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--batches", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--method", choices=("prune", "prune_channels"), default="prune")
+    p.add_argument("--out", type=Path, default=None, help="default: results/zoo.jsonl (zoo_channels.jsonl)")
     p.add_argument("--table", action="store_true", help="write zoo.md beside --out from its records; no runs")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = CHANNEL_RESULTS if args.method == "prune_channels" else RESULTS
     if args.table:
         records = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
-        args.out.with_suffix(".md").write_text(table(records))
+        args.out.with_suffix(".md").write_text(table(records, args.method, args.out.name))
         print(args.out.with_suffix(".md"))
         return 0
     torch.set_num_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     failures = 0
     for name in args.models:
-        key = (name, args.flops_x, FIXED_SIZE.get(name, args.size))
+        key = (name, args.flops_x, FIXED_SIZE.get(name, args.size), args.method)
         if done(args.out, key):
             print(f"{name}: done already")
             continue
@@ -229,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         rec["threads"] = args.threads
         rec["date"] = time.strftime("%Y-%m-%d %H:%M")
         cmd = f"python benchmarks/zoo.py --models {name} --flops-x {args.flops_x:g} --size {args.size}"
+        cmd += "" if args.method == "prune" else " --method prune_channels"
         rec["command"] = cmd + f" --batch {args.batch} --batches {args.batches} --threads {args.threads}"
         failures += not rec["ok"]
         with args.out.open("a") as f:

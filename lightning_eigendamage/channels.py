@@ -453,7 +453,14 @@ def remove_channels(
     try:
         # Torch-Pruning calls model(*example_inputs) first: a batch tensor must not be unpacked.
         traced = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=traced, verbose=False)
+        try:
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=traced, verbose=False)
+        except Exception as err:
+            raise RuntimeError(
+                f"Torch-Pruning could not build the channel dependencies of this model "
+                f"({type(err).__name__}: {err}); nothing was removed. prune() (EigenDamage) keeps every "
+                "layer's widths and needs no dependency graph"
+            ) from err
         left: dict[str, str] = {}
         groups = _collect_groups(
             dg, ignored, costs, scores, importance, names, in_scores or {}, allowed, left
@@ -730,7 +737,9 @@ def prune_channels(
 
     Raises:
         ValueError / TypeError: bad arguments or batches; ImportError without torch-pruning.
-        RuntimeError: nothing can be pruned. On any error the model is left as it was.
+        RuntimeError: nothing can be scored, or Torch-Pruning cannot trace the model's channel
+            dependencies (e.g. torchvision's ShuffleNet V2: its channel shuffle). On any error the
+            model is left as it was.
 
     Memory: one copy of the model while it runs (to restore it on failure), and per layer the
     patch-form ``A`` (``(C_in·k²)²`` floats) and its inverse.

@@ -154,6 +154,20 @@ def test_zoo_row_records_a_reload_exact_pruned_model_and_resumes(tmp_path, capsy
     assert "1× last layer (exempt_last=True) | – | 0.0e+00 | yes |" in md
 
 
+def test_zoo_runs_prune_channels_and_reloads_the_pickled_model(tmp_path):
+    from benchmarks import zoo
+
+    out = tmp_path / "zoo_channels.jsonl"
+    argv = ["--models", "squeezenet1_0", "--size", "32", "--batch", "2", "--threads", "1"]
+    assert zoo.main([*argv, "--method", "prune_channels", "--out", str(out)]) == 0
+    (rec,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rec["method"] == "prune_channels" and rec["ok"] and rec["reload_max_abs"] == 0.0
+    assert rec["target_reached"] and rec["flops_reached_x"] == pytest.approx(1.67, rel=0.03)
+    assert rec["pruned_layers"] > 0 and "--method prune_channels" in rec["command"]
+    assert zoo.main(["--table", "--method", "prune_channels", "--out", str(out)]) == 0
+    assert "pruned by `prune_channels()`" in (tmp_path / "zoo_channels.md").read_text()
+
+
 def test_zoo_records_a_failure_instead_of_dropping_it(tmp_path, monkeypatch):
     from benchmarks import zoo
 

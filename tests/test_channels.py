@@ -255,3 +255,18 @@ def test_layers_with_too_wide_factors_are_not_scored_before_any_capture(monkeypa
     assert seen and not seen[0] & {"l2.c2"} and "l1.c2" in seen[0]
     assert "max_factor_dim=80" in report.skipped["l2.c2"]
     assert net.l2.c2.in_channels == 12  # its input group stays whole
+
+
+def test_a_model_torch_pruning_cannot_trace_is_a_clear_error_and_stays_as_it_was(monkeypatch):
+    import torch_pruning as tp
+
+    def fails(self, *args, **kwargs):
+        raise ZeroDivisionError("integer division or modulo by zero")
+
+    monkeypatch.setattr(tp.DependencyGraph, "build_dependency", fails)
+    net, batches = _net(), _batches()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(RuntimeError, match="could not build the channel dependencies.*ZeroDivisionError"):
+        prune_channels(net, batches, ratio=0.5)
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
