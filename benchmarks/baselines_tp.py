@@ -50,7 +50,12 @@ PEERS = ("l1", "l2", "taylor")
 # least-squares compensation (docs/method.md §8), ranked by damage per FLOP saved
 # (what it is ranked by: the raw score, score per FLOP saved, or score over its group's mean score,
 # Torch-Pruning's normaliser, which spreads the removal evenly over the layers)
-INPUT_SIDE = {"kron-obs-in": "score", "kron-obs-in-flop": "per_flop", "kron-obs-in-mean": "relative"}
+INPUT_SIDE = {
+    "kron-obs-in": "score",
+    "kron-obs-in-flop": "per_flop",
+    "kron-obs-in-mean": "relative",
+    "kron-obs-in-mean-nocomp": "relative",  # the same channels, removed without the compensation
+}
 METHODS = CRITERIA + tuple(INPUT_SIDE) + ("slimming",) + PEERS
 
 
@@ -262,7 +267,12 @@ def prune_baseline(
     )
     if method in INPUT_SIDE:
         report = remove_channels(
-            model, example_inputs, in_scores=scores, in_updates=updates, rank_by=INPUT_SIDE[method], **kwargs
+            model,
+            example_inputs,
+            in_scores=scores,
+            in_updates=None if method.endswith("-nocomp") else updates,
+            rank_by=INPUT_SIDE[method],
+            **kwargs,
         )
     else:
         report = remove_channels(model, example_inputs, scores=scores, updates=updates, **kwargs)
