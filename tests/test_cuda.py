@@ -250,6 +250,28 @@ def test_flops_target_on_device(k: int) -> None:
         assert _rel(out, cpu(x.cpu().double())) < 1e-4
 
 
+def test_prune_channels_on_device() -> None:
+    """Real channel removal on the device: the model stays there, the FLOPs target is met as the
+    counter says, and a CPU copy of the pruned model computes the same function."""
+    from lightning_eigendamage import prune_channels
+
+    net = _trained_cnn().to(DEVICE)
+    batches = _on(_batches(3), DEVICE)
+    x = batches[0][0]
+    before = count_flops(net, x)
+    report = prune_channels(net, batches, ratio=0.5, target="flops")
+    assert all(_same_device(d) for d in _devices_of(net)), _devices_of(net)
+    assert report.channels_removed > 0 and not any(isinstance(m, KFELayer) for m in net.modules())
+    with torch.no_grad():
+        out = net(x)
+    assert _same_device(out.device) and torch.isfinite(out).all()
+    assert (before, count_flops(net, x)) == (report.flops_before, report.flops_after)
+    assert 0.47 <= report.flops_fraction_removed <= 0.6
+    cpu = copy.deepcopy(net).cpu().double()
+    with torch.no_grad():
+        assert _rel(out, cpu(x.cpu().double())) < 1e-4
+
+
 # ---------------------------------------------------------------------------------------------
 # The callback in a bf16-mixed fit on the device
 # ---------------------------------------------------------------------------------------------
