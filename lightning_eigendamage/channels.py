@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -370,6 +371,90 @@ def _check(ratio: float, target: str, max_group_ratio: float, min_channels: int)
         raise ValueError(f"min_channels must be an integer ≥ 1, got {min_channels!r}")
 
 
+_UNTRACEABLE = (
+    "; nothing was removed. prune() (EigenDamage) keeps every layer's widths and needs no dependency graph"
+)
+
+
+def dependency_graph(model: nn.Module, example_inputs: Any, ignored: Iterable[nn.Module] = ()) -> Any:
+    """Torch-Pruning's dependency graph of ``model`` (traced in eval mode on ``example_inputs``;
+    the modules' train/eval modes are put back), checked before any group is built.
+
+    Raises:
+        RuntimeError: tracing fails (torchvision's ShuffleNet V2); Torch-Pruning's shape
+            inference gives up on a reshape ("Maximum recursive depth reached": torchvision's
+            Swin, whose groups then grow until memory runs out); or one channel of a root that
+            is not in ``ignored`` maps outside a member's width (:func:`_check_index_mappings`).
+    """
+    tp = _torch_pruning()
+    names = {m: n for n, m in model.named_modules()}
+    modes = {m: m.training for m in model.modules()}
+    model.eval()  # tracing runs a forward pass: keep BatchNorm statistics untouched
+    try:
+        # Torch-Pruning calls model(*example_inputs) first: a batch tensor must not be unpacked.
+        traced = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+        dg = _traced_graph(tp, model, traced)
+        _check_index_mappings(dg, list(ignored), names)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return dg
+
+
+def _traced_graph(tp: Any, model: nn.Module, traced: Any) -> Any:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=traced, verbose=False)
+        except Exception as err:
+            raise RuntimeError(
+                f"Torch-Pruning could not build the channel dependencies of this model "
+                f"({type(err).__name__}: {err})" + _UNTRACEABLE
+            ) from err
+    for w in caught:
+        if "maximum recursive depth" in str(w.message).lower():
+            raise RuntimeError(
+                "Torch-Pruning could not infer the shapes through this model's reshapes (its "
+                "shape inference reached its recursion limit), so its channel groups would be "
+                "wrong or grow without bound" + _UNTRACEABLE
+            )
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return dg
+
+
+def _check_index_mappings(dg: Any, ignored: list[nn.Module], names: dict[nn.Module, str]) -> None:
+    """Probe every root Torch-Pruning's ``get_all_groups`` would start from with one channel:
+    if that channel maps to an index outside a member's width, the graph's index mapping is
+    broken (torchvision's MaxViT: one channel of ``to_qkv`` maps to 18,432 indices of a
+    1,536-wide layer), and the full group would exhaust memory. Raises RuntimeError then."""
+    skip = set(ignored) | set(getattr(dg, "IGNORED_LAYERS_IN_TRACING", []))
+    for module in list(dg.module2node):
+        if module in skip or not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        pruner = dg.get_pruner_of_module(module)
+        if pruner is None or not pruner.get_out_channels(module):
+            continue
+        for item in dg.get_pruning_group(module, pruner.prune_out_channels, [0]):
+            member, handler = item.dep.target.module, item.dep.handler
+            if dg.is_out_channel_pruning_fn(handler):
+                width = dg.get_out_channels(member)
+            elif dg.is_in_channel_pruning_fn(handler):
+                width = dg.get_in_channels(member)
+            else:
+                continue
+            if width is None or not item.idxs:
+                continue
+            top = max(int(i) for i in item.idxs)
+            if top >= width:
+                raise RuntimeError(
+                    f"Torch-Pruning maps one channel of {names.get(module, '?')} to "
+                    f"{len(item.idxs)} indices of {names.get(member, type(member).__name__)} "
+                    f"(width {width}): its index mapping through this model's reshapes is broken"
+                    + _UNTRACEABLE
+                )
+
+
 def last_layer(model: nn.Module, example_inputs: Any) -> nn.Module | None:
     """The last Conv2d/Linear to run on ``example_inputs`` (the classifier, usually)."""
     _, order = _layer_costs(model, example_inputs)
@@ -428,7 +513,7 @@ def remove_channels(
     Returns:
         A :class:`ChannelPruneReport`.
     """
-    tp = _torch_pruning()
+    _torch_pruning()
     _check(ratio, target, max_group_ratio, min_channels)
     if rank_by not in RANKS:
         raise ValueError(f"rank_by must be one of {RANKS}, got {rank_by!r}")
@@ -449,18 +534,9 @@ def remove_channels(
     costs, _ = _layer_costs(model, example_inputs)
     other = flops_before - sum(c.flops() for c in costs.values())
 
-    model.eval()  # tracing runs a forward pass: keep BatchNorm statistics untouched
+    dg = dependency_graph(model, example_inputs, ignored)
+    model.eval()
     try:
-        # Torch-Pruning calls model(*example_inputs) first: a batch tensor must not be unpacked.
-        traced = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
-        try:
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=traced, verbose=False)
-        except Exception as err:
-            raise RuntimeError(
-                f"Torch-Pruning could not build the channel dependencies of this model "
-                f"({type(err).__name__}: {err}); nothing was removed. prune() (EigenDamage) keeps every "
-                "layer's widths and needs no dependency graph"
-            ) from err
         left: dict[str, str] = {}
         groups = _collect_groups(
             dg, ignored, costs, scores, importance, names, in_scores or {}, allowed, left
@@ -765,6 +841,8 @@ def prune_channels(
     def forward(m: nn.Module, batch: Any) -> Any:
         return m(batch)
 
+    ignored = _output_layers(model, example, forward)
+    dependency_graph(model, example, ignored)  # a model Torch-Pruning cannot group fails before the capture
     in_scores, updates, skipped = input_side_scores(
         model,
         batches,
@@ -797,7 +875,6 @@ def prune_channels(
         kind = type(module).__name__
         return f"{by_module.get(module, '?')} ({kind}) has parameters whose effect is not scored"
 
-    ignored = _output_layers(model, example, forward)
     widths = {m: m.weight[0].numel() for m in updates}
     backup = copy.deepcopy(model)
     try:

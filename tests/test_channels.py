@@ -270,3 +270,55 @@ def test_a_model_torch_pruning_cannot_trace_is_a_clear_error_and_stays_as_it_was
         prune_channels(net, batches, ratio=0.5)
     for k, v in net.state_dict().items():
         torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+
+
+def _tiny_maxvit() -> nn.Module:
+    from torchvision.models import MaxVit
+
+    return MaxVit(
+        input_size=(32, 32),
+        stem_channels=8,
+        partition_size=2,
+        block_channels=[16],
+        block_layers=[1],
+        head_dim=8,
+        stochastic_depth_prob=0.0,
+        num_classes=10,
+    )
+
+
+def _tiny_swin() -> nn.Module:
+    from torchvision.models import SwinTransformer
+
+    return SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=16,
+        depths=[1, 1],
+        num_heads=[1, 1],
+        window_size=[2, 2],
+        stochastic_depth_prob=0.0,
+        num_classes=10,
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        # Torch-Pruning's shape inference gives up on the window reshapes (full size: the groups
+        # grow until memory runs out)
+        (_tiny_swin, "could not infer the shapes"),
+        # one channel of to_qkv maps to indices beyond the layer's width (full size: 18,432
+        # indices of a 1,536-wide layer, and the full group exhausts memory)
+        (_tiny_maxvit, "index mapping .* is broken"),
+    ],
+)
+def test_a_broken_torch_pruning_graph_is_a_clear_error_before_any_group_is_built(make, match):
+    torch.manual_seed(0)
+    net = make().eval()
+    x = torch.randn(4, 3, 32, 32)
+    batches = [(x, torch.randint(0, 10, (4,)))]
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(RuntimeError, match=match):
+        prune_channels(net, batches, ratio=0.3)
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
