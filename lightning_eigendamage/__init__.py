@@ -2,7 +2,7 @@
 
 from .adapters import LayerAdapter, register
 from .callback import EigenDamagePruning
-from .channels import ChannelPruneReport, prune_channels
+from .channels import ChannelPruneReport, prune_channels, restore_channels
 from .checkpoint import enable_pruned_loading, restore_pruned
 from .criteria import register_criterion
 from .gradual import GradualRemoval
@@ -45,6 +45,7 @@ __all__ = [
     "prune_channels",
     "register",
     "register_criterion",
+    "restore_channels",
     "restore_pruned",
 ]
 __version__ = "0.1.0"

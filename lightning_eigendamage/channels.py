@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -50,6 +51,7 @@ from .baselines import (
     weight_matrix,
 )
 from .calibration import downstream_batchnorms, recalibrate_batchnorm
+from .checkpoint import state_dict_of
 from .costs import count_flops, count_params
 from .curvature import CaptureOptions, capture_factors, split_batch, to_device
 from .discovery import find_layers
@@ -902,6 +904,68 @@ def prune_channels(
         raise
     report.skipped = {**skipped, **report.skipped}
     return report
+
+
+def restore_channels(
+    model: nn.Module,
+    checkpoint: str | os.PathLike | IO[bytes] | dict[str, Any],
+    example_inputs: Any,
+    *,
+    strict: bool = True,
+) -> nn.Module:
+    """Narrow a freshly built ``model`` to the widths of a channel-pruned ``checkpoint`` and load it.
+
+    A state_dict saved after :func:`prune_channels` (or any channel removal Torch-Pruning can
+    group) describes its widths by its tensors' shapes: for each dependency group of ``model``
+    the kept width is the first dimension of its root layer's ``weight`` in the checkpoint. The
+    group is narrowed to that width (which channels go does not matter: every tensor is then
+    loaded), and the state_dict loaded. Use it to load a channel-pruned model from a plain
+    state_dict or a Lightning checkpoint, e.g. before ``Trainer.fit(..., ckpt_path=...)``.
+
+    Args:
+        model: the model as constructed (unpruned), or already narrowed to the same widths.
+        checkpoint: a path or binary file object (loaded with ``torch.load(weights_only=True)``),
+            a state_dict, or a Lightning checkpoint dict (its ``"state_dict"``); keys relative to
+            ``model``.
+        example_inputs: a batch ``model`` accepts, traced once by Torch-Pruning (on the model's
+            device).
+        strict: passed to ``load_state_dict``.
+
+    Returns:
+        ``model`` itself, narrowed and loaded.
+
+    All or nothing: the narrowing and the load run on a copy of ``model``, which is put in place
+    of the model's tensors only if both succeed; on any error ``model`` is left as it was.
+    Memory: one copy of the model.
+
+    Raises:
+        ValueError: a group's width in the checkpoint is not between 1 and the model's width.
+        RuntimeError: the state_dict does not fit the narrowed model (load_state_dict's message),
+            or Torch-Pruning cannot group the model's channels (as in :func:`prune_channels`).
+    """
+    state_dict = state_dict_of(checkpoint)
+    work = copy.deepcopy(model)
+    names = {m: n for n, m in work.named_modules()}
+    dg = dependency_graph(work, example_inputs)
+    cuts = []
+    for group in dg.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear)):
+        root, fn, n = group[0].dep.target.module, group[0].dep.handler, len(group[0].idxs)
+        weight = state_dict.get(f"{names[root]}.weight" if names[root] else "weight")
+        if not isinstance(weight, torch.Tensor) or weight.dim() == 0:
+            continue  # not in the checkpoint: load_state_dict names it (strict) or leaves it
+        width = int(weight.shape[0])
+        if not 1 <= width <= n:
+            raise ValueError(
+                f"{names[root]}.weight has {width} output channels in the checkpoint; the model's "
+                f"group rooted there has {n}: this checkpoint is not a channel-pruned copy of it"
+            )
+        if width < n:
+            cuts.append((root, fn, list(range(width, n))))
+    for root, fn, idxs in cuts:
+        dg.get_pruning_group(root, fn, idxs).prune()
+    work.load_state_dict(state_dict, strict=strict)
+    _restore(model, work)
+    return model
 
 
 def _on(device: torch.device) -> Callable[[nn.Module, Any], Any]:

@@ -28,7 +28,9 @@ from .surgery import layers_for_records, records_in, swap_modules
 _EXTRA_STATE = "_extra_state"
 
 
-def _state_dict_of(checkpoint: str | os.PathLike | IO[bytes] | dict[str, Any]) -> dict[str, Any]:
+def state_dict_of(checkpoint: str | os.PathLike | IO[bytes] | dict[str, Any]) -> dict[str, Any]:
+    """The state_dict in ``checkpoint``: a path or binary file object (``torch.load`` with
+    ``weights_only=True``), a state_dict, or a Lightning checkpoint dict (its ``"state_dict"``)."""
     if isinstance(checkpoint, (str, os.PathLike)) or (
         hasattr(checkpoint, "read") and hasattr(checkpoint, "seek")
     ):
@@ -75,7 +77,7 @@ def restore_pruned(
             mismatches, non-tensor values, a record its layer would refuse, and with ``strict``
             missing or unexpected keys); the message names each key, with both shapes.
     """
-    state_dict = _state_dict_of(checkpoint)
+    state_dict = state_dict_of(checkpoint)
     replacements = layers_for_records(model, records_in(state_dict))
     check_loadable(model, state_dict, strict=strict, replacements=replacements)
     old = {name: model.get_submodule(name) for name in replacements}

@@ -322,3 +322,84 @@ def test_a_broken_torch_pruning_graph_is_a_clear_error_before_any_group_is_built
         prune_channels(net, batches, ratio=0.3)
     for k, v in net.state_dict().items():
         torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+
+
+def _widths(net: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def test_restore_channels_rebuilds_the_pruned_widths_from_a_plain_state_dict(tmp_path):
+    from lightning_eigendamage import restore_channels
+
+    net, batches = _net(), _batches()
+    prune_channels(net, batches, ratio=0.5, target="flops")
+    path = tmp_path / "pruned.pt"
+    torch.save({"state_dict": net.state_dict(), "epoch": 3}, path)  # as Lightning saves it
+    torch.manual_seed(123)
+    fresh = TinyResNet().eval()  # other weights, full widths
+    assert _widths(fresh) != _widths(net)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        copy.deepcopy(fresh).load_state_dict(net.state_dict())
+    out = restore_channels(fresh, path, batches[0][0])
+    assert out is fresh
+    assert _widths(fresh) == _widths(net)
+    assert fresh.l2.c1.in_channels == net.l2.c1.in_channels and fresh.fc.in_features == net.fc.in_features
+    x = batches[1][0]
+    torch.testing.assert_close(fresh(x), net(x), rtol=0, atol=0)
+    # already narrowed: loads again
+    restore_channels(fresh, net.state_dict(), x)
+    torch.testing.assert_close(fresh(x), net(x), rtol=0, atol=0)
+
+
+def test_restore_channels_refuses_a_checkpoint_that_does_not_fit_and_leaves_the_model_alone():
+    from lightning_eigendamage import restore_channels
+
+    net, batches = _net(), _batches()
+    prune_channels(net, batches, ratio=0.5, target="flops")
+    state = net.state_dict()
+    fresh = TinyResNet().eval()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    wider = dict(state)
+    wider["stem.weight"] = torch.zeros(9, 3, 3, 3)  # the model's stem has 8 channels
+    with pytest.raises(ValueError, match="stem.weight has 9 output channels"):
+        restore_channels(fresh, wider, batches[0][0])
+    broken = dict(state)
+    broken["fc.bias"] = torch.zeros(7)  # fits no width the groups can give
+    with pytest.raises(RuntimeError, match="fc.bias"):
+        restore_channels(fresh, broken, batches[0][0])
+    assert _widths(fresh) == {k: tuple(v.shape) for k, v in before.items()}
+    for k, v in fresh.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_a_channel_pruned_lightning_fit_resumes_from_its_checkpoint_after_restore_channels(tmp_path):
+    from lit_models import LitClassifier, image_data, loader, small_cnn, trainer
+
+    from lightning_eigendamage import restore_channels
+
+    data = image_data(n=64, size=8)
+    calib = [(x, y) for x, y in loader(data)]
+
+    def pruned() -> LitClassifier:
+        torch.manual_seed(0)
+        lit = LitClassifier(small_cnn(10))
+        prune_channels(lit, calib, ratio=0.5, target="flops")
+        return lit
+
+    straight = pruned()
+    trainer(max_epochs=2).fit(straight, loader(data))
+
+    first = pruned()
+    t = trainer(max_epochs=1)
+    t.fit(first, loader(data))
+    path = tmp_path / "epoch1.ckpt"
+    t.save_checkpoint(path)
+
+    torch.manual_seed(7)
+    fresh = LitClassifier(small_cnn(10))  # as a new process builds it: full widths
+    restore_channels(fresh, path, calib[0][0])
+    t2 = trainer(max_epochs=2)
+    t2.fit(fresh, loader(data), ckpt_path=path)  # optimizer state (momentum) loads: same shapes
+    assert t2.global_step == 2 * len(loader(data))
+    for (k, a), b in zip(straight.state_dict().items(), fresh.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=k)
