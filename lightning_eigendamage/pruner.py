@@ -484,7 +484,11 @@ def _latency_plan(an: Analysis, ratio: float, opts: PruneOptions) -> tuple[list[
     For a ``"params"``/``"flops"`` target the realised cut is measured *after* the forms are
     chosen: a layer left whole (or folded) because that runs faster gives back part of the cut,
     so the quantile is raised (bisection, timings cached per layer width) until the cut with the
-    chosen forms reaches ``ratio`` again, or no more can be removed.
+    chosen forms reaches ``ratio`` again, or no more can be removed. Where that lands more than
+    0.01 past ``ratio`` (a layer's form flipped from whole to reduced between two quantiles),
+    the forms found are kept and the quantile lowered until the cut is just ``ratio``: the
+    flipped layer then runs its reduced form at a width where leaving it whole may have timed
+    faster, and the target holds.
     """
     cache: dict = {}
     pooled = an.pooled
@@ -498,7 +502,7 @@ def _latency_plan(an: Analysis, ratio: float, opts: PruneOptions) -> tuple[list[
 
     if opts.target == "directions":
         return plan(ratio), ratio
-    lo = _quantile_for_target(an, ratio, opts, "auto")
+    lo = floor = _quantile_for_target(an, ratio, opts, "auto")
     best = (plan(lo), lo)
     if _removed(an, best[0], opts.target) >= ratio:
         return best
@@ -513,11 +517,57 @@ def _latency_plan(an: Analysis, ratio: float, opts: PruneOptions) -> tuple[list[
         got = _removed(an, dec, opts.target)
         if got >= ratio:
             hi, best = mid, (dec, mid)
-            if got <= ratio + 0.01:
-                break
+            if got <= ratio + _LATENCY_OVERSHOOT:
+                return best
+        else:
+            lo = mid
+    # The cut jumps where a layer's form flips from whole to reduced, so the bisection can land
+    # well past the target (half a small network's FLOPs at once). Keep the forms just chosen
+    # and lower the quantile: with fixed forms the cut shrinks step by step, to the target. At
+    # ``floor`` the cost-chosen forms (the cheapest) just reach it, so fixed forms reach no more.
+    forms = [lp.form if lp.changed else None for lp in best[0]]
+    lo = floor
+    for _ in range(30):
+        mid = 0.5 * (lo + hi)
+        dec = _plan_with_forms(an.layers, global_marks(pooled, mid), opts, forms)
+        if _removed(an, dec, opts.target) >= ratio:
+            hi, best = mid, (dec, mid)
         else:
             lo = mid
     return best
+
+
+_LATENCY_OVERSHOOT = 0.01  # how far past a params/flops target the latency search may land
+
+
+def _plan_with_forms(
+    layers: list[ScoredLayer], marks: list[int], opts: PruneOptions, forms: list[str | None]
+) -> list[LayerPlan]:
+    """Like :func:`_plan_at`, with each layer's form given (None: left whole). A layer whose
+    given form would keep every direction, or cost more FLOPs or parameters than the layer does
+    now, is left whole."""
+    out = []
+    for w, f, m_out, m_in in zip(layers, forms, marks[0::2], marks[1::2]):
+        all_in, all_out = list(range(w.s_in.numel())), list(range(w.s_out.numel()))
+        if f is None:
+            out.append(_unchanged(w))
+            continue
+        ki = (
+            all_in
+            if f in ("fold_in", "dense")
+            else _rounded(w.s_in, m_in, opts.layer_cap, opts.min_rank, opts.round_to)
+        )
+        ko = (
+            all_out
+            if f in ("fold_out", "dense")
+            else _rounded(w.s_out, m_out, opts.layer_cap, opts.min_rank, opts.round_to)
+        )
+        cost = form_cost(w.geo, f, len(ki), len(ko), bias=w.bias)
+        if (len(ki), len(ko)) == (len(all_in), len(all_out)) or not cost.fits_in(w.current):
+            out.append(_unchanged(w))
+        else:
+            out.append(_layer_plan(w, ki, ko, f, cost, True))
+    return out
 
 
 def check_ratio(ratio: Any) -> float:

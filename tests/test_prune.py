@@ -528,6 +528,49 @@ def test_form_by_latency_meets_a_flops_target_with_the_chosen_forms(monkeypatch)
     assert report.quantile > by_cost.quantile  # by pruning more elsewhere
 
 
+def test_form_by_latency_lands_on_a_flops_target_where_a_form_flips(monkeypatch):
+    """features.5 (most of the FLOPs) is timed fastest whole until its bottleneck is narrow, and
+    every other layer is timed fastest whole: the cut jumps from 0 to about half the FLOPs as the
+    threshold rises. The search keeps the bottleneck and widens it back to the target."""
+    import lightning_eigendamage.pruner as pruner_mod
+
+    ratio = 0.3
+    model, batches = _conv()
+    shapes: dict[tuple, str] = {}
+
+    def record(name):
+        def hook(module, inputs):
+            shapes.setdefault(tuple(inputs[0].shape[1:]), name)
+
+        return hook
+
+    hooks = [
+        m.register_forward_pre_hook(record(n))
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    with torch.no_grad():
+        model.eval()(batches[0][0])
+    for h in hooks:
+        h.remove()
+
+    def timing(mods, example, repeats=7, *, backward=False):
+        best = "unchanged"
+        if shapes[tuple(example.shape[1:])] == "features.5" and "bottleneck" in mods:
+            core = mods["bottleneck"].core
+            if core.in_channels + core.out_channels <= 16:
+                best = "bottleneck"
+        return {k: (0.0 if k == best else 1.0) for k in mods}
+
+    monkeypatch.setattr(pruner_mod, "time_modules", timing)
+    report = prune(model, batches, ratio=ratio, target="flops", form_by="latency", recalibrate_bn=False)
+    layer = dict(model.named_modules())["features.5"]
+    assert isinstance(layer, KFELayer) and layer.form == "bottleneck"
+    assert layer.core.in_channels + layer.core.out_channels > 16  # widened past the flip
+    removed = 1 - count_flops(model, batches[0][0]) / report.flops_before
+    assert ratio <= removed <= ratio + 0.02, removed  # landed at the flip: 0.53
+
+
 def test_form_by_latency_real_timing_runs():
     model, batches = _conv()
     report = prune(model, batches, ratio=0.6, form_by="latency", latency_batch=4)
