@@ -449,6 +449,29 @@ def test_enable_pruned_loading_makes_plain_load_state_dict_work():
     handle.remove()
 
 
+def _layers_by_input_shape(model: nn.Module, x: torch.Tensor) -> dict[tuple, str]:
+    """Per-example input shape → name of the first Conv2d/Linear that gets it (how a stand-in
+    for ``time_modules`` tells the layers apart)."""
+    shapes: dict[tuple, str] = {}
+
+    def record(name):
+        def hook(module, inputs):
+            shapes.setdefault(tuple(inputs[0].shape[1:]), name)
+
+        return hook
+
+    hooks = [
+        m.register_forward_pre_hook(record(n))
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    with torch.no_grad():
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
 def test_form_by_latency_picks_the_fastest_eligible_form(monkeypatch):
     import lightning_eigendamage.pruner as pruner_mod
 
@@ -494,23 +517,7 @@ def test_form_by_latency_meets_a_flops_target_with_the_chosen_forms(monkeypatch)
     # in a reduced form. The target stays reachable: features.5 holds most of the FLOPs.
     big = next(r for r in by_cost.layers if r.name == "features.2")
     assert big.flops_after < big.flops_before
-    shapes: dict[tuple, str] = {}
-
-    def record(name):
-        def hook(module, inputs):
-            shapes.setdefault(tuple(inputs[0].shape[1:]), name)
-
-        return hook
-
-    hooks = [
-        m.register_forward_pre_hook(record(n))
-        for n, m in model0.named_modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear))
-    ]
-    with torch.no_grad():
-        model0.eval()(batches[0][0])
-    for h in hooks:
-        h.remove()
+    shapes = _layers_by_input_shape(model0, batches[0][0])
 
     def timing(mods, example, repeats=7, *, backward=False):
         name = shapes[tuple(example.shape[1:])]
@@ -536,23 +543,7 @@ def test_form_by_latency_lands_on_a_flops_target_where_a_form_flips(monkeypatch)
 
     ratio = 0.3
     model, batches = _conv()
-    shapes: dict[tuple, str] = {}
-
-    def record(name):
-        def hook(module, inputs):
-            shapes.setdefault(tuple(inputs[0].shape[1:]), name)
-
-        return hook
-
-    hooks = [
-        m.register_forward_pre_hook(record(n))
-        for n, m in model.named_modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear))
-    ]
-    with torch.no_grad():
-        model.eval()(batches[0][0])
-    for h in hooks:
-        h.remove()
+    shapes = _layers_by_input_shape(model, batches[0][0])
 
     def timing(mods, example, repeats=7, *, backward=False):
         best = "unchanged"
