@@ -815,9 +815,11 @@ def prune_channels(
 
     Raises:
         ValueError / TypeError: bad arguments or batches; ImportError without torch-pruning.
-        RuntimeError: nothing can be scored, or Torch-Pruning cannot trace the model's channel
-            dependencies (e.g. torchvision's ShuffleNet V2: its channel shuffle). On any error the
-            model is left as it was.
+        RuntimeError: nothing can be scored, or Torch-Pruning's graph of the model is unusable
+            (:func:`dependency_graph`: a failed trace, e.g. torchvision's ShuffleNet V2 and its
+            channel shuffle; a failed shape inference, Swin-T; a channel mapped outside a
+            layer's width, MaxViT-T), checked before the capture. On any error the model is left
+            as it was.
 
     Memory: one copy of the model while it runs (to restore it on failure), and per layer the
     patch-form ``A`` (``(C_in·k²)²`` floats) and its inverse.
@@ -927,8 +929,8 @@ def restore_channels(
         checkpoint: a path or binary file object (loaded with ``torch.load(weights_only=True)``),
             a state_dict, or a Lightning checkpoint dict (its ``"state_dict"``); keys relative to
             ``model``.
-        example_inputs: a batch ``model`` accepts, traced once by Torch-Pruning (on the model's
-            device).
+        example_inputs: a batch ``model`` accepts, on the model's device, traced once by
+            Torch-Pruning.
         strict: passed to ``load_state_dict``.
 
     Returns:
@@ -939,6 +941,8 @@ def restore_channels(
     Memory: one copy of the model.
 
     Raises:
+        TypeError: ``checkpoint`` is none of the accepted kinds (``torch.load``'s own errors pass
+            through).
         ValueError: a group's width in the checkpoint is not between 1 and the model's width.
         RuntimeError: the state_dict does not fit the narrowed model (load_state_dict's message),
             or Torch-Pruning cannot group the model's channels (as in :func:`prune_channels`).

@@ -486,7 +486,8 @@ def _latency_plan(an: Analysis, ratio: float, opts: PruneOptions) -> tuple[list[
     so the quantile is raised (bisection, timings cached per layer width) until the cut with the
     chosen forms reaches ``ratio`` again, or no more can be removed. Where that lands more than
     0.01 past ``ratio`` (a layer's form flipped from whole to reduced between two quantiles),
-    the forms found are kept and the quantile lowered until the cut is just ``ratio``: the
+    the forms found are kept and the quantile lowered to the smallest cut with those forms that
+    reaches ``ratio`` (granularity: one direction); the
     flipped layer then runs its reduced form at a width where leaving it whole may have timed
     faster, and the target holds.
     """

@@ -349,6 +349,9 @@ def test_restore_channels_rebuilds_the_pruned_widths_from_a_plain_state_dict(tmp
     # already narrowed: loads again
     restore_channels(fresh, net.state_dict(), x)
     torch.testing.assert_close(fresh(x), net(x), rtol=0, atol=0)
+    # a bare state_dict into another full-width model
+    other = restore_channels(TinyResNet().eval(), net.state_dict(), x)
+    torch.testing.assert_close(other(x), net(x), rtol=0, atol=0)
 
 
 def test_restore_channels_refuses_a_checkpoint_that_does_not_fit_and_leaves_the_model_alone():
