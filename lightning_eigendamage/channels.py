@@ -30,7 +30,6 @@ Conv2d/Linear FLOPs and treats every other op's FLOPs as fixed.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import warnings
@@ -141,13 +140,13 @@ def _layer_costs(model: nn.Module, example: Any) -> tuple[dict[nn.Module, _Layer
     order: list[nn.Module] = []
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        n = output.shape[0]
+        # one example runs: every output row is its (a model may fold tokens or frames into dim 0)
         if isinstance(module, nn.Conv2d):
-            t = output.shape[2] * output.shape[3]
+            t = output.numel() // module.out_channels
             k2 = module.kernel_size[0] * module.kernel_size[1]
             c_in, c_out, groups = module.in_channels, module.out_channels, module.groups
         else:
-            t = output.numel() // (n * module.out_features)
+            t = output.numel() // module.out_features
             k2, c_in, c_out, groups = 1, module.in_features, module.out_features, 1
         if module not in costs:
             depthwise = groups > 1 and groups == c_in == c_out
@@ -182,6 +181,66 @@ def _run(model: nn.Module, example: Any) -> Any:
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+def _output_shapes(out: Any) -> list[tuple[int, ...]]:
+    """The shapes of every tensor in a model's output (tuples, lists, dicts), in a fixed order."""
+    if torch.is_tensor(out):
+        return [tuple(out.shape)]
+    if isinstance(out, dict):
+        return [s for k in out for s in _output_shapes(out[k])]
+    if isinstance(out, (tuple, list)):
+        return [s for o in out for s in _output_shapes(o)]
+    return []
+
+
+def _forward(model: nn.Module, example: Any) -> Any:
+    return model(example)
+
+
+class _Snapshot:
+    """What channel removal changes, to put back on failure: per module its Parameter and buffer
+    objects (the same objects go back, so optimizers and references stay valid), a copy of their
+    values, and its plain attributes (``in_channels``, ``num_features``…). Hooks and other
+    attributes are never touched. Memory: one copy of the parameters and buffers."""
+
+    _PLAIN = (bool, int, float, str, tuple, type(None))
+
+    def __init__(self, model: nn.Module) -> None:
+        self.items = []
+        with torch.no_grad():
+            for m in model.modules():
+                params, bufs = dict(m._parameters), dict(m._buffers)
+                values = {("p", k): t.detach().clone() for k, t in params.items() if t is not None}
+                values |= {("b", k): t.detach().clone() for k, t in bufs.items() if t is not None}
+                attrs = {k: v for k, v in vars(m).items() if isinstance(v, self._PLAIN)}
+                self.items.append((m, params, bufs, values, attrs))
+
+    def frozen(self) -> list[tuple[nn.Module, str]]:
+        """(module, name) of every parameter that does not require grad."""
+        return [
+            (m, k)
+            for m, params, *_ in self.items
+            for k, p in params.items()
+            if p is not None and not p.requires_grad
+        ]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for m, params, bufs, values, attrs in self.items:
+                m._parameters.clear()
+                m._parameters.update(params)
+                m._buffers.clear()
+                m._buffers.update(bufs)
+                for (kind, k), v in values.items():
+                    t = params[k] if kind == "p" else bufs[k]
+                    if t.shape == v.shape:
+                        t.copy_(v)
+                    else:
+                        t.data = v
+                for k in [k for k, v in vars(m).items() if isinstance(v, self._PLAIN) and k not in attrs]:
+                    del m.__dict__[k]
+                m.__dict__.update(attrs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +300,7 @@ def _collect_groups(
         root_item = group[0]
         root = root_item.dep.target.module
         n = len(root_item.idxs)
+        _check_group(dg, group, root, names)
         if allowed is not None:
             why = next((r for r in (allowed(it.dep.target.module) for it in group) if r), None)
             if why is not None:
@@ -394,7 +454,7 @@ def dependency_graph(model: nn.Module, example_inputs: Any, ignored: Iterable[nn
     model.eval()  # tracing runs a forward pass: keep BatchNorm statistics untouched
     try:
         # Torch-Pruning calls model(*example_inputs) first: a batch tensor must not be unpacked.
-        traced = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+        traced = (example_inputs,) if isinstance(example_inputs, (torch.Tensor, dict)) else example_inputs
         dg = _traced_graph(tp, model, traced)
         _check_index_mappings(dg, list(ignored), names)
     finally:
@@ -437,24 +497,30 @@ def _check_index_mappings(dg: Any, ignored: list[nn.Module], names: dict[nn.Modu
         pruner = dg.get_pruner_of_module(module)
         if pruner is None or not pruner.get_out_channels(module):
             continue
-        for item in dg.get_pruning_group(module, pruner.prune_out_channels, [0]):
-            member, handler = item.dep.target.module, item.dep.handler
-            if dg.is_out_channel_pruning_fn(handler):
-                width = dg.get_out_channels(member)
-            elif dg.is_in_channel_pruning_fn(handler):
-                width = dg.get_in_channels(member)
-            else:
-                continue
-            if width is None or not item.idxs:
-                continue
-            top = max(int(i) for i in item.idxs)
-            if top >= width:
-                raise RuntimeError(
-                    f"Torch-Pruning maps one channel of {names.get(module, '?')} to "
-                    f"{len(item.idxs)} indices of {names.get(member, type(member).__name__)} "
-                    f"(width {width}): its index mapping through this model's reshapes is broken"
-                    + _UNTRACEABLE
-                )
+        _check_group(dg, dg.get_pruning_group(module, pruner.prune_out_channels, [0]), module, names)
+
+
+def _check_group(dg: Any, group: Any, root: nn.Module, names: dict[nn.Module, str]) -> None:
+    """RuntimeError if an index of ``group`` lies outside its member's width (an operation the
+    graph maps wrongly: a window reshape, ``pixel_shuffle``…)."""
+    for item in group:
+        member, handler = item.dep.target.module, item.dep.handler
+        if dg.is_out_channel_pruning_fn(handler):
+            width = dg.get_out_channels(member)
+        elif dg.is_in_channel_pruning_fn(handler):
+            width = dg.get_in_channels(member)
+        else:
+            continue
+        if width is None or not item.idxs:
+            continue
+        top = max(int(i) for i in item.idxs)
+        if top >= width:
+            raise RuntimeError(
+                f"Torch-Pruning maps the channels of {names.get(root, '?')} to "
+                f"{len(item.idxs)} indices (up to {top}) of "
+                f"{names.get(member, type(member).__name__)} (width {width}): its index mapping "
+                "through this model's reshapes is broken" + _UNTRACEABLE
+            )
 
 
 def last_layer(model: nn.Module, example_inputs: Any) -> nn.Module | None:
@@ -532,11 +598,13 @@ def remove_channels(
     names = {m: n for n, m in model.named_modules()}
     modes = {m: m.training for m in model.modules()}
     params_before = count_params(model)
-    flops_before = count_flops(model, example_inputs)
+    flops_before = count_flops(model, example_inputs, _forward)
+    shapes_before = _output_shapes(_run(model, example_inputs))
     costs, _ = _layer_costs(model, example_inputs)
     other = flops_before - sum(c.flops() for c in costs.values())
 
     dg = dependency_graph(model, example_inputs, ignored)
+    snapshot = _Snapshot(model)
     model.eval()
     try:
         left: dict[str, str] = {}
@@ -582,8 +650,20 @@ def remove_channels(
                 continue
             group = dg.get_pruning_group(g.root, g.root_fn, sel)
             if not dg.check_pruning_group(group):
-                raise RuntimeError(f"pruning {len(sel)} channels of {names.get(g.root)} would empty a layer")
+                raise RuntimeError(
+                    f"removing {len(sel)} channels of {names.get(g.root)} would empty a layer of its "
+                    "Torch-Pruning group (an operation on channels its graph does not model, e.g. "
+                    "chunk or split gating); exclude the layers around it. The model was left as it was"
+                )
             group.prune()
+        for module, name in snapshot.frozen():  # Torch-Pruning's new Parameters require grad
+            param = module._parameters.get(name)
+            if param is not None:
+                param.requires_grad_(False)
+        _check_pruned(model, example_inputs, shapes_before)
+    except BaseException:
+        snapshot.restore()
+        raise
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -594,7 +674,7 @@ def remove_channels(
         params_before=params_before,
         params_after=count_params(model),
         flops_before=flops_before,
-        flops_after=count_flops(model, example_inputs),
+        flops_after=count_flops(model, example_inputs, _forward),
         channels_total=sum(g.n for g in groups),
         channels_removed=sum(len(s) for s in chosen),
         flops_planned=planned,
@@ -603,6 +683,28 @@ def remove_channels(
         ],
         skipped=left,
     )
+
+
+def _check_pruned(model: nn.Module, example: Any, shapes_before: list[tuple[int, ...]]) -> None:
+    """RuntimeError unless the narrowed model runs on ``example`` and returns tensors of the
+    shapes it returned before (an op Torch-Pruning does not model, e.g. ``pixel_shuffle``,
+    ``chunk`` or a view that splits channels, or a returned tensor without autograd history
+    that a pruned group produces)."""
+    try:
+        out = _run(model, example)
+    except Exception as err:
+        raise RuntimeError(
+            f"the narrowed model fails on the example inputs ({type(err).__name__}: {err}): an "
+            "operation on its channels that Torch-Pruning's graph does not model (a channel "
+            "split, shuffle or view); exclude the layers around it. The model was left as it was"
+        ) from err
+    after = _output_shapes(out)
+    if after != shapes_before:
+        raise RuntimeError(
+            f"the narrowed model's outputs have shapes {after}, not {shapes_before}: a returned "
+            "tensor comes from a narrowed group without autograd history to show it (detached, "
+            "or an integer result); exclude the layer that produces it. The model was left as it was"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -821,8 +923,8 @@ def prune_channels(
             layer's width, MaxViT-T), checked before the capture. On any error the model is left
             as it was.
 
-    Memory: one copy of the model while it runs (to restore it on failure), and per layer the
-    patch-form ``A`` (``(C_in·k²)²`` floats) and its inverse.
+    Memory: one copy of the parameters and buffers while it runs (to restore them on failure),
+    and per layer the patch-form ``A`` (``(C_in·k²)²`` floats) and its inverse.
     """
     ratio, cap, min_channels, damping = _check_options(
         ratio, target, layer_cap, min_channels, rank_by, damping
@@ -868,19 +970,27 @@ def prune_channels(
         )
     by_module = {m: n for n, m in model.named_modules()}
 
-    def allowed(module: nn.Module) -> str | None:
+    def allowed(module: Any) -> str | None:
+        if not isinstance(module, nn.Module):  # Torch-Pruning's node for a bare nn.Parameter
+            shape = tuple(getattr(module, "shape", ()))
+            return f"a parameter of shape {shape} used directly in forward has an effect that is not scored"
+        name, kind = by_module.get(module, "?"), type(module).__name__
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             if module in in_scores:
                 return None
-            name = by_module.get(module, "?")
             return f"{name} is not scored ({skipped.get(name, 'not a prunable layer')})"
-        if isinstance(module, _BATCHNORMS) or not any(True for _ in module.parameters(recurse=False)):
+        if isinstance(module, nn.GroupNorm):
+            return f"{name} (GroupNorm) needs its channel count to stay a multiple of its groups"
+        if isinstance(module, _BATCHNORMS):
             return None
-        kind = type(module).__name__
-        return f"{by_module.get(module, '?')} ({kind}) has parameters whose effect is not scored"
+        if any(True for _ in module.parameters(recurse=False)) or any(
+            True for _ in module.buffers(recurse=False)
+        ):
+            return f"{name} ({kind}) has parameters or buffers whose effect is not scored"
+        return None
 
     widths = {m: m.weight[0].numel() for m in updates}
-    backup = copy.deepcopy(model)
+    snapshot = _Snapshot(model)
     try:
         report = remove_channels(
             model,
@@ -902,7 +1012,7 @@ def prune_channels(
             bns = downstream_batchnorms(model, touched, example, forward)
             recalibrate_batchnorm(model, bns, [split_batch(b, input_fn)[0] for b in batches], _on(device))
     except BaseException:
-        _restore(model, backup)
+        snapshot.restore()
         raise
     report.skipped = {**skipped, **report.skipped}
     return report
@@ -936,9 +1046,9 @@ def restore_channels(
     Returns:
         ``model`` itself, narrowed and loaded.
 
-    All or nothing: the narrowing and the load run on a copy of ``model``, which is put in place
-    of the model's tensors only if both succeed; on any error ``model`` is left as it was.
-    Memory: one copy of the model.
+    All or nothing: on any error ``model`` is left as it was (the same Parameter and buffer
+    objects, with their values; hooks and other attributes are never touched). Parameters that
+    did not require grad still do not. Memory: one copy of the parameters and buffers.
 
     Raises:
         TypeError: ``checkpoint`` is none of the accepted kinds (``torch.load``'s own errors pass
@@ -948,9 +1058,8 @@ def restore_channels(
             or Torch-Pruning cannot group the model's channels (as in :func:`prune_channels`).
     """
     state_dict = state_dict_of(checkpoint)
-    work = copy.deepcopy(model)
-    names = {m: n for n, m in work.named_modules()}
-    dg = dependency_graph(work, example_inputs)
+    names = {m: n for n, m in model.named_modules()}
+    dg = dependency_graph(model, example_inputs)
     cuts = []
     for group in dg.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear)):
         root, fn, n = group[0].dep.target.module, group[0].dep.handler, len(group[0].idxs)
@@ -965,21 +1074,20 @@ def restore_channels(
             )
         if width < n:
             cuts.append((root, fn, list(range(width, n))))
-    for root, fn, idxs in cuts:
-        dg.get_pruning_group(root, fn, idxs).prune()
-    work.load_state_dict(state_dict, strict=strict)
-    _restore(model, work)
+    snapshot = _Snapshot(model)
+    try:
+        for root, fn, idxs in cuts:
+            dg.get_pruning_group(root, fn, idxs).prune()
+        for module, name in snapshot.frozen():
+            param = module._parameters.get(name)
+            if param is not None:
+                param.requires_grad_(False)
+        model.load_state_dict(state_dict, strict=strict)
+    except BaseException:
+        snapshot.restore()
+        raise
     return model
 
 
 def _on(device: torch.device) -> Callable[[nn.Module, Any], Any]:
     return lambda m, x: m(to_device(x, device))
-
-
-def _restore(model: nn.Module, backup: nn.Module) -> None:
-    """Put every module's parameters, buffers and attributes back from ``backup`` (a deep copy
-    taken before): the model object and its module tree stay the same objects."""
-    for m, b in zip(model.modules(), backup.modules()):
-        for k, v in b.__dict__.items():
-            if k != "_modules":
-                m.__dict__[k] = v

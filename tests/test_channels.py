@@ -185,6 +185,11 @@ def test_a_failure_leaves_the_model_as_it_was(monkeypatch):
         raise RuntimeError("interrupted")
 
     monkeypatch.setattr(channels_mod, "recalibrate_batchnorm", boom)
+    params = {n: p for n, p in net.named_parameters()}
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    calls = []
+    handle = net.stem.register_forward_hook(lambda m, i, o: calls.append(1))
+    net.last = net.stem(batches[0][0])  # an activation kept as an attribute (not a graph leaf)
     with pytest.raises(RuntimeError, match="interrupted"):
         prune_channels(net, batches, ratio=0.5)
     assert [(m.in_channels, m.out_channels) for m in net.modules() if isinstance(m, nn.Conv2d)] == widths
@@ -192,7 +197,13 @@ def test_a_failure_leaves_the_model_as_it_was(monkeypatch):
     assert set(after) == set(state)
     for k, v in state.items():
         torch.testing.assert_close(after[k], v, rtol=0, atol=0)
+    # the same Parameter objects: an optimizer built before still trains the model
+    assert all(p is params[n] for n, p in net.named_parameters())
+    assert all(p is q for p, q in zip(opt.param_groups[0]["params"], net.parameters()))
+    handle.remove()  # the model's own hook dicts: the handle still removes its hook
+    calls.clear()
     assert net(batches[0][0]).shape == (16, 5)
+    assert not calls
 
 
 @pytest.mark.parametrize(
@@ -406,3 +417,97 @@ def test_a_channel_pruned_lightning_fit_resumes_from_its_checkpoint_after_restor
     assert t2.global_step == 2 * len(loader(data))
     for (k, a), b in zip(straight.state_dict().items(), fresh.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=k)
+
+
+def test_frozen_parameters_stay_frozen():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+    ).eval()  # fmt: skip
+    net[1].requires_grad_(False)
+    net[0].bias.requires_grad_(False)
+    prune_channels(net, [(torch.randn(16, 3, 8, 8), torch.randint(0, 5, (16,)))], ratio=0.5)
+    assert net[1].weight.shape[0] < 8  # narrowed, and still frozen
+    assert [n for n, p in net.named_parameters() if not p.requires_grad] == ["0.bias", "1.weight", "1.bias"]
+
+
+class _FoldedTokens(nn.Module):
+    """(N, T, 10) inputs whose tokens are folded into the rows of the Linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.fc = nn.Linear(10, 32), nn.Linear(32, 32), nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, _ = x.shape
+        h = torch.relu(self.b(torch.relu(self.a(x.reshape(n * t, -1)))))
+        return self.fc(h.reshape(n, t, -1).mean(1))
+
+
+def test_a_flops_target_holds_when_the_model_folds_tokens_into_rows():
+    torch.manual_seed(0)
+    net = _FoldedTokens().eval()
+    batches = [(torch.randn(16, 12, 10), torch.randint(0, 5, (16,)))]
+    report = prune_channels(net, batches, ratio=0.5, target="flops")
+    assert report.flops_planned == report.flops_after  # the search counts every row
+    assert 0.5 <= report.flops_fraction_removed <= 0.56  # was 0.98
+
+
+class _Detached(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor):
+        h = torch.relu(self.b(torch.relu(self.a(x))))
+        return self.fc(h.mean((2, 3))), h.detach()  # features returned without autograd history
+
+
+class _Shuffled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(4, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor):
+        h = F.pixel_shuffle(torch.relu(self.a(x)), 2)  # 16 channels → 4, spatially ×2
+        return self.fc(torch.relu(self.b(h)).mean((2, 3)))
+
+
+class _FrozenNorm(nn.Module):
+    def __init__(self) -> None:
+        from torchvision.ops import FrozenBatchNorm2d
+
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.n, self.fc = (
+            FrozenBatchNorm2d(8),
+            nn.Linear(8, 5),
+        )  # per-channel buffers, no module Torch-Pruning knows
+
+    def forward(self, x: torch.Tensor):
+        return self.fc(torch.relu(self.b(torch.relu(self.n(self.a(x))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (_Detached, "outputs have shapes"),
+        (_Shuffled, "index mapping .* is broken"),
+        (_FrozenNorm, "fails on the example inputs"),
+    ],
+)
+def test_a_narrowed_model_that_breaks_its_outputs_is_refused_and_put_back(make, match):
+    torch.manual_seed(0)
+    net = make().eval()
+    x = torch.randn(16, 3, 8, 8)
+    batches = [(x, torch.randint(0, 5, (16,)))]
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(RuntimeError, match=match):
+        fn = (lambda m, b: m(b[0])[0]) if make is _Detached else None
+        prune_channels(net, batches, ratio=0.5, forward_fn=fn)
+    assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in state.items()}
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
