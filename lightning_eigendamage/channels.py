@@ -54,6 +54,7 @@ from .checkpoint import state_dict_of
 from .costs import count_flops, count_params
 from .curvature import CaptureOptions, capture_factors, split_batch, to_device
 from .discovery import find_layers
+from .report import TARGET_TOLERANCE, TargetNotReachedWarning
 from .values import as_int, as_real
 
 if TYPE_CHECKING:
@@ -167,20 +168,34 @@ def _layer_costs(model: nn.Module, example: Any) -> tuple[dict[nn.Module, _Layer
 def _first(example: Any) -> Any:
     if isinstance(example, torch.Tensor):
         return example[:1]
+    if isinstance(example, dict):
+        return {k: _first(v) for k, v in example.items()}
     if isinstance(example, (tuple, list)):
         return type(example)(_first(e) for e in example)
     return example
 
 
-def _run(model: nn.Module, example: Any) -> Any:
+def _run(model: nn.Module, example: Any, train: bool = False) -> Any:
+    """``model(example)`` under no_grad in eval mode, or in train mode with every buffer
+    (BatchNorm statistics) and the random streams put back afterwards."""
     modes = {m: m.training for m in model.modules()}
-    model.eval()
+    model.train(train)
+    kept = [(b, b.detach().clone()) for b in model.buffers()] if train else []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _kept_rng(model):
             return model(example)
     finally:
+        with torch.no_grad():
+            for b, v in kept:
+                b.copy_(v)
         for m, mode in modes.items():
             m.training = mode
+
+
+def _kept_rng(model: nn.Module) -> Any:
+    """A context that puts the CPU random stream and those of the model's CUDA devices back."""
+    devices = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
+    return torch.random.fork_rng(devices=devices)
 
 
 def _output_shapes(out: Any) -> list[tuple[int, ...]]:
@@ -439,8 +454,9 @@ _UNTRACEABLE = (
 
 
 def dependency_graph(model: nn.Module, example_inputs: Any, ignored: Iterable[nn.Module] = ()) -> Any:
-    """Torch-Pruning's dependency graph of ``model`` (traced in eval mode on ``example_inputs``;
-    the modules' train/eval modes are put back), checked before any group is built.
+    """Torch-Pruning's dependency graph of ``model`` (traced by Torch-Pruning in eval mode on
+    ``example_inputs``, under autograd even inside ``no_grad``; modes, buffers and random streams
+    are put back), checked before any group is built.
 
     Raises:
         RuntimeError: tracing fails (torchvision's ShuffleNet V2); Torch-Pruning's shape
@@ -449,15 +465,24 @@ def dependency_graph(model: nn.Module, example_inputs: Any, ignored: Iterable[nn
             is not in ``ignored`` maps outside a member's width (:func:`_check_index_mappings`).
     """
     tp = _torch_pruning()
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "called inside torch.inference_mode(): Torch-Pruning traces the channel dependencies "
+            "on the autograd graph; call it outside (torch.no_grad() around the call is fine)"
+        )
     names = {m: n for n, m in model.named_modules()}
-    modes = {m: m.training for m in model.modules()}
-    model.eval()  # tracing runs a forward pass: keep BatchNorm statistics untouched
+    modes = {m: m.training for m in model.modules()}  # Torch-Pruning traces in eval mode
+    kept = [(b, b.detach().clone()) for b in model.buffers()]
     try:
         # Torch-Pruning calls model(*example_inputs) first: a batch tensor must not be unpacked.
         traced = (example_inputs,) if isinstance(example_inputs, (torch.Tensor, dict)) else example_inputs
-        dg = _traced_graph(tp, model, traced)
+        with torch.enable_grad(), _kept_rng(model):
+            dg = _traced_graph(tp, model, traced)
         _check_index_mappings(dg, list(ignored), names)
     finally:
+        with torch.no_grad():
+            for b, v in kept:
+                b.copy_(v)
         for m, mode in modes.items():
             m.training = mode
     return dg
@@ -660,7 +685,7 @@ def remove_channels(
             param = module._parameters.get(name)
             if param is not None:
                 param.requires_grad_(False)
-        _check_pruned(model, example_inputs, shapes_before)
+        _check_pruned(model, example_inputs, shapes_before, any(modes.values()))
     except BaseException:
         snapshot.restore()
         raise
@@ -685,18 +710,21 @@ def remove_channels(
     )
 
 
-def _check_pruned(model: nn.Module, example: Any, shapes_before: list[tuple[int, ...]]) -> None:
-    """RuntimeError unless the narrowed model runs on ``example`` and returns tensors of the
-    shapes it returned before (an op Torch-Pruning does not model, e.g. ``pixel_shuffle``,
-    ``chunk`` or a view that splits channels, or a returned tensor without autograd history
-    that a pruned group produces)."""
+def _check_pruned(model: nn.Module, example: Any, shapes_before: list[tuple[int, ...]], train: bool) -> None:
+    """RuntimeError unless the narrowed model runs on ``example`` (in eval mode, and in train mode
+    too if ``train``: the model was in train mode) and returns tensors of the shapes it returned
+    before (an op Torch-Pruning does not model, e.g. a view that splits channels, or a returned
+    tensor without autograd history that a pruned group produces)."""
     try:
         out = _run(model, example)
+        if train:  # a branch that runs only in training must fit too
+            _run(model, example, train=True)
     except Exception as err:
         raise RuntimeError(
             f"the narrowed model fails on the example inputs ({type(err).__name__}: {err}): an "
             "operation on its channels that Torch-Pruning's graph does not model (a channel "
-            "split, shuffle or view); exclude the layers around it. The model was left as it was"
+            "split, shuffle or view), or a layer that runs only in training mode (the graph is "
+            "traced in eval mode); exclude the layers around it. The model was left as it was"
         ) from err
     after = _output_shapes(out)
     if after != shapes_before:
@@ -773,12 +801,31 @@ def _check_options(ratio: Any, target: str, layer_cap: Any, min_channels: Any, r
     k = as_int(min_channels)
     if k is None or k < 1:
         raise ValueError(f"min_channels must be an integer ≥ 1, got {min_channels!r}")
-    if rank_by not in RANK_BY:
+    if not isinstance(rank_by, str) or rank_by not in RANK_BY:
         raise ValueError(f"rank_by must be one of {tuple(RANK_BY)}, got {rank_by!r}")
     d = as_real(damping)
-    if d is None or not d > 0:
-        raise ValueError(f"damping must be a number > 0, got {damping!r}")
+    if d is None or not 0 < d < math.inf:
+        raise ValueError(f"damping must be a finite number > 0, got {damping!r}")
     return r, cap, k, d
+
+
+def _check_more(batches: Any, max_batches: Any, seed: Any, recalibrate_bn: Any) -> int | None:
+    """The other arguments' checks (before anything runs); returns ``max_batches`` as an int."""
+    if isinstance(batches, (torch.Tensor, dict)):
+        raise TypeError(
+            f"batches must be an iterable of batches, got a single {type(batches).__name__}: "
+            "iterating it would give single examples (or keys); wrap one batch in a list"
+        )
+    if max_batches is not None:
+        m = as_int(max_batches)
+        if m is None or m < 1:
+            raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+        max_batches = m
+    if as_int(seed) is None or not 0 <= as_int(seed) < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    if not isinstance(recalibrate_bn, bool):
+        raise TypeError(f"recalibrate_bn must be True or False, got {recalibrate_bn!r}")
+    return max_batches
 
 
 def input_side_scores(
@@ -929,6 +976,8 @@ def prune_channels(
     ratio, cap, min_channels, damping = _check_options(
         ratio, target, layer_cap, min_channels, rank_by, damping
     )
+    max_batches = _check_more(batches, max_batches, seed, recalibrate_bn)
+    seed = as_int(seed)
     if max_factor_dim is not None:
         limit = as_int(max_factor_dim)
         if limit is None or limit < 1:
@@ -1015,6 +1064,18 @@ def prune_channels(
         snapshot.restore()
         raise
     report.skipped = {**skipped, **report.skipped}
+    reached = (
+        report.flops_fraction_removed
+        if target == "flops"
+        else report.channels_removed / max(report.channels_total, 1)
+    )
+    if reached < ratio - TARGET_TOLERANCE:
+        warnings.warn(
+            f"prune_channels removed {reached:.3f} of the {target} for a ratio of {ratio:.3f}: the "
+            "groups it may narrow are exhausted (caps, groups left whole: see report.skipped)",
+            TargetNotReachedWarning,
+            stacklevel=2,
+        )
     return report
 
 

@@ -216,12 +216,25 @@ def test_a_failure_leaves_the_model_as_it_was(monkeypatch):
         (dict(ratio=0.5, rank_by="flops"), "rank_by"),
         (dict(ratio=0.5, damping=0.0), "damping"),
         (dict(ratio=0.5, max_factor_dim=0), "max_factor_dim"),
+        (dict(ratio=0.5, damping=float("inf")), "damping"),
+        (dict(ratio=0.5, max_batches=0), "max_batches"),
+        (dict(ratio=0.5, max_batches=1.5), "max_batches"),
+        (dict(ratio=0.5, seed="x"), "seed"),
+        (dict(ratio=0.5, rank_by=[]), "rank_by"),
     ],
 )
 def test_bad_arguments_name_the_problem(kwargs, match):
     net = _net()
     with pytest.raises(ValueError, match=match):
         prune_channels(net, _batches(), **kwargs)
+
+
+def test_type_errors_name_the_problem():
+    net, batches = _net(), _batches()
+    with pytest.raises(TypeError, match="recalibrate_bn"):
+        prune_channels(net, batches, ratio=0.5, recalibrate_bn="no")
+    with pytest.raises(TypeError, match="single Tensor"):
+        prune_channels(net, batches[0][0], ratio=0.5)
 
 
 def test_empty_batches_and_nothing_prunable_are_clear_errors():
@@ -511,3 +524,51 @@ def test_a_narrowed_model_that_breaks_its_outputs_is_refused_and_put_back(make, 
     assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in state.items()}
     for k, v in net.state_dict().items():
         torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+
+
+def test_no_grad_inference_mode_and_modes():
+    net, batches = _net(), _batches()
+    with torch.no_grad():  # the capture and the tracing turn autograd on themselves
+        report = prune_channels(copy.deepcopy(net), batches, ratio=0.5)
+    assert report.channels_removed > 0
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        prune_channels(copy.deepcopy(net), batches, ratio=0.5)
+    net.train()
+    net.l1.eval()  # mixed modes come back as they were
+    modes = [m.training for m in net.modules()]
+    prune_channels(net, batches, ratio=0.5)
+    assert [m.training for m in net.modules()] == modes
+
+
+class _TrainOnlyHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc, self.aux = nn.Linear(8, 5), nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor):
+        h = torch.relu(self.a(x))
+        out = self.fc(torch.relu(self.b(h)).mean((2, 3)))
+        return (out, self.aux(h.mean((2, 3)))) if self.training else out
+
+
+def test_a_head_that_runs_only_in_training_is_a_clear_error_not_a_broken_model():
+    torch.manual_seed(0)
+    net = _TrainOnlyHead().train()
+    batches = [(torch.randn(16, 3, 8, 8), torch.randint(0, 5, (16,)))]
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(RuntimeError, match="runs only in training mode"):
+        prune_channels(net, batches, ratio=0.5)
+    assert net.training
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+    net(batches[0][0])  # still runs in its own mode
+
+
+def test_an_unreachable_target_warns():
+    from lightning_eigendamage import TargetNotReachedWarning
+
+    net, batches = _net(), _batches()
+    with pytest.warns(TargetNotReachedWarning, match="removed 0.[0-9]+ of the flops for a ratio of 0.990"):
+        report = prune_channels(net, batches, ratio=0.99, target="flops")
+    assert report.flops_fraction_removed < 0.98

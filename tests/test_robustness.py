@@ -604,7 +604,8 @@ def test_prune_leaves_the_global_random_stream_alone(kwargs) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # forms chosen by time may stop short of the target
         prune(model, batches, ratio=0.5, target="flops", **kwargs)
-    assert any(isinstance(m, KFELayer) for m in model.modules())
+    if "form_by" not in kwargs:  # timed forms may all lose to the dense layers on a loaded machine
+        assert any(isinstance(m, KFELayer) for m in model.modules())
     assert torch.equal(torch.get_rng_state(), state)
 
 
