@@ -55,6 +55,10 @@ INPUT_SIDE = {
     "kron-obs-in-flop": "per_flop",
     "kron-obs-in-mean": "relative",
     "kron-obs-in-mean-nocomp": "relative",  # the same channels, removed without the compensation
+    # ranked by √damage over its group's mean √damage: a norm-like spread (damage is quadratic in
+    # the weights), so a group with a few large scores is not stripped of all the others
+    "kron-obs-in-sqrt": "relative",
+    "kron-obs-in-sqrt-nocomp": "relative",
 }
 METHODS = CRITERIA + tuple(INPUT_SIDE) + ("slimming",) + PEERS
 
@@ -266,6 +270,8 @@ def prune_baseline(
         input_fn=input_fn,
     )
     if method in INPUT_SIDE:
+        if method.startswith("kron-obs-in-sqrt"):
+            scores = {m: s.clamp_min(0).sqrt() for m, s in scores.items()}
         report = remove_channels(
             model,
             example_inputs,

@@ -219,7 +219,14 @@ PEERS = ("l1", "l2", "taylor", "slimming")  # channel pruning: the peers of the 
 SECOND_ORDER = ("c-obd", "c-obs", "kron-obd", "kron-obs")  # the paper's channel baselines
 # K-FAC channel removal scored and compensated on the input side of the layers that read a channel
 # (benchmarks.baselines_tp, INPUT_SIDE): real channels, so it trains as fast as Torch-Pruning's
-INPUT_OBS = ("kron-obs-in", "kron-obs-in-flop", "kron-obs-in-mean", "kron-obs-in-mean-nocomp")
+INPUT_OBS = (
+    "kron-obs-in",
+    "kron-obs-in-flop",
+    "kron-obs-in-mean",
+    "kron-obs-in-mean-nocomp",
+    "kron-obs-in-sqrt",
+    "kron-obs-in-sqrt-nocomp",
+)
 METHODS = (EIGEN, ITER, GRADUAL, *PEERS, *SECOND_ORDER, *INPUT_OBS)
 OURS = (EIGEN, ITER, GRADUAL)
 # EigenDamage variants measured in the ablation: name → prune() options (the rest as default).

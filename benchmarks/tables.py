@@ -36,8 +36,10 @@ NAMES = {
     "kron-obs": "Kron-OBS",
     "kron-obs-in": "Input-side Kron-OBS (raw damage)",
     "kron-obs-in-flop": "Input-side Kron-OBS (damage per FLOP)",
-    "kron-obs-in-mean": "prune_channels (input-side Kron-OBS, relative)",
-    "kron-obs-in-mean-nocomp": "prune_channels' channels without the compensation",
+    "kron-obs-in-mean": "Input-side Kron-OBS, ranked by damage over its group's mean",
+    "kron-obs-in-mean-nocomp": "The same channels, removed without the compensation",
+    "kron-obs-in-sqrt": "prune_channels (input-side Kron-OBS, ranked by √damage over its group's mean)",
+    "kron-obs-in-sqrt-nocomp": "The same channels, removed without the compensation",
     "slimming": "NN Slimming",
     "l1": "L1 magnitude (Torch-Pruning)",
     "l2": "L2 magnitude (Torch-Pruning)",
@@ -310,8 +312,10 @@ SHORT = {
     "kron-obs": "Kron-OBS",
     "kron-obs-in": "input Kron-OBS raw",
     "kron-obs-in-flop": "input Kron-OBS per FLOP",
-    "kron-obs-in-mean": "prune_channels",
-    "kron-obs-in-mean-nocomp": "prune_channels, no compensation",
+    "kron-obs-in-mean": "input Kron-OBS, damage relative",
+    "kron-obs-in-mean-nocomp": "input Kron-OBS, damage relative, no compensation",
+    "kron-obs-in-sqrt": "prune_channels",
+    "kron-obs-in-sqrt-nocomp": "prune_channels, no compensation",
     "slimming": "NN Slimming",
     "l1": "TP L1",
     "l2": "TP L2",
@@ -372,7 +376,8 @@ def after_pruning_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def converged_summary(records: list[dict[str, Any]]) -> list[str]:
     """The defaults against the best channel-pruning peer (TP L1/L2/Taylor, NN Slimming) and
     against the best of every other method, at ÷4 and ÷8: after pruning (mean over seeds) and
-    after the 3-epoch fine-tune (mean over the seeds run)."""
+    after the 3-epoch fine-tune (mean over the seeds run); the others' means are taken over the
+    seeds the defaults ran."""
     out = ["## Summary: the defaults against the peers", ""]
     out += [
         'Defaults: `layer_cap=0.75`, `rank_by="damage_per_cost"`, BatchNorm re-estimated (after-pruning',
@@ -397,10 +402,15 @@ def converged_summary(records: list[dict[str, Any]]) -> list[str]:
             d_after = list({r["seed"]: r for r in d_after}.values())  # one per seed (same options)
             best = _avg([r for r in ours if r["variant"] == "all"], "acc_after_quick")
 
-            def best_of(rows_: list[dict], key: str, methods: tuple | None) -> tuple[float | None, str]:
+            def best_of(
+                rows_: list[dict], key: str, methods: tuple | None, only: set[int] | None = None
+            ) -> tuple[float | None, str]:
+                """The best method's mean; over the seeds in ``only`` (those the defaults ran)."""
                 by: dict[str, list[dict]] = defaultdict(list)
                 for r in rows_:
                     if r["method"] == "eigendamage" or (methods and r["method"] not in methods):
+                        continue
+                    if only and r["seed"] not in only:
                         continue
                     by[SHORT[r["method"]]].append(r)
                 means = {k: _avg(v, key) for k, v in by.items()}
@@ -411,12 +421,14 @@ def converged_summary(records: list[dict[str, Any]]) -> list[str]:
                 seeds = ",".join(str(s) for s in sorted({r["seed"] for r in by[k]}))
                 return means[k], f"{k}, seeds {seeds}"
 
-            pa, pa_who = best_of(quick, "acc_after_quick", ISSUE_PEERS)
-            oa, oa_who = best_of(quick, "acc_after_quick", None)
+            a_seeds = {r["seed"] for r in d_after}
+            pa, pa_who = best_of(quick, "acc_after_quick", ISSUE_PEERS, a_seeds)
+            oa, oa_who = best_of(quick, "acc_after_quick", None, a_seeds)
             d_tuned_rows = [r for r in tuned if r["method"] == "eigendamage" and r["variant"] == "defaults"]
             dt = _avg(d_tuned_rows, "acc_finetuned")
-            pt, pt_who = best_of(tuned, "acc_finetuned", ISSUE_PEERS)
-            ot, ot_who = best_of(tuned, "acc_finetuned", None)
+            t_seeds = {r["seed"] for r in d_tuned_rows}
+            pt, pt_who = best_of(tuned, "acc_finetuned", ISSUE_PEERS, t_seeds)
+            ot, ot_who = best_of(tuned, "acc_finetuned", None, t_seeds)
             da = _avg(d_after, "acc_after_quick")
             gap1 = None if da is None or pa is None else da - pa
             gap2 = None if dt is None or pt is None else dt - pt
@@ -429,19 +441,25 @@ def converged_summary(records: list[dict[str, Any]]) -> list[str]:
     return out + [""]
 
 
+CHANNELS_METHOD = "kron-obs-in-sqrt"  # what prune_channels' defaults do
+
+
 def channels_summary(records: list[dict[str, Any]]) -> list[str]:
-    """``prune_channels`` (benchmark method ``kron-obs-in-mean``, default cap) against the best
-    channel-pruning peer at ÷4 and ÷8: after pruning and fine-tuned, means over the seeds run."""
-    rows = [r for r in _flops_rows(records) if r["method"] in ("kron-obs-in-mean", *ISSUE_PEERS)]
+    """``prune_channels`` (benchmark method :data:`CHANNELS_METHOD`, default cap) against the best
+    channel-pruning peer at ÷4 and ÷8: after pruning and fine-tuned, means over the seeds run by
+    ``prune_channels`` (the peers' means over the same seeds)."""
+    method = CHANNELS_METHOD
+    rows = [r for r in _flops_rows(records) if r["method"] in (method, *ISSUE_PEERS)]
     rows = [r for r in rows if r["variant"] == "-"]
-    if not any(r["method"] == "kron-obs-in-mean" for r in rows):
+    if not any(r["method"] == method for r in rows):
         return []
     out = [
         "## Summary: `prune_channels` (real channels) against the peers",
         "",
-        "Method `kron-obs-in-mean`: input-side Kron-OBS scores and compensation, ranked against each",
-        "group's mean, cap 0.95 (the peers' cap), BatchNorm re-estimated. *Best peer*: the best of",
-        "TP L1/L2/Taylor and NN Slimming in that column (mean over its seeds). Seeds in brackets.",
+        f"Method `{method}`: input-side Kron-OBS scores and compensation, each channel ranked by its",
+        "√damage (summed over its readers) against its group's mean, cap 0.95 (the peers' cap),",
+        "BatchNorm re-estimated. *Best peer*: the best of TP L1/L2/Taylor and NN Slimming in that",
+        "column, its mean over the seeds `prune_channels` ran. Seeds in brackets.",
         "",
         "| network | ÷FLOPs | after pruning | best peer | gap | fine-tuned | best peer fine-tuned | gap "
         "| params kept (peer) |",
@@ -452,13 +470,17 @@ def channels_summary(records: list[dict[str, Any]]) -> list[str]:
             rs = [r for r in rows if r["model"] == model and r["flops_x"] == fx]
             quick, tuned = after_pruning_rows(rs), [r for r in rs if r["finetune"] == 3]
 
-            def mean_of(rows_: list[dict], key: str, method: str) -> tuple[float | None, str]:
-                mine = [r for r in rows_ if r["method"] == method and r.get(key) is not None]
+            def mean_of(
+                rows_: list[dict], key: str, name: str, only: set[int] | None = None
+            ) -> tuple[float | None, str]:
+                mine = [r for r in rows_ if r["method"] == name and r.get(key) is not None]
+                mine = [r for r in mine if only is None or r["seed"] in only]
                 seeds = ",".join(str(s) for s in sorted({r["seed"] for r in mine}))
                 return _avg(mine, key), seeds
 
             def best(rows_: list[dict], key: str) -> tuple[float | None, str, float | None]:
-                means = {m: mean_of(rows_, key, m) for m in ISSUE_PEERS}
+                only = {r["seed"] for r in rows_ if r["method"] == method and r.get(key) is not None}
+                means = {m: mean_of(rows_, key, m, only) for m in ISSUE_PEERS}
                 means = {m: v for m, v in means.items() if v[0] is not None}
                 if not means:
                     return None, "–", None
@@ -466,11 +488,11 @@ def channels_summary(records: list[dict[str, Any]]) -> list[str]:
                 kept = _avg([r for r in rows_ if r["method"] == m], "param_ratio")
                 return means[m][0], f"{SHORT[m]}, seeds {means[m][1]}", kept
 
-            ca, ca_s = mean_of(quick, "acc_after_quick", "kron-obs-in-mean")
-            ct, ct_s = mean_of(tuned, "acc_finetuned", "kron-obs-in-mean")
+            ca, ca_s = mean_of(quick, "acc_after_quick", method)
+            ct, ct_s = mean_of(tuned, "acc_finetuned", method)
             pa, pa_who, _ = best(quick, "acc_after_quick")
             pt, pt_who, p_kept = best(tuned, "acc_finetuned")
-            c_kept = _avg([r for r in rs if r["method"] == "kron-obs-in-mean"], "param_ratio")
+            c_kept = _avg([r for r in rs if r["method"] == method], "param_ratio")
             gap1 = None if ca is None or pa is None else ca - pa
             gap2 = None if ct is None or pt is None else ct - pt
             kept = "–" if c_kept is None else f"{c_kept:.1%}" + ("" if p_kept is None else f" ({p_kept:.1%})")

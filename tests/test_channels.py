@@ -572,3 +572,30 @@ def test_an_unreachable_target_warns():
     with pytest.warns(TargetNotReachedWarning, match="removed 0.[0-9]+ of the flops for a ratio of 0.990"):
         report = prune_channels(net, batches, ratio=0.99, target="flops")
     assert report.flops_fraction_removed < 0.98
+
+
+def test_relative_ranks_by_the_square_root_of_each_readers_damage(monkeypatch):
+    net, batches = _net(), _batches()
+    seen: dict[str, dict] = {}
+    scores, engine = channels_mod.input_side_scores, channels_mod.remove_channels
+
+    def spy_scores(*args, **kwargs):
+        out = scores(*args, **kwargs)
+        seen["damage"] = {m: s.clone() for m, s in out[0].items()}
+        return out
+
+    def spy_engine(*args, **kwargs):
+        seen["ranked"] = kwargs["in_scores"]
+        seen["rank_by"] = kwargs["rank_by"]
+        return engine(*args, **kwargs)
+
+    monkeypatch.setattr(channels_mod, "input_side_scores", spy_scores)
+    monkeypatch.setattr(channels_mod, "remove_channels", spy_engine)
+    prune_channels(copy.deepcopy(net), batches, ratio=0.5, target="flops")
+    assert seen["rank_by"] == "relative" and set(seen["ranked"]) == set(seen["damage"])
+    for m, s in seen["damage"].items():
+        torch.testing.assert_close(seen["ranked"][m], s.clamp_min(0).sqrt())
+    prune_channels(copy.deepcopy(net), batches, ratio=0.5, target="flops", rank_by="relative_damage")
+    assert seen["rank_by"] == "relative"
+    for m, s in seen["damage"].items():
+        torch.testing.assert_close(seen["ranked"][m], s)
