@@ -56,7 +56,7 @@ from .calibration import downstream_batchnorms, recalibrate_batchnorm
 from .checkpoint import state_dict_of
 from .costs import count_flops, count_params
 from .curvature import CaptureOptions, capture_factors, split_batch, to_device
-from .discovery import find_layers
+from .discovery import excluded_modules, find_layers
 from .report import TARGET_TOLERANCE, TargetNotReachedWarning
 from .values import as_int, as_real
 
@@ -952,8 +952,9 @@ def prune_channels(
         layer_cap: at most this fraction of one group's channels is removed; ``min_channels``:
             channels always kept per group.
         exclude: module instances, types, glob patterns or regexes (as for
-            :func:`~lightning_eigendamage.prune`): an excluded layer keeps both its widths, so
-            every group it belongs to is left whole.
+            :func:`~lightning_eigendamage.prune`): an excluded module (any kind: a conv, a
+            BatchNorm, a container and everything in it) keeps its widths, so every group it
+            belongs to is left whole.
         fisher, likelihood, class_dim, loss_fn, input_fn, max_batches, seed: the curvature, as
             for :func:`~lightning_eigendamage.prune` (true Fisher by default, labels sampled with
             a generator seeded by ``seed``).
@@ -1028,12 +1029,15 @@ def prune_channels(
             "no Conv2d/Linear layer can be scored: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
         )
     by_module = {m: n for n, m in model.named_modules()}
+    excluded = excluded_modules(model, exclude)
 
     def allowed(module: Any) -> str | None:
         if not isinstance(module, nn.Module):  # Torch-Pruning's node for a bare nn.Parameter
             shape = tuple(getattr(module, "shape", ()))
             return f"a parameter of shape {shape} used directly in forward has an effect that is not scored"
         name, kind = by_module.get(module, "?"), type(module).__name__
+        if module in excluded:
+            return f"{name} is excluded by user"
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             if module in in_scores:
                 return None

@@ -91,6 +91,17 @@ def _matches(name: str, module: nn.Module, exclude: Iterable[Any]) -> bool:
     return False
 
 
+def excluded_modules(model: nn.Module, exclude: Any = None) -> set[nn.Module]:
+    """Every module of ``model`` that ``exclude`` names (instance, type, glob or regex on its
+    name), or that sits inside one that it names."""
+    exclude = normalise_exclude(exclude)
+    out: set[nn.Module] = set()
+    for name, module in model.named_modules():
+        if module in out or _matches(name, module, exclude):
+            out.update(module.modules())
+    return out
+
+
 def find_layers(
     model: nn.Module, exclude: Any = None, *, unsupported: bool = False, max_factor_dim: int | None = None
 ) -> list[Candidate]:

@@ -599,3 +599,17 @@ def test_relative_ranks_by_the_square_root_of_each_readers_damage(monkeypatch):
     assert seen["rank_by"] == "relative"
     for m, s in seen["damage"].items():
         torch.testing.assert_close(seen["ranked"][m], s)
+
+
+@pytest.mark.parametrize("entry", ["1", nn.BatchNorm2d, "bn_instance"])
+def test_an_excluded_batchnorm_keeps_its_group_whole(entry):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+    ).eval()  # fmt: skip
+    batches = [(torch.randn(16, 3, 8, 8), torch.randint(0, 5, (16,)))]
+    report = prune_channels(net, batches, ratio=0.5, exclude=[net[1] if entry == "bn_instance" else entry])
+    assert net[1].num_features == 8 and net[0].out_channels == 8 and net[3].in_channels == 8
+    assert report.skipped["group of 0"] == "left whole: 1 is excluded by user"
+    assert net[3].out_channels < 8  # the other group is still pruned
