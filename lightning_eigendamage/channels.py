@@ -33,11 +33,12 @@ Conv2d/Linear FLOPs and treats every other op's FLOPs as fixed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
@@ -184,26 +185,29 @@ def _first(example: Any) -> Any:
 
 
 def _run(model: nn.Module, example: Any, train: bool = False) -> Any:
-    """``model(example)`` under no_grad in eval mode, or in train mode with every buffer
-    (BatchNorm statistics) and the random streams put back afterwards."""
+    """``model(example)`` under no_grad in eval mode, or in train mode; modes, buffers (BatchNorm
+    statistics) and random streams are put back afterwards."""
+    with _untouched(model, buffers=train), torch.no_grad():
+        model.train(train)
+        return model(example)
+
+
+@contextlib.contextmanager
+def _untouched(model: nn.Module, *, buffers: bool = True) -> Iterator[None]:
+    """Put back, on exit, every module's train/eval mode, the values of every buffer (if
+    ``buffers``), the CPU random stream and those of the model's CUDA devices."""
     modes = {m: m.training for m in model.modules()}
-    model.train(train)
-    kept = [(b, b.detach().clone()) for b in model.buffers()] if train else []
+    kept = [(b, b.detach().clone()) for b in model.buffers()] if buffers else []
+    devices = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
     try:
-        with torch.no_grad(), _kept_rng(model):
-            return model(example)
+        with torch.random.fork_rng(devices=devices):
+            yield
     finally:
         with torch.no_grad():
             for b, v in kept:
                 b.copy_(v)
         for m, mode in modes.items():
             m.training = mode
-
-
-def _kept_rng(model: nn.Module) -> Any:
-    """A context that puts the CPU random stream and those of the model's CUDA devices back."""
-    devices = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
-    return torch.random.fork_rng(devices=devices)
 
 
 def _output_shapes(out: Any) -> list[tuple[int, ...]]:
@@ -479,20 +483,11 @@ def dependency_graph(model: nn.Module, example_inputs: Any, ignored: Iterable[nn
             "on the autograd graph; call it outside (torch.no_grad() around the call is fine)"
         )
     names = {m: n for n, m in model.named_modules()}
-    modes = {m: m.training for m in model.modules()}  # Torch-Pruning traces in eval mode
-    kept = [(b, b.detach().clone()) for b in model.buffers()]
-    try:
-        # Torch-Pruning calls model(*example_inputs) first: a batch tensor must not be unpacked.
-        traced = (example_inputs,) if isinstance(example_inputs, (torch.Tensor, dict)) else example_inputs
-        with torch.enable_grad(), _kept_rng(model):
-            dg = _traced_graph(tp, model, traced)
-        _check_index_mappings(dg, list(ignored), names)
-    finally:
-        with torch.no_grad():
-            for b, v in kept:
-                b.copy_(v)
-        for m, mode in modes.items():
-            m.training = mode
+    # Torch-Pruning calls model(*example_inputs) first: a batch tensor must not be unpacked.
+    traced = (example_inputs,) if isinstance(example_inputs, (torch.Tensor, dict)) else example_inputs
+    with _untouched(model), torch.enable_grad():  # Torch-Pruning traces in eval mode
+        dg = _traced_graph(tp, model, traced)
+    _check_index_mappings(dg, list(ignored), names)
     return dg
 
 
