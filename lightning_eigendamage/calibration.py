@@ -14,6 +14,7 @@ they must:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from .adapters import adapter_for
 from .layers import KFELayer
+from .report import PruningWarning
 
 Forward = Callable[[nn.Module, Any], Any]  # (model, batch) → output, batch already on the device
 
@@ -104,7 +106,9 @@ def recalibrate_batchnorm(
     ``momentum=None``, a cumulative average); every other module runs in eval mode, so no other
     buffer changes, and dropout is off. Modes and momenta are restored. With ``distributed`` the
     statistics are averaged over the processes, so every process ends with the same buffers.
-    Returns the number of batches used (0: nothing was changed).
+    A batch that gives some BatchNorm one value per channel (a last batch of one example before
+    a ``BatchNorm1d``) is left out, with a :class:`~.report.PruningWarning`. Returns the number
+    of batches used (0: nothing was changed).
     """
     if not bns:
         return 0
@@ -116,10 +120,21 @@ def recalibrate_batchnorm(
         m.reset_running_stats()
         m.momentum = None
         m.train()
-    seen = 0
+    seen = single = 0
     try:
         for batch in batches:
-            forward(model, batch)
+            before = [
+                (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns
+            ]
+            try:
+                forward(model, batch)
+            except ValueError as err:  # BatchNorm in train mode on one value per channel
+                if "Expected more than 1 value per channel" not in str(err):
+                    raise
+                for m, (mean, var, n) in zip(bns, before):  # the batch is left out entirely
+                    m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(n)
+                single += 1
+                continue
             seen += 1
     except BaseException:
         for m, (mean, var, n) in saved.items():
@@ -130,6 +145,13 @@ def recalibrate_batchnorm(
             m.momentum = mom
         for m, mode in modes.items():
             m.training = mode
+    if single:
+        warnings.warn(
+            f"{single} calibration batch(es) gave a BatchNorm one value per channel (a batch of one "
+            "example?) and were left out of the BatchNorm re-estimation",
+            PruningWarning,
+            stacklevel=3,
+        )
     if seen == 0:
         for m, (mean, var, n) in saved.items():
             m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(n)

@@ -301,3 +301,33 @@ def test_several_shots_reconstruct_once_against_the_dense_model() -> None:
     pruned = {n for n, m in model.named_modules() if isinstance(m, KFELayer)}
     assert pruned and set(report.reconstruction_error) == pruned
     assert all(e < 1.0 for e in report.reconstruction_error.values())
+
+
+def _mlp_bn1d() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(),
+        nn.Linear(16, 5),
+    ).eval()  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["prune", "prune_channels"])
+def test_a_batch_of_one_example_is_left_out_of_the_batchnorm_re_estimation(how: str) -> None:
+    from lightning_eigendamage import PruningWarning, prune_channels
+    from lightning_eigendamage.calibration import recalibrate_batchnorm
+
+    gen = torch.Generator().manual_seed(1)
+    full = [(torch.randn(16, 10, generator=gen), torch.randint(0, 5, (16,), generator=gen)) for _ in range(2)]
+    last = (torch.randn(1, 10, generator=gen), torch.randint(0, 5, (1,), generator=gen))
+    fn = prune if how == "prune" else prune_channels
+    net = _mlp_bn1d()
+    with pytest.warns(PruningWarning, match="1 calibration batch"):
+        fn(net, full + [last], ratio=0.5)
+    # the re-estimated statistics are those of the two full batches alone
+    again = copy.deepcopy(net)
+    bns = [m for m in again.modules() if isinstance(m, nn.BatchNorm1d) and int(m.num_batches_tracked) > 0]
+    assert bns
+    assert recalibrate_batchnorm(again, bns, [x for x, _ in full], lambda m, x: m(x)) == 2
+    for (k, x), y in zip(net.state_dict().items(), again.state_dict().values()):
+        if torch.is_tensor(x):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, msg=k)
