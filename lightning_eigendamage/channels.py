@@ -1125,13 +1125,15 @@ def restore_channels(
     Raises:
         TypeError: ``checkpoint`` is none of the accepted kinds (``torch.load``'s own errors pass
             through).
-        ValueError: a group's width in the checkpoint is not between 1 and the model's width.
+        ValueError: a group's width in the checkpoint is not between 1 and the model's width, or
+            it narrows a layer whose outputs are the model's (``prune_channels`` never does).
         RuntimeError: the state_dict does not fit the narrowed model (load_state_dict's message),
             or Torch-Pruning cannot group the model's channels (as in :func:`prune_channels`).
     """
     state_dict = state_dict_of(checkpoint)
     names = {m: n for n, m in model.named_modules()}
     dg = dependency_graph(model, example_inputs)
+    outputs = set(_output_layers(model, example_inputs, _forward))
     cuts = []
     for group in dg.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear)):
         root, fn, n = group[0].dep.target.module, group[0].dep.handler, len(group[0].idxs)
@@ -1145,6 +1147,13 @@ def restore_channels(
                 f"group rooted there has {n}: this checkpoint is not a channel-pruned copy of it"
             )
         if width < n:
+            narrowed = [it.dep.target.module for it in group if dg.is_out_channel_pruning_fn(it.dep.handler)]
+            hit = next((m for m in narrowed if m in outputs), None)
+            if hit is not None:
+                raise ValueError(
+                    f"the checkpoint narrows {names.get(hit, '?')}, whose outputs are the model's "
+                    f"({n} → {width}): this checkpoint is not a channel-pruned copy of this model"
+                )
             cuts.append((root, fn, list(range(width, n))))
     snapshot = _Snapshot(model)
     try:

@@ -390,6 +390,10 @@ def test_restore_channels_refuses_a_checkpoint_that_does_not_fit_and_leaves_the_
     wider["stem.weight"] = torch.zeros(9, 3, 3, 3)  # the model's stem has 8 channels
     with pytest.raises(ValueError, match="stem.weight has 9 output channels"):
         restore_channels(fresh, wider, batches[0][0])
+    head = dict(state)
+    head["fc.weight"], head["fc.bias"] = state["fc.weight"][:3], state["fc.bias"][:3]  # a 3-class model's
+    with pytest.raises(ValueError, match="narrows fc, whose outputs are the model's"):
+        restore_channels(fresh, head, batches[0][0])
     broken = dict(state)
     broken["fc.bias"] = torch.zeros(7)  # fits no width the groups can give
     with pytest.raises(RuntimeError, match="fc.bias"):
