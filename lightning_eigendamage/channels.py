@@ -449,15 +449,44 @@ def _select(
 # ---------------------------------------------------------------------------------------------
 
 
-def _check(ratio: float, target: str, max_group_ratio: float, min_channels: int) -> None:
-    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 <= ratio < 1.0:
+def _check(
+    ratio: Any, target: str, max_group_ratio: Any, min_channels: Any, flops_tolerance: Any
+) -> tuple[float, float, int, float]:
+    """The engine's options, checked and as Python numbers (NumPy scalars and one-element
+    tensors accepted)."""
+    r, cap, k, tol = as_real(ratio), as_real(max_group_ratio), as_int(min_channels), as_real(flops_tolerance)
+    if r is None or not 0.0 <= r < 1.0:
         raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
-    if target not in TARGETS:
+    if not isinstance(target, str) or target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-    if not 0.0 < max_group_ratio <= 1.0:
+    if cap is None or not 0.0 < cap <= 1.0:
         raise ValueError(f"max_group_ratio must be in (0, 1], got {max_group_ratio!r}")
-    if not isinstance(min_channels, int) or min_channels < 1:
+    if k is None or k < 1:
         raise ValueError(f"min_channels must be an integer ≥ 1, got {min_channels!r}")
+    if tol is None or not 0.0 <= tol < 1.0:
+        raise ValueError(f"flops_tolerance must be a number in [0, 1), got {flops_tolerance!r}")
+    return r, cap, k, tol
+
+
+def _check_scores(table: Scores | None, side: str) -> None:
+    """ValueError unless ``table`` maps modules to one finite score per output (``side="out"``)
+    or input (``"in"``) channel."""
+    for module, s in (table or {}).items():
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"scores are keyed by module instances, got a key {module!r}")
+        if isinstance(module, nn.Conv2d):
+            n = module.out_channels if side == "out" else module.in_channels
+        elif isinstance(module, nn.Linear):
+            n = module.out_features if side == "out" else module.in_features
+        elif isinstance(module, _BATCHNORMS) and side == "out":
+            n = module.num_features
+        else:
+            raise ValueError(
+                f"{side}-channel scores for a {type(module).__name__}: only Conv2d, Linear (and "
+                "BatchNorm, output side) have them"
+            )
+        if not torch.is_tensor(s) or s.numel() != n or not bool(torch.isfinite(s).all()):
+            raise ValueError(f"the scores of {type(module).__name__} {module} must be {n} finite numbers")
 
 
 _UNTRACEABLE = (
@@ -610,8 +639,12 @@ def remove_channels(
         A :class:`ChannelPruneReport`.
     """
     _torch_pruning()
-    _check(ratio, target, max_group_ratio, min_channels)
-    if rank_by not in RANKS:
+    ratio, max_group_ratio, min_channels, flops_tolerance = _check(
+        ratio, target, max_group_ratio, min_channels, flops_tolerance
+    )
+    _check_scores(scores, "out")
+    _check_scores(in_scores, "in")
+    if not isinstance(rank_by, str) or rank_by not in RANKS:
         raise ValueError(f"rank_by must be one of {RANKS}, got {rank_by!r}")
     if sum(x is not None for x in (scores, importance, in_scores)) != 1:
         raise ValueError(

@@ -288,3 +288,27 @@ def test_bad_arguments_name_the_problem():
         prune_baseline(model, _batches(), "obd", ratio=0.1)
     with pytest.raises(ValueError, match="finite"):
         remove_channels(model, x, ratio=0.1, scores={model.l1.c1: torch.full((8,), float("nan"))})
+
+
+def test_the_engine_checks_its_scores_and_options_before_any_change():
+    import numpy as np
+
+    model = _chain()
+    x = torch.randn(2, 3, 8, 8)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    good = {model[0]: torch.rand(6)}
+    cases = [
+        (dict(scores={"0": torch.rand(6)}), "keyed by module"),  # a name: was silently ignored
+        (dict(scores={model[0]: torch.rand(5)}), "must be 6 finite numbers"),  # was an IndexError
+        (dict(in_scores={model[3]: torch.rand(3)}), "must be 6 finite numbers"),
+        (dict(scores=good, flops_tolerance=-1), "flops_tolerance"),
+        (dict(scores=good, max_group_ratio="0.5"), "max_group_ratio"),
+        (dict(scores=good, target=3), "target"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            remove_channels(model, x, ratio=0.5, **kwargs)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, state[k])
+    report = remove_channels(model, x, ratio=np.float32(0.5), scores=good)  # NumPy numbers are numbers
+    assert report.channels_removed == 3 and model[0].out_channels == 3
