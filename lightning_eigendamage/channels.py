@@ -463,8 +463,8 @@ def _check(
         raise ValueError(f"max_group_ratio must be in (0, 1], got {max_group_ratio!r}")
     if k is None or k < 1:
         raise ValueError(f"min_channels must be an integer ≥ 1, got {min_channels!r}")
-    if tol is None or not 0.0 <= tol < 1.0:
-        raise ValueError(f"flops_tolerance must be a number in [0, 1), got {flops_tolerance!r}")
+    if tol is None or not 0.0 <= tol <= 1.0:  # 1: never pass a channel over
+        raise ValueError(f"flops_tolerance must be a number in [0, 1], got {flops_tolerance!r}")
     return r, cap, k, tol
 
 
