@@ -225,6 +225,24 @@ def _forward(model: nn.Module, example: Any) -> Any:
     return model(example)
 
 
+def _frozen(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, name) of every parameter that does not require grad."""
+    return [
+        (m, k)
+        for m in model.modules()
+        for k, p in m._parameters.items()
+        if p is not None and not p.requires_grad
+    ]
+
+
+def _refreeze(frozen: list[tuple[nn.Module, str]]) -> None:
+    """Torch-Pruning's new Parameters require grad: freeze those that replaced frozen ones."""
+    for module, name in frozen:
+        param = module._parameters.get(name)
+        if param is not None:
+            param.requires_grad_(False)
+
+
 class _Snapshot:
     """What channel removal changes, to put back on failure: per module its Parameter and buffer
     objects (the same objects go back, so optimizers and references stay valid), a copy of their
@@ -242,15 +260,6 @@ class _Snapshot:
                 values |= {("b", k): t.detach().clone() for k, t in bufs.items() if t is not None}
                 attrs = {k: v for k, v in vars(m).items() if isinstance(v, self._PLAIN)}
                 self.items.append((m, params, bufs, values, attrs))
-
-    def frozen(self) -> list[tuple[nn.Module, str]]:
-        """(module, name) of every parameter that does not require grad."""
-        return [
-            (m, k)
-            for m, params, *_ in self.items
-            for k, p in params.items()
-            if p is not None and not p.requires_grad
-        ]
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -605,6 +614,7 @@ def remove_channels(
     method: str = "custom",
     flops_tolerance: float = 0.03,
     allowed: Callable[[nn.Module], str | None] | None = None,
+    atomic: bool = True,
 ) -> ChannelPruneReport:
     """Remove real channels of ``model`` in place, ranked globally by group scores.
 
@@ -634,6 +644,9 @@ def remove_channels(
             % of the goal), so that matched-FLOPs comparisons land within the tolerance.
         allowed: ``module → reason or None``: a group with a member that has a reason is left
             whole (listed in the report's ``skipped`` as "group of <root name>").
+        atomic: on any failure put the model back as it was (the same Parameter and buffer
+            objects, with their values; one copy of them is kept while it runs). False: the
+            caller keeps its own copy (:func:`prune_channels` does, around the re-estimation).
 
     Returns:
         A :class:`ChannelPruneReport`.
@@ -665,7 +678,7 @@ def remove_channels(
     other = flops_before - sum(c.flops() for c in costs.values())
 
     dg = dependency_graph(model, example_inputs, ignored)
-    snapshot = _Snapshot(model)
+    snapshot, frozen = (_Snapshot(model) if atomic else None), _frozen(model)
     model.eval()
     try:
         left: dict[str, str] = {}
@@ -717,13 +730,11 @@ def remove_channels(
                     "chunk or split gating); exclude the layers around it. The model was left as it was"
                 )
             group.prune()
-        for module, name in snapshot.frozen():  # Torch-Pruning's new Parameters require grad
-            param = module._parameters.get(name)
-            if param is not None:
-                param.requires_grad_(False)
+        _refreeze(frozen)
         _check_pruned(model, example_inputs, shapes_before, any(modes.values()))
     except BaseException:
-        snapshot.restore()
+        if snapshot is not None:
+            snapshot.restore()
         raise
     finally:
         for m, mode in modes.items():
@@ -1098,6 +1109,7 @@ def prune_channels(
             max_group_ratio=cap,
             min_channels=min_channels,
             method="kron-obs-in",
+            atomic=False,  # the snapshot above covers the removal and the re-estimation
             allowed=allowed,
         )
         if recalibrate_bn:
@@ -1188,14 +1200,11 @@ def restore_channels(
                     f"({n} → {width}): this checkpoint is not a channel-pruned copy of this model"
                 )
             cuts.append((root, fn, list(range(width, n))))
-    snapshot = _Snapshot(model)
+    snapshot, frozen = _Snapshot(model), _frozen(model)
     try:
         for root, fn, idxs in cuts:
             dg.get_pruning_group(root, fn, idxs).prune()
-        for module, name in snapshot.frozen():
-            param = module._parameters.get(name)
-            if param is not None:
-                param.requires_grad_(False)
+        _refreeze(frozen)
         model.load_state_dict(state_dict, strict=strict)
     except BaseException:
         snapshot.restore()
