@@ -222,7 +222,8 @@ def _static_reason(unit, core, parent, child_name, names_of, owners) -> str | No
     if hooked:
         return (
             f"has {' and '.join(hooked)} (e.g. torch.nn.utils.prune, spectral_norm or your own), which "
-            "the rebuilt layer would lose; remove them to prune it"
+            "pruning would not carry over (prune() rebuilds the layer without them; a hook that "
+            "recomputes the weight does not fit a narrowed one); remove them to prune it"
         )
     if names_of.get(id(unit), 0) > 1:
         return "module is shared (registered under several names)"
