@@ -615,6 +615,7 @@ def remove_channels(
     flops_tolerance: float = 0.03,
     allowed: Callable[[nn.Module], str | None] | None = None,
     atomic: bool = True,
+    graph: Any = None,
 ) -> ChannelPruneReport:
     """Remove real channels of ``model`` in place, ranked globally by group scores.
 
@@ -647,6 +648,9 @@ def remove_channels(
         atomic: on any failure put the model back as it was (the same Parameter and buffer
             objects, with their values; one copy of them is kept while it runs). False: the
             caller keeps its own copy (:func:`prune_channels` does, around the re-estimation).
+        graph: Torch-Pruning's graph of ``model`` as it is now, from :func:`dependency_graph`
+            with the same ignored layers (:func:`prune_channels` builds it once, before its
+            capture); None: built here.
 
     Returns:
         A :class:`ChannelPruneReport`.
@@ -677,7 +681,7 @@ def remove_channels(
     costs, _ = _layer_costs(model, example_inputs)
     other = flops_before - sum(c.flops() for c in costs.values())
 
-    dg = dependency_graph(model, example_inputs, ignored)
+    dg = graph if graph is not None else dependency_graph(model, example_inputs, ignored)
     snapshot, frozen = (_Snapshot(model) if atomic else None), _frozen(model)
     model.eval()
     try:
@@ -868,7 +872,8 @@ def _check_more(batches: Any, max_batches: Any, seed: Any, recalibrate_bn: Any) 
         if m is None or m < 1:
             raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
         max_batches = m
-    if as_int(seed) is None or not 0 <= as_int(seed) < 2**63:
+    s = as_int(seed)
+    if s is None or not 0 <= s < 2**63:
         raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     if not isinstance(recalibrate_bn, bool):
         raise TypeError(f"recalibrate_bn must be True or False, got {recalibrate_bn!r}")
@@ -1043,11 +1048,8 @@ def prune_channels(
     device = params[0].device
     example = to_device(split_batch(batches[0], input_fn)[0], device)
 
-    def forward(m: nn.Module, batch: Any) -> Any:
-        return m(batch)
-
-    ignored = _output_layers(model, example, forward)
-    dependency_graph(model, example, ignored)  # a model Torch-Pruning cannot group fails before the capture
+    ignored = _output_layers(model, example, _forward)
+    graph = dependency_graph(model, example, ignored)  # a model it cannot group fails before the capture
     in_scores, updates, skipped = input_side_scores(
         model,
         batches,
@@ -1110,11 +1112,12 @@ def prune_channels(
             min_channels=min_channels,
             method="kron-obs-in",
             atomic=False,  # the snapshot above covers the removal and the re-estimation
+            graph=graph,
             allowed=allowed,
         )
         if recalibrate_bn:
             touched = [m for m, w in widths.items() if m.weight[0].numel() < w]
-            bns = downstream_batchnorms(model, touched, example, forward)
+            bns = downstream_batchnorms(model, touched, example, _forward)
             recalibrate_batchnorm(model, bns, [split_batch(b, input_fn)[0] for b in batches], _on(device))
     except BaseException:
         snapshot.restore()
