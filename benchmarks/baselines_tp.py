@@ -41,7 +41,15 @@ from lightning_eigendamage.baselines import (
     slimming_scores,
     weight_matrix,
 )
-from lightning_eigendamage.channels import ChannelPruneReport, Scores, input_side_scores, remove_channels
+from lightning_eigendamage.channels import (
+    ChannelPruneReport,
+    Scores,
+    dependency_graph,
+    input_side_scores,
+    last_layer,
+    remove_channels,
+    sequential_group_scores,
+)
 from lightning_eigendamage.curvature import capture_factors, split_batch, to_device
 from lightning_eigendamage.pruner import find_layers
 
@@ -59,8 +67,15 @@ INPUT_SIDE = {
     # the weights), so a group with a few large scores is not stripped of all the others
     "kron-obs-in-sqrt": "relative",
     "kron-obs-in-sqrt-nocomp": "relative",
+    # √ of greedy sequential scores: each group's channels removed step by step, every reader moved
+    # to its compensated state after each step (channels.sequential_group_scores)
+    "kron-obs-in-seq": "relative",
 }
-METHODS = CRITERIA + tuple(INPUT_SIDE) + ("slimming",) + PEERS
+# a peer's channels (Torch-Pruning's importance chooses them) removed with the input-side Kron-OBS
+# compensation of their readers: separates "which channels go" from "how the rest absorb them"
+COMPENSATED_PEERS = {"l1-comp": "l1"}
+SEQUENTIAL_STEPS = 32
+METHODS = CRITERIA + tuple(INPUT_SIDE) + ("slimming",) + PEERS + tuple(COMPENSATED_PEERS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +262,21 @@ def prune_baseline(
         min_channels=min_channels,
         method=method,
     )
+    if method in COMPENSATED_PEERS:
+        _, in_updates, _ = baseline_scores(
+            model,
+            batches,
+            "kron-obs-in",
+            fisher=fisher,
+            damping=damping,
+            exclude=ignored or None,
+            seed=seed,
+            max_batches=max_batches,
+            loss_fn=loss_fn,
+            input_fn=input_fn,
+        )
+        imp = magnitude_importance(1 if COMPENSATED_PEERS[method] == "l1" else 2)
+        return remove_channels(model, example_inputs, importance=imp, in_updates=in_updates, **kwargs)
     if method in PEERS:
         if method == "taylor":
             accumulate_gradients(model, batches, loss_fn=loss_fn, input_fn=input_fn, max_batches=max_batches)
@@ -269,6 +299,22 @@ def prune_baseline(
         loss_fn=loss_fn,
         input_fn=input_fn,
     )
+    if method == "kron-obs-in-seq":
+        ignored = [*ignored, *([last] if exempt_last and (last := last_layer(model, example_inputs)) else [])]
+        graph = dependency_graph(model, example_inputs, ignored)
+        imp = sequential_group_scores(graph, updates, SEQUENTIAL_STEPS)
+        kwargs |= dict(ignored_layers=ignored, exempt_last=False)
+        report = remove_channels(
+            model,
+            example_inputs,
+            importance=imp,
+            in_updates=updates,
+            rank_by="relative",
+            graph=graph,
+            **kwargs,
+        )
+        report.skipped = skipped
+        return report
     if method in INPUT_SIDE:
         if method.startswith("kron-obs-in-sqrt"):
             scores = {m: s.clamp_min(0).sqrt() for m, s in scores.items()}

@@ -226,8 +226,11 @@ INPUT_OBS = (
     "kron-obs-in-mean-nocomp",
     "kron-obs-in-sqrt",
     "kron-obs-in-sqrt-nocomp",
+    "kron-obs-in-seq",
 )
-METHODS = (EIGEN, ITER, GRADUAL, *PEERS, *SECOND_ORDER, *INPUT_OBS)
+# Torch-Pruning L1's channels with the input-side compensation (benchmarks.baselines_tp)
+COMPENSATED = ("l1-comp",)
+METHODS = (EIGEN, ITER, GRADUAL, *PEERS, *SECOND_ORDER, *INPUT_OBS, *COMPENSATED)
 OURS = (EIGEN, ITER, GRADUAL)
 # EigenDamage variants measured in the ablation: name → prune() options (the rest as default).
 VARIANTS: dict[str, dict[str, Any]] = {

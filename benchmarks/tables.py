@@ -38,8 +38,10 @@ NAMES = {
     "kron-obs-in-flop": "Input-side Kron-OBS (damage per FLOP)",
     "kron-obs-in-mean": "Input-side Kron-OBS, ranked by damage over its group's mean",
     "kron-obs-in-mean-nocomp": "The same channels, removed without the compensation",
-    "kron-obs-in-sqrt": "prune_channels (input-side Kron-OBS, ranked by √damage over its group's mean)",
+    "kron-obs-in-sqrt": "Input-side Kron-OBS, single-channel √damage over its group's mean",
     "kron-obs-in-sqrt-nocomp": "The same channels, removed without the compensation",
+    "kron-obs-in-seq": "prune_channels (input-side Kron-OBS, greedy sequential √damage over the group mean)",
+    "l1-comp": "L1 magnitude's channels, removed with the input-side compensation",
     "slimming": "NN Slimming",
     "l1": "L1 magnitude (Torch-Pruning)",
     "l2": "L2 magnitude (Torch-Pruning)",
@@ -314,8 +316,10 @@ SHORT = {
     "kron-obs-in-flop": "input Kron-OBS per FLOP",
     "kron-obs-in-mean": "input Kron-OBS, damage relative",
     "kron-obs-in-mean-nocomp": "input Kron-OBS, damage relative, no compensation",
-    "kron-obs-in-sqrt": "prune_channels",
-    "kron-obs-in-sqrt-nocomp": "prune_channels, no compensation",
+    "kron-obs-in-sqrt": "input Kron-OBS, √damage relative (single)",
+    "kron-obs-in-sqrt-nocomp": "input Kron-OBS, √damage relative (single), no compensation",
+    "kron-obs-in-seq": "prune_channels",
+    "l1-comp": "TP L1 channels + compensation",
     "slimming": "NN Slimming",
     "l1": "TP L1",
     "l2": "TP L2",
@@ -441,7 +445,7 @@ def converged_summary(records: list[dict[str, Any]]) -> list[str]:
     return out + [""]
 
 
-CHANNELS_METHOD = "kron-obs-in-sqrt"  # what prune_channels' defaults do
+CHANNELS_METHOD = "kron-obs-in-seq"  # what prune_channels' defaults do
 
 
 def channels_summary(records: list[dict[str, Any]]) -> list[str]:
@@ -456,8 +460,9 @@ def channels_summary(records: list[dict[str, Any]]) -> list[str]:
     out = [
         "## Summary: `prune_channels` (real channels) against the peers",
         "",
-        f"Method `{method}`: input-side Kron-OBS scores and compensation, each channel ranked by its",
-        "√damage (summed over its readers) against its group's mean, cap 0.95 (the peers' cap),",
+        f"Method `{method}`: input-side Kron-OBS compensation; each group's channels scored by a",
+        "greedy sequential removal (`greedy_steps=32`), ranked by √score against the group's mean,",
+        "cap 0.95 (the peers' cap),",
         "BatchNorm re-estimated. *Best peer*: the best of TP L1/L2/Taylor and NN Slimming in that",
         "column, its mean over the seeds `prune_channels` ran. Seeds in brackets.",
         "",

@@ -25,6 +25,7 @@ the per-example diagonal Fisher that C-OBD needs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -393,14 +394,114 @@ def input_obs_update(
 @dataclass
 class InputObsUpdate:
     """A consumer layer's input-side OBS compensation, applied once its removed input channels
-    are known: call it with them to get ``δW`` ``(C_out, d)`` for ``weight.reshape(C_out, -1)``."""
+    are known: call it with them to get ``δW`` ``(C_out, d)`` for ``weight.reshape(C_out, -1)``.
+    ``g`` and ``locations`` (``G`` and ``T``, when known) weigh the damage of a removal
+    (:func:`greedy_input_obs_scores`)."""
 
     weight: torch.Tensor  # (C_out, d) float64
     a_inv: torch.Tensor  # damped A⁻¹ (d, d)
     block: int
+    g: torch.Tensor | None = None  # G (C_out, C_out)
+    locations: float = 1.0
 
     def __call__(self, removed: Sequence[int] | torch.Tensor) -> torch.Tensor:
         return input_obs_update(self.weight, self.a_inv, removed, self.block)
+
+
+@dataclass
+class Reader:
+    """One layer that reads a dependency group's channels, for :func:`greedy_input_obs_scores`:
+    ``columns[i]`` are the columns of ``W = weight.reshape(C_out, -1)`` that group channel
+    ``channels[i]`` feeds (a conv input channel's ``k²`` columns, or every feature a flattened
+    channel becomes)."""
+
+    update: InputObsUpdate
+    channels: list[int]
+    columns: list[list[int]]
+
+
+def greedy_input_obs_scores(readers: Sequence[Reader], n: int, max_steps: int = 32) -> torch.Tensor:
+    """Scores of a group's ``n`` channels from a greedy, sequential input-side Kron-OBS removal.
+
+    Single-channel scores (:func:`input_obs_scores`) assume every *other* channel stays to
+    compensate: two near-copies of one feature both score about zero, and a ranking by them
+    removes both. Here the channels are removed one step at a time, each step the ones whose
+    removal now costs least, and every reader ``j`` is moved to the state after the joint OBS
+    removal so far (exact for the quadratic model): with ``R`` the columns just removed and
+    ``P = A⁻¹`` (damped),
+
+    - ``W ← W − W_R (P_RR)⁻¹ P_R,:`` (the kept columns absorb the removed ones),
+    - ``P ← P − P_:,R (P_RR)⁻¹ P_R,:`` (the inverse of ``A`` over the kept columns, zero on ``R``),
+
+    and the increment of removing channel ``c`` next is ``Σ_j ½·T_j·tr(W_jcᵀ G_j W_jc (P_j,cc)⁻¹)``
+    on those states. The increments of ``S`` removals add up to the joint damage of removing
+    them together. A channel's score is its increment when removed, raised to the largest one
+    before it (scores never fall along the removal order, so a ranking by them keeps it).
+
+    Args:
+        readers: the group's readers, each with ``update.g`` set (the damage needs ``G``).
+        n: the group's channel count; a channel no reader reads scores 0.
+        max_steps: at most this many steps (``⌈n / max_steps⌉`` channels removed per step):
+            each step costs every reader ``O(C_out²·d + d²·|R|)``.
+
+    Returns:
+        ``(n,)`` float64, non-negative.
+    """
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1, got {max_steps}")
+    scores = torch.zeros(n, dtype=torch.float64)
+    states = []
+    read = torch.zeros(n, dtype=torch.bool)
+    for r in readers:
+        u = r.update
+        if u.g is None:
+            raise ValueError("every reader needs its G (InputObsUpdate.g) to weigh the damage")
+        w, p = _f64(u.weight).clone(), _f64(u.a_inv).clone()
+        cols: dict[int, list[int]] = {}
+        for c, cc in zip(r.channels, r.columns):
+            cols.setdefault(int(c), []).extend(int(x) for x in cc)
+        states.append((w, p, _f64(u.g).to(w.device), float(u.locations), cols))
+        read[list(cols)] = True
+    alive = read.clone()
+    per_step = max(1, math.ceil(int(alive.sum()) / max_steps))
+    running = 0.0
+    while bool(alive.any()):
+        inc = torch.zeros(n, dtype=torch.float64)
+        live = set(alive.nonzero().flatten().tolist())
+        for w, p, g, t, cols in states:
+            gw = g @ w
+            by_size: dict[int, list[tuple[int, list[int]]]] = {}
+            for c, cc in cols.items():
+                if c in live:
+                    uniq = sorted(set(cc))
+                    by_size.setdefault(len(uniq), []).append((c, uniq))
+            for members in by_size.values():  # channels of one column count, batched
+                chans = torch.tensor([c for c, _ in members])
+                idx = torch.tensor([cc for _, cc in members], device=w.device)  # (m, s)
+                blocks = p[idx[:, :, None], idx[:, None, :]]  # P_cc (m, s, s)
+                wc = w[:, idx].permute(1, 2, 0)  # (m, s, C_out)
+                gwc = gw[:, idx].permute(1, 2, 0)
+                # tr(W_cᵀ G W_c (P_cc)⁻¹) = Σ (G W_c) ⊙ (W_c (P_cc)⁻¹), by a solve (P_cc is SPD)
+                sol = torch.linalg.solve(blocks, wc)  # (P_cc)⁻¹ W_cᵀ  (m, s, C_out)
+                inc.index_add_(0, chans, 0.5 * t * (gwc * sol).sum((1, 2)).cpu())
+        order = sorted(live, key=lambda c: (float(inc[c]), c))[:per_step]
+        for c in order:
+            running = max(running, float(inc[c]))
+            scores[c] = running
+            alive[c] = False
+        gone = set(order)
+        for w, p, _, _, cols in states:
+            rem = sorted({x for c, cc in cols.items() if c in gone for x in cc})
+            if not rem:
+                continue
+            idx = torch.tensor(rem, device=w.device)
+            coeff = torch.linalg.solve(p[idx][:, idx], p[idx])  # (P_RR)⁻¹ P_R,:
+            w -= w[:, idx] @ coeff
+            p -= p[:, idx] @ coeff
+            w[:, idx] = 0.0
+            p[idx, :] = 0.0
+            p[:, idx] = 0.0
+    return scores.clamp_min(0.0)
 
 
 @dataclass

@@ -13,11 +13,18 @@ compensate:
 - The removed channels' columns are folded into each reader's kept columns,
   ``W_K += W_R A_RK A_KK⁻¹`` (:func:`~lightning_eigendamage.baselines.input_obs_update`): the
   damped least-squares fit of the reader's outputs on the calibration inputs.
-- ``rank_by="relative"`` (default) ranks each channel by ``Σ_j √damage_j`` over the mean of that
-  sum in its group (``j``: the readers). The damage is quadratic in the weights; its square root
-  spreads like a norm, so a group with a few large scores keeps the rest (on the converged VGG at
-  ÷4 FLOPs: 88 % right after pruning, against 69 % with the damage itself, ``"relative_damage"``).
-  The ranking is global.
+- Scores are *sequential* by default (``greedy_steps=32``): a single channel's damage assumes
+  every other channel stays to absorb it, so two channels that carry the same feature both score
+  about zero and a ranking by them drops both. Each group's channels are instead removed greedily,
+  step by step, the readers moved to their compensated state after every step, and a channel
+  scores the loss increase of removing it *after* those before it
+  (:func:`~lightning_eigendamage.baselines.greedy_input_obs_scores`). On the converged
+  ResNet-20 at ÷4 FLOPs this keeps 88 % right after pruning instead of 38 %.
+- ``rank_by="relative"`` (default) ranks each channel by the square root of its score over the
+  mean of that in its group. The damage is quadratic in the weights; its square root spreads like
+  a norm, so a group with a few large scores keeps the rest (on the converged VGG at ÷4 FLOPs with
+  single-channel scores: 88 % right after pruning, against 69 % with the damage itself,
+  ``"relative_damage"``). The ranking is global.
 - The BatchNorm layers downstream of the compensated readers are then re-estimated on the batches.
 
 Dependency groups come from Torch-Pruning's :class:`~torch_pruning.DependencyGraph` (optional
@@ -48,8 +55,10 @@ from torch import nn
 from .baselines import (
     DEFAULT_DAMPING,
     InputObsUpdate,
+    Reader,
     damped,
     damped_inverse,
+    greedy_input_obs_scores,
     input_obs_scores,
     weight_matrix,
 )
@@ -936,9 +945,39 @@ def input_side_scores(
         w = weight_matrix(module)
         a_inv = _spd_inverse(lf.a().to(w.device), damping)
         block = w.shape[1] // (module.in_channels if isinstance(module, nn.Conv2d) else module.in_features)
-        scores[module] = input_obs_scores(w, a_inv, lf.g().to(w.device), block, lf.locations)
-        updates[module] = InputObsUpdate(w, a_inv, block)
+        g = lf.g().to(w.device)
+        scores[module] = input_obs_scores(w, a_inv, g, block, lf.locations)
+        updates[module] = InputObsUpdate(w, a_inv, block, g.to(torch.float64), float(lf.locations))
     return scores, updates, skipped
+
+
+def sequential_group_scores(
+    graph: Any, updates: dict[nn.Module, InputObsUpdate], max_steps: int = 32, root: bool = True
+) -> Callable[[Any], torch.Tensor | None]:
+    """A group scorer for :func:`remove_channels`' ``importance=``: each Torch-Pruning group's
+    channels scored by :func:`~lightning_eigendamage.baselines.greedy_input_obs_scores` over
+    the group's readers that have an update (with ``G``), ``√`` of the damage when ``root``.
+    A group none of whose readers has an update scores None (left alone)."""
+
+    def score(group: Any) -> torch.Tensor | None:
+        n = len(group[0].idxs)
+        readers: dict[nn.Module, Reader] = {}
+        for item in group:
+            module = item.dep.target.module
+            if module not in updates or not graph.is_in_channel_pruning_fn(item.dep.handler):
+                continue
+            u = updates[module]
+            r = readers.setdefault(module, Reader(u, [], []))
+            for i, c in zip(item.idxs, item.root_idxs):
+                if c is not None:
+                    r.channels.append(int(c))
+                    r.columns.append([int(i) * u.block + k for k in range(u.block)])
+        if not readers:
+            return None
+        s = greedy_input_obs_scores(list(readers.values()), n, max_steps)
+        return s.sqrt() if root else s
+
+    return score
 
 
 def _spd_inverse(a: torch.Tensor, damping: float) -> torch.Tensor:
@@ -971,6 +1010,7 @@ def prune_channels(
     recalibrate_bn: bool = True,
     seed: int = 0,
     max_factor_dim: int | None = 8192,
+    greedy_steps: int | None = 32,
 ) -> ChannelPruneReport:
     """Remove whole channels of ``model`` in place, chosen and compensated with K-FAC curvature.
 
@@ -988,8 +1028,8 @@ def prune_channels(
             kept in memory; the first one's input is traced.
         ratio: in ``[0, 1)``: the fraction of the prunable channels (``target="channels"``) or
             of the model's FLOPs (``target="flops"``) to remove.
-        rank_by: ``"relative"`` (each channel's √damage, summed over its readers, over the mean
-            of that in its group: a norm-like, about even spread over the layers),
+        rank_by: ``"relative"`` (each channel's √damage over the mean of that in its group: a
+            norm-like, about even spread over the layers),
             ``"relative_damage"`` (the same with the damage itself: groups with a few large
             scores lose the rest), ``"damage"`` (the predicted loss increase; cheap deep layers
             go first) or ``"damage_per_cost"`` (loss increase per FLOP saved).
@@ -1012,6 +1052,11 @@ def prune_channels(
         max_factor_dim: a layer whose patch-form factor (``C_in·k²``, or ``C_out``) is wider is
             not scored, so its groups stay whole (VGG's ``Linear(25088, 4096)`` would need 5 GB
             for ``A`` alone). None: no limit.
+        greedy_steps: score each group's channels by a greedy sequential removal in at most
+            this many steps (``⌈n / greedy_steps⌉`` of its ``n`` channels a step; each step
+            costs every reader ``O(C_out²·d + d²·r)`` for ``d = C_in·k²`` and ``r`` columns
+            removed). None: each channel's damage alone, summed over its readers (faster, but
+            channels that duplicate each other all score low).
 
     Returns:
         A :class:`ChannelPruneReport` (``method="kron-obs-in"``); ``skipped`` names the layers
@@ -1026,13 +1071,19 @@ def prune_channels(
             as it was.
 
     Memory: one copy of the parameters and buffers while it runs (to restore them on failure),
-    and per layer the patch-form ``A`` (``(C_in·k²)²`` floats) and its inverse.
+    and per layer the patch-form ``A`` (``(C_in·k²)²`` floats) and its inverse; the greedy
+    scores copy one group's readers' ``W`` and ``A⁻¹`` at a time.
     """
     ratio, cap, min_channels, damping = _check_options(
         ratio, target, layer_cap, min_channels, rank_by, damping
     )
     max_batches = _check_more(batches, max_batches, seed, recalibrate_bn)
     seed = as_int(seed)
+    if greedy_steps is not None:
+        steps = None if isinstance(greedy_steps, str) else as_int(greedy_steps)
+        if steps is None or steps < 1:
+            raise ValueError(f"greedy_steps must be a positive integer or None, got {greedy_steps!r}")
+        greedy_steps = steps
     if max_factor_dim is not None:
         limit = as_int(max_factor_dim)
         if limit is None or limit < 1:
@@ -1096,14 +1147,22 @@ def prune_channels(
     widths = {m: m.weight[0].numel() for m in updates}
     snapshot = _Snapshot(model)
     try:
+        if greedy_steps is None:
+            how: dict[str, Any] = dict(
+                in_scores={m: s.clamp_min(0).sqrt() for m, s in in_scores.items()}
+                if rank_by == "relative"
+                else in_scores
+            )
+        else:
+            how = dict(
+                importance=sequential_group_scores(graph, updates, greedy_steps, rank_by == "relative")
+            )
         report = remove_channels(
             model,
             example,
             ratio=ratio,
             target=target,
-            in_scores={m: s.clamp_min(0).sqrt() for m, s in in_scores.items()}
-            if rank_by == "relative"
-            else in_scores,
+            **how,
             in_updates=updates,
             rank_by=RANK_BY[rank_by],
             ignored_layers=ignored,

@@ -12,6 +12,8 @@ from torch import nn
 from lightning_eigendamage.baselines import (
     CRITERIA,
     DiagFisherCapture,
+    InputObsUpdate,
+    Reader,
     c_obd_scores,
     c_obs_scores,
     c_obs_update,
@@ -19,6 +21,7 @@ from lightning_eigendamage.baselines import (
     channel_scores,
     damped,
     damped_inverse,
+    greedy_input_obs_scores,
     input_obs_scores,
     input_obs_update,
     kron_obd_scores,
@@ -200,6 +203,76 @@ def test_input_obs_update_is_the_least_squares_fit_from_the_kept_inputs():
     assert float(new[:, cols].abs().max()) == 0.0
     best = torch.linalg.lstsq(x[:, kept], x @ w.T).solution.T  # argmin ‖x_K w_Kᵀ − x wᵀ‖²
     torch.testing.assert_close(new[:, kept], best, rtol=1e-6, atol=1e-8)
+
+
+def _brute_greedy(readers, n):
+    """The greedy removal order by brute force: each step removes the channel whose removal
+    together with those removed so far has the least dense-OBS damage (summed over the readers,
+    each minimised over its own kept weights); the scores are the increments, raised to the
+    running maximum."""
+
+    def joint(chans):
+        total = torch.zeros((), dtype=DT)
+        for w, a, g, t, block, channel_of in readers:
+            cols = [i for i, c in enumerate(channel_of) if c in chans]
+            if cols:
+                total = (
+                    total
+                    + obs_constrained(dense_fisher(g, a, t), w.reshape(-1), col_mask(*w.shape, cols, block))[
+                        1
+                    ]
+                )
+        return total
+
+    removed, done, scores, running = [], torch.zeros((), dtype=DT), torch.zeros(n, dtype=DT), 0.0
+    for _ in range(n):
+        best = min((c for c in range(n) if c not in removed), key=lambda c: float(joint([*removed, c])))
+        removed.append(best)
+        now = joint(removed)
+        running = max(running, float(now - done))
+        scores[best], done = running, now
+    return scores, removed
+
+
+@pytest.mark.parametrize("block", [1, 3])
+def test_greedy_scores_are_the_brute_force_sequential_obs_removal(block):
+    """Two readers of one 5-channel group (the second reads the channels in another order, one of
+    them twice, as after a concatenation): the greedy scores follow the removal that a dense OBS
+    solve picks step by step, and near-copies do not both score low."""
+    gen = torch.Generator().manual_seed(7)
+    n = 5
+    x = torch.randn(300, n, generator=gen, dtype=DT)
+    x[:, 4] = x[:, 1] + 0.05 * torch.randn(300, generator=gen, dtype=DT)  # channel 4 ≈ channel 1
+    readers, specs = [], []
+    for channel_of, c_out, t in (([0, 1, 2, 3, 4], 3, 1.0), ([4, 2, 0, 3, 1, 2], 4, 2.5)):
+        feats = torch.repeat_interleave(x[:, channel_of], block, dim=1)
+        feats = feats + 0.3 * torch.randn(feats.shape, generator=gen, dtype=DT)
+        a = feats.T @ feats / len(feats)
+        w, g = torch.randn(c_out, a.shape[0], generator=gen, dtype=DT), spd(c_out, gen)
+        cols = [[i * block + k for k in range(block)] for i in range(len(channel_of))]
+        readers.append(Reader(InputObsUpdate(w, damped_inverse(a, 0.0), block, g, t), list(channel_of), cols))
+        specs.append((w, a, g, t, block, channel_of))
+    got = greedy_input_obs_scores(readers, n, max_steps=n)
+    want, _ = _brute_greedy(specs, n)
+    torch.testing.assert_close(got, want)
+    single = sum(
+        torch.zeros(n, dtype=DT).index_add_(
+            0,
+            torch.tensor(r.channels),
+            input_obs_scores(r.update.weight, r.update.a_inv, r.update.g, block, r.update.locations),
+        )
+        for r in readers
+    )
+    twins = sorted([1, 4], key=lambda c: float(got[c]))
+    assert float(got[twins[1]]) > 3 * float(single[twins[1]])  # the survivor of the pair now costs more
+    # fewer steps: several channels a step, the scores still rise along the removal order
+    coarse = greedy_input_obs_scores(readers, n, max_steps=2)
+    assert coarse.shape == (n,) and bool((coarse >= 0).all())
+    assert int(coarse.argmin()) == int(got.argmin())
+    with pytest.raises(ValueError, match="max_steps"):
+        greedy_input_obs_scores(readers, n, max_steps=0)
+    with pytest.raises(ValueError, match="G"):
+        greedy_input_obs_scores([Reader(InputObsUpdate(w, damped_inverse(a, 0.0), block), [0], [cols[0]])], n)
 
 
 def test_input_obs_bad_inputs_name_the_problem():

@@ -221,6 +221,9 @@ def test_a_failure_leaves_the_model_as_it_was(monkeypatch):
         (dict(ratio=0.5, max_batches=1.5), "max_batches"),
         (dict(ratio=0.5, seed="x"), "seed"),
         (dict(ratio=0.5, rank_by=[]), "rank_by"),
+        (dict(ratio=0.5, greedy_steps=0), "greedy_steps"),
+        (dict(ratio=0.5, greedy_steps=2.5), "greedy_steps"),
+        (dict(ratio=0.5, greedy_steps="8"), "greedy_steps"),
     ],
 )
 def test_bad_arguments_name_the_problem(kwargs, match):
@@ -595,14 +598,47 @@ def test_relative_ranks_by_the_square_root_of_each_readers_damage(monkeypatch):
 
     monkeypatch.setattr(channels_mod, "input_side_scores", spy_scores)
     monkeypatch.setattr(channels_mod, "remove_channels", spy_engine)
-    prune_channels(copy.deepcopy(net), batches, ratio=0.5, target="flops")
+    prune_channels(copy.deepcopy(net), batches, ratio=0.5, target="flops", greedy_steps=None)
     assert seen["rank_by"] == "relative" and set(seen["ranked"]) == set(seen["damage"])
     for m, s in seen["damage"].items():
         torch.testing.assert_close(seen["ranked"][m], s.clamp_min(0).sqrt())
-    prune_channels(copy.deepcopy(net), batches, ratio=0.5, target="flops", rank_by="relative_damage")
+    kw = dict(ratio=0.5, target="flops", rank_by="relative_damage", greedy_steps=None)
+    prune_channels(copy.deepcopy(net), batches, **kw)
     assert seen["rank_by"] == "relative"
     for m, s in seen["damage"].items():
         torch.testing.assert_close(seen["ranked"][m], s)
+
+
+@pytest.mark.parametrize("rank_by", ["relative", "relative_damage"])
+def test_greedy_scores_rank_each_group_by_the_root_of_its_sequential_damage(monkeypatch, rank_by):
+    """By default (``greedy_steps=32``) each group is scored once by the greedy sequential removal
+    over its readers, and ranked by the square root of that (``"relative"``) or by it."""
+    net, batches = _net(), _batches()
+    greedy, engine = channels_mod.greedy_input_obs_scores, channels_mod.remove_channels
+    made: list[torch.Tensor] = []
+    ranked: list[torch.Tensor] = []
+
+    def spy_greedy(readers, n, max_steps):
+        assert max_steps == 32 and readers and all(r.update.g is not None for r in readers)
+        made.append(greedy(readers, n, max_steps))
+        return made[-1]
+
+    def spy_engine(*args, **kwargs):
+        assert "in_scores" not in kwargs and kwargs["rank_by"] == "relative"
+        imp = kwargs["importance"]
+
+        def recorded(group):
+            ranked.append(imp(group))
+            return ranked[-1]
+
+        return engine(*args, **{**kwargs, "importance": recorded})
+
+    monkeypatch.setattr(channels_mod, "greedy_input_obs_scores", spy_greedy)
+    monkeypatch.setattr(channels_mod, "remove_channels", spy_engine)
+    prune_channels(net, batches, ratio=0.5, target="flops", rank_by=rank_by)
+    assert len(made) == len(ranked) >= 3  # one greedy run per scored group
+    for m, r in zip(made, ranked):
+        torch.testing.assert_close(r, m.sqrt() if rank_by == "relative" else m)
 
 
 @pytest.mark.parametrize("entry", ["1", nn.BatchNorm2d, "bn_instance"])
@@ -617,3 +653,41 @@ def test_an_excluded_batchnorm_keeps_its_group_whole(entry):
     assert net[1].num_features == 8 and net[0].out_channels == 8 and net[3].in_channels == 8
     assert report.skipped["group of 0"] == "left whole: 1 is excluded by user"
     assert net[3].out_channels < 8  # the other group is still pruned
+
+
+def _twins() -> nn.Sequential:
+    """A conv whose output channels 4–7 are copies of 0–3, read by a conv whose outputs are the
+    model's (so the copies' group is the only one that can lose channels)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        net[0].weight[4:] = net[0].weight[:4]
+        net[0].bias[4:] = net[0].bias[:4]
+    return net
+
+
+def test_greedy_scoring_keeps_one_of_each_pair_of_copies_where_single_scores_drop_both():
+    """Each copy alone costs about nothing (its twin absorbs it), so single-channel scores drop
+    pairs; the greedy scores see that a channel's twin is gone and keep one of each pair: the
+    function is kept to the damping's precision."""
+    gen = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(16, 3, 8, 8, generator=gen), torch.randint(0, 6, (16,), generator=gen)) for _ in range(3)
+    ]
+    x = torch.randn(32, 3, 8, 8, generator=gen)
+    errors = {}
+    for steps in (None, 8):
+        net = _twins()
+        with torch.no_grad():
+            ref = net(x)
+        report = prune_channels(net, batches, ratio=0.5, greedy_steps=steps)
+        kept = sorted(set(range(8)) - set(report.groups[0]["removed"]))
+        assert net[0].out_channels == len(kept) == 4
+        with torch.no_grad():
+            errors[steps] = float((net(x) - ref).norm() / ref.norm())
+        if steps is not None:
+            assert sorted(c % 4 for c in kept) == [0, 1, 2, 3]
+    assert errors[8] < 1e-3 < 0.03 < errors[None]
