@@ -420,6 +420,57 @@ class Reader:
     columns: list[list[int]]
 
 
+class _GreedyReader:
+    """A reader's state during :func:`greedy_input_obs_scores`, on its kept columns only: ``W_K``,
+    ``G·W_K`` and ``P = (A_KK)⁻¹`` (damped), shrunk at every removal."""
+
+    def __init__(self, reader: Reader) -> None:
+        u = reader.update
+        if u.g is None:
+            raise ValueError("every reader needs its G (InputObsUpdate.g) to weigh the damage")
+        self.w, self.p = _f64(u.weight).clone(), _f64(u.a_inv).clone()
+        self.gw = _f64(u.g).to(self.w.device) @ self.w
+        self.t = float(u.locations)
+        self.cols: dict[int, list[int]] = {}  # channel → its original columns
+        for c, cc in zip(reader.channels, reader.columns):
+            self.cols.setdefault(int(c), []).extend(int(x) for x in cc)
+        self.cols = {c: sorted(set(cc)) for c, cc in self.cols.items()}
+        self.pos = torch.arange(self.w.shape[1])  # original column → kept position (-1: removed)
+
+    def add_increments(self, inc: torch.Tensor, live: set[int]) -> None:
+        """``inc[c] += ½·T·tr(W_cᵀ G W_c (P_cc)⁻¹)`` for every live channel ``c`` this layer reads."""
+        by_size: dict[int, list[tuple[int, list[int]]]] = {}
+        for c, cc in self.cols.items():
+            if c in live:
+                by_size.setdefault(len(cc), []).append((c, cc))
+        for members in by_size.values():  # channels of one column count, batched
+            chans = torch.tensor([c for c, _ in members])
+            idx = self.pos[torch.tensor([cc for _, cc in members])].to(self.w.device)  # (m, s)
+            blocks = self.p[idx[:, :, None], idx[:, None, :]]  # P_cc (m, s, s)
+            wc = self.w[:, idx].permute(1, 2, 0)  # (m, s, C_out)
+            gwc = self.gw[:, idx].permute(1, 2, 0)
+            # tr(W_cᵀ G W_c (P_cc)⁻¹) = Σ (G W_c) ⊙ (W_c (P_cc)⁻¹), by a solve (P_cc is SPD)
+            sol = torch.linalg.solve(blocks, wc)  # (P_cc)⁻¹ W_cᵀ  (m, s, C_out)
+            inc.index_add_(0, chans, 0.5 * self.t * (gwc * sol).sum((1, 2)).cpu())
+
+    def remove(self, channels: set[int]) -> None:
+        """The joint OBS removal of ``channels``' columns ``R`` from the kept ones ``K``:
+        ``W_K −= W_R C``, ``G·W_K −= G·W_R C``, ``P_KK −= P_KR C`` with ``C = (P_RR)⁻¹ P_RK``."""
+        gone = [x for c in channels if c in self.cols for x in self.cols.pop(c)]
+        if not gone:
+            return
+        mask = torch.zeros(self.w.shape[1], dtype=torch.bool)
+        mask[self.pos[torch.tensor(gone)]] = True
+        r, k = mask.nonzero().flatten().to(self.w.device), (~mask).nonzero().flatten().to(self.w.device)
+        coeff = torch.linalg.solve(self.p[r][:, r], self.p[r][:, k])  # (P_RR)⁻¹ P_RK
+        self.w = self.w[:, k] - self.w[:, r] @ coeff
+        self.gw = self.gw[:, k] - self.gw[:, r] @ coeff
+        self.p = self.p[k][:, k] - self.p[k][:, r] @ coeff
+        kept = self.pos >= 0
+        kept[kept.clone()] = ~mask
+        self.pos = torch.where(kept, kept.long().cumsum(0) - 1, -1)
+
+
 def greedy_input_obs_scores(readers: Sequence[Reader], n: int, max_steps: int = 32) -> torch.Tensor:
     """Scores of a group's ``n`` channels from a greedy, sequential input-side Kron-OBS removal.
 
@@ -450,57 +501,24 @@ def greedy_input_obs_scores(readers: Sequence[Reader], n: int, max_steps: int = 
     if max_steps < 1:
         raise ValueError(f"max_steps must be at least 1, got {max_steps}")
     scores = torch.zeros(n, dtype=torch.float64)
-    states = []
-    read = torch.zeros(n, dtype=torch.bool)
-    for r in readers:
-        u = r.update
-        if u.g is None:
-            raise ValueError("every reader needs its G (InputObsUpdate.g) to weigh the damage")
-        w, p = _f64(u.weight).clone(), _f64(u.a_inv).clone()
-        cols: dict[int, list[int]] = {}
-        for c, cc in zip(r.channels, r.columns):
-            cols.setdefault(int(c), []).extend(int(x) for x in cc)
-        states.append((w, p, _f64(u.g).to(w.device), float(u.locations), cols))
-        read[list(cols)] = True
-    alive = read.clone()
+    states = [_GreedyReader(r) for r in readers]
+    alive = torch.zeros(n, dtype=torch.bool)
+    for st in states:
+        alive[list(st.cols)] = True
     per_step = max(1, math.ceil(int(alive.sum()) / max_steps))
     running = 0.0
     while bool(alive.any()):
         inc = torch.zeros(n, dtype=torch.float64)
         live = set(alive.nonzero().flatten().tolist())
-        for w, p, g, t, cols in states:
-            gw = g @ w
-            by_size: dict[int, list[tuple[int, list[int]]]] = {}
-            for c, cc in cols.items():
-                if c in live:
-                    uniq = sorted(set(cc))
-                    by_size.setdefault(len(uniq), []).append((c, uniq))
-            for members in by_size.values():  # channels of one column count, batched
-                chans = torch.tensor([c for c, _ in members])
-                idx = torch.tensor([cc for _, cc in members], device=w.device)  # (m, s)
-                blocks = p[idx[:, :, None], idx[:, None, :]]  # P_cc (m, s, s)
-                wc = w[:, idx].permute(1, 2, 0)  # (m, s, C_out)
-                gwc = gw[:, idx].permute(1, 2, 0)
-                # tr(W_cᵀ G W_c (P_cc)⁻¹) = Σ (G W_c) ⊙ (W_c (P_cc)⁻¹), by a solve (P_cc is SPD)
-                sol = torch.linalg.solve(blocks, wc)  # (P_cc)⁻¹ W_cᵀ  (m, s, C_out)
-                inc.index_add_(0, chans, 0.5 * t * (gwc * sol).sum((1, 2)).cpu())
+        for st in states:
+            st.add_increments(inc, live)
         order = sorted(live, key=lambda c: (float(inc[c]), c))[:per_step]
         for c in order:
             running = max(running, float(inc[c]))
             scores[c] = running
             alive[c] = False
-        gone = set(order)
-        for w, p, _, _, cols in states:
-            rem = sorted({x for c, cc in cols.items() if c in gone for x in cc})
-            if not rem:
-                continue
-            idx = torch.tensor(rem, device=w.device)
-            coeff = torch.linalg.solve(p[idx][:, idx], p[idx])  # (P_RR)⁻¹ P_R,:
-            w -= w[:, idx] @ coeff
-            p -= p[:, idx] @ coeff
-            w[:, idx] = 0.0
-            p[idx, :] = 0.0
-            p[:, idx] = 0.0
+        for st in states:
+            st.remove(set(order))
     return scores.clamp_min(0.0)
 
 
