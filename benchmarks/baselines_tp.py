@@ -70,6 +70,7 @@ INPUT_SIDE = {
     # √ of greedy sequential scores: each group's channels removed step by step, every reader moved
     # to its compensated state after each step (channels.sequential_group_scores)
     "kron-obs-in-seq": "relative",
+    "kron-obs-in-seq-flop": "relative_per_flop",  # the same over the FLOPs one channel saves
 }
 # a peer's channels (Torch-Pruning's importance chooses them) removed with the input-side Kron-OBS
 # compensation of their readers: separates "which channels go" from "how the rest absorb them"
@@ -299,7 +300,7 @@ def prune_baseline(
         loss_fn=loss_fn,
         input_fn=input_fn,
     )
-    if method == "kron-obs-in-seq":
+    if method.startswith("kron-obs-in-seq"):
         ignored = [*ignored, *([last] if exempt_last and (last := last_layer(model, example_inputs)) else [])]
         graph = dependency_graph(model, example_inputs, ignored)
         imp = sequential_group_scores(graph, updates, SEQUENTIAL_STEPS)
@@ -309,7 +310,7 @@ def prune_baseline(
             example_inputs,
             importance=imp,
             in_updates=updates,
-            rank_by="relative",
+            rank_by=INPUT_SIDE[method],
             graph=graph,
             **kwargs,
         )
