@@ -224,6 +224,25 @@ def test_rank_by_group_mean_spreads_the_removal_over_the_groups():
         remove_channels(copy.deepcopy(model), x, ratio=0.5, in_scores=in_scores, rank_by="flops")
 
 
+def test_rank_by_group_mean_per_flop_takes_the_flop_heavy_group_first():
+    """Relative scores over the FLOPs one channel's removal saves: group "0" (conv 3→6 read by a
+    3×3 conv on 8×8) saves 2·64·9·(3 + 8) FLOPs a channel, group "3" (conv 6→8 read by the head)
+    2·(64·9·6 + 5); the seven lowest keys go (half of the 14 channels)."""
+    model = _chain()
+    x = torch.randn(2, 3, 8, 8)
+    s0, s3 = torch.arange(1.0, 7.0), torch.arange(1.0, 9.0)
+    saved = {"0": 2 * 64 * 9 * (3 + 8), "3": 2 * (64 * 9 * 6 + 5)}
+    keys = [(float(v / s0.mean()) / saved["0"], "0") for v in s0]
+    keys += [(float(v / s3.mean()) / saved["3"], "3") for v in s3]
+    want = {"0": 0, "3": 0}
+    for _, g in sorted(keys)[:7]:
+        want[g] += 1
+    net = copy.deepcopy(model)
+    rep = remove_channels(net, x, ratio=0.5, in_scores={net[3]: s0, net[7]: s3}, rank_by="relative_per_flop")
+    got = {g["root"]: len(g["removed"]) for g in rep.groups}
+    assert got == want and got["0"] > 3  # more of the FLOP-heavy group than "relative" takes
+
+
 def test_group_score_is_the_sum_over_coupled_layers():
     """The stem and l1.c2 are coupled by the residual add: a channel's score is their sum."""
     model = _resnet()
