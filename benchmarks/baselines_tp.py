@@ -263,11 +263,12 @@ def prune_baseline(
         min_channels=min_channels,
         method=method,
     )
-    if method in COMPENSATED_PEERS:
-        _, in_updates, _ = baseline_scores(
+
+    def scores_of(criterion: str) -> tuple[Scores, dict, dict[str, str]]:
+        return baseline_scores(
             model,
             batches,
-            "kron-obs-in",
+            criterion,
             fisher=fisher,
             damping=damping,
             exclude=ignored or None,
@@ -276,6 +277,9 @@ def prune_baseline(
             loss_fn=loss_fn,
             input_fn=input_fn,
         )
+
+    if method in COMPENSATED_PEERS:
+        _, in_updates, _ = scores_of("kron-obs-in")
         imp = magnitude_importance(1 if COMPENSATED_PEERS[method] == "l1" else 2)
         return remove_channels(model, example_inputs, importance=imp, in_updates=in_updates, **kwargs)
     if method in PEERS:
@@ -288,18 +292,7 @@ def prune_baseline(
             return remove_channels(model, example_inputs, importance=imp, **kwargs)
         finally:
             model.zero_grad(set_to_none=True)
-    scores, updates, skipped = baseline_scores(
-        model,
-        batches,
-        method,
-        fisher=fisher,
-        damping=damping,
-        exclude=ignored or None,
-        seed=seed,
-        max_batches=max_batches,
-        loss_fn=loss_fn,
-        input_fn=input_fn,
-    )
+    scores, updates, skipped = scores_of(method)
     if method.startswith("kron-obs-in-seq"):
         ignored = [*ignored, *([last] if exempt_last and (last := last_layer(model, example_inputs)) else [])]
         graph = dependency_graph(model, example_inputs, ignored)
