@@ -421,21 +421,29 @@ class Reader:
 
 
 class _GreedyReader:
-    """A reader's state during :func:`greedy_input_obs_scores`, on its kept columns only: ``W_K``,
-    ``G·W_K`` and ``P = (A_KK)⁻¹`` (damped), shrunk at every removal."""
+    """A reader's state during :func:`greedy_input_obs_scores`, on the kept columns of the group's
+    channels only: ``W_K``, ``G·W_K`` and ``P_KK`` of ``P = A⁻¹`` (damped), shrunk at every
+    removal. The reader's other columns (another group's channels, after a concatenation) keep
+    absorbing what is removed, but never change what the group's columns cost: the removal
+    updates ``W_c`` and ``P_cc`` of a group column ``c`` through ``P_cR`` alone, so those
+    columns are dropped up front (exactly: ``P_KK`` is the block of ``P``, not ``(A_KK)⁻¹``)."""
 
     def __init__(self, reader: Reader) -> None:
         u = reader.update
         if u.g is None:
             raise ValueError("every reader needs its G (InputObsUpdate.g) to weigh the damage")
-        self.w, self.p = _f64(u.weight).clone(), _f64(u.a_inv).clone()
-        self.gw = _f64(u.g).to(self.w.device) @ self.w
-        self.t = float(u.locations)
-        self.cols: dict[int, list[int]] = {}  # channel → its original columns
+        cols: dict[int, set[int]] = {}  # channel → its columns in the reader's W
         for c, cc in zip(reader.channels, reader.columns):
-            self.cols.setdefault(int(c), []).extend(int(x) for x in cc)
-        self.cols = {c: sorted(set(cc)) for c, cc in self.cols.items()}
-        self.pos = torch.arange(self.w.shape[1])  # original column → kept position (-1: removed)
+            cols.setdefault(int(c), set()).update(int(x) for x in cc)
+        mine = sorted(set().union(*cols.values()))
+        local = {x: i for i, x in enumerate(mine)}
+        self.cols = {c: sorted(local[x] for x in cc) for c, cc in cols.items()}  # → local columns
+        w = _f64(u.weight)
+        idx = torch.tensor(mine, device=w.device)
+        self.w, self.p = w[:, idx].clone(), _f64(u.a_inv)[idx][:, idx].clone()
+        self.gw = _f64(u.g).to(w.device) @ self.w
+        self.t = float(u.locations)
+        self.pos = torch.arange(len(mine))  # local column → kept position (-1: removed)
 
     def add_increments(self, inc: torch.Tensor, live: set[int]) -> None:
         """``inc[c] += ½·T·tr(W_cᵀ G W_c (P_cc)⁻¹)`` for every live channel ``c`` this layer reads."""

@@ -244,25 +244,31 @@ def test_greedy_scores_are_the_brute_force_sequential_obs_removal(block):
     x = torch.randn(300, n, generator=gen, dtype=DT)
     x[:, 4] = x[:, 1] + 0.05 * torch.randn(300, generator=gen, dtype=DT)  # channel 4 ≈ channel 1
     readers, specs = [], []
-    for channel_of, c_out, t in (([0, 1, 2, 3, 4], 3, 1.0), ([4, 2, 0, 3, 1, 2], 4, 2.5)):
-        feats = torch.repeat_interleave(x[:, channel_of], block, dim=1)
+    # -1: a column of another group (a concatenation): it compensates but is never removed here
+    other = torch.randn(300, 2, generator=gen, dtype=DT) + x[:, [0, 2]]
+    for channel_of, c_out, t in (
+        ([0, 1, 2, 3, 4], 3, 1.0),
+        ([4, 2, 0, 3, 1, 2], 4, 2.5),
+        ([-1, 0, 3, -1], 2, 1.5),
+    ):
+        extra = iter(range(n, n + 2))
+        src = torch.cat([x, other], 1)[:, [c if c >= 0 else next(extra) for c in channel_of]]
+        feats = torch.repeat_interleave(src, block, dim=1)
         feats = feats + 0.3 * torch.randn(feats.shape, generator=gen, dtype=DT)
         a = feats.T @ feats / len(feats)
         w, g = torch.randn(c_out, a.shape[0], generator=gen, dtype=DT), spd(c_out, gen)
-        cols = [[i * block + k for k in range(block)] for i in range(len(channel_of))]
-        readers.append(Reader(InputObsUpdate(w, damped_inverse(a, 0.0), block, g, t), list(channel_of), cols))
+        mine = [(c, [i * block + k for k in range(block)]) for i, c in enumerate(channel_of) if c >= 0]
+        update = InputObsUpdate(w, damped_inverse(a, 0.0), block, g, t)
+        readers.append(Reader(update, [c for c, _ in mine], [cc for _, cc in mine]))
         specs.append((w, a, g, t, block, channel_of))
     got = greedy_input_obs_scores(readers, n, max_steps=n)
     want, _ = _brute_greedy(specs, n)
     torch.testing.assert_close(got, want)
-    single = sum(
-        torch.zeros(n, dtype=DT).index_add_(
-            0,
-            torch.tensor(r.channels),
-            input_obs_scores(r.update.weight, r.update.a_inv, r.update.g, block, r.update.locations),
-        )
-        for r in readers
-    )
+    single = torch.zeros(n, dtype=DT)
+    for w, a, g, t, _, channel_of in specs:
+        s = input_obs_scores(w, damped_inverse(a, 0.0), g, block, t)
+        for i, c in enumerate(channel_of):
+            single[c] += s[i] if c >= 0 else 0.0
     twins = sorted([1, 4], key=lambda c: float(got[c]))
     assert float(got[twins[1]]) > 3 * float(single[twins[1]])  # the survivor of the pair now costs more
     # fewer steps: several channels a step, the scores still rise along the removal order
@@ -272,7 +278,7 @@ def test_greedy_scores_are_the_brute_force_sequential_obs_removal(block):
     with pytest.raises(ValueError, match="max_steps"):
         greedy_input_obs_scores(readers, n, max_steps=0)
     with pytest.raises(ValueError, match="G"):
-        greedy_input_obs_scores([Reader(InputObsUpdate(w, damped_inverse(a, 0.0), block), [0], [cols[0]])], n)
+        greedy_input_obs_scores([Reader(InputObsUpdate(w, damped_inverse(a, 0.0), block), [0], [[0]])], n)
 
 
 def test_input_obs_bad_inputs_name_the_problem():
