@@ -465,8 +465,8 @@ def channels_summary(records: list[dict[str, Any]]) -> list[str]:
         f"Method `{method}`: input-side Kron-OBS compensation; each group's channels scored by a",
         "greedy sequential removal (`greedy_steps=32`), ranked by √score against the group's mean,",
         "cap 0.95 (the peers' cap), BatchNorm re-estimated. *Best peer*: the best of TP",
-        "L1/L2/Taylor and NN Slimming in that column, its mean over those of `prune_channels`' seeds",
-        "it ran. Seeds in brackets.",
+        "L1/L2/Taylor and NN Slimming in that column on the seeds they all ran, its mean over those",
+        "of `prune_channels`' seeds it ran. Seeds in brackets.",
         "",
         "| network | ÷FLOPs | after pruning | best peer | gap | fine-tuned | best peer fine-tuned | gap "
         "| params kept (peer) |",
@@ -486,12 +486,19 @@ def channels_summary(records: list[dict[str, Any]]) -> list[str]:
                 return _avg(mine, key), seeds
 
             def best(rows_: list[dict], key: str) -> tuple[float | None, str, float | None]:
+                """The best peer, chosen on the seeds every peer ran (of those `method` ran), and
+                its mean over all of `method`'s seeds it ran."""
                 only = {r["seed"] for r in rows_ if r["method"] == method and r.get(key) is not None}
                 means = {m: mean_of(rows_, key, m, only) for m in ISSUE_PEERS}
                 means = {m: v for m, v in means.items() if v[0] is not None}
                 if not means:
                     return None, "–", None
-                m = max(means, key=lambda k: means[k][0])
+                ran = [
+                    {r["seed"] for r in rows_ if r["method"] == m and r.get(key) is not None} & only
+                    for m in means
+                ]
+                common = set.intersection(*ran)
+                m = max(means, key=lambda k: mean_of(rows_, key, k, common)[0] if common else means[k][0])
                 kept = _avg([r for r in rows_ if r["method"] == m], "param_ratio")
                 return means[m][0], f"{SHORT[m]}, seeds {means[m][1]}", kept
 

@@ -501,7 +501,8 @@ def greedy_input_obs_scores(readers: Sequence[Reader], n: int, max_steps: int = 
         readers: the group's readers, each with ``update.g`` set (the damage needs ``G``).
         n: the group's channel count; a channel no reader reads scores 0.
         max_steps: at most this many steps (``⌈n / max_steps⌉`` channels removed per step):
-            each step costs every reader ``O(C_out²·d + d²·|R|)``.
+            a reader pays ``O(C_out²·d)`` once (``G·W``) and ``O(d·r·(d + C_out))`` a step,
+            ``d`` its columns fed by the group, ``r`` of them removed.
 
     Returns:
         ``(n,)`` float64, non-negative.

@@ -961,7 +961,8 @@ def sequential_group_scores(
 ) -> Callable[[Any], torch.Tensor | None]:
     """A group scorer for :func:`remove_channels`' ``importance=``: each Torch-Pruning group's
     channels scored by :func:`~lightning_eigendamage.baselines.greedy_input_obs_scores` over
-    the group's readers that have an update (with ``G``), ``√`` of the damage when ``root``.
+    the group's readers that have an update in ``updates`` (each needs its ``G``, set by
+    :func:`input_side_scores`; one without is a ValueError), ``√`` of the damage when ``root``.
     A group none of whose readers has an update scores None (left alone)."""
 
     def score(group: Any) -> torch.Tensor | None:
@@ -1058,10 +1059,10 @@ def prune_channels(
             not scored, so its groups stay whole (VGG's ``Linear(25088, 4096)`` would need 5 GB
             for ``A`` alone). None: no limit.
         greedy_steps: score each group's channels by a greedy sequential removal in at most
-            this many steps (``⌈n / greedy_steps⌉`` of its ``n`` channels a step; each step
-            costs every reader ``O(C_out²·d + d²·r)`` for ``d = C_in·k²`` and ``r`` columns
-            removed). None: each channel's damage alone, summed over its readers (faster, but
-            channels that duplicate each other all score low).
+            this many steps (``⌈n / greedy_steps⌉`` of its ``n`` channels a step; a reader pays
+            ``O(C_out²·d)`` once and ``O(d·r·(d + C_out))`` a step, ``d`` its columns fed by the
+            group, ``r`` of them removed). None: each channel's damage alone, summed over its
+            readers (faster, but channels that duplicate each other all score low).
 
     Returns:
         A :class:`ChannelPruneReport` (``method="kron-obs-in"``); ``skipped`` names the layers
