@@ -71,6 +71,7 @@ INPUT_SIDE = {
     # to its compensated state after each step (channels.sequential_group_scores)
     "kron-obs-in-seq": "relative",
     "kron-obs-in-seq-flop": "relative_per_flop",  # the same over the FLOPs one channel saves
+    "kron-obs-in-seq-median": "relative_median",  # over the group's median, not its mean
 }
 # a peer's channels (Torch-Pruning's importance chooses them) removed with the input-side Kron-OBS
 # compensation of their readers: separates "which channels go" from "how the rest absorb them"

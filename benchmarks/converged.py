@@ -228,6 +228,7 @@ INPUT_OBS = (
     "kron-obs-in-sqrt-nocomp",
     "kron-obs-in-seq",
     "kron-obs-in-seq-flop",
+    "kron-obs-in-seq-median",
 )
 # Torch-Pruning L1's channels with the input-side compensation (benchmarks.baselines_tp)
 COMPENSATED = ("l1-comp",)

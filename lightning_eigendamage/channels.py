@@ -74,7 +74,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 TARGETS = ("channels", "flops")
-RANKS = ("score", "per_flop", "relative", "relative_per_flop")
+RANKS = ("score", "per_flop", "relative", "relative_per_flop", "relative_median")
 RANK_BY = {
     "relative": "relative",  # of √damage
     "relative_damage": "relative",
@@ -393,7 +393,8 @@ def _select(
     channel's removal saves from the unpruned network, ``"relative"`` by score over the mean
     score of its group (Torch-Pruning's normaliser: the removal spreads about evenly), and
     ``"relative_per_flop"`` by that over the FLOPs the channel's removal saves (channels of
-    FLOP-heavy layers go first)."""
+    FLOP-heavy layers go first), ``"relative_median"`` by score over the group's median (a few
+    large scores do not make the rest look cheap)."""
     caps = [max(0, min(math.floor(max_group_ratio * g.n + 1e-9), g.n - min_channels)) for g in groups]
     state = {m: _LayerCost(c.coef, c.c_in, c.c_out, c.groups, c.depthwise) for m, c in costs.items()}
     flops = other_flops + sum(c.flops() for c in state.values())
@@ -431,6 +432,8 @@ def _select(
             return score / max(-apply(gi, c, dry=True), 1)
         if rank_by == "relative":
             return score / max(float(groups[gi].scores.mean()), 1e-300)
+        if rank_by == "relative_median":
+            return score / max(float(groups[gi].scores.median()), 1e-300)
         if rank_by == "relative_per_flop":
             return score / max(float(groups[gi].scores.mean()), 1e-300) / max(-apply(gi, c, dry=True), 1)
         return score
@@ -647,8 +650,8 @@ def remove_channels(
             of a Linear) of the layers that read a group, added to its score.
         in_updates: module → input-side update (``removed input channels → δW (C_out, d)``),
             applied like ``updates`` to the layers that lose input channels.
-        rank_by: ``"score"``, ``"per_flop"``, ``"relative"`` or ``"relative_per_flop"`` (see
-            :func:`_select`).
+        rank_by: ``"score"``, ``"per_flop"``, ``"relative"``, ``"relative_per_flop"`` or
+            ``"relative_median"`` (see :func:`_select`).
         ignored_layers: modules whose output channels are never removed; with ``exempt_last`` the
             last Conv2d/Linear to run is added.
         max_group_ratio: at most this fraction of one group's channels is removed;

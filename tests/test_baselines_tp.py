@@ -243,6 +243,21 @@ def test_rank_by_group_mean_per_flop_takes_the_flop_heavy_group_first():
     assert got == want and got["0"] > 3  # more of the FLOP-heavy group than "relative" takes
 
 
+def test_rank_by_group_median_is_not_pulled_by_a_few_large_scores():
+    """Group "0" has one score 100 among five near 1: its mean (17.5) makes the five look cheap,
+    its median (1) does not. Four of the 14 channels go, lowest key first."""
+    model = _chain()
+    x = torch.randn(2, 3, 8, 8)
+    s0, s3 = torch.tensor([0.9, 1.0, 1.0, 1.1, 1.2, 100.0]), torch.arange(1.0, 9.0)
+    got = {}
+    for rank_by in ("relative", "relative_median"):
+        net = copy.deepcopy(model)
+        rep = remove_channels(net, x, ratio=0.29, in_scores={net[3]: s0, net[7]: s3}, rank_by=rank_by)
+        got[rank_by] = {g["root"]: len(g["removed"]) for g in rep.groups}
+    assert got["relative"] == {"0": 4, "3": 0}  # about 1/17.5 for five, 1/4.5 at best in "3"
+    assert got["relative_median"] == {"0": 1, "3": 3}  # 1/4, 2/4, 3/4 (median 4), then 0.9/1
+
+
 def test_group_score_is_the_sum_over_coupled_layers():
     """The stem and l1.c2 are coupled by the residual add: a channel's score is their sum."""
     model = _resnet()
