@@ -669,6 +669,31 @@ def _twins() -> nn.Sequential:
     return net
 
 
+def test_greedy_scoring_through_a_flatten_keeps_one_of_each_pair_of_copies():
+    """The reader is a Linear after a flatten: each conv channel feeds four of its columns, which
+    go (and are scored) together."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 6),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        net[0].weight[4:] = net[0].weight[:4]
+        net[0].bias[4:] = net[0].bias[:4]
+    gen = torch.Generator().manual_seed(2)
+    batches = [
+        (torch.randn(32, 3, 8, 8, generator=gen), torch.randint(0, 6, (32,), generator=gen)) for _ in range(3)
+    ]
+    x = torch.randn(32, 3, 8, 8, generator=gen)
+    with torch.no_grad():
+        ref = net(x)
+    report = prune_channels(net, batches, ratio=0.5)
+    kept = sorted(set(range(8)) - set(report.groups[0]["removed"]))
+    assert net[0].out_channels == 4 and net[4].in_features == 16
+    assert sorted(c % 4 for c in kept) == [0, 1, 2, 3]
+    with torch.no_grad():
+        assert float((net(x) - ref).norm() / ref.norm()) < 1e-2  # the damping's share
+
+
 def test_greedy_scoring_keeps_one_of_each_pair_of_copies_where_single_scores_drop_both():
     """Each copy alone costs about nothing (its twin absorbs it), so single-channel scores drop
     pairs; the greedy scores see that a channel's twin is gone and keep one of each pair: the
