@@ -877,6 +877,16 @@ def _check_options(ratio: Any, target: str, layer_cap: Any, min_channels: Any, r
     return r, cap, k, d
 
 
+def _positive_or_none(name: str, value: Any) -> int | None:
+    """``value`` as a Python int ≥ 1, or None; a ValueError naming ``name`` otherwise."""
+    if value is None:
+        return None
+    n = as_int(value)
+    if n is None or n < 1:
+        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    return n
+
+
 def _check_more(batches: Any, max_batches: Any, seed: Any, recalibrate_bn: Any) -> int | None:
     """The other arguments' checks (before anything runs); returns ``max_batches`` as an int."""
     if isinstance(batches, (torch.Tensor, dict)):
@@ -884,11 +894,7 @@ def _check_more(batches: Any, max_batches: Any, seed: Any, recalibrate_bn: Any) 
             f"batches must be an iterable of batches, got a single {type(batches).__name__}: "
             "iterating it would give single examples (or keys); wrap one batch in a list"
         )
-    if max_batches is not None:
-        m = as_int(max_batches)
-        if m is None or m < 1:
-            raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
-        max_batches = m
+    max_batches = _positive_or_none("max_batches", max_batches)
     s = as_int(seed)
     if s is None or not 0 <= s < 2**63:
         raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
@@ -1088,16 +1094,8 @@ def prune_channels(
     )
     max_batches = _check_more(batches, max_batches, seed, recalibrate_bn)
     seed = as_int(seed)
-    if greedy_steps is not None:
-        steps = None if isinstance(greedy_steps, str) else as_int(greedy_steps)
-        if steps is None or steps < 1:
-            raise ValueError(f"greedy_steps must be a positive integer or None, got {greedy_steps!r}")
-        greedy_steps = steps
-    if max_factor_dim is not None:
-        limit = as_int(max_factor_dim)
-        if limit is None or limit < 1:
-            raise ValueError(f"max_factor_dim must be a positive integer or None, got {max_factor_dim!r}")
-        max_factor_dim = limit
+    greedy_steps = _positive_or_none("greedy_steps", greedy_steps)
+    max_factor_dim = _positive_or_none("max_factor_dim", max_factor_dim)
     _torch_pruning()
     batches = list(batches)
     if not batches:
