@@ -426,16 +426,16 @@ def _select(
                 state[module] = new
         return delta
 
+    # the relative ranks' normaliser, once per group: its mean score (its median for "relative_median")
+    middle = (lambda s: s.median()) if rank_by == "relative_median" else (lambda s: s.mean())
+    norm = [max(float(middle(g.scores)), 1e-300) if g.n else 1.0 for g in groups]
+
     def rank(gi: int, c: int) -> float:
         score = float(groups[gi].scores[c])
-        if rank_by == "per_flop":
+        if rank_by.startswith("relative"):
+            score /= norm[gi]
+        if rank_by.endswith("per_flop"):
             return score / max(-apply(gi, c, dry=True), 1)
-        if rank_by == "relative":
-            return score / max(float(groups[gi].scores.mean()), 1e-300)
-        if rank_by == "relative_median":
-            return score / max(float(groups[gi].scores.median()), 1e-300)
-        if rank_by == "relative_per_flop":
-            return score / max(float(groups[gi].scores.mean()), 1e-300) / max(-apply(gi, c, dry=True), 1)
         return score
 
     pool = sorted(
