@@ -76,7 +76,6 @@ INPUT_SIDE = {
 # a peer's channels (Torch-Pruning's importance chooses them) removed with the input-side Kron-OBS
 # compensation of their readers: separates "which channels go" from "how the rest absorb them"
 COMPENSATED_PEERS = {"l1-comp": "l1"}
-SEQUENTIAL_STEPS = 32
 METHODS = CRITERIA + tuple(INPUT_SIDE) + ("slimming",) + PEERS + tuple(COMPENSATED_PEERS)
 
 
@@ -297,7 +296,7 @@ def prune_baseline(
     if method.startswith("kron-obs-in-seq"):
         ignored = [*ignored, *([last] if exempt_last and (last := last_layer(model, example_inputs)) else [])]
         graph = dependency_graph(model, example_inputs, ignored)
-        imp = sequential_group_scores(graph, updates, SEQUENTIAL_STEPS)
+        imp = sequential_group_scores(graph, updates)  # GREEDY_STEPS, prune_channels' default
         kwargs |= dict(ignored_layers=ignored, exempt_last=False)
         report = remove_channels(
             model,

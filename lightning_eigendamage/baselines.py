@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 CRITERIA = ("c-obd", "c-obs", "kron-obd", "kron-obs")
 OBS_CRITERIA = ("c-obs", "kron-obs")
 DEFAULT_DAMPING = 1e-3
+GREEDY_STEPS = 32  # steps of the greedy sequential scores per group (greedy_input_obs_scores)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,7 +480,7 @@ class _GreedyReader:
         self.pos = torch.where(kept, kept.long().cumsum(0) - 1, -1)
 
 
-def greedy_input_obs_scores(readers: Sequence[Reader], n: int, max_steps: int = 32) -> torch.Tensor:
+def greedy_input_obs_scores(readers: Sequence[Reader], n: int, max_steps: int = GREEDY_STEPS) -> torch.Tensor:
     """Scores of a group's ``n`` channels from a greedy, sequential input-side Kron-OBS removal.
 
     Single-channel scores (:func:`input_obs_scores`) assume every *other* channel stays to

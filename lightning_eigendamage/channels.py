@@ -54,6 +54,7 @@ from torch import nn
 
 from .baselines import (
     DEFAULT_DAMPING,
+    GREEDY_STEPS,
     InputObsUpdate,
     Reader,
     damped,
@@ -966,7 +967,7 @@ def input_side_scores(
 
 
 def sequential_group_scores(
-    graph: Any, updates: dict[nn.Module, InputObsUpdate], max_steps: int = 32, root: bool = True
+    graph: Any, updates: dict[nn.Module, InputObsUpdate], max_steps: int = GREEDY_STEPS, root: bool = True
 ) -> Callable[[Any], torch.Tensor | None]:
     """A group scorer for :func:`remove_channels`' ``importance=``: each Torch-Pruning group's
     channels scored by :func:`~lightning_eigendamage.baselines.greedy_input_obs_scores` over
@@ -1025,7 +1026,7 @@ def prune_channels(
     recalibrate_bn: bool = True,
     seed: int = 0,
     max_factor_dim: int | None = 8192,
-    greedy_steps: int | None = 32,
+    greedy_steps: int | None = GREEDY_STEPS,
 ) -> ChannelPruneReport:
     """Remove whole channels of ``model`` in place, chosen and compensated with K-FAC curvature.
 
