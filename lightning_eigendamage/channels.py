@@ -46,7 +46,7 @@ import os
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
 import torch
@@ -68,7 +68,7 @@ from .checkpoint import state_dict_of
 from .costs import count_flops, count_params
 from .curvature import CaptureOptions, capture_factors, split_batch, to_device
 from .discovery import excluded_modules, find_layers
-from .report import TARGET_TOLERANCE, TargetNotReachedWarning
+from .report import TARGET_TOLERANCE, LayerReport, PruneReport, TargetNotReachedWarning
 from .values import as_int, as_real
 
 if TYPE_CHECKING:
@@ -104,33 +104,44 @@ def _torch_pruning() -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ChannelPruneReport:
-    """What :func:`remove_channels` (and :func:`prune_channels`) did; ``to_dict()`` is plain data.
+# The report of a channel call is the library's one report type, with ``structure="channels"``.
+ChannelPruneReport = PruneReport
 
-    ``groups``: one entry per prunable dependency group: ``root`` (module name), ``channels``
-    (before), ``removed`` (root channel indices). FLOPs are per example (FlopCounterMode).
-    """
 
-    method: str
-    target: str
-    ratio: float
-    params_before: int
-    params_after: int
-    flops_before: int
-    flops_after: int
-    channels_total: int
-    channels_removed: int
-    flops_planned: int = 0  # the analytic count the search stopped at (equals flops_after)
-    groups: list[dict[str, Any]] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)
+def _widths(module: nn.Module) -> tuple[int, int]:
+    """``(input, output)`` width of a Conv2d or Linear."""
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels, module.out_channels
+    return module.in_features, module.out_features
 
-    @property
-    def flops_fraction_removed(self) -> float:
-        return 1.0 - self.flops_after / max(self.flops_before, 1)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+def layer_reports(
+    before: dict[str, tuple[int, int]], model: nn.Module, skipped: dict[str, str] | None = None
+) -> list[LayerReport]:
+    """One :class:`~lightning_eigendamage.report.LayerReport` per Conv2d/Linear named in
+    ``before`` (its ``(in, out)`` widths before the call): widths now as ``kept_in``/``kept_out``,
+    form ``"channels"``, and the reason it was left whole from ``skipped`` if it kept its widths."""
+    modules = dict(model.named_modules())
+    out = []
+    for name, (c_in, c_out) in before.items():
+        module = modules.get(name)
+        now_in, now_out = _widths(module) if module is not None else (c_in, c_out)
+        changed = (now_in, now_out) != (c_in, c_out)
+        out.append(
+            LayerReport(
+                name=name,
+                kind=type(module).__name__,
+                in_features=c_in,
+                out_features=c_out,
+                kept_in=now_in,
+                kept_out=now_out,
+                form="channels",
+                skipped=None if changed else (skipped or {}).get(name),
+                removed_in=c_in - now_in,
+                removed_out=c_out - now_out,
+            )
+        )
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +291,7 @@ class _Snapshot:
                 m._buffers.update(bufs)
                 for (kind, k), v in values.items():
                     t = params[k] if kind == "p" else bufs[k]
-                    if t.shape == v.shape:
+                    if t.shape == v.shape and t.dtype == v.dtype:
                         t.copy_(v)
                     else:
                         t.data = v
@@ -515,6 +526,8 @@ def _check_scores(table: Scores | None, side: str) -> None:
             raise ValueError(f"the scores of {type(module).__name__} {module} must be {n} finite numbers")
 
 
+_LIMITED = "the groups that may be narrowed are exhausted (per-group caps, groups left whole: see skipped)"
+
 _UNTRACEABLE = (
     "; nothing was removed. prune() (EigenDamage) keeps every layer's widths and needs no dependency graph"
 )
@@ -698,6 +711,7 @@ def remove_channels(
     shapes_before = _output_shapes(_run(model, example_inputs))
     costs, _ = _layer_costs(model, example_inputs)
     other = flops_before - sum(c.flops() for c in costs.values())
+    widths_before = {names[m]: _widths(m) for m in costs if m in names}
 
     dg = graph if graph is not None else dependency_graph(model, example_inputs, ignored)
     snapshot, frozen = (_Snapshot(model) if atomic else None), _frozen(model)
@@ -719,39 +733,8 @@ def remove_channels(
             flops_tolerance=flops_tolerance,
             rank_by=rank_by,
         )
-        # OBS updates first, on the full-size weights; a module's output rows belong to one group.
-        removed_rows: dict[nn.Module, list[int]] = {}
-        removed_cols: dict[nn.Module, list[int]] = {}
-        for g, sel in zip(groups, chosen):
-            keep = set(sel)
-            for module, idxs, roots in g.rows:
-                removed_rows.setdefault(module, []).extend(i for i, r in zip(idxs, roots) if r in keep)
-            for module, idxs, roots in g.cols:
-                removed_cols.setdefault(module, []).extend(i for i, r in zip(idxs, roots) if r in keep)
-        with torch.no_grad():
-            for module, update in (updates or {}).items():
-                rows = sorted(set(removed_rows.get(module, [])))
-                if not rows:
-                    continue
-                dw, db = update(rows)
-                module.weight.add_(dw.reshape(module.weight.shape).to(module.weight))
-                if db is not None and module.bias is not None:
-                    module.bias.add_(db.to(module.bias))
-            for module, update in (in_updates or {}).items():
-                chans = sorted(set(removed_cols.get(module, [])))
-                if chans:
-                    module.weight.add_(update(chans).reshape(module.weight.shape).to(module.weight))
-        for g, sel in zip(groups, chosen):
-            if not sel:
-                continue
-            group = dg.get_pruning_group(g.root, g.root_fn, sel)
-            if not dg.check_pruning_group(group):
-                raise RuntimeError(
-                    f"removing {len(sel)} channels of {names.get(g.root)} would empty a layer of its "
-                    "Torch-Pruning group (an operation on channels its graph does not model, e.g. "
-                    "chunk or split gating); exclude the layers around it. The model was left as it was"
-                )
-            group.prune()
+        plan = [{"root": names.get(g.root, "?"), "channels": g.n, "removed": s} for g, s in zip(groups, chosen)]
+        cut_channels(model, plan, dg, updates=updates, in_updates=in_updates)
         _refreeze(frozen)
         _check_pruned(model, example_inputs, shapes_before, any(modes.values()))
     except BaseException:
@@ -761,22 +744,176 @@ def remove_channels(
     finally:
         for m, mode in modes.items():
             m.training = mode
-    return ChannelPruneReport(
-        method=method,
-        target=target,
-        ratio=float(ratio),
+    total, n_removed = sum(g.n for g in groups), sum(len(s) for s in chosen)
+    flops_after = count_flops(model, example_inputs, _forward)
+    reached = 1.0 - flops_after / max(flops_before, 1) if target == "flops" else n_removed / max(total, 1)
+    return PruneReport(
         params_before=params_before,
         params_after=count_params(model),
         flops_before=flops_before,
-        flops_after=count_flops(model, example_inputs, _forward),
-        channels_total=sum(g.n for g in groups),
-        channels_removed=sum(len(s) for s in chosen),
+        flops_after=flops_after,
+        ratio=float(ratio),
+        target=target,
+        realised_fraction=n_removed / max(total, 1),
+        method=method,
+        fisher="",
+        layers=layer_reports(widths_before, model, left),
+        target_reached=reached >= ratio - TARGET_TOLERANCE,
+        reached=reached,
+        limited_by=None if reached >= ratio - TARGET_TOLERANCE else _LIMITED,
+        structure="channels",
+        channels_total=total,
+        channels_removed=n_removed,
         flops_planned=planned,
-        groups=[
-            {"root": names.get(g.root, "?"), "channels": g.n, "removed": s} for g, s in zip(groups, chosen)
-        ],
+        groups=plan,
         skipped=left,
     )
+
+
+@dataclass
+class ParamSlice:
+    """One parameter narrowed by a channel cut: ``new.flatten() == old.flatten()[index]``
+    (before any compensation was added to ``old``'s values, ``index`` is exact for every tensor
+    shaped like ``old``: optimizer moments, gradients)."""
+
+    old: nn.Parameter
+    new: nn.Parameter
+    index: torch.Tensor  # (new.numel(),) int64, flat positions in old
+
+
+@dataclass
+class ChannelChange:
+    """What :func:`cut_channels` did to the parameters: qualified parameter name → its
+    :class:`ParamSlice` (only parameters whose shape changed)."""
+
+    params: dict[str, ParamSlice] = field(default_factory=dict)
+
+
+def _root_pruner(graph: Any, root: nn.Module, name: str) -> Any:
+    pruner = graph.get_pruner_of_module(root)
+    if pruner is None or pruner.get_out_channels(root) is None:
+        raise ValueError(f"the plan names {name!r} as a group root, but its channels cannot be removed")
+    return pruner
+
+
+def cut_channels(
+    model: nn.Module,
+    plan: Sequence[dict[str, Any]],
+    graph: Any,
+    *,
+    updates: dict[nn.Module, Update] | None = None,
+    in_updates: dict[nn.Module, Callable[[list[int]], torch.Tensor]] | None = None,
+) -> ChannelChange:
+    """Apply a channel plan to ``model`` in place: weight updates first, then the cut.
+
+    Args:
+        plan: one entry per group, ``{"root": module name, "channels": n, "removed": [root
+            channel indices]}`` (plain data, as :func:`remove_channels` reports it).
+        graph: Torch-Pruning's graph of ``model`` as it is now (:func:`dependency_graph`).
+        updates, in_updates: as for :func:`remove_channels` (output-side OBS updates of the
+            producers, input-side compensation of the readers), applied to the full-size weights.
+
+    Returns:
+        A :class:`ChannelChange`: for every narrowed parameter, the flat positions its elements
+        come from. They are found by cutting the parameters while they hold their own flat
+        positions (float64, exact up to 2⁵³ elements), so every Torch-Pruning handler is followed
+        exactly, whatever dimension it cuts; the values, gradients and memory formats are then put
+        back from those positions.
+
+    Not atomic by itself: callers hold a snapshot (:func:`remove_channels`, the channel engine).
+    """
+    modules = dict(model.named_modules())
+    names = {p: n for n, p in model.named_parameters(remove_duplicate=False)}
+    entries = []
+    for entry in plan:
+        removed = sorted(int(c) for c in entry.get("removed", []))
+        if not removed:
+            continue
+        name = entry["root"]
+        root = modules.get(name)
+        if root is None:
+            raise ValueError(f"the plan names a group root {name!r} that the model does not have")
+        width = _root_pruner(graph, root, name).get_out_channels(root)
+        if width != entry.get("channels", width) or removed[-1] >= width or removed[0] < 0:
+            raise ValueError(
+                f"the plan removes channels {removed[:3]}… of {name!r} ({entry.get('channels')} wide), "
+                f"but it has {width}: the plan was made for another model"
+            )
+        entries.append((name, root, removed))
+    # The updates see the full-size weights: rows and columns removed by every group first.
+    removed_rows: dict[nn.Module, list[int]] = {}
+    removed_cols: dict[nn.Module, list[int]] = {}
+    touched: list[nn.Module] = []
+    for name, root, removed in entries:
+        group = graph.get_pruning_group(root, _root_pruner(graph, root, name).prune_out_channels, removed)
+        for item in group:
+            module, handler = item.dep.target.module, item.dep.handler
+            if isinstance(module, nn.Module) and module not in touched:
+                touched.append(module)
+            if graph.is_out_channel_pruning_fn(handler):
+                removed_rows.setdefault(module, []).extend(int(i) for i in item.idxs)
+            elif graph.is_in_channel_pruning_fn(handler):
+                removed_cols.setdefault(module, []).extend(int(i) for i in item.idxs)
+    with torch.no_grad():
+        for module, update in (updates or {}).items():
+            rows = sorted(set(removed_rows.get(module, [])))
+            if not rows:
+                continue
+            dw, db = update(rows)
+            module.weight.add_(dw.reshape(module.weight.shape).to(module.weight))
+            if db is not None and module.bias is not None:
+                module.bias.add_(db.to(module.bias))
+        for module, update in (in_updates or {}).items():
+            chans = sorted(set(removed_cols.get(module, [])))
+            if chans:
+                module.weight.add_(update(chans).reshape(module.weight.shape).to(module.weight))
+    # The cut, on the parameters' own flat positions.
+    held = []
+    with torch.no_grad():
+        for module in touched:
+            for key, p in module._parameters.items():
+                if p is None:
+                    continue
+                held.append((module, key, p, p.data, p.grad))
+                p.grad = None
+                p.data = torch.arange(p.numel(), dtype=torch.float64, device=p.device).reshape(p.shape)
+    change = ChannelChange()
+    try:
+        for name, root, removed in entries:
+            # built afresh after the previous groups' cuts, whose index mappings they update
+            group = graph.get_pruning_group(root, _root_pruner(graph, root, name).prune_out_channels, removed)
+            if not graph.check_pruning_group(group):
+                raise RuntimeError(
+                    f"removing {len(removed)} channels of {name} would empty a layer of its "
+                    "Torch-Pruning group (an operation on channels its graph does not model, e.g. "
+                    "chunk or split gating); exclude the layers around it. The model was left as it was"
+                )
+            group.prune()
+    finally:
+        with torch.no_grad():
+            for module, key, old, data, grad in held:
+                new = module._parameters.get(key)
+                if new is None:
+                    continue
+                if new.shape == data.shape:
+                    new.data = data
+                    new.grad = grad
+                    continue
+                codes = new.data.reshape(-1)
+                index = codes.to(torch.int64)
+                if not bool((index.to(torch.float64) == codes).all()) or (
+                    index.numel() and (int(index.min()) < 0 or int(index.max()) >= data.numel())
+                ):
+                    raise RuntimeError(f"Torch-Pruning changed the values of {names.get(old, key)}, not only its shape")
+                value = data.reshape(-1)[index].reshape(new.shape)
+                if data.dim() == 4 and not data.is_contiguous() and data.is_contiguous(
+                    memory_format=torch.channels_last
+                ):
+                    value = value.contiguous(memory_format=torch.channels_last)
+                new.data = value
+                new.grad = None if grad is None else grad.reshape(-1)[index].reshape(new.shape)
+                change.params[names.get(old, key)] = ParamSlice(old, new, index)
+    return change
 
 
 def _check_pruned(model: nn.Module, example: Any, shapes_before: list[tuple[int, ...]], train: bool) -> None:

@@ -47,6 +47,14 @@ class PruneReport:
     ``recalibrated_bn``: the BatchNorm layers whose running statistics were re-estimated;
     ``reconstruction_error``: per re-fitted layer, the relative output error against the dense
     layer on the calibration batches after the fit (``prune(reconstruct=True)``).
+
+    ``structure``: ``"eigenbasis"`` (layers rewritten in their eigenbasis; ``layers`` give the
+    kept directions and forms) or ``"channels"`` (real channels removed; ``layers`` give each
+    Conv2d/Linear's widths after the call as ``kept_in``/``kept_out`` with form ``"channels"``;
+    ``channels_total``/``channels_removed`` count the prunable groups' channels, ``groups`` has
+    one entry per group: ``root`` (module name), ``channels`` (before), ``removed`` (root channel
+    indices); ``skipped``: layer or group → why it was left whole; ``flops_planned``: the
+    analytic count the channel search stopped at).
     """
 
     params_before: int
@@ -55,11 +63,11 @@ class PruneReport:
     flops_after: int
     ratio: float
     target: str
-    realised_fraction: float
-    threshold: float
-    quantile: float
-    batches: int
-    skipped_batches: int
+    realised_fraction: float = 0.0
+    threshold: float = 0.0
+    quantile: float = 0.0
+    batches: int = 0
+    skipped_batches: int = 0
     method: str = "eigendamage"
     fisher: str = "true"
     layers: list[LayerReport] = field(default_factory=list)
@@ -69,6 +77,16 @@ class PruneReport:
     shots: int = 1
     recalibrated_bn: list[str] = field(default_factory=list)
     reconstruction_error: dict[str, float] = field(default_factory=dict)
+    structure: str = "eigenbasis"
+    channels_total: int = 0
+    channels_removed: int = 0
+    flops_planned: int = 0
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def flops_fraction_removed(self) -> float:
+        return 1.0 - self.flops_after / max(self.flops_before, 1)
 
     @property
     def param_compression(self) -> float:
@@ -90,7 +108,8 @@ class PruneReport:
     def summary(self) -> str:
         """A per-layer table (widths before → kept directions, form) with totals."""
         w = max([len(r.name) for r in self.layers] + [5])
-        lines = [f"{'layer':<{w}}  {'in→out':>11}  {'kept in→out':>11}  {'form':<10}  note"]
+        kept = "kept in→out" if self.structure == "eigenbasis" else "now in→out"
+        lines = [f"{'layer':<{w}}  {'in→out':>11}  {kept:>11}  {'form':<10}  note"]
         for r in self.layers:
             note = r.skipped or ""
             lines.append(
@@ -100,9 +119,14 @@ class PruneReport:
         lines.append(
             f"params {self.params_before:,} → {self.params_after:,} "
             f"({self.param_compression:.2f}×), FLOPs/example {self.flops_before:,} → "
-            f"{self.flops_after:,} ({self.flops_compression:.2f}×), directions removed "
-            f"{self.realised_fraction:.1%} (target {self.target} {self.ratio:g})"
+            f"{self.flops_after:,} ({self.flops_compression:.2f}×), "
+            f"{'directions' if self.structure == 'eigenbasis' else 'channels'} removed "
+            f"{self.realised_fraction:.1%} (target {self.target} {self.ratio:g}"
+            f"{'' if self.target_reached else ', not reached: ' + str(self.limited_by)})"
         )
+        if self.skipped:
+            lines.append("left whole:")
+            lines += [f"  {k}: {v}" for k, v in self.skipped.items()]
         return "\n".join(lines)
 
 
