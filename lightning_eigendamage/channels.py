@@ -733,7 +733,9 @@ def remove_channels(
             flops_tolerance=flops_tolerance,
             rank_by=rank_by,
         )
-        plan = [{"root": names.get(g.root, "?"), "channels": g.n, "removed": s} for g, s in zip(groups, chosen)]
+        plan = [
+            {"root": names.get(g.root, "?"), "channels": g.n, "removed": s} for g, s in zip(groups, chosen)
+        ]
         cut_channels(model, plan, dg, updates=updates, in_updates=in_updates)
         _refreeze(frozen)
         _check_pruned(model, example_inputs, shapes_before, any(modes.values()))
@@ -904,10 +906,14 @@ def cut_channels(
                 if not bool((index.to(torch.float64) == codes).all()) or (
                     index.numel() and (int(index.min()) < 0 or int(index.max()) >= data.numel())
                 ):
-                    raise RuntimeError(f"Torch-Pruning changed the values of {names.get(old, key)}, not only its shape")
+                    raise RuntimeError(
+                        f"Torch-Pruning changed the values of {names.get(old, key)}, not only its shape"
+                    )
                 value = data.reshape(-1)[index].reshape(new.shape)
-                if data.dim() == 4 and not data.is_contiguous() and data.is_contiguous(
-                    memory_format=torch.channels_last
+                if (
+                    data.dim() == 4
+                    and not data.is_contiguous()
+                    and data.is_contiguous(memory_format=torch.channels_last)
                 ):
                     value = value.contiguous(memory_format=torch.channels_last)
                 new.data = value
