@@ -51,6 +51,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.optim import Optimizer
 
 from .baselines import (
     DEFAULT_DAMPING,
@@ -66,8 +67,12 @@ from .baselines import (
 from .calibration import downstream_batchnorms, recalibrate_batchnorm
 from .checkpoint import state_dict_of
 from .costs import count_flops, count_params
-from .curvature import CaptureOptions, capture_factors, split_batch, to_device
-from .discovery import excluded_modules, find_layers
+from .curvature import CaptureOptions, CaptureResult, capture_factors, split_batch, to_device
+from .discovery import Candidate, excluded_modules, find_layers
+from .distributed import all_reduce_capture, broadcast_object, is_distributed
+from .engine import PruningEngine, get_engine, register_engine
+from .optim import TransplantReport, carry_sliced_state
+from .options import PruneOptions
 from .report import TARGET_TOLERANCE, LayerReport, PruneReport, TargetNotReachedWarning
 from .values import as_int, as_real
 
@@ -1001,50 +1006,55 @@ def _output_layers(
     return found
 
 
-def _check_options(ratio: Any, target: str, layer_cap: Any, min_channels: Any, rank_by: str, damping: Any):
-    r = as_real(ratio)
-    if r is None or not 0.0 <= r < 1.0:
-        raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-    cap = as_real(layer_cap)
-    if cap is None or not 0.0 < cap <= 1.0:
-        raise ValueError(f"layer_cap must be in (0, 1], got {layer_cap!r}")
-    k = as_int(min_channels)
-    if k is None or k < 1:
-        raise ValueError(f"min_channels must be an integer ≥ 1, got {min_channels!r}")
-    if not isinstance(rank_by, str) or rank_by not in RANK_BY:
-        raise ValueError(f"rank_by must be one of {tuple(RANK_BY)}, got {rank_by!r}")
-    d = as_real(damping)
-    if d is None or not 0 < d < math.inf:
-        raise ValueError(f"damping must be a finite number > 0, got {damping!r}")
-    return r, cap, k, d
+def scorable_layers(
+    model: nn.Module, exclude: Any = None, max_factor_dim: int | None = 16384
+) -> tuple[list[Candidate], dict[str, nn.Module], dict[str, str]]:
+    """The layers whose input channels can be scored: every candidate of
+    :func:`~lightning_eigendamage.discovery.find_layers` (the capture hooks them all), the
+    Conv2d/Linear among them that are scored (name → module), and why each other one is not
+    (excluded, shared, another layer type, a patch-form factor wider than ``max_factor_dim``:
+    ``A`` takes ``8·d²`` bytes while it accumulates and as many again for its inverse)."""
+    cands = find_layers(model, exclude)
+    for c in cands:
+        if c.skipped is None and not isinstance(c.unit, (nn.Conv2d, nn.Linear)):
+            c.skipped = f"{type(c.unit).__name__}: only Conv2d and Linear layers lose channels"
+        if c.skipped is None and max_factor_dim is not None:
+            d = max(c.unit.weight[0].numel(), c.unit.weight.shape[0])
+            if d > max_factor_dim:
+                c.skipped = f"its {d}×{d} K-FAC factor is wider than max_factor_dim={max_factor_dim}"
+    layers = {c.name: c.unit for c in cands if c.skipped is None}
+    return cands, layers, {c.name: c.skipped for c in cands if c.skipped is not None}
 
 
-def _positive_or_none(name: str, value: Any) -> int | None:
-    """``value`` as a Python int ≥ 1, or None; a ValueError naming ``name`` otherwise."""
-    if value is None:
-        return None
-    n = as_int(value)
-    if n is None or n < 1:
-        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-    return n
-
-
-def _check_more(batches: Any, max_batches: Any, seed: Any, recalibrate_bn: Any) -> int | None:
-    """The other arguments' checks (before anything runs); returns ``max_batches`` as an int."""
-    if isinstance(batches, (torch.Tensor, dict)):
-        raise TypeError(
-            f"batches must be an iterable of batches, got a single {type(batches).__name__}: "
-            "iterating it would give single examples (or keys); wrap one batch in a list"
-        )
-    max_batches = _positive_or_none("max_batches", max_batches)
-    s = as_int(seed)
-    if s is None or not 0 <= s < 2**63:
-        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
-    if not isinstance(recalibrate_bn, bool):
-        raise TypeError(f"recalibrate_bn must be True or False, got {recalibrate_bn!r}")
-    return max_batches
+def scores_from_factors(
+    layers: dict[str, nn.Module], captured: CaptureResult, damping: float, skipped: dict[str, str]
+) -> tuple[Scores, dict[nn.Module, InputObsUpdate]]:
+    """Per scored layer of ``layers``, from its patch-form factors in ``captured``: the damage of
+    removing each input channel (:func:`~lightning_eigendamage.baselines.input_obs_scores`,
+    ``(C_in,)`` for a Conv2d, ``(in_features,)`` for a Linear) and its compensation
+    (:class:`~lightning_eigendamage.baselines.InputObsUpdate`), ``A`` damped by ``damping``. A
+    layer whose factors are unusable (never ran, no gradient, non-finite) goes to ``skipped``."""
+    scores: Scores = {}
+    updates: dict[nn.Module, InputObsUpdate] = {}
+    for name, module in layers.items():
+        lf = captured.layers.get(name)
+        why = "no factors were captured" if lf is None else lf.unusable()
+        if why is not None:
+            skipped[name] = why
+            continue
+        w = weight_matrix(module)
+        a = lf.a().to(w.device)
+        g = lf.g().to(w.device)
+        if not (
+            bool(torch.isfinite(a).all()) and bool(torch.isfinite(g).all()) and bool(torch.isfinite(w).all())
+        ):
+            skipped[name] = "non-finite factors or weights"
+            continue
+        a_inv = _spd_inverse(a, damping)
+        block = w.shape[1] // (module.in_channels if isinstance(module, nn.Conv2d) else module.in_features)
+        scores[module] = input_obs_scores(w, a_inv, g, block, lf.locations)
+        updates[module] = InputObsUpdate(w, a_inv, block, g.to(torch.float64), float(lf.locations))
+    return scores, updates
 
 
 def input_side_scores(
@@ -1054,58 +1064,28 @@ def input_side_scores(
     exclude: Any = None,
     damping: float = DEFAULT_DAMPING,
     seed: int = 0,
-    max_factor_dim: int | None = 8192,
+    max_factor_dim: int | None = 16384,
     **capture: Unpack[CaptureOptions],
 ) -> tuple[Scores, dict[nn.Module, InputObsUpdate], dict[str, str]]:
     """Input-side Kron-OBS of every Conv2d/Linear of ``model`` that can be scored.
 
     One patch-form K-FAC capture over ``batches`` (eval mode; the true Fisher's labels drawn
     with a generator seeded by ``seed``; ``capture``: the options of
-    :func:`~lightning_eigendamage.curvature.capture_factors`), then per layer the damage of
-    removing each input channel (:func:`~lightning_eigendamage.baselines.input_obs_scores`,
-    ``(C_in,)`` for a Conv2d, ``(in_features,)`` for a Linear) and its compensation
-    (:class:`~lightning_eigendamage.baselines.InputObsUpdate`), ``A`` damped by ``damping``.
-    A layer whose patch-form ``A`` (``C_in·k²`` wide) or ``G`` would be wider than
-    ``max_factor_dim`` is not scored (before anything is captured): ``A`` takes ``8·d²`` bytes
-    while it accumulates and as many again for its inverse.
+    :func:`~lightning_eigendamage.curvature.capture_factors`), then
+    :func:`scores_from_factors`; the layers are those of :func:`scorable_layers`.
 
     Returns:
         ``(scores, updates, skipped)``: module → scores; module → update; layer name → the reason
         it was not scored (excluded, shared, grouped, another layer type, run twice, no gradient).
     """
-    cands = find_layers(model, exclude)
-    skipped = {c.name: c.skipped for c in cands if c.skipped is not None}
-    layers = {
-        c.name: c.unit for c in cands if c.skipped is None and isinstance(c.unit, (nn.Conv2d, nn.Linear))
-    }
-    for c in cands:
-        if c.skipped is None and c.name not in layers:
-            skipped[c.name] = f"{type(c.unit).__name__}: only Conv2d and Linear layers lose channels"
-    for name, module in list(layers.items()):
-        d = max(module.weight[0].numel(), module.weight.shape[0])
-        if max_factor_dim is not None and d > max_factor_dim:
-            skipped[name] = f"its {d}×{d} K-FAC factor is wider than max_factor_dim={max_factor_dim}"
-            del layers[name]
-    scores: Scores = {}
-    updates: dict[nn.Module, InputObsUpdate] = {}
+    _, layers, skipped = scorable_layers(model, exclude, max_factor_dim)
     if not layers:
-        return scores, updates, skipped
-    params = list(model.parameters())
-    gen = torch.Generator(device=params[0].device).manual_seed(seed)
+        return {}, {}, skipped
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     res = capture_factors(
         model, layers, batches, factors_for=list(layers), a_form="patch", generator=gen, **capture
     )
-    for name, module in layers.items():
-        lf = res.layers[name]
-        if (why := lf.unusable()) is not None:
-            skipped[name] = why
-            continue
-        w = weight_matrix(module)
-        a_inv = _spd_inverse(lf.a().to(w.device), damping)
-        block = w.shape[1] // (module.in_channels if isinstance(module, nn.Conv2d) else module.in_features)
-        g = lf.g().to(w.device)
-        scores[module] = input_obs_scores(w, a_inv, g, block, lf.locations)
-        updates[module] = InputObsUpdate(w, a_inv, block, g.to(torch.float64), float(lf.locations))
+    scores, updates = scores_from_factors(layers, res, damping, skipped)
     return scores, updates, skipped
 
 
@@ -1168,7 +1148,7 @@ def prune_channels(
     damping: float = DEFAULT_DAMPING,
     recalibrate_bn: bool = True,
     seed: int = 0,
-    max_factor_dim: int | None = 8192,
+    max_factor_dim: int | None = 16384,
     greedy_steps: int | None = GREEDY_STEPS,
 ) -> ChannelPruneReport:
     """Remove whole channels of ``model`` in place, chosen and compensated with K-FAC curvature.
@@ -1233,44 +1213,105 @@ def prune_channels(
     and per layer the patch-form ``A`` (``(C_in·k²)²`` floats) and its inverse; the greedy
     scores copy one group's readers' ``W`` and ``A⁻¹`` at a time.
     """
-    ratio, cap, min_channels, damping = _check_options(
-        ratio, target, layer_cap, min_channels, rank_by, damping
-    )
-    max_batches = _check_more(batches, max_batches, seed, recalibrate_bn)
-    seed = as_int(seed)
-    greedy_steps = _positive_or_none("greedy_steps", greedy_steps)
-    max_factor_dim = _positive_or_none("max_factor_dim", max_factor_dim)
-    _torch_pruning()
-    batches = list(batches)
-    if not batches:
-        raise ValueError("batches is empty: channel pruning needs at least one calibration batch")
-    params = list(model.parameters())
-    if not params:
-        raise ValueError("the model has no parameters: nothing to prune")
-    device = params[0].device
-    example = to_device(split_batch(batches[0], input_fn)[0], device)
-
-    ignored = _output_layers(model, example, _forward)
-    graph = dependency_graph(model, example, ignored)  # a model it cannot group fails before the capture
-    in_scores, updates, skipped = input_side_scores(
-        model,
-        batches,
+    options = PruneOptions(
+        structure="channels",
+        target=target,
+        rank_by=rank_by,
+        layer_cap=layer_cap,
+        min_rank=_min_channels(min_channels),
         exclude=exclude,
-        damping=damping,
-        seed=seed,
-        max_factor_dim=max_factor_dim,
         fisher=fisher,
-        loss_fn=loss_fn,
-        input_fn=input_fn,
         likelihood=likelihood,
         class_dim=class_dim,
-        max_batches=max_batches,
+        loss_fn=loss_fn,
+        input_fn=input_fn,
         forward_fn=forward_fn,
+        max_batches=max_batches,
+        damping=damping,
+        recalibrate_bn=recalibrate_bn,
+        seed=seed,
+        max_factor_dim=max_factor_dim,
+        greedy_steps=greedy_steps,
     )
-    if not in_scores:
-        raise RuntimeError(
-            "no Conv2d/Linear layer can be scored: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
+    report, _ = get_engine("channels").prune(model, batches, ratio=ratio, options=options)
+    return report
+
+
+def _min_channels(value: Any) -> int:
+    k = as_int(value)
+    if k is None or k < 1:
+        raise ValueError(f"min_channels must be an integer ≥ 1, got {value!r}")
+    return k
+
+
+# ---------------------------------------------------------------------------------------------
+# The channel engine
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChannelAnalysis:
+    """What :meth:`ChannelEngine.analyse` found: the graph and the readers' scores and
+    compensations, for :meth:`~ChannelEngine.decide` and :meth:`~ChannelEngine.apply` on the same
+    model as it was analysed."""
+
+    model: nn.Module
+    graph: Any
+    ignored: list[nn.Module]  # layers whose output widths are the model's
+    example: Any  # one input batch on the model's device (traced, FLOPs on its first row)
+    in_scores: Scores
+    updates: dict[nn.Module, InputObsUpdate]
+    skipped: dict[str, str]
+    allowed: Callable[[Any], str | None]
+    batches: int
+    skipped_batches: int
+    calibration: list[Any]  # model inputs for the BatchNorm re-estimation
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class ChannelPlan:
+    """Which channels go: plain data, the same on every process.
+
+    ``groups``: one entry per prunable dependency group, ``{"root": module name, "channels": its
+    width, "removed": [root channel indices]}``; ``left``: groups left whole, with the reason;
+    ``flops_planned``: the analytic FLOPs per example after the cut.
+    """
+
+    groups: tuple[dict[str, Any], ...]
+    target: str
+    ratio: float
+    flops_planned: int
+    left: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "groups": [dict(g, removed=list(g["removed"])) for g in self.groups],
+            "target": self.target,
+            "ratio": self.ratio,
+            "flops_planned": self.flops_planned,
+            "left": dict(self.left),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ChannelPlan:
+        groups = tuple(
+            {
+                "root": str(g["root"]),
+                "channels": int(g["channels"]),
+                "removed": [int(c) for c in g["removed"]],
+            }
+            for g in d["groups"]
         )
+        return cls(
+            groups, str(d["target"]), float(d["ratio"]), int(d["flops_planned"]), dict(d.get("left", {}))
+        )
+
+
+def _allowed_in(
+    model: nn.Module, exclude: Any, scored: Scores, skipped: dict[str, str]
+) -> Callable[[Any], str | None]:
+    """``member → reason`` a dependency group must stay whole, or None (see :func:`prune_channels`)."""
     by_module = {m: n for n, m in model.named_modules()}
     excluded = excluded_modules(model, exclude)
 
@@ -1282,7 +1323,7 @@ def prune_channels(
         if module in excluded:
             return f"{name} is excluded by user"
         if isinstance(module, (nn.Conv2d, nn.Linear)):
-            if module in in_scores:
+            if module in scored:
                 return None
             return f"{name} is not scored ({skipped.get(name, 'not a prunable layer')})"
         if isinstance(module, nn.GroupNorm):
@@ -1295,57 +1336,287 @@ def prune_channels(
             return f"{name} ({kind}) has parameters or buffers whose effect is not scored"
         return None
 
-    widths = {m: m.weight[0].numel() for m in updates}
-    snapshot = _Snapshot(model)
-    try:
-        if greedy_steps is None:
-            how: dict[str, Any] = dict(
-                in_scores={m: s.clamp_min(0).sqrt() for m, s in in_scores.items()}
-                if rank_by == "relative"
-                else in_scores
+    return allowed
+
+
+class ChannelEngine(PruningEngine):
+    """The channel engine (``structure="channels"``): input-side Kron-OBS from a patch-form
+    capture, greedy sequential scores per dependency group, one global ranking under per-group
+    caps, the readers compensated, the channels cut (see the module docstring). Its change is a
+    :class:`ChannelChange` (each narrowed parameter's flat source positions)."""
+
+    name = "channels"
+    a_form = "patch"
+    defaults = {"layer_cap": 0.95, "rank_by": "relative"}
+    choices = {
+        "rank_by": tuple(RANK_BY),
+        "target": ("directions", "channels", "flops"),
+        "method": ("eigendamage",),
+    }
+    unused = (
+        "form",
+        "train_rotations",
+        "form_by",
+        "latency_batch",
+        "latency_format",
+        "latency_mode",
+        "round_to",
+        "shots",
+        "reconstruct",
+        "reconstruct_damping",
+    )
+
+    def candidates(self, model: nn.Module, options: PruneOptions) -> list[Candidate]:
+        return scorable_layers(model, options.exclude, options.max_factor_dim)[0]
+
+    def check(self, model: nn.Module, example: Any, options: PruneOptions) -> None:
+        _torch_pruning()
+        dependency_graph(model, example, _output_layers(model, example, _forward))
+
+    def analyse(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any],
+        options: PruneOptions,
+        *,
+        captured: CaptureResult | None = None,
+        distributed: bool = False,
+    ) -> ChannelAnalysis:
+        _torch_pruning()
+        if isinstance(batches, (torch.Tensor, dict)):
+            raise TypeError(
+                f"batches must be an iterable of batches, got a single {type(batches).__name__}: "
+                "iterating it would give single examples (or keys); wrap one batch in a list"
             )
-        else:
-            how = dict(
-                importance=sequential_group_scores(graph, updates, greedy_steps, rank_by == "relative")
+        batches = list(batches)
+        if not batches:
+            raise ValueError("batches is empty: channel pruning needs at least one calibration batch")
+        params = list(model.parameters())
+        if not params:
+            raise ValueError("the model has no parameters: nothing to prune")
+        device = params[0].device
+        example = to_device(split_batch(batches[0], options.input_fn)[0], device)
+        ignored = _output_layers(model, example, _forward)
+        graph = dependency_graph(model, example, ignored)  # an ungroupable model fails before the capture
+        _, layers, skipped = scorable_layers(model, options.exclude, options.max_factor_dim)
+        if captured is None and layers:
+            captured = capture_factors(
+                model,
+                layers,
+                batches,
+                factors_for=list(layers),
+                a_form="patch",
+                generator=torch.Generator(device=device).manual_seed(options.seed),
+                fisher=options.fisher,
+                loss_fn=options.loss_fn,
+                input_fn=options.input_fn,
+                likelihood=options.likelihood,
+                class_dim=options.class_dim,
+                max_batches=options.max_batches,
+                forward_fn=options.forward_fn,
             )
-        report = remove_channels(
+        if captured is None:
+            raise RuntimeError("no Conv2d/Linear layer can be scored: " + _reasons(skipped))
+        if distributed:
+            widths = {n: (m.weight[0].numel(), m.weight.shape[0]) for n, m in layers.items()}
+            all_reduce_capture(captured, widths, device)
+        if captured.batches == 0:
+            raise RuntimeError(
+                f"all {captured.skipped_batches} batches gave non-finite curvature (NaN/Inf in "
+                "activations or gradients); the model was left unchanged"
+            )
+        in_scores, updates = scores_from_factors(layers, captured, options.damping, skipped)
+        if not in_scores:
+            raise RuntimeError("no Conv2d/Linear layer can be scored: " + _reasons(skipped))
+        calibration = [to_device(split_batch(b, options.input_fn)[0], device) for b in batches]
+        return ChannelAnalysis(
             model,
+            graph,
+            ignored,
             example,
+            in_scores,
+            updates,
+            skipped,
+            _allowed_in(model, options.exclude, in_scores, skipped),
+            captured.batches,
+            captured.skipped_batches,
+            calibration,
+            device,
+        )
+
+    def decide(
+        self, analysis: ChannelAnalysis, ratio: float, options: PruneOptions, *, distributed: bool = False
+    ) -> ChannelPlan:
+        r = as_real(ratio)
+        if r is None or not 0.0 <= r < 1.0:
+            raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
+        target = "flops" if options.target == "flops" else "channels"
+        payload = None
+        if not (distributed and is_distributed()) or torch.distributed.get_rank() == 0:
+            payload = self._plan(analysis, r, target, options).to_dict()
+        if distributed:
+            payload = broadcast_object(payload)
+        return ChannelPlan.from_dict(payload)
+
+    @staticmethod
+    def _plan(an: ChannelAnalysis, ratio: float, target: str, options: PruneOptions) -> ChannelPlan:
+        model = an.model
+        names = {m: n for n, m in model.named_modules()}
+        costs, _ = _layer_costs(model, an.example)
+        flops_before = count_flops(model, an.example, _forward)
+        relative = options.rank_by == "relative"
+        if options.greedy_steps is None:
+            how: dict[str, Any] = {
+                "in_scores": {m: s.clamp_min(0).sqrt() for m, s in an.in_scores.items()}
+                if relative
+                else an.in_scores,
+                "importance": None,
+            }
+        else:
+            how = {
+                "in_scores": {},
+                "importance": sequential_group_scores(an.graph, an.updates, options.greedy_steps, relative),
+            }
+        left: dict[str, str] = {}
+        groups = _collect_groups(
+            an.graph, an.ignored, costs, None, how["importance"], names, how["in_scores"], an.allowed, left
+        )
+        chosen, planned = _select(
+            groups,
+            costs,
             ratio=ratio,
             target=target,
-            **how,
-            in_updates=updates,
-            rank_by=RANK_BY[rank_by],
-            ignored_layers=ignored,
-            exempt_last=False,
-            max_group_ratio=cap,
-            min_channels=min_channels,
-            method="kron-obs-in",
-            atomic=False,  # the snapshot above covers the removal and the re-estimation
-            graph=graph,
-            allowed=allowed,
+            max_group_ratio=options.layer_cap,
+            min_channels=options.min_rank,
+            other_flops=flops_before - sum(c.flops() for c in costs.values()),
+            flops_before=flops_before,
+            rank_by=RANK_BY[options.rank_by],
         )
-        if recalibrate_bn:
-            touched = [m for m, w in widths.items() if m.weight[0].numel() < w]
-            bns = downstream_batchnorms(model, touched, example, _forward)
-            recalibrate_batchnorm(model, bns, [split_batch(b, input_fn)[0] for b in batches], _on(device))
-    except BaseException:
-        snapshot.restore()
-        raise
-    report.skipped = {**skipped, **report.skipped}
-    reached = (
-        report.flops_fraction_removed
-        if target == "flops"
-        else report.channels_removed / max(report.channels_total, 1)
-    )
-    if reached < ratio - TARGET_TOLERANCE:
-        warnings.warn(
-            f"prune_channels removed {reached:.3f} of the {target} for a ratio of {ratio:.3f}: the "
-            "groups it may narrow are exhausted (caps, groups left whole: see report.skipped)",
-            TargetNotReachedWarning,
-            stacklevel=2,
+        return ChannelPlan(
+            tuple(
+                {"root": names.get(g.root, "?"), "channels": g.n, "removed": s}
+                for g, s in zip(groups, chosen)
+            ),
+            target,
+            ratio,
+            planned,
+            left,
         )
-    return report
+
+    def apply(
+        self,
+        model: nn.Module,
+        analysis: ChannelAnalysis,
+        plan: ChannelPlan,
+        options: PruneOptions,
+        *,
+        distributed: bool = False,
+    ) -> tuple[PruneReport, ChannelChange]:
+        if model is not analysis.model:
+            raise ValueError("apply() takes the model the analysis was made on")
+        an = analysis
+        names = {m: n for n, m in model.named_modules()}
+        modes = {m: m.training for m in model.modules()}
+        costs, _ = _layer_costs(model, an.example)
+        before = {names[m]: _widths(m) for m in costs if m in names}
+        params_before, flops_before = count_params(model), count_flops(model, an.example, _forward)
+        shapes_before = _output_shapes(_run(model, an.example))
+        widths = {m: m.weight[0].numel() for m in an.updates}
+        snapshot, frozen = _Snapshot(model), _frozen(model)
+        recalibrated: list[str] = []
+        try:
+            model.eval()
+            change = cut_channels(model, plan.groups, an.graph, in_updates=an.updates)
+            _refreeze(frozen)
+            for m, mode in modes.items():
+                m.training = mode
+            _check_pruned(model, an.example, shapes_before, any(modes.values()))
+            if options.recalibrate_bn:
+                touched = [m for m, w in widths.items() if m.weight[0].numel() < w]
+                bns = downstream_batchnorms(model, touched, an.example, _forward)
+                if recalibrate_batchnorm(
+                    model, bns, an.calibration, _on(an.device), distributed=distributed and is_distributed()
+                ):
+                    recalibrated = [names.get(b, "?") for b in bns]
+            if not all(
+                bool(torch.isfinite(t).all()) for t in model.state_dict().values() if torch.is_tensor(t)
+            ):
+                raise RuntimeError(
+                    "the pruned model has non-finite parameters or buffers; the model was left as it was"
+                )
+            total = sum(int(g["channels"]) for g in plan.groups)
+            n_removed = sum(len(g["removed"]) for g in plan.groups)
+            flops_after = count_flops(model, an.example, _forward)
+            reached = (
+                1.0 - flops_after / max(flops_before, 1)
+                if plan.target == "flops"
+                else n_removed / max(total, 1)
+            )
+            ok = reached >= plan.ratio - TARGET_TOLERANCE
+            skipped = {**an.skipped, **plan.left}
+            report = PruneReport(
+                params_before=params_before,
+                params_after=count_params(model),
+                flops_before=flops_before,
+                flops_after=flops_after,
+                ratio=plan.ratio,
+                target=plan.target,
+                realised_fraction=n_removed / max(total, 1),
+                batches=an.batches,
+                skipped_batches=an.skipped_batches,
+                method="kron-obs-in",
+                fisher=options.fisher,
+                layers=layer_reports(before, model, skipped),
+                target_reached=ok,
+                reached=reached,
+                limited_by=None if ok else _LIMITED,
+                recalibrated_bn=recalibrated,
+                structure="channels",
+                channels_total=total,
+                channels_removed=n_removed,
+                flops_planned=plan.flops_planned,
+                groups=[dict(g, removed=list(g["removed"])) for g in plan.groups],
+                skipped=skipped,
+            )
+        except BaseException:
+            snapshot.restore()
+            raise
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        if not ok:
+            warnings.warn(
+                f"removed {reached:.3f} of the {plan.target} for a ratio of {plan.ratio:.3f}: {_LIMITED}",
+                TargetNotReachedWarning,
+                stacklevel=3,
+            )
+        return report, change
+
+    def replaced_parameters(
+        self, change: ChannelChange
+    ) -> list[tuple[str, list[nn.Parameter], list[nn.Parameter]]]:
+        return [(name, [s.old], [s.new]) for name, s in change.params.items()]
+
+    def carry_optimizer_state(
+        self,
+        model: nn.Module,
+        old_optimizers: Sequence[Optimizer],
+        new_optimizers: Sequence[Optimizer],
+        change: ChannelChange,
+    ) -> TransplantReport:
+        return carry_sliced_state(
+            model,
+            old_optimizers,
+            new_optimizers,
+            {name: (s.old, s.new, s.index) for name, s in change.params.items()},
+        )
+
+
+def _reasons(skipped: dict[str, str]) -> str:
+    return "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "the model has no Conv2d/Linear layer"
+
+
+register_engine(ChannelEngine())
 
 
 def restore_channels(

@@ -257,3 +257,62 @@ def carry_optimizer_state(
                 opt.state[p] = state
                 report.carried.append(name)
     return report
+
+
+def carry_sliced_state(
+    model: nn.Module,
+    old_optimizers: Sequence[Optimizer],
+    new_optimizers: Sequence[Optimizer],
+    slices: Mapping[str, tuple[nn.Parameter, nn.Parameter, torch.Tensor]],
+) -> TransplantReport:
+    """Fill ``new_optimizers``' state from ``old_optimizers`` across a channel cut.
+
+    Args:
+        slices: parameter name → ``(old, new, index)``: ``new`` holds the elements of ``old`` at
+            the flat positions ``index`` (``(new.numel(),)``, int64), as
+            :func:`~lightning_eigendamage.channels.cut_channels` reports them.
+
+    Every state tensor shaped like the old parameter (SGD's momentum, Adam's moments, any other
+    per-element state) is sliced exactly like the parameter: ``s' = s.flatten()[index]``, which is
+    exact for every elementwise optimizer (each element's state depends on that element's
+    gradients only). Scalars (``step``) are copied; state of another shape is a reset (listed in
+    the report). Parameters not in ``slices`` keep their state (the same state dict).
+    """
+    old_state: dict[int, dict] = {}
+    for opt in old_optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p in opt.state and opt.state[p]:
+                    old_state[id(p)] = opt.state[p]
+    origin = {id(new): (name, old, index) for name, (old, new, index) in slices.items()}
+    report = TransplantReport()
+    for opt in new_optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if id(p) not in origin:
+                    if id(p) in old_state:
+                        opt.state[p] = old_state[id(p)]
+                        report.kept += 1
+                    continue
+                name, old, index = origin[id(p)]
+                if id(old) not in old_state:
+                    continue
+                new_state: dict[str, Any] = {}
+                why = None
+                for key, value in old_state[id(old)].items():
+                    if isinstance(value, torch.Tensor) and value.dim() > 0:
+                        if value.shape != old.shape:
+                            why = f"optimizer state {key!r} is not shaped like its parameter"
+                            break
+                        idx = index.to(value.device)
+                        new_state[key] = value.reshape(-1)[idx].reshape(p.shape).clone()
+                    elif isinstance(value, torch.Tensor):
+                        new_state[key] = value.clone()
+                    else:
+                        new_state[key] = value
+                if why is not None:
+                    report.reset[name] = why
+                    continue
+                opt.state[p] = new_state
+                report.carried.append(name)
+    return report

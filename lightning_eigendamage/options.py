@@ -10,22 +10,24 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from torch import nn
 
 from .criteria import criterion_names
 from .curvature import FISHER_TYPES, LIKELIHOODS
+from .engine import engine_names, get_engine
 from .layers import FORMS
 from .values import as_int, as_real
 
-TARGETS = ("directions", "params", "flops")
+TARGETS = ("directions", "params", "flops", "channels")
 FORM_CHOICES = ("auto",) + FORMS
 FORM_BY = ("cost", "latency")
 LATENCY_FORMATS = ("model", "channels_last", "contiguous")
 LATENCY_MODES = ("inference", "training")
-RANK_BY = ("damage", "damage_per_cost")
+RANK_BY = ("damage", "damage_per_cost", "relative", "relative_damage")
+DEFAULT_STRUCTURE = "eigenbasis"  # of prune(); the callback's is its own
 
 
 def normalise_exclude(exclude: Any) -> tuple[Any, ...]:
@@ -74,6 +76,12 @@ class PruneOptions:
     is stored normalised (a tuple); ``method`` names a criterion of the registry in
     :mod:`~lightning_eigendamage.criteria`.
 
+    ``structure`` names the engine (:mod:`~lightning_eigendamage.engine`): ``"eigenbasis"``,
+    ``"channels"`` or ``"auto"`` (decided with a model in hand: :meth:`resolved`). Options left
+    at None (``layer_cap``, ``rank_by``) take the engine's default; values an engine does not
+    accept (a form for channels, a ``rank_by`` of the other engine) are a ValueError here, or in
+    :meth:`resolved` for ``"auto"``.
+
     Raises:
         ValueError / TypeError: at construction, for any bad value, saying what to pass.
     """
@@ -86,7 +94,7 @@ class PruneOptions:
     forward_fn: Callable[[Any, Any], Any] | None = None
     exclude: Any = None
     exempt_last: bool = True
-    layer_cap: float = 0.75
+    layer_cap: float | None = None
     min_rank: int = 1
     form: str = "auto"
     train_rotations: bool = True
@@ -100,11 +108,14 @@ class PruneOptions:
     latency_format: str = "model"
     latency_mode: str = "inference"
     round_to: int = 1
-    rank_by: str = "damage_per_cost"
+    rank_by: str | None = None
     shots: int = 1
     recalibrate_bn: bool = True
     reconstruct: bool = False
     reconstruct_damping: float = 1e-4
+    structure: str = DEFAULT_STRUCTURE
+    damping: float = 1e-3
+    greedy_steps: int | None = 32
 
     def __post_init__(self) -> None:
         _one_of("method", self.method, criterion_names())
@@ -115,17 +126,26 @@ class PruneOptions:
         _one_of("form_by", self.form_by, FORM_BY)
         _one_of("latency_format", self.latency_format, LATENCY_FORMATS)
         _one_of("latency_mode", self.latency_mode, LATENCY_MODES)
-        _one_of("rank_by", self.rank_by, RANK_BY)
+        _one_of("structure", self.structure, engine_names() + ("auto",))
+        if self.rank_by is not None:
+            _one_of("rank_by", self.rank_by, RANK_BY)
         set_ = object.__setattr__  # frozen: numbers are stored as Python ints and floats
+        damping = as_real(self.damping)
+        if damping is None or not 0 < damping < float("inf"):
+            raise ValueError(f"damping must be a finite number > 0, got {self.damping!r}")
+        set_(self, "damping", damping)
+        if self.greedy_steps is not None:
+            set_(self, "greedy_steps", _positive_int("greedy_steps", self.greedy_steps))
         set_(self, "shots", _positive_int("shots", self.shots))
         d = as_real(self.reconstruct_damping)
         if d is None or not d >= 0:
             raise ValueError(f"reconstruct_damping must be a number ≥ 0, got {self.reconstruct_damping!r}")
         set_(self, "reconstruct_damping", d)
-        cap = as_real(self.layer_cap)
-        if cap is None or not 0.0 < cap <= 1.0:
-            raise ValueError(f"layer_cap must be in (0, 1], got {self.layer_cap!r}")
-        set_(self, "layer_cap", cap)
+        if self.layer_cap is not None:
+            cap = as_real(self.layer_cap)
+            if cap is None or not 0.0 < cap <= 1.0:
+                raise ValueError(f"layer_cap must be in (0, 1], got {self.layer_cap!r}")
+            set_(self, "layer_cap", cap)
         min_rank = as_int(self.min_rank)
         if min_rank is None or min_rank < 1:
             raise ValueError(f"min_rank must be an integer ≥ 1, got {self.min_rank!r}")
@@ -152,6 +172,35 @@ class PruneOptions:
             if not isinstance(value, bool):  # "no" or 0.5 would silently count as True
                 raise TypeError(f"{name} must be True or False, got {value!r}")
             object.__setattr__(self, name, bool(value))
+        if self.structure != "auto":
+            self._resolve_in_place()
+
+    def _resolve_in_place(self) -> None:
+        """Fill the engine's defaults and check the options it does not accept."""
+        engine = get_engine(self.structure)
+        for name, value in engine.defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        for name, allowed in engine.choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(
+                    f"{name}={value!r} does not apply to structure={self.structure!r}: "
+                    f"it takes one of {allowed}"
+                )
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in engine.unused:
+            if getattr(self, name) != defaults[name]:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} applies to other structures than "
+                    f"{self.structure!r} and would be ignored: leave it at its default ({defaults[name]!r})"
+                )
+
+    def resolved(self, structure: str) -> PruneOptions:
+        """These options for ``structure`` (an engine name; the one they name if not ``"auto"``)."""
+        if self.structure not in ("auto", structure):
+            raise ValueError(f"options for structure={self.structure!r} cannot be used for {structure!r}")
+        return replace(self, structure=structure)
 
     @classmethod
     def from_arguments(cls, arguments: Mapping[str, Any], **overrides: Any) -> PruneOptions:

@@ -20,13 +20,14 @@ import dataclasses
 import inspect
 import itertools
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim import Optimizer
 
 from .calibration import downstream_batchnorms, recalibrate_batchnorm, reconstruct
 from .costs import Cost, Geometry, count_flops, count_params, form_cost, time_modules
@@ -35,7 +36,9 @@ from .curvature import CaptureResult, capture_factors, split_batch, to_device
 from .discovery import Candidate, dynamic_skips, find_layers, hookable, no_prunable_message
 from .distributed import all_reduce_capture, broadcast_object, is_distributed, split_eigh
 from .eigenbasis import eigh_factors, to_kfe
+from .engine import PruningEngine, register_engine
 from .layers import FORMS, KFELayer
+from .optim import TransplantReport, carry_optimizer_state, stage_parameters
 from .options import PruneOptions
 from .plan import LayerChange, LayerPlan, Plan
 from .report import TARGET_TOLERANCE, LayerReport, PruneReport, TargetNotReachedWarning, ZeroCurvatureWarning
@@ -1213,3 +1216,67 @@ def _overall(
                 stacklevel=3,
             )
     return out
+
+
+class EigenbasisEngine(PruningEngine):
+    """The eigenbasis engine (``structure="eigenbasis"``): :func:`analyse`, :func:`decide` and
+    :func:`apply` of this module behind the engine protocol; its change is one
+    :class:`~lightning_eigendamage.plan.LayerChange` per rebuilt layer."""
+
+    name = "eigenbasis"
+    a_form = "channel"
+    defaults = {"layer_cap": 0.75, "rank_by": "damage_per_cost"}
+    choices = {"rank_by": ("damage", "damage_per_cost"), "target": ("directions", "params", "flops")}
+    unused = ("damping", "greedy_steps")
+
+    def candidates(self, model: nn.Module, options: PruneOptions) -> list[Candidate]:
+        return find_layers(model, options.exclude, max_factor_dim=options.max_factor_dim)
+
+    def analyse(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any],
+        options: PruneOptions,
+        *,
+        captured: CaptureResult | None = None,
+        distributed: bool = False,
+    ) -> Analysis:
+        return analyse(model, batches, options, captured=captured, distributed=distributed)
+
+    def decide(
+        self, analysis: Analysis, ratio: float, options: PruneOptions, *, distributed: bool = False
+    ) -> Plan:
+        return decide(analysis, ratio, options, distributed=distributed)
+
+    def apply(
+        self,
+        model: nn.Module,
+        analysis: Analysis,
+        plan: Plan,
+        options: PruneOptions,
+        *,
+        distributed: bool = False,
+    ) -> tuple[PruneReport, dict[str, LayerChange]]:
+        changes: dict[str, LayerChange] = {}
+        report = apply(model, analysis, plan, options, changes=changes, distributed=distributed)
+        return report, changes
+
+    def replaced_parameters(
+        self, change: dict[str, LayerChange]
+    ) -> list[tuple[str, list[nn.Parameter], list[nn.Parameter]]]:
+        return [
+            (name, list(stage_parameters(c.old).values()), list(stage_parameters(c.new).values()))
+            for name, c in change.items()
+        ]
+
+    def carry_optimizer_state(
+        self,
+        model: nn.Module,
+        old_optimizers: Sequence[Optimizer],
+        new_optimizers: Sequence[Optimizer],
+        change: dict[str, LayerChange],
+    ) -> TransplantReport:
+        return carry_optimizer_state(model, old_optimizers, new_optimizers, change)
+
+
+register_engine(EigenbasisEngine())

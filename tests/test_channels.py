@@ -219,7 +219,6 @@ def test_a_failure_leaves_the_model_as_it_was(monkeypatch):
         (dict(ratio=0.5, damping=float("inf")), "damping"),
         (dict(ratio=0.5, max_batches=0), "max_batches"),
         (dict(ratio=0.5, max_batches=1.5), "max_batches"),
-        (dict(ratio=0.5, seed="x"), "seed"),
         (dict(ratio=0.5, rank_by=[]), "rank_by"),
         (dict(ratio=0.5, greedy_steps=0), "greedy_steps"),
         (dict(ratio=0.5, greedy_steps=2.5), "greedy_steps"),
@@ -236,6 +235,8 @@ def test_type_errors_name_the_problem():
     net, batches = _net(), _batches()
     with pytest.raises(TypeError, match="recalibrate_bn"):
         prune_channels(net, batches, ratio=0.5, recalibrate_bn="no")
+    with pytest.raises(TypeError, match="seed"):
+        prune_channels(net, batches, ratio=0.5, seed="x")
     with pytest.raises(TypeError, match="single Tensor"):
         prune_channels(net, batches[0][0], ratio=0.5)
 
@@ -584,20 +585,25 @@ def test_an_unreachable_target_warns():
 def test_relative_ranks_by_the_square_root_of_each_readers_damage(monkeypatch):
     net, batches = _net(), _batches()
     seen: dict[str, dict] = {}
-    scores, engine = channels_mod.input_side_scores, channels_mod.remove_channels
+    scores, collect, select = channels_mod.scores_from_factors, channels_mod._collect_groups, channels_mod._select
 
     def spy_scores(*args, **kwargs):
         out = scores(*args, **kwargs)
         seen["damage"] = {m: s.clone() for m, s in out[0].items()}
         return out
 
-    def spy_engine(*args, **kwargs):
-        seen["ranked"] = kwargs["in_scores"]
-        seen["rank_by"] = kwargs["rank_by"]
-        return engine(*args, **kwargs)
+    def spy_collect(dg, ignored, costs, out_scores, importance, names, in_scores, *rest):
+        assert importance is None
+        seen["ranked"] = in_scores
+        return collect(dg, ignored, costs, out_scores, importance, names, in_scores, *rest)
 
-    monkeypatch.setattr(channels_mod, "input_side_scores", spy_scores)
-    monkeypatch.setattr(channels_mod, "remove_channels", spy_engine)
+    def spy_select(*args, **kwargs):
+        seen["rank_by"] = kwargs["rank_by"]
+        return select(*args, **kwargs)
+
+    monkeypatch.setattr(channels_mod, "scores_from_factors", spy_scores)
+    monkeypatch.setattr(channels_mod, "_collect_groups", spy_collect)
+    monkeypatch.setattr(channels_mod, "_select", spy_select)
     prune_channels(copy.deepcopy(net), batches, ratio=0.5, target="flops", greedy_steps=None)
     assert seen["rank_by"] == "relative" and set(seen["ranked"]) == set(seen["damage"])
     for m, s in seen["damage"].items():
@@ -614,7 +620,7 @@ def test_greedy_scores_rank_each_group_by_the_root_of_its_sequential_damage(monk
     """By default (``greedy_steps=32``) each group is scored once by the greedy sequential removal
     over its readers, and ranked by the square root of that (``"relative"``) or by it."""
     net, batches = _net(), _batches()
-    greedy, engine = channels_mod.greedy_input_obs_scores, channels_mod.remove_channels
+    greedy, collect, select = channels_mod.greedy_input_obs_scores, channels_mod._collect_groups, channels_mod._select
     made: list[torch.Tensor] = []
     ranked: list[torch.Tensor] = []
 
@@ -623,18 +629,22 @@ def test_greedy_scores_rank_each_group_by_the_root_of_its_sequential_damage(monk
         made.append(greedy(readers, n, max_steps))
         return made[-1]
 
-    def spy_engine(*args, **kwargs):
-        assert "in_scores" not in kwargs and kwargs["rank_by"] == "relative"
-        imp = kwargs["importance"]
+    def spy_collect(dg, ignored, costs, out_scores, imp, names, in_scores, *rest):
+        assert not in_scores and imp is not None
 
         def recorded(group):
             ranked.append(imp(group))
             return ranked[-1]
 
-        return engine(*args, **{**kwargs, "importance": recorded})
+        return collect(dg, ignored, costs, out_scores, recorded, names, in_scores, *rest)
+
+    def spy_select(*args, **kwargs):
+        assert kwargs["rank_by"] == "relative"
+        return select(*args, **kwargs)
 
     monkeypatch.setattr(channels_mod, "greedy_input_obs_scores", spy_greedy)
-    monkeypatch.setattr(channels_mod, "remove_channels", spy_engine)
+    monkeypatch.setattr(channels_mod, "_collect_groups", spy_collect)
+    monkeypatch.setattr(channels_mod, "_select", spy_select)
     prune_channels(net, batches, ratio=0.5, target="flops", rank_by=rank_by)
     assert len(made) == len(ranked) >= 3  # one greedy run per scored group
     for m, r in zip(made, ranked):

@@ -1,0 +1,157 @@
+"""What a pruning engine is, and the registry of engines.
+
+The library prunes in two structures, each an *engine*: ``"eigenbasis"`` (every Conv2d/Linear
+rewritten in its Kronecker-factored eigenbasis, eigen-directions removed:
+:mod:`lightning_eigendamage.pruner`) and ``"channels"`` (whole channels removed, scored and
+compensated with input-side Kron-OBS: :mod:`lightning_eigendamage.channels`). The callback,
+:func:`~lightning_eigendamage.prune` and :func:`~lightning_eigendamage.prune_channels` drive
+either through the steps below, so none of them knows which engine it runs:
+
+1. ``candidates`` and ``a_form``: which layers to capture K-FAC factors on, and the form of
+   ``A`` the engine's scores need (``"channel"``: ``C_in × C_in``; ``"patch"``:
+   ``C_in·k² × C_in·k²``).
+2. ``check``: before training, whether the engine can prune this model at all (the channel
+   engine needs a dependency graph); raises with the reason.
+3. ``analyse``: factors (captured here if not given, all-reduced over processes when
+   ``distributed``) → scores and whatever ``apply`` will need.
+4. ``decide``: the plan, frozen plain data (``to_dict``/``from_dict``); under ``distributed``
+   rank 0's plan is broadcast so every process applies the same one.
+5. ``apply``: the plan applied in place, all or nothing (a failure anywhere leaves the model as it
+   was), BatchNorm re-estimated; returns the one report type
+   (:class:`~lightning_eigendamage.PruneReport`) and a *change* object that says where every new
+   parameter came from.
+6. ``carry_optimizer_state``: the old optimizers' state moved onto the new parameters through
+   that change (rotated and sliced for the eigenbasis, sliced for channels).
+
+Checkpoints of either engine load through the same hook
+(:func:`~lightning_eigendamage.enable_pruned_loading`): eigenbasis layers carry a record of
+their architecture, narrowed layers are described by their tensors' shapes.
+
+Adding an engine: subclass :class:`PruningEngine` in the engine's own module and call
+:func:`register_engine` there; the package's ``__init__`` imports that module.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import nn
+
+from .values import as_real
+
+if TYPE_CHECKING:
+    from torch.optim import Optimizer
+
+    from .curvature import CaptureResult
+    from .discovery import Candidate
+    from .optim import TransplantReport
+    from .options import PruneOptions
+    from .report import PruneReport
+
+
+class PruningEngine(ABC):
+    """One structure of pruning, driven step by step (see the module docstring)."""
+
+    name: ClassVar[str]
+    a_form: ClassVar[str]
+    # Options (fields of PruneOptions): the engine's values for those left at None, the values it
+    # accepts, and those it does not use (they must keep their defaults).
+    defaults: ClassVar[dict[str, Any]] = {}
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    unused: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def candidates(self, model: nn.Module, options: PruneOptions) -> list[Candidate]:
+        """Every layer whose factors may be captured, with the reason for each one that will
+        not be pruned (``Candidate.skipped``); ``hook_module`` is where the hooks go."""
+
+    def check(self, model: nn.Module, example: Any, options: PruneOptions) -> None:
+        """Raise (RuntimeError, with the reason) if this engine cannot prune ``model`` at all;
+        ``example`` is one input batch on the model's device. Nothing is changed. The default
+        accepts every model."""
+        return None
+
+    @abstractmethod
+    def analyse(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any],
+        options: PruneOptions,
+        *,
+        captured: CaptureResult | None = None,
+        distributed: bool = False,
+    ) -> Any:
+        """Scores from the factors (captured on ``batches`` unless ``captured`` is given)."""
+
+    @abstractmethod
+    def decide(self, analysis: Any, ratio: float, options: PruneOptions, *, distributed: bool = False) -> Any:
+        """The plan: frozen plain data with ``to_dict()``; rank 0's under ``distributed``."""
+
+    @abstractmethod
+    def apply(
+        self, model: nn.Module, analysis: Any, plan: Any, options: PruneOptions, *, distributed: bool = False
+    ) -> tuple[PruneReport, Any]:
+        """Apply ``plan`` in place, all or nothing; return the report and the change."""
+
+    @abstractmethod
+    def replaced_parameters(self, change: Any) -> list[tuple[str, list[nn.Parameter], list[nn.Parameter]]]:
+        """Per changed layer (or parameter): its name, the parameters it had and those it has now."""
+
+    @abstractmethod
+    def carry_optimizer_state(
+        self,
+        model: nn.Module,
+        old_optimizers: Sequence[Optimizer],
+        new_optimizers: Sequence[Optimizer],
+        change: Any,
+    ) -> TransplantReport:
+        """Fill the rebuilt optimizers' state from the old ones across ``change``."""
+
+    def prune(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any],
+        *,
+        ratio: float,
+        options: PruneOptions,
+        captured: CaptureResult | None = None,
+        distributed: bool = False,
+    ) -> tuple[PruneReport, Any]:
+        """``analyse → decide → apply`` in one call (one round of the callback); ``ratio`` is
+        checked before anything runs."""
+        r = as_real(ratio)
+        if r is None or not 0.0 <= r < 1.0:
+            raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
+        analysis = self.analyse(model, batches, options, captured=captured, distributed=distributed)
+        plan = self.decide(analysis, ratio, options, distributed=distributed)
+        return self.apply(model, analysis, plan, options, distributed=distributed)
+
+
+_ENGINES: dict[str, PruningEngine] = {}
+
+
+def register_engine(engine: PruningEngine) -> PruningEngine:
+    """Make ``engine`` available as ``structure=engine.name``; returns it."""
+    if not isinstance(engine, PruningEngine):
+        raise TypeError(f"engines are PruningEngine instances, got {type(engine).__name__}")
+    if not isinstance(getattr(engine, "name", None), str) or engine.name in ("auto", ""):
+        raise ValueError(f"an engine needs a name other than 'auto', got {getattr(engine, 'name', None)!r}")
+    if engine.a_form not in ("channel", "patch"):
+        raise ValueError(f"a_form must be 'channel' or 'patch', got {engine.a_form!r}")
+    _ENGINES[engine.name] = engine
+    return engine
+
+
+def get_engine(name: str) -> PruningEngine:
+    """The registered engine called ``name`` (ValueError listing the registered ones otherwise)."""
+    try:
+        return _ENGINES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"structure must be one of {engine_names() + ('auto',)}, got {name!r}") from None
+
+
+def engine_names() -> tuple[str, ...]:
+    """The names of the registered engines, in registration order."""
+    return tuple(_ENGINES)
