@@ -70,6 +70,7 @@ from .checkpoint import PrunedLoadingHook, has_pruned_loading
 from .curvature import KFACapture, capture_batch, check_categorical, split_batch, target_of
 from .discovery import Candidate, dynamic_skips, find_layers, no_prunable_message
 from .distributed import is_distributed
+from .engine import PruningEngine, get_engine
 from .gradual import (
     GradualRemoval,
     GradualWindow,
@@ -79,14 +80,14 @@ from .gradual import (
     marked_mask,
     penalty_grad,
 )
-from .optim import TransplantReport, carry_optimizer_state, stage_parameters
+from .optim import TransplantReport
 from .options import PruneOptions
-from .plan import LayerChange
-from .pruner import analyse, decide, prune
+from .pruner import analyse, decide
 from .report import PruneReport, PruningWarning
 from .schedule import LoopState, PrunePoint, PruningSchedule
 
-_STATE_VERSION = 2
+_STATE_VERSION = 3
+DEFAULT_STRUCTURE = "eigenbasis"
 
 
 class EigenDamagePruning(Callback):
@@ -213,6 +214,8 @@ class EigenDamagePruning(Callback):
     latency_mode = property(lambda self: self.options.latency_mode)
     round_to = property(lambda self: self.options.round_to)
     rank_by = property(lambda self: self.options.rank_by)
+    damping = property(lambda self: self.options.damping)
+    greedy_steps = property(lambda self: self.options.greedy_steps)
     recalibrate_bn = property(lambda self: self.options.recalibrate_bn)
     seed = property(lambda self: self.options.seed)
 
@@ -220,6 +223,7 @@ class EigenDamagePruning(Callback):
         self,
         schedule: PruningSchedule | Mapping[Any, Any],
         *,
+        structure: str = DEFAULT_STRUCTURE,
         method: str = "eigendamage",
         fisher: str = "true",
         input_fn: Callable[[Any], Any] | None = None,
@@ -227,7 +231,7 @@ class EigenDamagePruning(Callback):
         loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
         exclude: Any = None,
         exempt_last: bool = True,
-        layer_cap: float = 0.75,
+        layer_cap: float | None = None,
         min_rank: int = 1,
         form: str = "auto",
         train_rotations: bool = True,
@@ -239,7 +243,9 @@ class EigenDamagePruning(Callback):
         latency_format: str = "model",
         latency_mode: str = "inference",
         round_to: int = 1,
-        rank_by: str = "damage_per_cost",
+        rank_by: str | None = None,
+        damping: float = 1e-3,
+        greedy_steps: int | None = 32,
         recalibrate_bn: bool = True,
         seed: int = 0,
         verbose: bool = True,
@@ -259,6 +265,12 @@ class EigenDamagePruning(Callback):
                     "has only an at_start point (pruned before any step); add epoch or step points, or "
                     "pass gradual=None"
                 )
+            if structure != "eigenbasis":
+                raise ValueError(
+                    "gradual removal pulls eigen-directions towards zero and works with "
+                    f"structure='eigenbasis' only (got structure={structure!r}); pass "
+                    "structure='eigenbasis' or gradual=None"
+                )
             check_windows({f"step:{s}": s for s in self.schedule.steps}, gradual.steps)
         # Every option is validated here, once, before training (PruneOptions raises).
         # The callback's rounds run on factors captured during training: one shot, no
@@ -270,6 +282,22 @@ class EigenDamagePruning(Callback):
         self._fitted: weakref.ref | None = None  # the module of the last fit (see setup)
         self._reset_run_state()
 
+    @property
+    def structure(self) -> str:
+        """What the rounds remove: ``"eigenbasis"`` or ``"channels"`` (``"auto"`` until the
+        start of the first fit has decided)."""
+        return self._structure or self.options.structure
+
+    @property
+    def engine(self) -> PruningEngine:
+        """The engine the rounds run (:mod:`lightning_eigendamage.engine`)."""
+        if self._structure is None:
+            raise RuntimeError("structure='auto' is decided at the start of fit, from a training batch")
+        return get_engine(self._structure)
+
+    def _round_options(self) -> PruneOptions:
+        return self.options.resolved(self.engine.name)
+
     def __getstate__(self) -> dict[str, Any]:
         # Spawning launchers pickle the callback; the weak reference to the last fit's module
         # cannot be pickled, and a copy in another process has no earlier fit anyway.
@@ -278,6 +306,9 @@ class EigenDamagePruning(Callback):
     def _reset_run_state(self) -> None:
         """Everything one fit accumulates (rounds done, reports, captures, windows)."""
         self.reports: list[PruneReport] = []
+        # The engine's name; None while structure="auto" is undecided (decided once, at the first
+        # probe, and kept in the checkpoint so that a resumed run never switches).
+        self._structure: str | None = None if self.options.structure == "auto" else self.options.structure
         self.transplants: list[dict[str, Any]] = []
         self.timings: list[dict[str, float]] = []
         self.skipped_rounds: list[str] = []
@@ -335,7 +366,7 @@ class EigenDamagePruning(Callback):
                 "fisher='empirical' reads the curvature from Lightning's own backward and needs "
                 "automatic optimization; with manual optimization use fisher='true'"
             )
-        cands = _candidates(pl_module, self.options)
+        cands = self._candidates(pl_module)
         if not any(c.skipped is None for c in cands):
             raise ValueError(f"EigenDamagePruning: {no_prunable_message(cands)}")
         self._log_skips([(c.name, c.skipped) for c in cands if c.skipped is not None], "")
@@ -457,8 +488,12 @@ class EigenDamagePruning(Callback):
         with _preserve_rng(pl_module.device):
             batch = next(self._train_batches(trainer, pl_module, 1), None)
         if batch is None:
+            if self._structure is None:
+                self._decide_structure(pl_module, None)
             return
-        cands = _candidates(pl_module, self.options)
+        if self._structure is None or self._structure == "channels":
+            self._decide_structure(pl_module, batch)
+        cands = self._candidates(pl_module)
         cap = KFACapture({c.name: c.hook_module for c in cands}, factors_for=[])
         modes = {m: m.training for m in pl_module.modules()}
         pl_module.eval()
@@ -479,6 +514,48 @@ class EigenDamagePruning(Callback):
         if not any(c.skipped is None for c in cands):
             raise ValueError(f"EigenDamagePruning: {no_prunable_message(cands)}")
         self._log_skips(skips, " after a forward pass")
+
+    def _decide_structure(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Check that the channel engine can prune ``pl_module`` (its dependency graph, traced on
+        the probe batch's input), before any training. With ``structure="auto"`` choose channels
+        if it can, the eigenbasis otherwise, and say why; with ``"channels"`` raise if it cannot."""
+        reason = None
+        if batch is None:
+            reason = "the training data gave no batch to trace the model with"
+        elif self.forward_fn is not None:
+            reason = "forward_fn is given: the model is not called as pl_module(input), which is traced"
+        else:
+            channel = get_engine("channels")
+            opts = self.options.resolved("channels") if self.options.structure != "eigenbasis" else None
+            try:
+                with _preserve_rng(pl_module.device):
+                    channel.check(pl_module, self._input_of(batch), opts)
+            except (RuntimeError, ImportError, TypeError, ValueError) as err:
+                reason = str(err)
+        if self._structure == "channels":
+            if reason is not None:
+                raise RuntimeError(
+                    f"EigenDamagePruning(structure='channels') cannot prune this model: {reason}. "
+                    "Use structure='eigenbasis' (no dependency graph needed) or structure='auto'"
+                )
+            return
+        self._structure = "channels" if reason is None else "eigenbasis"
+        rank_zero_info(
+            f"EigenDamagePruning: structure='auto' prunes {self._structure}"
+            + (
+                " (the channel dependency graph of this model was built)"
+                if reason is None
+                else f" (channels are not possible here: {reason})"
+            )
+        )
+
+    def _candidates(self, pl_module: pl.LightningModule) -> list[Candidate]:
+        """Every candidate layer of ``pl_module`` for the engine (the eigenbasis engine's before
+        ``structure="auto"`` is decided: any layer either engine could prune), with the reason
+        for those that will not be pruned."""
+        if self._structure is None:
+            return find_layers(pl_module, self.options.exclude, max_factor_dim=self.options.max_factor_dim)
+        return self.engine.candidates(pl_module, self._round_options())
 
     def _log_skips(self, skips: list[tuple[str, str | None]], when: str) -> None:
         if skips:
@@ -518,9 +595,19 @@ class EigenDamagePruning(Callback):
 
     def _ensure_capture(self, pl_module: pl.LightningModule) -> KFACapture:
         if self._cap is None:
-            self._cap = _open_capture(pl_module, self.options)
+            self._cap = self._open_capture(pl_module)
             self._cap_time = 0.0
         return self._cap
+
+    def _open_capture(self, pl_module: pl.LightningModule) -> KFACapture:
+        """A K-FAC capture in the engine's form of ``A``, its hooks installed on every candidate
+        layer (factors for those not skipped); the caller closes it with ``remove()``."""
+        cands = self._candidates(pl_module)
+        return KFACapture(
+            {c.name: c.hook_module for c in cands},
+            factors_for=[c.name for c in cands if c.skipped is None],
+            a_form=self.engine.a_form,
+        ).__enter__()
 
     def _captured_batches(self, trainer: pl.Trainer) -> int:
         """Finite batches captured so far for the next round, summed over DDP ranks.
@@ -710,7 +797,7 @@ class EigenDamagePruning(Callback):
 
     def _ensure_window_capture(self, pl_module: pl.LightningModule) -> KFACapture:
         if self._gcap is None:
-            self._gcap = _open_capture(pl_module, self.options)
+            self._gcap = self._open_capture(pl_module)
         return self._gcap
 
     def _release_window_capture(self) -> None:
@@ -856,44 +943,41 @@ class EigenDamagePruning(Callback):
 
     def prune_model(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, captured: Any, fraction: float, example: Any
-    ) -> tuple[PruneReport, dict[str, LayerChange]]:
+    ) -> tuple[PruneReport, Any]:
         """Prune ``pl_module`` in place with the accumulated factors (override to customise).
 
-        Returns the report and, per rebuilt layer, the :class:`~lightning_eigendamage.pruner.LayerChange`
-        used to carry optimizer state over.
+        Returns the report and the engine's change, used to carry optimizer state over: for the
+        eigenbasis, per rebuilt layer its :class:`~lightning_eigendamage.plan.LayerChange`; for
+        channels a :class:`~lightning_eigendamage.channels.ChannelChange`.
         """
-        changes: dict[str, LayerChange] = {}
-        options = self.options
+        options = self._round_options()
         if options.recalibrate_bn and self._example_saved:
             options = dataclasses.replace(options, recalibrate_bn=False)
             rank_zero_info(
                 "EigenDamagePruning: BatchNorm statistics are not re-estimated in this round: it "
                 "resumed inside its capture window, and the checkpoint keeps one example, not a batch"
             )
-        report = prune(
+        return self.engine.prune(
             pl_module,
             [example],
             ratio=fraction,
             options=options,
             captured=captured,
-            changes=changes,
             distributed=_is_distributed(trainer),
         )
-        return report, changes
 
     def on_after_surgery(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         report: PruneReport,
-        changes: dict[str, LayerChange],
+        changes: Any,
     ) -> None:
         """Called after each round's surgery, before the DDP wrapper and the optimizers are rebuilt.
 
         Override to inspect or log the freshly pruned module. Under DDP it runs on every rank:
         this is the last point where the ranks' own parameters can be compared (the new DDP
-        wrapper broadcasts rank 0's). ``changes`` maps each rebuilt layer's name to its
-        :class:`~lightning_eigendamage.pruner.LayerChange` (bases, kept directions, form).
+        wrapper broadcasts rank 0's). ``changes`` is the engine's change (see :meth:`prune_model`).
         """
 
     def _run_round(
@@ -979,7 +1063,7 @@ class EigenDamagePruning(Callback):
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         old_optimizers: list[torch.optim.Optimizer],
-        changes: dict[str, LayerChange],
+        changes: Any,
     ) -> TransplantReport:
         """Rebuild optimizers through ``configure_optimizers``; restore LR schedulers and
         param-group hyperparameters; carry optimizer state over."""
@@ -1014,8 +1098,9 @@ class EigenDamagePruning(Callback):
                 "EigenDamagePruning: the rebuilt optimizers have a different number of param groups; "
                 "learning rates and other group hyperparameters were not restored"
             )
-        report = carry_optimizer_state(pl_module, old_optimizers, new_optimizers, changes)
-        self._check_coverage(pl_module, old_optimizers, new_optimizers, changes)
+        report = self.engine.carry_optimizer_state(pl_module, old_optimizers, new_optimizers, changes)
+        replaced = self.engine.replaced_parameters(changes)
+        self._check_coverage(pl_module, old_optimizers, new_optimizers, replaced)
         return report
 
     @staticmethod
@@ -1023,7 +1108,7 @@ class EigenDamagePruning(Callback):
         pl_module: nn.Module,
         old_optimizers: list[torch.optim.Optimizer],
         new_optimizers: list[torch.optim.Optimizer],
-        changes: dict[str, LayerChange],
+        replaced: list[tuple[str, list[nn.Parameter], list[nn.Parameter]]],
     ) -> None:
         in_model = {id(p) for p in pl_module.parameters()}
         held = {id(p) for o in new_optimizers for g in o.param_groups for p in g["params"]}
@@ -1034,12 +1119,13 @@ class EigenDamagePruning(Callback):
                 "model: build the optimizer from self.parameters() inside configure_optimizers, not "
                 "from a list made earlier"
             )
+        names = {id(p): n for n, p in pl_module.named_parameters()}
         missing = []
-        for name, change in changes.items():
-            was_trained = any(id(p) in held_before for p in stage_parameters(change.old).values())
-            for role, p in stage_parameters(change.new).items():
+        for name, old, new in replaced:
+            was_trained = any(id(p) in held_before for p in old)
+            for p in new:
                 if was_trained and p.requires_grad and id(p) not in held:
-                    missing.append(f"{name} ({role})")
+                    missing.append(names.get(id(p), name))
         if missing:
             raise RuntimeError(
                 f"after pruning, the rebuilt optimizers do not hold the new parameters of {missing}; "
@@ -1089,6 +1175,7 @@ class EigenDamagePruning(Callback):
             gen = self._generator.get_state()
         state = {
             "version": _STATE_VERSION,
+            "structure": self._structure,
             "done": sorted(self._done),
             "skipped_rounds": list(self.skipped_rounds),
             "reports": [r.to_dict() for r in self.reports],
@@ -1113,6 +1200,15 @@ class EigenDamagePruning(Callback):
                 f"EigenDamagePruning state version {version!r} is newer than this library's "
                 f"({_STATE_VERSION}); upgrade lightning-eigendamage to resume from this checkpoint"
             )
+        # Checkpoints before version 3 come from eigenbasis runs; an undecided "auto" is None.
+        saved = state_dict.get("structure", "eigenbasis" if version < 3 else None)
+        if saved is not None and self.options.structure not in ("auto", saved):
+            raise ValueError(
+                f"this checkpoint was made by EigenDamagePruning(structure={saved!r}); resuming it with "
+                f"structure={self.options.structure!r} would mix two structures in one model: pass "
+                f"structure={saved!r} (or 'auto')"
+            )
+        self._structure = saved if saved is not None else self._structure
         self._done = set(state_dict.get("done", []))
         self.skipped_rounds = list(state_dict.get("skipped_rounds", []))
         self.reports = [PruneReport.from_dict(r) for r in state_dict.get("reports", [])]
@@ -1152,23 +1248,6 @@ def _check_other_callbacks(trainer: pl.Trainer) -> None:
                 "a copy of the model taken at the start of fit, and pruning changes the layers' "
                 "shapes. Prune in one fit, then start a second fit with SWA on the pruned model"
             )
-
-
-def _candidates(pl_module: pl.LightningModule, opts: PruneOptions) -> list[Candidate]:
-    """Every candidate layer of ``pl_module`` under the callback's ``exclude`` and
-    ``max_factor_dim``, with the reason for those that will not be pruned."""
-    return find_layers(pl_module, opts.exclude, max_factor_dim=opts.max_factor_dim)
-
-
-def _open_capture(pl_module: pl.LightningModule, opts: PruneOptions) -> KFACapture:
-    """A K-FAC capture with its hooks installed on every candidate layer of ``pl_module``
-    (factors for those not skipped); the caller closes it with ``__exit__``."""
-    cands = _candidates(pl_module, opts)
-    cap = KFACapture(
-        {c.name: c.hook_module for c in cands},
-        factors_for=[c.name for c in cands if c.skipped is None],
-    )
-    return cap.__enter__()
 
 
 def _plain_example(batch: Any) -> Any:

@@ -65,7 +65,7 @@ from .baselines import (
     weight_matrix,
 )
 from .calibration import downstream_batchnorms, recalibrate_batchnorm
-from .checkpoint import state_dict_of
+from .checkpoint import mark_narrowed, state_dict_of
 from .costs import count_flops, count_params
 from .curvature import CaptureOptions, CaptureResult, capture_factors, split_batch, to_device
 from .discovery import Candidate, excluded_modules, find_layers
@@ -875,6 +875,10 @@ def cut_channels(
             if chans:
                 module.weight.add_(update(chans).reshape(module.weight.shape).to(module.weight))
     # The cut, on the parameters' own flat positions.
+    shapes = {
+        m: {k: t.shape for k, t in [*m._parameters.items(), *m._buffers.items()] if t is not None}
+        for m in touched
+    }
     held = []
     with torch.no_grad():
         for module in touched:
@@ -924,6 +928,12 @@ def cut_channels(
                 new.data = value
                 new.grad = None if grad is None else grad.reshape(-1)[index].reshape(new.shape)
                 change.params[names.get(old, key)] = ParamSlice(old, new, index)
+    for module, before in shapes.items():  # checkpoints name the narrowed layers (NarrowedMark)
+        now = {
+            k: t.shape for k, t in [*module._parameters.items(), *module._buffers.items()] if t is not None
+        }
+        if now != before:
+            mark_narrowed(module)
     return change
 
 

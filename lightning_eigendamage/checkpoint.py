@@ -12,6 +12,7 @@ load that fails leaves the model's structure and every parameter and buffer as t
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import sys
@@ -26,6 +27,25 @@ from .layers import KFELayer, architecture_record, is_record, same_architecture
 from .surgery import layers_for_records, records_in, swap_modules
 
 _EXTRA_STATE = "_extra_state"
+NARROWED = "lightning_eigendamage"  # key of a narrowed module's state_dict metadata
+
+
+class NarrowedMark:
+    """A ``state_dict`` post-hook on a layer whose channels were removed: it writes
+    ``{"structure": "channels"}`` under ``"lightning_eigendamage"`` in the layer's state_dict
+    metadata (``state_dict._metadata``, kept by ``torch.save`` and loaded with
+    ``weights_only=True``), so that a loading hook narrows exactly the layers that were narrowed,
+    from their tensors' shapes (:func:`narrowed_modules`). A class, so the module stays picklable."""
+
+    def __call__(self, module: nn.Module, state_dict: Any, prefix: str, local_metadata: dict) -> None:
+        local_metadata[NARROWED] = {"structure": "channels"}
+
+
+def mark_narrowed(module: nn.Module) -> None:
+    """Register :class:`NarrowedMark` on ``module`` (once)."""
+    hooks = getattr(module, "_state_dict_hooks", {})
+    if not any(isinstance(getattr(h, "hook", h), NarrowedMark) for h in hooks.values()):
+        module.register_state_dict_post_hook(NarrowedMark())
 
 
 def state_dict_of(checkpoint: str | os.PathLike | IO[bytes] | dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +98,9 @@ def restore_pruned(
             missing or unexpected keys); the message names each key, with both shapes.
     """
     state_dict = state_dict_of(checkpoint)
-    replacements = layers_for_records(model, records_in(state_dict))
+    records = records_in(state_dict)
+    replacements = layers_for_records(model, records)
+    replacements.update(narrowed_modules(model, state_dict, skip=records))
     check_loadable(model, state_dict, strict=strict, replacements=replacements)
     old = {name: model.get_submodule(name) for name in replacements}
     swap_modules(model, replacements)
@@ -145,6 +167,7 @@ class PrunedLoadingHook:
         }
         records = records_in(local)
         replacements = layers_for_records(module, records)
+        replacements.update(narrowed_modules(module, state_dict, prefix=prefix, skip=records))
         assign = bool((local_metadata or {}).get("assign_to_params_buffers", False))
         check_loadable(
             module,
@@ -327,3 +350,138 @@ def check_loadable(
             f"cannot load the state_dict into {type(model).__name__} (nothing was changed):\n\t"
             + "\n\t".join(problems)
         )
+
+
+def narrowed_modules(
+    model: nn.Module, state_dict: Mapping[str, Any], *, prefix: str = "", skip: Any = ()
+) -> dict[str, nn.Module]:
+    """Plain layers narrowed to a channel-pruned ``state_dict``'s shapes; ``model`` is not changed.
+
+    A checkpoint of a channel-pruned model describes its widths by its tensors' shapes, and marks
+    each narrowed layer in its metadata (:class:`NarrowedMark`): for each marked module whose
+    parameters or persistent buffers in ``state_dict`` (keys under ``prefix``) are smaller in
+    some dimension than the module's own (same number of dimensions, no dimension larger), an
+    empty module of the same type with those shapes is built (marked too), its width attributes
+    (``in_channels``/``out_channels``/``groups`` of a depthwise conv, ``in_features``/
+    ``out_features``, ``num_features``, ``normalized_shape``, ``num_channels``) set from them.
+    Modules in :class:`~lightning_eigendamage.layers.KFELayer` and under the names in ``skip``
+    (layers restored from their records) are left to those. A tensor of another shape (larger, or
+    another rank) is left for the loading checks to report.
+
+    Raises:
+        ValueError: narrower tensors for a module whose widths cannot be read from its shapes
+            (any type but Conv1d/2d/3d, ConvTranspose, Linear, BatchNorm/InstanceNorm,
+            LayerNorm, GroupNorm), or shapes that do not agree with each other.
+    """
+    out: dict[str, nn.Module] = {}
+    metadata = getattr(state_dict, "_metadata", None) or {}
+    marked = {
+        k for k, v in metadata.items() if isinstance(v, Mapping) and isinstance(v.get(NARROWED), Mapping)
+    }
+    if not marked:
+        return out
+    skip = tuple(skip)
+    inside: set[int] = set()
+    for name, module in model.named_modules():
+        if id(module) in inside:
+            continue
+        if isinstance(module, KFELayer) or any(name == s or name.startswith(s + ".") for s in skip):
+            inside.update(id(m) for m in module.modules())
+            continue
+        if not _loads_by_torch_rules(module):
+            inside.update(id(m) for m in module.modules())
+            continue
+        pre = prefix + (f"{name}." if name else "")
+        if pre[:-1] not in marked:
+            continue
+        persistent = {k: v for k, v in module._buffers.items() if k not in module._non_persistent_buffers_set}
+        shapes = {}
+        for key, t in itertools.chain(module._parameters.items(), persistent.items()):
+            value = state_dict.get(pre + key)
+            if t is None or not torch.is_tensor(value) or value.shape == t.shape or value.dim() != t.dim():
+                continue
+            if any(a > b for a, b in zip(value.shape, t.shape)):
+                continue
+            shapes[key] = tuple(value.shape)
+        if shapes:
+            out[name] = _narrowed(module, shapes, name or type(module).__name__)
+    return out
+
+
+def _narrowed(module: nn.Module, shapes: dict[str, tuple[int, ...]], name: str) -> nn.Module:
+    """An empty copy of ``module`` with the tensors of ``shapes`` and the widths they imply."""
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = dict(module._modules)
+    for attr, value in vars(module).items():  # its own hook tables, not the original's
+        if attr.endswith(("hooks", "hooks_with_kwargs", "hooks_always_called")) and isinstance(value, dict):
+            setattr(new, attr, type(value)(value))
+    mark_narrowed(new)
+    for key, shape in shapes.items():
+        old = module._parameters.get(key)
+        if old is None:
+            old = module._buffers[key]
+        fmt = (
+            torch.channels_last
+            if old.dim() == 4
+            and not old.is_contiguous()
+            and old.is_contiguous(memory_format=torch.channels_last)
+            else torch.contiguous_format
+        )
+        t = torch.empty(shape, dtype=old.dtype, device=old.device, memory_format=fmt)
+        if key in module._parameters:
+            new._parameters[key] = nn.Parameter(t, requires_grad=old.requires_grad)
+        else:
+            new._buffers[key] = t
+
+    def size(key: str, dim: int = 0) -> int | None:
+        t = new._parameters.get(key)
+        t = t if t is not None else new._buffers.get(key)
+        return None if t is None else int(t.shape[dim])
+
+    if isinstance(module, nn.modules.conv._ConvNd):
+        g = module.groups
+        if module.transposed:
+            new.in_channels, new.out_channels = size("weight"), size("weight", 1) * g
+        else:
+            new.out_channels = size("weight")
+            if g > 1 and g == module.in_channels == module.out_channels and size("weight", 1) == 1:
+                new.groups = new.in_channels = new.out_channels  # depthwise: one filter a channel
+            else:
+                new.in_channels = size("weight", 1) * g
+            if new.out_channels % new.groups:
+                raise ValueError(
+                    f"{name}: {new.out_channels} output channels do not split into {new.groups} groups"
+                )
+        widths = {"bias": new.out_channels}
+    elif isinstance(module, nn.Linear):
+        new.out_features, new.in_features = size("weight"), size("weight", 1)
+        widths = {"bias": new.out_features}
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        n = next(size(k) for k in ("weight", "running_mean", "bias", "running_var") if size(k) is not None)
+        new.num_features = n
+        widths = {k: n for k in ("weight", "bias", "running_mean", "running_var")}
+    elif isinstance(module, nn.LayerNorm):
+        new.normalized_shape = tuple(new.weight.shape)
+        widths = {"bias": new.normalized_shape[0] if new.normalized_shape else None}
+    elif isinstance(module, nn.GroupNorm):
+        new.num_channels = size("weight")
+        if new.num_channels % module.num_groups:
+            raise ValueError(
+                f"{name}: {new.num_channels} channels do not split into {module.num_groups} groups"
+            )
+        widths = {"bias": new.num_channels}
+    else:
+        raise ValueError(
+            f"the checkpoint has narrower tensors for {name} ({type(module).__name__}: "
+            f"{', '.join(f'{k} {tuple(v)}' for k, v in shapes.items())}), whose widths cannot be read from "
+            "its tensors' shapes; load it with lightning_eigendamage.restore_channels(model, checkpoint, "
+            "example_inputs)"
+        )
+    for key, width in widths.items():
+        if width is not None and size(key) not in (None, width):
+            raise ValueError(
+                f"the checkpoint's {name}.{key} has {size(key)} entries where its other tensors give {width}"
+            )
+    return new

@@ -17,6 +17,7 @@ Configurations:
 - ``start_step``: empirical Fisher; one round at the start of fit (captured in eval mode, on
   BatchNorm running statistics, on every batch of each rank's half of the data), then one after
   optimizer step 3 (captured in the training steps), then two more steps.
+- ``channels``: as ``rounds`` with ``structure="channels"`` (40 % of the channels each round).
 - ``gradual``: true Fisher, gradual removal (``GradualRemoval(steps=4, penalty=10)``) over optimizer
   steps 4..7 before a round after step 7, then two more steps. :class:`GradualRecorder` also writes
   the window (bases, masks), this rank's window factors before their reduction, and the parameters
@@ -48,6 +49,7 @@ from lightning_eigendamage import (  # noqa: E402
     PruningSchedule,
     enable_pruned_loading,
 )
+from lightning_eigendamage.channels import ChannelChange  # noqa: E402
 from lightning_eigendamage.pruner import LayerChange, PruneReport  # noqa: E402
 
 N_EXAMPLES = 64  # even: DistributedSampler pads nothing with 2 ranks
@@ -65,11 +67,13 @@ def dataset(seed: int = 0) -> TensorDataset:
     return TensorDataset(x, y)
 
 
-def build_model(seed: int = 0) -> LossLog:
+def build_model(seed: int = 0, structure: str = "eigenbasis") -> LossLog:
     """The same initial weights in every process that calls it."""
     torch.manual_seed(seed)
     layers = list(small_cnn(n_classes=CLASSES))
     layers.insert(4, nn.BatchNorm2d(32))  # after a pruned conv: re-estimated after each round
+    if structure == "channels":  # after a compensated reader (of the conv before the first BN)
+        layers.insert(7, nn.BatchNorm2d(32))
     return LossLog(nn.Sequential(*layers))
 
 
@@ -93,6 +97,14 @@ class LossLog(LitClassifier):
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", copy=True)
+
+
+def _kept(changes: Any) -> dict[str, Any]:
+    """What a round kept, as plain data: per rebuilt layer its kept directions and form
+    (eigenbasis), or per narrowed parameter the flat positions it kept (channels)."""
+    if isinstance(changes, ChannelChange):
+        return {n: s.index.tolist() for n, s in changes.params.items()}
+    return {n: [list(c.kept_in), list(c.kept_out), c.form] for n, c in changes.items()}
 
 
 class RankRecorder(EigenDamagePruning):
@@ -136,7 +148,7 @@ class RankRecorder(EigenDamagePruning):
             {
                 "epoch": trainer.current_epoch,
                 "plan": [[r.name, r.kept_in, r.kept_out, r.form] for r in report.layers],
-                "kept": {n: [list(c.kept_in), list(c.kept_out), c.form] for n, c in changes.items()},
+                "kept": _kept(changes),
                 "realised_fraction": report.realised_fraction,
                 "params_after": report.params_after,
                 "params": {n: _cpu(p) for n, p in pl_module.named_parameters()},
@@ -253,6 +265,12 @@ class GradualRecorder(RankRecorder):
 START_METHODS = {"ddp": "popen", "ddp_spawn": "spawn"}  # as in DDPStrategy.register_strategies
 CONFIGS: dict[str, dict[str, Any]] = {
     "rounds": {"schedule": {0: 0.5, 1: 0.5}, "fisher": "true", "trainer": {"max_epochs": 5}},
+    "channels": {
+        "schedule": {0: 0.4, 1: 0.4},
+        "fisher": "true",
+        "trainer": {"max_epochs": 5},
+        "structure": "channels",
+    },
     "start_step": {
         "schedule": PruningSchedule(at_start=0.5, steps={3: 0.5}),
         "fisher": "empirical",
@@ -278,7 +296,9 @@ def run(config: str, out_dir: str, *, strategy: str, accelerator: str = "cpu", d
     if "gradual" in cfg:
         callback = GradualRecorder(out_dir, cfg["schedule"], fisher=cfg["fisher"], gradual=cfg["gradual"])
     else:
-        callback = RankRecorder(out_dir, cfg["schedule"], fisher=cfg["fisher"])
+        callback = RankRecorder(
+            out_dir, cfg["schedule"], fisher=cfg["fisher"], structure=cfg.get("structure", "eigenbasis")
+        )
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=devices,
@@ -290,7 +310,7 @@ def run(config: str, out_dir: str, *, strategy: str, accelerator: str = "cpu", d
         enable_model_summary=False,
         **cfg["trainer"],
     )
-    model = build_model()
+    model = build_model(structure=cfg.get("structure", "eigenbasis"))
     trainer.fit(model, DataLoader(dataset(), batch_size=BATCH, shuffle=False))
     return model
 

@@ -115,9 +115,10 @@ def _check_two_rounds(ranks: list[dict[str, Any]], backend: str, start_method: s
         assert torch.equal(r0["generator"], other["generator"])
 
 
+@pytest.mark.parametrize("config", ["rounds", "channels"])
 @pytest.mark.parametrize("accelerator", DEVICES)
-def test_ddp_spawn_two_rounds_decide_once_for_all_ranks(tmp_path: Path, accelerator: str) -> None:
-    model = ddp_fit.run("rounds", str(tmp_path), strategy="ddp_spawn", accelerator=accelerator, devices=2)
+def test_ddp_spawn_two_rounds_decide_once_for_all_ranks(tmp_path: Path, accelerator: str, config: str) -> None:
+    model = ddp_fit.run(config, str(tmp_path), strategy="ddp_spawn", accelerator=accelerator, devices=2)
     ranks = _ranks(tmp_path)
     _check_two_rounds(ranks, "gloo" if accelerator == "cpu" else "nccl", "spawn")
     # The main process ran no callback hook; with enable_pruned_loading in the module's __init__,
@@ -126,12 +127,13 @@ def test_ddp_spawn_two_rounds_decide_once_for_all_ranks(tmp_path: Path, accelera
     _assert_same_tensors(main, ranks[0]["final"], "main process after ddp_spawn")
 
 
+@pytest.mark.parametrize("config", ["rounds", "channels"])
 @pytest.mark.parametrize("accelerator", DEVICES)
-def test_ddp_script_in_a_subprocess_gives_the_same_result(tmp_path: Path, accelerator: str) -> None:
+def test_ddp_script_in_a_subprocess_gives_the_same_result(tmp_path: Path, accelerator: str, config: str) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
         env.pop(key, None)
-    cmd = [sys.executable, str(ROOT / "tests" / "ddp_fit.py"), "--config", "rounds", "--out", str(tmp_path)]
+    cmd = [sys.executable, str(ROOT / "tests" / "ddp_fit.py"), "--config", config, "--out", str(tmp_path)]
     cmd += ["--strategy", "ddp", "--accelerator", accelerator, "--devices", "2"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
