@@ -145,8 +145,10 @@ run_part() {
 # (a) the device tests and the NCCL DDP variant (-rs prints every skip reason)
 run_part tests "$LIMIT_TESTS" env LED_TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -rs -p no:cacheprovider \
   --junitxml="$OUT/tests.xml" tests/test_cuda.py \
-  "tests/test_ddp.py::test_ddp_spawn_two_rounds_decide_once_for_all_ranks[gpu]" \
-  "tests/test_ddp.py::test_ddp_script_in_a_subprocess_gives_the_same_result[gpu]"
+  "tests/test_ddp.py::test_ddp_spawn_two_rounds_decide_once_for_all_ranks[gpu-rounds]" \
+  "tests/test_ddp.py::test_ddp_spawn_two_rounds_decide_once_for_all_ranks[gpu-channels]" \
+  "tests/test_ddp.py::test_ddp_script_in_a_subprocess_gives_the_same_result[gpu-rounds]" \
+  "tests/test_ddp.py::test_ddp_script_in_a_subprocess_gives_the_same_result[gpu-channels]"
 
 # (b) speed.py on the device
 if [[ $QUICK == 1 ]]; then SPEED_MODE=--smoke; else SPEED_MODE=--quick; fi

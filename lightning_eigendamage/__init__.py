@@ -5,11 +5,13 @@ from .callback import EigenDamagePruning
 from .channels import ChannelPruneReport, prune_channels, restore_channels
 from .checkpoint import enable_pruned_loading, restore_pruned
 from .criteria import register_criterion
+from .engine import PruningEngine, engine_names, get_engine, register_engine
+from .front import prune
 from .gradual import GradualRemoval
 from .layers import KFELayer
 from .options import PruneOptions
 from .plan import LayerChange, LayerPlan, Plan
-from .pruner import Analysis, analyse, apply, decide, find_layers, prune
+from .pruner import Analysis, analyse, apply, decide, find_layers
 from .report import (
     LayerReport,
     PruneReport,
@@ -32,6 +34,7 @@ __all__ = [
     "Plan",
     "PruneOptions",
     "PruneReport",
+    "PruningEngine",
     "PruningSchedule",
     "PruningWarning",
     "TargetNotReachedWarning",
@@ -40,11 +43,14 @@ __all__ = [
     "apply",
     "decide",
     "enable_pruned_loading",
+    "engine_names",
     "find_layers",
+    "get_engine",
     "prune",
     "prune_channels",
     "register",
     "register_criterion",
+    "register_engine",
     "restore_channels",
     "restore_pruned",
 ]

@@ -121,8 +121,9 @@ def recalibrate_batchnorm(
         m.momentum = None
         m.train()
     seen = single = 0
+    non_finite: list[int] = []
     try:
-        for batch in batches:
+        for i, batch in enumerate(batches):
             before = [
                 (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns
             ]
@@ -134,6 +135,14 @@ def recalibrate_batchnorm(
                 for m, (mean, var, n) in zip(bns, before):  # the batch is left out entirely
                     m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(n)
                 single += 1
+                continue
+            if not all(
+                bool(torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all())
+                for m in bns
+            ):
+                for m, (mean, var, n) in zip(bns, before):  # NaN/Inf in this batch: left out
+                    m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(n)
+                non_finite.append(i)
                 continue
             seen += 1
     except BaseException:
@@ -149,6 +158,13 @@ def recalibrate_batchnorm(
         warnings.warn(
             f"{single} calibration batch(es) gave a BatchNorm one value per channel (a batch of one "
             "example?) and were left out of the BatchNorm re-estimation",
+            PruningWarning,
+            stacklevel=3,
+        )
+    if non_finite:
+        warnings.warn(
+            f"calibration batch(es) {non_finite} (0-based) gave non-finite BatchNorm statistics (NaN or "
+            "Inf in the data?) and were left out of the BatchNorm re-estimation",
             PruningWarning,
             stacklevel=3,
         )
@@ -234,6 +250,7 @@ def reconstruct(
     modes = {m: m.training for m in (*model.modules(), *dense.modules())}
     model.eval(), dense.eval()
     errors: dict[str, float] = {}
+    skipped_batches: set[int] = set()
     try:
         for name in names:
             unit, ref = model.get_submodule(name), dense.get_submodule(name)
@@ -247,7 +264,7 @@ def reconstruct(
             pinv = None if r_out_m is None else torch.linalg.pinv(r_out_m)  # (r_out, C_out)
             h = b = t_sum = None
             rows_total = 0
-            for batch in batches:
+            for i, batch in enumerate(batches):
                 x_p = _run_until(model, unit, batch, forward, pre=True)
                 t = adapter.output_rows(_run_until(dense, ref, batch, forward, pre=False)).double()
                 u = rin(x_p) if rin is not None else x_p
@@ -255,6 +272,9 @@ def reconstruct(
                 if has_bias:
                     p = torch.cat([p, torch.ones(p.shape[0], 1, dtype=p.dtype, device=p.device)], 1)
                 z = t if pinv is None else t @ pinv.T
+                if not (bool(torch.isfinite(p).all()) and bool(torch.isfinite(z).all())):
+                    skipped_batches.add(i)  # NaN/Inf inputs: never folded into a weight
+                    continue
                 h = p.T @ p if h is None else h + p.T @ p
                 b = p.T @ z if b is None else b + p.T @ z
                 t_sum = t.sum(0) if t_sum is None else t_sum + t.sum(0)
@@ -274,7 +294,8 @@ def reconstruct(
                     new_b = r_out_m @ c + t_mean - r_out_m @ (pinv @ t_mean)
                 bias_owner.bias.copy_(new_b.to(bias_owner.bias.dtype))
             num = den = 0.0
-            for batch in batches[:1]:  # the error is a report, measured on the first batch
+            first = [b for i, b in enumerate(batches) if i not in skipped_batches][:1]
+            for batch in first:  # the error is a report, measured on the first finite batch
                 y = adapter.output_rows(_run_until(model, unit, batch, forward, pre=False)).double()
                 t = adapter.output_rows(_run_until(dense, ref, batch, forward, pre=False)).double()
                 num += float(((y - t) ** 2).sum())
@@ -283,4 +304,11 @@ def reconstruct(
     finally:
         for m, mode in modes.items():
             m.training = mode
+    if skipped_batches:
+        warnings.warn(
+            f"calibration batch(es) {sorted(skipped_batches)} (0-based) have non-finite values (NaN or "
+            "Inf) and were left out of the reconstruction",
+            PruningWarning,
+            stacklevel=3,
+        )
     return errors

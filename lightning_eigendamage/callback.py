@@ -427,7 +427,7 @@ class EigenDamagePruning(Callback):
         if self._cap is not None and self._example is None:
             # Resumed inside a capture window whose example batch could not be saved: any training
             # batch serves (the example only gives the input shape for FLOP counts).
-            with _preserve_rng(pl_module.device):
+            with _preserve_rng(pl_module.device, trainer.train_dataloader):
                 self._example = next(self._train_batches(trainer, pl_module, 1), None)
                 self._example_saved = False
         self._check_run_length(trainer)
@@ -485,7 +485,7 @@ class EigenDamagePruning(Callback):
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """One no-grad forward on a training batch: finds the input, the layers that run, the
         last layer, so that a model with nothing left to prune fails before training."""
-        with _preserve_rng(pl_module.device):
+        with _preserve_rng(pl_module.device, trainer.train_dataloader):
             batch = next(self._train_batches(trainer, pl_module, 1), None)
         if batch is None:
             if self._structure is None:
@@ -932,7 +932,7 @@ class EigenDamagePruning(Callback):
             yield trainer.strategy.batch_to_device(batch, dataloader_idx=0)
 
     def _prune_at_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: PrunePoint) -> None:
-        with _preserve_rng(pl_module.device):
+        with _preserve_rng(pl_module.device, trainer.train_dataloader):
             for batch in self._train_batches(trainer, pl_module, self.schedule.fisher_batches):
                 self._capture_sampled(pl_module, batch, self.fisher)
         self._run_round(trainer, pl_module, point, on_step=False)
@@ -1286,12 +1286,40 @@ def _is_distributed(trainer: pl.Trainer) -> bool:
 
 
 @contextlib.contextmanager
-def _preserve_rng(device: torch.device) -> Iterator[None]:
-    """Restore torch (CPU and ``device``), Python and NumPy global RNG states on exit.
+def _preserve_rng(device: torch.device, loader: Any = None) -> Iterator[None]:
+    """Restore torch (CPU and ``device``), Python and NumPy global RNG states on exit, and the
+    states of the ``torch.Generator`` objects of ``loader`` (its own, its sampler's and its batch
+    sampler's).
 
-    Iterating a DataLoader draws its base seed (and a shuffling sampler's seed) from the global
-    RNG; the callback's own passes over the training data must not shift the user's run.
+    Iterating a DataLoader draws its base seed (and a shuffling sampler's permutation) from its
+    own generator, or from the global RNG without one; the callback's own passes over the
+    training data must not shift the user's run.
     """
+    gens = _generators_of(loader)
+    states = [g.get_state() for g in gens]
+    try:
+        with _preserve_global_rng(device):
+            yield
+    finally:
+        for g, state in zip(gens, states):
+            g.set_state(state)
+
+
+def _generators_of(loader: Any) -> list[torch.Generator]:
+    """The distinct ``torch.Generator`` objects a DataLoader draws from."""
+    found: list[torch.Generator] = []
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for owner in (loader, sampler, batch_sampler, getattr(batch_sampler, "sampler", None)):
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator) and not any(g is f for f in found):
+            found.append(g)
+    return found
+
+
+@contextlib.contextmanager
+def _preserve_global_rng(device: torch.device) -> Iterator[None]:
+    """Restore torch (CPU and ``device``), Python and NumPy global RNG states on exit."""
     devices = [device.index or 0] if device.type == "cuda" else []
     py_state = random.getstate()
     np_state = None

@@ -68,7 +68,7 @@ from .calibration import downstream_batchnorms, recalibrate_batchnorm
 from .checkpoint import mark_narrowed, state_dict_of
 from .costs import count_flops, count_params
 from .curvature import CaptureOptions, CaptureResult, capture_factors, split_batch, to_device
-from .discovery import Candidate, excluded_modules, find_layers
+from .discovery import Candidate, check_usable_parameters, excluded_modules, find_layers
 from .distributed import all_reduce_capture, broadcast_object, is_distributed
 from .engine import PruningEngine, get_engine, register_engine
 from .optim import TransplantReport, carry_sliced_state
@@ -565,15 +565,59 @@ def dependency_graph(model: nn.Module, example_inputs: Any, ignored: Iterable[nn
 
 
 def _traced_graph(tp: Any, model: nn.Module, traced: Any) -> Any:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    """Torch-Pruning's trace, all or nothing: the hooks it registers are removed whatever happens
+    (a failed trace leaves its own on every layer), a ``KeyboardInterrupt`` (or any other
+    non-``Exception``) raised inside the model stays what it is (Torch-Pruning retries a failed
+    forward with other arguments, which would hide it), and the error names the model's own
+    failure rather than that of the retry."""
+    hook_tables = [
+        (table, set(table))
+        for m in model.modules()
+        for attr, table in vars(m).items()
+        if attr.endswith(("hooks", "hooks_with_kwargs", "hooks_always_called")) and isinstance(table, dict)
+    ]
+    raised: list[BaseException] = []
+    own = model.__dict__.get("forward")
+    forward = model.forward
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
         try:
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=traced, verbose=False)
-        except Exception as err:
-            raise RuntimeError(
-                f"Torch-Pruning could not build the channel dependencies of this model "
-                f"({type(err).__name__}: {err})" + _UNTRACEABLE
-            ) from err
+            return forward(*args, **kwargs)
+        except BaseException as err:
+            raised.append(err)
+            raise
+
+    model.forward = recording
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                dg = tp.DependencyGraph().build_dependency(model, example_inputs=traced, verbose=False)
+            except BaseException as err:
+                first = next((e for e in raised if not isinstance(e, Exception)), None)
+                if first is not None:
+                    raise first from None
+                if not isinstance(err, Exception):
+                    raise
+                cause = raised[0] if raised else err
+                raise RuntimeError(
+                    "Torch-Pruning could not build the channel dependencies of this model: "
+                    + (
+                        f"the model fails on the example inputs ({type(cause).__name__}: {cause}); pass a "
+                        "batch the model accepts"
+                        if raised
+                        else f"{type(err).__name__}: {err}"
+                    )
+                    + _UNTRACEABLE
+                ) from cause
+    finally:
+        if own is None:
+            model.__dict__.pop("forward", None)
+        else:
+            model.forward = own
+        for table, before in hook_tables:
+            for key in [k for k in table if k not in before]:
+                del table[key]
     for w in caught:
         if "maximum recursive depth" in str(w.message).lower():
             raise RuntimeError(
@@ -1404,6 +1448,7 @@ class ChannelEngine(PruningEngine):
         params = list(model.parameters())
         if not params:
             raise ValueError("the model has no parameters: nothing to prune")
+        check_usable_parameters(model, "channel pruning")
         device = params[0].device
         example = to_device(split_batch(batches[0], options.input_fn)[0], device)
         ignored = _output_layers(model, example, _forward)
@@ -1670,6 +1715,11 @@ def restore_channels(
             or Torch-Pruning cannot group the model's channels (as in :func:`prune_channels`).
     """
     state_dict = state_dict_of(checkpoint)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise ValueError(
+            "restore_channels: the model is on the meta device, where load_state_dict copies nothing; "
+            "build it on a real device (or model.to_empty(device=...)) first"
+        )
     names = {m: n for n, m in model.named_modules()}
     dg = dependency_graph(model, example_inputs)
     outputs = set(_output_layers(model, example_inputs, _forward))

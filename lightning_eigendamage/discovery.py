@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from .adapters import LayerAdapter, adapter_for, registered_base, registered_names
@@ -299,3 +300,28 @@ def no_prunable_message(cands: list[Candidate]) -> str:
     reasons = "; ".join(f"{c.name}: {c.skipped}" for c in cands[:12])
     more = f" (and {len(cands) - 12} more)" if len(cands) > 12 else ""
     return f"no prunable layer: every candidate layer is skipped ({reasons}{more})"
+
+
+def check_usable_parameters(model: nn.Module, what: str) -> None:
+    """Raise before anything runs if ``model``'s parameters cannot be pruned or loaded into:
+    on the meta device (no data), or not finite (NaN/Inf weights give NaN curvature everywhere).
+
+    Raises:
+        ValueError: naming the parameters and what to do.
+    """
+    named = list(model.named_parameters())
+    meta = [n for n, p in named if p.is_meta]
+    if meta:
+        raise ValueError(
+            f"{what}: the model's parameters are on the meta device and hold no data ({', '.join(meta[:5])}"
+            f"{', …' if len(meta) > 5 else ''}); build the model on a real device, or materialise it "
+            "(model.to_empty(device=...)) and load its weights first"
+        )
+    bad = [n for n, p in named if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ValueError(
+            f"{what}: the model has NaN or Inf weights in {', '.join(bad[:5])}"
+            f"{', …' if len(bad) > 5 else ''}; "
+            "every capture on it would be non-finite. Reload finite weights (e.g. from the last good "
+            "checkpoint) before pruning; nothing was changed"
+        )

@@ -33,7 +33,14 @@ from .calibration import downstream_batchnorms, recalibrate_batchnorm, reconstru
 from .costs import Cost, Geometry, count_flops, count_params, form_cost, time_modules
 from .criteria import criterion, global_marks, global_threshold, keep_side
 from .curvature import CaptureResult, capture_factors, split_batch, to_device
-from .discovery import Candidate, dynamic_skips, find_layers, hookable, no_prunable_message
+from .discovery import (
+    Candidate,
+    check_usable_parameters,
+    dynamic_skips,
+    find_layers,
+    hookable,
+    no_prunable_message,
+)
 from .distributed import all_reduce_capture, broadcast_object, is_distributed, split_eigh
 from .eigenbasis import eigh_factors, to_kfe
 from .engine import PruningEngine, register_engine
@@ -147,6 +154,7 @@ def analyse(
             "batch; wrap it in a list: prune(model, [(x, y)], ...)"
         )
     opts = options
+    check_usable_parameters(model, "prune")
     cands = find_layers(model, opts.exclude, unsupported=True, max_factor_dim=opts.max_factor_dim)
     if not any(c.skipped is None for c in cands):
         raise ValueError(no_prunable_message(cands))

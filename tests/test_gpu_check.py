@@ -59,7 +59,8 @@ def test_gpu_check_quick_on_cpu(tmp_path: Path) -> None:
             "name"
         )
     ddp = [c for c in cases if c.get("classname", "").endswith("test_ddp")]
-    assert len(ddp) == 2 and all("[gpu]" in c.get("name", "") for c in ddp)
+    assert len(ddp) == 4 and all("[gpu-" in c.get("name", "") for c in ddp)  # both structures
+    assert {c.get("name").split("[gpu-")[1] for c in ddp} == {"rounds]", "channels]"}
     log = (out / "tests.log").read_text()
     if torch.cuda.device_count() < 2:
         assert all(c.find("skipped") is not None for c in ddp)

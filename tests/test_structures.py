@@ -377,3 +377,55 @@ def test_lightning_cli_config_selects_the_structure(tmp_path: Path, monkeypatch:
     assert cb.options.structure == "channels" and cb.reports[0].structure == "channels"
     assert not any(isinstance(m, KFELayer) for m in cli.model.modules())
     assert cli.model.net[2].out_channels < 32
+
+
+# ---------------------------------------------------------------------------------------------
+# prune(structure=...) for plain PyTorch
+# ---------------------------------------------------------------------------------------------
+
+
+def test_prune_front_gives_every_structure() -> None:
+    from lightning_eigendamage import PruningWarning, prune
+
+    model, batches = _cnn()
+    warm_up_bn(model, batches)
+    x = batches[0][0]
+    report = prune(model, batches, ratio=0.5, structure="channels", target="flops")
+    assert report.structure == "channels" and not any(isinstance(m, KFELayer) for m in model.modules())
+    assert report.flops_after == count_flops(model, x[:1]) <= 0.5 * report.flops_before * 1.03
+    model, batches = _cnn()
+    assert prune(model, batches, ratio=0.3, structure="auto").structure == "channels"
+    model, batches = _cnn()
+    report = prune(model, batches, ratio=0.3)  # the default keeps the eigenbasis
+    assert report.structure == "eigenbasis" and any(isinstance(m, KFELayer) for m in model.modules())
+    model, batches = _cnn()
+    with pytest.warns(PruningWarning, match="prunes the eigenbasis: channels are not possible"):
+        report = prune(model, batches, ratio=0.3, structure="auto", forward_fn=lambda m, b: m(b[0]))
+    assert report.structure == "eigenbasis"
+    with pytest.raises(ValueError, match="form='fold_in' applies to other structures"):
+        prune(model, batches, ratio=0.3, structure="channels", form="fold_in")
+    with pytest.raises(ValueError, match="structure must be one of"):
+        prune(model, batches, ratio=0.3, structure="filters")
+
+
+@pytest.mark.parametrize(
+    "fisher, precision", [("true", "32-true"), ("empirical", "32-true"), ("empirical", "bf16-mixed")]
+)
+def test_channels_at_start_and_step_points_with_accumulation(fisher: str, precision: str) -> None:
+    from lightning_eigendamage import PruningSchedule
+
+    torch.manual_seed(0)
+    model = LitClassifier(small_cnn(), lr=0.01)
+    cb = EigenDamagePruning(
+        PruningSchedule(at_start=0.3, steps={3: 0.3}, fisher_batches=4),
+        structure="channels",
+        fisher=fisher,
+        verbose=False,
+    )
+    t = trainer(max_epochs=2, accumulate_grad_batches=2, precision=precision, callbacks=[cb])
+    t.fit(model, loader(image_data(64)))
+    assert [r.structure for r in cb.reports] == ["channels", "channels"]
+    assert all(r.batches > 0 and r.channels_removed > 0 for r in cb.reports)
+    assert cb.reports[1].flops_after < cb.reports[0].flops_after < cb.reports[0].flops_before
+    assert not any(isinstance(m, KFELayer) for m in model.modules())
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

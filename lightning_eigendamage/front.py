@@ -1,0 +1,98 @@
+"""``prune()``: one function for every structure, for plain PyTorch users.
+
+A thin front over the engines (:mod:`lightning_eigendamage.engine`): ``structure="eigenbasis"``
+runs :func:`lightning_eigendamage.pruner.prune` (every option of it, ``shots`` and
+``reconstruct`` included), ``"channels"`` the channel engine, ``"auto"`` channels where the
+model's channel dependency graph can be built and the eigenbasis otherwise.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from . import channels as _channels_engine  # noqa: F401  (registers the channel engine)
+from . import pruner
+from .curvature import split_batch, to_device
+from .engine import get_engine
+from .options import PruneOptions
+from .report import PruneReport, PruningWarning
+
+
+def prune(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    ratio: float,
+    structure: str = "eigenbasis",
+    options: PruneOptions | None = None,
+    distributed: bool = False,
+    **kwargs: Any,
+) -> PruneReport:
+    """Prune ``model`` in place and return a :class:`~lightning_eigendamage.PruneReport`.
+
+    Args:
+        model, batches, ratio: as for :func:`lightning_eigendamage.pruner.prune` (the eigenbasis
+            engine, whose docstring describes every option).
+        structure: ``"eigenbasis"`` (default: every Conv2d/Linear rewritten in its eigenbasis,
+            widths kept), ``"channels"`` (whole channels removed, layers stay plain and narrower;
+            needs ``torch-pruning``) or ``"auto"`` (channels if the model's channel dependency
+            graph can be built from the first batch, the eigenbasis otherwise; a
+            :class:`~lightning_eigendamage.PruningWarning` says why when it falls back).
+        options: a :class:`~lightning_eigendamage.PruneOptions` instead of keyword options (its
+            ``structure`` wins).
+        distributed: call on every process of an initialised process group (see the engines).
+        kwargs: the options (:class:`~lightning_eigendamage.PruneOptions` fields; for the
+            eigenbasis also ``process_group``, ``captured`` and ``changes``). An option the
+            structure does not use is a ValueError (e.g. ``form`` with channels).
+
+    Returns:
+        The report; ``report.structure`` says which structure was pruned.
+    """
+    if options is not None:
+        if not isinstance(options, PruneOptions):
+            raise TypeError(f"options must be a PruneOptions or None, got {type(options).__name__}")
+        structure = options.structure
+    if structure == "auto":
+        batches = list(batches)
+        structure = _auto(model, batches, options.resolved("channels") if options else None, kwargs)
+        if options is not None:
+            options = options.resolved(structure)
+    if structure == "eigenbasis":
+        return pruner.prune(model, batches, ratio=ratio, options=options, distributed=distributed, **kwargs)
+    engine = get_engine(structure)
+    if options is None:
+        options = PruneOptions(structure=structure, **kwargs)
+    elif kwargs:
+        raise ValueError(f"pass the options either in options= or as keywords, not both ({sorted(kwargs)})")
+    report, _ = engine.prune(model, batches, ratio=ratio, options=options, distributed=distributed)
+    return report
+
+
+def _auto(model: nn.Module, batches: list[Any], options: PruneOptions | None, kwargs: dict[str, Any]) -> str:
+    """``"channels"`` if the channel engine can prune ``model`` (its graph builds on the first
+    batch), else ``"eigenbasis"`` with a warning that says why."""
+    if not batches:
+        raise ValueError("batches is empty: pruning needs at least one batch")
+    input_fn = options.input_fn if options is not None else kwargs.get("input_fn")
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("the model has no parameters: nothing to prune")
+    try:
+        if (options.forward_fn if options is not None else kwargs.get("forward_fn")) is not None:
+            raise RuntimeError(
+                "forward_fn is given: the model is not called as model(input), which is traced"
+            )
+        example = to_device(split_batch(batches[0], input_fn)[0], params[0].device)
+        get_engine("channels").check(model, example, options or PruneOptions(structure="channels"))
+    except (RuntimeError, ImportError, TypeError) as err:
+        warnings.warn(
+            f"prune(structure='auto') prunes the eigenbasis: channels are not possible here ({err})",
+            PruningWarning,
+            stacklevel=3,
+        )
+        return "eigenbasis"
+    return "channels"
