@@ -77,7 +77,9 @@ def run(args: argparse.Namespace, recalibrate_bn: bool) -> dict[str, Any]:
     schedule = PruningSchedule(
         steps={args.at: 1.0 - 1.0 / args.flops_x}, target="flops", fisher_batches=args.fisher_batches
     )
-    cb = EigenDamagePruning(schedule, recalibrate_bn=recalibrate_bn, seed=args.seed, verbose=False)
+    cb = EigenDamagePruning(
+        schedule, recalibrate_bn=recalibrate_bn, seed=args.seed, verbose=False, structure="eigenbasis"
+    )
     loader = DataLoader(
         TensorDataset(data.x_train, data.y_train),
         batch_size=128,

@@ -164,18 +164,19 @@ def fit(model: pl.LightningModule, train: TensorDataset, epochs: int, callbacks:
     trainer.fit(model, DataLoader(train, batch_size=64, shuffle=True))
 
 
-def plot_layers(report_rows: list[dict], path: Path) -> None:
+def plot_layers(report_rows: list[dict], path: Path, structure: str = "eigenbasis") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [r["name"] for r in report_rows]
+    unit = "directions" if structure == "eigenbasis" else "channels"
     pos = range(len(names))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=False)
     for ax, (orig, kept, title) in zip(
         axes,
-        [("in_features", "kept_in", "input directions"), ("out_features", "kept_out", "output directions")],
+        [("in_features", "kept_in", f"input {unit}"), ("out_features", "kept_out", f"output {unit}")],
     ):
         ax.bar(pos, [r[orig] for r in report_rows], color="#d0d7e1", label="dense width")
         ax.bar(pos, [r[kept] for r in report_rows], color="#3b6ea8", label="kept after pruning")
@@ -183,9 +184,10 @@ def plot_layers(report_rows: list[dict], path: Path) -> None:
             ax.text(i, r[kept], f"{r[kept]}", ha="center", va="bottom", fontsize=8)
         ax.set_xticks(list(pos), [f"{n}\n{r['form']}" for n, r in zip(names, report_rows)], fontsize=8)
         ax.set_title(f"kept {title} per layer")
-        ax.set_ylabel("directions")
+        ax.set_ylabel(unit)
     axes[0].legend(fontsize=8)
-    fig.suptitle("EigenDamage on digits: kept eigen-directions per layer (layer name, final form)")
+    what = "eigen-directions" if structure == "eigenbasis" else "channels"
+    fig.suptitle(f"EigenDamage on digits ({structure}): kept {what} per layer (layer name, final form)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -198,6 +200,12 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=20, help="epochs of the pruning fit")
     parser.add_argument("--finetune-lr", type=float, default=0.03, help="initial LR of the pruning fit")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--structure",
+        default=None,
+        choices=["auto", "channels", "eigenbasis"],
+        help="what the callback removes (default: the callback's default)",
+    )
     parser.add_argument(
         "--latency-batches", type=int, nargs="+", default=[1, 64], help="batch sizes of the latency timings"
     )
@@ -228,7 +236,8 @@ def main() -> None:
     # fine-tuning epoch 2 and 30 % of the rest after epoch 5 (0.6·0.6·0.7 ≈ 1/4 kept), fine-tune.
     model.lr, model.epochs = args.finetune_lr, args.finetune_epochs
     schedule = PruningSchedule(at_start=0.4, epochs={2: 0.4, 5: 0.3}, target="flops")
-    pruning = EigenDamagePruning(schedule=schedule, seed=args.seed)
+    structure = {} if args.structure is None else {"structure": args.structure}
+    pruning = EigenDamagePruning(schedule=schedule, seed=args.seed, **structure)
     fit(model, train, args.finetune_epochs, [pruning])
     pruned = {
         "accuracy": accuracy(model, test),
@@ -266,23 +275,24 @@ def main() -> None:
         f"{time.perf_counter() - start:.0f} s)"
     )
 
-    # Per-layer kept directions after the last round (each layer's latest entry).
-    final = {}
+    # Per layer: its widths before the first round, what it kept after the last.
+    first, final = {}, {}
     for report in pruning.reports:
         for layer in report.layers:
+            first.setdefault(layer.name, layer)
             final[layer.name] = layer
     layer_rows = [
         {
             "name": r.name,
-            "in_features": r.in_features,
-            "out_features": r.out_features,
+            "in_features": first[r.name].in_features,
+            "out_features": first[r.name].out_features,
             "kept_in": r.kept_in,
             "kept_out": r.kept_out,
             "form": "not pruned" if r.skipped else r.form,
         }
         for r in final.values()
     ]
-    plot_layers(layer_rows, out / "layers.png")
+    plot_layers(layer_rows, out / "layers.png", pruning.structure)
     results = {
         "dense": dense,
         "pruned": pruned,
@@ -290,6 +300,7 @@ def main() -> None:
         "param_reduction": dense["params"] / pruned["params"],
         "accuracy_change": pruned["accuracy"] - dense["accuracy"],
         "latency": {"threads": threads, "repeats": args.latency_repeats, "speedup": speedups},
+        "structure": pruning.structure,
         "rounds": [r.to_dict() for r in pruning.reports],
         "args": vars(args),
     }

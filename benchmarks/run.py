@@ -400,7 +400,7 @@ def run_one(args: argparse.Namespace, data: Data, method: str, flops_x: float, s
             fisher_batches=args.fisher_batches,
             target="flops",
         )
-        pruning = EigenDamagePruning(schedule=sched, seed=seed, verbose=False)
+        pruning = EigenDamagePruning(schedule=sched, seed=seed, verbose=False, structure="eigenbasis")
         callbacks = [pruning, RefreshBNAfterRounds(pruning, bn_batches)]
         t_prune = None
     else:

@@ -87,7 +87,7 @@ from .report import PruneReport, PruningWarning
 from .schedule import LoopState, PrunePoint, PruningSchedule
 
 _STATE_VERSION = 3
-DEFAULT_STRUCTURE = "eigenbasis"
+DEFAULT_STRUCTURE = "auto"  # channels where the dependency graph builds (see the README)
 
 
 class EigenDamagePruning(Callback):
@@ -99,6 +99,12 @@ class EigenDamagePruning(Callback):
             ``prune(ratio=...)``), or a :class:`~lightning_eigendamage.PruningSchedule` for step
             points, one-shot pruning at the start of ``fit``, the number of capture batches
             (``fisher_batches``) and parameter/FLOP targets.
+        structure: what a round removes: ``"channels"`` (whole channels; the layers stay plain
+            and narrower; needs Torch-Pruning's dependency graph, built from the first training
+            batch before any step), ``"eigenbasis"`` (the paper's eigen-directions, rotation
+            stages, any architecture, ``gradual`` available) or ``"auto"`` (default: channels
+            where the graph builds, the eigenbasis otherwise; decided once before training,
+            logged, kept in the checkpoint). See the README's "Structures".
         method: ``"eigendamage"``.
         fisher: ``"true"`` (default) or ``"empirical"`` (see the module docstring).
         input_fn: ``batch → model input``, the argument of ``pl_module(...)`` whose output are the

@@ -174,6 +174,12 @@ class PruneOptions:
             object.__setattr__(self, name, bool(value))
         if self.structure != "auto":
             self._resolve_in_place()
+        else:  # every engine "auto" may choose must accept the options, or the user must choose
+            for name in engine_names():
+                try:
+                    replace(self, structure=name)
+                except ValueError as err:
+                    raise ValueError(f"{err}; with structure='auto' pass the structure explicitly") from None
 
     def _resolve_in_place(self) -> None:
         """Fill the engine's defaults and check the options it does not accept."""

@@ -294,7 +294,9 @@ def run(config: str, out_dir: str, *, strategy: str, accelerator: str = "cpu", d
     """
     cfg = CONFIGS[config]
     if "gradual" in cfg:
-        callback = GradualRecorder(out_dir, cfg["schedule"], fisher=cfg["fisher"], gradual=cfg["gradual"])
+        callback = GradualRecorder(
+            out_dir, cfg["schedule"], fisher=cfg["fisher"], gradual=cfg["gradual"], structure="eigenbasis"
+        )
     else:
         callback = RankRecorder(
             out_dir, cfg["schedule"], fisher=cfg["fisher"], structure=cfg.get("structure", "eigenbasis")

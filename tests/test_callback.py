@@ -38,6 +38,7 @@ class Recording(EigenDamagePruning):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("verbose", False)
+        kwargs.setdefault("structure", "eigenbasis")  # these tests are about the eigenbasis
         super().__init__(*args, **kwargs)
         self.rounds: list[dict[str, Any]] = []
 
@@ -90,7 +91,7 @@ def test_fit_prunes_rebuilds_optimizer_and_trains_every_parameter(arch: str) -> 
     model = LitClassifier(net, lr=0.02)
     example = ds[:2][0]
     dense_flops = count_flops(model, example)
-    cb = EigenDamagePruning(schedule={0: 0.5}, verbose=False)
+    cb = EigenDamagePruning(schedule={0: 0.5}, verbose=False, structure="eigenbasis")
     snap = Snapshot(epochs=(0,))  # after cb in the list: the state right after pruning
     t = _fit(model, [cb, snap], loader(ds, 16), max_epochs=3)
 
@@ -132,7 +133,7 @@ def test_lr_sequence_is_the_same_with_and_without_pruning(make, interval, schedu
         log = MemoryLogger()
         cbs: list = [LearningRateMonitor(logging_interval="step")]
         if prune:
-            cbs.append(EigenDamagePruning(schedule=schedule, verbose=False))
+            cbs.append(EigenDamagePruning(schedule=schedule, verbose=False, structure="eigenbasis"))
         t = _fit(model, cbs, max_epochs=3, logger=log, log_every_n_steps=1)
         if prune:
             assert len(cbs[1].reports) == 1
@@ -254,7 +255,7 @@ def test_sgd_momentum_is_rotated_and_sliced_like_the_weights() -> None:
 def test_bad_schedules_raise_before_training(schedule, err, match) -> None:
     model = LitClassifier(small_cnn())
     with pytest.raises(err, match=match):
-        _fit(model, EigenDamagePruning(schedule=schedule), max_epochs=3, max_steps=10)
+        _fit(model, EigenDamagePruning(schedule=schedule, structure="eigenbasis"), max_epochs=3, max_steps=10)
     assert model.steps_run == 0
 
 
@@ -271,7 +272,7 @@ def test_bad_schedules_raise_before_training(schedule, err, match) -> None:
 )
 def test_bad_options_raise_in_init(kwargs, match) -> None:
     with pytest.raises((ValueError, TypeError), match=match):
-        EigenDamagePruning(schedule={0: 0.5}, **kwargs)
+        EigenDamagePruning(schedule={0: 0.5}, **kwargs, structure="eigenbasis")
 
 
 class _Depthwise(nn.Module):
@@ -286,14 +287,14 @@ class _Depthwise(nn.Module):
 def test_model_without_prunable_layer_raises_at_setup() -> None:
     model = LitClassifier(_Depthwise())
     with pytest.raises(ValueError, match=r"no prunable layer.*net\.dw: depthwise convolution"):
-        _fit(model, EigenDamagePruning(schedule={0: 0.5}), max_epochs=2)
+        _fit(model, EigenDamagePruning(schedule={0: 0.5}, structure="eigenbasis"), max_epochs=2)
     assert model.steps_run == 0
 
 
 def test_model_whose_only_layer_is_the_classifier_raises_before_training() -> None:
     model = LitClassifier(nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, 10)))
     with pytest.raises(ValueError, match=r"no prunable layer.*net\.1: last layer \(exempt_last=True\)"):
-        _fit(model, EigenDamagePruning(schedule={0: 0.5}), max_epochs=2)
+        _fit(model, EigenDamagePruning(schedule={0: 0.5}, structure="eigenbasis"), max_epochs=2)
     assert model.steps_run == 0
 
 
@@ -303,14 +304,14 @@ def test_stochastic_weight_averaging_beside_the_callback_is_refused_before_train
     model = LitClassifier(small_cnn())
     swa = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1)
     with pytest.raises(ValueError, match="cannot run beside StochasticWeightAveraging"):
-        _fit(model, [EigenDamagePruning(schedule={0: 0.5}), swa], max_epochs=2)
+        _fit(model, [EigenDamagePruning(schedule={0: 0.5}, structure="eigenbasis"), swa], max_epochs=2)
     assert model.steps_run == 0
 
 
 def test_one_instance_fitting_a_new_model_starts_over_and_the_same_model_goes_on() -> None:
     import pickle
 
-    cb = EigenDamagePruning(schedule={0: 0.5}, verbose=False)
+    cb = EigenDamagePruning(schedule={0: 0.5}, verbose=False, structure="eigenbasis")
     first, second = LitClassifier(small_cnn()), LitClassifier(small_cnn())
     _fit(first, cb, max_epochs=1)
     assert len(cb.reports) == 1 and any(isinstance(m, KFELayer) for m in first.modules())
@@ -327,7 +328,7 @@ def test_single_logit_with_the_categorical_likelihood_raises_before_training() -
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, 8), nn.ReLU(), nn.Linear(8, 1))
     model = LitClassifier(net)
     with pytest.raises(ValueError, match=r"single logit on class_dim=-1.*likelihood='bernoulli'"):
-        _fit(model, EigenDamagePruning(schedule={0: 0.5}), max_epochs=2)
+        _fit(model, EigenDamagePruning(schedule={0: 0.5}, structure="eigenbasis"), max_epochs=2)
     assert model.steps_run == 0
 
 
@@ -352,7 +353,9 @@ def test_skipped_layers_are_logged_with_reasons(caplog) -> None:
     try:
         with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
             model = LitClassifier(_Mixed())
-            cb = EigenDamagePruning(schedule={0: 0.5}, exclude=["net.aux"], verbose=False)
+            cb = EigenDamagePruning(
+                schedule={0: 0.5}, exclude=["net.aux"], verbose=False, structure="eigenbasis"
+            )
             _fit(model, cb, max_epochs=2)
     finally:
         log.removeHandler(caplog.handler)
@@ -430,7 +433,7 @@ def test_fp16_with_grad_scaler_gives_float32_factors() -> None:
 def test_bf16_mixed_fit_prunes_on_cpu(fisher: str) -> None:
     torch.manual_seed(0)
     model = LitClassifier(small_cnn())
-    cb = EigenDamagePruning(schedule={0: 0.5}, fisher=fisher, verbose=False)
+    cb = EigenDamagePruning(schedule={0: 0.5}, fisher=fisher, verbose=False, structure="eigenbasis")
     _fit(model, cb, max_epochs=2, precision="bf16-mixed")
     (report,) = cb.reports
     assert report.skipped_batches == 0 and report.batches == 4
@@ -464,7 +467,9 @@ def test_true_fisher_capture_leaves_training_bit_identical() -> None:
     def run(with_cb: bool) -> Snapshot:
         model = LitClassifier(copy.deepcopy(net))
         snap = Snapshot(epochs=(0, 1))  # before the pruning callback: sees the state before pruning
-        cbs: list = [snap] + ([EigenDamagePruning(schedule={1: 0.5}, verbose=False)] if with_cb else [])
+        cbs: list = [snap] + (
+            [EigenDamagePruning(schedule={1: 0.5}, verbose=False, structure="eigenbasis")] if with_cb else []
+        )
         torch.manual_seed(1)
         dl = DataLoader(ds, batch_size=16, shuffle=True)
         _fit(model, cbs, dl, max_epochs=2)
@@ -527,7 +532,9 @@ def test_rebuilt_layers_keep_the_mode_of_the_layers_they_replace() -> None:
     torch.manual_seed(0)
     model = LitClassifier(small_cnn())
     model.net[3].eval()  # e.g. a frozen part of a backbone: Lightning 2.6 keeps modes as given
-    cb = EigenDamagePruning(schedule=PruningSchedule(at_start=0.5, fisher_batches=1), form="bottleneck")
+    cb = EigenDamagePruning(
+        schedule=PruningSchedule(at_start=0.5, fisher_batches=1), form="bottleneck", structure="eigenbasis"
+    )
     _fit(model, cb, max_epochs=1)
     assert isinstance(model.net[3], KFELayer) and isinstance(model.net[5], KFELayer)
     assert not any(m.training for m in model.net[3].modules())
@@ -538,7 +545,9 @@ def test_flops_target_is_met() -> None:
     torch.manual_seed(0)
     model = LitClassifier(small_cnn())
     log = MemoryLogger()
-    cb = EigenDamagePruning(schedule=PruningSchedule(epochs={0: 0.6}, target="flops"), verbose=False)
+    cb = EigenDamagePruning(
+        schedule=PruningSchedule(epochs={0: 0.6}, target="flops"), verbose=False, structure="eigenbasis"
+    )
     _fit(model, cb, max_epochs=2, logger=log, log_every_n_steps=1)
     (r,) = cb.reports
     assert r.target == "flops"
@@ -550,7 +559,7 @@ def test_metrics_are_logged_through_lightning() -> None:
     torch.manual_seed(0)
     model = LitClassifier(small_cnn())
     log = MemoryLogger()
-    cb = EigenDamagePruning(schedule={0: 0.5, 1: 0.3}, verbose=False)
+    cb = EigenDamagePruning(schedule={0: 0.5, 1: 0.3}, verbose=False, structure="eigenbasis")
     _fit(model, cb, max_epochs=3, logger=log, log_every_n_steps=1)
     assert len(cb.reports) == 2
     assert log.series("pruning/params") == [float(r.params_after) for r in cb.reports]
@@ -592,10 +601,15 @@ def test_dict_batches_need_input_fn() -> None:
         TypeError, match=r"dict batch: pass EigenDamagePruning\(\.\.\., input_fn=lambda batch"
     ):
         _fit(
-            model, EigenDamagePruning(schedule={0: 0.5}), DataLoader(_DictData(), batch_size=8), max_epochs=2
+            model,
+            EigenDamagePruning(schedule={0: 0.5}, structure="eigenbasis"),
+            DataLoader(_DictData(), batch_size=8),
+            max_epochs=2,
         )
     assert model.steps_run == 0
-    cb = EigenDamagePruning(schedule={0: 0.5}, input_fn=lambda b: b["image"], verbose=False)
+    cb = EigenDamagePruning(
+        schedule={0: 0.5}, input_fn=lambda b: b["image"], verbose=False, structure="eigenbasis"
+    )
     _fit(_DictModel(small_cnn()), cb, DataLoader(_DictData(), batch_size=8), max_epochs=2)
     assert cb.reports[0].flops_after < cb.reports[0].flops_before
 
@@ -613,20 +627,24 @@ def test_optimizer_built_from_a_stale_parameter_list_is_an_error() -> None:
     with pytest.raises(
         RuntimeError, match=r"no longer in the model: build the optimizer from self\.parameters"
     ):
-        _fit(_StaleOptimizer(small_cnn()), EigenDamagePruning(schedule={0: 0.5}, verbose=False), max_epochs=2)
+        _fit(
+            _StaleOptimizer(small_cnn()),
+            EigenDamagePruning(schedule={0: 0.5}, verbose=False, structure="eigenbasis"),
+            max_epochs=2,
+        )
 
 
 def test_state_dict_is_plain_data_and_round_trips() -> None:
     torch.manual_seed(0)
     model = LitClassifier(small_cnn())
-    cb = EigenDamagePruning(schedule={0: 0.5, 1: 0.5}, verbose=False)
+    cb = EigenDamagePruning(schedule={0: 0.5, 1: 0.5}, verbose=False, structure="eigenbasis")
     _fit(model, cb, max_epochs=2)
     buf = io.BytesIO()
     torch.save(cb.state_dict(), buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
     assert state["done"] == ["epoch:0", "epoch:1"]
-    other = EigenDamagePruning(schedule={0: 0.5, 1: 0.5})
+    other = EigenDamagePruning(schedule={0: 0.5, 1: 0.5}, structure="eigenbasis")
     other.load_state_dict(state)
     assert [r.to_dict() for r in other.reports] == [r.to_dict() for r in cb.reports]
     assert other.state_dict()["done"] == state["done"]
@@ -646,7 +664,14 @@ def test_round_to_and_form_by_are_passed_to_prune(monkeypatch) -> None:
         return real(mods, example, repeats=2)
 
     monkeypatch.setattr(pruner_mod, "time_modules", spy)
-    cb = EigenDamagePruning(schedule={0: 0.6}, round_to=4, form_by="latency", latency_batch=3, verbose=False)
+    cb = EigenDamagePruning(
+        schedule={0: 0.6},
+        round_to=4,
+        form_by="latency",
+        latency_batch=3,
+        verbose=False,
+        structure="eigenbasis",
+    )
     _fit(model, cb, max_epochs=1)
     assert seen and set(seen) == {3}
     for m in model.modules():
@@ -654,9 +679,9 @@ def test_round_to_and_form_by_are_passed_to_prune(monkeypatch) -> None:
             assert m.rotate_in is None or m.rank_in % 4 == 0 or m.rank_in == m.in_features
             assert m.rotate_out is None or m.rank_out % 4 == 0 or m.rank_out == m.out_features
     with pytest.raises(ValueError, match="round_to must be a positive integer"):
-        EigenDamagePruning(schedule={0: 0.5}, round_to=0)
+        EigenDamagePruning(schedule={0: 0.5}, round_to=0, structure="eigenbasis")
     with pytest.raises(ValueError, match="form_by must be one of"):
-        EigenDamagePruning(schedule={0: 0.5}, form_by="speed")
+        EigenDamagePruning(schedule={0: 0.5}, form_by="speed", structure="eigenbasis")
 
 
 def test_compiled_network_is_pruned_without_recompiling_every_batch() -> None:
@@ -670,7 +695,9 @@ def test_compiled_network_is_pruned_without_recompiling_every_batch() -> None:
     torch.manual_seed(0)
     net = small_cnn()
     compiled = torch.compile(net, backend="eager")
-    cb = EigenDamagePruning(schedule=PruningSchedule(epochs={0: 0.5}, fisher_batches=3), verbose=False)
+    cb = EigenDamagePruning(
+        schedule=PruningSchedule(epochs={0: 0.5}, fisher_batches=3), verbose=False, structure="eigenbasis"
+    )
     _fit(LitClassifier(compiled), cb, max_epochs=3)
     assert len(cb.reports) == 1 and cb.reports[0].flops_after < cb.reports[0].flops_before
     assert any(isinstance(m, KFELayer) for m in net.modules())

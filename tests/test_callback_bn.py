@@ -51,7 +51,7 @@ def _fit(recalibrate_bn: bool | None) -> tuple[LitClassifier, _LastBatchBuffers,
     lit = LitClassifier(_net(), lr=0.01)
     kw = {} if recalibrate_bn is None else {"recalibrate_bn": recalibrate_bn}
     # Prune the middle conv at the end of the only epoch: nothing trains after the round.
-    cb = EigenDamagePruning({0: 0.5}, exclude=["net.0"], verbose=False, **kw)
+    cb = EigenDamagePruning({0: 0.5}, exclude=["net.0"], verbose=False, **kw, structure="eigenbasis")
     last = _LastBatchBuffers()
     with pytest.warns(UserWarning, match="no fine-tuning"):
         trainer(max_epochs=1, callbacks=[last, cb], limit_val_batches=0).fit(
@@ -89,4 +89,4 @@ def test_recalibrate_bn_false_leaves_the_statistics_of_the_last_batch() -> None:
 
 def test_recalibrate_bn_is_validated() -> None:
     with pytest.raises((TypeError, ValueError), match="recalibrate_bn"):
-        EigenDamagePruning({0: 0.5}, recalibrate_bn="yes")
+        EigenDamagePruning({0: 0.5}, recalibrate_bn="yes", structure="eigenbasis")

@@ -585,7 +585,11 @@ def test_an_unreachable_target_warns():
 def test_relative_ranks_by_the_square_root_of_each_readers_damage(monkeypatch):
     net, batches = _net(), _batches()
     seen: dict[str, dict] = {}
-    scores, collect, select = channels_mod.scores_from_factors, channels_mod._collect_groups, channels_mod._select
+    scores, collect, select = (
+        channels_mod.scores_from_factors,
+        channels_mod._collect_groups,
+        channels_mod._select,
+    )
 
     def spy_scores(*args, **kwargs):
         out = scores(*args, **kwargs)
@@ -620,7 +624,11 @@ def test_greedy_scores_rank_each_group_by_the_root_of_its_sequential_damage(monk
     """By default (``greedy_steps=32``) each group is scored once by the greedy sequential removal
     over its readers, and ranked by the square root of that (``"relative"``) or by it."""
     net, batches = _net(), _batches()
-    greedy, collect, select = channels_mod.greedy_input_obs_scores, channels_mod._collect_groups, channels_mod._select
+    greedy, collect, select = (
+        channels_mod.greedy_input_obs_scores,
+        channels_mod._collect_groups,
+        channels_mod._select,
+    )
     made: list[torch.Tensor] = []
     ranked: list[torch.Tensor] = []
 

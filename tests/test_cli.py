@@ -99,6 +99,7 @@ trainer:
 """
 
 OPTIONS = """\
+structure: eigenbasis  # these tests check the eigenbasis's layers
 fisher: "{fisher}"  # quoted: YAML reads a bare true as a boolean
 input_fn: test_cli.first_input  # a callable by import path (tests/ is on sys.path)
 exclude: [net.0]

@@ -322,7 +322,9 @@ def test_callback_prunes_on_device_in_a_bf16_mixed_fit() -> None:
     model = LitClassifier(small_cnn(), lr=0.02)
     example = ds[:2][0]
     dense_flops = count_flops(model, example)
-    cb = EigenDamagePruning(schedule=PruningSchedule(epochs={0: 0.5}, target="flops"), verbose=False)
+    cb = EigenDamagePruning(
+        schedule=PruningSchedule(epochs={0: 0.5}, target="flops"), verbose=False, structure="eigenbasis"
+    )
     watch = _Watch()
     accelerator, devices = _lightning_device()
     trainer = make_trainer(

@@ -117,7 +117,9 @@ def _check_two_rounds(ranks: list[dict[str, Any]], backend: str, start_method: s
 
 @pytest.mark.parametrize("config", ["rounds", "channels"])
 @pytest.mark.parametrize("accelerator", DEVICES)
-def test_ddp_spawn_two_rounds_decide_once_for_all_ranks(tmp_path: Path, accelerator: str, config: str) -> None:
+def test_ddp_spawn_two_rounds_decide_once_for_all_ranks(
+    tmp_path: Path, accelerator: str, config: str
+) -> None:
     model = ddp_fit.run(config, str(tmp_path), strategy="ddp_spawn", accelerator=accelerator, devices=2)
     ranks = _ranks(tmp_path)
     _check_two_rounds(ranks, "gloo" if accelerator == "cpu" else "nccl", "spawn")
@@ -129,7 +131,9 @@ def test_ddp_spawn_two_rounds_decide_once_for_all_ranks(tmp_path: Path, accelera
 
 @pytest.mark.parametrize("config", ["rounds", "channels"])
 @pytest.mark.parametrize("accelerator", DEVICES)
-def test_ddp_script_in_a_subprocess_gives_the_same_result(tmp_path: Path, accelerator: str, config: str) -> None:
+def test_ddp_script_in_a_subprocess_gives_the_same_result(
+    tmp_path: Path, accelerator: str, config: str
+) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
         env.pop(key, None)
@@ -198,7 +202,7 @@ def test_model_parallel_strategy_is_refused_at_setup_of_a_real_fit() -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[EigenDamagePruning({0: 0.5}, verbose=False)],
+        callbacks=[EigenDamagePruning({0: 0.5}, verbose=False, structure="eigenbasis")],
     )
     model = LitClassifier(small_cnn())
     try:
@@ -232,7 +236,7 @@ def test_sharding_strategies_are_refused_by_setup(make) -> None:
     with pytest.raises(
         NotImplementedError, match=rf"not support {type(strategy).__name__} yet\. {_SUPPORTED}"
     ):
-        EigenDamagePruning({0: 0.5}).setup(
+        EigenDamagePruning({0: 0.5}, structure="eigenbasis").setup(
             SimpleNamespace(strategy=strategy), LitClassifier(small_cnn()), "fit"
         )
 
@@ -240,7 +244,7 @@ def test_sharding_strategies_are_refused_by_setup(make) -> None:
 @pytest.mark.parametrize("strategy", [DDPStrategy(), SingleDeviceStrategy("cpu")], ids=["ddp", "single"])
 def test_supported_strategies_pass_setup(strategy) -> None:
     stand_in = SimpleNamespace(strategy=strategy, max_epochs=2, max_steps=-1, callbacks=[])
-    EigenDamagePruning({0: 0.5}).setup(stand_in, LitClassifier(small_cnn()), "fit")
+    EigenDamagePruning({0: 0.5}, structure="eigenbasis").setup(stand_in, LitClassifier(small_cnn()), "fit")
 
 
 def test_a_model_with_pruned_loading_enabled_pickles() -> None:

@@ -45,7 +45,7 @@ def test_main_process_gets_rank_zero_pruned_trained_weights(tmp_path: Path) -> N
     model = SpawnLit()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     dump = tmp_path / "rank0.pt"
-    cb = EigenDamagePruning(schedule={0: 0.5}, verbose=False)
+    cb = EigenDamagePruning(schedule={0: 0.5}, verbose=False, structure="eigenbasis")
     _spawn_trainer(callbacks=[cb, SaveRankZero(str(dump))], max_epochs=2).fit(
         model, loader(image_data(32), 16)
     )
@@ -65,7 +65,7 @@ def test_main_process_gets_rank_zero_pruned_trained_weights(tmp_path: Path) -> N
 
 def test_spawn_without_pruned_loading_is_refused_before_training() -> None:
     t = _spawn_trainer(max_epochs=2)
-    cb = EigenDamagePruning(schedule={0: 0.5}, verbose=False)
+    cb = EigenDamagePruning(schedule={0: 0.5}, verbose=False, structure="eigenbasis")
     with pytest.raises(ValueError, match=r"enable_pruned_loading\(self\) in your LightningModule's __init__"):
         cb.setup(t, LitClassifier(small_cnn()), "fit")
     model = SpawnLit()

@@ -101,7 +101,7 @@ def test_gpu_check_quick_on_cpu(tmp_path: Path) -> None:
     summary = (out / "summary.md").read_text()
     assert "NOT GPU measurements" in summary
     assert "Command: `bash benchmarks/gpu_check.sh --device cpu --quick --out" in summary
-    assert "Device: cpu, " in summary and f"{len(cuda)} passed, 2 skipped, 0 failed" in summary
+    assert "Device: cpu, " in summary and f"{len(cuda)} passed, {len(ddp)} skipped, 0 failed" in summary
     assert "| resnet32 | nchw | 4 |" in summary
     assert f"**{m['estimate_h_per_dataset']:.1f} h** per dataset" in summary
     assert "SMOKE RUN" in (out / "speed.log").read_text()  # says its numbers are not measurements

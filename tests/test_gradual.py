@@ -106,6 +106,7 @@ class Watch(EigenDamagePruning):
 
     def __init__(self, *args: Any, probe: torch.Tensor = PROBE, **kwargs: Any) -> None:
         kwargs.setdefault("verbose", False)
+        kwargs.setdefault("structure", "eigenbasis")  # these tests are about the eigenbasis
         super().__init__(*args, **kwargs)
         self.probe = probe
         self.window: GradualWindow | None = None
@@ -288,7 +289,7 @@ def test_the_window_survives_state_dict_and_a_resume_inside_it(fits) -> None:
     for a, b in zip(got.layers, want.layers, strict=True):
         assert a.param == b.param and (a.removed_in, a.removed_out) == (b.removed_in, b.removed_out)
         assert torch.equal(a.q_a, b.q_a.cpu()) and torch.equal(a.q_g, b.q_g.cpu())
-    other = EigenDamagePruning({0: 0.5}, gradual=gradual)
+    other = EigenDamagePruning({0: 0.5}, gradual=gradual, structure="eigenbasis")
     other.load_state_dict(saved)
     assert other.gradual_window.to_dict()["layers"][0]["removed_out"] == list(want.layers[0].removed_out)
 
@@ -309,8 +310,13 @@ def test_the_window_survives_state_dict_and_a_resume_inside_it(fits) -> None:
 
 
 def test_state_dict_without_the_option_is_unchanged() -> None:
-    assert "gradual" not in EigenDamagePruning({0: 0.5}).state_dict()
-    assert EigenDamagePruning({0: 0.5}, gradual=GradualRemoval(1, 1.0)).state_dict()["gradual"] is None
+    assert "gradual" not in EigenDamagePruning({0: 0.5}, structure="eigenbasis").state_dict()
+    assert (
+        EigenDamagePruning({0: 0.5}, gradual=GradualRemoval(1, 1.0), structure="eigenbasis").state_dict()[
+            "gradual"
+        ]
+        is None
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,14 +346,22 @@ def test_bad_settings_are_refused(kwargs: dict, error: type, match: str) -> None
 
 def test_bad_combinations_with_the_schedule_are_refused_by_the_constructor() -> None:
     with pytest.raises(TypeError, match=r"gradual must be a lightning_eigendamage.GradualRemoval"):
-        EigenDamagePruning({0: 0.5}, gradual={"steps": 3, "penalty": 1.0})
+        EigenDamagePruning({0: 0.5}, gradual={"steps": 3, "penalty": 1.0}, structure="eigenbasis")
     with pytest.raises(ValueError, match=r"has only an at_start point"):
-        EigenDamagePruning(PruningSchedule(at_start=0.5), gradual=GradualRemoval(3, 1.0))
+        EigenDamagePruning(
+            PruningSchedule(at_start=0.5), gradual=GradualRemoval(3, 1.0), structure="eigenbasis"
+        )
     with pytest.raises(ValueError, match=r"steps=5\) does not fit before the round step:5.*pass steps ≤ 4"):
-        EigenDamagePruning(PruningSchedule(steps={5: 0.5}), gradual=GradualRemoval(5, 1.0))
+        EigenDamagePruning(
+            PruningSchedule(steps={5: 0.5}), gradual=GradualRemoval(5, 1.0), structure="eigenbasis"
+        )
     with pytest.raises(ValueError, match=r"before the round step:14.*the round step:10 \(step 10\)"):
-        EigenDamagePruning(PruningSchedule(steps={10: 0.5, 14: 0.5}), gradual=GradualRemoval(4, 1.0))
-    EigenDamagePruning(PruningSchedule(steps={10: 0.5, 15: 0.5}), gradual=GradualRemoval(4, 1.0))
+        EigenDamagePruning(
+            PruningSchedule(steps={10: 0.5, 14: 0.5}), gradual=GradualRemoval(4, 1.0), structure="eigenbasis"
+        )
+    EigenDamagePruning(
+        PruningSchedule(steps={10: 0.5, 15: 0.5}), gradual=GradualRemoval(4, 1.0), structure="eigenbasis"
+    )
 
 
 def _fit_fails(cb: EigenDamagePruning, data: Any, match: str, **kw: Any) -> None:
@@ -362,14 +376,18 @@ def test_epoch_points_are_checked_at_train_start() -> None:
     data = loader(image_data(64), batch_size=8)  # 8 optimizer steps per epoch
     # Epoch 0 prunes after step 8: a window of 8 steps leaves none to measure curvature.
     _fit_fails(
-        EigenDamagePruning({0: 0.5, 2: 0.5}, gradual=GradualRemoval(8, 1.0), verbose=False),
+        EigenDamagePruning(
+            {0: 0.5, 2: 0.5}, gradual=GradualRemoval(8, 1.0), verbose=False, structure="eigenbasis"
+        ),
         data,
         r"before the round epoch:0, which prunes after optimizer step 8",
         max_epochs=3,
     )
     # With accumulate_grad_batches=2 an epoch is 4 steps: epochs 1 and 2 prune after steps 8 and 12.
     _fit_fails(
-        EigenDamagePruning({1: 0.5, 2: 0.5}, gradual=GradualRemoval(4, 1.0), verbose=False),
+        EigenDamagePruning(
+            {1: 0.5, 2: 0.5}, gradual=GradualRemoval(4, 1.0), verbose=False, structure="eigenbasis"
+        ),
         data,
         r"before the round epoch:2, which prunes after optimizer step 12: only 4 step\(s\) lie between "
         r"it and the round epoch:1 \(step 8\)",
@@ -385,7 +403,7 @@ class _Stream(IterableDataset):
 
 
 def test_epoch_points_need_a_loader_with_a_length() -> None:
-    cb = EigenDamagePruning({0: 0.5}, gradual=GradualRemoval(2, 1.0), verbose=False)
+    cb = EigenDamagePruning({0: 0.5}, gradual=GradualRemoval(2, 1.0), verbose=False, structure="eigenbasis")
     _fit_fails(
         cb, DataLoader(_Stream(), batch_size=8), r"the training dataloader has no length", max_epochs=1
     )

@@ -83,6 +83,7 @@ class Counting(EigenDamagePruning):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("verbose", False)
+        kwargs.setdefault("structure", "eigenbasis")  # these tests are about the eigenbasis
         super().__init__(*args, **kwargs)
         self.rounds: list[dict[str, Any]] = []
 
@@ -326,7 +327,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[PrunableLit, Path
     d = tmp_path_factory.mktemp("trained")
     model = _model(PrunableLit)
     ckpt = ModelCheckpoint(dirpath=d, save_last=True)
-    cbs = [EigenDamagePruning(schedule={0: 0.5}, verbose=False), ckpt]
+    cbs = [EigenDamagePruning(schedule={0: 0.5}, verbose=False, structure="eigenbasis"), ckpt]
     t = trainer(callbacks=cbs, max_epochs=2, enable_checkpointing=True)
     t.fit(model, _data())
     assert any(isinstance(m, KFELayer) for m in model.modules())
@@ -347,7 +348,7 @@ def test_validate_with_ckpt_path_loads_a_pruned_checkpoint_while_the_callback_is
 ) -> None:
     model, path = trained
     fresh = LossLit()
-    t = trainer(callbacks=[EigenDamagePruning(schedule={0: 0.5}, verbose=False)])
+    t = trainer(callbacks=[EigenDamagePruning(schedule={0: 0.5}, verbose=False, structure="eigenbasis")])
     (metrics,) = t.validate(fresh, _data(), ckpt_path=str(path), verbose=False)
     x = image_data(8)[:][0]
     with torch.no_grad():
@@ -464,7 +465,7 @@ def test_resume_keeps_frozen_rotations_frozen(trained: tuple) -> None:
     state = torch.load(path, weights_only=True)["state_dict"]
     for train_rotations in (False, True):
         model = LossLit()
-        cb = EigenDamagePruning(schedule={3: 0.5}, train_rotations=train_rotations)
+        cb = EigenDamagePruning(schedule={3: 0.5}, train_rotations=train_rotations, structure="eigenbasis")
         cb.setup(trainer(max_epochs=4), model, "fit")
         model.load_state_dict(state)  # what Trainer.fit(ckpt_path=...) does next
         rotations = [
@@ -519,7 +520,7 @@ def test_loaded_generator_state_wins_over_a_reused_callbacks_own() -> None:
         global_rank = 0
 
     model = LossLit()
-    cb = EigenDamagePruning(schedule={0: 0.5}, seed=0)
+    cb = EigenDamagePruning(schedule={0: 0.5}, seed=0, structure="eigenbasis")
     saved = torch.Generator().manual_seed(123).get_state()
     cb.on_fit_start(Stub(), model)  # a first fit: the callback has a generator of its own
     cb.load_state_dict(dict(cb.state_dict(), generator=saved))

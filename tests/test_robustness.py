@@ -173,6 +173,7 @@ def test_callback_says_an_unreachable_target_once_and_logs_it() -> None:
         PruningSchedule(epochs={0: 0.9}, fisher_batches=2, target="flops"),
         exclude=["net.0", "net.3"],
         verbose=False,
+        structure="eigenbasis",
     )
     with pytest.warns(TargetNotReachedWarning, match="EigenDamagePruning round epoch:0") as rec:
         trainer(max_epochs=2, callbacks=[cb], logger=logger, log_every_n_steps=1).fit(
@@ -191,7 +192,7 @@ def test_callback_says_an_unreachable_target_once_and_logs_it() -> None:
 def test_step_point_beyond_the_run_is_an_error_before_training() -> None:
     model = LitClassifier(small_cnn())
     before = copy.deepcopy(model.state_dict())
-    cb = EigenDamagePruning(PruningSchedule(steps={1000: 0.5}), verbose=False)
+    cb = EigenDamagePruning(PruningSchedule(steps={1000: 0.5}), verbose=False, structure="eigenbasis")
     with pytest.raises(ValueError, match=r"step\(s\) \[1000\].*only 12 optimizer step"):
         trainer(max_epochs=3, callbacks=[cb]).fit(model, loader(image_data(64)))  # 3 × 4 steps
     assert model.steps_run == 0
@@ -201,7 +202,9 @@ def test_step_point_beyond_the_run_is_an_error_before_training() -> None:
 
 def test_step_point_within_the_run_is_accepted() -> None:
     model = LitClassifier(small_cnn())
-    cb = EigenDamagePruning(PruningSchedule(steps={12: 0.3}, fisher_batches=2), verbose=False)
+    cb = EigenDamagePruning(
+        PruningSchedule(steps={12: 0.3}, fisher_batches=2), verbose=False, structure="eigenbasis"
+    )
     trainer(max_epochs=3, callbacks=[cb]).fit(model, loader(image_data(64)))
     assert len(cb.reports) == 1
 
@@ -215,7 +218,7 @@ class _Stream(IterableDataset):
 
 def test_step_points_of_a_run_of_unknown_length_warn() -> None:
     model = LitClassifier(small_cnn())
-    cb = EigenDamagePruning(PruningSchedule(steps={1000: 0.5}), verbose=False)
+    cb = EigenDamagePruning(PruningSchedule(steps={1000: 0.5}), verbose=False, structure="eigenbasis")
     with pytest.warns(UserWarning, match=r"length is unknown.*\[1000\]"):
         trainer(max_epochs=1, callbacks=[cb]).fit(model, DataLoader(_Stream(), batch_size=2))
 
@@ -248,7 +251,7 @@ def _tiny_lightning_transformer():
 
 def test_lightning_transformer_without_forward_fn_names_the_options() -> None:
     model = _tiny_lightning_transformer()
-    cb = EigenDamagePruning({0: 0.5}, verbose=False)
+    cb = EigenDamagePruning({0: 0.5}, verbose=False, structure="eigenbasis")
     with pytest.raises(RuntimeError, match=r"forward_fn=.*input_fn") as err:
         trainer(max_epochs=2, callbacks=[cb]).fit(model)
     assert isinstance(err.value.__cause__, TypeError)
@@ -257,7 +260,10 @@ def test_lightning_transformer_without_forward_fn_names_the_options() -> None:
 def test_lightning_transformer_is_pruned_with_forward_fn() -> None:
     model = _tiny_lightning_transformer()
     cb = EigenDamagePruning(
-        PruningSchedule(epochs={0: 0.5}, fisher_batches=3), forward_fn=lambda m, b: m(*b), verbose=False
+        PruningSchedule(epochs={0: 0.5}, fisher_batches=3),
+        forward_fn=lambda m, b: m(*b),
+        verbose=False,
+        structure="eigenbasis",
     )
     trainer(max_epochs=2, callbacks=[cb]).fit(model)
     report = cb.reports[0]
@@ -378,7 +384,7 @@ def test_exclude_that_is_not_a_list_says_what_to_pass() -> None:
     with pytest.raises(TypeError, match=r"exclude takes .* got int 123"):
         prune(ConvNet(), conv_batches(1), ratio=0.5, exclude=123)
     with pytest.raises(TypeError, match=r"exclude takes .* got int 123"):
-        EigenDamagePruning({0: 0.5}, exclude=123)
+        EigenDamagePruning({0: 0.5}, exclude=123, structure="eigenbasis")
 
 
 def test_a_bare_tensor_as_batches_says_to_wrap_it() -> None:
@@ -486,7 +492,10 @@ def test_callback_leaves_layers_wider_than_max_factor_dim_whole(monkeypatch) -> 
     torch.manual_seed(0)
     model = LitClassifier(small_cnn())
     cb = EigenDamagePruning(
-        PruningSchedule(epochs={0: 0.5}, fisher_batches=2), max_factor_dim=16, verbose=False
+        PruningSchedule(epochs={0: 0.5}, fisher_batches=2),
+        max_factor_dim=16,
+        verbose=False,
+        structure="eigenbasis",
     )
     trainer(max_epochs=1, callbacks=[cb]).fit(model, loader(image_data(32)))
     skipped = {r.name: r.skipped for r in cb.reports[0].layers if r.skipped}
@@ -494,7 +503,7 @@ def test_callback_leaves_layers_wider_than_max_factor_dim_whole(monkeypatch) -> 
     assert isinstance(model.net[0], KFELayer) and isinstance(model.net[3], nn.Conv2d)
     assert {"net.0"} in asked and not any({"net.3", "net.5", "net.9"} & a for a in asked)  # no factor
     with pytest.raises(ValueError, match="max_factor_dim must be a positive integer"):
-        EigenDamagePruning({0: 0.5}, max_factor_dim=0)
+        EigenDamagePruning({0: 0.5}, max_factor_dim=0, structure="eigenbasis")
 
 
 def _hooked_net() -> nn.Sequential:
@@ -616,7 +625,7 @@ def test_a_callback_round_leaves_the_global_random_stream_alone() -> None:
         def on_train_epoch_end(self, trainer, pl_module) -> None:
             states.append(torch.get_rng_state())
 
-    cb = EigenDamagePruning(schedule={0: 0.5}, verbose=False)
+    cb = EigenDamagePruning(schedule={0: 0.5}, verbose=False, structure="eigenbasis")
     model = LitClassifier(small_cnn())
     trainer(callbacks=[Spy(), cb, Spy()], max_epochs=1).fit(model, loader(image_data(32), 16))
     assert len(cb.reports) == 1 and len(states) == 2
