@@ -1035,8 +1035,9 @@ class EigenDamagePruning(Callback):
         if self.verbose:
             rank_zero_info(
                 f"EigenDamagePruning round {len(self.reports)} ({point.describe()}, fraction "
-                f"{point.fraction:g} of {self.schedule.target}): factors from {captured.batches} batch(es) "
-                f"({captured.skipped_batches} non-finite skipped); capture {t_capture:.2f} s, prune "
+                f"{point.fraction:g} of {report.target}, {report.structure}): factors from "
+                f"{captured.batches} batch(es) ({captured.skipped_batches} non-finite skipped); "
+                f"capture {t_capture:.2f} s, prune "
                 f"{t_prune:.2f} s, optimizer {t_optim:.2f} s\n{report.summary()}\n{transplant.summary()}"
             )
 

@@ -73,6 +73,11 @@ def restore_pruned(
 ) -> nn.Module:
     """Reshape a freshly built ``model`` to the pruned architecture in ``checkpoint`` and load it.
 
+    Both structures: eigenbasis layers are rebuilt from their records, and layers whose channels
+    were removed (marked in the state_dict's metadata, :class:`NarrowedMark`) from their tensors'
+    shapes (:func:`narrowed_modules`). A channel-pruned state_dict that lost its metadata (copied
+    key by key) needs :func:`~lightning_eigendamage.restore_channels` and example inputs.
+
     Args:
         model: the model as constructed (unpruned), or already pruned to the same architecture.
         checkpoint: a path or a binary file object with ``read`` and ``seek`` (e.g.
@@ -116,8 +121,9 @@ def enable_pruned_loading(model: nn.Module) -> Any:
     """Let ``model.load_state_dict`` accept pruned state_dicts directly.
 
     Registers a ``load_state_dict`` pre-hook on ``model`` that, before any child loads, reshapes
-    the layers named in the incoming state_dict's pruned-layer records (see
-    :func:`restore_pruned`). Call it in a LightningModule's ``__init__`` to make
+    the layers named in the incoming state_dict's pruned-layer records and narrows the layers it
+    marks as channel-pruned (either structure; see :func:`restore_pruned`). Call it in a
+    LightningModule's ``__init__`` to make
     ``Model.load_from_checkpoint(path)`` and ``Trainer.fit(..., ckpt_path=...)`` work with pruned
     checkpoints, and (with ``strategy="ddp_spawn"``) to let the main process take the pruned,
     trained weights back after ``fit``. The hook is picklable, so the model can still be sent to
