@@ -3,7 +3,7 @@
 
 Benchmark code: it needs the optional dependency ``torch-pruning`` (``pip install
 lightning-eigendamage[baselines]``; tested with 1.6.1). The maths is in
-:mod:`lightning_eigendamage.baselines`; this module turns each method's per-channel scores into
+:mod:`lightning_eigendamage.channels.baselines`; this module turns each method's per-channel scores into
 the engine's inputs (docs/method.md §8):
 
 1. A group's channel score is the *sum* of the scores of every Conv2d/Linear (or, for Network
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from lightning_eigendamage.baselines import (
+from lightning_eigendamage.channels.baselines import (
     CRITERIA,
     DEFAULT_DAMPING,
     InputObsUpdate,
@@ -41,7 +41,7 @@ from lightning_eigendamage.baselines import (
     slimming_scores,
     weight_matrix,
 )
-from lightning_eigendamage.channels import (
+from lightning_eigendamage.channels.engine import (
     ChannelPruneReport,
     Scores,
     dependency_graph,
@@ -51,7 +51,7 @@ from lightning_eigendamage.channels import (
     sequential_group_scores,
 )
 from lightning_eigendamage.curvature import capture_factors, split_batch, to_device
-from lightning_eigendamage.pruner import find_layers
+from lightning_eigendamage.eigenbasis.pruner import find_layers
 
 PEERS = ("l1", "l2", "taylor")
 # input-side Kron-OBS: a channel is scored by the layers that read it and removed with their

@@ -275,7 +275,7 @@ def slimming_net(model: str, data: Any, dense: nn.Module, threads: int) -> nn.Mo
     if path.exists():
         net.load_state_dict(torch.load(path, weights_only=True))
         return net
-    from lightning_eigendamage.baselines import slimming_penalty
+    from lightning_eigendamage.channels.baselines import slimming_penalty
 
     train(net, data, 1, FINETUNE_LR, 1, penalty=lambda m: slimming_penalty(m, 1e-4))
     torch.save(net.state_dict(), path)
@@ -552,7 +552,7 @@ def iterative_prune_and_finetune(
 def gradual_prune(
     args: argparse.Namespace, dense: nn.Module, data: Any, calib: list
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """EigenDamage after gradual removal (``lightning_eigendamage.gradual``, the callback's
+    """EigenDamage after gradual removal (``lightning_eigendamage.eigenbasis.gradual``, the callback's
     ``gradual=`` option, run here in the plain training loop): the plan for ``÷k`` is made on the
     dense network (its options from ``args.variant``), then ``--gradual-epochs`` epochs of the
     fine-tuning recipe (lr 0.01 cosine) add ``λ_t · Q_G (M ⊙ W*) Q_Aᵀ`` to the gradient of every
@@ -560,7 +560,7 @@ def gradual_prune(
     prune with freshly captured factors. The penalised epochs come on top of the fine-tune (the
     record says how many)."""
     from lightning_eigendamage import GradualRemoval, PruneOptions, analyse, decide, prune
-    from lightning_eigendamage.gradual import marked_layers, marked_norm, penalty_grad
+    from lightning_eigendamage.eigenbasis.gradual import marked_layers, marked_norm, penalty_grad
 
     opts = dict(VARIANTS[args.variant])
     ratio = 1.0 - 1.0 / args.flops_x

@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.models import resnet32, vgg19  # noqa: E402
 from lightning_eigendamage import prune  # noqa: E402
 from lightning_eigendamage.curvature import KFACapture, capture_batch, capture_factors  # noqa: E402
-from lightning_eigendamage.pruner import find_layers  # noqa: E402
+from lightning_eigendamage.eigenbasis.pruner import find_layers  # noqa: E402
 
 TARGETS = {
     "empirical_capture": 1.15,

@@ -1,17 +1,18 @@
 """Second-order structured pruning (EigenDamage) for PyTorch and PyTorch Lightning."""
 
 from .adapters import LayerAdapter, register
-from .callback import EigenDamagePruning
-from .channels import ChannelPruneReport, prune_channels, restore_channels
+from .channels.engine import ChannelPruneReport, prune_channels, restore_channels
 from .checkpoint import enable_pruned_loading, restore_pruned
-from .criteria import register_criterion
+from .eigenbasis.criteria import register_criterion
+from .eigenbasis.gradual import GradualRemoval
+from .eigenbasis.layers import KFELayer
+from .eigenbasis.plan import LayerChange, LayerPlan, Plan
+from .eigenbasis.pruner import Analysis, analyse, apply, decide, find_layers
 from .engine import PruningEngine, engine_names, get_engine, register_engine
 from .front import prune
-from .gradual import GradualRemoval
-from .layers import KFELayer
+from .lightning.callback import EigenDamagePruning
+from .lightning.schedule import PruningSchedule
 from .options import PruneOptions
-from .plan import LayerChange, LayerPlan, Plan
-from .pruner import Analysis, analyse, apply, decide, find_layers
 from .report import (
     LayerReport,
     PruneReport,
@@ -19,7 +20,6 @@ from .report import (
     TargetNotReachedWarning,
     ZeroCurvatureWarning,
 )
-from .schedule import PruningSchedule
 
 __all__ = [
     "Analysis",

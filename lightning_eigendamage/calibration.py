@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .adapters import adapter_for
-from .layers import KFELayer
+from .eigenbasis.layers import KFELayer
 from .report import PruningWarning
 
 Forward = Callable[[nn.Module, Any], Any]  # (model, batch) → output, batch already on the device

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from .layers import KFELayer, architecture_record, is_record, same_architecture
-from .surgery import layers_for_records, records_in, swap_modules
+from .eigenbasis.layers import KFELayer, architecture_record, is_record, same_architecture
+from .eigenbasis.surgery import layers_for_records, records_in, swap_modules
 
 _EXTRA_STATE = "_extra_state"
 NARROWED = "lightning_eigendamage"  # key of a narrowed module's state_dict metadata

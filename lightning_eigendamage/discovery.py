@@ -21,7 +21,7 @@ from torch import nn
 
 from .adapters import LayerAdapter, adapter_for, registered_base, registered_names
 from .curvature.hooks import is_capture_hook
-from .layers import KFELayer
+from .eigenbasis.layers import KFELayer
 from .options import normalise_exclude
 from .report import PruningWarning
 

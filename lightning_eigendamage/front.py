@@ -14,9 +14,9 @@ from typing import Any
 
 from torch import nn
 
-from . import channels as _channels_engine  # noqa: F401  (registers the channel engine)
-from . import pruner
+from .channels import engine as _channels_engine  # noqa: F401  (registers the channel engine)
 from .curvature import split_batch, to_device
+from .eigenbasis import pruner
 from .engine import get_engine
 from .options import PruneOptions
 from .report import PruneReport, PruningWarning

@@ -43,9 +43,9 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from .eigenbasis import weight_as_3d, weight_from_3d
-from .layers import KFELayer
-from .plan import LayerChange
+from .eigenbasis.basis import weight_as_3d, weight_from_3d
+from .eigenbasis.layers import KFELayer
+from .eigenbasis.plan import LayerChange
 
 LINEAR_KEYS = frozenset({"momentum_buffer", "exp_avg", "grad_avg"})
 SQUARE_KEYS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta"})

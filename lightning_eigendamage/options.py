@@ -15,10 +15,10 @@ from typing import Any
 
 from torch import nn
 
-from .criteria import criterion_names
 from .curvature import FISHER_TYPES, LIKELIHOODS
+from .eigenbasis.criteria import criterion_names
+from .eigenbasis.layers import FORMS
 from .engine import engine_names, get_engine
-from .layers import FORMS
 from .values import as_int, as_real
 
 TARGETS = ("directions", "params", "flops", "channels")

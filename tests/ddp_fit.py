@@ -49,8 +49,8 @@ from lightning_eigendamage import (  # noqa: E402
     PruningSchedule,
     enable_pruned_loading,
 )
-from lightning_eigendamage.channels import ChannelChange  # noqa: E402
-from lightning_eigendamage.pruner import LayerChange, PruneReport  # noqa: E402
+from lightning_eigendamage.channels.engine import ChannelChange  # noqa: E402
+from lightning_eigendamage.eigenbasis.pruner import LayerChange, PruneReport  # noqa: E402
 
 N_EXAMPLES = 64  # even: DistributedSampler pads nothing with 2 ranks
 BATCH = 4

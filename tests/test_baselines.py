@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_eigendamage.baselines import (
+from lightning_eigendamage.channels.baselines import (
     CRITERIA,
     DiagFisherCapture,
     InputObsUpdate,

@@ -19,7 +19,7 @@ from benchmarks.baselines_tp import (
     magnitude_importance,
     prune_baseline,
 )
-from lightning_eigendamage.baselines import (
+from lightning_eigendamage.channels.baselines import (
     CRITERIA,
     DEFAULT_DAMPING,
     capture_diag_fisher,
@@ -29,7 +29,7 @@ from lightning_eigendamage.baselines import (
     kron_obs_update,
     weight_matrix,
 )
-from lightning_eigendamage.channels import remove_channels
+from lightning_eigendamage.channels.engine import remove_channels
 from lightning_eigendamage.costs import count_flops
 from lightning_eigendamage.curvature import capture_factors
 

@@ -115,7 +115,7 @@ def test_flops_target_is_met_within_tolerance_when_cheap_channels_run_out():
     is the plain stop-at-the-goal search, which overshoots here)."""
     import torch
 
-    from lightning_eigendamage.channels import remove_channels as prune_channels
+    from lightning_eigendamage.channels.engine import remove_channels as prune_channels
 
     def cut(tol: float) -> float:
         torch.manual_seed(0)

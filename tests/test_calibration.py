@@ -13,7 +13,7 @@ from models import ConvNet, conv_batches
 from torch import nn
 
 from lightning_eigendamage import KFELayer, PruneOptions, analyse, prune
-from lightning_eigendamage import pruner as pruner_mod
+from lightning_eigendamage.eigenbasis import pruner as pruner_mod
 
 # ---------------------------------------------------------------------------------------------
 # BatchNorm re-estimation

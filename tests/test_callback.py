@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_eigendamage import EigenDamagePruning, KFELayer, PruningSchedule
 from lightning_eigendamage.costs import count_flops
 from lightning_eigendamage.curvature import KFACapture, capture_factors
-from lightning_eigendamage.pruner import find_layers
+from lightning_eigendamage.eigenbasis.pruner import find_layers
 
 
 class Recording(EigenDamagePruning):
@@ -652,7 +652,7 @@ def test_state_dict_is_plain_data_and_round_trips() -> None:
 
 
 def test_round_to_and_form_by_are_passed_to_prune(monkeypatch) -> None:
-    import lightning_eigendamage.pruner as pruner_mod
+    import lightning_eigendamage.eigenbasis.pruner as pruner_mod
 
     torch.manual_seed(0)
     model = LitClassifier(small_cnn())

@@ -1,5 +1,5 @@
 """prune_channels: real channel removal scored and compensated with K-FAC on the layers that read
-each channel (lightning_eigendamage/channels.py), against independent computations."""
+each channel (lightning_eigendamage/channels/engine.py), against independent computations."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from models import ResBlock, TinyResNet
 from torch import nn
 
-from lightning_eigendamage import channels as channels_mod
-from lightning_eigendamage.baselines import damped_inverse, input_obs_scores, input_obs_update
-from lightning_eigendamage.channels import prune_channels
+from lightning_eigendamage.channels import engine as channels_mod
+from lightning_eigendamage.channels.baselines import damped_inverse, input_obs_scores, input_obs_update
+from lightning_eigendamage.channels.engine import prune_channels
 from lightning_eigendamage.costs import count_flops
 from lightning_eigendamage.curvature import capture_factors
 

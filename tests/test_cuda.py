@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from lightning_eigendamage import EigenDamagePruning, KFELayer, PruningSchedule, prune
 from lightning_eigendamage.costs import count_flops
 from lightning_eigendamage.curvature import capture_factors
-from lightning_eigendamage.pruner import find_layers
+from lightning_eigendamage.eigenbasis.pruner import find_layers
 from lightning_eigendamage.report import TARGET_TOLERANCE
 
 DEVICE_NAME = os.environ.get("LED_TEST_DEVICE", "cuda")

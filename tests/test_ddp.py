@@ -34,7 +34,7 @@ from lit_models import LitClassifier, image_data, loader, small_cnn
 import lightning_eigendamage
 from lightning_eigendamage import EigenDamagePruning
 from lightning_eigendamage.curvature import capture_factors
-from lightning_eigendamage.pruner import find_layers
+from lightning_eigendamage.eigenbasis.pruner import find_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 _GPUS = torch.cuda.device_count()

@@ -14,7 +14,7 @@ from models import ConvNet, conv_batches, warm_up_bn
 
 from lightning_eigendamage import prune
 from lightning_eigendamage.curvature import capture_factors
-from lightning_eigendamage.pruner import find_layers
+from lightning_eigendamage.eigenbasis.pruner import find_layers
 
 
 def _setup():
@@ -87,7 +87,7 @@ def test_two_ranks_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
 
 
 def _latency_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    import lightning_eigendamage.pruner as pruner_mod
+    import lightning_eigendamage.eigenbasis.pruner as pruner_mod
 
     calls = []
 

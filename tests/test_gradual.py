@@ -24,7 +24,7 @@ from torch.optim.lr_scheduler import StepLR
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_eigendamage import EigenDamagePruning, GradualRemoval, PruningSchedule
-from lightning_eigendamage.gradual import (
+from lightning_eigendamage.eigenbasis.gradual import (
     GradualWindow,
     marked_mask,
     marked_norm,

@@ -22,7 +22,7 @@ from lightning_eigendamage import (
     register,
     register_criterion,
 )
-from lightning_eigendamage.criteria import criterion_names
+from lightning_eigendamage.eigenbasis.criteria import criterion_names
 
 
 def _state(model: nn.Module) -> tuple[list[str], dict[str, torch.Tensor]]:

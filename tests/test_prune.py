@@ -407,8 +407,8 @@ def test_other_bad_arguments():
 def test_form_choice_never_exceeds_current_params_or_flops():
     """A form cheaper in FLOPs but dearer in parameters (or vice versa) is not eligible."""
     from lightning_eigendamage.costs import Cost, Geometry, form_cost
-    from lightning_eigendamage.pruner import _choose, _LayerWork
-    from lightning_eigendamage.surgery import read_state
+    from lightning_eigendamage.eigenbasis.pruner import _choose, _LayerWork
+    from lightning_eigendamage.eigenbasis.surgery import read_state
 
     conv = nn.Conv2d(8, 8, 3, padding=1)
     state = read_state(conv)
@@ -473,7 +473,7 @@ def _layers_by_input_shape(model: nn.Module, x: torch.Tensor) -> dict[tuple, str
 
 
 def test_form_by_latency_picks_the_fastest_eligible_form(monkeypatch):
-    import lightning_eigendamage.pruner as pruner_mod
+    import lightning_eigendamage.eigenbasis.pruner as pruner_mod
 
     # Pretend the layer as it is now is always fastest: nothing changes.
     def unchanged_fastest(mods, example, repeats=7, *, backward=False):
@@ -507,7 +507,7 @@ def test_form_by_latency_picks_the_fastest_eligible_form(monkeypatch):
 def test_form_by_latency_meets_a_flops_target_with_the_chosen_forms(monkeypatch):
     """A layer kept whole because it runs faster gives back its FLOPs cut: the threshold must rise
     until the realised cut, counted on the built model, reaches the target again."""
-    import lightning_eigendamage.pruner as pruner_mod
+    import lightning_eigendamage.eigenbasis.pruner as pruner_mod
 
     ratio = 0.5
     model0, batches = _conv()
@@ -541,7 +541,7 @@ def test_form_by_latency_lands_on_the_target_where_a_form_flips(monkeypatch, tar
     every other layer is timed fastest whole: the cut jumps from 0 to about half the FLOPs (0.44
     of the parameters) as the threshold rises. The search keeps the bottleneck and widens it back
     to the target."""
-    import lightning_eigendamage.pruner as pruner_mod
+    import lightning_eigendamage.eigenbasis.pruner as pruner_mod
 
     model, batches = _conv()
     shapes = _layers_by_input_shape(model, batches[0][0])
@@ -614,7 +614,7 @@ def test_latency_format_sets_the_memory_format_forms_are_timed_in(
     monkeypatch, model_format, latency_format, timed_last
 ):
     """Every candidate and the example are timed in the asked format; the model keeps its own."""
-    import lightning_eigendamage.pruner as pruner_mod
+    import lightning_eigendamage.eigenbasis.pruner as pruner_mod
 
     fmt = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
     seen = []
@@ -679,7 +679,7 @@ def test_time_modules_backward_times_the_training_step_and_writes_no_grad():
 
 
 def test_latency_mode_training_times_forward_and_backward(monkeypatch):
-    import lightning_eigendamage.pruner as pruner_mod
+    import lightning_eigendamage.eigenbasis.pruner as pruner_mod
 
     seen = []
 

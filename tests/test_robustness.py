@@ -479,7 +479,7 @@ def test_layers_wider_than_max_factor_dim_are_left_whole_and_get_no_factor(monke
 
 
 def test_callback_leaves_layers_wider_than_max_factor_dim_whole(monkeypatch) -> None:
-    import lightning_eigendamage.callback as callback_mod
+    import lightning_eigendamage.lightning.callback as callback_mod
 
     asked = []
     real = callback_mod.KFACapture

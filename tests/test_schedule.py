@@ -9,7 +9,7 @@ from typing import ClassVar
 import pytest
 
 from lightning_eigendamage import PruningSchedule
-from lightning_eigendamage.schedule import EpochPoint, LoopState, PrunePoint, StartPoint, StepPoint
+from lightning_eigendamage.lightning.schedule import EpochPoint, LoopState, PrunePoint, StartPoint, StepPoint
 
 
 def test_dict_of_epochs_becomes_sorted_epoch_points() -> None:

@@ -115,7 +115,7 @@ def test_kept_directions_and_weights_match_reference(ratio, cap, min_rank):
 
 def test_min_rank_keeps_most_important_direction():
     """With a cap of 1 and min_rank 1 the surviving direction is the highest-scoring one."""
-    from lightning_eigendamage.criteria import keep_side
+    from lightning_eigendamage.eigenbasis.criteria import keep_side
 
     s = torch.tensor([0.3, 5.0, 0.1, 2.0])
     d = keep_side(s, marked=4, cap=1.0, min_rank=1)
@@ -128,7 +128,7 @@ def test_min_rank_keeps_most_important_direction():
 
 def test_ties_at_zero_are_broken_by_rank():
     """Many exact-zero scores (directions without curvature) must not block pruning."""
-    from lightning_eigendamage.criteria import global_marks
+    from lightning_eigendamage.eigenbasis.criteria import global_marks
 
     a = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 2.0])
     b = torch.tensor([0.0, 0.0, 3.0, 4.0])
@@ -140,7 +140,7 @@ def test_ties_at_zero_are_broken_by_rank():
 
 def test_scores_use_locations_factor():
     """T scales conv scores: doubling the spatial size (4× locations) scales c1's scores by ~4."""
-    from lightning_eigendamage.criteria import eigendamage_scores
+    from lightning_eigendamage.eigenbasis.criteria import eigendamage_scores
 
     w = torch.randn(3, 9, 2, dtype=torch.float64)
     la, lg = torch.rand(2, dtype=torch.float64), torch.rand(3, dtype=torch.float64)
@@ -155,7 +155,7 @@ def test_scores_use_locations_factor():
 
 def test_eigh_factor_float32_path_for_wide_factors_is_accurate():
     """Wide factors are decomposed in float32: the basis is still orthonormal to ~1e-6."""
-    from lightning_eigendamage.eigenbasis import eigh_factor
+    from lightning_eigendamage.eigenbasis.basis import eigh_factor
 
     torch.manual_seed(0)
     n = 96

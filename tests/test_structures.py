@@ -23,8 +23,8 @@ from lit_models import LitClassifier, image_data, loader, small_cnn, trainer
 from models import TinyResNet, conv_batches, warm_up_bn
 from torch import nn
 
-import lightning_eigendamage.channels as channels_mod
-import lightning_eigendamage.pruner as pruner_mod
+import lightning_eigendamage.channels.engine as channels_mod
+import lightning_eigendamage.eigenbasis.pruner as pruner_mod
 from lightning_eigendamage import EigenDamagePruning, GradualRemoval, KFELayer, PruneOptions, restore_pruned
 from lightning_eigendamage.costs import count_flops
 from lightning_eigendamage.curvature import capture_factors
@@ -429,3 +429,34 @@ def test_channels_at_start_and_step_points_with_accumulation(fisher: str, precis
     assert cb.reports[1].flops_after < cb.reports[0].flops_after < cb.reports[0].flops_before
     assert not any(isinstance(m, KFELayer) for m in model.modules())
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("pruner", "eigenbasis.pruner"),
+        ("criteria", "eigenbasis.criteria"),
+        ("plan", "eigenbasis.plan"),
+        ("surgery", "eigenbasis.surgery"),
+        ("layers", "eigenbasis.layers"),
+        ("gradual", "eigenbasis.gradual"),
+        ("baselines", "channels.baselines"),
+        ("callback", "lightning.callback"),
+        ("schedule", "lightning.schedule"),
+    ],
+)
+def test_old_module_paths_keep_working_with_a_deprecation_warning(old: str, new: str) -> None:
+    import importlib
+    import sys
+
+    sys.modules.pop(f"lightning_eigendamage.{old}", None)
+    with pytest.warns(
+        DeprecationWarning, match=f"lightning_eigendamage.{old} moved to lightning_eigendamage.{new}"
+    ):
+        moved = importlib.import_module(f"lightning_eigendamage.{old}")
+    assert moved is importlib.import_module(f"lightning_eigendamage.{new}")  # the same module object
+
+
+def test_the_former_modules_names_are_in_their_packages() -> None:
+    from lightning_eigendamage.channels import ChannelEngine, prune_channels, remove_channels  # noqa: F401
+    from lightning_eigendamage.eigenbasis import to_kfe, weight_as_3d  # noqa: F401

@@ -53,6 +53,17 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from ..calibration import downstream_batchnorms, recalibrate_batchnorm
+from ..checkpoint import mark_narrowed, state_dict_of
+from ..costs import count_flops, count_params
+from ..curvature import CaptureOptions, CaptureResult, capture_factors, split_batch, to_device
+from ..discovery import Candidate, check_usable_parameters, excluded_modules, find_layers
+from ..distributed import all_reduce_capture, broadcast_object, is_distributed
+from ..engine import PruningEngine, get_engine, register_engine
+from ..optim import TransplantReport, carry_sliced_state
+from ..options import PruneOptions
+from ..report import TARGET_TOLERANCE, LayerReport, PruneReport, TargetNotReachedWarning
+from ..values import as_int, as_real
 from .baselines import (
     DEFAULT_DAMPING,
     GREEDY_STEPS,
@@ -64,17 +75,6 @@ from .baselines import (
     input_obs_scores,
     weight_matrix,
 )
-from .calibration import downstream_batchnorms, recalibrate_batchnorm
-from .checkpoint import mark_narrowed, state_dict_of
-from .costs import count_flops, count_params
-from .curvature import CaptureOptions, CaptureResult, capture_factors, split_batch, to_device
-from .discovery import Candidate, check_usable_parameters, excluded_modules, find_layers
-from .distributed import all_reduce_capture, broadcast_object, is_distributed
-from .engine import PruningEngine, get_engine, register_engine
-from .optim import TransplantReport, carry_sliced_state
-from .options import PruneOptions
-from .report import TARGET_TOLERANCE, LayerReport, PruneReport, TargetNotReachedWarning
-from .values import as_int, as_real
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
