@@ -171,6 +171,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trainer.fit(module, loader)
     seconds = time.time() - t0
     pruned = module.net.eval()
+    if args.save_dir:  # the pruned network, for interleaved comparisons between methods (--compare)
+        Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+        key = row_key(args.model, args.flops_x, args.method, args.schedule, args.seed).replace("|", "_")
+        torch.save(pruned.state_dict(), Path(args.save_dir) / f"{key}.pt")
     x = data.x_test[:64]
     t_dense, t_pruned = interleaved_latency(dense, pruned, x, repeats=args.repeats, memory_format="nchw")
     from lightning_eigendamage.costs import count_flops
@@ -206,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--data-root", default="data")
+    p.add_argument("--save-dir", default=None, help="save each pruned network's state_dict here")
     args = p.parse_args(argv)
     if row_key(args.model, args.flops_x, args.method, args.schedule, args.seed) in done():
         print("already recorded")
