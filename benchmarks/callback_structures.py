@@ -19,6 +19,13 @@ the fit, FLOPs reached, the median eval latency at batch 64 of the pruned and th
 skipped)::
 
     python benchmarks/callback_structures.py --model resnet20-narrow --flops-x 4 --method channels
+
+With ``--save-dir DIR`` each row also saves its pruned network; ``--compare`` then times the dense
+network and the saved networks of ``--methods`` alternately in one process (batch 64, eval) and
+appends the medians to ``callback_structures_latency.jsonl``::
+
+    python benchmarks/callback_structures.py --compare --model resnet20-narrow --flops-x 4 --seed 1 \\
+        --save-dir /tmp/cs_nets
 """
 
 from __future__ import annotations
@@ -200,11 +207,54 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    """The dense network and the saved pruned networks of ``--methods`` for one (network, ÷k,
+    schedule, seed), timed alternately in this process: median eval latency at batch 64."""
+    from lightning_eigendamage import restore_pruned
+
+    torch.set_num_threads(args.threads)
+    data = load_data("fashion-mnist", root=args.data_root)
+    nets = {"dense": load_dense(args.model)}
+    for method in args.methods:
+        key = row_key(args.model, args.flops_x, method, args.schedule, args.seed).replace("|", "_")
+        net = restore_pruned(load_dense(args.model), Path(args.save_dir) / f"{key}.pt")
+        nets[method] = net.eval()
+    x = data.x_test[:64]
+    times: dict[str, list[float]] = {k: [] for k in nets}
+    with torch.inference_mode():
+        for r in range(args.repeats + 3):
+            order = list(nets) if r % 2 == 0 else list(reversed(list(nets)))
+            for name in order:
+                t = time.perf_counter()
+                nets[name](x)
+                if r >= 3:
+                    times[name].append(time.perf_counter() - t)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {
+        "model": args.model,
+        "flops_x": args.flops_x,
+        "schedule": args.schedule,
+        "seed": args.seed,
+        "latency_b64_ms": {k: round(1000 * v, 3) for k, v in med.items()},
+        "speedup_b64": {k: med["dense"] / v for k, v in med.items() if k != "dense"},
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "command": "python benchmarks/callback_structures.py " + shlex.join(sys.argv[1:]),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, choices=["resnet20-narrow", "vgg-narrow"])
     p.add_argument("--flops-x", type=float, default=4.0)
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--method", choices=METHODS, help="the row's method (required without --compare)")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="time the networks saved by --save-dir rows of --methods against the dense one, alternately",
+    )
+    p.add_argument("--methods", nargs="+", default=["channels", "tp-l1"], choices=METHODS)
     p.add_argument("--schedule", default="oneshot", choices=sorted(SCHEDULES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -212,6 +262,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-root", default="data")
     p.add_argument("--save-dir", default=None, help="save each pruned network's state_dict here")
     args = p.parse_args(argv)
+    if args.compare:
+        if not args.save_dir:
+            p.error("--compare needs --save-dir (where the rows saved their networks)")
+        rec = compare(args)
+        with (RESULTS / "callback_structures_latency.jsonl").open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(json.dumps(rec), flush=True)
+        return
+    if args.method is None:
+        p.error("--method is required (or --compare)")
     if row_key(args.model, args.flops_x, args.method, args.schedule, args.seed) in done():
         print("already recorded")
         return

@@ -709,7 +709,21 @@ def callback_structures_table(folder: Path) -> list[str]:
             f"{_avg(rs, 'flops_reached_x'):.2f} | {_avg(rs, 'speedup_b64'):.2f}× |"
         )
     commands = sorted({r["command"] for r in rows})
-    return out + ["", "Commands: " + "; ".join(f"`{c}`" for c in commands), ""]
+    out += ["", "Commands: " + "; ".join(f"`{c}`" for c in commands), ""]
+    timed = load_jsonl(folder / "callback_structures_latency.jsonl")
+    if timed:
+        out += [
+            "Speed-up at batch 64 of the networks of one (network, ÷FLOPs, schedule, seed), timed",
+            "alternately in one process with the dense one (`--compare`; median of the repeats):",
+            "",
+            "| network | ÷FLOPs | schedule | seed | " + " | ".join(sorted(timed[0]["speedup_b64"])) + " |",
+            "| --- | --- | --- | --- | " + " | ".join("---" for _ in timed[0]["speedup_b64"]) + " |",
+        ]
+        for r in sorted(timed, key=lambda r: (r["model"], r["flops_x"], r["schedule"], r["seed"])):
+            ups = " | ".join(f"{r['speedup_b64'][k]:.2f}×" for k in sorted(r["speedup_b64"]))
+            out.append(f"| {r['model']} | {r['flops_x']:g} | {r['schedule']} | {r['seed']} | {ups} |")
+        out += ["", "Commands: " + "; ".join(f"`{c}`" for c in sorted({r["command"] for r in timed})), ""]
+    return out
 
 
 def plot_label(r: dict[str, Any]) -> str | None:
