@@ -140,6 +140,7 @@ def test_engine_contract(structure: str, kind: str, monkeypatch: pytest.MonkeyPa
         engine.apply(model, analysis, plan, options)
     monkeypatch.undo()
     assert dict(model.named_modules()) == modules and dict(model.named_parameters()) == params
+    assert all(not m._state_dict_hooks for m in model.modules())  # no layer left marked as narrowed
     after = model.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
     assert all(p.dtype == torch.float32 for p in model.parameters())

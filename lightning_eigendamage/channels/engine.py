@@ -272,7 +272,8 @@ def _refreeze(frozen: list[tuple[nn.Module, str]]) -> None:
 class _Snapshot:
     """What channel removal changes, to put back on failure: per module its Parameter and buffer
     objects (the same objects go back, so optimizers and references stay valid), a copy of their
-    values, and its plain attributes (``in_channels``, ``num_features``…). Hooks and other
+    values, its plain attributes (``in_channels``, ``num_features``…) and the keys of its
+    state_dict hooks (a cut marks the narrowed layers: :func:`cut_channels`). Other hooks and
     attributes are never touched. Memory: one copy of the parameters and buffers."""
 
     _PLAIN = (bool, int, float, str, tuple, type(None))
@@ -285,11 +286,13 @@ class _Snapshot:
                 values = {("p", k): t.detach().clone() for k, t in params.items() if t is not None}
                 values |= {("b", k): t.detach().clone() for k, t in bufs.items() if t is not None}
                 attrs = {k: v for k, v in vars(m).items() if isinstance(v, self._PLAIN)}
-                self.items.append((m, params, bufs, values, attrs))
+                self.items.append((m, params, bufs, values, attrs, set(m._state_dict_hooks)))
 
     def restore(self) -> None:
         with torch.no_grad():
-            for m, params, bufs, values, attrs in self.items:
+            for m, params, bufs, values, attrs, hooks in self.items:
+                for key in [k for k in m._state_dict_hooks if k not in hooks]:
+                    del m._state_dict_hooks[key]
                 m._parameters.clear()
                 m._parameters.update(params)
                 m._buffers.clear()
