@@ -461,3 +461,28 @@ def test_old_module_paths_keep_working_with_a_deprecation_warning(old: str, new:
 def test_the_former_modules_names_are_in_their_packages() -> None:
     from lightning_eigendamage.channels import ChannelEngine, prune_channels, remove_channels  # noqa: F401
     from lightning_eigendamage.eigenbasis import to_kfe, weight_as_3d  # noqa: F401
+
+
+def test_a_third_engine_needs_only_its_class_and_one_registration_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An engine registered from outside the package is a valid ``structure`` of the callback and
+    of ``prune()``, with nothing else changed (here: the channel engine ranking by plain damage)."""
+    import lightning_eigendamage.engine as engine_mod
+    from lightning_eigendamage import PruningEngine, prune, register_engine
+    from lightning_eigendamage.channels import ChannelEngine
+
+    class DamageChannels(ChannelEngine):
+        name = "test-damage-channels"
+        defaults = {"layer_cap": 0.9, "rank_by": "damage"}
+
+    monkeypatch.setattr(engine_mod, "_ENGINES", dict(engine_mod._ENGINES))  # undone after the test
+    assert isinstance(register_engine(DamageChannels()), PruningEngine)
+    cb = EigenDamagePruning({0: 0.4}, structure="test-damage-channels", verbose=False)
+    assert cb.options.layer_cap == 0.9 and cb.options.rank_by == "damage"
+    torch.manual_seed(0)
+    model = LitClassifier(small_cnn())
+    trainer(max_epochs=1, callbacks=[cb]).fit(model, loader(image_data(32)))
+    assert cb.structure == "test-damage-channels" and cb.reports[0].channels_removed > 0
+    model, batches = _cnn()
+    assert prune(model, batches, ratio=0.3, structure="test-damage-channels").channels_removed > 0
