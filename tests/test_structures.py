@@ -25,7 +25,14 @@ from torch import nn
 
 import lightning_eigendamage.channels.engine as channels_mod
 import lightning_eigendamage.eigenbasis.pruner as pruner_mod
-from lightning_eigendamage import EigenDamagePruning, GradualRemoval, KFELayer, PruneOptions, restore_pruned
+from lightning_eigendamage import (
+    EigenDamagePruning,
+    GradualRemoval,
+    KFELayer,
+    PruneOptions,
+    enable_pruned_loading,
+    restore_pruned,
+)
 from lightning_eigendamage.costs import count_flops
 from lightning_eigendamage.curvature import capture_factors
 from lightning_eigendamage.engine import engine_names, get_engine
@@ -486,3 +493,34 @@ def test_a_third_engine_needs_only_its_class_and_one_registration_line(
     assert cb.structure == "test-damage-channels" and cb.reports[0].channels_removed > 0
     model, batches = _cnn()
     assert prune(model, batches, ratio=0.3, structure="test-damage-channels").channels_removed > 0
+
+
+class _Loadable(LitClassifier):
+    """Built from hyperparameters alone, with pruned loading: ``load_from_checkpoint`` works."""
+
+    def __init__(self, lr: float = 0.01) -> None:
+        torch.manual_seed(0)
+        super().__init__(small_cnn(), lr=lr)
+        self.save_hyperparameters()
+        enable_pruned_loading(self)
+
+
+def test_channels_checkpoint_loads_with_load_from_checkpoint_all_or_nothing(tmp_path: Path) -> None:
+    model = _Loadable()
+    _fit(EigenDamagePruning({0: 0.4}, structure="channels", verbose=False), model, tmp_path)
+    path = tmp_path / "epoch=2.ckpt"
+    loaded = _Loadable.load_from_checkpoint(path).eval()
+    x = torch.randn(4, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+    assert loaded.net[3].out_channels == model.net[3].out_channels < 32
+    # a checkpoint whose narrowed BatchNorm disagrees with its conv: refused, the model untouched
+    ckpt = torch.load(path, weights_only=True)
+    sd = ckpt["state_dict"]
+    sd["net.1.running_mean"] = sd["net.1.running_mean"][:-1].clone()
+    fresh = _Loadable()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises((RuntimeError, ValueError)):
+        fresh.load_state_dict(sd)
+    after = fresh.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
