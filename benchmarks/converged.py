@@ -552,7 +552,7 @@ def iterative_prune_and_finetune(
 def gradual_prune(
     args: argparse.Namespace, dense: nn.Module, data: Any, calib: list
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """EigenDamage after gradual removal (``lightning_eigendamage.eigenbasis.gradual``, the callback's
+    """EigenDamage after gradual removal (``lightning_eigendamage.gradual``, the callback's
     ``gradual=`` option, run here in the plain training loop): the plan for ``÷k`` is made on the
     dense network (its options from ``args.variant``), then ``--gradual-epochs`` epochs of the
     fine-tuning recipe (lr 0.01 cosine) add ``λ_t · Q_G (M ⊙ W*) Q_Aᵀ`` to the gradient of every
@@ -560,7 +560,7 @@ def gradual_prune(
     prune with freshly captured factors. The penalised epochs come on top of the fine-tune (the
     record says how many)."""
     from lightning_eigendamage import GradualRemoval, PruneOptions, analyse, decide, prune
-    from lightning_eigendamage.eigenbasis.gradual import marked_layers, marked_norm, penalty_grad
+    from lightning_eigendamage.gradual import marked_layers, marked_norm, penalty_grad
 
     opts = dict(VARIANTS[args.variant])
     ratio = 1.0 - 1.0 / args.flops_x

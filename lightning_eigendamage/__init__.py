@@ -4,12 +4,12 @@ from .adapters import LayerAdapter, register
 from .channels.engine import ChannelPruneReport, prune_channels, restore_channels
 from .checkpoint import enable_pruned_loading, restore_pruned
 from .eigenbasis.criteria import register_criterion
-from .eigenbasis.gradual import GradualRemoval
 from .eigenbasis.layers import KFELayer
 from .eigenbasis.plan import LayerChange, LayerPlan, Plan
 from .eigenbasis.pruner import Analysis, analyse, apply, decide, find_layers
 from .engine import PruningEngine, engine_names, get_engine, register_engine
 from .front import prune
+from .gradual import GradualRemoval
 from .lightning.callback import EigenDamagePruning
 from .lightning.schedule import PruningSchedule
 from .options import PruneOptions

@@ -22,6 +22,9 @@ either through the steps below, so none of them knows which engine it runs:
    parameter came from.
 6. ``carry_optimizer_state``: the old optimizers' state moved onto the new parameters through
    that change (rotated and sliced for the eigenbasis, sliced for channels).
+7. ``marked_layers`` (optional): what a plan would remove, for the training-time penalty of
+   gradual removal before a round (eigen-coordinates for the eigenbasis, the readers' input
+   columns of the removed channels for channels).
 
 Checkpoints of either engine load through the same hook
 (:func:`~lightning_eigendamage.enable_pruned_loading`): eigenbasis layers carry a record of
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
 
     from .curvature import CaptureResult
     from .discovery import Candidate
+    from .gradual import MarkedLayer
     from .optim import TransplantReport
     from .options import PruneOptions
     from .report import PruneReport
@@ -108,6 +112,14 @@ class PruningEngine(ABC):
         change: Any,
     ) -> TransplantReport:
         """Fill the rebuilt optimizers' state from the old ones across ``change``."""
+
+    def marked_layers(self, analysis: Any, plan: Any, param_names: dict[int, str]) -> list[MarkedLayer]:
+        """The optional training-time penalty (``gradual=``): what ``plan`` would remove, as
+        :class:`~lightning_eigendamage.gradual.MarkedLayer` (a parameter, the bases its penalty is
+        taken in, the removed input and output directions), so that the callback can pull it
+        towards zero before the round. ``param_names``: ``id(parameter) → qualified name``.
+        The default: this engine has no penalty (NotImplementedError)."""
+        raise NotImplementedError(f"structure={self.name!r} has no gradual removal")
 
     def prune(
         self,

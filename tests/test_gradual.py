@@ -24,7 +24,7 @@ from torch.optim.lr_scheduler import StepLR
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_eigendamage import EigenDamagePruning, GradualRemoval, PruningSchedule
-from lightning_eigendamage.eigenbasis.gradual import (
+from lightning_eigendamage.gradual import (
     GradualWindow,
     marked_mask,
     marked_norm,
@@ -457,3 +457,28 @@ def test_ddp_ranks_apply_the_same_penalty(tmp_path: Path) -> None:
     # The penalty acted: the marked coordinates shrank over the window.
     win = GradualWindow.from_dict(w0[0])
     assert _marked(r0["window_end"], win) < 0.5 * _marked(r0["window_start"], win)
+
+
+def test_gradual_removal_with_channels_pulls_the_readers_off_the_channels_to_be_cut() -> None:
+    """``structure="channels"``: the window marks, in each reader, the input columns of the
+    channels the plan removes (identity bases); the penalty empties them, and the cut then
+    changes the outputs on fixed inputs much less than without it."""
+
+    def fit(gradual: GradualRemoval | None) -> Watch:
+        torch.manual_seed(0)
+        model = LitClassifier(small_cnn(bn=False), lr=0.05)
+        schedule = PruningSchedule(steps={PRUNE_STEP: 0.5}, fisher_batches=4)
+        cb = Watch(schedule, gradual=gradual, structure="channels")
+        trainer(max_steps=PRUNE_STEP + 2, callbacks=[cb]).fit(model, loader(image_data(64), batch_size=8))
+        return cb
+
+    cb, plain = fit(GradualRemoval(STEPS, PENALTY)), fit(None)
+    win = cb.window
+    assert win is not None and win.layers and all(not m.removed_out for m in win.layers)
+    assert sum(len(m.removed_in) for m in win.layers) >= 5
+    for m in win.layers:  # identity bases: the penalty is on the weights' own columns
+        assert torch.equal(m.q_a, torch.eye(m.q_a.shape[0], dtype=torch.float64))
+    assert [s["step"] for s in cb.steps if s["penalised"] > 0] == list(range(win.start, win.end))
+    assert _marked(cb.at_prune, win) < 0.2 * _marked(plain.at_prune, win)
+    assert cb.reports[0].structure == plain.reports[0].structure == "channels"
+    assert cb.change < 0.6 * plain.change, (cb.change, plain.change)

@@ -358,8 +358,8 @@ def test_auto_falls_back_to_the_eigenbasis_and_says_why(
 
 
 def test_channel_options_are_checked_in_the_constructor() -> None:
-    with pytest.raises(ValueError, match="gradual removal .* structure='eigenbasis' only"):
-        EigenDamagePruning({2: 0.5}, structure="channels", gradual=GradualRemoval(steps=2, penalty=1.0))
+    # gradual removal works with both structures (an engine without a penalty would be refused)
+    assert EigenDamagePruning({2: 0.5}, structure="channels", gradual=GradualRemoval(steps=2, penalty=1.0))
     with pytest.raises(ValueError, match="form='bottleneck' applies to other structures"):
         EigenDamagePruning({0: 0.5}, structure="channels", form="bottleneck")
     with pytest.raises(ValueError, match="does not apply to structure='eigenbasis'"):
@@ -447,7 +447,6 @@ def test_channels_at_start_and_step_points_with_accumulation(fisher: str, precis
         ("plan", "eigenbasis.plan"),
         ("surgery", "eigenbasis.surgery"),
         ("layers", "eigenbasis.layers"),
-        ("gradual", "eigenbasis.gradual"),
         ("baselines", "channels.baselines"),
         ("callback", "lightning.callback"),
         ("schedule", "lightning.schedule"),

@@ -60,6 +60,7 @@ from ..curvature import CaptureOptions, CaptureResult, capture_factors, split_ba
 from ..discovery import Candidate, check_usable_parameters, excluded_modules, find_layers
 from ..distributed import all_reduce_capture, broadcast_object, is_distributed
 from ..engine import PruningEngine, get_engine, register_engine
+from ..gradual import MarkedLayer
 from ..optim import TransplantReport, carry_sliced_state
 from ..options import PruneOptions
 from ..report import TARGET_TOLERANCE, LayerReport, PruneReport, TargetNotReachedWarning
@@ -1655,6 +1656,21 @@ class ChannelEngine(PruningEngine):
     ) -> list[tuple[str, list[nn.Parameter], list[nn.Parameter]]]:
         return [(name, [s.old], [s.new]) for name, s in change.params.items()]
 
+    def marked_layers(
+        self, analysis: ChannelAnalysis, plan: ChannelPlan, param_names: dict[int, str]
+    ) -> list[MarkedLayer]:
+        """Each scored reader's weight with the input columns of the channels ``plan`` removes
+        (identity bases: the penalty ``λ/2·‖W[:, removed]‖²`` pulls the reader off those channels,
+        GReg's growing penalty on the input side, where the channels are scored and compensated)."""
+        out = []
+        for module, cols in _reader_columns(analysis, plan).items():
+            w = module.weight
+            d_out, d_in = w.shape[0], w.shape[1] * (module.groups if isinstance(module, nn.Conv2d) else 1)
+            eye_in = torch.eye(d_in, dtype=torch.float64)
+            eye_out = torch.eye(d_out, dtype=torch.float64)
+            out.append(MarkedLayer(param_names[id(w)], eye_in, eye_out, tuple(cols), ()))
+        return out
+
     def carry_optimizer_state(
         self,
         model: nn.Module,
@@ -1668,6 +1684,25 @@ class ChannelEngine(PruningEngine):
             new_optimizers,
             {name: (s.old, s.new, s.index) for name, s in change.params.items()},
         )
+
+
+def _reader_columns(an: ChannelAnalysis, plan: ChannelPlan) -> dict[nn.Module, list[int]]:
+    """Per scored reader, the input columns (channel indices) the plan removes from it."""
+    modules = dict(an.model.named_modules())
+    cols: dict[nn.Module, set[int]] = {}
+    for entry in plan.groups:
+        removed = sorted(int(c) for c in entry["removed"])
+        if not removed:
+            continue
+        root = modules[entry["root"]]
+        group = an.graph.get_pruning_group(
+            root, _root_pruner(an.graph, root, entry["root"]).prune_out_channels, removed
+        )
+        for item in group:
+            module = item.dep.target.module
+            if module in an.updates and an.graph.is_in_channel_pruning_fn(item.dep.handler):
+                cols.setdefault(module, set()).update(int(i) for i in item.idxs)
+    return {m: sorted(c) for m, c in cols.items()}
 
 
 def _reasons(skipped: dict[str, str]) -> str:

@@ -42,6 +42,7 @@ from ..discovery import (
 )
 from ..distributed import all_reduce_capture, broadcast_object, is_distributed, split_eigh
 from ..engine import PruningEngine, register_engine
+from ..gradual import MarkedLayer, marked_layers
 from ..optim import TransplantReport, carry_optimizer_state, stage_parameters
 from ..options import PruneOptions
 from ..report import TARGET_TOLERANCE, LayerReport, PruneReport, TargetNotReachedWarning, ZeroCurvatureWarning
@@ -1285,6 +1286,9 @@ class EigenbasisEngine(PruningEngine):
         change: dict[str, LayerChange],
     ) -> TransplantReport:
         return carry_optimizer_state(model, old_optimizers, new_optimizers, change)
+
+    def marked_layers(self, analysis: Analysis, plan: Plan, param_names: dict[int, str]) -> list[MarkedLayer]:
+        return marked_layers(analysis, plan, param_names)
 
 
 register_engine(EigenbasisEngine())

@@ -70,17 +70,15 @@ from ..checkpoint import PrunedLoadingHook, has_pruned_loading
 from ..curvature import KFACapture, capture_batch, check_categorical, split_batch, target_of
 from ..discovery import Candidate, dynamic_skips, find_layers, no_prunable_message
 from ..distributed import is_distributed
-from ..eigenbasis.gradual import (
+from ..engine import PruningEngine, engine_names, get_engine
+from ..gradual import (
     GradualRemoval,
     GradualWindow,
     bases_fit,
     check_windows,
-    marked_layers,
     marked_mask,
     penalty_grad,
 )
-from ..eigenbasis.pruner import analyse, decide
-from ..engine import PruningEngine, get_engine
 from ..optim import TransplantReport
 from ..options import PruneOptions
 from ..report import PruneReport, PruningWarning
@@ -271,12 +269,16 @@ class EigenDamagePruning(Callback):
                     "has only an at_start point (pruned before any step); add epoch or step points, or "
                     "pass gradual=None"
                 )
-            if structure != "eigenbasis":
-                raise ValueError(
-                    "gradual removal pulls eigen-directions towards zero and works with "
-                    f"structure='eigenbasis' only (got structure={structure!r}); pass "
-                    "structure='eigenbasis' or gradual=None"
-                )
+            names = engine_names() if structure == "auto" else (structure,)
+            for name in names:
+                if (
+                    name in engine_names()
+                    and type(get_engine(name)).marked_layers is PruningEngine.marked_layers
+                ):
+                    raise ValueError(
+                        f"structure={name!r} has no gradual removal (its engine defines no penalty); "
+                        "pass gradual=None or another structure"
+                    )
             check_windows({f"step:{s}": s for s in self.schedule.steps}, gradual.steps)
         # Every option is validated here, once, before training (PruneOptions raises).
         # The callback's rounds run on factors captured during training: one shot, no
@@ -838,8 +840,9 @@ class EigenDamagePruning(Callback):
         distributed = _is_distributed(trainer)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", PruningWarning)
-            an = analyse(pl_module, [example], self.options, captured=captured, distributed=distributed)
-            plan = decide(an, point.fraction, self.options, distributed=distributed)
+            engine, options = self.engine, self._round_options()
+            an = engine.analyse(pl_module, [example], options, captured=captured, distributed=distributed)
+            plan = engine.decide(an, point.fraction, options, distributed=distributed)
         for w in caught:
             if issubclass(w.category, PruningWarning):
                 rank_zero_warn(
@@ -848,13 +851,14 @@ class EigenDamagePruning(Callback):
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         names = {id(p): n for n, p in pl_module.named_parameters()}
-        self._window = GradualWindow(point.key, start, end, marked_layers(an, plan, names))
+        self._window = GradualWindow(point.key, start, end, engine.marked_layers(an, plan, names))
         self._targets = None
         if self.verbose:
             marked = sum(len(m.removed_in) + len(m.removed_out) for m in self._window.layers)
             rank_zero_info(
                 f"EigenDamagePruning: gradual removal before {point.describe()}: {marked} "
-                f"eigen-direction(s) of {len(self._window.layers)} layer(s) marked (factors from "
+                f"{'eigen-direction(s)' if engine.name == 'eigenbasis' else 'input column(s)'} of "
+                f"{len(self._window.layers)} layer(s) marked (factors from "
                 f"{captured.batches} batch(es)); penalty up to {self.gradual.penalty:g} over optimizer "
                 f"steps {start + 1}..{end}"
             )
