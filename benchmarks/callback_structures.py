@@ -230,7 +230,25 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                 if r >= 3:
                     times[name].append(time.perf_counter() - t)
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    # a training step (forward, backward, SGD step) at the fine-tune's batch, timed alike
+    xb, yb = data.x_train[: RECIPE["batch"]], data.y_train[: RECIPE["batch"]]
+    opts = {k: torch.optim.SGD(n.parameters(), lr=1e-9, momentum=0.9) for k, n in nets.items()}
+    steps: dict[str, list[float]] = {k: [] for k in nets}
+    for n in nets.values():
+        n.train()
+    for r in range(max(5, args.repeats // 3) + 2):
+        order = list(nets) if r % 2 == 0 else list(reversed(list(nets)))
+        for name in order:
+            t = time.perf_counter()
+            opts[name].zero_grad(set_to_none=True)
+            F.cross_entropy(nets[name](xb), yb).backward()
+            opts[name].step()
+            if r >= 2:
+                steps[name].append(time.perf_counter() - t)
+    step_med = {k: sorted(v)[len(v) // 2] for k, v in steps.items()}
     return {
+        "train_step_ms": {k: round(1000 * v, 2) for k, v in step_med.items()},
+        "train_step_vs_dense": {k: v / step_med["dense"] for k, v in step_med.items() if k != "dense"},
         "model": args.model,
         "flops_x": args.flops_x,
         "schedule": args.schedule,

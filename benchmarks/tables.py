@@ -722,6 +722,18 @@ def callback_structures_table(folder: Path) -> list[str]:
         for r in sorted(timed, key=lambda r: (r["model"], r["flops_x"], r["schedule"], r["seed"])):
             ups = " | ".join(f"{r['speedup_b64'][k]:.2f}×" for k in sorted(r["speedup_b64"]))
             out.append(f"| {r['model']} | {r['flops_x']:g} | {r['schedule']} | {r['seed']} | {ups} |")
+        out += [
+            "",
+            "A training step (forward, backward, SGD step at batch 128) of each pruned network, as a",
+            "fraction of the dense network's, timed alike:",
+            "",
+            "| network | ÷FLOPs | schedule | seed | " + " | ".join(sorted(timed[0]["speedup_b64"])) + " |",
+            "| --- | --- | --- | --- | " + " | ".join("---" for _ in timed[0]["speedup_b64"]) + " |",
+        ]
+        for r in sorted(timed, key=lambda r: (r["model"], r["flops_x"], r["schedule"], r["seed"])):
+            fr = r.get("train_step_vs_dense", {})
+            cells = " | ".join(f"{fr[k]:.2f}" if k in fr else "–" for k in sorted(r["speedup_b64"]))
+            out.append(f"| {r['model']} | {r['flops_x']:g} | {r['schedule']} | {r['seed']} | {cells} |")
         out += ["", "Commands: " + "; ".join(f"`{c}`" for c in sorted({r["command"] for r in timed})), ""]
     return out
 
