@@ -495,12 +495,9 @@ class EigenDamagePruning(Callback):
         last layer, so that a model with nothing left to prune fails before training."""
         with _preserve_rng(pl_module.device, trainer.train_dataloader):
             batch = next(self._train_batches(trainer, pl_module, 1), None)
+        self._decide_structure(pl_module, batch)
         if batch is None:
-            if self._structure is None:
-                self._decide_structure(pl_module, None)
             return
-        if self._structure is None or self._structure == "channels":
-            self._decide_structure(pl_module, batch)
         cands = self._candidates(pl_module)
         cap = KFACapture({c.name: c.hook_module for c in cands}, factors_for=[])
         modes = {m: m.training for m in pl_module.modules()}
@@ -524,26 +521,30 @@ class EigenDamagePruning(Callback):
         self._log_skips(skips, " after a forward pass")
 
     def _decide_structure(self, pl_module: pl.LightningModule, batch: Any) -> None:
-        """Check that the channel engine can prune ``pl_module`` (its dependency graph, traced on
-        the probe batch's input), before any training. With ``structure="auto"`` choose channels
-        if it can, the eigenbasis otherwise, and say why; with ``"channels"`` raise if it cannot."""
+        """Before any training: ask the engine whether it can prune ``pl_module``
+        (:meth:`~lightning_eigendamage.engine.PruningEngine.check`; the channel engine traces its
+        dependency graph on the probe batch's input). With ``structure="auto"`` choose channels
+        if they can, the eigenbasis otherwise, and say why; with an explicit structure raise if
+        its engine cannot."""
+        target = self._structure or "channels"
+        engine = get_engine(target)
+        if type(engine).check is PruningEngine.check:  # nothing to check (the eigenbasis)
+            return
         reason = None
         if batch is None:
             reason = "the training data gave no batch to trace the model with"
         elif self.forward_fn is not None:
             reason = "forward_fn is given: the model is not called as pl_module(input), which is traced"
         else:
-            channel = get_engine("channels")
-            opts = self.options.resolved("channels") if self.options.structure != "eigenbasis" else None
             try:
                 with _preserve_rng(pl_module.device):
-                    channel.check(pl_module, self._input_of(batch), opts)
+                    engine.check(pl_module, self._input_of(batch), self.options.resolved(target))
             except (RuntimeError, ImportError, TypeError, ValueError) as err:
                 reason = str(err)
-        if self._structure == "channels":
+        if self._structure is not None:
             if reason is not None:
                 raise RuntimeError(
-                    f"EigenDamagePruning(structure='channels') cannot prune this model: {reason}. "
+                    f"EigenDamagePruning(structure={target!r}) cannot prune this model: {reason}. "
                     "Use structure='eigenbasis' (no dependency graph needed) or structure='auto'"
                 )
             return
