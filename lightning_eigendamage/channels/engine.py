@@ -851,6 +851,52 @@ def _root_pruner(graph: Any, root: nn.Module, name: str) -> Any:
     return pruner
 
 
+def _plan_entries(
+    model: nn.Module, plan: Sequence[dict[str, Any]], graph: Any
+) -> list[tuple[str, nn.Module, list[int]]]:
+    """``(root name, root module, sorted removed root channels)`` of every plan entry that removes
+    something, checked against ``model`` (ValueError for a plan made for another model)."""
+    modules = dict(model.named_modules())
+    entries = []
+    for entry in plan:
+        removed = sorted(int(c) for c in entry.get("removed", []))
+        if not removed:
+            continue
+        name = entry["root"]
+        root = modules.get(name)
+        if root is None:
+            raise ValueError(f"the plan names a group root {name!r} that the model does not have")
+        width = _root_pruner(graph, root, name).get_out_channels(root)
+        if width != entry.get("channels", width) or removed[-1] >= width or removed[0] < 0:
+            raise ValueError(
+                f"the plan removes channels {removed[:3]}… of {name!r} ({entry.get('channels')} wide), "
+                f"but it has {width}: the plan was made for another model"
+            )
+        entries.append((name, root, removed))
+    return entries
+
+
+def _removed_indices(
+    graph: Any, entries: list[tuple[str, nn.Module, list[int]]]
+) -> tuple[dict[nn.Module, list[int]], dict[nn.Module, list[int]], list[nn.Module]]:
+    """Before any cut: per member module the output rows and input columns the entries remove
+    (in the member's own indices), and every module of their groups, in order."""
+    removed_rows: dict[nn.Module, list[int]] = {}
+    removed_cols: dict[nn.Module, list[int]] = {}
+    touched: dict[nn.Module, None] = {}
+    for name, root, removed in entries:
+        group = graph.get_pruning_group(root, _root_pruner(graph, root, name).prune_out_channels, removed)
+        for item in group:
+            module, handler = item.dep.target.module, item.dep.handler
+            if isinstance(module, nn.Module):
+                touched.setdefault(module, None)
+            if graph.is_out_channel_pruning_fn(handler):
+                removed_rows.setdefault(module, []).extend(int(i) for i in item.idxs)
+            elif graph.is_in_channel_pruning_fn(handler):
+                removed_cols.setdefault(module, []).extend(int(i) for i in item.idxs)
+    return removed_rows, removed_cols, list(touched)
+
+
 def cut_channels(
     model: nn.Module,
     plan: Sequence[dict[str, Any]],
@@ -877,38 +923,10 @@ def cut_channels(
 
     Not atomic by itself: callers hold a snapshot (:func:`remove_channels`, the channel engine).
     """
-    modules = dict(model.named_modules())
     names = {p: n for n, p in model.named_parameters(remove_duplicate=False)}
-    entries = []
-    for entry in plan:
-        removed = sorted(int(c) for c in entry.get("removed", []))
-        if not removed:
-            continue
-        name = entry["root"]
-        root = modules.get(name)
-        if root is None:
-            raise ValueError(f"the plan names a group root {name!r} that the model does not have")
-        width = _root_pruner(graph, root, name).get_out_channels(root)
-        if width != entry.get("channels", width) or removed[-1] >= width or removed[0] < 0:
-            raise ValueError(
-                f"the plan removes channels {removed[:3]}… of {name!r} ({entry.get('channels')} wide), "
-                f"but it has {width}: the plan was made for another model"
-            )
-        entries.append((name, root, removed))
+    entries = _plan_entries(model, plan, graph)
     # The updates see the full-size weights: rows and columns removed by every group first.
-    removed_rows: dict[nn.Module, list[int]] = {}
-    removed_cols: dict[nn.Module, list[int]] = {}
-    touched: list[nn.Module] = []
-    for name, root, removed in entries:
-        group = graph.get_pruning_group(root, _root_pruner(graph, root, name).prune_out_channels, removed)
-        for item in group:
-            module, handler = item.dep.target.module, item.dep.handler
-            if isinstance(module, nn.Module) and module not in touched:
-                touched.append(module)
-            if graph.is_out_channel_pruning_fn(handler):
-                removed_rows.setdefault(module, []).extend(int(i) for i in item.idxs)
-            elif graph.is_in_channel_pruning_fn(handler):
-                removed_cols.setdefault(module, []).extend(int(i) for i in item.idxs)
+    removed_rows, removed_cols, touched = _removed_indices(graph, entries)
     with torch.no_grad():
         for module, update in (updates or {}).items():
             rows = sorted(set(removed_rows.get(module, [])))
@@ -1688,21 +1706,8 @@ class ChannelEngine(PruningEngine):
 
 def _reader_columns(an: ChannelAnalysis, plan: ChannelPlan) -> dict[nn.Module, list[int]]:
     """Per scored reader, the input columns (channel indices) the plan removes from it."""
-    modules = dict(an.model.named_modules())
-    cols: dict[nn.Module, set[int]] = {}
-    for entry in plan.groups:
-        removed = sorted(int(c) for c in entry["removed"])
-        if not removed:
-            continue
-        root = modules[entry["root"]]
-        group = an.graph.get_pruning_group(
-            root, _root_pruner(an.graph, root, entry["root"]).prune_out_channels, removed
-        )
-        for item in group:
-            module = item.dep.target.module
-            if module in an.updates and an.graph.is_in_channel_pruning_fn(item.dep.handler):
-                cols.setdefault(module, set()).update(int(i) for i in item.idxs)
-    return {m: sorted(c) for m, c in cols.items()}
+    _, cols, _ = _removed_indices(an.graph, _plan_entries(an.model, plan.groups, an.graph))
+    return {m: sorted(set(c)) for m, c in cols.items() if m in an.updates}
 
 
 def _reasons(skipped: dict[str, str]) -> str:
