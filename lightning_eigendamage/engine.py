@@ -167,3 +167,21 @@ def get_engine(name: str) -> PruningEngine:
 def engine_names() -> tuple[str, ...]:
     """The names of the registered engines, in registration order."""
     return tuple(_ENGINES)
+
+
+def cannot_prune(name: str, model: nn.Module, example: Any, options: PruneOptions) -> str | None:
+    """Why the engine ``name`` cannot prune ``model``, or None if it can: its
+    :meth:`~PruningEngine.check` on ``example`` (one input batch on the model's device), which
+    traces the model as ``model(example)``, so a ``forward_fn`` in ``options`` is a reason too.
+    Engines without a check accept every model. Used to decide ``structure="auto"`` and to fail
+    before training."""
+    engine = get_engine(name)
+    if type(engine).check is PruningEngine.check:
+        return None
+    if options.forward_fn is not None:
+        return "forward_fn is given: the model is not called as model(input), which is traced"
+    try:
+        engine.check(model, example, options)
+    except (RuntimeError, ImportError, TypeError, ValueError) as err:
+        return str(err)
+    return None

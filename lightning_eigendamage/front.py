@@ -17,7 +17,7 @@ from torch import nn
 from .channels import engine as _channels_engine  # noqa: F401  (registers the channel engine)
 from .curvature import split_batch, to_device
 from .eigenbasis import pruner
-from .engine import get_engine
+from .engine import cannot_prune, get_engine
 from .options import PruneOptions
 from .report import PruneReport, PruningWarning
 
@@ -77,22 +77,20 @@ def _auto(model: nn.Module, batches: list[Any], options: PruneOptions | None, kw
     batch), else ``"eigenbasis"`` with a warning that says why."""
     if not batches:
         raise ValueError("batches is empty: pruning needs at least one batch")
-    input_fn = options.input_fn if options is not None else kwargs.get("input_fn")
     params = list(model.parameters())
     if not params:
         raise ValueError("the model has no parameters: nothing to prune")
-    try:
-        if (options.forward_fn if options is not None else kwargs.get("forward_fn")) is not None:
-            raise RuntimeError(
-                "forward_fn is given: the model is not called as model(input), which is traced"
-            )
-        example = to_device(split_batch(batches[0], input_fn)[0], params[0].device)
-        get_engine("channels").check(model, example, options or PruneOptions(structure="channels"))
-    except (RuntimeError, ImportError, TypeError) as err:
-        warnings.warn(
-            f"prune(structure='auto') prunes the eigenbasis: channels are not possible here ({err})",
-            PruningWarning,
-            stacklevel=3,
+    if options is None:
+        options = PruneOptions(
+            structure="channels", input_fn=kwargs.get("input_fn"), forward_fn=kwargs.get("forward_fn")
         )
-        return "eigenbasis"
-    return "channels"
+    example = to_device(split_batch(batches[0], options.input_fn)[0], params[0].device)
+    reason = cannot_prune("channels", model, example, options)
+    if reason is None:
+        return "channels"
+    warnings.warn(
+        f"prune(structure='auto') prunes the eigenbasis: channels are not possible here ({reason})",
+        PruningWarning,
+        stacklevel=3,
+    )
+    return "eigenbasis"

@@ -70,7 +70,7 @@ from ..checkpoint import PrunedLoadingHook, has_pruned_loading
 from ..curvature import KFACapture, capture_batch, check_categorical, split_batch, target_of
 from ..discovery import Candidate, dynamic_skips, find_layers, no_prunable_message
 from ..distributed import is_distributed
-from ..engine import PruningEngine, engine_names, get_engine
+from ..engine import PruningEngine, cannot_prune, engine_names, get_engine
 from ..gradual import (
     GradualRemoval,
     GradualWindow,
@@ -530,17 +530,11 @@ class EigenDamagePruning(Callback):
         engine = get_engine(target)
         if type(engine).check is PruningEngine.check:  # nothing to check (the eigenbasis)
             return
-        reason = None
         if batch is None:
-            reason = "the training data gave no batch to trace the model with"
-        elif self.forward_fn is not None:
-            reason = "forward_fn is given: the model is not called as pl_module(input), which is traced"
+            reason: str | None = "the training data gave no batch to trace the model with"
         else:
-            try:
-                with _preserve_rng(pl_module.device):
-                    engine.check(pl_module, self._input_of(batch), self.options.resolved(target))
-            except (RuntimeError, ImportError, TypeError, ValueError) as err:
-                reason = str(err)
+            with _preserve_rng(pl_module.device):
+                reason = cannot_prune(target, pl_module, self._input_of(batch), self.options.resolved(target))
         if self._structure is not None:
             if reason is not None:
                 raise RuntimeError(
