@@ -712,30 +712,38 @@ def callback_structures_table(folder: Path) -> list[str]:
     out += ["", "Commands: " + "; ".join(f"`{c}`" for c in commands), ""]
     timed = load_jsonl(folder / "callback_structures_latency.jsonl")
     if timed:
-        out += [
-            "Speed-up at batch 64 of the networks of one (network, ÷FLOPs, schedule, seed), timed",
+        out += _per_method_table(
+            timed,
+            "speedup_b64",
+            "{:.2f}×",
+            "Speed-up at batch 64 of the networks of one (network, ÷FLOPs, schedule, seed), timed\n"
             "alternately in one process with the dense one (`--compare`; median of the repeats):",
-            "",
-            "| network | ÷FLOPs | schedule | seed | " + " | ".join(sorted(timed[0]["speedup_b64"])) + " |",
-            "| --- | --- | --- | --- | " + " | ".join("---" for _ in timed[0]["speedup_b64"]) + " |",
-        ]
-        for r in sorted(timed, key=lambda r: (r["model"], r["flops_x"], r["schedule"], r["seed"])):
-            ups = " | ".join(f"{r['speedup_b64'][k]:.2f}×" for k in sorted(r["speedup_b64"]))
-            out.append(f"| {r['model']} | {r['flops_x']:g} | {r['schedule']} | {r['seed']} | {ups} |")
-        out += [
-            "",
-            "A training step (forward, backward, SGD step at batch 128) of each pruned network, as a",
+        )
+        out += _per_method_table(
+            timed,
+            "train_step_vs_dense",
+            "{:.2f}",
+            "A training step (forward, backward, SGD step at batch 128) of each pruned network, as a\n"
             "fraction of the dense network's, timed alike:",
-            "",
-            "| network | ÷FLOPs | schedule | seed | " + " | ".join(sorted(timed[0]["speedup_b64"])) + " |",
-            "| --- | --- | --- | --- | " + " | ".join("---" for _ in timed[0]["speedup_b64"]) + " |",
-        ]
-        for r in sorted(timed, key=lambda r: (r["model"], r["flops_x"], r["schedule"], r["seed"])):
-            fr = r.get("train_step_vs_dense", {})
-            cells = " | ".join(f"{fr[k]:.2f}" if k in fr else "–" for k in sorted(r["speedup_b64"]))
-            out.append(f"| {r['model']} | {r['flops_x']:g} | {r['schedule']} | {r['seed']} | {cells} |")
-        out += ["", "Commands: " + "; ".join(f"`{c}`" for c in sorted({r["command"] for r in timed})), ""]
+        )
+        out += ["Commands: " + "; ".join(f"`{c}`" for c in sorted({r["command"] for r in timed})), ""]
     return out
+
+
+def _per_method_table(rows: list[dict[str, Any]], key: str, fmt: str, caption: str) -> list[str]:
+    """One row per (network, ÷FLOPs, schedule, seed), one column per method of ``r[key]``."""
+    methods = sorted(rows[0]["speedup_b64"])
+    out = [
+        *caption.split("\n"),
+        "",
+        "| network | ÷FLOPs | schedule | seed | " + " | ".join(methods) + " |",
+        "| --- | --- | --- | --- | " + " | ".join("---" for _ in methods) + " |",
+    ]
+    for r in sorted(rows, key=lambda r: (r["model"], r["flops_x"], r["schedule"], r["seed"])):
+        values = r.get(key, {})
+        cells = " | ".join(fmt.format(values[k]) if k in values else "–" for k in methods)
+        out.append(f"| {r['model']} | {r['flops_x']:g} | {r['schedule']} | {r['seed']} | {cells} |")
+    return out + [""]
 
 
 def plot_label(r: dict[str, Any]) -> str | None:
