@@ -11,7 +11,9 @@ either through the steps below, so none of them knows which engine it runs:
    ``A`` the engine's scores need (``"channel"``: ``C_in × C_in``; ``"patch"``:
    ``C_in·k² × C_in·k²``).
 2. ``check``: before training, whether the engine can prune this model at all (the channel
-   engine needs a dependency graph); raises with the reason.
+   engine needs a dependency graph); raises with the reason. What it built (the channel
+   engine's traced graph) is returned, and ``analyse`` reuses it while it still describes the
+   model, so the callback traces once, on its probe batch, not at every round.
 3. ``analyse``: factors (captured here if not given, all-reduced over processes when
    ``distributed``) → scores and whatever ``apply`` will need.
 4. ``decide``: the plan, frozen plain data (``to_dict``/``from_dict``); under ``distributed``
@@ -71,10 +73,11 @@ class PruningEngine(ABC):
         """Every layer whose factors may be captured, with the reason for each one that will
         not be pruned (``Candidate.skipped``); ``hook_module`` is where the hooks go."""
 
-    def check(self, model: nn.Module, example: Any, options: PruneOptions) -> None:
+    def check(self, model: nn.Module, example: Any, options: PruneOptions) -> Any:
         """Raise (RuntimeError, with the reason) if this engine cannot prune ``model`` at all;
-        ``example`` is one input batch on the model's device. Nothing is changed. The default
-        accepts every model."""
+        ``example`` is one input batch on the model's device. Nothing is changed. Returns what
+        the check built that :meth:`analyse` can reuse (its ``prepared`` argument), or None. The
+        default accepts every model and returns None."""
         return None
 
     @abstractmethod
@@ -86,8 +89,11 @@ class PruningEngine(ABC):
         *,
         captured: CaptureResult | None = None,
         distributed: bool = False,
+        prepared: Any = None,
     ) -> Any:
-        """Scores from the factors (captured on ``batches`` unless ``captured`` is given)."""
+        """Scores from the factors (captured on ``batches`` unless ``captured`` is given).
+        ``prepared``: what :meth:`check` returned for this model, reused if it still describes
+        the model (rebuilt otherwise)."""
 
     @abstractmethod
     def decide(self, analysis: Any, ratio: float, options: PruneOptions, *, distributed: bool = False) -> Any:
@@ -130,13 +136,16 @@ class PruningEngine(ABC):
         options: PruneOptions,
         captured: CaptureResult | None = None,
         distributed: bool = False,
+        prepared: Any = None,
     ) -> tuple[PruneReport, Any]:
         """``analyse → decide → apply`` in one call (one round of the callback); ``ratio`` is
         checked before anything runs."""
         r = as_real(ratio)
         if r is None or not 0.0 <= r < 1.0:
             raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
-        analysis = self.analyse(model, batches, options, captured=captured, distributed=distributed)
+        # an engine without a check need not take ``prepared``
+        extra = {} if prepared is None else {"prepared": prepared}
+        analysis = self.analyse(model, batches, options, captured=captured, distributed=distributed, **extra)
         plan = self.decide(analysis, ratio, options, distributed=distributed)
         return self.apply(model, analysis, plan, options, distributed=distributed)
 
@@ -169,19 +178,23 @@ def engine_names() -> tuple[str, ...]:
     return tuple(_ENGINES)
 
 
-def cannot_prune(name: str, model: nn.Module, example: Any, options: PruneOptions) -> str | None:
-    """Why the engine ``name`` cannot prune ``model``, or None if it can: its
-    :meth:`~PruningEngine.check` on ``example`` (one input batch on the model's device), which
-    traces the model as ``model(example)``, so a ``forward_fn`` in ``options`` is a reason too.
-    Engines without a check accept every model. Used to decide ``structure="auto"`` and to fail
-    before training."""
+def prepare(name: str, model: nn.Module, example: Any, options: PruneOptions) -> tuple[Any, str | None]:
+    """The engine ``name``'s :meth:`~PruningEngine.check` on ``example`` (one input batch on the
+    model's device): ``(prepared, None)`` if it can prune ``model`` (``prepared`` is for
+    :meth:`~PruningEngine.analyse`), ``(None, reason)`` if not. The check traces the model as
+    ``model(example)``, so a ``forward_fn`` in ``options`` is a reason too. Engines without a
+    check accept every model. Used to decide ``structure="auto"`` and to fail before training."""
     engine = get_engine(name)
     if type(engine).check is PruningEngine.check:
-        return None
+        return None, None
     if options.forward_fn is not None:
-        return "forward_fn is given: the model is not called as model(input), which is traced"
+        return None, "forward_fn is given: the model is not called as model(input), which is traced"
     try:
-        engine.check(model, example, options)
+        return engine.check(model, example, options), None
     except (RuntimeError, ImportError, TypeError, ValueError) as err:
-        return str(err)
-    return None
+        return None, str(err)
+
+
+def cannot_prune(name: str, model: nn.Module, example: Any, options: PruneOptions) -> str | None:
+    """Why the engine ``name`` cannot prune ``model``, or None if it can (:func:`prepare`'s reason)."""
+    return prepare(name, model, example, options)[1]

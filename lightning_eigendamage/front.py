@@ -17,7 +17,7 @@ from torch import nn
 from .channels import engine as _channels_engine  # noqa: F401  (registers the channel engine)
 from .curvature import split_batch, to_device
 from .eigenbasis import pruner
-from .engine import cannot_prune, get_engine
+from .engine import get_engine, prepare
 from .options import PruneOptions
 from .report import PruneReport, PruningWarning
 
@@ -56,9 +56,10 @@ def prune(
         if not isinstance(options, PruneOptions):
             raise TypeError(f"options must be a PruneOptions or None, got {type(options).__name__}")
         structure = options.structure
+    prepared = None  # the channel graph "auto" traced, reused by the channel engine
     if structure == "auto":
         batches = list(batches)
-        structure = _auto(model, batches, options.resolved("channels") if options else None, kwargs)
+        structure, prepared = _auto(model, batches, options.resolved("channels") if options else None, kwargs)
         if options is not None:
             options = options.resolved(structure)
     if structure == "eigenbasis":
@@ -68,13 +69,17 @@ def prune(
         options = PruneOptions(structure=structure, **kwargs)
     elif kwargs:
         raise ValueError(f"pass the options either in options= or as keywords, not both ({sorted(kwargs)})")
-    report, _ = engine.prune(model, batches, ratio=ratio, options=options, distributed=distributed)
+    report, _ = engine.prune(
+        model, batches, ratio=ratio, options=options, distributed=distributed, prepared=prepared
+    )
     return report
 
 
-def _auto(model: nn.Module, batches: list[Any], options: PruneOptions | None, kwargs: dict[str, Any]) -> str:
-    """``"channels"`` if the channel engine can prune ``model`` (its graph builds on the first
-    batch), else ``"eigenbasis"`` with a warning that says why."""
+def _auto(
+    model: nn.Module, batches: list[Any], options: PruneOptions | None, kwargs: dict[str, Any]
+) -> tuple[str, Any]:
+    """``("channels", graph)`` if the channel engine can prune ``model`` (its graph builds on the
+    first batch), else ``("eigenbasis", None)`` with a warning that says why."""
     if not batches:
         raise ValueError("batches is empty: pruning needs at least one batch")
     params = list(model.parameters())
@@ -85,12 +90,12 @@ def _auto(model: nn.Module, batches: list[Any], options: PruneOptions | None, kw
             structure="channels", input_fn=kwargs.get("input_fn"), forward_fn=kwargs.get("forward_fn")
         )
     example = to_device(split_batch(batches[0], options.input_fn)[0], params[0].device)
-    reason = cannot_prune("channels", model, example, options)
+    prepared, reason = prepare("channels", model, example, options)
     if reason is None:
-        return "channels"
+        return "channels", prepared
     warnings.warn(
         f"prune(structure='auto') prunes the eigenbasis: channels are not possible here ({reason})",
         PruningWarning,
         stacklevel=3,
     )
-    return "eigenbasis"
+    return "eigenbasis", None

@@ -309,6 +309,49 @@ def test_channels_resume_into_a_fresh_model_ends_bitwise_equal(tmp_path: Path) -
         assert torch.equal(p, a[name])
 
 
+def test_channels_trace_the_graph_once_at_the_probe_and_reuse_it_every_round(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three rounds on a residual network: Torch-Pruning traces the model once (the probe), and the
+    pruned network is bitwise the one re-tracing before every round gives."""
+    traces: list[int] = []
+    real = channels_mod.dependency_graph
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        traces.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(channels_mod, "dependency_graph", counting)
+
+    def run() -> LitClassifier:
+        torch.manual_seed(0)
+        model = LitClassifier(TinyResNet(), lr=0.01)
+        cb = EigenDamagePruning({0: 0.3, 1: 0.3, 2: 0.2}, structure="channels", verbose=False)
+        trainer(max_epochs=3, callbacks=[cb]).fit(model, loader(image_data(64, n_classes=5)))
+        assert [r.channels_removed > 0 for r in cb.reports] == [True] * 3
+        return model
+
+    once = run()
+    assert len(traces) == 1
+    traces.clear()
+    monkeypatch.setattr(channels_mod.ChannelGraph, "describes", lambda self, model: False)
+    every = run()
+    assert len(traces) == 4  # the probe's, then one per round
+    a, b = dict(once.named_parameters()), dict(every.named_parameters())
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_a_traced_graph_stops_describing_a_model_whose_modules_change() -> None:
+    model, batches = _resnet()
+    engine, options = get_engine("channels"), PruneOptions(structure="channels").resolved("channels")
+    prepared = engine.check(model, batches[0][0], options)
+    assert prepared.describes(model) and not prepared.describes(copy.deepcopy(model))
+    model.l1.conv1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+    assert not prepared.describes(model)
+
+
 def test_resuming_with_the_other_structure_is_refused(tmp_path: Path) -> None:
     torch.manual_seed(0)
     _fit(

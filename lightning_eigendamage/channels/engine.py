@@ -1325,6 +1325,32 @@ def _min_channels(value: Any) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def _module_signature(model: nn.Module) -> tuple[tuple[str, int], ...]:
+    return tuple((n, id(m)) for n, m in model.named_modules())
+
+
+@dataclass
+class ChannelGraph:
+    """What :meth:`ChannelEngine.check` builds and :meth:`ChannelEngine.analyse` reuses: the
+    model's Torch-Pruning graph and its output layers, traced once (the callback traces on its
+    probe batch, before training). Torch-Pruning recomputes the graph's index mappings from the
+    layers' widths whenever a group is built, so the graph stays valid across rounds of channel
+    removal; it is re-traced only if the model's modules were replaced or a parameter it tracks
+    is no longer the model's (:meth:`describes`)."""
+
+    graph: Any
+    ignored: list[nn.Module]
+    signature: tuple[tuple[str, int], ...]  # (qualified name, id) of every module when traced
+
+    def describes(self, model: nn.Module) -> bool:
+        """Whether the graph is still ``model``'s: the same model, the same module objects under
+        the same names, and every bare parameter it tracks still one of the model's."""
+        if getattr(self.graph, "model", None) is not model or _module_signature(model) != self.signature:
+            return False
+        params = {id(p) for p in model.parameters()}
+        return all(id(k) in params for k in self.graph.module2node if isinstance(k, nn.Parameter))
+
+
 @dataclass
 class ChannelAnalysis:
     """What :meth:`ChannelEngine.analyse` found: the graph and the readers' scores and
@@ -1445,9 +1471,11 @@ class ChannelEngine(PruningEngine):
     def candidates(self, model: nn.Module, options: PruneOptions) -> list[Candidate]:
         return scorable_layers(model, options.exclude, options.max_factor_dim)[0]
 
-    def check(self, model: nn.Module, example: Any, options: PruneOptions) -> None:
+    def check(self, model: nn.Module, example: Any, options: PruneOptions) -> ChannelGraph:
+        """The model's dependency graph (RuntimeError if it cannot be built), for :meth:`analyse`."""
         _torch_pruning()
-        dependency_graph(model, example, _output_layers(model, example, _forward))
+        ignored = _output_layers(model, example, _forward)
+        return ChannelGraph(dependency_graph(model, example, ignored), ignored, _module_signature(model))
 
     def analyse(
         self,
@@ -1457,6 +1485,7 @@ class ChannelEngine(PruningEngine):
         *,
         captured: CaptureResult | None = None,
         distributed: bool = False,
+        prepared: ChannelGraph | None = None,
     ) -> ChannelAnalysis:
         _torch_pruning()
         if isinstance(batches, (torch.Tensor, dict)):
@@ -1473,8 +1502,11 @@ class ChannelEngine(PruningEngine):
         check_usable_parameters(model, "channel pruning")
         device = params[0].device
         example = to_device(split_batch(batches[0], options.input_fn)[0], device)
-        ignored = _output_layers(model, example, _forward)
-        graph = dependency_graph(model, example, ignored)  # an ungroupable model fails before the capture
+        if prepared is not None and prepared.describes(model):
+            graph, ignored = prepared.graph, prepared.ignored
+        else:  # an ungroupable model fails before the capture
+            ignored = _output_layers(model, example, _forward)
+            graph = dependency_graph(model, example, ignored)
         _, layers, skipped = scorable_layers(model, options.exclude, options.max_factor_dim)
         if captured is None and layers:
             captured = capture_factors(

@@ -1249,6 +1249,7 @@ class EigenbasisEngine(PruningEngine):
         *,
         captured: CaptureResult | None = None,
         distributed: bool = False,
+        prepared: Any = None,  # the eigenbasis has no check: nothing to reuse
     ) -> Analysis:
         return analyse(model, batches, options, captured=captured, distributed=distributed)
 

@@ -70,7 +70,7 @@ from ..checkpoint import PrunedLoadingHook, has_pruned_loading
 from ..curvature import KFACapture, capture_batch, check_categorical, split_batch, target_of
 from ..discovery import Candidate, dynamic_skips, find_layers, no_prunable_message
 from ..distributed import is_distributed
-from ..engine import PruningEngine, cannot_prune, engine_names, get_engine
+from ..engine import PruningEngine, engine_names, get_engine, prepare
 from ..gradual import (
     GradualRemoval,
     GradualWindow,
@@ -308,8 +308,9 @@ class EigenDamagePruning(Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         # Spawning launchers pickle the callback; the weak reference to the last fit's module
-        # cannot be pickled, and a copy in another process has no earlier fit anyway.
-        return {**self.__dict__, "_fitted": None}
+        # cannot be pickled, and a copy in another process has no earlier fit anyway; nor has
+        # it the traced graph of this process's model.
+        return {**self.__dict__, "_fitted": None, "_prepared": None}
 
     def _reset_run_state(self) -> None:
         """Everything one fit accumulates (rounds done, reports, captures, windows)."""
@@ -326,6 +327,7 @@ class EigenDamagePruning(Callback):
         self._generator_state: torch.Tensor | None = None
         self._cap: KFACapture | None = None
         self._cap_time = 0.0
+        self._prepared: Any = None  # what the engine's check built at the probe (channels: the graph)
         self._example: Any = None
         self._example_saved = False  # whether _example is the one-row example of a checkpoint
         self._epoch_captured = 0
@@ -534,7 +536,10 @@ class EigenDamagePruning(Callback):
             reason: str | None = "the training data gave no batch to trace the model with"
         else:
             with _preserve_rng(pl_module.device):
-                reason = cannot_prune(target, pl_module, self._input_of(batch), self.options.resolved(target))
+                prepared, reason = prepare(
+                    target, pl_module, self._input_of(batch), self.options.resolved(target)
+                )
+            self._prepared = prepared  # the traced graph, reused by every round (re-traced if stale)
         if self._structure is not None:
             if reason is not None:
                 raise RuntimeError(
@@ -836,7 +841,10 @@ class EigenDamagePruning(Callback):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", PruningWarning)
             engine, options = self.engine, self._round_options()
-            an = engine.analyse(pl_module, [example], options, captured=captured, distributed=distributed)
+            extra = {} if self._prepared is None else {"prepared": self._prepared}
+            an = engine.analyse(
+                pl_module, [example], options, captured=captured, distributed=distributed, **extra
+            )
             plan = engine.decide(an, point.fraction, options, distributed=distributed)
         for w in caught:
             if issubclass(w.category, PruningWarning):
@@ -969,6 +977,7 @@ class EigenDamagePruning(Callback):
             options=options,
             captured=captured,
             distributed=_is_distributed(trainer),
+            prepared=self._prepared,
         )
 
     def on_after_surgery(
