@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_eigendamage import prune, prune_channels, restore_pruned  # noqa: E402
 from lightning_eigendamage.costs import count_flops  # noqa: E402
+from lightning_eigendamage.report import group_reasons  # noqa: E402
 
 MODELS = (
     "resnet18",
@@ -213,11 +214,7 @@ def table(records: list[dict[str, Any]], method: str = "prune", source: str = "z
                 + " no |"
             )
             continue
-        reasons: dict[str, int] = {}
-        for why in r["skipped"].values():
-            why = why.split(";")[0]  # the reason, without the advice after it
-            reasons[why] = reasons.get(why, 0) + 1
-        whole = "; ".join(f"{n}× {why}" for why, n in sorted(reasons.items())) or "–"
+        whole = "<br>".join(f"{len(names)}× {why}" for why, names in group_reasons(r["skipped"])) or "–"
         warned = ", ".join(sorted({w.split(":")[0] for w in r["warnings"]})) or "–"
         lines.append(
             f"| {r['model']} | {r['size']}² | ÷{r['flops_x']:g} | ÷{r['flops_reached_x']:.2f} | "

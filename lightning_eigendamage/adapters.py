@@ -120,6 +120,12 @@ class LinearAdapter(LayerAdapter):
         return y.reshape(-1, y.shape[-1])
 
 
+# The reason a depthwise conv has no K-FAC factors of its own (one filter per channel: nothing
+# to rotate, and no input channel its output could be refitted from). The channel engine still
+# narrows one with the channels of its group (see channels.engine).
+DEPTHWISE = "depthwise convolution"
+
+
 @dataclass(frozen=True)
 class ConvView:
     """A convolution's settings as 2-d tuples (what the conv factor maths reads).
@@ -147,7 +153,7 @@ class ConvAdapter(LayerAdapter):
     def skip_reason(self, module: nn.Module) -> str | None:
         if module.groups > 1:
             if module.groups == module.in_channels:
-                return "depthwise convolution"
+                return DEPTHWISE
             return f"grouped convolution (groups={module.groups})"
         return None
 

@@ -125,9 +125,27 @@ class PruneReport:
             f"{'' if self.target_reached else ', not reached: ' + str(self.limited_by)})"
         )
         if self.skipped:
-            lines.append("left whole:")
-            lines += [f"  {k}: {v}" for k, v in self.skipped.items()]
+            lines.append("left whole, by reason:")
+            for why, names in group_reasons(self.skipped):
+                shown = ", ".join(names[:3]) + (f", … ({len(names) - 3} more)" if len(names) > 3 else "")
+                lines.append(f"  {len(names)}× {why}: {shown}")
         return "\n".join(lines)
+
+
+def group_reasons(skipped: dict[str, str]) -> list[tuple[str, list[str]]]:
+    """The reasons in ``skipped`` (layer or ``"group of <root>"`` → reason), each once, with the
+    names that gave it, most frequent first. A layer's reason is kept up to its first ``;`` (the
+    advice after it is the same for all); a group's ``"left whole: <member> <why>"`` becomes
+    ``"group left whole: a member <why>"``, so that one reason of many groups is one line."""
+    out: dict[str, list[str]] = {}
+    for name, why in skipped.items():
+        why = why.split(";")[0]
+        if name.startswith("group of ") and why.startswith("left whole: "):
+            rest = why.removeprefix("left whole: ")
+            member, _, tail = rest.partition(" ")
+            why = f"group left whole: a member {tail}" if tail else f"group left whole: {rest}"
+        out.setdefault(why, []).append(name.removeprefix("group of "))
+    return sorted(out.items(), key=lambda kv: (-len(kv[1]), kv[0]))
 
 
 # A params/flops target counts as reached within this fraction of the model (0.5 percentage points):

@@ -53,6 +53,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from ..adapters import DEPTHWISE
 from ..calibration import downstream_batchnorms, recalibrate_batchnorm
 from ..checkpoint import mark_narrowed, state_dict_of
 from ..costs import count_flops, count_params
@@ -1082,6 +1083,23 @@ def _output_layers(
     return found
 
 
+_FOLLOWS = f"{DEPTHWISE}: not scored itself, it follows the channels of its group"
+
+
+def _depthwise_reason(module: nn.Module) -> str:
+    """Why the channel engine does not score the depthwise conv ``module``. With one ``k×k``
+    filter per channel (``groups == in_channels == out_channels``) channel ``c`` of its input
+    feeds only channel ``c`` of its output, so removing its group's channel ``c`` removes that
+    filter whole: the conv *follows* its group (:data:`_FOLLOWS`). The channel's damage and
+    compensation are taken where the depthwise output is read (an inverted residual's projection
+    conv, as for any reader), and its FLOPs and parameters count in what the removal saves.
+    With a channel multiplier (``m`` filters per input channel) its group stays whole."""
+    if module.out_channels == module.in_channels:
+        return _FOLLOWS
+    m = module.out_channels // max(module.in_channels, 1)
+    return f"{DEPTHWISE} with {m} filters per channel (channel multiplier {m}): its group is left whole"
+
+
 def scorable_layers(
     model: nn.Module, exclude: Any = None, max_factor_dim: int | None = 16384
 ) -> tuple[list[Candidate], dict[str, nn.Module], dict[str, str]]:
@@ -1098,6 +1116,8 @@ def scorable_layers(
             d = max(c.unit.weight[0].numel(), c.unit.weight.shape[0])
             if d > max_factor_dim:
                 c.skipped = f"its {d}×{d} K-FAC factor is wider than max_factor_dim={max_factor_dim}"
+        if c.skipped == DEPTHWISE:
+            c.skipped = _depthwise_reason(c.unit)
     layers = {c.name: c.unit for c in cands if c.skipped is None}
     return cands, layers, {c.name: c.skipped for c in cands if c.skipped is not None}
 
@@ -1427,7 +1447,10 @@ def _allowed_in(
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             if module in scored:
                 return None
-            return f"{name} is not scored ({skipped.get(name, 'not a prunable layer')})"
+            why = skipped.get(name, "not a prunable layer")
+            if why == _FOLLOWS:  # depthwise and nothing else: it follows its group
+                return None
+            return f"{name} is not scored ({why})"
         if isinstance(module, nn.GroupNorm):
             return f"{name} (GroupNorm) needs its channel count to stay a multiple of its groups"
         if isinstance(module, _BATCHNORMS):
@@ -1662,7 +1685,10 @@ class ChannelEngine(PruningEngine):
                 else n_removed / max(total, 1)
             )
             ok = reached >= plan.ratio - TARGET_TOLERANCE
-            skipped = {**an.skipped, **plan.left}
+            # what was left alone: not the layers that lost channels (a depthwise conv that
+            # followed its group is not scored, yet narrowed)
+            narrowed = {r.name for r in layer_reports(before, model) if (r.removed_in or r.removed_out)}
+            skipped = {k: v for k, v in {**an.skipped, **plan.left}.items() if k not in narrowed}
             report = PruneReport(
                 params_before=params_before,
                 params_after=count_params(model),
