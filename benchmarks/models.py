@@ -98,3 +98,71 @@ def resnet32(
     n_classes: int = 10, widths: tuple[int, int, int] = (64, 128, 256), in_channels: int = 3
 ) -> ResNetCifar:
     return ResNetCifar(32, widths, n_classes, in_channels)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNet-V2's block: 1×1 expansion (×``t``) + BN + ReLU6, 3×3 depthwise + BN + ReLU6,
+    1×1 projection + BN, added to the input when the shapes agree (stride 1, same width)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, t: int) -> None:
+        super().__init__()
+        hidden = c_in * t
+        layers: list[nn.Module] = []
+        if t != 1:
+            layers += [nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True)]
+        layers += [
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, c_out, 1, bias=False),
+            nn.BatchNorm2d(c_out),
+        ]
+        self.conv = nn.Sequential(*layers)
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+# (expansion t, width c, blocks n, first stride s) for 28×28 inputs: MobileNet-V2's CIFAR layout
+# at half width, with three downsamplings (28 → 14 → 7 → 4).
+MOBILENET_NARROW_CFG = [
+    (1, 8, 1, 1),
+    (6, 12, 2, 1),
+    (6, 16, 3, 2),
+    (6, 32, 3, 2),
+    (6, 48, 2, 1),
+    (6, 80, 2, 2),
+]
+
+
+class MobileNetV2Cifar(nn.Module):
+    """MobileNet-V2 for small inputs: a 3×3 stem (stride 1), inverted residuals with depthwise
+    convs and ReLU6 (``cfg``), a 1×1 conv to ``last`` channels, average pool, one Linear."""
+
+    def __init__(
+        self,
+        n_classes: int = 10,
+        in_channels: int = 3,
+        cfg: list[tuple[int, int, int, int]] = MOBILENET_NARROW_CFG,
+        stem: int = 16,
+        last: int = 320,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(stem),
+            nn.ReLU6(inplace=True),
+        ]
+        c = stem
+        for t, w, n, s in cfg:
+            for i in range(n):
+                layers.append(InvertedResidual(c, w, s if i == 0 else 1, t))
+                c = w
+        layers += [nn.Conv2d(c, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU6(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(last, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))

@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.data import DATASETS, Data, DataMissingError, augment_batch, load_data  # noqa: E402
-from benchmarks.models import VGG, ResNetCifar  # noqa: E402
+from benchmarks.models import VGG, MobileNetV2Cifar, ResNetCifar  # noqa: E402
 from lightning_eigendamage import EigenDamagePruning, PruningSchedule, prune  # noqa: E402
 from lightning_eigendamage.costs import count_flops, count_params  # noqa: E402
 
@@ -67,6 +67,7 @@ MODELS = {
     "resnet20-narrow": "ResNet-20, widths 16/32/64",
     "vgg-narrow": "VGG-BN, 10 convs (16,16,M,32,32,M,64×3,M,128×3), width 0.25 of VGG",
     "vgg19-narrow": "VGG19-BN, width 0.25",
+    "mobilenetv2-narrow": "MobileNet-V2 for 28×28 (inverted residuals, depthwise convs, ReLU6), half width",
 }
 
 # Presets: the paper's hyperparameters (docs/method.md §10) and the reduced CPU protocol. Explicit flags
@@ -131,6 +132,8 @@ def build_model(name: str, n_classes: int, in_channels: int) -> nn.Module:
         return ResNetCifar(32, (16, 32, 64), n_classes, in_channels)
     if name == "resnet20-narrow":
         return ResNetCifar(20, (16, 32, 64), n_classes, in_channels)
+    if name == "mobilenetv2-narrow":
+        return MobileNetV2Cifar(n_classes, in_channels)
     raise ValueError(f"model must be one of {tuple(MODELS)}, got {name!r}")
 
 

@@ -8,9 +8,10 @@ before any module is built.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +89,7 @@ def count_flops(
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), module_path(), FlopCounterMode(display=False) as counter:
             if forward_fn is not None:
                 forward_fn(model, x)
             elif isinstance(x, dict):
@@ -99,6 +100,20 @@ def count_flops(
         for m, mode in modes.items():
             m.training = mode
     return int(counter.get_total_flops())
+
+
+@contextlib.contextmanager
+def module_path() -> Iterator[None]:
+    """Run ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` through their modules,
+    not PyTorch's fused inference fast path (``torch.backends.mha.set_fastpath_enabled``), for
+    the duration: the fused kernel hides its products from ``FlopCounterMode`` and its Linear
+    layers from forward hooks. The outputs are the same; the previous setting is put back."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 def _first_example(example):

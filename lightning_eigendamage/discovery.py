@@ -184,6 +184,12 @@ def _too_large(widths: tuple[int, int], limit: int) -> str | None:
     )
 
 
+# Why the eigenbasis engine leaves an encoder layer's feed-forward Linear alone: the fused fast
+# path reads its ``.weight`` (an eigenbasis stage has none). A narrower Linear keeps working there,
+# so the channel engine prunes it.
+FASTPATH = "read as .weight by PyTorch's fused Transformer fast path"
+
+
 def _fastpath_reads_weights(layer: nn.Module) -> bool:
     """Whether PyTorch's fused encoder fast path may read ``layer.linear1/2.weight`` directly.
 
@@ -209,7 +215,7 @@ def _static_reason(unit, core, parent, child_name, names_of, owners) -> str | No
     if isinstance(parent, nn.MultiheadAttention):
         return "called functionally by nn.MultiheadAttention (its hooks never fire)"
     if child_name in ("linear1", "linear2") and _fastpath_reads_weights(parent):
-        return "read as .weight by PyTorch's fused Transformer fast path"
+        return FASTPATH
     adapter = adapter_for(core)
     if adapter is None:
         base = registered_base(core)

@@ -56,9 +56,9 @@ from torch.optim import Optimizer
 from ..adapters import DEPTHWISE
 from ..calibration import downstream_batchnorms, recalibrate_batchnorm
 from ..checkpoint import mark_narrowed, state_dict_of
-from ..costs import count_flops, count_params
+from ..costs import count_flops, count_params, module_path
 from ..curvature import CaptureOptions, CaptureResult, capture_factors, split_batch, to_device
-from ..discovery import Candidate, check_usable_parameters, excluded_modules, find_layers
+from ..discovery import FASTPATH, Candidate, check_usable_parameters, excluded_modules, find_layers
 from ..distributed import all_reduce_capture, broadcast_object, is_distributed
 from ..engine import PruningEngine, get_engine, register_engine
 from ..gradual import MarkedLayer
@@ -215,7 +215,7 @@ def _first(example: Any) -> Any:
 def _run(model: nn.Module, example: Any, train: bool = False) -> Any:
     """``model(example)`` under no_grad in eval mode, or in train mode; modes, buffers (BatchNorm
     statistics) and random streams are put back afterwards."""
-    with _untouched(model, buffers=train), torch.no_grad():
+    with _untouched(model, buffers=train), torch.no_grad(), module_path():
         model.train(train)
         return model(example)
 
@@ -1118,6 +1118,8 @@ def scorable_layers(
                 c.skipped = f"its {d}×{d} K-FAC factor is wider than max_factor_dim={max_factor_dim}"
         if c.skipped == DEPTHWISE:
             c.skipped = _depthwise_reason(c.unit)
+        if c.skipped == FASTPATH:  # a narrower Linear still runs in the fused path
+            c.skipped = None
     layers = {c.name: c.unit for c in cands if c.skipped is None}
     return cands, layers, {c.name: c.skipped for c in cands if c.skipped is not None}
 

@@ -1,0 +1,115 @@
+"""A stock ``nn.TransformerEncoder`` text classifier through the channel engine: the
+feed-forward widths are pruned, the pruned layers still run PyTorch's fused fast path in eval
+mode, and every path (fused, module-by-module, train mode) gives the same outputs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_eigendamage import prune_channels, restore_pruned
+from lightning_eigendamage.costs import count_flops
+
+
+class TextClassifier(nn.Module):
+    """Embedding, two ``batch_first`` encoder layers, mean-pool, Linear."""
+
+    def __init__(self, norm_first: bool = False, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 32)
+        layer = nn.TransformerEncoderLayer(
+            32, 4, 64, dropout=dropout, batch_first=True, norm_first=norm_first
+        )
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.enc(self.emb(x)).mean(1))
+
+
+def _batches() -> list:
+    g = torch.Generator().manual_seed(0)
+    return [
+        (torch.randint(0, 50, (8, 12), generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(3)
+    ]
+
+
+def _fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = torch._transformer_encoder_layer_fwd
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", counting)
+    return calls
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_feed_forward_widths_are_pruned_and_the_fast_path_still_runs(
+    norm_first: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    model = TextClassifier(norm_first)
+    batches = _batches()
+    x = batches[0][0]
+    dense_flops = count_flops(model, x)
+    report = prune_channels(model, batches, ratio=0.3, target="flops")
+    assert report.target_reached
+    widths = [layer.linear1.out_features for layer in model.enc.layers]
+    assert all(w < 64 for w in widths)
+    assert [layer.linear2.in_features for layer in model.enc.layers] == widths
+    # FLOPs counted module by module (the fused kernel hides its products from the counter):
+    # the feed-forward products shrink by exactly 2·2·32·(64 - w) per token and layer
+    saved = sum(2 * 2 * 32 * (64 - w) for w in widths) * x.shape[1]
+    assert dense_flops - count_flops(model, x) == saved == dense_flops - report.flops_after
+
+    model.eval()
+    calls = _fused_calls(monkeypatch)
+    with torch.no_grad():
+        fused = model(x)
+    assert len(calls) == 2  # both pruned layers ran in the fused fast path
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            eager = model(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    assert len(calls) == 2
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+    model.train()  # dropout 0: train mode computes the same function, through the modules
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eager, rtol=1e-5, atol=1e-6)
+
+
+def test_nothing_removed_keeps_the_function_and_counting_flops_keeps_the_setting() -> None:
+    torch.manual_seed(0)
+    model = TextClassifier()
+    dense = copy.deepcopy(model)
+    batches = _batches()
+    report = prune_channels(model, batches, ratio=0.0)
+    assert report.channels_removed == 0 and torch.backends.mha.get_fastpath_enabled()
+    model.eval(), dense.eval()
+    with torch.no_grad():
+        assert torch.equal(model(batches[1][0]), dense(batches[1][0]))
+
+
+def test_pruned_encoder_saves_and_reloads(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = TextClassifier(dropout=0.1)
+    batches = _batches()
+    prune_channels(model, batches, ratio=0.3, target="flops")
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    fresh = TextClassifier(dropout=0.1)
+    restore_pruned(fresh, tmp_path / "m.pt")
+    model.eval(), fresh.eval()
+    x = batches[2][0]
+    with torch.no_grad():
+        assert torch.equal(model(x), fresh(x))
+    assert [m.linear1.out_features for m in fresh.enc.layers] == [
+        m.linear1.out_features for m in model.enc.layers
+    ]
