@@ -632,9 +632,9 @@ def test_greedy_scores_rank_each_group_by_the_root_of_its_sequential_damage(monk
     made: list[torch.Tensor] = []
     ranked: list[torch.Tensor] = []
 
-    def spy_greedy(readers, n, max_steps):
+    def spy_greedy(readers, n, max_steps, units=None):
         assert max_steps == 32 and readers and all(r.update.g is not None for r in readers)
-        made.append(greedy(readers, n, max_steps))
+        made.append(greedy(readers, n, max_steps, units))
         return made[-1]
 
     def spy_collect(dg, ignored, costs, out_scores, imp, names, in_scores, *rest):

@@ -410,6 +410,28 @@ class InputObsUpdate:
 
 
 @dataclass
+class GroupedInputObsUpdate:
+    """A grouped conv's input-side OBS compensation. Conv group ``j`` maps input channels
+    ``[j·s, (j+1)·s)`` to output channels ``[j·o, (j+1)·o)`` only, so its weight and Fisher are
+    block-diagonal: one :class:`InputObsUpdate` per conv group (``parts[j]``: ``W_j`` ``(o, s·k²)``,
+    its block ``A_j`` of the patch-form ``A`` and ``G_j`` of ``G``). Called with the removed input
+    channels (the conv's own indices), it returns ``δW`` ``(C_out, s·k²)`` for
+    ``weight.reshape(C_out, -1)``: each conv group refitted from its own kept inputs."""
+
+    parts: list[InputObsUpdate]
+    in_per_group: int  # s
+
+    def __call__(self, removed: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        removed = [int(c) for c in removed]
+        out = []
+        for j, part in enumerate(self.parts):
+            lo = j * self.in_per_group
+            local = [c - lo for c in removed if lo <= c < lo + self.in_per_group]
+            out.append(part(local) if local else torch.zeros_like(part.weight))
+        return torch.cat(out, 0)
+
+
+@dataclass
 class Reader:
     """One layer that reads a dependency group's channels, for :func:`greedy_input_obs_scores`:
     ``columns[i]`` are the columns of ``W = weight.reshape(C_out, -1)`` that group channel
@@ -480,7 +502,12 @@ class _GreedyReader:
         self.pos = torch.where(kept, kept.long().cumsum(0) - 1, -1)
 
 
-def greedy_input_obs_scores(readers: Sequence[Reader], n: int, max_steps: int = GREEDY_STEPS) -> torch.Tensor:
+def greedy_input_obs_scores(
+    readers: Sequence[Reader],
+    n: int,
+    max_steps: int = GREEDY_STEPS,
+    units: Sequence[Sequence[int]] | None = None,
+) -> torch.Tensor:
     """Scores of a group's ``n`` channels from a greedy, sequential input-side Kron-OBS removal.
 
     Single-channel scores (:func:`input_obs_scores`) assume every *other* channel stays to
@@ -504,31 +531,37 @@ def greedy_input_obs_scores(readers: Sequence[Reader], n: int, max_steps: int = 
         max_steps: at most this many steps (``⌈n / max_steps⌉`` channels removed per step):
             a reader pays ``O(C_out²·d)`` once (``G·W``) and ``O(d·r·(d + C_out))`` a step,
             ``d`` its columns fed by the group, ``r`` of them removed.
+        units: channels that can only go together (a grouped conv keeps equal group widths, so
+            the channels at one position of every conv group are one unit); each step removes
+            whole units, a unit's increment is the sum of its channels'. Default: every channel
+            its own unit.
 
     Returns:
-        ``(n,)`` float64, non-negative.
+        ``(n,)`` float64, non-negative: each channel of a unit scores the unit's score divided
+        by its size (a unit's channels sum to its score).
     """
     if max_steps < 1:
         raise ValueError(f"max_steps must be at least 1, got {max_steps}")
     scores = torch.zeros(n, dtype=torch.float64)
     states = [_GreedyReader(r) for r in readers]
-    alive = torch.zeros(n, dtype=torch.bool)
-    for st in states:
-        alive[list(st.cols)] = True
-    per_step = max(1, math.ceil(int(alive.sum()) / max_steps))
+    groups = [list(u) for u in units] if units is not None else [[c] for c in range(n)]
+    read = set().union(*(st.cols for st in states)) if states else set()
+    alive = {ui for ui, u in enumerate(groups) if read.intersection(u)}
+    per_step = max(1, math.ceil(len(alive) / max_steps))
     running = 0.0
-    while bool(alive.any()):
+    while alive:
         inc = torch.zeros(n, dtype=torch.float64)
-        live = set(alive.nonzero().flatten().tolist())
+        live = {c for ui in alive for c in groups[ui]}
         for st in states:
             st.add_increments(inc, live)
-        order = sorted(live, key=lambda c: (float(inc[c]), c))[:per_step]
-        for c in order:
-            running = max(running, float(inc[c]))
-            scores[c] = running
-            alive[c] = False
+        cost = {ui: float(inc[groups[ui]].sum()) for ui in alive}
+        order = sorted(alive, key=lambda ui: (cost[ui], ui))[:per_step]
+        for ui in order:
+            running = max(running, cost[ui])
+            scores[groups[ui]] = running / len(groups[ui])
+            alive.discard(ui)
         for st in states:
-            st.remove(set(order))
+            st.remove({c for ui in order for c in groups[ui]})
     return scores.clamp_min(0.0)
 
 

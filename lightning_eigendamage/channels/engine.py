@@ -53,7 +53,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from ..adapters import DEPTHWISE
+from ..adapters import DEPTHWISE, ConvAdapter
 from ..calibration import downstream_batchnorms, recalibrate_batchnorm
 from ..checkpoint import mark_narrowed, state_dict_of
 from ..costs import count_flops, count_params, module_path
@@ -69,6 +69,7 @@ from ..values import as_int, as_real
 from .baselines import (
     DEFAULT_DAMPING,
     GREEDY_STEPS,
+    GroupedInputObsUpdate,
     InputObsUpdate,
     Reader,
     damped,
@@ -325,6 +326,45 @@ class _Group:
     effects: list[tuple[nn.Module, str, Counter]]
     rows: list[tuple[nn.Module, list[int], list[int]]]  # out-side members: (module, idxs, root_idxs)
     cols: list[tuple[nn.Module, list[int], list[int]]]  # in-side members: (module, idxs, root_idxs)
+    units: list[list[int]] = field(default_factory=list)  # root channels removed together
+
+    def __post_init__(self) -> None:
+        if not self.units:
+            self.units = [[c] for c in range(self.n)]
+
+
+def _units(group: Any, dg: Any) -> list[list[int]] | None | str:
+    """The root channels of a Torch-Pruning ``group`` that can only go together, or None when
+    each can go alone, or the reason the group must stay whole.
+
+    A grouped conv among the members (on either side) keeps equal widths per conv group: with
+    ``w`` channels per conv group on that side, its channels ``{j·w + p : every conv group j}``
+    (position ``p``) go together, so the root channels mapped to them form one unit. Every root
+    channel must map to exactly one such position, each unit holding one channel of every conv
+    group, and two grouped members must agree on the units."""
+    units: list[list[int]] | None = None
+    n = len(group[0].idxs)
+    for item in group:
+        module = item.dep.target.module
+        if not _grouped(module):
+            continue
+        out_side = dg.is_out_channel_pruning_fn(item.dep.handler)
+        per = (module.out_channels if out_side else module.in_channels) // module.groups
+        by_pos: dict[int, list[int]] = {}
+        for i, r in zip(item.idxs, item.root_idxs):
+            if r is None:
+                return f"a grouped convolution (groups={module.groups}) reads channels its group does not map"
+            by_pos.setdefault(int(i) % per, []).append(int(r))
+        mine = sorted(sorted(u) for u in by_pos.values())
+        if sum(len(u) for u in mine) != n or any(len(u) != module.groups for u in mine):
+            return (
+                f"the channels of a grouped convolution (groups={module.groups}) do not map one "
+                "to one onto the group's"
+            )
+        if units is not None and units != mine:
+            return "two grouped convolutions tie the group's channels differently"
+        units = mine
+    return units
 
 
 def _group_score(group: Any, dg: Any, n: int, scores: Scores | None, importance: Any, in_scores: Scores):
@@ -374,6 +414,11 @@ def _collect_groups(
                 if left is not None:
                     left[f"group of {names.get(root, '?')}"] = f"left whole: {why}"
                 continue
+        units = _units(group, dg)
+        if isinstance(units, str):
+            if left is not None:
+                left[f"group of {names.get(root, '?')}"] = f"left whole: {units}"
+            continue
         s = _group_score(group, dg, n, scores, importance, in_scores)
         if s is None:
             continue
@@ -388,7 +433,7 @@ def _collect_groups(
             roots = [r for r in item.root_idxs if r is not None]
             effects.append((module, side, Counter(roots)))
             (rows if side == "out" else cols).append((module, list(item.idxs), list(item.root_idxs)))
-        groups.append(_Group(root, root_item.dep.handler, n, s, effects, rows, cols))
+        groups.append(_Group(root, root_item.dep.handler, n, s, effects, rows, cols, units or []))
     return groups
 
 
@@ -428,11 +473,12 @@ def _select(
     def done() -> bool:
         return n_removed >= goal_channels if target == "channels" else flops <= goal_flops
 
-    def apply(gi: int, c: int, dry: bool) -> int:
-        """FLOPs change of removing root channel ``c`` of group ``gi`` (applied unless ``dry``)."""
+    def apply(gi: int, u: int, dry: bool) -> int:
+        """FLOPs change of removing unit ``u`` (root channels) of group ``gi`` (applied unless ``dry``)."""
+        unit = groups[gi].units[u]
         delta = 0
         for module, side, counter in groups[gi].effects:
-            k = counter.get(c, 0)
+            k = sum(counter.get(c, 0) for c in unit)
             if not k:
                 continue
             st = state[module]
@@ -448,20 +494,24 @@ def _select(
                 state[module] = new
         return delta
 
+    # a unit's score: the sum of its channels' (one channel per unit, except around grouped convs)
+    unit_scores = [
+        torch.stack([g.scores[unit].sum() for unit in g.units]) if g.units else g.scores for g in groups
+    ]
     # the relative ranks' normaliser, once per group: its mean score (its median for "relative_median")
     middle = (lambda s: s.median()) if rank_by == "relative_median" else (lambda s: s.mean())
-    norm = [max(float(middle(g.scores)), 1e-300) if g.n else 1.0 for g in groups]
+    norm = [max(float(middle(us)), 1e-300) if us.numel() else 1.0 for us in unit_scores]
 
-    def rank(gi: int, c: int) -> float:
-        score = float(groups[gi].scores[c])
+    def rank(gi: int, u: int) -> float:
+        score = float(unit_scores[gi][u])
         if rank_by.startswith("relative"):
             score /= norm[gi]
         if rank_by.endswith("per_flop"):
-            return score / max(-apply(gi, c, dry=True), 1)
+            return score / max(-apply(gi, u, dry=True), 1)
         return score
 
     pool = sorted(
-        ((rank(gi, c), gi, c) for gi, g in enumerate(groups) for c in range(g.n)),
+        ((rank(gi, u), gi, u) for gi, g in enumerate(groups) for u in range(len(g.units))),
         key=lambda x: (x[0], x[1], x[2]),
     )
     # With a FLOPs target, a channel whose removal would land more than `flops_tolerance` below
@@ -469,25 +519,28 @@ def _select(
     # only if the goal cannot be met otherwise are passed-over channels taken, in ranking order.
     floor = (1.0 - flops_tolerance) * goal_flops
     passed: list[tuple[int, int]] = []
-    for _, gi, c in pool:
+
+    def take(gi: int, u: int) -> None:
+        nonlocal n_removed, flops
+        chosen[gi].extend(groups[gi].units[u])
+        n_removed += len(groups[gi].units[u])
+        flops += apply(gi, u, dry=False)
+
+    for _, gi, u in pool:
         if done():
             break
-        if len(chosen[gi]) >= caps[gi]:
+        if len(chosen[gi]) + len(groups[gi].units[u]) > caps[gi]:
             continue
-        if target == "flops" and flops + apply(gi, c, dry=True) < floor:
-            passed.append((gi, c))
+        if target == "flops" and flops + apply(gi, u, dry=True) < floor:
+            passed.append((gi, u))
             continue
-        chosen[gi].append(c)
-        n_removed += 1
-        flops += apply(gi, c, dry=False)
-    for gi, c in passed:
+        take(gi, u)
+    for gi, u in passed:
         if done():
             break
-        if len(chosen[gi]) >= caps[gi]:
+        if len(chosen[gi]) + len(groups[gi].units[u]) > caps[gi]:
             continue
-        chosen[gi].append(c)
-        n_removed += 1
-        flops += apply(gi, c, dry=False)
+        take(gi, u)
     return [sorted(c) for c in chosen], flops
 
 
@@ -1083,6 +1136,18 @@ def _output_layers(
     return found
 
 
+def _grouped(module: nn.Module) -> bool:
+    """A grouped Conv2d that is not depthwise-like (``1 < groups``, ``groups ≠ C_in``)."""
+    return isinstance(module, nn.Conv2d) and 1 < module.groups != module.in_channels
+
+
+def _a_width(module: nn.Module) -> int:
+    """The width of a Conv2d/Linear's patch-form ``A``: ``C_in·k²`` (all conv groups), or ``C_in``."""
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+    return module.weight[0].numel()
+
+
 _FOLLOWS = f"{DEPTHWISE}: not scored itself, it follows the channels of its group"
 
 
@@ -1112,8 +1177,10 @@ def scorable_layers(
     for c in cands:
         if c.skipped is None and not isinstance(c.unit, (nn.Conv2d, nn.Linear)):
             c.skipped = f"{type(c.unit).__name__}: only Conv2d and Linear layers lose channels"
+        if c.skipped is not None and _grouped(c.unit) and c.skipped == ConvAdapter().skip_reason(c.unit):
+            c.skipped = None  # scored per conv group (block-diagonal factors), channels tied in units
         if c.skipped is None and max_factor_dim is not None:
-            d = max(c.unit.weight[0].numel(), c.unit.weight.shape[0])
+            d = max(_a_width(c.unit), c.unit.weight.shape[0])
             if d > max_factor_dim:
                 c.skipped = f"its {d}×{d} K-FAC factor is wider than max_factor_dim={max_factor_dim}"
         if c.skipped == DEPTHWISE:
@@ -1148,11 +1215,36 @@ def scores_from_factors(
         ):
             skipped[name] = "non-finite factors or weights"
             continue
+        if _grouped(module):
+            scores[module], updates[module] = _grouped_scores(module, w, a, g, damping, float(lf.locations))
+            continue
         a_inv = _spd_inverse(a, damping)
         block = w.shape[1] // (module.in_channels if isinstance(module, nn.Conv2d) else module.in_features)
         scores[module] = input_obs_scores(w, a_inv, g, block, lf.locations)
         updates[module] = InputObsUpdate(w, a_inv, block, g.to(torch.float64), float(lf.locations))
     return scores, updates
+
+
+def _grouped_scores(
+    module: nn.Conv2d, w: torch.Tensor, a: torch.Tensor, g: torch.Tensor, damping: float, t: float
+) -> tuple[torch.Tensor, GroupedInputObsUpdate]:
+    """Input-side Kron-OBS of a grouped conv, conv group by conv group: group ``j`` reads input
+    channels ``[j·s, (j+1)·s)`` into outputs ``[j·o, (j+1)·o)``, so its damage and compensation
+    use ``W_j = W[j·o:(j+1)·o]`` ``(o, s·k²)``, the diagonal block ``A_j`` of the patch-form ``A``
+    (``C_in·k²`` wide, all groups) and ``G_j`` of ``G``. Returns the ``(C_in,)`` scores and the
+    per-group compensation."""
+    groups, k2 = module.groups, module.kernel_size[0] * module.kernel_size[1]
+    s_in, o = module.in_channels // groups, module.out_channels // groups
+    d = s_in * k2
+    scores, parts = [], []
+    for j in range(groups):
+        a_j = a[j * d : (j + 1) * d, j * d : (j + 1) * d]
+        g_j = g[j * o : (j + 1) * o, j * o : (j + 1) * o].to(torch.float64)
+        w_j = w[j * o : (j + 1) * o]
+        a_inv = _spd_inverse(a_j, damping)
+        scores.append(input_obs_scores(w_j, a_inv, g_j, k2, t))
+        parts.append(InputObsUpdate(w_j, a_inv, k2, g_j, t))
+    return torch.cat(scores), GroupedInputObsUpdate(parts, s_in)
 
 
 def input_side_scores(
@@ -1198,20 +1290,30 @@ def sequential_group_scores(
 
     def score(group: Any) -> torch.Tensor | None:
         n = len(group[0].idxs)
-        readers: dict[nn.Module, Reader] = {}
+        units = _units(group, graph)
+        if isinstance(units, str):
+            return None
+        readers: dict[tuple[nn.Module, int], Reader] = {}
         for item in group:
             module = item.dep.target.module
             if module not in updates or not graph.is_in_channel_pruning_fn(item.dep.handler):
                 continue
             u = updates[module]
-            r = readers.setdefault(module, Reader(u, [], []))
             for i, c in zip(item.idxs, item.root_idxs):
-                if c is not None:
-                    r.channels.append(int(c))
-                    r.columns.append([int(i) * u.block + k for k in range(u.block)])
+                if c is None:
+                    continue
+                j, i = (
+                    (int(i) // u.in_per_group, int(i) % u.in_per_group)
+                    if isinstance(u, GroupedInputObsUpdate)
+                    else (0, int(i))
+                )
+                part = u.parts[j] if isinstance(u, GroupedInputObsUpdate) else u
+                r = readers.setdefault((module, j), Reader(part, [], []))
+                r.channels.append(int(c))
+                r.columns.append([i * part.block + k for k in range(part.block)])
         if not readers:
             return None
-        s = greedy_input_obs_scores(list(readers.values()), n, max_steps)
+        s = greedy_input_obs_scores(list(readers.values()), n, max_steps, units)
         return s.sqrt() if root else s
 
     return score
@@ -1552,7 +1654,7 @@ class ChannelEngine(PruningEngine):
         if captured is None:
             raise RuntimeError("no Conv2d/Linear layer can be scored: " + _reasons(skipped))
         if distributed:
-            widths = {n: (m.weight[0].numel(), m.weight.shape[0]) for n, m in layers.items()}
+            widths = {n: (_a_width(m), m.weight.shape[0]) for n, m in layers.items()}
             all_reduce_capture(captured, widths, device)
         if captured.batches == 0:
             raise RuntimeError(
@@ -1739,9 +1841,13 @@ class ChannelEngine(PruningEngine):
     ) -> list[MarkedLayer]:
         """Each scored reader's weight with the input columns of the channels ``plan`` removes
         (identity bases: the penalty ``λ/2·‖W[:, removed]‖²`` pulls the reader off those channels,
-        GReg's growing penalty on the input side, where the channels are scored and compensated)."""
+        GReg's growing penalty on the input side, where the channels are scored and compensated).
+        Grouped convs are not marked (their weight holds each conv group's own columns); the
+        channels they read are still pulled off in every other reader."""
         out = []
         for module, cols in _reader_columns(analysis, plan).items():
+            if _grouped(module):  # its weight is (C_out, C_in/groups, k, k): no channel columns to mark
+                continue
             w = module.weight
             d_out, d_in = w.shape[0], w.shape[1] * (module.groups if isinstance(module, nn.Conv2d) else 1)
             eye_in = torch.eye(d_in, dtype=torch.float64)
