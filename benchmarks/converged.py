@@ -4,9 +4,10 @@ Dense networks (cached once, committed in ``benchmarks/results/converged/``):
 
 - ``resnet20-narrow`` (CIFAR ResNet-20, widths 16/32/64), ``vgg-narrow`` (ten BN convs, width
   0.25 of VGG) and ``mobilenetv2-narrow`` (12 inverted residuals with depthwise convs and ReLU6,
-  half width; ``benchmarks/models.py``), trained on all 60,000 training images: SGD lr 0.1, momentum 0.9, weight decay 5e-4,
-  cosine schedule (per step) over ``--epochs``, batch 128, random crop with padding 2, seed 0, one
-  thread (the float reduction order, and so the network, depends on the thread count).
+  half width; ``benchmarks/models.py``), trained on all 60,000 training images: SGD lr 0.1,
+  momentum 0.9, weight decay 5e-4, cosine schedule (per step) over ``--epochs``, batch 128,
+  random crop with padding 2, seed 0, one thread (the float reduction order, and so the network,
+  depends on the thread count).
 
 Each row then prunes a copy of the dense network to ``÷k`` FLOPs with one method and options:
 

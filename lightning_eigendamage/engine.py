@@ -152,6 +152,9 @@ class PruningEngine(ABC):
 
 _ENGINES: dict[str, PruningEngine] = {}
 
+# What structure="auto" reports when it chose channels (PruneReport.structure_reason).
+AUTO_CHANNELS = "the channel dependency graph of this model was built"
+
 
 def register_engine(engine: PruningEngine) -> PruningEngine:
     """Make ``engine`` available as ``structure=engine.name``; returns it."""

@@ -17,7 +17,7 @@ from torch import nn
 from .channels import engine as _channels_engine  # noqa: F401  (registers the channel engine)
 from .curvature import split_batch, to_device
 from .eigenbasis import pruner
-from .engine import get_engine, prepare
+from .engine import AUTO_CHANNELS, get_engine, prepare
 from .options import PruneOptions
 from .report import PruneReport, PruningWarning
 
@@ -56,14 +56,18 @@ def prune(
         if not isinstance(options, PruneOptions):
             raise TypeError(f"options must be a PruneOptions or None, got {type(options).__name__}")
         structure = options.structure
-    prepared = None  # the channel graph "auto" traced, reused by the channel engine
+    prepared, why = None, None  # the channel graph "auto" traced (reused), and why it chose
     if structure == "auto":
         batches = list(batches)
-        structure, prepared = _auto(model, batches, options.resolved("channels") if options else None, kwargs)
+        structure, prepared, why = _auto(
+            model, batches, options.resolved("channels") if options else None, kwargs
+        )
         if options is not None:
             options = options.resolved(structure)
     if structure == "eigenbasis":
-        return pruner.prune(model, batches, ratio=ratio, options=options, distributed=distributed, **kwargs)
+        report = pruner.prune(model, batches, ratio=ratio, options=options, distributed=distributed, **kwargs)
+        report.structure_reason = why
+        return report
     engine = get_engine(structure)
     if options is None:
         options = PruneOptions(structure=structure, **kwargs)
@@ -72,14 +76,15 @@ def prune(
     report, _ = engine.prune(
         model, batches, ratio=ratio, options=options, distributed=distributed, prepared=prepared
     )
+    report.structure_reason = why
     return report
 
 
 def _auto(
     model: nn.Module, batches: list[Any], options: PruneOptions | None, kwargs: dict[str, Any]
-) -> tuple[str, Any]:
-    """``("channels", graph)`` if the channel engine can prune ``model`` (its graph builds on the
-    first batch), else ``("eigenbasis", None)`` with a warning that says why."""
+) -> tuple[str, Any, str]:
+    """``("channels", graph, why)`` if the channel engine can prune ``model`` (its graph builds on
+    the first batch), else ``("eigenbasis", None, why)`` with a warning that says why."""
     if not batches:
         raise ValueError("batches is empty: pruning needs at least one batch")
     params = list(model.parameters())
@@ -92,10 +97,10 @@ def _auto(
     example = to_device(split_batch(batches[0], options.input_fn)[0], params[0].device)
     prepared, reason = prepare("channels", model, example, options)
     if reason is None:
-        return "channels", prepared
+        return "channels", prepared, AUTO_CHANNELS
     warnings.warn(
         f"prune(structure='auto') prunes the eigenbasis: channels are not possible here ({reason})",
         PruningWarning,
         stacklevel=3,
     )
-    return "eigenbasis", None
+    return "eigenbasis", None, f"channels are not possible here: {reason}"

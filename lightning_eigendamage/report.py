@@ -54,7 +54,9 @@ class PruneReport:
     ``channels_total``/``channels_removed`` count the prunable groups' channels, ``groups`` has
     one entry per group: ``root`` (module name), ``channels`` (before), ``removed`` (root channel
     indices); ``skipped``: layer or group → why it was left whole; ``flops_planned``: the
-    analytic count the channel search stopped at).
+    analytic count the channel search stopped at). ``structure_reason``: with
+    ``structure="auto"``, why this structure was chosen (the reason channels were not possible,
+    when the eigenbasis was); None when the structure was named.
     """
 
     params_before: int
@@ -83,6 +85,7 @@ class PruneReport:
     flops_planned: int = 0
     groups: list[dict[str, Any]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    structure_reason: str | None = None
 
     @property
     def flops_fraction_removed(self) -> float:

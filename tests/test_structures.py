@@ -372,6 +372,8 @@ def test_auto_prunes_channels_where_the_graph_builds(caplog: pytest.LogCaptureFi
         trainer(max_epochs=1, callbacks=[cb]).fit(LitClassifier(small_cnn()), loader(image_data(32)))
     assert cb.structure == "channels" and cb.reports[0].structure == "channels"
     assert "structure='auto' prunes channels" in caplog.text
+    assert cb.reports[0].structure_reason == "the channel dependency graph of this model was built"
+    assert cb.state_dict()["structure_reason"] == cb.reports[0].structure_reason
 
 
 def test_auto_falls_back_to_the_eigenbasis_and_says_why(
@@ -391,6 +393,17 @@ def test_auto_falls_back_to_the_eigenbasis_and_says_why(
     assert cb.structure == "eigenbasis" and cb.reports[0].structure == "eigenbasis"
     assert any(isinstance(m, KFELayer) for m in model.modules())
     assert "prunes eigenbasis (channels are not possible here: Torch-Pruning could not build" in caplog.text
+    # the reason is in the report too (and in prune(structure="auto")'s)
+    why = cb.reports[0].structure_reason
+    assert why.startswith("channels are not possible here: Torch-Pruning could not build")
+    assert type(cb.reports[0]).from_dict(cb.reports[0].to_dict()).structure_reason == why
+    from lightning_eigendamage.front import prune as front_prune
+
+    net, batches = _cnn()
+    with pytest.warns(UserWarning, match="prunes the eigenbasis"):
+        report = front_prune(net, batches, ratio=0.3, structure="auto")
+    assert report.structure == "eigenbasis"
+    assert report.structure_reason.startswith("channels are not possible")
     # structure="channels" on the same model fails before any training step
     model = LitClassifier(small_cnn())
     with pytest.raises(RuntimeError, match="cannot prune this model: Torch-Pruning could not build"):

@@ -70,7 +70,7 @@ from ..checkpoint import PrunedLoadingHook, has_pruned_loading
 from ..curvature import KFACapture, capture_batch, check_categorical, split_batch, target_of
 from ..discovery import Candidate, dynamic_skips, find_layers, no_prunable_message
 from ..distributed import is_distributed
-from ..engine import PruningEngine, engine_names, get_engine, prepare
+from ..engine import AUTO_CHANNELS, PruningEngine, engine_names, get_engine, prepare
 from ..gradual import (
     GradualRemoval,
     GradualWindow,
@@ -328,6 +328,7 @@ class EigenDamagePruning(Callback):
         self._cap: KFACapture | None = None
         self._cap_time = 0.0
         self._prepared: Any = None  # what the engine's check built at the probe (channels: the graph)
+        self._structure_reason: str | None = None  # why "auto" chose the structure
         self._example: Any = None
         self._example_saved = False  # whether _example is the one-row example of a checkpoint
         self._epoch_captured = 0
@@ -548,13 +549,11 @@ class EigenDamagePruning(Callback):
                 )
             return
         self._structure = "channels" if reason is None else "eigenbasis"
+        self._structure_reason = (
+            AUTO_CHANNELS if reason is None else f"channels are not possible here: {reason}"
+        )
         rank_zero_info(
-            f"EigenDamagePruning: structure='auto' prunes {self._structure}"
-            + (
-                " (the channel dependency graph of this model was built)"
-                if reason is None
-                else f" (channels are not possible here: {reason})"
-            )
+            f"EigenDamagePruning: structure='auto' prunes {self._structure} ({self._structure_reason})"
         )
 
     def _candidates(self, pl_module: pl.LightningModule) -> list[Candidate]:
@@ -1036,6 +1035,7 @@ class EigenDamagePruning(Callback):
         if self._dense is None:
             self._dense = (report.params_before, report.flops_before)
         timing = {"capture_s": t_capture, "prune_s": t_prune, "optim_s": t_optim}
+        report.structure_reason = self._structure_reason
         self.reports.append(report)
         self.transplants.append(transplant.to_dict())
         self.timings.append(timing)
@@ -1191,6 +1191,7 @@ class EigenDamagePruning(Callback):
         state = {
             "version": _STATE_VERSION,
             "structure": self._structure,
+            "structure_reason": self._structure_reason,
             "done": sorted(self._done),
             "skipped_rounds": list(self.skipped_rounds),
             "reports": [r.to_dict() for r in self.reports],
@@ -1224,6 +1225,7 @@ class EigenDamagePruning(Callback):
                 f"structure={saved!r} (or 'auto')"
             )
         self._structure = saved if saved is not None else self._structure
+        self._structure_reason = state_dict.get("structure_reason")
         self._done = set(state_dict.get("done", []))
         self.skipped_rounds = list(state_dict.get("skipped_rounds", []))
         self.reports = [PruneReport.from_dict(r) for r in state_dict.get("reports", [])]
