@@ -224,3 +224,60 @@ def test_torchvision_grouped_convs_lose_channels_in_equal_groups(name: str) -> N
     for n in grouped:
         m = mods[n]
         assert m.in_channels % m.groups == 0 and m.out_channels % m.groups == 0
+
+
+class _Mixed(nn.Module):
+    """An inverted residual (depthwise) followed by a grouped block, for the callback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.exp = nn.Conv2d(8, 16, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.gconv = nn.Conv2d(16, 16, 3, padding=1, groups=4, bias=False)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn0(self.stem(x)))
+        x = nn.functional.relu6(self.bn1(self.exp(x)))
+        x = nn.functional.relu6(self.bn2(self.dw(x)))
+        x = torch.relu(self.bn3(self.gconv(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_the_callback_narrows_depthwise_and_grouped_convs_and_reloads(tmp_path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lit_models import LitClassifier, image_data, loader, trainer
+
+    from lightning_eigendamage import EigenDamagePruning
+
+    torch.manual_seed(0)
+    model = LitClassifier(_Mixed(), lr=0.01)
+    cb = EigenDamagePruning({0: 0.3, 1: 0.3}, structure="channels", verbose=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last", save_top_k=1)
+    t = trainer(max_epochs=2, callbacks=[cb, ckpt], enable_checkpointing=True, default_root_dir=tmp_path)
+    t.fit(model, loader(image_data(64)))
+    net = model.net
+    assert net.dw.groups == net.dw.in_channels == net.dw.out_channels < 16
+    assert net.gconv.groups == 4 and net.gconv.in_channels == net.dw.out_channels
+    assert net.gconv.in_channels % 4 == 0 and net.gconv.out_channels % 4 == 0
+    assert net.gconv.out_channels < 16 or net.gconv.in_channels < 16
+    # every parameter trained, with state of its shape
+    assert {id(p) for g in t.optimizers[0].param_groups for p in g["params"]} == {
+        id(p) for p in model.parameters()
+    }
+    for p, state in t.optimizers[0].state.items():
+        assert state["momentum_buffer"].shape == p.shape
+    # the checkpoint loads into a freshly built module through the loading hook alone
+    from lightning_eigendamage import restore_pruned
+
+    fresh = LitClassifier(_Mixed())
+    restore_pruned(fresh, tmp_path / "last.ckpt")
+    x = torch.randn(2, 3, 12, 12)
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), fresh(x))
