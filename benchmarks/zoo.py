@@ -34,6 +34,7 @@ A model whose row is already in ``--out`` is skipped, so an interrupted sweep re
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import json
 import shlex
@@ -50,6 +51,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.speed import interleaved  # noqa: E402
 from lightning_eigendamage import prune, prune_channels, restore_pruned  # noqa: E402
 from lightning_eigendamage.costs import count_flops  # noqa: E402
 from lightning_eigendamage.report import group_reasons  # noqa: E402
@@ -121,6 +123,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     held_out = torch.randn(args.batch, 3, size, size, generator=gen)
     rec: dict[str, Any] = {"model": name, "flops_x": args.flops_x, "size": size, "method": args.method}
     model = build(name).eval()
+    dense = copy.deepcopy(model) if args.speed_batch else None
     flops_before = count_flops(model, held_out)
     shapes = {n: m.weight.shape for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     t0 = time.perf_counter()
@@ -181,7 +184,33 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         g is not None and torch.isfinite(g).all() for g in grads
     )
     rec["ok"] = rec["finite"] and rec["reload_exact"] and rec["trains"] and rec["flops_reached_x"] > 1.0
+    if dense is not None:
+        rec |= speedup(dense, model, size, args.speed_batch, args.speed_repeats, gen)
     return rec
+
+
+def speedup(
+    dense: nn.Module, pruned: nn.Module, size: int, batch: int, repeats: int, gen: torch.Generator
+) -> dict[str, Any]:
+    """Eval forward latency of the dense and the pruned model at ``batch``, timed alternately in
+    this process (``benchmarks.speed.interleaved``: median of ``repeats``), and their ratio."""
+    x = torch.randn(batch, 3, size, size, generator=gen)
+    dense.eval(), pruned.eval()
+
+    def run(m: nn.Module) -> Any:
+        def call() -> None:
+            with torch.no_grad():
+                m(x)
+
+        return call
+
+    t = interleaved({"dense": run(dense), "pruned": run(pruned)}, repeats, torch.device("cpu"))
+    return {
+        f"latency_b{batch}_dense_ms": round(1e3 * t["dense"], 3),
+        f"latency_b{batch}_pruned_ms": round(1e3 * t["pruned"], 3),
+        "speed_batch": batch,
+        "speedup": t["dense"] / t["pruned"],
+    }
 
 
 def table(records: list[dict[str, Any]], method: str = "prune", source: str = "zoo.jsonl") -> str:
@@ -202,15 +231,18 @@ def table(records: list[dict[str, Any]], method: str = "prune", source: str = "z
         f"random images with random labels. *Reload*: largest output difference of a fresh copy {reload}.",
         "*Trains*: a training step gives finite gradients.",
         "",
-        "| model | input | ÷FLOPs asked | reached | params kept | layers pruned / listed | left whole | "
-        "warnings | reload | trains | prune s | ok |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "*Speed-up*: dense / pruned eval latency at the batch shown, on the row's threads, timed",
+        "alternately in the row's process (median of 7; – where the row has no timing).",
+        "",
+        "| model | input | ÷FLOPs asked | reached | speed-up | params kept | layers pruned / listed | "
+        "left whole | warnings | reload | trains | prune s | ok |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in last.values():
         if "error" in r:
             lines.append(
                 f"| {r['model']} | {r['size']}² | ÷{r['flops_x']:g} | {r['error'][:80]} |"
-                + " |" * 6
+                + " |" * 7
                 + " no |"
             )
             continue
@@ -218,6 +250,8 @@ def table(records: list[dict[str, Any]], method: str = "prune", source: str = "z
         warned = ", ".join(sorted({w.split(":")[0] for w in r["warnings"]})) or "–"
         lines.append(
             f"| {r['model']} | {r['size']}² | ÷{r['flops_x']:g} | ÷{r['flops_reached_x']:.2f} | "
+            + (f"{r['speedup']:.2f}× (b{r['speed_batch']})" if "speedup" in r else "–")
+            + " | "
             f"{r['params_after'] / r['params_before']:.0%} | {r['pruned_layers']} / {r['layers']} | "
             f"{whole} | {warned} | "
             f"{r['reload_max_abs']:.1e} | {'yes' if r['trains'] else 'no'} | {r['prune_s']:.1f} | "
@@ -234,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--batches", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--speed-batch", type=int, default=8, help="time dense vs pruned at this batch (0: no)")
+    p.add_argument("--speed-repeats", type=int, default=7)
+    p.add_argument(
+        "--redo", action="store_true", help="run models already recorded again (the last row wins)"
+    )
     p.add_argument("--method", choices=("prune", "prune_channels"), default="prune")
     p.add_argument("--out", type=Path, default=None, help="default: results/zoo.jsonl (zoo_channels.jsonl)")
     p.add_argument("--table", action="store_true", help="write zoo.md beside --out from its records; no runs")
@@ -250,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     for name in args.models:
         key = (name, args.flops_x, FIXED_SIZE.get(name, args.size), args.method)
-        if done(args.out, key):
+        if not args.redo and done(args.out, key):
             print(f"{name}: done already")
             continue
         t0 = time.perf_counter()
@@ -266,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         rec["date"] = time.strftime("%Y-%m-%d %H:%M")
         cmd = f"python benchmarks/zoo.py --models {name} --flops-x {args.flops_x:g} --size {args.size}"
         cmd += "" if args.method == "prune" else " --method prune_channels"
-        rec["command"] = cmd + f" --batch {args.batch} --batches {args.batches} --threads {args.threads}"
+        cmd += f" --batch {args.batch} --batches {args.batches} --threads {args.threads}"
+        rec["command"] = cmd + f" --speed-batch {args.speed_batch} --speed-repeats {args.speed_repeats}"
         failures += not rec["ok"]
         with args.out.open("a") as f:
             f.write(json.dumps(rec) + "\n")

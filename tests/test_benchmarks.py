@@ -144,13 +144,18 @@ def test_zoo_row_records_a_reload_exact_pruned_model_and_resumes(tmp_path, capsy
     assert rec["params_after"] < rec["params_before"] and rec["pruned_layers"] > 0
     assert rec["skipped"] == {"classifier.1": "last layer (exempt_last=True)"}
     # the recorded command reruns the row as it ran (the thread count sets the prune time)
-    assert rec["command"].endswith("--batch 2 --batches 2 --threads 1")
+    assert rec["command"].endswith("--batch 2 --batches 2 --threads 1 --speed-batch 8 --speed-repeats 7")
+    # dense and pruned timed in this process; the ratio is theirs
+    assert rec["speed_batch"] == 8 and rec["latency_b8_dense_ms"] > 0 and rec["latency_b8_pruned_ms"] > 0
+    assert rec["speedup"] == pytest.approx(rec["latency_b8_dense_ms"] / rec["latency_b8_pruned_ms"], rel=1e-3)
     assert zoo.main(argv) == 0  # resumes: the row is there, nothing is rerun
     assert len(out.read_text().splitlines()) == 1
     assert "done already" in capsys.readouterr().out
     assert zoo.main(["--table", "--out", str(out)]) == 0
     md = (tmp_path / "zoo.md").read_text()
-    assert f"| squeezenet1_0 | 32² | ÷1.67 | ÷{rec['flops_reached_x']:.2f} |" in md
+    assert (
+        f"| squeezenet1_0 | 32² | ÷1.67 | ÷{rec['flops_reached_x']:.2f} | {rec['speedup']:.2f}× (b8) |" in md
+    )
     assert "1× last layer (exempt_last=True) | – | 0.0e+00 | yes |" in md
 
 
