@@ -1789,10 +1789,12 @@ class ChannelEngine(PruningEngine):
                 else n_removed / max(total, 1)
             )
             ok = reached >= plan.ratio - TARGET_TOLERANCE
-            # what was left alone: not the layers that lost channels (a depthwise conv that
-            # followed its group is not scored, yet narrowed)
+            # what was left alone: not the layers that lost channels, nor the depthwise convs
+            # (not scored, they follow their group: where it stays whole, the group says why)
             narrowed = {r.name for r in layer_reports(before, model) if (r.removed_in or r.removed_out)}
-            skipped = {k: v for k, v in {**an.skipped, **plan.left}.items() if k not in narrowed}
+            skipped = {
+                k: v for k, v in {**an.skipped, **plan.left}.items() if k not in narrowed and v != _FOLLOWS
+            }
             report = PruneReport(
                 params_before=params_before,
                 params_after=count_params(model),
