@@ -113,3 +113,30 @@ def test_pruned_encoder_saves_and_reloads(tmp_path) -> None:
     assert [m.linear1.out_features for m in fresh.enc.layers] == [
         m.linear1.out_features for m in model.enc.layers
     ]
+
+
+class _Decoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 32)
+        layer = nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=True)
+        self.dec = nn.TransformerDecoder(layer, 2)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        return self.fc(self.dec(h, h).mean(1))
+
+
+def test_decoder_feed_forward_widths_are_pruned_and_counted() -> None:
+    torch.manual_seed(0)
+    model = _Decoder()
+    batches = _batches()
+    x = batches[0][0]
+    dense_flops = count_flops(model, x)
+    report = prune_channels(model, batches, ratio=0.2, target="flops")
+    widths = [layer.linear1.out_features for layer in model.dec.layers]
+    assert report.target_reached and all(w < 64 for w in widths)
+    assert [layer.linear2.in_features for layer in model.dec.layers] == widths
+    saved = sum(2 * 2 * 32 * (64 - w) for w in widths) * x.shape[1]
+    assert dense_flops - count_flops(model, x) == saved == dense_flops - report.flops_after
