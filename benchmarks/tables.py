@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
 # Converged networks (benchmarks/converged.py): records.jsonl, width.jsonl, train_step.jsonl
 # ---------------------------------------------------------------------------------------------
 
-CONVERGED_MODELS = ("resnet20-narrow", "vgg-narrow")
+CONVERGED_MODELS = ("resnet20-narrow", "vgg-narrow", "mobilenetv2-narrow")
 ISSUE_PEERS = ("l1", "l2", "taylor", "slimming")  # the channel-pruning peers of the goal
 SHORT = {
     "eigendamage": "EigenDamage",
