@@ -53,7 +53,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from ..adapters import DEPTHWISE, ConvAdapter
+from ..adapters import DEPTHWISE, ConvAdapter, adapter_for
 from ..calibration import downstream_batchnorms, recalibrate_batchnorm
 from ..checkpoint import mark_narrowed, state_dict_of
 from ..costs import count_flops, count_params, module_path
@@ -1143,9 +1143,7 @@ def _grouped(module: nn.Module) -> bool:
 
 def _a_width(module: nn.Module) -> int:
     """The width of a Conv2d/Linear's patch-form ``A``: ``C_in·k²`` (all conv groups), or ``C_in``."""
-    if isinstance(module, nn.Conv2d):
-        return module.in_channels * module.kernel_size[0] * module.kernel_size[1]
-    return module.weight[0].numel()
+    return adapter_for(module).a_width(module, "patch")
 
 
 _FOLLOWS = f"{DEPTHWISE}: not scored itself, it follows the channels of its group"
