@@ -118,3 +118,35 @@ def warm_up_bn(model: nn.Module, batches) -> None:
         for x, _ in batches:
             model(x)
     model.eval()
+
+
+def layer_patches(model: nn.Module, layer: nn.Conv2d, batches: list) -> torch.Tensor:
+    """Every input patch of ``layer`` over ``batches`` (eval mode): ``(N·T, C_in·k²)`` float64."""
+    xs: list[torch.Tensor] = []
+    h = layer.register_forward_hook(lambda m, i, o: xs.append(i[0].detach().double()))
+    with torch.no_grad():
+        for x, _ in batches:
+            model(x)
+    h.remove()
+    cols = [
+        nn.functional.unfold(x, layer.kernel_size, padding=layer.padding)
+        .transpose(1, 2)
+        .reshape(-1, x.shape[1] * layer.kernel_size[0] * layer.kernel_size[1])
+        for x in xs
+    ]
+    return torch.cat(cols)
+
+
+def least_squares_refit(
+    w: torch.Tensor, p: torch.Tensor, removed: list[int], block: int, damping: float
+) -> torch.Tensor:
+    """``w`` ``(C_out, C·block)`` refitted from its kept input channels: the damped least squares
+    ``W'_K = W_K + W_S·A_SK·A_KK⁻¹`` (``A = PᵀP / rows``), zeros on the removed columns."""
+    a = p.T @ p / p.shape[0]
+    a = a + damping * torch.trace(a) / a.shape[0] * torch.eye(a.shape[0], dtype=torch.float64)
+    cols = [c * block + t for c in removed for t in range(block)]
+    kept = [i for i in range(a.shape[0]) if i not in cols]
+    s, k = torch.tensor(cols), torch.tensor(kept)
+    out = torch.zeros_like(w)
+    out[:, k] = w[:, k] + w[:, s] @ a[s][:, k] @ torch.linalg.inv(a[k][:, k])
+    return out

@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from models import conv_batches, warm_up_bn
+from models import conv_batches, layer_patches, least_squares_refit, warm_up_bn
 from torch import nn
 
 from lightning_eigendamage import prune_channels
@@ -58,23 +58,11 @@ def _setup(multiplier: int = 1) -> tuple[nn.Module, list]:
 def _refitted(dense: nn.Module, batches: list, removed: list[int]) -> nn.Module:
     """The dense network whose projection conv reads only the kept channels, refitted to them
     by least squares on its captured inputs (an independent computation of the compensation)."""
-    xs: list[torch.Tensor] = []
-    h = dense.proj.register_forward_hook(lambda m, i, o: xs.append(i[0].detach().double()))
-    with torch.no_grad():
-        for x, _ in batches:
-            dense(x)
-    h.remove()
-    cols = torch.cat([x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) for x in xs])  # (N·H·W, 24)
-    a = cols.T @ cols / cols.shape[0]
-    a = a + DAMPING * torch.trace(a) / a.shape[0] * torch.eye(a.shape[0], dtype=torch.float64)
-    kept = [c for c in range(a.shape[0]) if c not in removed]
-    s, k = torch.tensor(removed), torch.tensor(kept)
     w = dense.proj.weight.detach().double()[:, :, 0, 0]
-    refit = w[:, k] + w[:, s] @ a[s][:, k] @ torch.linalg.inv(a[k][:, k])
+    refit = least_squares_refit(w, layer_patches(dense, dense.proj, batches), removed, 1, DAMPING)
     out = copy.deepcopy(dense)
     with torch.no_grad():
-        out.proj.weight.zero_()
-        out.proj.weight[:, k, 0, 0] = refit.float()
+        out.proj.weight.copy_(refit.float()[:, :, None, None])
     return out
 
 

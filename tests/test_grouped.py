@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from models import conv_batches, warm_up_bn
+from models import conv_batches, layer_patches, least_squares_refit, warm_up_bn
 from torch import nn
 
 from lightning_eigendamage import prune_channels, restore_pruned
@@ -55,36 +55,6 @@ def _setup() -> tuple[nn.Module, list]:
     return model, batches
 
 
-def _patches(model: nn.Module, layer: nn.Conv2d, batches: list) -> torch.Tensor:
-    """Every input patch of ``layer`` over ``batches`` (eval mode): ``(N·T, C_in·k²)`` float64."""
-    xs: list[torch.Tensor] = []
-    h = layer.register_forward_hook(lambda m, i, o: xs.append(i[0].detach().double()))
-    with torch.no_grad():
-        for x, _ in batches:
-            model(x)
-    h.remove()
-    cols = [
-        nn.functional.unfold(x, layer.kernel_size, padding=layer.padding)
-        .transpose(1, 2)
-        .reshape(-1, 0 + x.shape[1] * layer.kernel_size[0] * layer.kernel_size[1])
-        for x in xs
-    ]
-    return torch.cat(cols)
-
-
-def _refit(w: torch.Tensor, p: torch.Tensor, removed: list[int], block: int) -> torch.Tensor:
-    """``w`` ``(C_out, C·block)`` refitted from its kept input channels: the damped least squares
-    ``W'_K = W_K + W_S·A_SK·A_KK⁻¹`` (``A = PᵀP / rows``), zeros on the removed columns."""
-    a = p.T @ p / p.shape[0]
-    a = a + DAMPING * torch.trace(a) / a.shape[0] * torch.eye(a.shape[0], dtype=torch.float64)
-    cols = [c * block + t for c in removed for t in range(block)]
-    kept = [i for i in range(a.shape[0]) if i not in cols]
-    s, k = torch.tensor(cols), torch.tensor(kept)
-    out = torch.zeros_like(w)
-    out[:, k] = w[:, k] + w[:, s] @ a[s][:, k] @ torch.linalg.inv(a[k][:, k])
-    return out
-
-
 def test_a_grouped_conv_reads_units_refitted_conv_group_by_conv_group() -> None:
     model, batches = _setup()
     dense = copy.deepcopy(model)
@@ -102,7 +72,7 @@ def test_a_grouped_conv_reads_units_refitted_conv_group_by_conv_group() -> None:
     kept = [c for c in range(8) if c not in removed]
     assert torch.equal(model.conv_a.weight, dense.conv_a.weight[kept])
     # independent: per conv group, refit gconv's weights from the kept inputs of that group
-    p = _patches(dense, dense.gconv, batches)  # (rows, 8·9), channel-major
+    p = layer_patches(dense, dense.gconv, batches)  # (rows, 8·9), channel-major
     w = dense.gconv.weight.detach().double()  # (8, 4, 3, 3)
     want = copy.deepcopy(dense)
     with torch.no_grad():
@@ -110,7 +80,9 @@ def test_a_grouped_conv_reads_units_refitted_conv_group_by_conv_group() -> None:
             wj = w[4 * j : 4 * j + 4].reshape(4, 36)
             pj = p[:, 36 * j : 36 * j + 36]
             local = [c - 4 * j for c in removed if 4 * j <= c < 4 * j + 4]
-            want.gconv.weight[4 * j : 4 * j + 4] = _refit(wj, pj, local, 9).reshape(4, 4, 3, 3).float()
+            want.gconv.weight[4 * j : 4 * j + 4] = (
+                least_squares_refit(wj, pj, local, 9, DAMPING).reshape(4, 4, 3, 3).float()
+            )
         torch.testing.assert_close(model(x), want(x), rtol=1e-4, atol=1e-5)
     assert report.flops_planned == report.flops_after == count_flops(model, x)
 
@@ -135,10 +107,10 @@ def test_a_grouped_conv_loses_output_units_and_its_reader_is_refitted() -> None:
     assert model.gconv.groups == 2 and model.gconv.out_channels == 4 and model.gconv.in_channels == 8
     assert torch.equal(model.gconv.weight, dense.gconv.weight[kept])  # rows of both conv groups
     want = copy.deepcopy(dense)
-    p = _patches(dense, dense.conv_c, batches)
+    p = layer_patches(dense, dense.conv_c, batches)
     with torch.no_grad():
         w = dense.conv_c.weight.detach().double().reshape(6, 8)
-        want.conv_c.weight.copy_(_refit(w, p, removed, 1).reshape(6, 8, 1, 1).float())
+        want.conv_c.weight.copy_(least_squares_refit(w, p, removed, 1, DAMPING).reshape(6, 8, 1, 1).float())
         torch.testing.assert_close(model(x), want(x), rtol=1e-4, atol=1e-5)
     assert report.flops_planned == report.flops_after == count_flops(model, x)
 
