@@ -143,17 +143,39 @@ class PruningEngine(ABC):
         r = as_real(ratio)
         if r is None or not 0.0 <= r < 1.0:
             raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
+        analysis, plan = self.plan(
+            model, batches, ratio, options, captured=captured, distributed=distributed, prepared=prepared
+        )
+        return self.apply(model, analysis, plan, options, distributed=distributed)
+
+    def plan(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any],
+        ratio: float,
+        options: PruneOptions,
+        *,
+        captured: CaptureResult | None = None,
+        distributed: bool = False,
+        prepared: Any = None,
+    ) -> tuple[Any, Any]:
+        """``analyse → decide``: the analysis and the plan, nothing applied (a round's first half,
+        and what the callback's gradual window marks)."""
         # an engine without a check need not take ``prepared``
         extra = {} if prepared is None else {"prepared": prepared}
         analysis = self.analyse(model, batches, options, captured=captured, distributed=distributed, **extra)
-        plan = self.decide(analysis, ratio, options, distributed=distributed)
-        return self.apply(model, analysis, plan, options, distributed=distributed)
+        return analysis, self.decide(analysis, ratio, options, distributed=distributed)
 
 
 _ENGINES: dict[str, PruningEngine] = {}
 
-# What structure="auto" reports when it chose channels (PruneReport.structure_reason).
-AUTO_CHANNELS = "the channel dependency graph of this model was built"
+
+def auto_reason(reason: str | None) -> str:
+    """What ``structure="auto"`` reports (``PruneReport.structure_reason``) given why the channel
+    engine cannot prune the model (None: it can)."""
+    if reason is None:
+        return "the channel dependency graph of this model was built"
+    return f"channels are not possible here: {reason}"
 
 
 def register_engine(engine: PruningEngine) -> PruningEngine:

@@ -17,7 +17,7 @@ from torch import nn
 from .channels import engine as _channels_engine  # noqa: F401  (registers the channel engine)
 from .curvature import split_batch, to_device
 from .eigenbasis import pruner
-from .engine import AUTO_CHANNELS, get_engine, prepare
+from .engine import auto_reason, get_engine, prepare
 from .options import PruneOptions
 from .report import PruneReport, PruningWarning
 
@@ -97,10 +97,10 @@ def _auto(
     example = to_device(split_batch(batches[0], options.input_fn)[0], params[0].device)
     prepared, reason = prepare("channels", model, example, options)
     if reason is None:
-        return "channels", prepared, AUTO_CHANNELS
+        return "channels", prepared, auto_reason(None)
     warnings.warn(
         f"prune(structure='auto') prunes the eigenbasis: channels are not possible here ({reason})",
         PruningWarning,
         stacklevel=3,
     )
-    return "eigenbasis", None, f"channels are not possible here: {reason}"
+    return "eigenbasis", None, auto_reason(reason)

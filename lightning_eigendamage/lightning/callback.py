@@ -70,7 +70,7 @@ from ..checkpoint import PrunedLoadingHook, has_pruned_loading
 from ..curvature import KFACapture, capture_batch, check_categorical, split_batch, target_of
 from ..discovery import Candidate, dynamic_skips, find_layers, no_prunable_message
 from ..distributed import is_distributed
-from ..engine import AUTO_CHANNELS, PruningEngine, engine_names, get_engine, prepare
+from ..engine import PruningEngine, auto_reason, engine_names, get_engine, prepare
 from ..gradual import (
     GradualRemoval,
     GradualWindow,
@@ -549,9 +549,7 @@ class EigenDamagePruning(Callback):
                 )
             return
         self._structure = "channels" if reason is None else "eigenbasis"
-        self._structure_reason = (
-            AUTO_CHANNELS if reason is None else f"channels are not possible here: {reason}"
-        )
+        self._structure_reason = auto_reason(reason)
         rank_zero_info(
             f"EigenDamagePruning: structure='auto' prunes {self._structure} ({self._structure_reason})"
         )
@@ -840,11 +838,15 @@ class EigenDamagePruning(Callback):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", PruningWarning)
             engine, options = self.engine, self._round_options()
-            extra = {} if self._prepared is None else {"prepared": self._prepared}
-            an = engine.analyse(
-                pl_module, [example], options, captured=captured, distributed=distributed, **extra
+            an, plan = engine.plan(
+                pl_module,
+                [example],
+                point.fraction,
+                options,
+                captured=captured,
+                distributed=distributed,
+                prepared=self._prepared,
             )
-            plan = engine.decide(an, point.fraction, options, distributed=distributed)
         for w in caught:
             if issubclass(w.category, PruningWarning):
                 rank_zero_warn(
