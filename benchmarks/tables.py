@@ -4,7 +4,10 @@
     python benchmarks/tables.py --converged benchmarks/results/converged
 
 The second form reads ``benchmarks/converged.py``'s JSON-lines records (see
-:func:`converged_report`); what follows describes the first (``benchmarks/run.py``'s records).
+:func:`converged_report`) and also writes the documentation's results page, ``docs/results.md``
+with its figures in ``docs/results/`` (see :func:`results_page`; ``--site DIR`` puts them
+elsewhere, ``--site ''`` skips them); what follows describes the first (``benchmarks/run.py``'s
+records).
 
 One table and one plot per (dataset, model): rows grouped by FLOPs target in the paper's layout
 (test accuracy, reduction in weights, reduction in FLOPs) plus the measured CPU speed-up and the
@@ -273,10 +276,22 @@ def main(argv: list[str] | None = None) -> None:
         metavar="DIR",
         help="instead: tables.md and plots of benchmarks/converged.py's records in DIR",
     )
+    ap.add_argument(
+        "--site",
+        metavar="DIR",
+        default=str(Path(__file__).resolve().parents[1] / "docs"),
+        help="with --converged: where the documentation's results page goes (DIR/results.md and "
+        "DIR/results/*.png; default: the repository's docs/); '' to skip it",
+    )
     args = ap.parse_args(argv)
     if args.converged:
         converged_report(args.converged, plots=not args.no_plot)
         print(f"wrote {Path(args.converged) / 'tables.md'}")
+        if args.site:
+            every = converged_records(Path(args.converged))
+            records = [r for r in every if not is_capped_channel_row(r)]
+            page = results_page(records, Path(args.converged), Path(args.site), plots=not args.no_plot)
+            print(f"wrote {page}")
         return
     if not args.records or not args.out:
         ap.error("--records and --out are required (or --converged DIR)")
@@ -927,6 +942,327 @@ def baseline_cap_table(capped: list[dict[str, Any]], records: list[dict[str, Any
             f"{_f(ref_after)} | {_f(ref_tuned)} |"
         )
     return out + [""]
+
+
+# ---------------------------------------------------------------------------------------------
+# The documentation's results page (docs/results.md and docs/results/*.png)
+# ---------------------------------------------------------------------------------------------
+
+#: method keys of the results page's plots: the two structures, then the peers
+STRUCTURE_LINES = {
+    "kron-obs-in-seq": "channels (prune_channels)",
+    "eigendamage": "eigenbasis (prune() defaults)",
+    "l1": "TP L1",
+    "l2": "TP L2",
+    "taylor": "TP Taylor",
+    "slimming": "NN Slimming",
+}
+CALLBACK_LINES = {"channels": "callback, channels", "eigenbasis": "callback, eigenbasis", "tp-l1": "TP L1"}
+
+
+def _style(name: str) -> dict[str, Any]:
+    """One colour and marker per method, the same in every plot of the page."""
+    palette = {
+        "channels": ("tab:blue", "o"),
+        "eigenbasis": ("tab:orange", "D"),
+        "TP L1": ("tab:green", "s"),
+        "TP L2": ("tab:olive", "^"),
+        "TP Taylor": ("tab:purple", "v"),
+        "NN Slimming": ("tab:gray", "x"),
+        "eigenbasis, form_by": ("tab:red", "P"),
+    }
+    if name.startswith("eigenbasis, form_by"):
+        colour, marker = palette["eigenbasis, form_by"]
+        return {"color": colour, "marker": marker, "lw": 2.2, "ls": "-"}
+    key = next((k for k in palette if name.startswith(k) or f", {k}" in name), "TP L1")
+    colour, marker = palette[key]
+    ours = not name.startswith(("TP", "NN"))
+    return {"color": colour, "marker": marker, "lw": 2.2 if ours else 1.2, "ls": "-" if ours else "--"}
+
+
+def _page_line(r: dict[str, Any]) -> str | None:
+    """The results page's line of a records.jsonl row: the library's two structures at their
+    defaults (``per-cost-cap0.75`` is the eigenbasis defaults' earlier name), and the peers."""
+    if r["method"] == "eigendamage":
+        return STRUCTURE_LINES["eigendamage"] if r["variant"] in ("defaults", "per-cost-cap0.75") else None
+    if r["variant"] != "-":
+        return None
+    return STRUCTURE_LINES.get(r["method"])
+
+
+def _dense_acc(folder: Path, model: str) -> float | None:
+    path = folder / f"dense-{model}.json"
+    return json.loads(path.read_text())["test_accuracy"] if path.exists() else None
+
+
+def _draw(ax: Any, rows: list[dict[str, Any]], line_of: Any, x: str, y: str, points: bool = False) -> None:
+    """One line per method (means per x), or with ``points`` one marker per row."""
+    by: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if (lab := line_of(r)) is not None and r.get(y) is not None and r.get(x) is not None:
+            by[lab].append(r)
+    for lab in sorted(by, key=lambda s: (s.startswith(("TP", "NN")), s)):
+        style = _style(lab)
+        if points:
+            xs, ys = [r[x] for r in by[lab]], [r[y] for r in by[lab]]
+            style.update(ls="none", ms=7)
+        else:
+            xs, ys = _curve(by[lab], x, y)
+        ax.plot(xs, ys, label=lab, **style)
+
+
+def results_plots(records: list[dict[str, Any]], folder: Path, out: Path) -> list[str]:
+    """The results page's three figures, written to ``out``; returns their names.
+
+    ``callback.png``: the callback per structure against Torch-Pruning L1 on the same schedule
+    (``callback_structures.jsonl``): accuracy after the fit against the FLOPs reduction reached
+    and against the measured speed-up. ``flops.png``: each structure and each peer at a FLOPs
+    budget (``records.jsonl``), right after pruning and after the 3-epoch fine-tune.
+    ``latency.png``: the latency-matched rows (the eigenbasis and Torch-Pruning's importances;
+    the channel structure has no such rows), against the measured latency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    cb = load_jsonl(folder / "callback_structures.jsonl")
+    models = [m for m in CONVERGED_MODELS if any(r["model"] == m for r in cb)]
+    if models:
+        fig, grid = plt.subplots(len(models), 2, figsize=(11, 4 * len(models)), squeeze=False)
+        for i, model in enumerate(models):
+            for j, (x, xlabel) in enumerate(
+                (
+                    ("flops_reached_x", "FLOPs reduction reached (dense / pruned)"),
+                    ("speedup_b64", "measured speed-up over dense (eval, batch 64, 1 CPU thread)"),
+                )
+            ):
+                ax = grid[i][j]
+                for sched, ls in (("oneshot", "-"), ("iterative", ":")):
+                    rows = [r for r in cb if r["model"] == model and r["schedule"] == sched]
+                    by: dict[str, list[dict[str, Any]]] = defaultdict(list)
+                    for r in rows:
+                        by[CALLBACK_LINES.get(r["method"], r["method"])].append(r)
+                    for lab, rs in sorted(by.items()):
+                        pts: dict[float, list[dict[str, Any]]] = defaultdict(list)
+                        for r in rs:
+                            pts[r["flops_x"]].append(r)
+                        keys = sorted(pts)
+                        xs = [statistics.fmean(r[x] for r in pts[k]) for k in keys]
+                        ys = [statistics.fmean(r["acc"] for r in pts[k]) for k in keys]
+                        style = _style(lab.replace("callback, ", ""))
+                        style["ls"] = ls
+                        ax.plot(xs, ys, label=f"{lab} ({sched})", **style)
+                dense = _dense_acc(folder, model)
+                if dense is not None:
+                    ax.axhline(dense, color="k", lw=1, ls=":", label="dense")
+                ax.set_xlabel(xlabel)
+                ax.set_ylabel("test accuracy after the fit (%)")
+                ax.set_title(f"{model}: targets ÷4 and ÷8 FLOPs", fontsize=10)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
+        fig.suptitle(
+            "EigenDamagePruning per structure against Torch-Pruning L1 (mean over seeds)", fontsize=11
+        )
+        fig.tight_layout()
+        fig.savefig(out / "callback.png", dpi=80)
+        plt.close(fig)
+        written.append("callback.png")
+
+    flops = [r for r in _flops_rows(records) if r["model"] in CONVERGED_MODELS]
+    models = [m for m in CONVERGED_MODELS if any(r["model"] == m for r in flops)]
+    if models:
+        fig, grid = plt.subplots(2, len(models), figsize=(5.5 * len(models), 8.5), squeeze=False)
+        for j, model in enumerate(models):
+            mine = [r for r in flops if r["model"] == model]
+            panels = (
+                (grid[0][j], after_pruning_rows_all(mine), "acc_after_quick", "right after pruning"),
+                (grid[1][j], [r for r in mine if r["finetune"] == 3], "acc_finetuned", "fine-tuned 3 epochs"),
+            )
+            for ax, rows, y, title in panels:
+                _draw(ax, rows, _page_line, "flops_x", y)
+                dense = _dense_acc(folder, model)
+                if dense is not None:
+                    ax.axhline(dense, color="k", lw=1, ls=":", label="dense")
+                ax.set_xscale("log", base=2)
+                ax.set_xlabel("FLOPs reduction target (dense / pruned)")
+                ax.set_ylabel("test accuracy (%)")
+                ax.set_title(f"{model}, {title}", fontsize=10)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
+        fig.suptitle("Each structure and each peer at a FLOPs budget (mean over seeds)", fontsize=11)
+        fig.tight_layout()
+        fig.savefig(out / "flops.png", dpi=80)
+        plt.close(fig)
+        written.append("flops.png")
+
+    lat = [r for r in records if r.get("latency_x") is not None and r.get("latency_rel") is not None]
+    cells = [(m, f) for m in CONVERGED_MODELS for f in ("nchw", "channels_last")]
+    cells = [(m, f) for m, f in cells if any(r["model"] == m and r["memory_format"] == f for r in lat)]
+    if cells:
+
+        def lat_line(r: dict[str, Any]) -> str | None:
+            if r["method"] == "eigendamage" and r["variant"] == "latency-forms":
+                return "eigenbasis, form_by=latency"
+            return _page_line(r)
+
+        fig, grid = plt.subplots(2, len(cells), figsize=(4.6 * len(cells), 8.5), squeeze=False)
+        for j, (model, fmt) in enumerate(cells):
+            mine = [r for r in lat if r["model"] == model and r["memory_format"] == fmt]
+            panels = (
+                (
+                    grid[0][j],
+                    [r for r in mine if not r["finetune"]],
+                    "acc_after_quick",
+                    "right after pruning",
+                ),
+                (grid[1][j], [r for r in mine if r["finetune"] == 3], "acc_finetuned", "fine-tuned 3 epochs"),
+            )
+            for ax, rows, y, title in panels:
+                _draw(ax, rows, lat_line, "latency_rel", y, points=True)
+                ax.set_xlabel("measured latency, pruned / dense (batch 64)")
+                ax.set_ylabel("test accuracy (%)")
+                ax.set_title(f"{model}, {fmt}, {title}", fontsize=9)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
+        fig.suptitle("At a measured-latency budget (seed 0; one marker per row; left is faster)", fontsize=11)
+        fig.tight_layout()
+        fig.savefig(out / "latency.png", dpi=80)
+        plt.close(fig)
+        written.append("latency.png")
+    return written
+
+
+def after_pruning_rows_all(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`after_pruning_rows` per (network, ÷FLOPs): one row per method, variant and seed."""
+    by: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by[(r["model"], r["flops_x"])].append(r)
+    return [r for rs in by.values() for r in after_pruning_rows(rs)]
+
+
+def callback_page_table(folder: Path) -> list[str]:
+    """One row per (network, ÷FLOPs, schedule): accuracy and speed-up of each structure and of
+    Torch-Pruning L1, mean over the seeds run."""
+    rows = load_jsonl(folder / "callback_structures.jsonl")
+    if not rows:
+        return []
+    methods = [m for m in CALLBACK_LINES if any(r["method"] == m for r in rows)]
+    out = [
+        "| network | ÷FLOPs | schedule | " + " | ".join(CALLBACK_LINES[m] for m in methods) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in methods) + " |",
+    ]
+    keys = sorted(
+        {(r["model"], r["flops_x"], r["schedule"]) for r in rows},
+        key=lambda k: (k[0], k[1], k[2] != "oneshot"),
+    )
+    for model, fx, sched in keys:
+        cells = []
+        for m in methods:
+            rs = [
+                r
+                for r in rows
+                if (r["model"], r["flops_x"], r["schedule"], r["method"]) == (model, fx, sched, m)
+            ]
+            if not rs:
+                cells.append("–")
+                continue
+            seeds = ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
+            acc = statistics.fmean(r["acc"] for r in rs)
+            word = "seeds" if len(rs) > 1 else "seed"
+            cells.append(f"{acc:.2f} %, {_avg(rs, 'speedup_b64'):.2f}× ({word} {seeds})")
+        out.append(f"| {model} | ÷{fx:g} | {sched} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+def results_page(records: list[dict[str, Any]], folder: Path, site: Path, plots: bool = True) -> Path:
+    """``site/results.md`` and its figures (``site/results/*.png``) from the committed records in
+    ``folder``: the documentation's results page. Returns the page's path."""
+    pngs = results_plots(records, folder, site / "results") if plots else []
+    rel = folder.resolve().relative_to(Path(__file__).resolve().parents[1]).as_posix()
+    dense = {m: _dense_acc(folder, m) for m in CONVERGED_MODELS}
+    dense_txt = ", ".join(f"{m} {a:.2f} %" for m, a in dense.items() if a is not None)
+    out = [
+        "# Results",
+        "",
+        f"<!-- Generated by `python benchmarks/tables.py --converged {rel}`; do not edit by hand. -->",
+        "",
+        "Generated by `python benchmarks/tables.py --converged "
+        f"{rel}` from the committed records in `{rel}/` (`records.jsonl`,",
+        "`callback_structures.jsonl`, `callback_structures_latency.jsonl`, `train_step.jsonl`,",
+        "`callback_bn.jsonl`). Every record holds the command that produced it. The complete tables,",
+        f"with every method, variant and seed, are in `{rel}/tables.md` in the repository.",
+        "",
+        "The networks were trained to convergence on the full Fashion-MNIST (60,000 images) and are",
+        f"committed beside the records. Dense test accuracy: {dense_txt}. Everything ran on a CPU, one",
+        "thread per row, two or three rows at a time on a 2-core machine. How the runs were made and",
+        "what they mean: [Benchmarks](benchmarks.md).",
+        "",
+        "## The callback per structure, against Torch-Pruning",
+        "",
+        "`EigenDamagePruning(structure=...)` with its defaults, and Torch-Pruning's L1 importance",
+        "applied at the same points with the same optimizer rebuild. *oneshot*: one round at the",
+        "start of a 3-epoch fine-tune; *iterative*: rounds at the ends of epochs 0, 1 and 2 of a",
+        "6-epoch fine-tune. Each cell: test accuracy after the fit (full test set, mean over the",
+        "seeds), and the speed-up over the dense network of an eval forward at batch 64 on one CPU",
+        "thread, timed alternately with the dense network in the row's own process.",
+        "",
+    ]
+    out += callback_page_table(folder)
+    if "callback.png" in pngs:
+        out += ["![The callback per structure](results/callback.png)", ""]
+    timed = load_jsonl(folder / "callback_structures_latency.jsonl")
+    if timed:
+        out += _per_method_table(
+            timed,
+            "speedup_b64",
+            "{:.2f}×",
+            "The rows above timed in separate processes, two or three at once, so compare their\n"
+            "speed-ups loosely. Timed alternately in one process (`--compare`, seed 1), the speed-up\n"
+            "at batch 64 over the dense network:",
+        )
+        out += _per_method_table(
+            timed,
+            "train_step_vs_dense",
+            "{:.2f}",
+            "and a training step (forward, backward, SGD step at batch 128) as a fraction of the\n"
+            "dense network's:",
+        )
+    out += [
+        "## Each structure and each peer at a FLOPs budget",
+        "",
+        "Every method prunes a copy of the converged network to the FLOPs target with the same 10",
+        "calibration batches of 128 training images; BatchNorm is then re-estimated on those",
+        "batches for every method. *After pruning*: first 3,000 test images. *Fine-tuned*: 3 epochs",
+        "(lr 0.01, cosine), full test set. The channel structure is `prune_channels` (benchmark",
+        f"method `{CHANNELS_METHOD}`); the eigenbasis is `prune(model, calib, ratio=1 - 1/k,",
+        'target="flops")` with its defaults. Peers: Torch-Pruning\'s L1, L2 and group-Taylor',
+        "importances and NN Slimming, all removing real channels.",
+        "",
+    ]
+    if "flops.png" in pngs:
+        out += ["![Accuracy against FLOPs](results/flops.png)", ""]
+    out += ["#" + line if line.startswith("## ") else line for line in channels_summary(records)]
+    out += ["#" + line if line.startswith("## ") else line for line in converged_summary(records)]
+    out += [
+        "## At a measured-latency budget",
+        "",
+        "Each method pruned to a fraction of the dense network's measured latency (eval forward,",
+        "batch 64, 2 threads), its FLOPs ratio found by bisection; seed 0. Only the eigenbasis and",
+        "Torch-Pruning's importances have rows of this kind; the channel structure's measured speed",
+        "is in the first section. *form_by=latency*: the eigenbasis with each layer's form chosen",
+        "by its measured time.",
+        "",
+    ]
+    if "latency.png" in pngs:
+        out += ["![Accuracy against measured latency](results/latency.png)", ""]
+    out += ["#" + line if line.startswith("## ") else line for line in train_step_lines(folder)]
+    out += ["#" + line if line.startswith("## ") else line for line in callback_bn_table(folder)]
+    page = site / "results.md"
+    page.write_text("\n".join(out).rstrip() + "\n")
+    return page
 
 
 def converged_report(folder: str | Path, plots: bool = True) -> str:
