@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.speed import interleaved  # noqa: E402
 from lightning_eigendamage import prune, prune_channels, restore_pruned  # noqa: E402
 from lightning_eigendamage.costs import count_flops  # noqa: E402
-from lightning_eigendamage.report import group_reasons  # noqa: E402
+from lightning_eigendamage.report import reason_lines  # noqa: E402
 
 MODELS = (
     "resnet18",
@@ -246,7 +246,8 @@ def table(records: list[dict[str, Any]], method: str = "prune", source: str = "z
                 + " no |"
             )
             continue
-        whole = "<br>".join(f"{len(names)}× {why}" for why, names in group_reasons(r["skipped"])) or "–"
+        # one line per reason, worded as in PruneReport.summary() (without the names and advice)
+        whole = "<br>".join(reason_lines(r["skipped"], names=0, advice=False)) or "–"
         warned = ", ".join(sorted({w.split(":")[0] for w in r["warnings"]})) or "–"
         lines.append(
             f"| {r['model']} | {r['size']}² | ÷{r['flops_x']:g} | ÷{r['flops_reached_x']:.2f} | "

@@ -108,30 +108,56 @@ class PruneReport:
         layers = [LayerReport(**entry) for entry in d.pop("layers", [])]
         return cls(**d, layers=layers)
 
-    def summary(self) -> str:
-        """A per-layer table (widths before → kept directions, form) with totals."""
-        w = max([len(r.name) for r in self.layers] + [5])
-        kept = "kept in→out" if self.structure == "eigenbasis" else "now in→out"
-        lines = [f"{'layer':<{w}}  {'in→out':>11}  {kept:>11}  {'form':<10}  note"]
+    @property
+    def left_whole(self) -> dict[str, str]:
+        """Every layer or channel group left whole, with the reason: ``skipped`` (groups as
+        ``"group of <root>"``) and the layers whose :class:`LayerReport` has ``skipped`` set."""
+        out = dict(self.skipped)
         for r in self.layers:
-            note = r.skipped or ""
-            lines.append(
-                f"{r.name:<{w}}  {f'{r.in_features}→{r.out_features}':>11}  "
-                f"{f'{r.kept_in}→{r.kept_out}':>11}  {r.form:<10}  {note}"
-            )
+            if r.skipped is not None:
+                out.setdefault(r.name, r.skipped)
+        return out
+
+    def summary(self) -> str:
+        """The call in plain words: a table of the layers it could change (widths before and
+        after; for the eigenbasis the kept eigen-directions and the form), the layers and groups
+        left whole grouped by reason (one line per reason, with a count), the totals and whether
+        the target was reached. The callback prints the same text after each round."""
+        eigen = self.structure == "eigenbasis"
+        rows = [r for r in self.layers if r.skipped is None]
+        lines = [_structure_line(self)]
+        if rows:
+            heads = ("layer", "before in→out", "kept in→out" if eigen else "after in→out")
+            cells = [(r.name, f"{r.in_features}→{r.out_features}", f"{r.kept_in}→{r.kept_out}") for r in rows]
+            w = [max(len(c[i]) for c in [heads, *cells]) for i in range(3)]
+            for i, c in enumerate([heads, *cells]):
+                form = ("form" if i == 0 else rows[i - 1].form) if eigen else ""
+                lines.append(f"{c[0]:<{w[0]}}  {c[1]:>{w[1]}}  {c[2]:>{w[2]}}  {form}".rstrip())
+        left = self.left_whole
+        if left:
+            groups = sum(1 for name in left if name.startswith("group of "))
+            what = [_plural(len(left) - groups, "layer", "layers")] if len(left) > groups else []
+            what += [_plural(groups, "channel group", "channel groups")] if groups else []
+            n = len(group_reasons(left))
+            lines.append(f"left whole: {' and '.join(what)}, {_plural(n, 'reason', 'reasons')}")
+            lines += ["  " + line for line in reason_lines(left, names=3)]
         lines.append(
-            f"params {self.params_before:,} → {self.params_after:,} "
-            f"({self.param_compression:.2f}×), FLOPs/example {self.flops_before:,} → "
-            f"{self.flops_after:,} ({self.flops_compression:.2f}×), "
-            f"{'directions' if self.structure == 'eigenbasis' else 'channels'} removed "
-            f"{self.realised_fraction:.1%} (target {self.target} {self.ratio:g}"
-            f"{'' if self.target_reached else ', not reached: ' + str(self.limited_by)})"
+            f"{'params':<9} {self.params_before:,} → {self.params_after:,} "
+            f"({_times(self.params_before, self.params_after)})"
         )
-        if self.skipped:
-            lines.append("left whole, by reason:")
-            for why, names in group_reasons(self.skipped):
-                shown = ", ".join(names[:3]) + (f", … ({len(names) - 3} more)" if len(names) > 3 else "")
-                lines.append(f"  {len(names)}× {why}: {shown}")
+        lines.append(
+            f"{'FLOPs':<9} {self.flops_before:,} → {self.flops_after:,} per example "
+            f"({_times(self.flops_before, self.flops_after)})"
+        )
+        if self.target not in ("directions", "channels"):
+            if eigen:
+                lines.append(f"{'removed':<9} {self.realised_fraction:.1%} of the eigen-directions")
+            else:
+                lines.append(
+                    f"{'removed':<9} {self.channels_removed:,} of {self.channels_total:,} prunable "
+                    f"channels ({self.realised_fraction:.1%})"
+                )
+        lines.append(_target_line(self))
         return "\n".join(lines)
 
 
@@ -142,13 +168,91 @@ def group_reasons(skipped: dict[str, str]) -> list[tuple[str, list[str]]]:
     ``"group left whole: a member <why>"``, so that one reason of many groups is one line."""
     out: dict[str, list[str]] = {}
     for name, why in skipped.items():
-        why = why.split(";")[0]
-        if name.startswith("group of ") and why.startswith("left whole: "):
-            rest = why.removeprefix("left whole: ")
-            member, _, tail = rest.partition(" ")
-            why = f"group left whole: a member {tail}" if tail else f"group left whole: {rest}"
-        out.setdefault(why, []).append(name.removeprefix("group of "))
+        reason, shown, _ = _reason_of(name, why)
+        out.setdefault(reason, []).append(shown)
     return sorted(out.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+
+
+def reason_lines(skipped: dict[str, str], names: int = 3, advice: bool = True) -> list[str]:
+    """One line per distinct reason in ``skipped`` (grouped as by :func:`group_reasons`), most
+    frequent first: ``"17× depthwise convolution: a, b, c, … (14 more)"``.
+
+    Args:
+        skipped: layer or ``"group of <root>"`` → why it was left whole.
+        names: how many names to show per reason (0: none, only the count and the reason).
+        advice: add the advice that follows a reason's first ``;`` (e.g. "raise max_factor_dim
+            ... to prune this layer") once, in brackets, where every name of that reason gives
+            the same advice.
+
+    :meth:`PruneReport.summary`, the callback's console and the zoo tables all word the
+    reasons through this function.
+    """
+    tips: dict[str, set[str]] = {}
+    for name, why in skipped.items():
+        reason, _, tip = _reason_of(name, why)
+        tips.setdefault(reason, set()).add(tip)
+    lines = []
+    for reason, who in group_reasons(skipped):
+        line = f"{len(who)}× {reason}"
+        tip = tips[reason]
+        if advice and len(tip) == 1 and (only := next(iter(tip))):
+            line += f" ({only})"
+        if names > 0:
+            rest = len(who) - names
+            line += ": " + ", ".join(who[:names]) + (f", … ({rest} more)" if rest > 0 else "")
+        lines.append(line)
+    return lines
+
+
+def _reason_of(name: str, why: str) -> tuple[str, str, str]:
+    """``(reason, name shown, advice)`` of one entry of a ``skipped`` mapping."""
+    why, _, tip = why.partition(";")
+    if name.startswith("group of ") and why.startswith("left whole: "):
+        rest = why.removeprefix("left whole: ")
+        _member, _, tail = rest.partition(" ")
+        why = f"group left whole: a member {tail}" if tail else f"group left whole: {rest}"
+    return why, name.removeprefix("group of "), tip.strip()
+
+
+def _plural(n: int, noun: str, nouns: str) -> str:
+    return f"{n} {noun if n == 1 else nouns}"
+
+
+def _times(before: int, after: int) -> str:
+    """``"÷2.02"``: how many times smaller ``after`` is than ``before`` (the zoo tables' wording)."""
+    return f"÷{before / max(after, 1):.2f}"
+
+
+def _structure_line(report: PruneReport) -> str:
+    if report.structure == "eigenbasis":
+        what = "eigenbasis (layers rewritten in their eigenbasis; kept: the core's eigen-directions)"
+    else:
+        what = f"{report.structure} (whole channels removed; after: the layer's widths now)"
+    why = f"; chosen by structure='auto': {report.structure_reason}" if report.structure_reason else ""
+    return f"structure {what}{why}"
+
+
+def _target_line(report: PruneReport) -> str:
+    """The target and whether it was reached, in words."""
+    if report.target == "directions":
+        return (
+            f"target    directions, ratio {report.ratio:g} (a score quantile, no totals target): "
+            f"removed {report.realised_fraction:.1%} of the eigen-directions"
+        )
+    unit = {"flops": "FLOPs", "params": "params", "channels": "prunable channels"}.get(
+        report.target, report.target
+    )
+    asked = f"remove {report.ratio:.1%} of the {unit}"
+    got = f"removed {report.reached:.1%}"
+    if report.target in ("flops", "params"):
+        asked += f" (÷{1 / max(1e-12, 1 - report.ratio):.2f})"
+        got += f" (÷{1 / max(1e-12, 1 - report.reached):.2f})"
+    elif report.target == "channels":
+        got = f"removed {report.channels_removed:,} of {report.channels_total:,} ({report.reached:.1%})"
+    if report.target_reached:
+        return f"target    {asked}: reached, {got}"
+    limit = f"\n{'':<9} limited by {report.limited_by}" if report.limited_by else ""
+    return f"target    {asked}: NOT reached, {got}{limit}"
 
 
 # A params/flops target counts as reached within this fraction of the model (0.5 percentage points):
