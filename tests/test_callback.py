@@ -360,10 +360,11 @@ def test_skipped_layers_are_logged_with_reasons(caplog) -> None:
     finally:
         log.removeHandler(caplog.handler)
     text = caplog.text
-    assert "net.grouped: grouped convolution (groups=2)" in text
-    assert "net.aux: excluded by user" in text
-    assert "net.unused: never called in the forward pass" in text
-    assert "net.head: last layer (exempt_last=True)" in text
+    # one line per reason, as the reports word them
+    assert "  1× grouped convolution (groups=2): net.grouped\n" in text
+    assert "  1× excluded by user: net.aux\n" in text
+    assert "  1× never called in the forward pass (called functionally, or unused): net.unused\n" in text
+    assert "  1× last layer (exempt_last=True): net.head\n" in text
     skipped = {r.name: r.skipped for r in cb.reports[0].layers if r.skipped}
     assert set(skipped) == {"net.grouped", "net.aux", "net.unused", "net.head"}
 

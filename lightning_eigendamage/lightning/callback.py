@@ -81,7 +81,7 @@ from ..gradual import (
 )
 from ..optim import TransplantReport
 from ..options import PruneOptions
-from ..report import PruneReport, PruningWarning
+from ..report import PruneReport, PruningWarning, reason_lines
 from .schedule import LoopState, PrunePoint, PruningSchedule
 
 _STATE_VERSION = 3
@@ -563,8 +563,10 @@ class EigenDamagePruning(Callback):
         return self.engine.candidates(pl_module, self._round_options())
 
     def _log_skips(self, skips: list[tuple[str, str | None]], when: str) -> None:
+        """Say which layers will not be pruned, one line per reason (as the reports word them)."""
         if skips:
-            lines = "\n".join(f"  {name}: {why}" for name, why in skips)
+            reasons = reason_lines({name: why or "" for name, why in skips}, names=6)
+            lines = "\n".join(f"  {line}" for line in reasons)
             rank_zero_info(f"EigenDamagePruning: {len(skips)} layer(s) will not be pruned{when}:\n{lines}")
 
     # ------------------------------------------------------------------------------------------
@@ -1043,13 +1045,37 @@ class EigenDamagePruning(Callback):
         self.timings.append(timing)
         self._log_round(pl_module, report, timing, on_step)
         if self.verbose:
-            rank_zero_info(
-                f"EigenDamagePruning round {len(self.reports)} ({point.describe()}, fraction "
-                f"{point.fraction:g} of {report.target}, {report.structure}): factors from "
-                f"{captured.batches} batch(es) ({captured.skipped_batches} non-finite skipped); "
-                f"capture {t_capture:.2f} s, prune "
-                f"{t_prune:.2f} s, optimizer {t_optim:.2f} s\n{report.summary()}\n{transplant.summary()}"
+            rank_zero_info(self._round_text(point, report, captured, timing, transplant))
+
+    def _round_text(
+        self,
+        point: PrunePoint,
+        report: PruneReport,
+        captured: Any,
+        timing: dict[str, float],
+        transplant: TransplantReport,
+    ) -> str:
+        """The console text of one round: where and how it ran, the report's own
+        :meth:`~lightning_eigendamage.PruneReport.summary` (the same table ``prune()`` gives), the
+        totals against the dense model once more than one round ran, and the optimizer state."""
+        lines = [
+            f"EigenDamagePruning round {len(self.reports)} ({point.describe()}, fraction "
+            f"{point.fraction:g} of {report.target}, {report.structure}): factors from "
+            f"{captured.batches} batch(es) ({captured.skipped_batches} non-finite skipped); "
+            f"capture {timing['capture_s']:.2f} s, prune {timing['prune_s']:.2f} s, "
+            f"optimizer {timing['optim_s']:.2f} s",
+            report.summary(),
+        ]
+        if len(self.reports) > 1 and self._dense is not None:
+            params, flops = self._dense
+            lines.append(
+                f"{'dense':<9} params {params:,} → {report.params_after:,} "
+                f"(÷{params / max(report.params_after, 1):.2f}), FLOPs {flops:,} → "
+                f"{report.flops_after:,} (÷{flops / max(report.flops_after, 1):.2f}) over "
+                f"{len(self.reports)} rounds"
             )
+        lines.append(transplant.summary())
+        return "\n".join(lines)
 
     def _log_round(
         self, pl_module: pl.LightningModule, report: PruneReport, timing: dict[str, float], on_step: bool
