@@ -189,7 +189,7 @@ def test_the_callbacks_round_log_is_the_reports_summary(caplog: pytest.LogCaptur
             torch.manual_seed(0)
             model = LitClassifier(small_cnn())
             cb = EigenDamagePruning(schedule={0: 0.5, 1: 0.5}, structure="eigenbasis", exclude=["net.0"])
-            trainer(callbacks=[cb], max_epochs=2, limit_train_batches=3).fit(model, loader(image_data(48)))
+            trainer(callbacks=[cb], max_epochs=3, limit_train_batches=3).fit(model, loader(image_data(48)))
     finally:
         log.removeHandler(caplog.handler)
     text = caplog.text
