@@ -1,6 +1,6 @@
 """Prune a torchvision model in plain PyTorch with ``prune()``: no Lightning, no training loop.
 
-    python examples/plain_pytorch.py                   # MobileNet-V3-small at 64×64, ~20 s on a CPU
+    python examples/plain_pytorch.py                   # MobileNet-V3-small at 64×64, ~10 s on a CPU
     python examples/plain_pytorch.py --model resnet18 --flops-x 3
     python examples/plain_pytorch.py --tiny            # 32×32, seconds (or EIGENDAMAGE_EXAMPLES_TINY=1)
 

@@ -1,6 +1,6 @@
 """Resume a pruning run from its checkpoint, load the pruned model for inference, and export it.
 
-    python examples/resume_and_export.py           # about 20 s on a CPU
+    python examples/resume_and_export.py           # about 15 s on a CPU
     python examples/resume_and_export.py --tiny    # fewer batches (or EIGENDAMAGE_EXAMPLES_TINY=1)
 
 1. *Interrupted run.* The ``EigenDamagePruning`` callback prunes at the end of epochs 0 and 2;
