@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from .attention import PrunedHeadsAttention
 from .eigenbasis.layers import KFELayer, architecture_record, is_record, same_architecture
 from .eigenbasis.surgery import layers_for_records, records_in, swap_modules
 
@@ -35,10 +36,15 @@ class NarrowedMark:
     ``{"structure": "channels"}`` under ``"lightning_eigendamage"`` in the layer's state_dict
     metadata (``state_dict._metadata``, kept by ``torch.save`` and loaded with
     ``weights_only=True``), so that a loading hook narrows exactly the layers that were narrowed,
-    from their tensors' shapes (:func:`narrowed_modules`). A class, so the module stays picklable."""
+    from their tensors' shapes (:func:`narrowed_modules`). An attention module whose heads were
+    removed also records its ``num_heads``. A class, so the module stays picklable."""
 
     def __call__(self, module: nn.Module, state_dict: Any, prefix: str, local_metadata: dict) -> None:
-        local_metadata[NARROWED] = {"structure": "channels"}
+        meta: dict[str, Any] = {"structure": "channels"}
+        heads = getattr(module, "num_heads", None)
+        if isinstance(heads, int) and not isinstance(heads, bool):
+            meta["num_heads"] = heads
+        local_metadata[NARROWED] = meta
 
 
 def mark_narrowed(module: nn.Module) -> None:
@@ -409,13 +415,30 @@ def narrowed_modules(
             if any(a > b for a, b in zip(value.shape, t.shape)):
                 continue
             shapes[key] = tuple(value.shape)
-        if shapes:
-            out[name] = _narrowed(module, shapes, name or type(module).__name__)
+        heads = metadata[pre[:-1]][NARROWED].get("num_heads")
+        heads = heads if isinstance(heads, int) and heads != getattr(module, "num_heads", heads) else None
+        if shapes or heads is not None:
+            out[name] = _narrowed(module, shapes, name or type(module).__name__, heads)
+    return _nested(out)
+
+
+def _nested(out: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Put each replacement whose parent is replaced too into the parent's copy (an attention
+    module and its projections), so that swapping the outer ones installs both."""
+    for name in sorted(out, key=lambda n: -n.count(".")):
+        parent, _, child = name.rpartition(".")
+        if name and parent in out and child in out[parent]._modules:
+            out[parent]._modules[child] = out.pop(name)
+        elif name and not parent and "" in out and child in out[""]._modules:
+            out[""]._modules[child] = out.pop(name)
     return out
 
 
-def _narrowed(module: nn.Module, shapes: dict[str, tuple[int, ...]], name: str) -> nn.Module:
-    """An empty copy of ``module`` with the tensors of ``shapes`` and the widths they imply."""
+def _narrowed(
+    module: nn.Module, shapes: dict[str, tuple[int, ...]], name: str, heads: int | None = None
+) -> nn.Module:
+    """An empty copy of ``module`` with the tensors of ``shapes`` and the widths they imply
+    (``heads``: its ``num_heads`` as recorded, for an attention module whose heads were removed)."""
     new = copy.copy(module)
     new._parameters = dict(module._parameters)
     new._buffers = dict(module._buffers)
@@ -446,7 +469,23 @@ def _narrowed(module: nn.Module, shapes: dict[str, tuple[int, ...]], name: str) 
         t = t if t is not None else new._buffers.get(key)
         return None if t is None else int(t.shape[dim])
 
-    if isinstance(module, nn.modules.conv._ConvNd):
+    if isinstance(module, nn.MultiheadAttention):
+        d = module.head_dim
+        rows = size("in_proj_weight")
+        if rows is None or rows % (3 * d) or (heads is not None and heads * 3 * d != rows):
+            raise ValueError(
+                f"{name}: an in_proj_weight of {rows} rows is not 3·num_heads·head_dim "
+                f"(head_dim {d}{f', num_heads {heads}' if heads is not None else ''})"
+            )
+        new.num_heads = rows // (3 * d)
+        if new.num_heads * d != module.embed_dim:
+            new.__class__ = PrunedHeadsAttention
+            new._qkv_same_embed_dim = False
+        widths = {"in_proj_bias": rows}
+    elif heads is not None and not shapes:  # an attention module: its projections are its children
+        new.num_heads = heads
+        widths = {}
+    elif isinstance(module, nn.modules.conv._ConvNd):
         g = module.groups
         if module.transposed:
             new.in_channels, new.out_channels = size("weight"), size("weight", 1) * g

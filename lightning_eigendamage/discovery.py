@@ -211,9 +211,14 @@ def _fastpath_reads_weights(layer: nn.Module) -> bool:
     )
 
 
+# Why an nn.MultiheadAttention's out_proj is not pruned as a layer: the attention calls it
+# functionally. The channel engine scores its input columns per head (through a routed capture).
+FUNCTIONAL = "called functionally by nn.MultiheadAttention (its hooks never fire)"
+
+
 def _static_reason(unit, core, parent, child_name, names_of, owners) -> str | None:
     if isinstance(parent, nn.MultiheadAttention):
-        return "called functionally by nn.MultiheadAttention (its hooks never fire)"
+        return FUNCTIONAL
     if child_name in ("linear1", "linear2") and _fastpath_reads_weights(parent):
         return FASTPATH
     adapter = adapter_for(core)

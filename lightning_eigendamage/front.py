@@ -35,8 +35,10 @@ def prune(
     """Prune ``model`` in place and return a :class:`~lightning_eigendamage.PruneReport`.
 
     Args:
-        model, batches, ratio: as for :func:`lightning_eigendamage.pruner.prune` (the eigenbasis
-            engine, whose docstring describes every option).
+        model: the model, pruned in place (as for :func:`lightning_eigendamage.pruner.prune`,
+            the eigenbasis engine, whose docstring describes every option).
+        batches: calibration batches, as for :func:`lightning_eigendamage.pruner.prune`.
+        ratio: the fraction to remove, as for :func:`lightning_eigendamage.pruner.prune`.
         structure: ``"eigenbasis"`` (default: every Conv2d/Linear rewritten in its eigenbasis,
             widths kept), ``"channels"`` (whole channels removed, layers stay plain and narrower;
             needs ``torch-pruning``) or ``"auto"`` (channels if the model's channel dependency
@@ -65,7 +67,18 @@ def prune(
         if options is not None:
             options = options.resolved(structure)
     if structure == "eigenbasis":
-        report = pruner.prune(model, batches, ratio=ratio, options=options, distributed=distributed, **kwargs)
+        try:
+            report = pruner.prune(
+                model, batches, ratio=ratio, options=options, distributed=distributed, **kwargs
+            )
+        except ValueError as err:
+            if not str(err).startswith("no prunable layer"):
+                raise
+            raise ValueError(
+                f"{err}. structure='channels' (or 'auto') may prune it: it also removes the channels "
+                "of depthwise and grouped convolutions, the feed-forward widths of Transformer "
+                "layers and whole attention heads, which the eigenbasis leaves alone"
+            ) from None
         report.structure_reason = why
         return report
     engine = get_engine(structure)

@@ -133,6 +133,15 @@ class PruneReport:
             for i, c in enumerate([heads, *cells]):
                 form = ("form" if i == 0 else rows[i - 1].form) if eigen else ""
                 lines.append(f"{c[0]:<{w[0]}}  {c[1]:>{w[1]}}  {c[2]:>{w[2]}}  {form}".rstrip())
+        heads = [g for g in self.groups or [] if g.get("head_dim")]
+        if heads:  # attention blocks (channel engine): heads before → after
+            cells = [
+                f"{g['root']} {g['channels'] // g['head_dim']}→"
+                f"{(g['channels'] - len(g['removed'])) // g['head_dim']}"
+                for g in heads
+            ]
+            more = f", … ({len(cells) - 6} more)" if len(cells) > 6 else ""
+            lines.append(f"{'heads':<9} {', '.join(cells[:6])}{more}")
         left = self.left_whole
         if left:
             groups = sum(1 for name in left if name.startswith("group of "))

@@ -54,11 +54,26 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ..adapters import DEPTHWISE, ConvAdapter, adapter_for
+from ..attention import (
+    HeadBlock,
+    find_head_blocks,
+    head_block,
+    head_cost,
+    record_calls,
+    remove_heads,
+)
 from ..calibration import downstream_batchnorms, recalibrate_batchnorm
 from ..checkpoint import mark_narrowed, state_dict_of
 from ..costs import count_flops, count_params, module_path
 from ..curvature import CaptureOptions, CaptureResult, capture_factors, split_batch, to_device
-from ..discovery import FASTPATH, Candidate, check_usable_parameters, excluded_modules, find_layers
+from ..discovery import (
+    FASTPATH,
+    FUNCTIONAL,
+    Candidate,
+    check_usable_parameters,
+    excluded_modules,
+    find_layers,
+)
 from ..distributed import all_reduce_capture, broadcast_object, is_distributed
 from ..engine import PruningEngine, get_engine, register_engine
 from ..gradual import MarkedLayer
@@ -276,7 +291,8 @@ class _Snapshot:
     """What channel removal changes, to put back on failure: per module its Parameter and buffer
     objects (the same objects go back, so optimizers and references stay valid), a copy of their
     values, its plain attributes (``in_channels``, ``num_features``…) and the keys of its
-    state_dict hooks (a cut marks the narrowed layers: :func:`cut_channels`). Other hooks and
+    state_dict hooks (a cut marks the narrowed layers: :func:`cut_channels`) and its class (a
+    head-pruned ``nn.MultiheadAttention`` changes class). Other hooks and
     attributes are never touched. Memory: one copy of the parameters and buffers."""
 
     _PLAIN = (bool, int, float, str, tuple, type(None))
@@ -289,11 +305,13 @@ class _Snapshot:
                 values = {("p", k): t.detach().clone() for k, t in params.items() if t is not None}
                 values |= {("b", k): t.detach().clone() for k, t in bufs.items() if t is not None}
                 attrs = {k: v for k, v in vars(m).items() if isinstance(v, self._PLAIN)}
-                self.items.append((m, params, bufs, values, attrs, set(m._state_dict_hooks)))
+                self.items.append((m, params, bufs, values, attrs, set(m._state_dict_hooks), type(m)))
 
     def restore(self) -> None:
         with torch.no_grad():
-            for m, params, bufs, values, attrs, hooks in self.items:
+            for m, params, bufs, values, attrs, hooks, cls in self.items:
+                if type(m) is not cls:  # a head-pruned MultiheadAttention changes class
+                    m.__class__ = cls
                 for key in [k for k in m._state_dict_hooks if k not in hooks]:
                     del m._state_dict_hooks[key]
                 m._parameters.clear()
@@ -327,6 +345,9 @@ class _Group:
     rows: list[tuple[nn.Module, list[int], list[int]]]  # out-side members: (module, idxs, root_idxs)
     cols: list[tuple[nn.Module, list[int], list[int]]]  # in-side members: (module, idxs, root_idxs)
     units: list[list[int]] = field(default_factory=list)  # root channels removed together
+    # attention heads: the FLOPs each unit (a head) saves, fixed (no Torch-Pruning members)
+    unit_flops: list[int] | None = None
+    head_dim: int = 0
 
     def __post_init__(self) -> None:
         if not self.units:
@@ -476,6 +497,8 @@ def _select(
     def apply(gi: int, u: int, dry: bool) -> int:
         """FLOPs change of removing unit ``u`` (root channels) of group ``gi`` (applied unless ``dry``)."""
         unit = groups[gi].units[u]
+        if groups[gi].unit_flops is not None:
+            return -groups[gi].unit_flops[u]
         delta = 0
         for module, side, counter in groups[gi].effects:
             k = sum(counter.get(c, 0) for c in unit)
@@ -914,7 +937,7 @@ def _plan_entries(
     entries = []
     for entry in plan:
         removed = sorted(int(c) for c in entry.get("removed", []))
-        if not removed:
+        if not removed or entry.get("head_dim"):  # attention heads: not a Torch-Pruning group
             continue
         name = entry["root"]
         root = modules.get(name)
@@ -1143,7 +1166,7 @@ def _grouped(module: nn.Module) -> bool:
 
 def _a_width(module: nn.Module) -> int:
     """The width of a Conv2d/Linear's patch-form ``A``: ``C_in·k²`` (all conv groups), or ``C_in``."""
-    return adapter_for(module).a_width(module, "patch")
+    return adapter_for(module, exact=False).a_width(module, "patch")
 
 
 _FOLLOWS = f"{DEPTHWISE}: not scored itself, it follows the channels of its group"
@@ -1172,7 +1195,10 @@ def scorable_layers(
     (excluded, shared, another layer type, a patch-form factor wider than ``max_factor_dim``:
     ``A`` takes ``8·d²`` bytes while it accumulates and as many again for its inverse)."""
     cands = find_layers(model, exclude)
+    owners = {m.out_proj: m for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     for c in cands:
+        if c.skipped == FUNCTIONAL and c.unit in owners and head_block("", owners[c.unit]) is not None:
+            c.skipped = None  # its input columns are scored per head (a routed capture if needed)
         if c.skipped is None and not isinstance(c.unit, (nn.Conv2d, nn.Linear)):
             c.skipped = f"{type(c.unit).__name__}: only Conv2d and Linear layers lose channels"
         if c.skipped is not None and _grouped(c.unit) and c.skipped == ConvAdapter().skip_reason(c.unit):
@@ -1370,15 +1396,20 @@ def prune_channels(
             ``"relative_damage"`` (the same with the damage itself: groups with a few large
             scores lose the rest), ``"damage"`` (the predicted loss increase; cheap deep layers
             go first) or ``"damage_per_cost"`` (loss increase per FLOP saved).
-        layer_cap: at most this fraction of one group's channels is removed; ``min_channels``:
-            channels always kept per group.
+        layer_cap: at most this fraction of one group's channels is removed.
+        min_channels: channels always kept per group.
         exclude: module instances, types, glob patterns or regexes (as for
             :func:`~lightning_eigendamage.prune`): an excluded module (any kind: a conv, a
             BatchNorm, a container and everything in it) keeps its widths, so every group it
             belongs to is left whole.
-        fisher, likelihood, class_dim, loss_fn, input_fn, max_batches, seed: the curvature, as
-            for :func:`~lightning_eigendamage.prune` (true Fisher by default, labels sampled with
-            a generator seeded by ``seed``).
+        fisher: the Fisher of the curvature, as for :func:`~lightning_eigendamage.prune`
+            (``"true"`` by default: labels sampled with a generator seeded by ``seed``).
+        likelihood: as for :func:`~lightning_eigendamage.prune`.
+        class_dim: as for :func:`~lightning_eigendamage.prune`.
+        loss_fn: as for :func:`~lightning_eigendamage.prune`.
+        input_fn: as for :func:`~lightning_eigendamage.prune`.
+        max_batches: as for :func:`~lightning_eigendamage.prune`.
+        seed: the seed of the true Fisher's label sampling.
         forward_fn: ``(model, batch) → logits`` for the curvature capture, for a model whose
             output is not one tensor of logits (several heads: pick the one to keep accurate). The
             model itself must still run as ``model(input_fn(batch))``: that forward is traced, and
@@ -1491,6 +1522,8 @@ class ChannelAnalysis:
     skipped_batches: int
     calibration: list[Any]  # model inputs for the BatchNorm re-estimation
     device: torch.device
+    # attention blocks whose heads may go, with the FLOPs one head costs (per example batch)
+    heads: list[tuple[HeadBlock, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -1498,8 +1531,10 @@ class ChannelPlan:
     """Which channels go: plain data, the same on every process.
 
     ``groups``: one entry per prunable dependency group, ``{"root": module name, "channels": its
-    width, "removed": [root channel indices]}``; ``left``: groups left whole, with the reason;
-    ``flops_planned``: the analytic FLOPs per example after the cut.
+    width, "removed": [root channel indices]}``, and per attention block whose heads may go
+    ``{"root": its name, "channels": H·d, "removed": [the removed heads' channels], "head_dim":
+    d}`` (channel ``c`` is dimension ``c mod d`` of head ``c // d``); ``left``: groups left
+    whole, with the reason; ``flops_planned``: the analytic FLOPs per example after the cut.
     """
 
     groups: tuple[dict[str, Any], ...]
@@ -1524,6 +1559,7 @@ class ChannelPlan:
                 "root": str(g["root"]),
                 "channels": int(g["channels"]),
                 "removed": [int(c) for c in g["removed"]],
+                **({"head_dim": int(g["head_dim"])} if g.get("head_dim") else {}),
             }
             for g in d["groups"]
         )
@@ -1564,6 +1600,89 @@ def _allowed_in(
         return None
 
     return allowed
+
+
+def _usable_heads(
+    model: nn.Module,
+    example: Any,
+    exclude: Any,
+    updates: dict[nn.Module, InputObsUpdate],
+    skipped: dict[str, str],
+) -> list[tuple[HeadBlock, int]]:
+    """The attention blocks of ``model`` whose heads can be removed, each with the FLOPs one head
+    costs on the first example of ``example``; every other block's reason goes to ``skipped`` under
+    ``"heads of <name>"``. A block needs its output projection scored (``updates``), trainable
+    projections that nobody excluded, a call in the forward pass, and a forward that still runs
+    with a head fewer (:func:`~lightning_eigendamage.attention.head_cost`)."""
+    blocks = find_head_blocks(model)
+    if not blocks:
+        return []
+    excluded = excluded_modules(model, exclude)
+    calls = record_calls(blocks, lambda: _run(model, _first(example)))  # per example, as the FLOPs
+    out = []
+    for b in blocks:
+        members = [b.module, b.reader, *b.producers]
+        params = [p for m in members for p in m.parameters(recurse=False)]
+        cost, why = 0, None
+        if b.num_heads < 2:
+            why = "a single head"
+        elif any(m in excluded for m in members):
+            why = "excluded by user"
+        elif not all(p.requires_grad for p in params):
+            why = "frozen parameters"
+        elif b.reader not in updates:
+            why = f"its output projection is not scored ({skipped.get(b.reader_name, 'no factors')})"
+        elif b.module not in calls:
+            why = "never called in the forward pass"
+        else:
+            cost, why = head_cost(b, calls[b.module])
+        if why is None:
+            out.append((b, cost))
+        else:
+            skipped[f"heads of {b.name or type(b.module).__name__}"] = f"left whole: {why}"
+    return out
+
+
+def _head_group(
+    block: HeadBlock, cost: int, update: InputObsUpdate, greedy_steps: int | None, root: bool
+) -> _Group:
+    """An attention block as a group of ``H·d`` channels in ``H`` units (its heads), each unit
+    saving ``cost`` FLOPs. A head's damage is the input-side Kron-OBS of its ``d`` columns of the
+    output projection, removed together (greedy over heads, as for a group's channels); each of
+    its channels scores ``damage / d`` (``√damage / d`` when ``root``), so a unit sums to it."""
+    h, d = block.num_heads, block.head_dim
+    heads = [block.columns([i]) for i in range(h)]
+    reader = Reader(update, list(range(h)), heads)
+    s = greedy_input_obs_scores([reader], h, greedy_steps or 1)
+    if root:
+        s = s.sqrt()
+    return _Group(block.module, None, h * d, (s / d).repeat_interleave(d), [], [], [], heads, [cost] * h, d)
+
+
+def _head_entries(model: nn.Module, plan: Sequence[dict[str, Any]]) -> list[tuple[HeadBlock, list[int]]]:
+    """``(block, removed heads)`` of every head entry of ``plan`` that removes something, checked
+    against ``model`` (ValueError for a plan made for another model)."""
+    out = []
+    for entry in plan:
+        if not entry.get("head_dim") or not entry.get("removed"):
+            continue
+        name, d = entry["root"], int(entry["head_dim"])
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            module = None
+        block = None if module is None else head_block(name, module)
+        if block is None or block.head_dim != d or block.num_heads * d != int(entry["channels"]):
+            raise ValueError(
+                f"the plan removes heads of {name!r} ({entry['channels']} channels in heads of {d}), "
+                "which the model does not have: the plan was made for another model"
+            )
+        removed = sorted(int(c) for c in entry["removed"])
+        heads = sorted({c // d for c in removed})
+        if removed != block.columns(heads):
+            raise ValueError(f"the plan removes parts of heads of {name!r}: only whole heads can go")
+        out.append((block, heads))
+    return out
 
 
 class ChannelEngine(PruningEngine):
@@ -1662,6 +1781,7 @@ class ChannelEngine(PruningEngine):
         in_scores, updates = scores_from_factors(layers, captured, options.damping, skipped)
         if not in_scores:
             raise RuntimeError("no Conv2d/Linear layer can be scored: " + _reasons(skipped))
+        heads = _usable_heads(model, example, options.exclude, updates, skipped)
         calibration = [to_device(split_batch(b, options.input_fn)[0], device) for b in batches]
         return ChannelAnalysis(
             model,
@@ -1676,6 +1796,7 @@ class ChannelEngine(PruningEngine):
             captured.skipped_batches,
             calibration,
             device,
+            heads,
         )
 
     def decide(
@@ -1712,9 +1833,20 @@ class ChannelEngine(PruningEngine):
                 "importance": sequential_group_scores(an.graph, an.updates, options.greedy_steps, relative),
             }
         left: dict[str, str] = {}
+        inside = [p for b in find_head_blocks(model) for p in b.producers]  # attention internals
         groups = _collect_groups(
-            an.graph, an.ignored, costs, None, how["importance"], names, how["in_scores"], an.allowed, left
+            an.graph,
+            an.ignored + inside,
+            costs,
+            None,
+            how["importance"],
+            names,
+            how["in_scores"],
+            an.allowed,
+            left,
         )
+        steps = options.greedy_steps
+        groups += [_head_group(b, cost, an.updates[b.reader], steps, relative) for b, cost in an.heads]
         chosen, planned = _select(
             groups,
             costs,
@@ -1728,7 +1860,12 @@ class ChannelEngine(PruningEngine):
         )
         return ChannelPlan(
             tuple(
-                {"root": names.get(g.root, "?"), "channels": g.n, "removed": s}
+                {
+                    "root": names.get(g.root, "?"),
+                    "channels": g.n,
+                    "removed": s,
+                    **({"head_dim": g.head_dim} if g.head_dim else {}),
+                }
                 for g, s in zip(groups, chosen)
             ),
             target,
@@ -1760,7 +1897,14 @@ class ChannelEngine(PruningEngine):
         recalibrated: list[str] = []
         try:
             model.eval()
+            heads = _head_entries(model, plan.groups)
+            with torch.no_grad():  # each head's output projection absorbs what its removal loses
+                for block, gone in heads:
+                    w = block.reader.weight
+                    w.add_(an.updates[block.reader](block.columns(gone)).reshape(w.shape).to(w))
             change = cut_channels(model, plan.groups, an.graph, in_updates=an.updates)
+            for block, gone in heads:
+                _cut_heads(model, block, gone, change)
             _refreeze(frozen)
             for m, mode in modes.items():
                 m.training = mode
@@ -1871,9 +2015,27 @@ class ChannelEngine(PruningEngine):
 
 
 def _reader_columns(an: ChannelAnalysis, plan: ChannelPlan) -> dict[nn.Module, list[int]]:
-    """Per scored reader, the input columns (channel indices) the plan removes from it."""
+    """Per scored reader, the input columns (channel indices) the plan removes from it (an
+    attention block's output projection: the columns of its removed heads)."""
     _, cols, _ = _removed_indices(an.graph, _plan_entries(an.model, plan.groups, an.graph))
+    for block, gone in _head_entries(an.model, plan.groups):
+        cols.setdefault(block.reader, []).extend(block.columns(gone))
     return {m: sorted(set(c)) for m, c in cols.items() if m in an.updates}
+
+
+def _cut_heads(model: nn.Module, block: HeadBlock, heads: list[int], change: ChannelChange) -> None:
+    """Remove ``heads`` of ``block`` (:func:`~lightning_eigendamage.attention.remove_heads`), mark
+    its narrowed modules for checkpoints, and add its parameters to ``change`` (composed with a
+    slice :func:`cut_channels` already made of the same parameter)."""
+    for rel, old, new, index in remove_heads(block, heads):
+        name = f"{block.name}.{rel}" if block.name else rel
+        prior = change.params.get(name)
+        if prior is not None and prior.new is old:
+            change.params[name] = ParamSlice(prior.old, new, prior.index[index.to(prior.index.device)])
+        else:
+            change.params[name] = ParamSlice(old, new, index)
+    for m in (block.module, block.reader, *block.producers):
+        mark_narrowed(m)
 
 
 def _reasons(skipped: dict[str, str]) -> str:
@@ -1894,9 +2056,11 @@ def restore_channels(
 
     A state_dict saved after :func:`prune_channels` (or any channel removal Torch-Pruning can
     group) describes its widths by its tensors' shapes: for each dependency group of ``model``
-    the kept width is the first dimension of its root layer's ``weight`` in the checkpoint. The
-    group is narrowed to that width (which channels go does not matter: every tensor is then
-    loaded), and the state_dict loaded. Use it to load a channel-pruned model from a plain
+    the kept width is the first dimension of its root layer's ``weight`` in the checkpoint, and for
+    each attention block (:mod:`~lightning_eigendamage.attention`) the kept heads are the input
+    columns of its output projection over the head width. The group is narrowed to that width
+    (which channels go does not matter: every tensor is then loaded), and the state_dict loaded.
+    Use it to load a channel-pruned model from a plain
     state_dict or a Lightning checkpoint, e.g. before ``Trainer.fit(..., ckpt_path=...)``.
 
     Args:
@@ -1932,8 +2096,20 @@ def restore_channels(
     names = {m: n for n, m in model.named_modules()}
     dg = dependency_graph(model, example_inputs)
     outputs = set(_output_layers(model, example_inputs, _forward))
+    heads = []  # attention blocks: the heads a narrower output projection leaves (the last go)
+    blocks = find_head_blocks(model)
+    for b in blocks:
+        w = state_dict.get(f"{b.reader_name}.weight")
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] < b.reader.in_features:
+            if w.shape[1] % b.head_dim or w.shape[1] == 0:
+                raise ValueError(
+                    f"{b.reader_name}.weight has {w.shape[1]} input columns in the checkpoint: not a "
+                    f"whole number of {b.name}'s heads of {b.head_dim}"
+                )
+            heads.append((b, list(range(w.shape[1] // b.head_dim, b.num_heads))))
+    inside = [p for b in blocks for p in b.producers]
     cuts = []
-    for group in dg.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear)):
+    for group in dg.get_all_groups(ignored_layers=inside, root_module_types=(nn.Conv2d, nn.Linear)):
         root, fn, n = group[0].dep.target.module, group[0].dep.handler, len(group[0].idxs)
         weight = state_dict.get(f"{names[root]}.weight" if names[root] else "weight")
         if not isinstance(weight, torch.Tensor) or weight.dim() == 0:
@@ -1957,6 +2133,8 @@ def restore_channels(
     try:
         for root, fn, idxs in cuts:
             dg.get_pruning_group(root, fn, idxs).prune()
+        for block, gone in heads:
+            remove_heads(block, gone)
         _refreeze(frozen)
         model.load_state_dict(state_dict, strict=strict)
     except BaseException:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention import functional_owners
 from .hooks import CaptureResult, HookCapture, KFACapture
 
 if TYPE_CHECKING:
@@ -221,9 +222,14 @@ def capture_factors(
     statistics, dropout is off) and its modes are restored afterwards; hooks are removed also on
     errors. ``options`` (``fisher``, ``loss_fn``, ``input_fn``, ``likelihood``, ``class_dim``,
     ``generator``, ``max_batches``, ``forward_fn``) are those of :func:`drive_capture`; see
-    :func:`capture_batch` for the two Fisher types.
+    :func:`capture_batch` for the two Fisher types. An ``nn.MultiheadAttention``'s ``out_proj``
+    among ``factors_for`` is captured through its module call
+    (:func:`~lightning_eigendamage.attention.route_out_projection`).
     """
-    cap = KFACapture(modules, factors_for=factors_for, a_form=a_form)
+    factors_for = list(factors_for)
+    owners = functional_owners(model)
+    routes = {modules[n]: owners[modules[n]] for n in factors_for if n in modules and modules[n] in owners}
+    cap = KFACapture(modules, factors_for=factors_for, a_form=a_form, routes=routes)
     drive_capture(model, cap, batches, what="curvature", **options)
     return cap.result()
 

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from ..attention import route_out_projection
 from ..costs import Geometry
 from .factors import A_FORMS, compute_dtype
 
@@ -49,6 +50,11 @@ class HookCapture:
 
     Attributes:
         modules: name → hooked module. factors_for: names whose contributions are recorded.
+        routes: hooked module → the module that calls it functionally (an
+            ``nn.MultiheadAttention``'s ``out_proj``:
+            :func:`~lightning_eigendamage.attention.functional_owners`, restricted to the
+            modules to capture): while the hooks are in, each of them runs as a module
+            (:func:`~lightning_eigendamage.attention.route_out_projection`), so its hooks fire.
         layers: name → ``layer_type`` record. fire_order: names in the order they first ran.
         grad_scale: factor applied to output gradients (undoes a batch-mean loss; ``N`` for it).
         batches / skipped_batches: batches committed / dropped as non-finite.
@@ -62,8 +68,10 @@ class HookCapture:
         *,
         factors_for: Iterable[str] | None = None,
         accum_dtype: torch.dtype = torch.float64,
+        routes: dict[nn.Module, nn.Module] | None = None,
     ) -> None:
         self.modules = dict(modules)
+        self.routes = dict(routes or {})
         self.factors_for = set(self.modules if factors_for is None else factors_for)
         self.accum_dtype = accum_dtype
         self.layers: dict[str, Any] = {name: self.layer_type() for name in self.modules}
@@ -108,6 +116,8 @@ class HookCapture:
     def __enter__(self: _C) -> _C:
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+            if module in self.routes:  # called functionally: run it as a module
+                self._handles.extend(route_out_projection(self.routes[module]))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -262,10 +272,11 @@ class KFACapture(HookCapture):
         factors_for: Iterable[str] | None = None,
         a_form: str = "channel",
         accum_dtype: torch.dtype = torch.float64,
+        routes: dict[nn.Module, nn.Module] | None = None,
     ) -> None:
         if a_form not in A_FORMS:
             raise ValueError(f"a_form must be one of {A_FORMS}, got {a_form!r}")
-        super().__init__(modules, factors_for=factors_for, accum_dtype=accum_dtype)
+        super().__init__(modules, factors_for=factors_for, accum_dtype=accum_dtype, routes=routes)
         from ..adapters import adapter_for  # here, not at import: the adapters use factors.py
 
         self.adapters = {name: adapter_for(m, exact=False) for name, m in self.modules.items()}

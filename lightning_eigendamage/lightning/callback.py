@@ -66,6 +66,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from ..attention import functional_owners
 from ..checkpoint import PrunedLoadingHook, has_pruned_loading
 from ..curvature import KFACapture, capture_batch, check_categorical, split_batch, target_of
 from ..discovery import Candidate, dynamic_skips, find_layers, no_prunable_message
@@ -102,7 +103,7 @@ class EigenDamagePruning(Callback):
             batch before any step), ``"eigenbasis"`` (the paper's eigen-directions, rotation
             stages, any architecture, ``gradual`` available) or ``"auto"`` (default: channels
             where the graph builds, the eigenbasis otherwise; decided once before training,
-            logged, kept in the checkpoint). See the README's "Structures".
+            logged, kept in the checkpoint). See the user guide's "Choosing a structure".
         method: ``"eigendamage"``.
         fisher: ``"true"`` (default) or ``"empirical"`` (see the module docstring).
         input_fn: ``batch → model input``, the argument of ``pl_module(...)`` whose output are the
@@ -115,11 +116,21 @@ class EigenDamagePruning(Callback):
         loss_fn: ``(output, target) → mean loss``; only used by ``fisher="empirical"`` for the
             eval-mode captures, where there is no training step to read the Fisher from:
             ``at_start`` rounds and the plans of gradual removal (default: cross-entropy).
-        exclude, exempt_last, layer_cap, min_rank, form, train_rotations, likelihood, class_dim,
-        max_factor_dim,
-        form_by, latency_batch, latency_format, latency_mode, round_to, rank_by:
-            as in :func:`~lightning_eigendamage.prune` (exemptions, per-layer caps, forms, classes on
-            the last dimension by default).
+        exclude: as in :func:`~lightning_eigendamage.prune`.
+        exempt_last: as in :func:`~lightning_eigendamage.prune`.
+        layer_cap: as in :func:`~lightning_eigendamage.prune`.
+        min_rank: as in :func:`~lightning_eigendamage.prune`.
+        form: as in :func:`~lightning_eigendamage.prune`.
+        train_rotations: as in :func:`~lightning_eigendamage.prune`.
+        likelihood: as in :func:`~lightning_eigendamage.prune`.
+        class_dim: as in :func:`~lightning_eigendamage.prune`.
+        max_factor_dim: as in :func:`~lightning_eigendamage.prune`.
+        form_by: as in :func:`~lightning_eigendamage.prune`.
+        latency_batch: as in :func:`~lightning_eigendamage.prune`.
+        latency_format: as in :func:`~lightning_eigendamage.prune`.
+        latency_mode: as in :func:`~lightning_eigendamage.prune`.
+        round_to: as in :func:`~lightning_eigendamage.prune`.
+        rank_by: as in :func:`~lightning_eigendamage.prune`.
         recalibrate_bn: after each round, re-estimate the running statistics of the BatchNorm
             layers downstream of the pruned layers on the round's last captured training batch
             (default True; as ``prune(recalibrate_bn=True)``, on that one batch, averaged over the
@@ -502,7 +513,9 @@ class EigenDamagePruning(Callback):
         if batch is None:
             return
         cands = self._candidates(pl_module)
-        cap = KFACapture({c.name: c.hook_module for c in cands}, factors_for=[])
+        cap = KFACapture(
+            {c.name: c.hook_module for c in cands}, factors_for=[], routes=_routes(pl_module, cands)
+        )
         modes = {m: m.training for m in pl_module.modules()}
         pl_module.eval()
         try:
@@ -614,6 +627,7 @@ class EigenDamagePruning(Callback):
             {c.name: c.hook_module for c in cands},
             factors_for=[c.name for c in cands if c.skipped is None],
             a_form=self.engine.a_form,
+            routes=_routes(pl_module, cands),
         ).__enter__()
 
     def _captured_batches(self, trainer: pl.Trainer) -> int:
@@ -1328,6 +1342,15 @@ def _check_strategy(strategy: Strategy) -> None:
 def _is_distributed(trainer: pl.Trainer) -> bool:
     """True under a DDP strategy with more than one process and an initialised process group."""
     return trainer.world_size > 1 and isinstance(trainer.strategy, DDPStrategy) and is_distributed()
+
+
+def _routes(model: nn.Module, cands: list[Candidate]) -> dict[nn.Module, nn.Module]:
+    """The candidates to capture that their module calls functionally (an
+    ``nn.MultiheadAttention``'s ``out_proj``, scored per head), each mapped to that module."""
+    owners = functional_owners(model)
+    return {
+        c.hook_module: owners[c.hook_module] for c in cands if c.skipped is None and c.hook_module in owners
+    }
 
 
 @contextlib.contextmanager

@@ -282,8 +282,9 @@ class PruningSchedule:
         target: ``"directions"`` (default), ``"params"`` or ``"flops"``: what ``fraction`` counts.
 
     Raises:
-        ValueError / TypeError: at construction, for any bad value (see :meth:`validate_for` for the
-        checks against the Trainer).
+        ValueError: at construction, for any bad value (see :meth:`validate_for` for the checks
+            against the Trainer).
+        TypeError: at construction, for a value of the wrong type.
     """
 
     epochs: Mapping[int, float] = field(default_factory=dict)
