@@ -47,6 +47,7 @@ from lightning_eigendamage.channels.engine import (
     dependency_graph,
     input_side_scores,
     last_layer,
+    prune_channels,
     remove_channels,
     sequential_group_scores,
 )
@@ -73,10 +74,22 @@ INPUT_SIDE = {
     "kron-obs-in-seq-flop": "relative_per_flop",  # the same over the FLOPs one channel saves
     "kron-obs-in-seq-median": "relative_median",  # over the group's median, not its mean
 }
+# prune_channels itself with a ranking of its own: name → its options (the latency table measured
+# on the process's threads: at batch 64 for inference, or the training step at the recipe's 128)
+ENGINE_RANKED: dict[str, dict[str, Any]] = {
+    "kron-obs-in-seq-latency": {"rank_by": "relative_per_latency", "latency_batch": 64},
+    "kron-obs-in-seq-latency-train": {
+        "rank_by": "relative_per_latency",
+        "latency_batch": 128,
+        "latency_mode": "training",
+    },
+}
 # a peer's channels (Torch-Pruning's importance chooses them) removed with the input-side Kron-OBS
 # compensation of their readers: separates "which channels go" from "how the rest absorb them"
 COMPENSATED_PEERS = {"l1-comp": "l1"}
-METHODS = CRITERIA + tuple(INPUT_SIDE) + ("slimming",) + PEERS + tuple(COMPENSATED_PEERS)
+METHODS = (
+    CRITERIA + tuple(INPUT_SIDE) + tuple(ENGINE_RANKED) + ("slimming",) + PEERS + tuple(COMPENSATED_PEERS)
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,6 +267,24 @@ def prune_baseline(
         device = next(model.parameters()).device
         example_inputs = to_device(split_batch(batches[0], input_fn)[0], device)
     ignored = list(ignored_layers or [])
+    if method in ENGINE_RANKED:
+        return prune_channels(
+            model,
+            batches,
+            ratio=ratio,
+            target=target,
+            recalibrate_bn=False,  # as for the other methods: the protocol re-estimates BN itself
+            **ENGINE_RANKED[method],
+            layer_cap=max_group_ratio,
+            min_channels=min_channels,
+            exclude=ignored or None,
+            fisher=fisher,
+            damping=damping,
+            seed=seed,
+            max_batches=max_batches,
+            loss_fn=loss_fn,
+            input_fn=input_fn,
+        )
     kwargs = dict(
         ratio=ratio,
         target=target,

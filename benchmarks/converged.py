@@ -231,6 +231,8 @@ INPUT_OBS = (
     "kron-obs-in-seq",
     "kron-obs-in-seq-flop",
     "kron-obs-in-seq-median",
+    "kron-obs-in-seq-latency",
+    "kron-obs-in-seq-latency-train",
 )
 # Torch-Pruning L1's channels with the input-side compensation (benchmarks.baselines_tp)
 COMPENSATED = ("l1-comp",)
@@ -865,7 +867,8 @@ def run_grid(args: argparse.Namespace) -> None:
 def train_step_times(args: argparse.Namespace) -> None:
     """Seconds per training step (forward, backward, SGD step; batch 128) of the dense network and
     of its ``÷k`` prunings by EigenDamage (each variant in ``--variants``), by each channel method
-    in ``--channel-methods`` (e.g. ``kron-obs-in-mean``) and by Torch-Pruning L2,
+    in ``--channel-methods`` (e.g. ``kron-obs-in-seq``) and by each Torch-Pruning importance in
+    ``--tp-methods`` (L2 by default), and with ``--infer-batch`` eval-mode inference at that batch,
     timed interleaved in one process (medians of ``--repeats`` rounds), with the FLOPs reduction
     each pruning reached (``flops_reached_x``: a variant whose forms are chosen by time can fall
     short of ``÷k``); printed and appended to ``train_step.jsonl`` with the command."""
@@ -886,12 +889,15 @@ def train_step_times(args: argparse.Namespace) -> None:
     for m in args.channel_methods:
         nets[m] = copy.deepcopy(dense)
         prune_baseline(nets[m], calib, m, ratio=ratio, target="flops")
-    nets["tp-l2"] = copy.deepcopy(dense)
-    prune_baseline(nets["tp-l2"], calib, "l2", ratio=ratio, target="flops")
+    for m in args.tp_methods:
+        nets[f"tp-{m}"] = copy.deepcopy(dense)
+        prune_baseline(nets[f"tp-{m}"], calib, m, ratio=ratio, target="flops")
     x, y = data.x_train[:128], data.y_train[:128]
+    xi = data.x_train[: args.infer_batch]
     flops = {k: count_flops(n, x[:1]) for k, n in nets.items()}
     opts = {k: torch.optim.SGD(n.parameters(), lr=1e-3, momentum=0.9) for k, n in nets.items()}
     times: dict[str, list[float]] = {k: [] for k in nets}
+    infer: dict[str, list[float]] = {k: [] for k in nets}
     for r in range(args.repeats + 2):
         for k, net in nets.items():
             net.train()
@@ -901,14 +907,33 @@ def train_step_times(args: argparse.Namespace) -> None:
             opts[k].step()
             if r >= 2:  # warm-up rounds
                 times[k].append(time.perf_counter() - t)
+            if args.infer_batch:  # eval-mode inference, interleaved the same way
+                net.eval()
+                with torch.inference_mode():
+                    t = time.perf_counter()
+                    net(xi)
+                    if r >= 2:
+                        infer[k].append(time.perf_counter() - t)
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    inf = {k: sorted(v)[len(v) // 2] for k, v in infer.items() if v}
+    tp = [k for k in med if k.startswith("tp-")]
     rec = {
         "model": args.model,
         "flops_x": args.flops_x,
         "threads": args.threads,
         "seconds_per_step": med,
         "vs_dense": {k: med[k] / med["dense"] for k in med},
-        "vs_tp_l2": {k: med[k] / med["tp-l2"] for k in med},
+        **({"vs_tp_l2": {k: med[k] / med["tp-l2"] for k in med}} if "tp-l2" in med else {}),
+        "vs_fastest_tp": {k: med[k] / min(med[t] for t in tp) for k in med} if tp else {},
+        **(
+            {
+                "infer_batch": args.infer_batch,
+                "infer_seconds": inf,
+                "infer_speedup_vs_dense": {k: inf["dense"] / inf[k] for k in inf},
+            }
+            if inf
+            else {}
+        ),
         "flops_reached_x": {k: flops["dense"] / flops[k] for k in nets},
         "command": "python benchmarks/converged.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     }
@@ -1055,9 +1080,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-protocol-bn", action="store_true", help="measure without the protocol's BN re-estimation"
     )
     t = sub.add_parser("trainstep", help="training-step time of pruned networks against dense and TP-L2")
-    t.add_argument("--model", required=True, choices=["resnet20-narrow", "vgg-narrow"])
+    t.add_argument("--model", required=True, choices=["resnet20-narrow", "vgg-narrow", "mobilenetv2-narrow"])
     t.add_argument("--flops-x", type=float, default=4.0)
-    t.add_argument("--variants", nargs="+", default=["paper", "defaults"], choices=list(VARIANTS))
+    t.add_argument("--variants", nargs="*", default=["paper", "defaults"], choices=list(VARIANTS))
+    t.add_argument("--tp-methods", nargs="*", default=["l2"], choices=["l1", "l2", "taylor"])
+    t.add_argument(
+        "--infer-batch", type=int, default=0, help="also time eval-mode inference at this batch (0: no)"
+    )
     t.add_argument("--channel-methods", nargs="*", default=[], choices=[m for m in METHODS if m not in OURS])
     t.add_argument("--repeats", type=int, default=21)
     g = sub.add_parser("grid", help="run the rows of a named grid (resumable; --parts/--part split it)")

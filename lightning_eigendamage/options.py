@@ -26,7 +26,14 @@ FORM_CHOICES = ("auto",) + FORMS
 FORM_BY = ("cost", "latency")
 LATENCY_FORMATS = ("model", "channels_last", "contiguous")
 LATENCY_MODES = ("inference", "training")
-RANK_BY = ("damage", "damage_per_cost", "relative", "relative_damage")
+RANK_BY = (
+    "damage",
+    "damage_per_cost",
+    "relative",
+    "relative_damage",
+    "relative_per_latency",
+    "damage_per_latency",
+)
 DEFAULT_STRUCTURE = "eigenbasis"  # of prune(); the callback's is its own
 
 

@@ -54,7 +54,10 @@ class PruneReport:
     ``channels_total``/``channels_removed`` count the prunable groups' channels, ``groups`` has
     one entry per group: ``root`` (module name), ``channels`` (before), ``removed`` (root channel
     indices); ``skipped``: layer or group → why it was left whole; ``flops_planned``: the
-    analytic count the channel search stopped at). ``structure_reason``: with
+    analytic count the channel search stopped at; ``latency_table``: with
+    ``rank_by="*_per_latency"``, the measured per-layer times it ranked by, ``{"setting": {device,
+    batch, memory_format, mode}, "layers": {name: [a, b, c, d]}}``, see
+    :mod:`~lightning_eigendamage.channels.latency`). ``structure_reason``: with
     ``structure="auto"``, why this structure was chosen (the reason channels were not possible,
     when the eigenbasis was); None when the structure was named.
     """
@@ -86,6 +89,7 @@ class PruneReport:
     groups: list[dict[str, Any]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     structure_reason: str | None = None
+    latency_table: dict[str, Any] | None = None
 
     @property
     def flops_fraction_removed(self) -> float:

@@ -93,6 +93,8 @@ from .baselines import (
     input_obs_scores,
     weight_matrix,
 )
+from .latency import input_shapes, measure
+from .latency import seconds as latency_seconds
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -104,6 +106,8 @@ RANK_BY = {
     "relative_damage": "relative",
     "damage": "score",
     "damage_per_cost": "per_flop",
+    "relative_per_latency": "relative_per_latency",  # over the measured time a channel saves
+    "damage_per_latency": "per_latency",
 }
 
 Scores = dict[nn.Module, torch.Tensor]
@@ -463,6 +467,19 @@ def _collect_groups(
 # ---------------------------------------------------------------------------------------------
 
 
+def _seconds_per_flop(
+    costs: dict[nn.Module, _LayerCost], latency: dict[nn.Module, list[float]] | None
+) -> float:
+    """The mean seconds per FLOP of the layers ``latency`` times, at their widths in ``costs``."""
+    timed = [
+        (latency_seconds(latency[m], c.c_in, c.c_out, c.groups, c.depthwise), c.flops())
+        for m, c in costs.items()
+        if latency and m in latency
+    ]
+    total = sum(f for _, f in timed)
+    return sum(t for t, _ in timed) / total if total else 0.0
+
+
 def _select(
     groups: list[_Group],
     costs: dict[nn.Module, _LayerCost],
@@ -475,6 +492,7 @@ def _select(
     flops_before: int,
     flops_tolerance: float = 0.03,
     rank_by: str = "score",
+    latency: dict[nn.Module, list[float]] | None = None,
 ) -> tuple[list[list[int]], int]:
     """Root channels removed per group (lowest scores first under the caps, until the target), and
     the analytic FLOPs after removal. ``rank_by="per_flop"`` ranks by score per FLOP that the
@@ -482,7 +500,10 @@ def _select(
     score of its group (Torch-Pruning's normaliser: the removal spreads about evenly), and
     ``"relative_per_flop"`` by that over the FLOPs the channel's removal saves (channels of
     FLOP-heavy layers go first), ``"relative_median"`` by score over the group's median (a few
-    large scores do not make the rest look cheap)."""
+    large scores do not make the rest look cheap), ``"per_latency"`` / ``"relative_per_latency"``
+    like the ``per_flop`` ones over the seconds the removal saves by ``latency`` (module → the
+    coefficients of its fitted time, :mod:`~lightning_eigendamage.channels.latency`; a layer
+    without them, and an attention head, count their FLOPs at the table's mean seconds per FLOP)."""
     caps = [max(0, min(math.floor(max_group_ratio * g.n + 1e-9), g.n - min_channels)) for g in groups]
     state = {m: _LayerCost(c.coef, c.c_in, c.c_out, c.groups, c.depthwise) for m, c in costs.items()}
     flops = other_flops + sum(c.flops() for c in state.values())
@@ -494,12 +515,21 @@ def _select(
     def done() -> bool:
         return n_removed >= goal_channels if target == "channels" else flops <= goal_flops
 
-    def apply(gi: int, u: int, dry: bool) -> int:
-        """FLOPs change of removing unit ``u`` (root channels) of group ``gi`` (applied unless ``dry``)."""
+    per_flop_s = _seconds_per_flop(state, latency)
+
+    def seconds(module: nn.Module, c: _LayerCost) -> float:
+        coef = (latency or {}).get(module)
+        if coef is None:
+            return c.flops() * per_flop_s
+        return latency_seconds(coef, c.c_in, c.c_out, c.groups, c.depthwise)
+
+    def change(gi: int, u: int, dry: bool) -> tuple[int, float]:
+        """FLOPs and seconds change of removing unit ``u`` (root channels) of group ``gi``
+        (applied unless ``dry``)."""
         unit = groups[gi].units[u]
         if groups[gi].unit_flops is not None:
-            return -groups[gi].unit_flops[u]
-        delta = 0
+            return -groups[gi].unit_flops[u], -groups[gi].unit_flops[u] * per_flop_s
+        delta, dt = 0, 0.0
         for module, side, counter in groups[gi].effects:
             k = sum(counter.get(c, 0) for c in unit)
             if not k:
@@ -513,9 +543,14 @@ def _select(
             else:
                 new.c_in -= k
             delta += new.flops() - st.flops()
+            if latency is not None:
+                dt += seconds(module, new) - seconds(module, st)
             if not dry:
                 state[module] = new
-        return delta
+        return delta, dt
+
+    def apply(gi: int, u: int, dry: bool) -> int:
+        return change(gi, u, dry)[0]
 
     # a unit's score: the sum of its channels' (one channel per unit, except around grouped convs)
     unit_scores = [
@@ -531,6 +566,8 @@ def _select(
             score /= norm[gi]
         if rank_by.endswith("per_flop"):
             return score / max(-apply(gi, u, dry=True), 1)
+        if rank_by.endswith("per_latency"):
+            return score / max(-change(gi, u, dry=True)[1], 1e-12)
         return score
 
     pool = sorted(
@@ -812,6 +849,12 @@ def remove_channels(
         graph: Torch-Pruning's graph of ``model`` as it is now, from :func:`dependency_graph`
             with the same ignored layers (:func:`prune_channels` builds it once, before its
             capture); None: built here.
+
+        latency_batch: with a ``*_per_latency`` ranking, the batch size the layers are timed
+            at (the training batch for training speed, 1 or 64 for inference).
+        latency_format: the memory format they are timed in (as for
+            :func:`~lightning_eigendamage.prune`).
+        latency_mode: ``"inference"`` (an eval forward) or ``"training"`` (forward and backward).
 
     Returns:
         A :class:`ChannelPruneReport`.
@@ -1374,6 +1417,9 @@ def prune_channels(
     seed: int = 0,
     max_factor_dim: int | None = 16384,
     greedy_steps: int | None = GREEDY_STEPS,
+    latency_batch: int = 64,
+    latency_format: str = "model",
+    latency_mode: str = "inference",
 ) -> ChannelPruneReport:
     """Remove whole channels of ``model`` in place, chosen and compensated with K-FAC curvature.
 
@@ -1395,7 +1441,11 @@ def prune_channels(
             norm-like, about even spread over the layers),
             ``"relative_damage"`` (the same with the damage itself: groups with a few large
             scores lose the rest), ``"damage"`` (the predicted loss increase; cheap deep layers
-            go first) or ``"damage_per_cost"`` (loss increase per FLOP saved).
+            go first), ``"damage_per_cost"`` (loss increase per FLOP saved), or
+            ``"relative_per_latency"`` / ``"damage_per_latency"`` (``"relative"`` / ``"damage"``
+            over the seconds the removal saves, by each layer's time measured at a few widths on
+            the model's device: :mod:`~lightning_eigendamage.channels.latency`; the table is in
+            ``report.latency_table``).
         layer_cap: at most this fraction of one group's channels is removed.
         min_channels: channels always kept per group.
         exclude: module instances, types, glob patterns or regexes (as for
@@ -1461,6 +1511,9 @@ def prune_channels(
         seed=seed,
         max_factor_dim=max_factor_dim,
         greedy_steps=greedy_steps,
+        latency_batch=latency_batch,
+        latency_format=latency_format,
+        latency_mode=latency_mode,
     )
     report, _ = get_engine("channels").prune(model, batches, ratio=ratio, options=options)
     return report
@@ -1494,6 +1547,9 @@ class ChannelGraph:
     graph: Any
     ignored: list[nn.Module]
     signature: tuple[tuple[str, int], ...]  # (qualified name, id) of every module when traced
+    # the measured latency table (``rank_by="*_per_latency"``), kept for the next rounds:
+    # {"setting": {...}, "layers": {name: [a, b, c, d]}} (see :mod:`.latency`)
+    latency: dict[str, Any] | None = None
 
     def describes(self, model: nn.Module) -> bool:
         """Whether the graph is still ``model``'s: the same model, the same module objects under
@@ -1524,6 +1580,8 @@ class ChannelAnalysis:
     device: torch.device
     # attention blocks whose heads may go, with the FLOPs one head costs (per example batch)
     heads: list[tuple[HeadBlock, int]] = field(default_factory=list)
+    # the latency table the ranking uses (``rank_by="*_per_latency"``), or None
+    latency: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -1600,6 +1658,49 @@ def _allowed_in(
         return None
 
     return allowed
+
+
+def latency_setting(options: PruneOptions, device: torch.device) -> dict[str, Any]:
+    """What a latency table was measured for: device, batch, memory format, mode."""
+    return {
+        "device": str(device),
+        "batch": options.latency_batch,
+        "memory_format": options.latency_format,
+        "mode": options.latency_mode,
+    }
+
+
+def _latency_table(
+    model: nn.Module, example: Any, options: PruneOptions, reuse: dict[str, Any] | None
+) -> dict[str, Any]:
+    """``{"setting": ..., "layers": {name: [a, b, c, d]}}`` for every Conv2d/Linear of ``model``:
+    ``reuse`` if it was measured for the same setting and has every layer that runs now (a later
+    round, or a resumed fit), else measured (:func:`~lightning_eigendamage.channels.latency.measure`)."""
+    device = next(model.parameters()).device
+    setting = latency_setting(options, device)
+    names = {m: n for n, m in model.named_modules()}
+    costs, _ = _layer_costs(model, example)
+    layers = {names[m]: m for m in costs if m in names}
+    if reuse is not None and reuse.get("setting") == setting and set(layers) <= set(reuse.get("layers", {})):
+        return reuse
+    shapes = input_shapes(model, lambda: _run(model, _first(example)), layers)
+    table = measure(
+        layers,
+        shapes,
+        batch=options.latency_batch,
+        memory_format=options.latency_format,
+        mode=options.latency_mode,
+    )
+    return {"setting": setting, "layers": table}
+
+
+def _latency_by_module(
+    model: nn.Module, latency: dict[str, Any] | None
+) -> dict[nn.Module, list[float]] | None:
+    if latency is None:
+        return None
+    modules = dict(model.named_modules())
+    return {modules[n]: list(c) for n, c in latency["layers"].items() if n in modules}
 
 
 def _usable_heads(
@@ -1703,9 +1804,6 @@ class ChannelEngine(PruningEngine):
         "form",
         "train_rotations",
         "form_by",
-        "latency_batch",
-        "latency_format",
-        "latency_mode",
         "round_to",
         "shots",
         "reconstruct",
@@ -1782,6 +1880,12 @@ class ChannelEngine(PruningEngine):
         if not in_scores:
             raise RuntimeError("no Conv2d/Linear layer can be scored: " + _reasons(skipped))
         heads = _usable_heads(model, example, options.exclude, updates, skipped)
+        latency = None
+        if RANK_BY[options.rank_by].endswith("per_latency"):
+            reuse = prepared.latency if prepared is not None else None
+            latency = _latency_table(model, example, options, reuse)
+            if prepared is not None:
+                prepared.latency = latency
         calibration = [to_device(split_batch(b, options.input_fn)[0], device) for b in batches]
         return ChannelAnalysis(
             model,
@@ -1797,6 +1901,7 @@ class ChannelEngine(PruningEngine):
             calibration,
             device,
             heads,
+            latency,
         )
 
     def decide(
@@ -1857,6 +1962,7 @@ class ChannelEngine(PruningEngine):
             other_flops=flops_before - sum(c.flops() for c in costs.values()),
             flops_before=flops_before,
             rank_by=RANK_BY[options.rank_by],
+            latency=_latency_by_module(model, an.latency),
         )
         return ChannelPlan(
             tuple(
@@ -1960,6 +2066,7 @@ class ChannelEngine(PruningEngine):
                 flops_planned=plan.flops_planned,
                 groups=[dict(g, removed=list(g["removed"])) for g in plan.groups],
                 skipped=skipped,
+                latency_table=an.latency,
             )
         except BaseException:
             snapshot.restore()

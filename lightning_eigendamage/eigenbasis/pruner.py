@@ -1024,6 +1024,9 @@ def prune(
         latency_mode: ``"inference"`` times an eval forward; ``"training"`` the forward and the
             backward to the layer's input and trainable parameters, for a network whose cost that
             matters is its training step (set ``latency_batch`` to the training batch size).
+            With ``structure="channels"``, ``latency_batch``, ``latency_format`` and
+            ``latency_mode`` set how the layers are timed for ``rank_by="relative_per_latency"``
+            or ``"damage_per_latency"`` (see :func:`~lightning_eigendamage.prune_channels`).
         round_to: round the kept directions of each pruned side up to a multiple of this (e.g. 8
             for vector-unit and tensor-core friendly widths; the widths' full size is the cap).
         rank_by: ``"damage"`` ranks directions by their loss increase (the paper);

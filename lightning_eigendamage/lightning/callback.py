@@ -536,6 +536,16 @@ class EigenDamagePruning(Callback):
             raise ValueError(f"EigenDamagePruning: {no_prunable_message(cands)}")
         self._log_skips(skips, " after a forward pass")
 
+    def _round_prepared(self) -> Any:
+        """What the engine's check built (the channel graph), with the latency table of an
+        earlier round (kept in the reports, so also after a resume): a table is measured once."""
+        prepared = self._prepared
+        if prepared is not None and getattr(prepared, "latency", False) is None:
+            prepared.latency = next(
+                (r.latency_table for r in reversed(self.reports) if r.latency_table), None
+            )
+        return prepared
+
     def _decide_structure(self, pl_module: pl.LightningModule, batch: Any) -> None:
         """Before any training: ask the engine whether it can prune ``pl_module``
         (:meth:`~lightning_eigendamage.engine.PruningEngine.check`; the channel engine traces its
@@ -861,7 +871,7 @@ class EigenDamagePruning(Callback):
                 options,
                 captured=captured,
                 distributed=distributed,
-                prepared=self._prepared,
+                prepared=self._round_prepared(),
             )
         for w in caught:
             if issubclass(w.category, PruningWarning):
@@ -994,7 +1004,7 @@ class EigenDamagePruning(Callback):
             options=options,
             captured=captured,
             distributed=_is_distributed(trainer),
-            prepared=self._prepared,
+            prepared=self._round_prepared(),
         )
 
     def on_after_surgery(
