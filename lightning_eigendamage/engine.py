@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
+from .progress import progress_of
 from .values import as_real
 
 if TYPE_CHECKING:
@@ -146,7 +147,8 @@ class PruningEngine(ABC):
         analysis, plan = self.plan(
             model, batches, ratio, options, captured=captured, distributed=distributed, prepared=prepared
         )
-        return self.apply(model, analysis, plan, options, distributed=distributed)
+        with progress_of(options).phase(f"{self.name}: surgery"):
+            return self.apply(model, analysis, plan, options, distributed=distributed)
 
     def plan(
         self,
@@ -163,8 +165,13 @@ class PruningEngine(ABC):
         and what the callback's gradual window marks)."""
         # an engine without a check need not take ``prepared``
         extra = {} if prepared is None else {"prepared": prepared}
-        analysis = self.analyse(model, batches, options, captured=captured, distributed=distributed, **extra)
-        return analysis, self.decide(analysis, ratio, options, distributed=distributed)
+        progress = progress_of(options)
+        with progress.phase(f"{self.name}: analysis (curvature capture and scores)"):
+            analysis = self.analyse(
+                model, batches, options, captured=captured, distributed=distributed, **extra
+            )
+        with progress.phase(f"{self.name}: decision (what to remove)"):
+            return analysis, self.decide(analysis, ratio, options, distributed=distributed)
 
 
 _ENGINES: dict[str, PruningEngine] = {}

@@ -123,6 +123,7 @@ class PruneOptions:
     structure: str = DEFAULT_STRUCTURE
     damping: float = 1e-3
     greedy_steps: int | None = 32
+    progress: bool = False
 
     def __post_init__(self) -> None:
         _one_of("method", self.method, criterion_names())
@@ -174,7 +175,7 @@ class PruneOptions:
         if not 0 <= self.seed < 2**64:  # what torch.Generator.manual_seed takes, non-negative
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
         object.__setattr__(self, "exclude", normalise_exclude(self.exclude))
-        for name in ("exempt_last", "train_rotations", "recalibrate_bn", "reconstruct"):
+        for name in ("exempt_last", "train_rotations", "recalibrate_bn", "reconstruct", "progress"):
             value = getattr(self, name)
             if not isinstance(value, bool):  # "no" or 0.5 would silently count as True
                 raise TypeError(f"{name} must be True or False, got {value!r}")

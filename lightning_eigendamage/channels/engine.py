@@ -79,6 +79,7 @@ from ..engine import PruningEngine, get_engine, register_engine
 from ..gradual import MarkedLayer
 from ..optim import TransplantReport, carry_sliced_state
 from ..options import PruneOptions
+from ..progress import Progress, progress_of
 from ..report import TARGET_TOLERANCE, LayerReport, PruneReport, TargetNotReachedWarning
 from ..values import as_int, as_real
 from .baselines import (
@@ -424,11 +425,13 @@ def _collect_groups(
     in_scores: Scores,
     allowed: Callable[[nn.Module], str | None] | None = None,
     left: dict[str, str] | None = None,
+    progress: Progress | None = None,
 ) -> list[_Group]:
     """The prunable groups, scored. ``allowed(module)`` gives the reason a member forbids its
     group (the group is left whole, the reason put in ``left`` under "group of <root>"), or None."""
     groups = []
-    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
+    found = list(dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)))
+    for group in (progress or Progress(False)).bar(found, len(found), "scoring the channel groups"):
         root_item = group[0]
         root = root_item.dep.target.module
         n = len(root_item.idxs)
@@ -855,6 +858,8 @@ def remove_channels(
         latency_format: the memory format they are timed in (as for
             :func:`~lightning_eigendamage.prune`).
         latency_mode: ``"inference"`` (an eval forward) or ``"training"`` (forward and backward).
+        progress: print a line per phase with its time to stderr, and a bar over the groups'
+            scores (the long step on large networks).
 
     Returns:
         A :class:`ChannelPruneReport`.
@@ -1420,6 +1425,7 @@ def prune_channels(
     latency_batch: int = 64,
     latency_format: str = "model",
     latency_mode: str = "inference",
+    progress: bool = False,
 ) -> ChannelPruneReport:
     """Remove whole channels of ``model`` in place, chosen and compensated with K-FAC curvature.
 
@@ -1514,6 +1520,7 @@ def prune_channels(
         latency_batch=latency_batch,
         latency_format=latency_format,
         latency_mode=latency_mode,
+        progress=progress,
     )
     report, _ = get_engine("channels").prune(model, batches, ratio=ratio, options=options)
     return report
@@ -1949,6 +1956,7 @@ class ChannelEngine(PruningEngine):
             how["in_scores"],
             an.allowed,
             left,
+            progress_of(options),
         )
         steps = options.greedy_steps
         groups += [_head_group(b, cost, an.updates[b.reader], steps, relative) for b, cost in an.heads]

@@ -45,6 +45,7 @@ from ..engine import PruningEngine, register_engine
 from ..gradual import MarkedLayer, marked_layers
 from ..optim import TransplantReport, carry_optimizer_state, stage_parameters
 from ..options import PruneOptions
+from ..progress import progress_of
 from ..report import TARGET_TOLERANCE, LayerReport, PruneReport, TargetNotReachedWarning, ZeroCurvatureWarning
 from ..values import as_real
 from .basis import eigh_factors, to_kfe
@@ -954,6 +955,7 @@ def prune(
     recalibrate_bn: bool = True,
     reconstruct: bool = False,
     reconstruct_damping: float = 1e-4,
+    progress: bool = False,
     distributed: bool = False,
     process_group: Any = None,
     captured: CaptureResult | None = None,
@@ -1043,6 +1045,8 @@ def prune(
             outputs on ``batches`` match the dense layer's, in forward order
             (:func:`~lightning_eigendamage.calibration.reconstruct`; keeps one copy of the model
             while it runs).
+        progress: print a line per phase (analysis, decision, surgery) with its time to stderr,
+            and (channels) a bar over the groups' scores; rank 0 only under a process group.
         distributed: call on every process of an initialised ``torch.distributed`` group (e.g.
             each DDP rank, with its own shard of ``batches``): factors are summed over processes
             (weighted by rows), the eigendecompositions are split among them and broadcast, and
@@ -1092,9 +1096,13 @@ def prune(
             with warnings.catch_warnings():
                 if shots > 1:  # one warning for the whole call (below), not one per shot's share
                     warnings.simplefilter("ignore", TargetNotReachedWarning)
-                an = analyse(model, batches, per_shot, captured=captured, **dist_kw)
-                plan = decide(an, step, per_shot, **dist_kw)
-                report, undo = _apply(model, an, plan, per_shot, changes=changes, **dist_kw)
+                progress = progress_of(per_shot)
+                with progress.phase("eigenbasis: analysis (curvature capture, eigendecompositions, scores)"):
+                    an = analyse(model, batches, per_shot, captured=captured, **dist_kw)
+                with progress.phase("eigenbasis: decision (what to remove)"):
+                    plan = decide(an, step, per_shot, **dist_kw)
+                with progress.phase("eigenbasis: surgery"):
+                    report, undo = _apply(model, an, plan, per_shot, changes=changes, **dist_kw)
                 undos.append(undo)
             one_shot_iterator = not isinstance(batches, (list, tuple)) and iter(batches) is batches
             if an.calibration is not None and one_shot_iterator:

@@ -1043,6 +1043,11 @@ class EigenDamagePruning(Callback):
         self._release_capture()
 
         t0 = time.perf_counter()
+        if self.verbose:  # the scores can take a while on a large network: say where it is
+            rank_zero_info(
+                f"EigenDamagePruning round {point.key}: curvature of {captured.batches} batch(es) "
+                f"captured ({t_capture:.1f} s); scoring and removing ({self._structure}) …"
+            )
         old_optimizers = list(trainer.optimizers)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", PruningWarning)
