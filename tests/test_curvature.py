@@ -401,3 +401,16 @@ def test_a_single_logit_with_the_categorical_likelihood_is_an_error():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     report = prune(model, batches, ratio=0.5, likelihood="bernoulli")
     assert report.realised_fraction > 0 and all(r.skipped is None for r in report.layers[:2])
+
+
+@pytest.mark.parametrize("size", [(2, 3), (16, 16)])
+def test_patch_a_is_the_same_sum_by_rows_and_by_examples(size):
+    """Few positions per example (``T < d/2``) take one product of the rows, many take batched
+    per-example products: both are the unfold definition."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 5, 3, padding=1)
+    x = torch.randn(5, 8, *size)
+    p_sum, rows = conv_patch_a(x, conv)
+    _, p_ref = _brute_conv_a(conv, x)
+    assert rows == 5 * size[0] * size[1]
+    torch.testing.assert_close(p_sum.double() / rows, p_ref, rtol=1e-5, atol=1e-6)

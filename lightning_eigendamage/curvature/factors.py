@@ -127,10 +127,23 @@ def conv_patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
 
 def conv_patch_a(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, int]:
-    """Patch-form ``Σ_{n,t} p pᵀ`` ``(C_in·kh·kw, C_in·kh·kw)`` by unfolding, and ``N·T``."""
-    patches = conv_patches(x, conv)
-    patches = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N·T, C_in·k²)
-    return patches.T @ patches, patches.shape[0]
+    """Patch-form ``Σ_{n,t} p pᵀ`` ``(C_in·kh·kw, C_in·kh·kw)`` by unfolding, and ``N·T``.
+
+    With many positions per example (``T ≥ d/2``, ``d = C_in·k²``: the early, wide-image layers)
+    it is summed example by example, ``Σ_n P_n P_nᵀ`` by batched products on the unfolded
+    ``(N, d, T)`` as it is (no transposed copy of the patches: about half the time there); with
+    few, as one product of the ``(N·T, d)`` rows."""
+    patches = conv_patches(x, conv)  # (N, d, T)
+    n, d, t = patches.shape
+    if 2 * t >= d:
+        chunk = max(1, min(n, 2**25 // max(d * d, 1)))  # at most ~128 MiB of (chunk, d, d) products
+        a = patches.new_zeros(d, d)
+        for i in range(0, n, chunk):
+            p = patches[i : i + chunk]
+            a += torch.bmm(p, p.transpose(1, 2)).sum(0)
+        return a, n * t
+    rows = patches.transpose(1, 2).reshape(-1, d)  # (N·T, d)
+    return rows.T @ rows, rows.shape[0]
 
 
 def linear_a(x: torch.Tensor) -> tuple[torch.Tensor, int]:
