@@ -28,17 +28,19 @@ from lightning_eigendamage import prune, restore_pruned
 TINY_ENV = "EIGENDAMAGE_EXAMPLES_TINY"
 
 
-def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    """Median eval-forward time of ``model`` on ``x``, in milliseconds."""
-    model.eval()
-    times = []
+def latency_ms(models: list[nn.Module], x: torch.Tensor, repeats: int) -> list[float]:
+    """Median eval-forward time of each model on ``x``, in milliseconds, the models called in
+    turn (interleaved, so that a busy machine slows them alike)."""
+    times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
-        model(x)  # warm-up
+        for m in models:
+            m.eval()(x)  # warm-up
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-    return 1000 * sorted(times)[len(times) // 2]
+            for m, ts in zip(models, times):
+                t0 = time.perf_counter()
+                m(x)
+                ts.append(time.perf_counter() - t0)
+    return [1000 * sorted(ts)[len(ts) // 2] for ts in times]
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -47,7 +49,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--model", default="mobilenet_v3_small", help="a torchvision.models builder name")
     p.add_argument("--flops-x", type=float, default=2.0, help="FLOPs target: dense / pruned")
     p.add_argument("--size", type=int, default=64, help="image side")
-    p.add_argument("--structure", default="auto", choices=("auto", "channels", "eigenbasis"))
+    p.add_argument("--structure", default="channels", choices=("auto", "channels", "eigenbasis"))
+    p.add_argument(
+        "--rank-by",
+        default="relative_per_latency",
+        help="channels: rank by the time each channel measurably saves at batch 8 (or 'relative': by FLOPs)",
+    )
     p.add_argument("--tiny", action="store_true", help=f"32×32 images, 2 small batches (or {TINY_ENV}=1)")
     p.add_argument("--out", type=Path, default=Path("out/examples/plain_pytorch"))
     args = p.parse_args(argv)
@@ -64,11 +71,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ]
     dense = copy.deepcopy(model).eval()
 
-    report = prune(model, batches, ratio=1 - 1 / args.flops_x, target="flops", structure=args.structure)
+    # channels ranked by the time they save on this machine at the batch timed below (batch 8)
+    ranking = {"rank_by": args.rank_by, "latency_batch": 8} if args.structure == "channels" else {}
+    report = prune(
+        model, batches, ratio=1 - 1 / args.flops_x, target="flops", structure=args.structure, **ranking
+    )
     print(report.summary())
 
     x = torch.randn(8, 3, size, size)
-    t_dense, t_pruned = latency_ms(dense, x, repeats), latency_ms(model, x, repeats)
+    t_dense, t_pruned = latency_ms([dense, model], x, repeats)
     print(
         f"\neval forward, batch 8, {torch.get_num_threads()} thread(s): dense {t_dense:.1f} ms, "
         f"pruned {t_pruned:.1f} ms ({t_dense / t_pruned:.2f}× as fast)"
