@@ -665,7 +665,10 @@ def train_step_lines(folder: Path) -> list[str]:
     if not rows:
         return []
     out = ["## Training step (forward, backward, SGD step; batch 128; one thread; interleaved medians)", ""]
+    timed = [t for t in rows if "infer_speedup_vs_dense" in t]
     for t in rows:
+        if t in timed:
+            continue
         reached = t.get("flops_reached_x", {})  # recorded since the time-chosen forms (may fall short)
 
         ratios = ", ".join(
@@ -673,6 +676,29 @@ def train_step_lines(folder: Path) -> list[str]:
             for k, v in t["vs_tp_l2"].items()
         )
         out.append(f"- {t['model']} at ÷{t['flops_x']:g}, time against TP L2's: {ratios} (`{t['command']}`)")
+    if timed:
+        out += [
+            "",
+            "### Training step and batch-64 inference of the pruned networks, timed together",
+            "",
+            "Each row's networks are pruned from the same dense network on the same calibration batches",
+            "and timed in one process, alternately (one thread; other jobs ran on the machine's other",
+            "core). *step*: training-step time over dense's (lower is faster); *inference*: dense's",
+            "eval-forward time at batch 64 over the pruned network's (higher is faster).",
+            "",
+            "| network | ÷FLOPs | pruned by | FLOPs reached | step (× dense) | inference speed-up |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for t in timed:
+            for k in t["seconds_per_step"]:
+                if k == "dense":
+                    continue
+                out.append(
+                    f"| {t['model']} | ÷{t['flops_x']:g} | {SHORT.get(k.removeprefix('tp-'), k)} "
+                    f"| ÷{t['flops_reached_x'][k]:.2f} | {t['vs_dense'][k]:.3f} "
+                    f"| {t['infer_speedup_vs_dense'][k]:.2f}× |"
+                )
+        out += ["", "Commands: " + "; ".join(f"`{t['command']}`" for t in timed)]
     return out + [""]
 
 
