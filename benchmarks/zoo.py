@@ -121,7 +121,13 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.batches)
     ]
     held_out = torch.randn(args.batch, 3, size, size, generator=gen)
-    rec: dict[str, Any] = {"model": name, "flops_x": args.flops_x, "size": size, "method": args.method}
+    rec: dict[str, Any] = {
+        "model": name,
+        "flops_x": args.flops_x,
+        "size": size,
+        "method": args.method,
+        "rank_by": args.rank_by,
+    }
     model = build(name).eval()
     dense = copy.deepcopy(model) if args.speed_batch else None
     flops_before = count_flops(model, held_out)
@@ -130,7 +136,10 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if args.method == "prune_channels":
-            report = prune_channels(model, batches, ratio=1.0 - 1.0 / args.flops_x, target="flops")
+            ranking = {}
+            if args.rank_by != "relative":  # by measured time: at the batch the speed-up is timed at
+                ranking = {"rank_by": args.rank_by, "latency_batch": args.speed_batch or 8}
+            report = prune_channels(model, batches, ratio=1.0 - 1.0 / args.flops_x, target="flops", **ranking)
         else:
             report = prune(model, batches, ratio=1.0 - 1.0 / args.flops_x, target="flops")
     rec["prune_s"] = round(time.perf_counter() - t0, 2)
@@ -275,6 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         "--redo", action="store_true", help="run models already recorded again (the last row wins)"
     )
     p.add_argument("--method", choices=("prune", "prune_channels"), default="prune")
+    p.add_argument(
+        "--rank-by",
+        default="relative",
+        choices=("relative", "relative_per_latency"),
+        help="prune_channels' ranking (relative_per_latency: timed at --speed-batch; use its own --out)",
+    )
     p.add_argument("--out", type=Path, default=None, help="default: results/zoo.jsonl (zoo_channels.jsonl)")
     p.add_argument("--table", action="store_true", help="write zoo.md beside --out from its records; no runs")
     args = p.parse_args(argv)
@@ -306,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         rec["date"] = time.strftime("%Y-%m-%d %H:%M")
         cmd = f"python benchmarks/zoo.py --models {name} --flops-x {args.flops_x:g} --size {args.size}"
         cmd += "" if args.method == "prune" else " --method prune_channels"
+        cmd += "" if args.rank_by == "relative" else f" --rank-by {args.rank_by} --out {args.out}"
         cmd += f" --batch {args.batch} --batches {args.batches} --threads {args.threads}"
         rec["command"] = cmd + f" --speed-batch {args.speed_batch} --speed-repeats {args.speed_repeats}"
         failures += not rec["ok"]
