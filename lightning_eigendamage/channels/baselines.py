@@ -493,10 +493,12 @@ class _GreedyReader:
         mask = torch.zeros(self.w.shape[1], dtype=torch.bool)
         mask[self.pos[torch.tensor(gone)]] = True
         r, k = mask.nonzero().flatten().to(self.w.device), (~mask).nonzero().flatten().to(self.w.device)
-        coeff = torch.linalg.solve(self.p[r][:, r], self.p[r][:, k])  # (P_RR)⁻¹ P_RK
-        self.w = self.w[:, k] - self.w[:, r] @ coeff
-        self.gw = self.gw[:, k] - self.gw[:, r] @ coeff
-        self.p = self.p[k][:, k] - self.p[k][:, r] @ coeff
+        p_r = self.p.index_select(0, r)  # (R, d): each block of P gathered once, P_KR = P_RKᵀ
+        p_rk = p_r.index_select(1, k)
+        coeff = torch.linalg.solve(p_r.index_select(1, r), p_rk)  # (P_RR)⁻¹ P_RK
+        self.w = torch.addmm(self.w.index_select(1, k), self.w.index_select(1, r), coeff, alpha=-1)
+        self.gw = torch.addmm(self.gw.index_select(1, k), self.gw.index_select(1, r), coeff, alpha=-1)
+        self.p = torch.addmm(self.p.index_select(0, k).index_select(1, k), p_rk.T, coeff, alpha=-1)
         kept = self.pos >= 0
         kept[kept.clone()] = ~mask
         self.pos = torch.where(kept, kept.long().cumsum(0) - 1, -1)
