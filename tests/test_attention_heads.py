@@ -485,3 +485,25 @@ def test_prune_in_the_eigenbasis_points_to_channels_when_nothing_is_prunable() -
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     report = prune(model, _tokens(), ratio=0.3, structure="channels", target="flops")
     assert report.target_reached
+
+
+def test_a_head_pruned_encoder_exports_with_torch_export_and_onnx(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = TextClassifier()
+    batches = _tokens()
+    prune_channels(model, batches, ratio=0.25, target="flops", exclude=["*.linear1", "*.linear2"])
+    assert any(isinstance(layer.self_attn, PrunedHeadsAttention) for layer in model.enc.layers)
+    model.eval()
+    x = batches[0][0]
+    with torch.no_grad():
+        want = model(x)
+        exported = torch.export.export(model, (x,))
+        torch.testing.assert_close(exported.module()(x), want, rtol=1e-5, atol=1e-6)
+    onnx = pytest.importorskip("onnx", reason="ONNX export is optional")
+    ort = pytest.importorskip("onnxruntime")
+    path = tmp_path / "heads.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=True)
+    onnx.checker.check_model(str(path))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), want, rtol=1e-4, atol=1e-5)
