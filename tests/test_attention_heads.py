@@ -507,3 +507,25 @@ def test_a_head_pruned_encoder_exports_with_torch_export_and_onnx(tmp_path) -> N
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (out,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     torch.testing.assert_close(torch.from_numpy(out), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_failed_call_leaves_the_attention_as_it_was(monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = TextClassifier()
+    batches = _tokens()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [id(p) for p in model.parameters()]
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom after the cut")
+
+    monkeypatch.setattr(channels_mod, "_check_pruned", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        prune_channels(model, batches, ratio=0.25, target="flops", exclude=["*.linear1", "*.linear2"])
+    for layer in model.enc.layers:
+        attn = layer.self_attn
+        assert type(attn) is nn.MultiheadAttention and attn.num_heads == 4 and attn._qkv_same_embed_dim
+        assert attn.out_proj.in_features == 32
+    assert [id(p) for p in model.parameters()] == params
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
