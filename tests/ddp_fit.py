@@ -67,9 +67,35 @@ def dataset(seed: int = 0) -> TensorDataset:
     return TensorDataset(x, y)
 
 
+class ConvAttention(nn.Module):
+    """Two conv-BN-ReLU stages, the 4×4 feature map as 16 tokens through a 4-head
+    ``nn.MultiheadAttention`` with a residual, mean-pool, Linear: channels and heads to prune."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, stride=2, bias=False),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+        )
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.fc = nn.Linear(32, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.convs(x).flatten(2).transpose(1, 2)  # (N, 16, 32)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.fc(h.mean(1))
+
+
 def build_model(seed: int = 0, structure: str = "eigenbasis") -> LossLog:
-    """The same initial weights in every process that calls it."""
+    """The same initial weights in every process that calls it (``structure="heads"``: the
+    channel structure on :class:`ConvAttention`)."""
     torch.manual_seed(seed)
+    if structure == "heads":
+        return LossLog(ConvAttention())
     layers = list(small_cnn(n_classes=CLASSES))
     layers.insert(4, nn.BatchNorm2d(32))  # after a pruned conv: re-estimated after each round
     if structure == "channels":  # after a compensated reader (of the conv before the first BN)
@@ -148,6 +174,7 @@ class RankRecorder(EigenDamagePruning):
             {
                 "epoch": trainer.current_epoch,
                 "plan": [[r.name, r.kept_in, r.kept_out, r.form] for r in report.layers],
+                "groups": [dict(g) for g in report.groups],
                 "kept": _kept(changes),
                 "realised_fraction": report.realised_fraction,
                 "params_after": report.params_after,
@@ -271,6 +298,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "trainer": {"max_epochs": 5},
         "structure": "channels",
     },
+    "heads": {  # channels and attention heads (the model: ConvAttention)
+        "schedule": {0: 0.3, 1: 0.3},
+        "fisher": "true",
+        "trainer": {"max_epochs": 5},
+        "structure": "heads",
+    },
     "start_step": {
         "schedule": PruningSchedule(at_start=0.5, steps={3: 0.5}),
         "fisher": "empirical",
@@ -298,8 +331,12 @@ def run(config: str, out_dir: str, *, strategy: str, accelerator: str = "cpu", d
             out_dir, cfg["schedule"], fisher=cfg["fisher"], gradual=cfg["gradual"], structure="eigenbasis"
         )
     else:
+        structure = cfg.get("structure", "eigenbasis")
         callback = RankRecorder(
-            out_dir, cfg["schedule"], fisher=cfg["fisher"], structure=cfg.get("structure", "eigenbasis")
+            out_dir,
+            cfg["schedule"],
+            fisher=cfg["fisher"],
+            structure="channels" if structure == "heads" else structure,
         )
     trainer = pl.Trainer(
         accelerator=accelerator,

@@ -64,7 +64,9 @@ def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
         assert torch.equal(a[name], b[name]), f"{what}: {name} differs between ranks"
 
 
-def _check_one_decision(ranks: list[dict[str, Any]], i: int, *, stepped: bool = True) -> None:
+def _check_one_decision(
+    ranks: list[dict[str, Any]], i: int, *, stepped: bool = True, needs_bn: bool = True
+) -> None:
     """After round ``i`` every rank holds rank 0's plan, parameters and optimizer state
     (``stepped``: the optimizer has momentum buffers by then)."""
     round0 = ranks[0]["rounds"][i]
@@ -85,7 +87,7 @@ def _check_one_decision(ranks: list[dict[str, Any]], i: int, *, stepped: bool = 
         # and averaged: the same running statistics everywhere (a rank's own would differ).
         assert round0["recalibrated_bn"] == round1["recalibrated_bn"]
         recal = {k: v for k, v in round0["bn"].items() if k.rsplit(".", 1)[0] in round0["recalibrated_bn"]}
-        assert recal, "no BatchNorm was re-estimated: nothing to compare"
+        assert recal or not needs_bn, "no BatchNorm was re-estimated: nothing to compare"
         _assert_same_tensors(recal, {k: round1["bn"][k] for k in recal}, f"round {i} BatchNorm statistics")
         # and the same optimizer state (DDP never synchronises momentum buffers).
         _assert_same_tensors(round0["momentum"], round1["momentum"], f"round {i} momentum")
@@ -93,14 +95,16 @@ def _check_one_decision(ranks: list[dict[str, Any]], i: int, *, stepped: bool = 
     assert all(r["rounds"][i]["rewrapped"] for r in ranks), "the DDP wrapper was not rebuilt"
 
 
-def _check_two_rounds(ranks: list[dict[str, Any]], backend: str, start_method: str) -> None:
+def _check_two_rounds(
+    ranks: list[dict[str, Any]], backend: str, start_method: str, needs_bn: bool = True, learns: bool = True
+) -> None:
     """One decision on every rank after each round; training goes on afterwards."""
     r0 = ranks[0]
     assert r0["backend"] == backend and r0["strategy"] == "DDPStrategy"
     assert r0["start_method"] == start_method
     assert [r["epoch"] for r in r0["rounds"]] == [0, 1]
-    for i in range(2):
-        _check_one_decision(ranks, i)
+    for i in range(2):  # (a round that only removes heads re-estimates no BatchNorm)
+        _check_one_decision(ranks, i, needs_bn=needs_bn)
     # Training went on: finite, and lower at the end than in the first epoch after round 2.
     epochs = sorted(r0["losses"])
     assert epochs == [0, 1, 2, 3, 4]
@@ -108,21 +112,34 @@ def _check_two_rounds(ranks: list[dict[str, Any]], backend: str, start_method: s
         e: sum(sum(r["losses"][e]) for r in ranks) / sum(len(r["losses"][e]) for r in ranks) for e in epochs
     }
     assert all(math.isfinite(v) for v in mean.values()), mean
-    assert mean[4] < mean[2], mean
+    # (the attention model of "heads" is not tuned to learn at this learning rate: finite is enough)
+    assert mean[4] < mean[2] or not learns, mean
     for other in ranks[1:]:
         _assert_same_tensors(r0["final"], other["final"], "final parameters")
         # Label sampling advanced alike: rank 0's checkpointed generator state fits every rank.
         assert torch.equal(r0["generator"], other["generator"])
 
 
-@pytest.mark.parametrize("config", ["rounds", "channels"])
+@pytest.mark.parametrize("config", ["rounds", "channels", "heads"])
 @pytest.mark.parametrize("accelerator", DEVICES)
 def test_ddp_spawn_two_rounds_decide_once_for_all_ranks(
     tmp_path: Path, accelerator: str, config: str
 ) -> None:
     model = ddp_fit.run(config, str(tmp_path), strategy="ddp_spawn", accelerator=accelerator, devices=2)
     ranks = _ranks(tmp_path)
-    _check_two_rounds(ranks, "gloo" if accelerator == "cpu" else "nccl", "spawn")
+    _check_two_rounds(
+        ranks,
+        "gloo" if accelerator == "cpu" else "nccl",
+        "spawn",
+        needs_bn=config != "heads",
+        learns=config != "heads",
+    )
+    if config == "heads":  # every rank removed the same heads (rank 0's plan), and the main process
+        # took rank 0's weights through the loading hook, the pruned attention included
+        heads = [[[g for g in r["rounds"][i]["groups"] if g.get("head_dim")] for i in (0, 1)] for r in ranks]
+        assert heads[0] == heads[1] and any(g["removed"] for rnd in heads[0] for g in rnd), heads
+        attn = model.net.attn
+        assert attn.num_heads < 4 and attn.out_proj.in_features == 8 * attn.num_heads
     # The main process ran no callback hook; with enable_pruned_loading in the module's __init__,
     # Lightning's non-strict reload of rank 0's weights reshapes the pruned layers first.
     main = {n: p.detach().cpu() for n, p in model.named_parameters()}
