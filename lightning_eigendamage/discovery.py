@@ -177,9 +177,10 @@ def _too_large(widths: tuple[int, int], limit: int) -> str | None:
     d = max(widths)
     if d <= limit:
         return None
+    # the reason first (the same words for every such layer, so reports group them), then its size
     return (
-        f"a K-FAC factor of {d}×{d} ({d * d * 4 / 2**30:.1f} GiB in float32, several times that "
-        f"while it is eigendecomposed) exceeds max_factor_dim={limit}; raise max_factor_dim (or "
+        f"a K-FAC factor wider than max_factor_dim={limit}; {d}×{d} here ({d * d * 4 / 2**30:.1f} GiB "
+        "in float32, several times that while it is eigendecomposed): raise max_factor_dim (or "
         "set it to None) to prune this layer"
     )
 

@@ -207,3 +207,11 @@ def test_the_callbacks_round_log_is_the_reports_summary(caplog: pytest.LogCaptur
     # the layers that will not be pruned, at the start of fit: one line per reason
     assert "  1× excluded by user: net.0\n" in text
     assert "  1× last layer (exempt_last=True): net.12\n" in text
+
+
+def test_layers_too_wide_for_their_factor_share_one_reason_line() -> None:
+    from lightning_eigendamage.discovery import _too_large
+    from lightning_eigendamage.report import reason_lines
+
+    skipped = {n: _too_large((d, 30), 64) for n, d in (("a", 100), ("b", 200), ("c", 300))}
+    assert reason_lines(skipped) == ["3× a K-FAC factor wider than max_factor_dim=64: a, b, c"]

@@ -1254,7 +1254,7 @@ def scorable_layers(
         if c.skipped is None and max_factor_dim is not None:
             d = max(_a_width(c.unit), c.unit.weight.shape[0])
             if d > max_factor_dim:
-                c.skipped = f"its {d}×{d} K-FAC factor is wider than max_factor_dim={max_factor_dim}"
+                c.skipped = f"a K-FAC factor wider than max_factor_dim={max_factor_dim}; {d}×{d} here"
         if c.skipped == DEPTHWISE:
             c.skipped = _depthwise_reason(c.unit)
         if c.skipped == FASTPATH:  # a narrower Linear still runs in the fused path
