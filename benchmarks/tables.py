@@ -1085,14 +1085,13 @@ def results_plots(records: list[dict[str, Any]], folder: Path, out: Path) -> lis
                         style = _style(lab.replace("callback, ", ""))
                         style["ls"] = ls
                         ax.plot(xs, ys, label=f"{lab} ({sched})", **style)
-                dense = _dense_acc(folder, model)
-                if dense is not None:
-                    ax.axhline(dense, color="k", lw=1, ls=":", label="dense")
-                ax.set_xlabel(xlabel)
-                ax.set_ylabel("test accuracy after the fit (%)")
-                ax.set_title(f"{model}: targets ÷4 and ÷8 FLOPs", fontsize=10)
-                ax.grid(alpha=0.3)
-                ax.legend(fontsize=7)
+                _finish(
+                    ax,
+                    _dense_acc(folder, model),
+                    xlabel,
+                    "test accuracy after the fit (%)",
+                    f"{model}: targets ÷4 and ÷8 FLOPs",
+                )
         fig.suptitle(
             "EigenDamagePruning per structure against Torch-Pruning L1 (mean over seeds)", fontsize=11
         )
@@ -1113,15 +1112,14 @@ def results_plots(records: list[dict[str, Any]], folder: Path, out: Path) -> lis
             )
             for ax, rows, y, title in panels:
                 _draw(ax, rows, _page_line, "flops_x", y)
-                dense = _dense_acc(folder, model)
-                if dense is not None:
-                    ax.axhline(dense, color="k", lw=1, ls=":", label="dense")
                 ax.set_xscale("log", base=2)
-                ax.set_xlabel("FLOPs reduction target (dense / pruned)")
-                ax.set_ylabel("test accuracy (%)")
-                ax.set_title(f"{model}, {title}", fontsize=10)
-                ax.grid(alpha=0.3)
-                ax.legend(fontsize=7)
+                _finish(
+                    ax,
+                    _dense_acc(folder, model),
+                    "FLOPs reduction target (dense / pruned)",
+                    "test accuracy (%)",
+                    f"{model}, {title}",
+                )
         fig.suptitle("Each structure and each peer at a FLOPs budget (mean over seeds)", fontsize=11)
         fig.tight_layout()
         fig.savefig(out / "flops.png", dpi=80)
@@ -1152,17 +1150,31 @@ def results_plots(records: list[dict[str, Any]], folder: Path, out: Path) -> lis
             )
             for ax, rows, y, title in panels:
                 _draw(ax, rows, lat_line, "latency_rel", y, points=True)
-                ax.set_xlabel("measured latency, pruned / dense (batch 64)")
-                ax.set_ylabel("test accuracy (%)")
-                ax.set_title(f"{model}, {fmt}, {title}", fontsize=9)
-                ax.grid(alpha=0.3)
-                ax.legend(fontsize=7)
+                _finish(
+                    ax,
+                    None,
+                    "measured latency, pruned / dense (batch 64)",
+                    "test accuracy (%)",
+                    f"{model}, {fmt}, {title}",
+                    fontsize=9,
+                )
         fig.suptitle("At a measured-latency budget (seed 0; one marker per row; left is faster)", fontsize=11)
         fig.tight_layout()
         fig.savefig(out / "latency.png", dpi=80)
         plt.close(fig)
         written.append("latency.png")
     return written
+
+
+def _finish(ax: Any, dense: float | None, xlabel: str, ylabel: str, title: str, fontsize: int = 10) -> None:
+    """The dense network's accuracy as a dotted line (if known), the labels, grid and legend."""
+    if dense is not None:
+        ax.axhline(dense, color="k", lw=1, ls=":", label="dense")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=fontsize)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def after_pruning_rows_all(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
