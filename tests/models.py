@@ -150,3 +150,28 @@ def least_squares_refit(
     out = torch.zeros_like(w)
     out[:, k] = w[:, k] + w[:, s] @ a[s][:, k] @ torch.linalg.inv(a[k][:, k])
     return out
+
+
+class TextClassifier(nn.Module):
+    """Embedding, two ``batch_first`` ``nn.TransformerEncoderLayer`` (32 wide, 4 heads, feed-forward
+    64), mean-pool, Linear(32, 5): a stock text classifier."""
+
+    def __init__(self, norm_first: bool = False, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 32)
+        layer = nn.TransformerEncoderLayer(
+            32, 4, 64, dropout=dropout, batch_first=True, norm_first=norm_first
+        )
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.enc(self.emb(x)).mean(1))
+
+
+def token_batches() -> list:
+    """Three ``(tokens (8, 12), labels (8,))`` batches for :class:`TextClassifier`."""
+    g = torch.Generator().manual_seed(0)
+    return [
+        (torch.randint(0, 50, (8, 12), generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(3)
+    ]

@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from models import least_squares_refit
+from models import TextClassifier, least_squares_refit, token_batches
 from torch import nn
 
 from lightning_eigendamage import enable_pruned_loading, prune_channels, restore_channels, restore_pruned
@@ -285,29 +285,10 @@ def test_head_scores_are_the_brute_force_joint_damage_and_the_projection_is_refi
     assert net.attn.attn.num_heads == 1 and report.flops_after == count_flops(net, batches[0][0])
 
 
-class TextClassifier(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(50, 32)
-        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
-        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.fc = nn.Linear(32, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.enc(self.emb(x)).mean(1))
-
-
-def _tokens() -> list:
-    g = torch.Generator().manual_seed(0)
-    return [
-        (torch.randint(0, 50, (8, 12), generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(3)
-    ]
-
-
 def test_encoder_layers_lose_heads_run_in_both_modes_and_reload(tmp_path) -> None:
     torch.manual_seed(0)
     model = TextClassifier()
-    batches = _tokens()
+    batches = token_batches()
     x = batches[0][0]
     # only heads can go: the feed-forward widths are excluded
     report = prune_channels(model, batches, ratio=0.25, target="flops", exclude=["*.linear1", "*.linear2"])
@@ -455,7 +436,7 @@ class Decoder(nn.Module):
 def test_decoder_self_and_cross_attention_lose_heads_and_reload(tmp_path) -> None:
     torch.manual_seed(0)
     model = Decoder()
-    batches = _tokens()
+    batches = token_batches()
     x = batches[0][0]
     dense = copy.deepcopy(model).eval()
     report = prune_channels(model, batches, ratio=0.3, target="flops", exclude=["*.linear1", "*.linear2"])
@@ -481,16 +462,16 @@ def test_prune_in_the_eigenbasis_points_to_channels_when_nothing_is_prunable() -
     model = TextClassifier()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="no prunable layer.*structure='channels'"):
-        prune(model, _tokens(), ratio=0.3)
+        prune(model, token_batches(), ratio=0.3)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    report = prune(model, _tokens(), ratio=0.3, structure="channels", target="flops")
+    report = prune(model, token_batches(), ratio=0.3, structure="channels", target="flops")
     assert report.target_reached
 
 
 def test_a_head_pruned_encoder_exports_with_torch_export_and_onnx(tmp_path) -> None:
     torch.manual_seed(0)
     model = TextClassifier()
-    batches = _tokens()
+    batches = token_batches()
     prune_channels(model, batches, ratio=0.25, target="flops", exclude=["*.linear1", "*.linear2"])
     assert any(isinstance(layer.self_attn, PrunedHeadsAttention) for layer in model.enc.layers)
     model.eval()
@@ -512,7 +493,7 @@ def test_a_head_pruned_encoder_exports_with_torch_export_and_onnx(tmp_path) -> N
 def test_a_failed_call_leaves_the_attention_as_it_was(monkeypatch) -> None:
     torch.manual_seed(0)
     model = TextClassifier()
-    batches = _tokens()
+    batches = token_batches()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     params = [id(p) for p in model.parameters()]
 

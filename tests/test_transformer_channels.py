@@ -8,33 +8,11 @@ import copy
 
 import pytest
 import torch
+from models import TextClassifier, token_batches
 from torch import nn
 
 from lightning_eigendamage import prune_channels, restore_pruned
 from lightning_eigendamage.costs import count_flops
-
-
-class TextClassifier(nn.Module):
-    """Embedding, two ``batch_first`` encoder layers, mean-pool, Linear."""
-
-    def __init__(self, norm_first: bool = False, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(50, 32)
-        layer = nn.TransformerEncoderLayer(
-            32, 4, 64, dropout=dropout, batch_first=True, norm_first=norm_first
-        )
-        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.fc = nn.Linear(32, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.enc(self.emb(x)).mean(1))
-
-
-def _batches() -> list:
-    g = torch.Generator().manual_seed(0)
-    return [
-        (torch.randint(0, 50, (8, 12), generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(3)
-    ]
 
 
 def _fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -55,7 +33,7 @@ def test_feed_forward_widths_are_pruned_and_the_fast_path_still_runs(
 ) -> None:
     torch.manual_seed(0)
     model = TextClassifier(norm_first)
-    batches = _batches()
+    batches = token_batches()
     x = batches[0][0]
     dense_flops = count_flops(model, x)
     # the heads stay (an encoder layer that loses heads leaves the fused path: test_attention_heads)
@@ -91,7 +69,7 @@ def test_nothing_removed_keeps_the_function_and_counting_flops_keeps_the_setting
     torch.manual_seed(0)
     model = TextClassifier()
     dense = copy.deepcopy(model)
-    batches = _batches()
+    batches = token_batches()
     report = prune_channels(model, batches, ratio=0.0)
     assert report.channels_removed == 0 and torch.backends.mha.get_fastpath_enabled()
     model.eval(), dense.eval()
@@ -102,7 +80,7 @@ def test_nothing_removed_keeps_the_function_and_counting_flops_keeps_the_setting
 def test_pruned_encoder_saves_and_reloads(tmp_path) -> None:
     torch.manual_seed(0)
     model = TextClassifier(dropout=0.1)
-    batches = _batches()
+    batches = token_batches()
     prune_channels(model, batches, ratio=0.3, target="flops")
     torch.save(model.state_dict(), tmp_path / "m.pt")
     fresh = TextClassifier(dropout=0.1)
@@ -132,7 +110,7 @@ class _Decoder(nn.Module):
 def test_decoder_feed_forward_widths_are_pruned_and_counted() -> None:
     torch.manual_seed(0)
     model = _Decoder()
-    batches = _batches()
+    batches = token_batches()
     x = batches[0][0]
     dense_flops = count_flops(model, x)
     # the heads stay here (they are tested in test_attention_heads): only feed-forward widths go
