@@ -45,8 +45,6 @@ from torch import nn
 
 from .costs import module_path
 
-KINDS = ("mha", "qkv", "split")
-
 
 class PrunedHeadsAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` with ``num_heads · head_dim`` inner dimensions (fewer than
@@ -398,27 +396,6 @@ def remove_heads(
     reader.in_features -= len(cols)
     m.num_heads = block.num_heads - len(heads)
     return out
-
-
-def convert_to_heads(module: nn.MultiheadAttention, num_heads: int) -> None:
-    """Make the MultiheadAttention ``module`` a :class:`PrunedHeadsAttention` of ``num_heads``
-    heads of its current ``head_dim`` (the last heads dropped), e.g. before loading a head-pruned
-    state_dict into a freshly built model; its values are then loaded."""
-    block = head_block("", module)
-    if block is None or block.kind != "mha":
-        raise ValueError(f"{type(module).__name__} is not a MultiheadAttention with a packed in-projection")
-    if not 1 <= num_heads <= block.num_heads:
-        raise ValueError(f"cannot give {block.num_heads} heads' attention {num_heads} heads")
-    remove_heads(block, list(range(num_heads, block.num_heads)))
-
-
-def heads_of_state(module: nn.MultiheadAttention, in_proj_rows: int) -> int | None:
-    """The head count a state_dict's ``in_proj_weight`` of ``in_proj_rows`` rows gives ``module``
-    (None if it does not divide into heads of ``module.head_dim``)."""
-    d = module.head_dim
-    if in_proj_rows % (3 * d):
-        return None
-    return in_proj_rows // (3 * d)
 
 
 # ---------------------------------------------------------------------------------------------
