@@ -175,3 +175,20 @@ def token_batches() -> list:
     return [
         (torch.randint(0, 50, (8, 12), generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(3)
     ]
+
+
+class TextDecoder(nn.Module):
+    """Embedding, two ``batch_first``, ``norm_first`` ``nn.TransformerDecoderLayer`` attending to the
+    embedded tokens themselves (the first ``memory`` of them, all by default), mean-pool, Linear."""
+
+    def __init__(self, memory: int | None = None) -> None:
+        super().__init__()
+        self.memory = memory
+        self.emb = nn.Embedding(50, 32)
+        layer = nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=True)
+        self.dec = nn.TransformerDecoder(layer, 2)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        return self.fc(self.dec(h, h[:, : self.memory]).mean(1))

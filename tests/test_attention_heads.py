@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from models import TextClassifier, least_squares_refit, token_batches
+from models import TextClassifier, TextDecoder, least_squares_refit, token_batches
 from torch import nn
 
 from lightning_eigendamage import enable_pruned_loading, prune_channels, restore_channels, restore_pruned
@@ -420,22 +420,9 @@ def test_the_callback_removes_heads_carries_the_optimizer_state_and_reloads(tmp_
         assert torch.equal(model(x), fresh(x))
 
 
-class Decoder(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(50, 32)
-        layer = nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=True)
-        self.dec = nn.TransformerDecoder(layer, 2)
-        self.fc = nn.Linear(32, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.emb(x)
-        return self.fc(self.dec(h, h[:, :6]).mean(1))  # cross-attention over 6 memory tokens
-
-
 def test_decoder_self_and_cross_attention_lose_heads_and_reload(tmp_path) -> None:
     torch.manual_seed(0)
-    model = Decoder()
+    model = TextDecoder(memory=6)  # cross-attention over 6 memory tokens
     batches = token_batches()
     x = batches[0][0]
     dense = copy.deepcopy(model).eval()
@@ -449,7 +436,7 @@ def test_decoder_self_and_cross_attention_lose_heads_and_reload(tmp_path) -> Non
         out = model(x)
     assert out.shape == dense(x).shape and bool(torch.isfinite(out).all())
     torch.save(model.state_dict(), tmp_path / "dec.pt")
-    fresh = Decoder()
+    fresh = TextDecoder(memory=6)
     restore_pruned(fresh, tmp_path / "dec.pt")
     fresh.eval()
     with torch.no_grad():

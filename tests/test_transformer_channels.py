@@ -8,8 +8,7 @@ import copy
 
 import pytest
 import torch
-from models import TextClassifier, token_batches
-from torch import nn
+from models import TextClassifier, TextDecoder, token_batches
 
 from lightning_eigendamage import prune_channels, restore_pruned
 from lightning_eigendamage.costs import count_flops
@@ -94,22 +93,9 @@ def test_pruned_encoder_saves_and_reloads(tmp_path) -> None:
     ]
 
 
-class _Decoder(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(50, 32)
-        layer = nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=True)
-        self.dec = nn.TransformerDecoder(layer, 2)
-        self.fc = nn.Linear(32, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.emb(x)
-        return self.fc(self.dec(h, h).mean(1))
-
-
 def test_decoder_feed_forward_widths_are_pruned_and_counted() -> None:
     torch.manual_seed(0)
-    model = _Decoder()
+    model = TextDecoder()
     batches = token_batches()
     x = batches[0][0]
     dense_flops = count_flops(model, x)
