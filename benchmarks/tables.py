@@ -1166,6 +1166,11 @@ def results_plots(records: list[dict[str, Any]], folder: Path, out: Path) -> lis
     return written
 
 
+def _demoted(lines: list[str]) -> list[str]:
+    """A table section's lines one heading level down (its ``##`` become ``###`` on the page)."""
+    return ["#" + line if line.startswith("## ") else line for line in lines]
+
+
 def _finish(ax: Any, dense: float | None, xlabel: str, ylabel: str, title: str, fontsize: int = 10) -> None:
     """The dense network's accuracy as a dotted line (if known), the labels, grid and legend."""
     if dense is not None:
@@ -1286,8 +1291,8 @@ def results_page(records: list[dict[str, Any]], folder: Path, site: Path, plots:
     ]
     if "flops.png" in pngs:
         out += ["![Accuracy against FLOPs](results/flops.png)", ""]
-    out += ["#" + line if line.startswith("## ") else line for line in channels_summary(records)]
-    out += ["#" + line if line.startswith("## ") else line for line in converged_summary(records)]
+    out += _demoted(channels_summary(records))
+    out += _demoted(converged_summary(records))
     out += [
         "## At a measured-latency budget",
         "",
@@ -1300,8 +1305,8 @@ def results_page(records: list[dict[str, Any]], folder: Path, site: Path, plots:
     ]
     if "latency.png" in pngs:
         out += ["![Accuracy against measured latency](results/latency.png)", ""]
-    out += ["#" + line if line.startswith("## ") else line for line in train_step_lines(folder)]
-    out += ["#" + line if line.startswith("## ") else line for line in callback_bn_table(folder)]
+    out += _demoted(train_step_lines(folder))
+    out += _demoted(callback_bn_table(folder))
     page = site / "results.md"
     page.write_text("\n".join(out).rstrip() + "\n")
     return page

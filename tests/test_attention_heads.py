@@ -30,7 +30,7 @@ from lightning_eigendamage.attention import (
     routed_out_projections,
 )
 from lightning_eigendamage.channels import engine as channels_mod
-from lightning_eigendamage.costs import count_flops
+from lightning_eigendamage.costs import count_flops, module_path
 from lightning_eigendamage.curvature import capture_factors
 
 DAMPING = 1e-3
@@ -303,12 +303,8 @@ def test_encoder_layers_lose_heads_run_in_both_modes_and_reload(tmp_path) -> Non
     model.eval()
     with torch.no_grad():
         fast = model(x)  # eval mode: torch's fused path where heads are whole, ours elsewhere
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.no_grad():
-            eager = model(x)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(True)
+    with module_path(), torch.no_grad():
+        eager = model(x)
     torch.testing.assert_close(fast, eager, rtol=1e-5, atol=1e-6)
     model.train()
     out = model(x)

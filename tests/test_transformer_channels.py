@@ -11,7 +11,7 @@ import torch
 from models import TextClassifier, TextDecoder, token_batches
 
 from lightning_eigendamage import prune_channels, restore_pruned
-from lightning_eigendamage.costs import count_flops
+from lightning_eigendamage.costs import count_flops, module_path
 
 
 def _fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -51,12 +51,8 @@ def test_feed_forward_widths_are_pruned_and_the_fast_path_still_runs(
     with torch.no_grad():
         fused = model(x)
     assert len(calls) == 2  # both pruned layers ran in the fused fast path
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.no_grad():
-            eager = model(x)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(True)
+    with module_path(), torch.no_grad():
+        eager = model(x)
     assert len(calls) == 2
     torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
     model.train()  # dropout 0: train mode computes the same function, through the modules
