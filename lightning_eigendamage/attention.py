@@ -11,11 +11,14 @@ block with ``H`` heads of ``d`` dimensions owns
   increase is scored and the other heads compensated there, with the input-side Kron-OBS of any
   reader (the head is one "channel" whose ``d`` columns go together).
 
-Three forms are recognised (:func:`find_head_blocks`): ``nn.MultiheadAttention`` with a packed
-in-projection (``kdim == vdim == embed_dim``); a module with an integer ``num_heads`` and child
-Linears ``qkv`` (``3·D`` outputs) and ``proj`` (``D`` inputs); and one with ``num_heads`` and
-``q_proj``/``k_proj``/``v_proj``/``out_proj``. A module of the last two forms is only pruned if
-its ``forward`` still runs with a head fewer once ``num_heads`` is lowered (checked on a copy).
+Four forms are recognised (:func:`find_head_blocks`): ``nn.MultiheadAttention`` with a packed
+in-projection (``kdim == vdim == embed_dim``); torchvision's Swin V1 window attention (its
+relative-position bias table loses the head's column; it becomes
+:class:`~lightning_eigendamage.window_attention.PrunedWindowAttention`); a module with an integer
+``num_heads`` and child Linears ``qkv`` (``3·D`` outputs) and ``proj`` (``D`` inputs); and one
+with ``num_heads`` and ``q_proj``/``k_proj``/``v_proj``/``out_proj``. A module of the last two
+forms is only pruned if its ``forward`` still runs with a head fewer once ``num_heads`` is
+lowered (checked on a copy).
 
 ``nn.MultiheadAttention`` cannot hold fewer heads than ``embed_dim // head_dim`` (it derives the
 head width from ``embed_dim``); a head-pruned one becomes :class:`PrunedHeadsAttention`, a
@@ -24,10 +27,10 @@ subclass that keeps ``embed_dim`` and computes with ``num_heads · head_dim`` in
 by PyTorch's fused kernels (which assume ``num_heads · head_dim == embed_dim``): its
 ``_qkv_same_embed_dim`` is False, which is what ``nn.TransformerEncoderLayer`` checks.
 
-``nn.MultiheadAttention`` calls ``out_proj`` functionally, so hooks on it never fire.
-:func:`routed_out_projections` makes it fire during a capture: the attention runs with an
-identity stand-in for ``out_proj`` (``z·I = z`` exactly) and the real ``out_proj`` module is
-then called on ``z``; the outputs are the model's, to float rounding.
+``nn.MultiheadAttention`` calls ``out_proj`` functionally (and Swin's window attention its
+``proj``), so hooks on it never fire. :func:`routed_out_projections` makes it fire during a
+capture: the attention runs with an identity stand-in for the projection (``z·I = z`` exactly)
+and the real module is then called on ``z``; the outputs are the model's, to float rounding.
 """
 
 from __future__ import annotations
@@ -172,8 +175,8 @@ class HeadBlock:
     """One attention module whose heads can be removed (see the module docstring).
 
     Attributes:
-        name: the module's qualified name; ``module``: the module; ``kind``: ``"mha"``, ``"qkv"``
-            or ``"split"``; ``num_heads``/``head_dim``: ``H`` and ``d`` now; ``reader``: the output
+        name: the module's qualified name; ``module``: the module; ``kind``: ``"mha"``, ``"window"``,
+            ``"qkv"`` or ``"split"``; ``num_heads``/``head_dim``: ``H`` and ``d`` now; ``reader``: the output
             projection (``out_proj`` / ``proj``), a Linear with ``H·d`` inputs; ``reader_name``.
     """
 
@@ -189,7 +192,7 @@ class HeadBlock:
     def producers(self) -> list[nn.Linear]:
         """The Linear layers whose rows are the heads' q, k, v (none for ``"mha"``)."""
         m = self.module
-        if self.kind == "qkv":
+        if self.kind in ("qkv", "window"):
             return [m.qkv]
         if self.kind == "split":
             return [m.q_proj, m.k_proj, m.v_proj]
@@ -199,6 +202,18 @@ class HeadBlock:
         """The reader's input columns of ``heads``."""
         d = self.head_dim
         return [h * d + j for h in sorted(heads) for j in range(d)]
+
+
+def _window(module: Any) -> bool:
+    """torchvision's Swin V1 window attention (or its pruned form): it reads ``qkv.weight`` and
+    ``proj.weight`` itself (see :mod:`~lightning_eigendamage.window_attention`)."""
+    if not type(module).__module__.startswith(("torchvision.", "lightning_eigendamage.")):
+        return False
+    if type(module).__name__ not in ("ShiftedWindowAttention", "PrunedWindowAttention"):
+        return False
+    from .window_attention import is_window_attention
+
+    return is_window_attention(module)
 
 
 def _linear(m: Any) -> bool:
@@ -220,6 +235,11 @@ def head_block(name: str, module: nn.Module) -> HeadBlock | None:
     if not isinstance(h, int) or isinstance(h, bool) or h < 1:
         return None
     kids = module._modules
+    if _window(module):
+        inner = kids["proj"].in_features
+        if inner % h or kids["qkv"].out_features != 3 * inner:
+            return None
+        return HeadBlock(name, module, "window", h, inner // h, kids["proj"], _join(name, "proj"))
     if _linear(kids.get("qkv")) and _linear(kids.get("proj")):
         inner = kids["proj"].in_features
         if inner % h == 0 and kids["qkv"].out_features == 3 * inner:
@@ -263,38 +283,59 @@ class _Identity(nn.Module):
 
 
 def functional_owners(model: nn.Module) -> dict[nn.Module, nn.Module]:
-    """``out_proj → its nn.MultiheadAttention`` for every MultiheadAttention of ``model`` that
-    calls its ``out_proj`` functionally (not :class:`PrunedHeadsAttention`, which calls it as a
-    module)."""
-    return {
-        m.out_proj: m
-        for m in model.modules()
-        if isinstance(m, nn.MultiheadAttention) and not isinstance(m, PrunedHeadsAttention)
-    }
+    """``output projection → its attention module`` for every attention of ``model`` that reads
+    its output projection's weights itself: ``nn.MultiheadAttention`` (its ``out_proj``; not
+    :class:`PrunedHeadsAttention`, which calls it as a module) and torchvision's Swin window
+    attention (its ``proj``; not the pruned form)."""
+    out: dict[nn.Module, nn.Module] = {}
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention) and not isinstance(m, PrunedHeadsAttention):
+            out[m.out_proj] = m
+        elif _window(m) and type(m).__name__ != "PrunedWindowAttention":
+            out[m.proj] = m
+    return out
 
 
-def route_out_projection(mha: nn.MultiheadAttention) -> list[Any]:
-    """Hooks on ``mha`` that make its ``out_proj`` run as a module (its hooks fire): a pre-hook
-    swaps in an identity stand-in, a forward hook puts the real one back and applies it to the
-    output. Returns the handles (``remove()`` them to undo)."""
+def reads_weights_itself(module: nn.Module) -> bool:
+    """Whether ``module`` applies its child Linears through their weights (``F.linear``), so hooks
+    on them never fire: ``nn.MultiheadAttention`` and torchvision's Swin window attention (not
+    their pruned forms, which call them as modules)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return True  # PrunedHeadsAttention calls out_proj, but its in-projection is a parameter
+    return _window(module) and type(module).__name__ != "PrunedWindowAttention"
+
+
+def _reader_key(module: nn.Module) -> str:
+    return "out_proj" if isinstance(module, nn.MultiheadAttention) else "proj"
+
+
+def route_out_projection(mha: nn.Module) -> list[Any]:
+    """Hooks on an attention module of :func:`functional_owners` that make its output projection
+    run as a module (its hooks fire): a pre-hook swaps in an identity stand-in, a forward hook
+    puts the real one back and applies it to the output (``nn.MultiheadAttention``: the first of
+    its two outputs; Swin window attention: its output, where ``proj`` is the last per-token
+    operation before the windows are put back). Returns the handles (``remove()`` them to undo)."""
+    key = _reader_key(mha)
 
     @torch.compiler.disable
     def pre(module: nn.Module, args: tuple) -> None:
-        real = module._modules["out_proj"]
+        real = module._modules[key]
         if not isinstance(real, _Identity):
-            module._modules["out_proj"] = _Identity(real)
+            module._modules[key] = _Identity(real)
 
     @torch.compiler.disable
     def post(module: nn.Module, args: tuple, output: Any) -> Any:
-        standin = module._modules["out_proj"]
+        standin = module._modules[key]
         if not isinstance(standin, _Identity):
             return None
         real = standin.real[0]
-        module._modules["out_proj"] = real
-        if output is None:  # forward raised: only the real out_proj is put back
+        module._modules[key] = real
+        if output is None:  # forward raised: only the real projection is put back
             return None
-        out, weights = output
-        return real(out), weights
+        if isinstance(output, tuple):
+            out, weights = output
+            return real(out), weights
+        return real(output)
 
     return [mha.register_forward_pre_hook(pre), mha.register_forward_hook(post, always_call=True)]
 
@@ -384,7 +425,7 @@ def remove_heads(
             m.__class__ = PrunedHeadsAttention
         m._qkv_same_embed_dim = False
     else:
-        names = ["qkv"] if block.kind == "qkv" else ["q_proj", "k_proj", "v_proj"]
+        names = ["q_proj", "k_proj", "v_proj"] if block.kind == "split" else ["qkv"]
         for k in names:
             lin = m._modules[k]
             cut(lin, k, "weight", 0, lin.out_features, rows)
@@ -394,6 +435,11 @@ def remove_heads(
     rname = block.reader_name[len(block.name) + 1 :] if block.name else block.reader_name
     cut(reader, rname, "weight", 1, reader.in_features, cols)
     reader.in_features -= len(cols)
+    if block.kind == "window":  # one relative-position bias column per head
+        from .window_attention import as_pruned
+
+        cut(m, "", "relative_position_bias_table", 1, block.num_heads, heads)
+        as_pruned(m, block.head_dim)
     m.num_heads = block.num_heads - len(heads)
     return out
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from .attention import PrunedHeadsAttention
+from .attention import PrunedHeadsAttention, head_block
 from .eigenbasis.layers import KFELayer, architecture_record, is_record, same_architecture
 from .eigenbasis.surgery import layers_for_records, records_in, swap_modules
 
@@ -469,6 +469,8 @@ def _narrowed(
         t = t if t is not None else new._buffers.get(key)
         return None if t is None else int(t.shape[dim])
 
+    block = head_block("", module) if heads is not None else None
+    window = block if block is not None and block.kind == "window" else None
     if isinstance(module, nn.MultiheadAttention):
         d = module.head_dim
         rows = size("in_proj_weight")
@@ -482,7 +484,13 @@ def _narrowed(
             new.__class__ = PrunedHeadsAttention
             new._qkv_same_embed_dim = False
         widths = {"in_proj_bias": rows}
-    elif heads is not None and not shapes:  # an attention module: its projections are its children
+    elif heads is not None and (not shapes or window is not None):
+        # an attention module: its projections are its children (Swin's window attention also
+        # holds one relative-position bias column per head, narrowed above)
+        if window is not None:
+            from .window_attention import as_pruned
+
+            as_pruned(new, window.head_dim)
         new.num_heads = heads
         widths = {}
     elif isinstance(module, nn.modules.conv._ConvNd):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .adapters import LayerAdapter, adapter_for, registered_base, registered_names
+from .attention import reads_weights_itself
 from .curvature.hooks import is_capture_hook
 from .eigenbasis.layers import KFELayer
 from .options import normalise_exclude
@@ -214,11 +215,11 @@ def _fastpath_reads_weights(layer: nn.Module) -> bool:
 
 # Why an nn.MultiheadAttention's out_proj is not pruned as a layer: the attention calls it
 # functionally. The channel engine scores its input columns per head (through a routed capture).
-FUNCTIONAL = "called functionally by nn.MultiheadAttention (its hooks never fire)"
+FUNCTIONAL = "applied through its weights by its attention module (its hooks never fire)"
 
 
 def _static_reason(unit, core, parent, child_name, names_of, owners) -> str | None:
-    if isinstance(parent, nn.MultiheadAttention):
+    if reads_weights_itself(parent):
         return FUNCTIONAL
     if child_name in ("linear1", "linear2") and _fastpath_reads_weights(parent):
         return FASTPATH

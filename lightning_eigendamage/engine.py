@@ -177,11 +177,13 @@ class PruningEngine(ABC):
 _ENGINES: dict[str, PruningEngine] = {}
 
 
-def auto_reason(reason: str | None) -> str:
+def auto_reason(reason: str | None, prepared: Any = None) -> str:
     """What ``structure="auto"`` reports (``PruneReport.structure_reason``) given why the channel
-    engine cannot prune the model (None: it can)."""
+    engine cannot prune the model (None: it can; ``prepared``: what its check built, whose
+    ``how`` says how, if it has one)."""
     if reason is None:
-        return "the channel dependency graph of this model was built"
+        how = getattr(prepared, "how", None)
+        return "the channel dependency graph of this model was built" + (f" {how}" if how else "")
     return f"channels are not possible here: {reason}"
 
 

@@ -110,7 +110,7 @@ def _auto(
     example = to_device(split_batch(batches[0], options.input_fn)[0], params[0].device)
     prepared, reason = prepare("channels", model, example, options)
     if reason is None:
-        return "channels", prepared, auto_reason(None)
+        return "channels", prepared, auto_reason(None, prepared)
     warnings.warn(
         f"prune(structure='auto') prunes the eigenbasis: channels are not possible here ({reason})",
         PruningWarning,

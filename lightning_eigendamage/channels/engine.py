@@ -96,6 +96,7 @@ from .baselines import (
 )
 from .latency import input_shapes, measure
 from .latency import seconds as latency_seconds
+from .parts import PartsGraph, UntraceableError, split_graph
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -685,6 +686,40 @@ def dependency_graph(model: nn.Module, example_inputs: Any, ignored: Iterable[nn
     return dg
 
 
+def channel_graph(model: nn.Module, example: Any, ignored: Iterable[nn.Module] = ()) -> Any:
+    """The channel dependency graph of ``model`` on ``model(example)``: Torch-Pruning's graph of
+    the whole model (:func:`dependency_graph`) or, where that cannot be built, a
+    :class:`~.parts.PartsGraph` of the parts it can build (:func:`~.parts.split_graph`: each
+    child traced alone, the untraceable ones split further or left whole).
+
+    Raises:
+        RuntimeError: the model fails on ``example``, or not even one part can be traced
+            (:class:`~.parts.UntraceableError`, with the whole graph's reason).
+    """
+    try:
+        return dependency_graph(model, example, ignored)
+    except UntraceableError as err:
+        graph = split_graph(
+            model,
+            (example,),
+            {},
+            err,
+            build=dependency_graph,
+            outputs=lambda m, a: _output_layers(m, a, lambda mm, x: mm(*x)),
+            untouched=_untouched,
+        )
+    # the reasons name what failed, not what the whole model's error advises
+    graph.error = graph.error.removesuffix(_UNTRACEABLE)
+    graph.untraced = {k: v.removesuffix(_UNTRACEABLE) for k, v in graph.untraced.items()}
+    return graph
+
+
+def untraced_layers(graph: Any) -> dict[str, str]:
+    """``{layer name: reason}`` for the Conv2d/Linear layers the graph does not cover (none for a
+    whole graph; see :meth:`~.parts.PartsGraph.uncovered`)."""
+    return graph.uncovered() if isinstance(graph, PartsGraph) else {}
+
+
 def _traced_graph(tp: Any, model: nn.Module, traced: Any) -> Any:
     """Torch-Pruning's trace, all or nothing: the hooks it registers are removed whatever happens
     (a failed trace leaves its own on every layer), a ``KeyboardInterrupt`` (or any other
@@ -721,7 +756,8 @@ def _traced_graph(tp: Any, model: nn.Module, traced: Any) -> Any:
                 if not isinstance(err, Exception):
                     raise
                 cause = raised[0] if raised else err
-                raise RuntimeError(
+                kind = RuntimeError if raised else UntraceableError
+                raise kind(
                     "Torch-Pruning could not build the channel dependencies of this model: "
                     + (
                         f"the model fails on the example inputs ({type(cause).__name__}: {cause}); pass a "
@@ -741,7 +777,7 @@ def _traced_graph(tp: Any, model: nn.Module, traced: Any) -> Any:
                 del table[key]
     for w in caught:
         if "maximum recursive depth" in str(w.message).lower():
-            raise RuntimeError(
+            raise UntraceableError(
                 "Torch-Pruning could not infer the shapes through this model's reshapes (its "
                 "shape inference reached its recursion limit), so its channel groups would be "
                 "wrong or grow without bound" + _UNTRACEABLE
@@ -781,7 +817,7 @@ def _check_group(dg: Any, group: Any, root: nn.Module, names: dict[nn.Module, st
             continue
         top = max(int(i) for i in item.idxs)
         if top >= width:
-            raise RuntimeError(
+            raise UntraceableError(
                 f"Torch-Pruning maps the channels of {names.get(root, '?')} to "
                 f"{len(item.idxs)} indices (up to {top}) of "
                 f"{names.get(member, type(member).__name__)} (width {width}): its index mapping "
@@ -1243,9 +1279,9 @@ def scorable_layers(
     (excluded, shared, another layer type, a patch-form factor wider than ``max_factor_dim``:
     ``A`` takes ``8·d²`` bytes while it accumulates and as many again for its inverse)."""
     cands = find_layers(model, exclude)
-    owners = {m.out_proj: m for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    readers = {b.reader for b in find_head_blocks(model)}
     for c in cands:
-        if c.skipped == FUNCTIONAL and c.unit in owners and head_block("", owners[c.unit]) is not None:
+        if c.skipped == FUNCTIONAL and c.unit in readers:
             c.skipped = None  # its input columns are scored per head (a routed capture if needed)
         if c.skipped is None and not isinstance(c.unit, (nn.Conv2d, nn.Linear)):
             c.skipped = f"{type(c.unit).__name__}: only Conv2d and Linear layers lose channels"
@@ -1558,6 +1594,17 @@ class ChannelGraph:
     # {"setting": {...}, "layers": {name: [a, b, c, d]}} (see :mod:`.latency`)
     latency: dict[str, Any] | None = None
 
+    @property
+    def how(self) -> str | None:
+        """How the graph was built, where not whole (for ``structure="auto"``'s reason)."""
+        if not isinstance(self.graph, PartsGraph):
+            return None
+        n, left = len(self.graph.parts), len(self.graph.uncovered())
+        return (
+            f"part by part ({n} parts traced alone, {left} layers outside them left whole; the "
+            f"whole model's graph: {self.graph.error})"
+        )
+
     def describes(self, model: nn.Module) -> bool:
         """Whether the graph is still ``model``'s: the same model, the same module objects under
         the same names, and every bare parameter it tracks still one of the model's."""
@@ -1824,7 +1871,7 @@ class ChannelEngine(PruningEngine):
         """The model's dependency graph (RuntimeError if it cannot be built), for :meth:`analyse`."""
         _torch_pruning()
         ignored = _output_layers(model, example, _forward)
-        return ChannelGraph(dependency_graph(model, example, ignored), ignored, _module_signature(model))
+        return ChannelGraph(channel_graph(model, example, ignored), ignored, _module_signature(model))
 
     def analyse(
         self,
@@ -1855,8 +1902,10 @@ class ChannelEngine(PruningEngine):
             graph, ignored = prepared.graph, prepared.ignored
         else:  # an ungroupable model fails before the capture
             ignored = _output_layers(model, example, _forward)
-            graph = dependency_graph(model, example, ignored)
+            graph = channel_graph(model, example, ignored)
         _, layers, skipped = scorable_layers(model, options.exclude, options.max_factor_dim)
+        for name, why in untraced_layers(graph).items():
+            skipped.setdefault(name, why)
         if captured is None and layers:
             captured = capture_factors(
                 model,
@@ -2048,6 +2097,8 @@ class ChannelEngine(PruningEngine):
             # what was left alone: not the layers that lost channels, nor the depthwise convs
             # (not scored, they follow their group: where it stays whole, the group says why)
             narrowed = {r.name for r in layer_reports(before, model) if (r.removed_in or r.removed_out)}
+            # an attention's q/k/v producers lose rows with its heads ("heads of …" says why not)
+            narrowed |= {names.get(p, "?") for block, _ in an.heads for p in block.producers}
             skipped = {
                 k: v for k, v in {**an.skipped, **plan.left}.items() if k not in narrowed and v != _FOLLOWS
             }
@@ -2209,7 +2260,7 @@ def restore_channels(
             "build it on a real device (or model.to_empty(device=...)) first"
         )
     names = {m: n for n, m in model.named_modules()}
-    dg = dependency_graph(model, example_inputs)
+    dg = channel_graph(model, example_inputs)
     outputs = set(_output_layers(model, example_inputs, _forward))
     heads = []  # attention blocks: the heads a narrower output projection leaves (the last go)
     blocks = find_head_blocks(model)

@@ -572,7 +572,7 @@ class EigenDamagePruning(Callback):
                 )
             return
         self._structure = "channels" if reason is None else "eigenbasis"
-        self._structure_reason = auto_reason(reason)
+        self._structure_reason = auto_reason(reason, self._prepared if batch is not None else None)
         rank_zero_info(
             f"EigenDamagePruning: structure='auto' prunes {self._structure} ({self._structure_reason})"
         )
