@@ -257,3 +257,38 @@ def test_the_callback_prunes_a_shuffle_model_by_parts_under_auto(caplog) -> None
     assert report.channels_removed > 0
     assert all(u.branch[0].out_channels < 12 for u in model.net.units)
     assert model.net(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
+def test_a_failing_class_is_split_at_once_but_a_failing_container_is_not_remembered():
+    """A module whose own forward fails (all its children trace) marks its class: its other
+    instances are split without a trace. A Sequential that fails as a whole (its children's
+    interplay) does not mark nn.Sequential."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Sequential(Unit(8, 12, shuffle=False), Unit(8, 12, shuffle=False)),  # fails whole (forced)
+        nn.Sequential(Unit(8, 12, shuffle=False), Unit(8, 12, shuffle=False)),  # must be traced whole
+        Residual(8),  # fails (forced): its class is remembered
+        nn.Sequential(Residual(8), nn.Conv2d(8, 8, 1)),  # holds a Residual: split without a trace
+    ).eval()
+    first_stage, res = net[0], net[2]
+    tried: list[nn.Module] = []
+
+    def build(call: nn.Module, args: tuple, ignored: list) -> object:
+        tried.append(call.part)
+        if call.part in (first_stage, res):
+            raise UntraceableError("forced")
+        return channels_mod.dependency_graph(call, args, ignored)
+
+    parts = split_graph(
+        net,
+        (torch.randn(2, 8, 6, 6),),
+        {},
+        UntraceableError("forced"),
+        build=build,
+        outputs=lambda m, a: channels_mod._output_layers(m, a, lambda mm, z: mm(*z)),
+        untouched=channels_mod._untouched,
+    )
+    names = [p.name for p in parts.parts]
+    assert names == ["0.0", "0.1", "1"]  # the second stage traced whole although the first failed
+    assert net[3] not in tried and net[3][0] not in tried  # a Residual inside: no failed trace
+    assert parts.untraced["2"] == "forced" and parts.untraced["3.0"] == "forced"

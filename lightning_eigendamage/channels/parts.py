@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 _LAYERS = (nn.Conv2d, nn.Linear)
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 class UntraceableError(RuntimeError):
@@ -329,7 +330,9 @@ def split_graph(
                 graph = build(sub, ca, out_layers)
             except UntraceableError as e:
                 failed = True
-                if not split(cname, sub, ca, depth + 1, e):  # its own forward is the trouble
+                # its own forward is the trouble if all its children traced: remember its class
+                # (not a container's, which only chains its children: theirs is the trouble)
+                if not split(cname, sub, ca, depth + 1, e) and not isinstance(child, _CONTAINERS):
                     culprits.setdefault(type(child), str(e))
                 continue
             except Exception as e:  # the part alone fails otherwise: left whole, with the reason
