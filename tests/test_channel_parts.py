@@ -136,7 +136,9 @@ def test_parts_groups_are_the_whole_graphs_groups_inside_one_part():
         _members(g, net) for g in whole.get_all_groups(ignored_layers=ignored, root_module_types=roots)
     }
     parts = _parts(net, x)
-    assert [p.name for p in parts.parts] == ["units"]  # stem and head hold one layer each
+    # stem and head hold one layer each: traced together as the model's own layers, with the
+    # units' output cut off (the stem's output then reaches nothing)
+    assert [p.name for p in parts.parts] == ["units", "the model (its own layers)"]
     found = {_members(g, net) for g in parts.get_all_groups(ignored_layers=ignored, root_module_types=roots)}
     part_layers = {id(m) for p in parts.parts for m in p.layers}
     inside = {g for g in reference if all(i in part_layers for i, _ in g)}
@@ -203,7 +205,7 @@ def test_a_shuffle_model_is_pruned_inside_its_branches_and_reloads(tmp_path):
         assert unit.branch[5].out_channels == 4  # the branch's output is the unit's
     assert net.stem[0].out_channels == 8 and net.head.in_features == 8
     # the layers outside the parts are named, under one reason
-    assert set(report.skipped) >= {"stem.0", "head"}
+    assert "stem.0" in report.skipped and "head" not in report.skipped  # head: the model's output
     assert report.skipped["stem.0"].startswith(
         "in a part whose channel dependencies Torch-Pruning cannot build;"
     )
@@ -292,3 +294,62 @@ def test_a_failing_class_is_split_at_once_but_a_failing_container_is_not_remembe
     assert names == ["0.0", "0.1", "1"]  # the second stage traced whole although the first failed
     assert net[3] not in tried and net[3][0] not in tried  # a Residual inside: no failed trace
     assert parts.untraced["2"] == "forced" and parts.untraced["3.0"] == "forced"
+
+
+class DepthwiseFirst(nn.Module):
+    """The part's input is read by a depthwise conv: its output channels are its input channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw, self.bn, self.pw = (
+            nn.Conv2d(8, 8, 3, padding=1, groups=8),
+            nn.BatchNorm2d(8),
+            nn.Conv2d(8, 8, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pw(self.bn(self.dw(x)))
+
+
+class Tailed(nn.Module):
+    """ShuffleNet's shape: units that cannot be traced together with the model, then a conv and
+    the classifier of the model's own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.units = nn.Sequential(Unit(8, 12), Unit(8, 12))
+        self.dwf = DepthwiseFirst()
+        self.tail = nn.Sequential(nn.Conv2d(8, 32, 1), nn.BatchNorm2d(32), nn.ReLU())
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.tail(self.dwf(self.units(self.stem(x)))).mean((2, 3)))
+
+
+def test_the_models_own_layers_are_a_part_and_a_depthwise_reader_keeps_its_width(tmp_path):
+    torch.manual_seed(0)
+    net = Tailed().eval()
+    batches = _batches()
+    x = batches[0][0]
+    parts = _parts(net, x)
+    own = next(p for p in parts.parts if p.name == "the model (its own layers)")
+    assert own.readers == {net.stem[0], net.tail[0]} and own.outputs == [net.head]
+    dwp = next(p for p in parts.parts if p.name == "dwf")
+    assert dwp.readers == {net.dwf.dw}
+    roots = {
+        g[0].dep.target.module for g in parts.get_all_groups([], root_module_types=(nn.Conv2d, nn.Linear))
+    }
+    assert net.tail[0] in roots  # the tail conv's outputs, read by the classifier
+    assert net.dwf.dw not in roots  # its channels are the part's input
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prune_channels(net, batches, ratio=0.5, target="channels")
+    assert net.tail[0].out_channels < 32 and net.head.in_features == net.tail[0].out_channels
+    assert net.dwf.dw.out_channels == 8
+    out = net(x)
+    assert out.shape == (16, 10)
+    torch.save(net.state_dict(), tmp_path / "t.pt")
+    fresh = Tailed().eval()
+    restore_channels(fresh, tmp_path / "t.pt", x)
+    torch.testing.assert_close(fresh(x), out, rtol=0, atol=0)

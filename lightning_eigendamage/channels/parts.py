@@ -21,6 +21,10 @@ A part's channels may go only where nothing outside the part sees them:
   graph of one forward) stays whole. This covers a residual add of the part's input inside the
   part, which Torch-Pruning, seeing no producer for the input, would otherwise narrow.
 
+A failing module's own layers (those in no child of two layers or more: ShuffleNet's last conv
+and classifier) are one more part, traced with its children's outputs cut off (detached copies
+that require grad, so the trace stops there and they count as the part's inputs).
+
 :class:`PartsGraph` presents the parts' graphs as one Torch-Pruning graph to the channel engine
 (the methods it uses: ``get_all_groups``, ``get_pruning_group``, ``get_pruner_of_module``, the
 width queries and ``module2node``), so groups, scores, cuts and reloads are the same code as for a
@@ -29,6 +33,7 @@ whole graph.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,10 +74,10 @@ class Part:
     graph: Any
     outputs: list[nn.Module]
     readers: set[nn.Module]
-    layers: set[nn.Module] = field(default_factory=set)
+    layers: set[nn.Module] = field(default_factory=set)  # its modules (default: all of module's)
 
     def __post_init__(self) -> None:
-        self.layers = set(self.module.modules())
+        self.layers = self.layers or set(self.module.modules())
 
 
 class PartsGraph:
@@ -108,6 +113,9 @@ class PartsGraph:
 
     def _part_of(self, module: Any) -> Part:
         for p in self.parts:
+            if module in p.layers and module in p.graph.module2node:
+                return p
+        for p in self.parts:  # Torch-Pruning's own nodes (its stand-ins for ops, bare parameters)
             if module in p.graph.module2node:
                 return p
         raise KeyError(f"{type(module).__name__} is in no traced part of the model")
@@ -117,10 +125,7 @@ class PartsGraph:
         reader of the part's input."""
         for p in self.parts:
             for group in p.graph.get_all_groups(ignored_layers=[*ignored_layers, *p.outputs], **kwargs):
-                if not any(
-                    it.dep.target.module in p.readers and p.graph.is_in_channel_pruning_fn(it.dep.handler)
-                    for it in group
-                ):
+                if not any(_reads_input(p, it) for it in group):
                     yield group
 
     def get_pruning_group(self, module: Any, fn: Callable, idxs: Sequence[int]) -> Any:
@@ -149,6 +154,12 @@ class PartsGraph:
         return [m for p in self.parts for m in getattr(p.graph, "IGNORED_LAYERS_IN_TRACING", [])]
 
 
+def _reads_input(part: Part, item: Any) -> bool:
+    """Whether a group's ``item`` narrows the input side of a reader of the part's input
+    (Torch-Pruning lists a depthwise conv's input side beside its output side)."""
+    return item.dep.target.module in part.readers and part.graph.is_in_channel_pruning_fn(item.dep.handler)
+
+
 def _leaves(value: Any) -> Any:
     """``value`` with every floating tensor replaced by a detached copy that requires grad."""
     if torch.is_tensor(value):
@@ -173,11 +184,31 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(v)
 
 
-def input_readers(call: nn.Module, args: tuple) -> set[nn.Module]:
-    """The Conv2d/Linear layers of ``call`` whose input reaches one of ``args``' tensors on the
-    autograd graph of ``call(*args)`` (eval mode) without passing another Conv2d/Linear."""
+@contextlib.contextmanager
+def _cut(modules: Sequence[nn.Module], leaves: list[torch.Tensor] | None = None) -> Iterator[None]:
+    """While inside, each of ``modules`` hands on a detached copy of its output that requires
+    grad (appended to ``leaves``): the autograd graph, and so Torch-Pruning's trace, stops there."""
+
+    def hook(module: nn.Module, args: tuple, out: Any) -> Any:
+        new = _leaves(out)
+        if leaves is not None:
+            leaves.extend(t for t in _tensors(new) if t.requires_grad)
+        return new
+
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def input_readers(call: nn.Module, args: tuple, cut: Sequence[nn.Module] = ()) -> set[nn.Module]:
+    """The Conv2d/Linear layers of ``call`` whose input reaches one of ``args``' tensors (or an
+    output of a module of ``cut``) on the autograd graph of ``call(*args)`` (eval mode) without
+    passing another Conv2d/Linear."""
     leaves = _leaves(args)
-    inputs = {id(t) for t in _tensors(leaves) if t.requires_grad}
+    cut_leaves: list[torch.Tensor] = []
     made: set[Any] = set()
     read: list[tuple[nn.Module, Any]] = []
 
@@ -189,11 +220,12 @@ def input_readers(call: nn.Module, args: tuple) -> set[nn.Module]:
 
     handles = [m.register_forward_hook(hook) for m in call.modules() if isinstance(m, _LAYERS)]
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), _cut(cut, cut_leaves):
             call(*leaves)
     finally:
         for h in handles:
             h.remove()
+    inputs = {id(t) for t in (*_tensors(leaves), *cut_leaves) if t.requires_grad}
     found: set[nn.Module] = set()
     for module, start in read:
         if module in found:
@@ -339,7 +371,32 @@ def split_graph(
                 untraced[cname] = f"{type(e).__name__}: {e}"
                 continue
             parts.append(Part(cname, child, graph, out_layers, readers))
+        own(name, call, a, [c for c in calls if calls[c] and has_layers(c)])
         return failed
+
+    def own(name: str, call: nn.Module, a: tuple, cut: list[nn.Module]) -> None:
+        """The failing module's own layers (those in no child of two layers or more), traced with
+        the outputs of those children cut off: ShuffleNet's last conv and classifier."""
+        module = call.part if isinstance(call, _Call) else call
+        inside = {m for c in cut for m in c.modules()}
+        mine = [m for m in module.modules() if isinstance(m, _LAYERS) and m not in inside]
+        if len(mine) < 2 or not cut:  # nothing cut off: the module itself, which failed
+            return
+        try:
+            with untouched(call), _cut(cut):
+                call.eval()
+                out_layers = outputs(call, a)
+                graph = build(call, a, out_layers)
+            with untouched(call):
+                call.eval()
+                readers = input_readers(call, a, cut)
+        except Exception:  # its own forward is what fails: its layers stay whole
+            return
+        layers = {m for m in module.modules() if m not in inside and m in graph.module2node}
+        readers &= set(module.modules()) - inside
+        parts.append(
+            Part(f"{name or 'the model'} (its own layers)", module, graph, out_layers, readers, layers)
+        )
 
     split("", _Call(model, kwargs), args, 0, error)
     if not parts:
