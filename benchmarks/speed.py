@@ -17,6 +17,12 @@ memory only, without the CUDA context and the caching allocator's unused reserve
 ``--profile`` also prints where the time of the plain, empirical-capture and true-Fisher steps
 goes (self time per op).
 
+A channel round (``prune(structure="channels")``, the default structure of the callback) is timed
+by phase on one CPU thread on DenseNet-121 (64²) and ViT-B/16 (224²) with the zoo's protocol
+(random weights, ÷1.67 FLOPs, two batches of four): analysis (capture, ``A`` inverses, single
+scores), the decision with the default greedy scores and with single scores on the same
+analysis, and the surgery. ``--sections`` picks what to measure (default: everything).
+
 Latency of the pruned models is measured at ÷2 and ÷4 FLOPs (``ratio`` 0.5 and 0.75) against
 Torch-Pruning's L1 channel pruning at the same FLOPs, at batch 1, 64 and 256 on CUDA (1 and 64 on
 the CPU; ``--latency-batches`` to change).
@@ -62,6 +68,10 @@ TARGETS = {  # the capture targets hold for either structure's A (channel form, 
     "epoch_overhead_patch": 1.03,
     "prune_vgg19_s": 2.0,
     "prune_resnet50_s": 10.0,
+    "round_densenet121_s": 20.0,  # one CPU thread
+    "round_vit_b_16_s": 20.0,
+    "round_densenet121_greedy_over_single": 2.0,
+    "round_vit_b_16_greedy_over_single": 2.0,
 }
 
 
@@ -251,6 +261,59 @@ def prune_step(name: str, device: torch.device, size: int, n_batches: int = 2) -
     torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)  # the optimizer rebuild
     _sync(device)
     return {"prune_s": time.perf_counter() - t, "flops_x": report.flops_compression}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2b. a channel round on torchvision models, one CPU thread
+# ---------------------------------------------------------------------------------------------
+
+ROUND_MODELS = {"densenet121": 64, "vit_b_16": 224}  # the zoo's image sides
+
+
+def channel_round(name: str, size: int, device: torch.device, threads: int = 1) -> dict[str, float]:
+    """One ``prune(structure="channels")`` round at ÷1.67 FLOPs (the zoo's protocol: random
+    weights, two batches of four random images) on ``threads`` threads, by phase: the analysis
+    (capture, ``A`` inverses, single scores), the decision with the default greedy scores and
+    with single scores (``greedy_steps=None``) on the same analysis, and the surgery."""
+    from lightning_eigendamage import PruneOptions
+    from lightning_eigendamage.engine import get_engine
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, name)().to(device).eval()
+        gen = torch.Generator().manual_seed(1)
+        batches = [
+            (torch.randn(4, 3, size, size, generator=gen).to(device), torch.randint(0, 1000, (4,)).to(device))
+            for _ in range(2)
+        ]
+        engine, ratio = get_engine("channels"), 1.0 - 1.0 / 1.67
+        options = PruneOptions(structure="channels", target="flops")
+        single = PruneOptions(structure="channels", target="flops", greedy_steps=None)
+        t0 = time.perf_counter()
+        analysis = engine.analyse(model, batches, options)
+        _sync(device)
+        t1 = time.perf_counter()
+        engine.decide(analysis, ratio, single)
+        t2 = time.perf_counter()
+        plan = engine.decide(analysis, ratio, options)
+        t3 = time.perf_counter()
+        engine.apply(model, analysis, plan, options)
+        _sync(device)
+        t4 = time.perf_counter()
+    finally:
+        torch.set_num_threads(before)
+    return {
+        "analysis_s": t1 - t0,
+        "decide_single_s": t2 - t1,
+        "decide_greedy_s": t3 - t2,
+        "surgery_s": t4 - t3,
+        "round_s": (t1 - t0) + (t3 - t2) + (t4 - t3),
+        "greedy_over_single": (t1 - t0 + t3 - t2) / (t1 - t0 + t2 - t1),
+        "threads": threads,
+        "size": size,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,6 +606,13 @@ def main(argv: list[str] | None = None) -> None:
         help="capture batches per epoch (default: the callback's default)",
     )
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument(
+        "--sections",
+        nargs="+",
+        choices=("capture", "prune", "rounds", "memory", "latency"),
+        default=["capture", "prune", "rounds", "memory", "latency"],
+        help="what to measure (default: all)",
+    )
     ap.add_argument("--profile", action="store_true", help="also print where each step's time goes")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--memory-phase", default=None, help=argparse.SUPPRESS)
@@ -599,88 +669,125 @@ def main(argv: list[str] | None = None) -> None:
         print(f"# {SMOKE_BANNER}")
     print(f"# {results['machine']}  ({results['date']})")
     section("capture")
-    print(f"\n## Capture cost (training step ratios, batch {batch}, 32×32, 391 steps/epoch)")
-    print(f"{'model':<10} {'plain ms':>9} {'empirical':>10} {'true step':>10} {'epoch':>7}")
     results["capture"] = {}
-    for name in small:
-        for form in ("channel", "patch"):  # the eigenbasis engine's A, the channel engine's
-            key = name if form == "channel" else f"{name}/patch"
-            prof = args.profile and form == "channel"
-            r = capture_cost(name, batch, repeats, device, fisher_batches, 391, profile=prof, a_form=form)
-            results["capture"][key] = r
-            print(
-                f"{key:<10} {1000 * r['plain_s']:>9.1f} {r['empirical_ratio']:>9.3f}× "
-                f"{r['true_step_ratio']:>9.3f}× {r['epoch_ratio']:>6.3f}×"
-            )
+    if "capture" in args.sections:
+        print(f"\n## Capture cost (training step ratios, batch {batch}, 32×32, 391 steps/epoch)")
+        print(f"{'model':<10} {'plain ms':>9} {'empirical':>10} {'true step':>10} {'epoch':>7}")
+        results["capture"] = {}
+        for name in small:
+            for form in ("channel", "patch"):  # the eigenbasis engine's A, the channel engine's
+                key = name if form == "channel" else f"{name}/patch"
+                prof = args.profile and form == "channel"
+                r = capture_cost(name, batch, repeats, device, fisher_batches, 391, profile=prof, a_form=form)
+                results["capture"][key] = r
+                print(
+                    f"{key:<10} {1000 * r['plain_s']:>9.1f} {r['empirical_ratio']:>9.3f}× "
+                    f"{r['true_step_ratio']:>9.3f}× {r['epoch_ratio']:>6.3f}×"
+                )
 
     section("prune")
-    print("\n## Prune step (eigendecompositions, scores, surgery, optimizer rebuild)")
     results["prune"] = {}
-    for name, size in prune_models:
-        r = prune_step(name, device, size)
-        results["prune"][name] = r
-        print(f"{name:<10} {r['prune_s']:6.2f} s   (FLOPs ÷{r['flops_x']:.2f} at ratio 0.5)")
-    if args.smoke:
-        print("(--smoke: ResNet-32 instead of VGG19 and ResNet-50)")
+    if "prune" in args.sections:
+        print("\n## Prune step (eigendecompositions, scores, surgery, optimizer rebuild)")
+        results["prune"] = {}
+        for name, size in prune_models:
+            r = prune_step(name, device, size)
+            results["prune"][name] = r
+            print(f"{name:<10} {r['prune_s']:6.2f} s   (FLOPs ÷{r['flops_x']:.2f} at ratio 0.5)")
+        if args.smoke:
+            print("(--smoke: ResNet-32 instead of VGG19 and ResNet-50)")
 
-    section("memory")
-    if device.type == "cuda":
-        print("\n## Factor and peak memory (torch.cuda.max_memory_allocated during the phase)")
-    else:
-        print("\n## Factor and peak memory (peak RSS during the phase over the RSS before the model existed)")
-    results["memory"] = {}
-    for name in small:
-        r = memory(name, batch, args.device)
-        r["factors_mb"] = factor_memory_mb(name, device)
-        results["memory"][name] = r
+    section("rounds")
+    results["rounds"] = {}
+    if "rounds" in args.sections:
         print(
-            f"{name:<10} factors {r['factors_mb']:7.1f} MB  train step {r['train_peak_mb']:7.1f} MB  "
-            f"prune step {r['prune_peak_mb']:7.1f} MB  ratio {r['ratio']:.2f}"
+            "\n## Channel round, one CPU thread (the zoo's protocol: random weights, ÷1.67 FLOPs, 2×4 images)"
         )
+        print(
+            f"{'model':<12} {'analysis':>9} {'decide':>8} {'single':>8} {'surgery':>8} {'round':>7} "
+            f"{'(greedy+analysis)/(single+analysis)':>36}"
+        )
+        for name, size in {"mobilenet_v3_small": 32}.items() if args.smoke else ROUND_MODELS.items():
+            r = channel_round(name, size, device)
+            results["rounds"][name] = r
+            print(
+                f"{name:<12} {r['analysis_s']:8.1f}s {r['decide_greedy_s']:7.1f}s "
+                f"{r['decide_single_s']:7.1f}s {r['surgery_s']:7.1f}s {r['round_s']:6.1f}s "
+                f"{r['greedy_over_single']:36.2f}"
+            )
+    section("memory")
+    results["memory"] = {}
+    if "memory" in args.sections:
+        if device.type == "cuda":
+            print("\n## Factor and peak memory (torch.cuda.max_memory_allocated during the phase)")
+        else:
+            print(
+                "\n## Factor and peak memory (peak RSS during the phase over the RSS before the model "
+                "existed)"
+            )
+        results["memory"] = {}
+        for name in small:
+            r = memory(name, batch, args.device)
+            r["factors_mb"] = factor_memory_mb(name, device)
+            results["memory"][name] = r
+            print(
+                f"{name:<10} factors {r['factors_mb']:7.1f} MB  train step {r['train_peak_mb']:7.1f} MB  "
+                f"prune step {r['prune_peak_mb']:7.1f} MB  ratio {r['ratio']:.2f}"
+            )
 
     section("latency")
-    print(
-        f"\n## Pruned-model latency (eval), speed-up over dense at ÷2 and ÷4 FLOPs, batch "
-        f"{', '.join(map(str, lat_batches))}"
-    )
-    results["latency"] = []
-    for name in small:
-        rows = latency(name, device, [0.5, 0.75], lat_batches, repeats, formats, tags)
-        results["latency"] += rows
-        for r in rows:
-            print(
-                f"{r['model']:<9} {r['format']:<13} batch {r['batch']:>3}  {r['variant']:<24} "
-                f"FLOPs ÷{r['flops_x']:5.2f}  speed-up {r['speedup']:.2f}×  (dense {r['dense_ms']:.2f} ms)"
-            )
-    results["vs_torch_pruning"] = vs_torch_pruning(results["latency"])
-    print("\n## Against Torch-Pruning (L1 channels) at the same FLOPs: speed-ups over dense")
-    print(f"{'model':<9} {'format':<13} {'batch':>5}  {'variant':<24} {'ours':>7} {'TP':>7} {'ours/TP':>8}")
-    for r in results["vs_torch_pruning"]:
-        tp = "-" if r["tp_speedup"] is None else f"{r['tp_speedup']:.2f}×"
-        rel = "-" if r["vs_tp"] is None else f"{r['vs_tp']:.2f}"
+    results["latency"], results["vs_torch_pruning"] = [], []
+    if "latency" in args.sections:
         print(
-            f"{r['model']:<9} {r['format']:<13} {r['batch']:>5}  {r['variant']:<24} "
-            f"{r['speedup']:>6.2f}× {tp:>7} {rel:>8}"
+            f"\n## Pruned-model latency (eval), speed-up over dense at ÷2 and ÷4 FLOPs, batch "
+            f"{', '.join(map(str, lat_batches))}"
         )
+        results["latency"] = []
+        for name in small:
+            rows = latency(name, device, [0.5, 0.75], lat_batches, repeats, formats, tags)
+            results["latency"] += rows
+            for r in rows:
+                print(
+                    f"{r['model']:<9} {r['format']:<13} batch {r['batch']:>3}  {r['variant']:<24} "
+                    f"FLOPs ÷{r['flops_x']:5.2f}  speed-up {r['speedup']:.2f}×  "
+                    f"(dense {r['dense_ms']:.2f} ms)"
+                )
+        results["vs_torch_pruning"] = vs_torch_pruning(results["latency"])
+        print("\n## Against Torch-Pruning (L1 channels) at the same FLOPs: speed-ups over dense")
+        print(
+            f"{'model':<9} {'format':<13} {'batch':>5}  {'variant':<24} {'ours':>7} {'TP':>7} {'ours/TP':>8}"
+        )
+        for r in results["vs_torch_pruning"]:
+            tp = "-" if r["tp_speedup"] is None else f"{r['tp_speedup']:.2f}×"
+            rel = "-" if r["vs_tp"] is None else f"{r['vs_tp']:.2f}"
+            print(
+                f"{r['model']:<9} {r['format']:<13} {r['batch']:>5}  {r['variant']:<24} "
+                f"{r['speedup']:>6.2f}× {tp:>7} {rel:>8}"
+            )
 
     section("")
     cap = results["capture"]
     summary = {}
     for suffix, keep in (("", lambda k: "/" not in k), ("_patch", lambda k: k.endswith("/patch"))):
         vals = [v for k, v in cap.items() if keep(k)]
-        summary[f"empirical_capture{suffix}"] = max(v["empirical_ratio"] for v in vals)
-        summary[f"true_fisher_step{suffix}"] = max(v["true_step_ratio"] for v in vals)
-        summary[f"epoch_overhead{suffix}"] = max(v["epoch_ratio"] for v in vals)
+        if vals:
+            summary[f"empirical_capture{suffix}"] = max(v["empirical_ratio"] for v in vals)
+            summary[f"true_fisher_step{suffix}"] = max(v["true_step_ratio"] for v in vals)
+            summary[f"epoch_overhead{suffix}"] = max(v["epoch_ratio"] for v in vals)
     for name, r in results["prune"].items():
         summary[f"prune_{name}_s"] = r["prune_s"]
-    mem = max(v["ratio"] for v in results["memory"].values())
+    for name, r in results["rounds"].items():
+        summary[f"round_{name}_s"] = r["round_s"]
+        summary[f"round_{name}_greedy_over_single"] = r["greedy_over_single"]
+    mem = max((v["ratio"] for v in results["memory"].values()), default=None)
     parts = [
         f"{k} {v:.3g} ({'ok' if v <= TARGETS[k] else 'MISSED'} ≤{TARGETS[k]:g})"
         if k in TARGETS
         else f"{k} {v:.3g}"
         for k, v in summary.items()
     ]
-    parts.append(f"prune/train peak memory {mem:.2f} ({'ok' if mem <= 1.5 else 'MISSED'} ≤1.5)")
+    if mem is not None:
+        parts.append(f"prune/train peak memory {mem:.2f} ({'ok' if mem <= 1.5 else 'MISSED'} ≤1.5)")
     ref_batch = 64 if 64 in lat_batches else max(lat_batches)
     for r in results["vs_torch_pruning"]:
         if r["batch"] == ref_batch:
