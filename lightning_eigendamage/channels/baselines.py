@@ -385,10 +385,18 @@ def input_obs_update(
     if ch.numel() == 0:
         return torch.zeros_like(w)
     cols = (ch[:, None] * block + torch.arange(block, device=w.device)).reshape(-1)
-    p = _f64(a_inv)
-    coeff = torch.linalg.solve(p[cols][:, cols], p[cols])  # (P_RR)⁻¹ P_R,:  (|R|, d)
-    delta = -(w[:, cols] @ coeff)
-    delta[:, cols] = -w[:, cols]  # exactly (the solve gives it up to round-off)
+    kept = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
+    kept[cols] = False
+    keep = kept.nonzero().flatten()
+    p_r = _f64(a_inv).index_select(0, cols)  # P_R,:  (|R|, d)
+    p_rr, p_rk = p_r.index_select(1, cols), p_r.index_select(1, keep)
+    try:  # P_RR is SPD: Cholesky, and only the kept columns' coefficients (|R|, |K|)
+        coeff = torch.cholesky_solve(p_rk, torch.linalg.cholesky(p_rr))
+    except torch.linalg.LinAlgError:
+        coeff = torch.linalg.solve(p_rr, p_rk)
+    delta = torch.empty_like(w)
+    delta[:, keep] = -(w[:, cols] @ coeff)
+    delta[:, cols] = -w[:, cols]  # exactly
     return delta
 
 
