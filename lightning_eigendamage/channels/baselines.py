@@ -504,9 +504,10 @@ class _GreedyReader:
         p_r = self.p.index_select(0, r)  # (R, d): each block of P gathered once, P_KR = P_RKᵀ
         p_rk = p_r.index_select(1, k)
         coeff = torch.linalg.solve(p_r.index_select(1, r), p_rk)  # (P_RR)⁻¹ P_RK
-        self.w = torch.addmm(self.w.index_select(1, k), self.w.index_select(1, r), coeff, alpha=-1)
-        self.gw = torch.addmm(self.gw.index_select(1, k), self.gw.index_select(1, r), coeff, alpha=-1)
-        self.p = torch.addmm(self.p.index_select(0, k).index_select(1, k), p_rk.T, coeff, alpha=-1)
+        # each kept block gathered once (one copy), then updated in place
+        self.w = self.w.index_select(1, k).addmm_(self.w.index_select(1, r), coeff, alpha=-1)
+        self.gw = self.gw.index_select(1, k).addmm_(self.gw.index_select(1, r), coeff, alpha=-1)
+        self.p = self.p[k[:, None], k].addmm_(p_rk.T, coeff, alpha=-1)
         kept = self.pos >= 0
         kept[kept.clone()] = ~mask
         self.pos = torch.where(kept, kept.long().cumsum(0) - 1, -1)
