@@ -488,8 +488,9 @@ class _GreedyReader:
             blocks = self.p[idx[:, :, None], idx[:, None, :]]  # P_cc (m, s, s)
             wc = self.w[:, idx].permute(1, 2, 0)  # (m, s, C_out)
             gwc = self.gw[:, idx].permute(1, 2, 0)
-            # tr(W_cᵀ G W_c (P_cc)⁻¹) = Σ (G W_c) ⊙ (W_c (P_cc)⁻¹), by a solve (P_cc is SPD)
-            sol = torch.linalg.solve(blocks, wc)  # (P_cc)⁻¹ W_cᵀ  (m, s, C_out)
+            # tr(W_cᵀ G W_c (P_cc)⁻¹) = Σ (G W_c) ⊙ (W_c (P_cc)⁻¹), by a solve (P_cc is SPD;
+            # a division where a channel is one column)
+            sol = wc / blocks if blocks.shape[-1] == 1 else torch.linalg.solve(blocks, wc)  # (m, s, C_out)
             inc.index_add_(0, chans, 0.5 * self.t * (gwc * sol).sum((1, 2)).cpu())
 
     def remove(self, channels: set[int]) -> None:
