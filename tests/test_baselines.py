@@ -236,9 +236,9 @@ def _brute_greedy(readers, n):
 
 @pytest.mark.parametrize("block", [1, 3])
 def test_greedy_scores_are_the_brute_force_sequential_obs_removal(block):
-    """Two readers of one 5-channel group (the second reads the channels in another order, one of
-    them twice, as after a concatenation): the greedy scores follow the removal that a dense OBS
-    solve picks step by step, and near-copies do not both score low."""
+    """Readers of one 5-channel group (one reads the channels in another order, one of them twice,
+    as after a concatenation; two share a layout and are stacked): the greedy scores follow the
+    removal that a dense OBS solve picks step by step, and near-copies do not both score low."""
     gen = torch.Generator().manual_seed(7)
     n = 5
     x = torch.randn(300, n, generator=gen, dtype=DT)
@@ -250,6 +250,7 @@ def test_greedy_scores_are_the_brute_force_sequential_obs_removal(block):
         ([0, 1, 2, 3, 4], 3, 1.0),
         ([4, 2, 0, 3, 1, 2], 4, 2.5),
         ([-1, 0, 3, -1], 2, 1.5),
+        ([0, 1, 2, 3, 4], 3, 0.7),  # the first reader's layout: the two advance as one stacked state
     ):
         extra = iter(range(n, n + 2))
         src = torch.cat([x, other], 1)[:, [c if c >= 0 else next(extra) for c in channel_of]]

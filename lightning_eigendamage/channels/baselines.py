@@ -451,33 +451,57 @@ class Reader:
     columns: list[list[int]]
 
 
-class _GreedyReader:
-    """A reader's state during :func:`greedy_input_obs_scores`, on the kept columns of the group's
-    channels only: ``W_K``, ``G·W_K`` and ``P_KK`` of ``P = A⁻¹`` (damped), shrunk at every
-    removal. The reader's other columns (another group's channels, after a concatenation) keep
-    absorbing what is removed, but never change what the group's columns cost: the removal
-    updates ``W_c`` and ``P_cc`` of a group column ``c`` through ``P_cR`` alone, so those
-    columns are dropped up front (exactly: ``P_KK`` is the block of ``P``, not ``(A_KK)⁻¹``)."""
+def _layout(reader: Reader) -> tuple[dict[int, list[int]], list[int]]:
+    """``({channel: its local columns}, the reader's columns in local order)``: the columns of
+    ``W`` the group's channels feed, numbered ``0…d−1`` in the order of ``W``."""
+    cols: dict[int, set[int]] = {}  # channel → its columns in the reader's W
+    for c, cc in zip(reader.channels, reader.columns):
+        cols.setdefault(int(c), set()).update(int(x) for x in cc)
+    mine = sorted(set().union(*cols.values()))
+    local = {x: i for i, x in enumerate(mine)}
+    return {c: sorted(local[x] for x in cc) for c, cc in cols.items()}, mine
 
-    def __init__(self, reader: Reader) -> None:
-        u = reader.update
-        if u.g is None:
+
+class _GreedyReader:
+    """The state of one or more readers during :func:`greedy_input_obs_scores`, on the kept
+    columns of the group's channels only: ``W_K``, ``G·W_K`` and ``P_KK`` of ``P = A⁻¹``
+    (damped), shrunk at every removal. The reader's other columns (another group's channels,
+    after a concatenation) keep absorbing what is removed, but never change what the group's
+    columns cost: the removal updates ``W_c`` and ``P_cc`` of a group column ``c`` through
+    ``P_cR`` alone, so those columns are dropped up front (exactly: ``P_KK`` is the block of
+    ``P``, not ``(A_KK)⁻¹``).
+
+    Readers with the same layout (the same channels on the same local columns, as many outputs,
+    one device: DenseNet's 1×1 convs reading one layer's growth) are stacked, ``(R, C_out, d)``
+    and ``(R, d, d)``, and advance together: one batched operation per step instead of one per
+    reader."""
+
+    def __init__(self, readers: Sequence[Reader]) -> None:
+        if any(r.update.g is None for r in readers):
             raise ValueError("every reader needs its G (InputObsUpdate.g) to weigh the damage")
-        cols: dict[int, set[int]] = {}  # channel → its columns in the reader's W
-        for c, cc in zip(reader.channels, reader.columns):
-            cols.setdefault(int(c), set()).update(int(x) for x in cc)
-        mine = sorted(set().union(*cols.values()))
-        local = {x: i for i, x in enumerate(mine)}
-        self.cols = {c: sorted(local[x] for x in cc) for c, cc in cols.items()}  # → local columns
-        w = _f64(u.weight)
-        idx = torch.tensor(mine, device=w.device)
-        self.w, self.p = w[:, idx].clone(), _f64(u.a_inv)[idx][:, idx].clone()
-        self.gw = _f64(u.g).to(w.device) @ self.w
-        self.t = float(u.locations)
+        self.cols, mine = _layout(readers[0])
+        ws, ps, gws = [], [], []
+        for r in readers:
+            u = r.update
+            w = _f64(u.weight)
+            idx = torch.tensor(_layout(r)[1], device=w.device)
+            ws.append(w.index_select(1, idx))
+            ps.append(_f64(u.a_inv).index_select(0, idx).index_select(1, idx))
+            gws.append(_f64(u.g).to(w.device) @ ws[-1])
+        self.w, self.p, self.gw = torch.stack(ws), torch.stack(ps), torch.stack(gws)
+        self.t = torch.tensor([float(r.update.locations) for r in readers], dtype=torch.float64)
+        self.t = self.t.to(self.w.device)
         self.pos = torch.arange(len(mine))  # local column → kept position (-1: removed)
 
+    @staticmethod
+    def key(reader: Reader) -> tuple:
+        """Readers with equal keys can share one state."""
+        cols, _ = _layout(reader)
+        w = reader.update.weight
+        return (tuple(sorted((c, tuple(cc)) for c, cc in cols.items())), int(w.shape[0]), str(w.device))
+
     def add_increments(self, inc: torch.Tensor, live: set[int]) -> None:
-        """``inc[c] += ½·T·tr(W_cᵀ G W_c (P_cc)⁻¹)`` for every live channel ``c`` this layer reads."""
+        """``inc[c] += Σ_readers ½·T·tr(W_cᵀ G W_c (P_cc)⁻¹)`` for every live channel ``c`` read."""
         by_size: dict[int, list[tuple[int, list[int]]]] = {}
         for c, cc in self.cols.items():
             if c in live:
@@ -485,13 +509,14 @@ class _GreedyReader:
         for members in by_size.values():  # channels of one column count, batched
             chans = torch.tensor([c for c, _ in members])
             idx = self.pos[torch.tensor([cc for _, cc in members])].to(self.w.device)  # (m, s)
-            blocks = self.p[idx[:, :, None], idx[:, None, :]]  # P_cc (m, s, s)
-            wc = self.w[:, idx].permute(1, 2, 0)  # (m, s, C_out)
-            gwc = self.gw[:, idx].permute(1, 2, 0)
+            blocks = self.p[:, idx[:, :, None], idx[:, None, :]]  # P_cc (R, m, s, s)
+            wc = self.w[:, :, idx].permute(0, 2, 3, 1)  # (R, m, s, C_out)
+            gwc = self.gw[:, :, idx].permute(0, 2, 3, 1)
             # tr(W_cᵀ G W_c (P_cc)⁻¹) = Σ (G W_c) ⊙ (W_c (P_cc)⁻¹), by a solve (P_cc is SPD;
             # a division where a channel is one column)
-            sol = wc / blocks if blocks.shape[-1] == 1 else torch.linalg.solve(blocks, wc)  # (m, s, C_out)
-            inc.index_add_(0, chans, 0.5 * self.t * (gwc * sol).sum((1, 2)).cpu())
+            sol = wc / blocks if blocks.shape[-1] == 1 else torch.linalg.solve(blocks, wc)
+            per = (gwc * sol).sum((2, 3)) * (0.5 * self.t)[:, None]  # (R, m)
+            inc.index_add_(0, chans, per.sum(0).cpu())
 
     def remove(self, channels: set[int]) -> None:
         """The joint OBS removal of ``channels``' columns ``R`` from the kept ones ``K``:
@@ -499,16 +524,16 @@ class _GreedyReader:
         gone = [x for c in channels if c in self.cols for x in self.cols.pop(c)]
         if not gone:
             return
-        mask = torch.zeros(self.w.shape[1], dtype=torch.bool)
+        mask = torch.zeros(self.w.shape[2], dtype=torch.bool)
         mask[self.pos[torch.tensor(gone)]] = True
         r, k = mask.nonzero().flatten().to(self.w.device), (~mask).nonzero().flatten().to(self.w.device)
-        p_r = self.p.index_select(0, r)  # (R, d): each block of P gathered once, P_KR = P_RKᵀ
-        p_rk = p_r.index_select(1, k)
-        coeff = torch.linalg.solve(p_r.index_select(1, r), p_rk)  # (P_RR)⁻¹ P_RK
+        p_r = self.p.index_select(1, r)  # (R, |R|, d): each block of P gathered once, P_KR = P_RKᵀ
+        p_rk = p_r.index_select(2, k)
+        coeff = torch.linalg.solve(p_r.index_select(2, r), p_rk)  # (P_RR)⁻¹ P_RK
         # each kept block gathered once (one copy), then updated in place
-        self.w = self.w.index_select(1, k).addmm_(self.w.index_select(1, r), coeff, alpha=-1)
-        self.gw = self.gw.index_select(1, k).addmm_(self.gw.index_select(1, r), coeff, alpha=-1)
-        self.p = self.p[k[:, None], k].addmm_(p_rk.T, coeff, alpha=-1)
+        self.w = self.w.index_select(2, k).baddbmm_(self.w.index_select(2, r), coeff, alpha=-1)
+        self.gw = self.gw.index_select(2, k).baddbmm_(self.gw.index_select(2, r), coeff, alpha=-1)
+        self.p = self.p[:, k[:, None], k].baddbmm_(p_rk.transpose(1, 2), coeff, alpha=-1)
         kept = self.pos >= 0
         kept[kept.clone()] = ~mask
         self.pos = torch.where(kept, kept.long().cumsum(0) - 1, -1)
@@ -555,7 +580,10 @@ def greedy_input_obs_scores(
     if max_steps < 1:
         raise ValueError(f"max_steps must be at least 1, got {max_steps}")
     scores = torch.zeros(n, dtype=torch.float64)
-    states = [_GreedyReader(r) for r in readers]
+    alike: dict[tuple, list[Reader]] = {}
+    for r in readers:
+        alike.setdefault(_GreedyReader.key(r), []).append(r)
+    states = [_GreedyReader(rs) for rs in alike.values()]
     groups = [list(u) for u in units] if units is not None else [[c] for c in range(n)]
     read = set().union(*(st.cols for st in states)) if states else set()
     alive = {ui for ui, u in enumerate(groups) if read.intersection(u)}
