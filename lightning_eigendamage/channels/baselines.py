@@ -588,13 +588,16 @@ def greedy_input_obs_scores(
     read = set().union(*(st.cols for st in states)) if states else set()
     alive = {ui for ui, u in enumerate(groups) if read.intersection(u)}
     per_step = max(1, math.ceil(len(alive) / max_steps))
+    member = torch.tensor([c for u in groups for c in u], dtype=torch.int64)  # unit costs, batched
+    owner = torch.tensor([ui for ui, u in enumerate(groups) for _ in u], dtype=torch.int64)
     running = 0.0
     while alive:
         inc = torch.zeros(n, dtype=torch.float64)
         live = {c for ui in alive for c in groups[ui]}
         for st in states:
             st.add_increments(inc, live)
-        cost = {ui: float(inc[groups[ui]].sum()) for ui in alive}
+        per_unit = torch.zeros(len(groups), dtype=torch.float64).index_add_(0, owner, inc[member]).tolist()
+        cost = {ui: per_unit[ui] for ui in alive}
         order = sorted(alive, key=lambda ui: (cost[ui], ui))[:per_step]
         for ui in order:
             running = max(running, cost[ui])
