@@ -65,11 +65,12 @@ def damped(factor: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tens
     if damping < 0:
         raise ValueError(f"damping must be ≥ 0, got {damping!r}")
     f = factor.detach().to(torch.float64)
-    f = 0.5 * (f + f.T)
+    f = (f + f.T).mul_(0.5)
     scale = float(torch.diagonal(f).mean()) if f.numel() else 0.0
     if not scale > 0.0:
         scale = 1.0
-    return f + damping * scale * torch.eye(f.shape[0], dtype=f.dtype, device=f.device)
+    f.diagonal().add_(damping * scale)  # in place: no d×d identity
+    return f
 
 
 def damped_inverse(factor: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
