@@ -160,17 +160,27 @@ def _reads_input(part: Part, item: Any) -> bool:
     return item.dep.target.module in part.readers and part.graph.is_in_channel_pruning_fn(item.dep.handler)
 
 
+def _mapped(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it (tuples, lists, dicts)."""
+    if torch.is_tensor(value):
+        return fn(value)
+    if isinstance(value, tuple):
+        return tuple(_mapped(v, fn) for v in value)
+    if isinstance(value, list):
+        return [_mapped(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: _mapped(v, fn) for k, v in value.items()}
+    return value
+
+
 def _leaves(value: Any) -> Any:
     """``value`` with every floating tensor replaced by a detached copy that requires grad."""
-    if torch.is_tensor(value):
-        return value.detach().clone().requires_grad_(value.is_floating_point())
-    if isinstance(value, tuple):
-        return tuple(_leaves(v) for v in value)
-    if isinstance(value, list):
-        return [_leaves(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _leaves(v) for k, v in value.items()}
-    return value
+    return _mapped(value, lambda t: t.detach().clone().requires_grad_(t.is_floating_point()))
+
+
+def _copied(value: Any) -> Any:
+    """``value`` with every tensor replaced by a detached copy."""
+    return _mapped(value, lambda t: t.detach().clone())
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -264,18 +274,6 @@ def _child_calls(call: nn.Module, args: tuple, children: list[nn.Module]) -> dic
         for h in handles:
             h.remove()
     return calls
-
-
-def _copied(value: Any) -> Any:
-    if torch.is_tensor(value):
-        return value.detach().clone()
-    if isinstance(value, tuple):
-        return tuple(_copied(v) for v in value)
-    if isinstance(value, list):
-        return [_copied(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _copied(v) for k, v in value.items()}
-    return value
 
 
 def split_graph(
