@@ -68,6 +68,9 @@ class PruningEngine(ABC):
     defaults: ClassVar[dict[str, Any]] = {}
     choices: ClassVar[dict[str, tuple[Any, ...]]] = {}
     unused: ClassVar[tuple[str, ...]] = ()
+    # Reasons (``Candidate.skipped``) of layers that are not scored themselves but change with
+    # the layers they follow (the channel engine's depthwise convs): never reported as left alone.
+    followers: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def candidates(self, model: nn.Module, options: PruneOptions) -> list[Candidate]:

@@ -181,3 +181,21 @@ def test_reasons_are_grouped_once_each_with_their_names() -> None:
     lines = section.splitlines()
     assert sum("2× group left whole: a member is not scored (depthwise" in x for x in lines) == 1
     assert "  1× excluded by user: stem" in lines
+
+
+def test_the_callback_does_not_list_a_following_depthwise_conv_as_left_alone(caplog) -> None:
+    import logging
+
+    from lit_models import LitClassifier, image_data, loader, trainer
+
+    from lightning_eigendamage import EigenDamagePruning
+
+    torch.manual_seed(0)
+    model = LitClassifier(InvertedResidual())
+    cb = EigenDamagePruning({0: 0.3}, structure="channels", exempt_last=True, verbose=False)
+    with caplog.at_level(logging.INFO):
+        trainer(max_epochs=1, callbacks=[cb]).fit(model, loader(image_data(32, size=8, n_classes=5)))
+    said = [r.getMessage() for r in caplog.records if "will not be pruned" in r.getMessage()]
+    assert said and any("net.fc" in m for m in said)  # the classifier (exempt_last) is listed
+    assert not any("net.dw" in m or "depthwise" in m for m in said), said
+    assert model.net.dw.out_channels < 24  # it lost channels with its group

@@ -1849,6 +1849,7 @@ class ChannelEngine(PruningEngine):
     name = "channels"
     a_form = "patch"
     defaults = {"layer_cap": 0.95, "rank_by": "relative"}
+    followers = (_FOLLOWS,)
     choices = {
         "rank_by": tuple(RANK_BY),
         "target": ("directions", "channels", "flops"),

@@ -586,7 +586,10 @@ class EigenDamagePruning(Callback):
         return self.engine.candidates(pl_module, self._round_options())
 
     def _log_skips(self, skips: list[tuple[str, str | None]], when: str) -> None:
-        """Say which layers will not be pruned, one line per reason (as the reports word them)."""
+        """Say which layers will not be pruned, one line per reason (as the reports word them);
+        not those that follow a pruned layer (the channel engine's depthwise convs)."""
+        follow = self.engine.followers if self._structure is not None else ()
+        skips = [(name, why) for name, why in skips if why not in follow]
         if skips:
             reasons = reason_lines({name: why or "" for name, why in skips}, names=6)
             lines = "\n".join(f"  {line}" for line in reasons)
