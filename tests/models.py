@@ -192,3 +192,44 @@ class TextDecoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.emb(x)
         return self.fc(self.dec(h, h[:, : self.memory]).mean(1))
+
+
+LOADERS = ("restore_pruned", "hook", "restore_channels")
+
+
+def reloaded(make: Callable[[], nn.Module], pruned: nn.Module, path, example, load: str) -> nn.Module:
+    """A fresh ``make()`` given ``pruned``'s weights (saved as a state_dict at ``path``) by one of
+    the three loaders (:data:`LOADERS`): ``restore_pruned``, ``enable_pruned_loading`` then
+    ``load_state_dict``, or ``restore_channels`` on a copy of the state_dict without its metadata
+    (widths and heads from the shapes alone, traced on ``example``). In eval mode."""
+    from lightning_eigendamage import enable_pruned_loading, restore_channels, restore_pruned
+
+    fresh = make()
+    if load == "restore_pruned":
+        restore_pruned(fresh, path)
+    elif load == "hook":
+        enable_pruned_loading(fresh)
+        fresh.load_state_dict(torch.load(path, weights_only=True))
+    elif load == "restore_channels":
+        restore_channels(fresh, {k: v.clone() for k, v in pruned.state_dict().items()}, example)
+    else:
+        raise ValueError(f"load must be one of {LOADERS}, got {load!r}")
+    return fresh.eval()
+
+
+def tiny_swin(
+    depths: tuple[int, int] = (1, 1), heads: tuple[int, int] = (1, 1), window: int = 2
+) -> nn.Module:
+    """torchvision's Swin V1 at toy size (embedding 16, patches of 4, 10 classes), in eval mode: two
+    stages of ``depths`` blocks with ``heads`` heads each, windows of ``window``."""
+    from torchvision.models import SwinTransformer
+
+    return SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=16,
+        depths=list(depths),
+        num_heads=list(heads),
+        window_size=[window, window],
+        stochastic_depth_prob=0.0,
+        num_classes=10,
+    ).eval()

@@ -17,10 +17,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from models import TextClassifier, TextDecoder, least_squares_refit, token_batches
+from models import LOADERS, TextClassifier, TextDecoder, least_squares_refit, reloaded, token_batches
 from torch import nn
 
-from lightning_eigendamage import enable_pruned_loading, prune_channels, restore_channels, restore_pruned
+from lightning_eigendamage import prune_channels, restore_pruned
 from lightning_eigendamage.attention import (
     PrunedHeadsAttention,
     find_head_blocks,
@@ -314,16 +314,8 @@ def test_encoder_layers_lose_heads_run_in_both_modes_and_reload(tmp_path) -> Non
     model.eval()
     path = tmp_path / "pruned.pt"
     torch.save(model.state_dict(), path)
-    for load in ("restore_pruned", "hook", "restore_channels"):
-        fresh = TextClassifier()
-        if load == "restore_pruned":
-            restore_pruned(fresh, path)
-        elif load == "hook":
-            enable_pruned_loading(fresh)
-            fresh.load_state_dict(torch.load(path, weights_only=True))
-        else:  # a metadata-less copy: widths and heads from the shapes alone
-            restore_channels(fresh, {k: v.clone() for k, v in model.state_dict().items()}, x)
-        fresh.eval()
+    for load in LOADERS:
+        fresh = reloaded(TextClassifier, model, path, x, load)
         assert [layer.self_attn.num_heads for layer in fresh.enc.layers] == heads
         with torch.no_grad():
             assert torch.equal(fresh(x), eager), load

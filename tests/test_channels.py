@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from models import ResBlock, TinyResNet
+from models import ResBlock, TinyResNet, tiny_swin
 from torch import nn
 
 from lightning_eigendamage.channels import engine as channels_mod
@@ -317,17 +317,7 @@ def _tiny_maxvit() -> nn.Module:
 
 
 def _tiny_swin() -> nn.Module:
-    from torchvision.models import SwinTransformer
-
-    return SwinTransformer(
-        patch_size=[4, 4],
-        embed_dim=16,
-        depths=[1, 1],
-        num_heads=[1, 1],
-        window_size=[2, 2],
-        stochastic_depth_prob=0.0,
-        num_classes=10,
-    )
+    return tiny_swin()
 
 
 @pytest.mark.parametrize(

@@ -15,9 +15,10 @@ import warnings
 
 import pytest
 import torch
+from models import LOADERS, reloaded, tiny_swin
 from torch import nn
 
-from lightning_eigendamage import enable_pruned_loading, prune_channels, restore_channels, restore_pruned
+from lightning_eigendamage import prune_channels
 from lightning_eigendamage.attention import (
     find_head_blocks,
     functional_owners,
@@ -32,18 +33,8 @@ torchvision = pytest.importorskip("torchvision")
 def _swin() -> nn.Module:
     """Two stages of two blocks (the second of each shifted), window 3 on a 10×10 map (padded to
     12×12), 2 and 4 heads of 8."""
-    from torchvision.models import SwinTransformer
-
     torch.manual_seed(0)
-    return SwinTransformer(
-        patch_size=[4, 4],
-        embed_dim=16,
-        depths=[2, 2],
-        num_heads=[2, 4],
-        window_size=[3, 3],
-        stochastic_depth_prob=0.0,
-        num_classes=10,
-    ).eval()
+    return tiny_swin(depths=(2, 2), heads=(2, 4), window=3)
 
 
 def _x(n: int = 2) -> torch.Tensor:
@@ -147,16 +138,8 @@ def test_a_small_swin_loses_heads_and_widths_and_reloads(tmp_path) -> None:
     net.eval()
     path = tmp_path / "swin.pt"
     torch.save(net.state_dict(), path)
-    for load in ("restore_pruned", "hook", "restore_channels"):
-        fresh = _swin()
-        if load == "restore_pruned":
-            restore_pruned(fresh, path)
-        elif load == "hook":
-            enable_pruned_loading(fresh)
-            fresh.load_state_dict(torch.load(path, weights_only=True))
-        else:  # widths and heads from the shapes alone
-            restore_channels(fresh, {k: v.clone() for k, v in net.state_dict().items()}, x)
-        fresh.eval()
+    for load in LOADERS:
+        fresh = reloaded(_swin, net, path, x, load)
         assert [b.module.num_heads for b in find_head_blocks(fresh)] == after, load
         with torch.no_grad():
             assert torch.equal(fresh(x), y), load
