@@ -291,7 +291,7 @@ def functional_owners(model: nn.Module) -> dict[nn.Module, nn.Module]:
     for m in model.modules():
         if isinstance(m, nn.MultiheadAttention) and not isinstance(m, PrunedHeadsAttention):
             out[m.out_proj] = m
-        elif _window(m) and type(m).__name__ != "PrunedWindowAttention":
+        elif _window(m) and reads_weights_itself(m):
             out[m.proj] = m
     return out
 

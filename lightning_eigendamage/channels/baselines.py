@@ -477,27 +477,27 @@ class _GreedyReader:
     and ``(R, d, d)``, and advance together: one batched operation per step instead of one per
     reader."""
 
-    def __init__(self, readers: Sequence[Reader]) -> None:
-        if any(r.update.g is None for r in readers):
+    def __init__(self, readers: Sequence[tuple[Reader, tuple[dict[int, list[int]], list[int]]]]) -> None:
+        """``readers``: each with its :func:`_layout`, the first's local layout shared by all."""
+        if any(r.update.g is None for r, _ in readers):
             raise ValueError("every reader needs its G (InputObsUpdate.g) to weigh the damage")
-        self.cols, mine = _layout(readers[0])
+        self.cols, mine = readers[0][1]
         ws, ps, gws = [], [], []
-        for r in readers:
+        for r, (_, columns) in readers:
             u = r.update
             w = _f64(u.weight)
-            idx = torch.tensor(_layout(r)[1], device=w.device)
+            idx = torch.tensor(columns, device=w.device)
             ws.append(w.index_select(1, idx))
             ps.append(_f64(u.a_inv).index_select(0, idx).index_select(1, idx))
             gws.append(_f64(u.g).to(w.device) @ ws[-1])
         self.w, self.p, self.gw = torch.stack(ws), torch.stack(ps), torch.stack(gws)
-        self.t = torch.tensor([float(r.update.locations) for r in readers], dtype=torch.float64)
+        self.t = torch.tensor([float(r.update.locations) for r, _ in readers], dtype=torch.float64)
         self.t = self.t.to(self.w.device)
         self.pos = torch.arange(len(mine))  # local column → kept position (-1: removed)
 
     @staticmethod
-    def key(reader: Reader) -> tuple:
-        """Readers with equal keys can share one state."""
-        cols, _ = _layout(reader)
+    def key(reader: Reader, cols: dict[int, list[int]]) -> tuple:
+        """Readers with equal keys (``cols``: the reader's local layout) can share one state."""
         w = reader.update.weight
         return (tuple(sorted((c, tuple(cc)) for c, cc in cols.items())), int(w.shape[0]), str(w.device))
 
@@ -581,9 +581,10 @@ def greedy_input_obs_scores(
     if max_steps < 1:
         raise ValueError(f"max_steps must be at least 1, got {max_steps}")
     scores = torch.zeros(n, dtype=torch.float64)
-    alike: dict[tuple, list[Reader]] = {}
+    alike: dict[tuple, list] = {}
     for r in readers:
-        alike.setdefault(_GreedyReader.key(r), []).append(r)
+        laid = _layout(r)  # once per reader: it keys the stacking and builds the state
+        alike.setdefault(_GreedyReader.key(r, laid[0]), []).append((r, laid))
     states = [_GreedyReader(rs) for rs in alike.values()]
     groups = [list(u) for u in units] if units is not None else [[c] for c in range(n)]
     read = set().union(*(st.cols for st in states)) if states else set()

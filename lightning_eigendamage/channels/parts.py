@@ -93,6 +93,16 @@ class PartsGraph:
         self.error = error
         self.module2node = {k: v for p in parts for k, v in p.graph.module2node.items()}
         self._first = parts[0].graph
+        # which part answers for a module: the part it belongs to, else (Torch-Pruning's own
+        # nodes: its stand-ins for ops, bare parameters) the first graph that holds it
+        self._owner: dict[Any, Part] = {}
+        for p in parts:
+            for m in p.graph.module2node:
+                if m in p.layers:
+                    self._owner.setdefault(m, p)
+        for p in parts:
+            for m in p.graph.module2node:
+                self._owner.setdefault(m, p)
 
     def uncovered(self) -> dict[str, str]:
         """``{name: reason}`` for the model's Conv2d/Linear layers in no traced part: the reason
@@ -112,13 +122,10 @@ class PartsGraph:
         return out
 
     def _part_of(self, module: Any) -> Part:
-        for p in self.parts:
-            if module in p.layers and module in p.graph.module2node:
-                return p
-        for p in self.parts:  # Torch-Pruning's own nodes (its stand-ins for ops, bare parameters)
-            if module in p.graph.module2node:
-                return p
-        raise KeyError(f"{type(module).__name__} is in no traced part of the model")
+        part = self._owner.get(module)
+        if part is None:
+            raise KeyError(f"{type(module).__name__} is in no traced part of the model")
+        return part
 
     def get_all_groups(self, ignored_layers: Sequence[Any] = (), **kwargs: Any) -> Iterator[Any]:
         """Every part's groups (its output layers ignored as well), without those that narrow a
