@@ -12,9 +12,12 @@ block with ``H`` heads of ``d`` dimensions owns
   reader (the head is one "channel" whose ``d`` columns go together).
 
 Four forms are recognised (:func:`find_head_blocks`): ``nn.MultiheadAttention`` with a packed
-in-projection (``kdim == vdim == embed_dim``); torchvision's Swin V1 window attention (its
-relative-position bias table loses the head's column; it becomes
-:class:`~lightning_eigendamage.window_attention.PrunedWindowAttention`); a module with an integer
+in-projection (``kdim == vdim == embed_dim``); torchvision's window attentions, Swin V1's
+``ShiftedWindowAttention`` (``qkv``, ``proj``, ``num_heads``) and MaxViT's
+``RelativePositionalMultiHeadAttention`` (``to_qkv``, ``merge``, ``n_heads``), whose in-projection
+is laid out ``(3, H, d)`` and whose relative-position bias table loses the head's column (they
+become :class:`~lightning_eigendamage.window_attention.PrunedWindowAttention` and
+:class:`~lightning_eigendamage.window_attention.PrunedRelativeAttention`); a module with an integer
 ``num_heads`` and child Linears ``qkv`` (``3·D`` outputs) and ``proj`` (``D`` inputs); and one
 with ``num_heads`` and ``q_proj``/``k_proj``/``v_proj``/``out_proj``. A module of the last two
 forms is only pruned if its ``forward`` still runs with a head fewer once ``num_heads`` is
@@ -177,7 +180,8 @@ class HeadBlock:
     Attributes:
         name: the module's qualified name; ``module``: the module; ``kind``: ``"mha"``, ``"window"``,
             ``"qkv"`` or ``"split"``; ``num_heads``/``head_dim``: ``H`` and ``d`` now; ``reader``: the output
-            projection (``out_proj`` / ``proj``), a Linear with ``H·d`` inputs; ``reader_name``.
+            projection (``out_proj`` / ``proj`` / MaxViT's ``merge``), a Linear with ``H·d`` inputs;
+            ``reader_name``.
     """
 
     name: str
@@ -192,7 +196,11 @@ class HeadBlock:
     def producers(self) -> list[nn.Linear]:
         """The Linear layers whose rows are the heads' q, k, v (none for ``"mha"``)."""
         m = self.module
-        if self.kind in ("qkv", "window"):
+        if self.kind == "window":
+            from .window_attention import projections
+
+            return [m._modules[projections(m)[0]]]
+        if self.kind == "qkv":
             return [m.qkv]
         if self.kind == "split":
             return [m.q_proj, m.k_proj, m.v_proj]
@@ -204,16 +212,40 @@ class HeadBlock:
         return [h * d + j for h in sorted(heads) for j in range(d)]
 
 
+_WINDOW_CLASSES = (
+    "ShiftedWindowAttention",
+    "PrunedWindowAttention",
+    "RelativePositionalMultiHeadAttention",
+    "PrunedRelativeAttention",
+)
+
+
 def _window(module: Any) -> bool:
-    """torchvision's Swin V1 window attention (or its pruned form): it reads ``qkv.weight`` and
-    ``proj.weight`` itself (see :mod:`~lightning_eigendamage.window_attention`)."""
+    """torchvision's Swin V1 window attention or MaxViT's relative-position attention (or their
+    pruned forms; see :mod:`~lightning_eigendamage.window_attention`)."""
     if not type(module).__module__.startswith(("torchvision.", "lightning_eigendamage.")):
         return False
-    if type(module).__name__ not in ("ShiftedWindowAttention", "PrunedWindowAttention"):
+    if type(module).__name__ not in _WINDOW_CLASSES:
         return False
     from .window_attention import is_window_attention
 
     return is_window_attention(module)
+
+
+def heads_attribute(module: nn.Module) -> str:
+    """The attribute that holds ``module``'s head count: ``n_heads`` for MaxViT's attention (and
+    its pruned form), ``num_heads`` for every other form."""
+    if _window(module):
+        from .window_attention import heads_attribute as window_heads
+
+        return window_heads(module)
+    return "num_heads"
+
+
+def head_count(module: nn.Module) -> int | None:
+    """``module``'s head count (:func:`heads_attribute`), or None where it has no integer one."""
+    h = getattr(module, heads_attribute(module), None)
+    return h if isinstance(h, int) and not isinstance(h, bool) else None
 
 
 def _linear(m: Any) -> bool:
@@ -221,8 +253,8 @@ def _linear(m: Any) -> bool:
 
 
 def head_block(name: str, module: nn.Module) -> HeadBlock | None:
-    """``module`` as a :class:`HeadBlock`, or None if it is none of the three forms."""
-    h = getattr(module, "num_heads", None)
+    """``module`` as a :class:`HeadBlock`, or None if it is none of the four forms."""
+    h = head_count(module)
     if isinstance(module, nn.MultiheadAttention):
         packed = module._qkv_same_embed_dim or isinstance(module, PrunedHeadsAttention)
         if module.in_proj_weight is None or not packed:
@@ -232,14 +264,18 @@ def head_block(name: str, module: nn.Module) -> HeadBlock | None:
         if d < 1 or inner != d * module.num_heads or module.in_proj_weight.shape[0] != 3 * inner:
             return None
         return HeadBlock(name, module, "mha", module.num_heads, d, module.out_proj, _join(name, "out_proj"))
-    if not isinstance(h, int) or isinstance(h, bool) or h < 1:
+    if h is None or h < 1:
         return None
     kids = module._modules
     if _window(module):
-        inner = kids["proj"].in_features
-        if inner % h or kids["qkv"].out_features != 3 * inner:
+        from .window_attention import projections
+
+        qkv, proj = projections(module)
+        inner = kids[proj].in_features
+        d = getattr(module, "head_dim", inner // h)  # Swin V1's torchvision form has none
+        if inner % h or d != inner // h or kids[qkv].out_features != 3 * inner:
             return None
-        return HeadBlock(name, module, "window", h, inner // h, kids["proj"], _join(name, "proj"))
+        return HeadBlock(name, module, "window", h, d, kids[proj], _join(name, proj))
     if _linear(kids.get("qkv")) and _linear(kids.get("proj")):
         inner = kids["proj"].in_features
         if inner % h == 0 and kids["qkv"].out_features == 3 * inner:
@@ -286,7 +322,7 @@ def functional_owners(model: nn.Module) -> dict[nn.Module, nn.Module]:
     """``output projection → its attention module`` for every attention of ``model`` that reads
     its output projection's weights itself: ``nn.MultiheadAttention`` (its ``out_proj``; not
     :class:`PrunedHeadsAttention`, which calls it as a module) and torchvision's Swin window
-    attention (its ``proj``; not the pruned form)."""
+    attention (its ``proj``; not the pruned form; MaxViT's attention calls ``merge`` as a module)."""
     out: dict[nn.Module, nn.Module] = {}
     for m in model.modules():
         if isinstance(m, nn.MultiheadAttention) and not isinstance(m, PrunedHeadsAttention):
@@ -299,10 +335,15 @@ def functional_owners(model: nn.Module) -> dict[nn.Module, nn.Module]:
 def reads_weights_itself(module: nn.Module) -> bool:
     """Whether ``module`` applies its child Linears through their weights (``F.linear``), so hooks
     on them never fire: ``nn.MultiheadAttention`` and torchvision's Swin window attention (not
-    their pruned forms, which call them as modules)."""
+    their pruned forms, which call them as modules, nor MaxViT's attention, which calls
+    ``to_qkv`` and ``merge`` as modules)."""
     if isinstance(module, nn.MultiheadAttention):
         return True  # PrunedHeadsAttention calls out_proj, but its in-projection is a parameter
-    return _window(module) and type(module).__name__ != "PrunedWindowAttention"
+    if not _window(module):
+        return False
+    from .window_attention import reads_weights_itself as window_reads
+
+    return window_reads(module)
 
 
 def _reader_key(module: nn.Module) -> str:
@@ -399,9 +440,11 @@ def remove_heads(
     block: HeadBlock, heads: Sequence[int]
 ) -> list[tuple[str, nn.Parameter, nn.Parameter, torch.Tensor]]:
     """Remove ``heads`` (indices ``< block.num_heads``) from ``block`` in place: the producers'
-    rows, the reader's columns, ``num_heads`` lowered (an ``nn.MultiheadAttention`` becomes a
-    :class:`PrunedHeadsAttention`). Returns ``(parameter name relative to the block, old, new,
-    flat index of new in old)`` for every narrowed parameter. At least one head must stay."""
+    rows, the reader's columns, a window attention's bias-table columns, the head count lowered
+    (``num_heads``, MaxViT's ``n_heads``; an ``nn.MultiheadAttention`` becomes a
+    :class:`PrunedHeadsAttention`, a window attention its pruned form). Returns ``(parameter name
+    relative to the block, old, new, flat index of new in old)`` for every narrowed parameter. At
+    least one head must stay."""
     heads = sorted(set(int(h) for h in heads))
     if not heads:
         return []
@@ -426,6 +469,10 @@ def remove_heads(
         m._qkv_same_embed_dim = False
     else:
         names = ["q_proj", "k_proj", "v_proj"] if block.kind == "split" else ["qkv"]
+        if block.kind == "window":
+            from .window_attention import projections
+
+            names = [projections(m)[0]]
         for k in names:
             lin = m._modules[k]
             cut(lin, k, "weight", 0, lin.out_features, rows)
@@ -440,7 +487,7 @@ def remove_heads(
 
         cut(m, "", "relative_position_bias_table", 1, block.num_heads, heads)
         as_pruned(m, block.head_dim)
-    m.num_heads = block.num_heads - len(heads)
+    setattr(m, heads_attribute(m), block.num_heads - len(heads))
     return out
 
 

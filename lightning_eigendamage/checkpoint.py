@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from .attention import PrunedHeadsAttention, head_block
+from .attention import PrunedHeadsAttention, head_block, head_count, heads_attribute
 from .eigenbasis.layers import KFELayer, architecture_record, is_record, same_architecture
 from .eigenbasis.surgery import layers_for_records, records_in, swap_modules
 
@@ -37,12 +37,13 @@ class NarrowedMark:
     metadata (``state_dict._metadata``, kept by ``torch.save`` and loaded with
     ``weights_only=True``), so that a loading hook narrows exactly the layers that were narrowed,
     from their tensors' shapes (:func:`narrowed_modules`). An attention module whose heads were
-    removed also records its ``num_heads``. A class, so the module stays picklable."""
+    removed also records its head count as ``num_heads`` (MaxViT's attention holds it as
+    ``n_heads``). A class, so the module stays picklable."""
 
     def __call__(self, module: nn.Module, state_dict: Any, prefix: str, local_metadata: dict) -> None:
         meta: dict[str, Any] = {"structure": "channels"}
-        heads = getattr(module, "num_heads", None)
-        if isinstance(heads, int) and not isinstance(heads, bool):
+        heads = head_count(module)
+        if heads is not None:
             meta["num_heads"] = heads
         local_metadata[NARROWED] = meta
 
@@ -416,7 +417,8 @@ def narrowed_modules(
                 continue
             shapes[key] = tuple(value.shape)
         heads = metadata[pre[:-1]][NARROWED].get("num_heads")
-        heads = heads if isinstance(heads, int) and heads != getattr(module, "num_heads", heads) else None
+        now = head_count(module)
+        heads = heads if isinstance(heads, int) and now is not None and heads != now else None
         if shapes or heads is not None:
             out[name] = _narrowed(module, shapes, name or type(module).__name__, heads)
     return _nested(out)
@@ -438,7 +440,7 @@ def _narrowed(
     module: nn.Module, shapes: dict[str, tuple[int, ...]], name: str, heads: int | None = None
 ) -> nn.Module:
     """An empty copy of ``module`` with the tensors of ``shapes`` and the widths they imply
-    (``heads``: its ``num_heads`` as recorded, for an attention module whose heads were removed)."""
+    (``heads``: its head count as recorded, for an attention module whose heads were removed)."""
     new = copy.copy(module)
     new._parameters = dict(module._parameters)
     new._buffers = dict(module._buffers)
@@ -485,13 +487,13 @@ def _narrowed(
             new._qkv_same_embed_dim = False
         widths = {"in_proj_bias": rows}
     elif heads is not None and (not shapes or window is not None):
-        # an attention module: its projections are its children (Swin's window attention also
-        # holds one relative-position bias column per head, narrowed above)
+        # an attention module: its projections are its children (Swin's and MaxViT's window
+        # attentions also hold one relative-position bias column per head, narrowed above)
         if window is not None:
             from .window_attention import as_pruned
 
             as_pruned(new, window.head_dim)
-        new.num_heads = heads
+        setattr(new, heads_attribute(module), heads)
         widths = {}
     elif isinstance(module, nn.modules.conv._ConvNd):
         g = module.groups
