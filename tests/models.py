@@ -233,3 +233,21 @@ def tiny_swin(
         stochastic_depth_prob=0.0,
         num_classes=10,
     ).eval()
+
+
+def tiny_maxvit(channels: int = 16, head_dim: int = 8, layers: int = 1) -> nn.Module:
+    """torchvision's MaxViT at toy size (stem 8, partitions of 2 on 32×32 inputs, 10 classes): one
+    stage of ``layers`` blocks ``channels`` wide, attention heads of ``head_dim`` (``channels //
+    head_dim`` heads in each block's window and grid attention)."""
+    from torchvision.models import MaxVit
+
+    return MaxVit(
+        input_size=(32, 32),
+        stem_channels=8,
+        partition_size=2,
+        block_channels=[channels],
+        block_layers=[layers],
+        head_dim=head_dim,
+        stochastic_depth_prob=0.0,
+        num_classes=10,
+    )

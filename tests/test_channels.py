@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from models import ResBlock, TinyResNet, tiny_swin
+from models import ResBlock, TinyResNet, tiny_maxvit, tiny_swin
 from torch import nn
 
 from lightning_eigendamage.channels import engine as channels_mod
@@ -302,18 +302,7 @@ def test_a_model_torch_pruning_cannot_trace_is_a_clear_error_and_stays_as_it_was
 
 
 def _tiny_maxvit() -> nn.Module:
-    from torchvision.models import MaxVit
-
-    return MaxVit(
-        input_size=(32, 32),
-        stem_channels=8,
-        partition_size=2,
-        block_channels=[16],
-        block_layers=[1],
-        head_dim=8,
-        stochastic_depth_prob=0.0,
-        num_classes=10,
-    )
+    return tiny_maxvit()
 
 
 def _tiny_swin() -> nn.Module:

@@ -1,11 +1,13 @@
-"""Heads of torchvision's Swin window attention (:mod:`lightning_eigendamage.window_attention`).
+"""Heads of torchvision's window attentions, Swin V1 and MaxViT
+(:mod:`lightning_eigendamage.window_attention`).
 
 Checked against independent computations: :class:`PrunedWindowAttention` with every head equals
-torchvision's ``ShiftedWindowAttention`` (padding, cyclic shift and its mask included); removing a
-head equals zeroing its columns of ``proj``; the routed capture hands ``proj`` the same input that
-the pruned form's own module call does and leaves the outputs unchanged; a small Swin (whose whole
-channel graph cannot be built) loses heads and feed-forward widths and reloads exactly through the
-three loaders.
+torchvision's ``ShiftedWindowAttention`` (padding, cyclic shift and its mask included), and
+:class:`PrunedRelativeAttention` MaxViT's ``RelativePositionalMultiHeadAttention``; removing a head
+equals zeroing its columns of ``proj`` (``merge``); the routed capture hands ``proj`` the same input
+that the pruned form's own module call does and leaves the outputs unchanged (MaxViT's ``merge``
+is called as a module: nothing to route); a small Swin and a small MaxViT (whose whole channel
+graphs cannot be built) lose heads and reload exactly through the three loaders.
 """
 
 from __future__ import annotations
@@ -15,17 +17,18 @@ import warnings
 
 import pytest
 import torch
-from models import LOADERS, reloaded, tiny_swin
+from models import LOADERS, reloaded, tiny_maxvit, tiny_swin
 from torch import nn
 
 from lightning_eigendamage import prune_channels
 from lightning_eigendamage.attention import (
     find_head_blocks,
     functional_owners,
+    reads_weights_itself,
     remove_heads,
     routed_out_projections,
 )
-from lightning_eigendamage.window_attention import PrunedWindowAttention, as_pruned
+from lightning_eigendamage.window_attention import PrunedRelativeAttention, PrunedWindowAttention, as_pruned
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -141,5 +144,123 @@ def test_a_small_swin_loses_heads_and_widths_and_reloads(tmp_path) -> None:
     for load in LOADERS:
         fresh = reloaded(_swin, net, path, x, load)
         assert [b.module.num_heads for b in find_head_blocks(fresh)] == after, load
+        with torch.no_grad():
+            assert torch.equal(fresh(x), y), load
+
+
+# ---------------------------------------------------------------------------------------------
+# MaxViT
+# ---------------------------------------------------------------------------------------------
+
+
+def _maxvit() -> nn.Module:
+    """One stage of two MaxViT blocks 32 wide: four attentions (window and grid) of 4 heads of 8
+    over groups of 4 tokens, with relative-position bias tables of unit scale (torchvision draws
+    them at 0.02: a wrong column would barely show)."""
+    torch.manual_seed(0)
+    net = tiny_maxvit(channels=32, head_dim=8, layers=2).eval()
+    with torch.no_grad():
+        for b in find_head_blocks(net):
+            b.module.relative_position_bias_table.normal_()
+    return net
+
+
+def _mx(n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_the_pruned_form_with_every_head_is_maxvits_relative_attention() -> None:
+    from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
+
+    torch.manual_seed(0)
+    attn = RelativePositionalMultiHeadAttention(feat_dim=32, head_dim=8, max_seq_len=9).eval()
+    with torch.no_grad():
+        attn.relative_position_bias_table.normal_()
+    x = torch.randn(2, 5, 9, 32)  # (B, G, P, D): 5 groups of 3×3 tokens
+    ours = copy.deepcopy(attn)
+    as_pruned(ours, 8)
+    assert type(ours) is PrunedRelativeAttention and (ours.n_heads, ours.head_dim) == (4, 8)
+    assert ours.scale_factor == attn.scale_factor == 32**-0.5  # as built, not recomputed
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), attn(x), rtol=1e-5, atol=1e-6)
+    # to_qkv and merge are called as modules: no routed capture, their hooks fire
+    assert not reads_weights_itself(attn) and not reads_weights_itself(ours)
+    seen = []
+    hook = ours.merge.register_forward_hook(lambda m, a, o: seen.append(a[0].shape))
+    with torch.no_grad():
+        ours(x)
+    hook.remove()
+    assert seen == [torch.Size([2, 5, 9, 32])]
+    # in a whole model: the window and the grid attentions of each block
+    net, x = _maxvit(), _mx()
+    blocks = find_head_blocks(net)
+    assert [(b.kind, b.num_heads, b.head_dim, b.reader_name.rpartition(".")[2]) for b in blocks] == [
+        ("window", 4, 8, "merge")
+    ] * 4
+    assert [p for b in blocks for p in b.producers] == [b.module.to_qkv for b in blocks]
+    assert functional_owners(net) == {}
+    ours = copy.deepcopy(net)
+    for b in find_head_blocks(ours):
+        as_pruned(b.module, b.head_dim)
+    assert all(type(b.module) is PrunedRelativeAttention for b in find_head_blocks(ours))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), net(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("heads", [[0], [1], [0, 2], [1, 2, 3]])
+def test_removing_maxvit_heads_equals_zeroing_their_merge_columns(heads: list[int]) -> None:
+    net, x = _maxvit(), _mx()
+    removed, zeroed = copy.deepcopy(net), copy.deepcopy(net)
+    for br, bz in zip(find_head_blocks(removed), find_head_blocks(zeroed)):
+        with torch.no_grad():
+            bz.reader.weight[:, bz.columns(heads)] = 0.0
+        kept = [h for h in range(4) if h not in heads]
+        table = br.module.relative_position_bias_table.detach().clone()
+        remove_heads(br, heads)
+        m = br.module
+        assert type(m) is PrunedRelativeAttention and m.n_heads == 4 - len(heads) and m.head_dim == 8
+        assert m.to_qkv.weight.shape == (3 * 8 * m.n_heads, 32) and m.to_qkv.out_features == 24 * m.n_heads
+        assert m.merge.weight.shape == (32, 8 * m.n_heads) and m.merge.in_features == 8 * m.n_heads
+        assert torch.equal(m.relative_position_bias_table, table[:, kept])  # one column per kept head
+        assert m.scale_factor == 32**-0.5
+    with torch.no_grad():
+        torch.testing.assert_close(removed(x), zeroed(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_small_maxvit_loses_heads_and_reloads(tmp_path) -> None:
+    net, x = _maxvit(), _mx(8)
+    batches = [(x, torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(2)))]
+    before = [b.num_heads for b in find_head_blocks(net)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = prune_channels(net, batches, ratio=0.4, target="flops")
+    assert report.target_reached
+    blocks = find_head_blocks(net)
+    after = [b.module.n_heads for b in blocks]
+    assert sum(after) < sum(before) and all(h >= 1 for h in after)
+    for b in blocks:
+        m, h = b.module, b.module.n_heads
+        assert (b.num_heads, b.head_dim) == (h, 8) and m.scale_factor == 32**-0.5
+        assert m.to_qkv.out_features == m.to_qkv.weight.shape[0] == 3 * h * 8
+        assert m.merge.in_features == m.merge.weight.shape[1] == h * 8
+        assert m.relative_position_bias_table.shape == (9, h)
+        if h < 4:  # its heads went, so its to_qkv rows went: not listed as left whole
+            assert type(m) is PrunedRelativeAttention
+            assert f"{b.name}.to_qkv" not in report.skipped and f"heads of {b.name}" not in report.skipped
+    assert "heads" in report.summary()
+    y = net(x)
+    assert y.shape == (8, 10) and torch.isfinite(y).all()
+    trained = copy.deepcopy(net).train()  # a copy: train mode moves the BatchNorm statistics
+    trained(x).sum().backward()
+    assert all(
+        p.grad is not None and torch.isfinite(p.grad).all() for p in trained.parameters() if p.requires_grad
+    )
+    path = tmp_path / "maxvit.pt"
+    torch.save(net.state_dict(), path)
+    for load in LOADERS:
+        fresh = reloaded(_maxvit, net, path, x, load)
+        got = find_head_blocks(fresh)
+        assert [b.module.n_heads for b in got] == after, load
+        assert [type(b.module) for b in got] == [type(b.module) for b in blocks], load
         with torch.no_grad():
             assert torch.equal(fresh(x), y), load
