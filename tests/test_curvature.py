@@ -414,3 +414,33 @@ def test_patch_a_is_the_same_sum_by_rows_and_by_examples(size):
     _, p_ref = _brute_conv_a(conv, x)
     assert rows == 5 * size[0] * size[1]
     torch.testing.assert_close(p_sum.double() / rows, p_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_floats", [1, 50, 2**25])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(kernel_size=3, padding=1),
+        dict(kernel_size=3, stride=2, padding=1),
+        dict(kernel_size=(3, 2), stride=(2, 3), dilation=(2, 1), padding=(2, 0)),
+        dict(kernel_size=5, padding=2, padding_mode="reflect"),
+    ],
+)
+def test_patch_a_by_row_lags_is_the_unfold_definition(kwargs, block_floats, monkeypatch):
+    """The row-lag sum (one batched product per kernel-row lag, rows taken in chunks of at most
+    ``block_floats`` products) is the Gram of the unfolded patches, also for a channels-last
+    (non-contiguous) input; the path is taken where it needs fewer multiply-adds."""
+    from lightning_eigendamage.curvature import factors
+
+    calls = []
+    real = factors._patch_a_by_row_lags
+    monkeypatch.setattr(factors, "_BLOCK_FLOATS", block_floats)
+    monkeypatch.setattr(factors, "_patch_a_by_row_lags", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, **kwargs)
+    x = torch.randn(2, 3, 13, 11).to(memory_format=torch.channels_last)
+    p_sum, rows = conv_patch_a(x, conv)
+    _, p_ref = _brute_conv_a(conv, x.contiguous())
+    assert calls, "the row-lag path was not taken"
+    assert rows == 2 * conv(x).shape[2] * conv(x).shape[3]
+    torch.testing.assert_close(p_sum.double() / rows, p_ref, rtol=1e-5, atol=1e-6)

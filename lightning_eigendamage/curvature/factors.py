@@ -126,17 +126,42 @@ def conv_patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
 
 
-def conv_patch_a(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, int]:
-    """Patch-form ``Σ_{n,t} p pᵀ`` ``(C_in·kh·kw, C_in·kh·kw)`` by unfolding, and ``N·T``.
+_BLOCK_FLOATS = 2**25  # at most ~128 MiB (float32) of per-row products held at once
 
-    With many positions per example (``T ≥ d/2``, ``d = C_in·k²``: the early, wide-image layers)
-    it is summed example by example, ``Σ_n P_n P_nᵀ`` by batched products on the unfolded
-    ``(N, d, T)`` as it is (no transposed copy of the patches: about half the time there); with
-    few, as one product of the ``(N·T, d)`` rows."""
-    patches = conv_patches(x, conv)  # (N, d, T)
-    n, d, t = patches.shape
+
+def conv_patch_a(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, int]:
+    """Patch-form ``Σ_{n,t} p pᵀ`` ``(C_in·kh·kw, C_in·kh·kw)`` and the number of rows ``N·T``.
+
+    ``p`` is the ``C_in·kh·kw`` patch read at output position ``t = (i, j)``: entry ``(c, a, b)``
+    is ``X[n, c, i·sh + a·dh, j·sw + b·dw]`` of the padded input ``X`` ``(N, C_in, Hp, Wp)``.
+    Two ways give the same sum:
+
+    - *row lags* (used where it needs fewer multiply-adds): with ``Z[r]`` ``(C_in·kw, N·W_out)``
+      the input row ``r`` unfolded along the width only (``Z[r][(c, b), (n, j)] = X[n, c, r,
+      j·sw + b·dw]``), the block of kernel rows ``(a, a')`` is
+      ``Σ_{i<H_out} Z[r_i] Z[r_i + (a'−a)·dh]ᵀ`` with ``r_i = i·sh + a·dh``. One batched product
+      per row lag ``a' − a ≥ 0`` serves every ``a`` (the blocks of negative lags are transposes):
+      about ``kh`` times fewer multiply-adds than the full Gram, and a copy ``kw`` (not
+      ``kh·kw``) times the input's size;
+    - *unfolding* (:func:`conv_patches`) and one Gram of the patches.
+    """
+    top, bottom, left, right = conv_padding(conv)
+    if any((top, bottom, left, right)):
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, (left, right, top, bottom), mode=mode)
+    n, c, hp, wp = x.shape
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    h_out = (hp - dh * (kh - 1) - 1) // sh + 1
+    w_out = (wp - dw * (kw - 1) - 1) // sw + 1
+    # rows r = 0 … (kh−1−lag)·dh + (H_out−1)·sh of each lag's product are read
+    spans = [(kh - 1 - lag) * dh + (h_out - 1) * sh + 1 for lag in range(kh)]
+    if kh > 1 and sum(spans) < kh * kh * h_out:
+        return _patch_a_by_row_lags(x, (kh, kw), (sh, sw), (dh, dw), (h_out, w_out), spans), n * h_out * w_out
+    patches = F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)  # (N, d, T)
+    d, t = patches.shape[1:]
     if 2 * t >= d:
-        chunk = max(1, min(n, 2**25 // max(d * d, 1)))  # at most ~128 MiB of (chunk, d, d) products
+        # many positions per example: Σ_n P_n P_nᵀ by batched products on (N, d, T) as it is
+        chunk = max(1, min(n, _BLOCK_FLOATS // max(d * d, 1)))
         a = patches.new_zeros(d, d)
         for i in range(0, n, chunk):
             p = patches[i : i + chunk]
@@ -144,6 +169,44 @@ def conv_patch_a(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, int]:
         return a, n * t
     rows = patches.transpose(1, 2).reshape(-1, d)  # (N·T, d)
     return rows.T @ rows, rows.shape[0]
+
+
+def _patch_a_by_row_lags(
+    x: torch.Tensor,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    out_size: tuple[int, int],
+    spans: list[int],
+) -> torch.Tensor:
+    """The row-lag sum of :func:`conv_patch_a` on the padded input ``x`` ``(N, C, Hp, Wp)``."""
+    n, c, _, _ = x.shape
+    (kh, kw), (sh, sw), (dh, dw), (h_out, w_out) = kernel, stride, dilation, out_size
+    s = x.stride()
+    width = c * kw
+    rows_used = spans[0]
+    z = x.as_strided((rows_used, c, kw, n, w_out), (s[2], s[1], s[3] * dw, s[0], s[3] * sw))
+    z = z.reshape(rows_used, width, n * w_out)  # one copy, kw times the input rows it holds
+    a6 = x.new_zeros(c, kh, kw, c, kh, kw)
+    chunk = max(1, _BLOCK_FLOATS // (width * width))
+    for lag in range(kh):
+        shift = lag * dh
+        sums = [x.new_zeros(width, width) for _ in range(kh - lag)]
+        for r0 in range(0, spans[lag], chunk):
+            r1 = min(spans[lag], r0 + chunk)
+            prod = torch.bmm(z[r0:r1], z[r0 + shift : r1 + shift].transpose(1, 2))  # (r1−r0, w, w)
+            for a in range(kh - lag):
+                first = a * dh  # kernel row a reads rows first + i·sh, i < H_out
+                lo = first + max(0, -(-(r0 - first) // sh)) * sh
+                hi = min(r1, first + (h_out - 1) * sh + 1)
+                if lo < hi:
+                    sums[a] += prod[lo - r0 : hi - r0 : sh].sum(0)
+        for a, block in enumerate(sums):
+            block = block.view(c, kw, c, kw)
+            a6[:, a, :, :, a + lag, :] = block
+            if lag:
+                a6[:, a + lag, :, :, a, :] = block.permute(2, 3, 0, 1)
+    return a6.reshape(c * kh * kw, c * kh * kw)
 
 
 def linear_a(x: torch.Tensor) -> tuple[torch.Tensor, int]:
