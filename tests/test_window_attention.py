@@ -155,13 +155,15 @@ def test_a_small_swin_loses_heads_and_widths_and_reloads(tmp_path) -> None:
 
 def _maxvit() -> nn.Module:
     """One stage of two MaxViT blocks 32 wide: four attentions (window and grid) of 4 heads of 8
-    over groups of 4 tokens, with relative-position bias tables of unit scale (torchvision draws
-    them at 0.02: a wrong column would barely show)."""
+    over groups of 4 tokens, with relative-position bias tables and attention logits of unit
+    scale (torchvision draws the tables and ``to_qkv`` at 0.02: a wrong bias column or scale
+    would barely show)."""
     torch.manual_seed(0)
     net = tiny_maxvit(channels=32, head_dim=8, layers=2).eval()
     with torch.no_grad():
         for b in find_head_blocks(net):
             b.module.relative_position_bias_table.normal_()
+            b.module.to_qkv.weight.normal_(std=0.5)
     return net
 
 
@@ -210,6 +212,7 @@ def test_the_pruned_form_with_every_head_is_maxvits_relative_attention() -> None
 @pytest.mark.parametrize("heads", [[0], [1], [0, 2], [1, 2, 3]])
 def test_removing_maxvit_heads_equals_zeroing_their_merge_columns(heads: list[int]) -> None:
     net, x = _maxvit(), _mx()
+    tokens = torch.randn(2, 5, 4, 32, generator=torch.Generator().manual_seed(3))  # 5 groups of 2×2
     removed, zeroed = copy.deepcopy(net), copy.deepcopy(net)
     for br, bz in zip(find_head_blocks(removed), find_head_blocks(zeroed)):
         with torch.no_grad():
@@ -218,6 +221,8 @@ def test_removing_maxvit_heads_equals_zeroing_their_merge_columns(heads: list[in
         table = br.module.relative_position_bias_table.detach().clone()
         remove_heads(br, heads)
         m = br.module
+        with torch.no_grad():  # each attention alone (outputs of order one), then the model
+            torch.testing.assert_close(m(tokens), bz.module(tokens), rtol=1e-5, atol=1e-6)
         assert type(m) is PrunedRelativeAttention and m.n_heads == 4 - len(heads) and m.head_dim == 8
         assert m.to_qkv.weight.shape == (3 * 8 * m.n_heads, 32) and m.to_qkv.out_features == 24 * m.n_heads
         assert m.merge.weight.shape == (32, 8 * m.n_heads) and m.merge.in_features == 8 * m.n_heads
