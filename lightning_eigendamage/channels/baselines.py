@@ -463,6 +463,12 @@ def _layout(reader: Reader) -> tuple[dict[int, list[int]], list[int]]:
     return {c: sorted(local[x] for x in cc) for c, cc in cols.items()}, mine
 
 
+# The dtype the greedy states are updated in: float32 halves the time of the updates of ``P``
+# (the round's largest cost on DenseNet-121 and ViT-B/16) and chose the same channels as float64
+# on the three converged networks at ÷2 and ÷4 FLOPs; the increments are summed in float64.
+GREEDY_DTYPE = torch.float32
+
+
 class _GreedyReader:
     """The state of one or more readers during :func:`greedy_input_obs_scores`, on the kept
     columns of the group's channels only: ``W_K``, ``G·W_K`` and ``P_KK`` of ``P = A⁻¹``
@@ -485,13 +491,13 @@ class _GreedyReader:
         ws, ps, gws = [], [], []
         for r, (_, columns) in readers:
             u = r.update
-            w = _f64(u.weight)
+            w = u.weight.detach().to(GREEDY_DTYPE)
             idx = torch.tensor(columns, device=w.device)
             ws.append(w.index_select(1, idx))
-            ps.append(_f64(u.a_inv).index_select(0, idx).index_select(1, idx))
-            gws.append(_f64(u.g).to(w.device) @ ws[-1])
+            ps.append(u.a_inv.detach().to(GREEDY_DTYPE).index_select(0, idx).index_select(1, idx))
+            gws.append(u.g.detach().to(w.device, GREEDY_DTYPE) @ ws[-1])
         self.w, self.p, self.gw = torch.stack(ws), torch.stack(ps), torch.stack(gws)
-        self.t = torch.tensor([float(r.update.locations) for r, _ in readers], dtype=torch.float64)
+        self.t = torch.tensor([float(r.update.locations) for r, _ in readers], dtype=GREEDY_DTYPE)
         self.t = self.t.to(self.w.device)
         self.pos = torch.arange(len(mine))  # local column → kept position (-1: removed)
 
@@ -517,7 +523,7 @@ class _GreedyReader:
             # a division where a channel is one column)
             sol = wc / blocks if blocks.shape[-1] == 1 else torch.linalg.solve(blocks, wc)
             per = (gwc * sol).sum((2, 3)) * (0.5 * self.t)[:, None]  # (R, m)
-            inc.index_add_(0, chans, per.sum(0).cpu())
+            inc.index_add_(0, chans, per.sum(0).to("cpu", torch.float64))
 
     def remove(self, channels: set[int]) -> None:
         """The joint OBS removal of ``channels``' columns ``R`` from the kept ones ``K``:

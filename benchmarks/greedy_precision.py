@@ -1,0 +1,92 @@
+"""Do the greedy channel scores choose the same channels in float32 as in float64?
+
+    python benchmarks/greedy_precision.py [--data-root data] [--threads 1]
+                                          [--out benchmarks/results/converged/greedy_precision.jsonl]
+
+On each converged network of ``benchmarks/converged.py`` (full Fashion-MNIST, the dense weights
+committed in ``benchmarks/results/converged/``) and at ÷2 and ÷4 FLOPs, the channel engine
+(``structure="channels"``, ``target="flops"``, seed 0, the grid's calibration batches of seed 0)
+analyses a fresh copy and decides with the greedy states in float64 and in float32
+(``lightning_eigendamage.channels.baselines.GREEDY_DTYPE``). A row records the channels removed,
+how many differ between the two plans (symmetric difference, summed over the groups), the time
+of each decision and the test accuracy right after the cut (BatchNorm re-estimated, no
+fine-tune). The rows replace the file's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.converged import accuracy, calibration, load_dense  # noqa: E402
+from benchmarks.data import load_data  # noqa: E402
+from lightning_eigendamage import PruneOptions  # noqa: E402
+from lightning_eigendamage.channels import baselines as greedy  # noqa: E402
+from lightning_eigendamage.engine import get_engine  # noqa: E402
+
+MODELS = ("resnet20-narrow", "vgg-narrow", "mobilenetv2-narrow")
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def compare(model: str, ratio: float, data: object, calib: list) -> dict:
+    """One model at one ratio: the plans, times and accuracies with each greedy dtype."""
+    engine, dense = get_engine("channels"), load_dense(model)
+    options = PruneOptions(structure="channels", target="flops", seed=0)
+    removed, seconds, acc = {}, {}, {}
+    default = greedy.GREEDY_DTYPE
+    try:
+        for name, dtype in DTYPES.items():
+            greedy.GREEDY_DTYPE = dtype
+            net = copy.deepcopy(dense)
+            analysis = engine.analyse(net, calib, options)
+            t0 = time.perf_counter()
+            plan = engine.decide(analysis, ratio, options)
+            seconds[name] = time.perf_counter() - t0
+            engine.apply(net, analysis, plan, options)
+            removed[name] = {g["root"]: set(g["removed"]) for g in plan.groups}
+            acc[name] = accuracy(net, data.x_test, data.y_test)
+    finally:
+        greedy.GREEDY_DTYPE = default
+    a, b = removed["float64"], removed["float32"]
+    return {
+        "model": model,
+        "flops_x": round(1 / (1 - ratio), 2),
+        "removed": sum(len(v) for v in a.values()),
+        "differing": sum(len(a[k] ^ b.get(k, set())) for k in a) + sum(len(b[k]) for k in b if k not in a),
+        "decide_s": seconds,
+        "accuracy": acc,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/converged/greedy_precision.jsonl"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data = load_data("fashion-mnist", root=args.data_root)
+    calib = calibration(data, 0)
+    given = argv if argv is not None else sys.argv[1:]
+    command = "python benchmarks/greedy_precision.py " + shlex.join(given)
+    rows = []
+    for model in MODELS:
+        for ratio in (0.5, 0.75):
+            row = compare(model, ratio, data, calib) | {"command": command.strip()}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+if __name__ == "__main__":
+    main()
