@@ -41,6 +41,7 @@ Conv2d/Linear FLOPs and treats every other op's FLOPs as fixed.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import math
 import os
 import warnings
@@ -484,6 +485,35 @@ def _seconds_per_flop(
     return sum(t for t, _ in timed) / total if total else 0.0
 
 
+def _caps(groups: list[_Group], max_group_ratio: float, min_channels: int) -> list[int]:
+    """Per group the most root channels it may lose: ``min(⌊max_group_ratio·n⌋, n − min_channels)``."""
+    return [max(0, min(math.floor(max_group_ratio * g.n + 1e-9), g.n - min_channels)) for g in groups]
+
+
+def _round_removals(group: _Group, cap: int, round_to: int) -> list[int]:
+    """The numbers of units ``group`` may lose when its kept width must be a multiple of
+    ``round_to``, ascending: 0 (the group stays whole, whatever its width) and every ``r`` with
+    ``cap ≥ r·w`` (``w`` channels per unit) that keeps ``(U − r)·w ≡ 0 (mod round_to)`` channels,
+    ``U`` units, at least one kept. The kept units step by ``s = round_to / gcd(round_to, w)``
+    (kept width ``lcm(w, round_to)·m``, ``m ≥ 1``): plain channels (``w = 1``) by ``round_to``,
+    the units of a grouped conv (one channel per conv group) and attention heads (``w = d``) by
+    what makes their width in channels a multiple (1 head when ``d`` is already one). A group of
+    ``n ≤ lcm(w, round_to)`` channels, or whose caps forbid the widest multiple below ``n``, is
+    left whole. Units of unequal widths (never built) are not rounded: every count up to the cap."""
+    n_units = len(group.units)
+    widths = {len(u) for u in group.units}
+    if len(widths) != 1:
+        return [r for r in range(n_units + 1) if sum(len(u) for u in group.units[:r]) <= cap]
+    (w,) = widths
+    step = round_to // math.gcd(round_to, w)
+    out = [0]
+    for kept in range(((n_units - 1) // step) * step, 0, -step):
+        if (n_units - kept) * w > cap:
+            break
+        out.append(n_units - kept)
+    return out
+
+
 def _select(
     groups: list[_Group],
     costs: dict[nn.Module, _LayerCost],
@@ -497,6 +527,7 @@ def _select(
     flops_tolerance: float = 0.03,
     rank_by: str = "score",
     latency: dict[nn.Module, list[float]] | None = None,
+    round_to: int = 1,
 ) -> tuple[list[list[int]], int]:
     """Root channels removed per group (lowest scores first under the caps, until the target), and
     the analytic FLOPs after removal. ``rank_by="per_flop"`` ranks by score per FLOP that the
@@ -507,9 +538,22 @@ def _select(
     large scores do not make the rest look cheap), ``"per_latency"`` / ``"relative_per_latency"``
     like the ``per_flop`` ones over the seconds the removal saves by ``latency`` (module → the
     coefficients of its fitted time, :mod:`~lightning_eigendamage.channels.latency`; a layer
-    without them, and an attention head, count their FLOPs at the table's mean seconds per FLOP)."""
-    caps = [max(0, min(math.floor(max_group_ratio * g.n + 1e-9), g.n - min_channels)) for g in groups]
-    state = {m: _LayerCost(c.coef, c.c_in, c.c_out, c.groups, c.depthwise) for m, c in costs.items()}
+    without them, and an attention head, count their FLOPs at the table's mean seconds per FLOP).
+
+    ``round_to = m > 1``: every group keeps a width (root channels) that is a multiple of ``m``,
+    or its full width (:func:`_round_removals`). After the selection above, each group's count of
+    removed units ``k`` is rounded *down* to the nearest allowed count (its kept width rounded up:
+    the group's highest-ranked removed units come back), the group then losing exactly its ``k'``
+    lowest-ranked units. If the target is no longer met, whole *blocks* are taken: a group's
+    block is the units between its allowed count and the next (``m`` channels for a plain group),
+    its next-lowest-ranked ones, and blocks go in order of their mean rank ``(1/|B|)·Σ_{u∈B}
+    rank(u)`` until the target is met, under the same caps and FLOPs tolerance (a block that
+    would land below ``(1 − flops_tolerance)·goal`` is passed over, and taken only if the goal
+    cannot be met otherwise). The FLOPs are recounted from the dense widths with the same
+    per-unit bookkeeping, so they stay exact. ``round_to = 1`` selects exactly as without it."""
+    caps = _caps(groups, max_group_ratio, min_channels)
+    dense = {m: _LayerCost(c.coef, c.c_in, c.c_out, c.groups, c.depthwise) for m, c in costs.items()}
+    state = dict(dense)
     flops = other_flops + sum(c.flops() for c in state.values())
     goal_channels = math.floor(ratio * sum(g.n for g in groups) + 1e-9)
     goal_flops = (1.0 - ratio) * flops_before
@@ -584,9 +628,12 @@ def _select(
     floor = (1.0 - flops_tolerance) * goal_flops
     passed: list[tuple[int, int]] = []
 
+    taken: list[list[int]] = [[] for _ in groups]  # the units removed, per group
+
     def take(gi: int, u: int) -> None:
         nonlocal n_removed, flops
         chosen[gi].extend(groups[gi].units[u])
+        taken[gi].append(u)
         n_removed += len(groups[gi].units[u])
         flops += apply(gi, u, dry=False)
 
@@ -605,6 +652,62 @@ def _select(
         if len(chosen[gi]) + len(groups[gi].units[u]) > caps[gi]:
             continue
         take(gi, u)
+    if round_to == 1:
+        return [sorted(c) for c in chosen], flops
+
+    # Rounding: each group's units in ranking order, the counts it may lose, the selection's
+    # count rounded down to one of them (kept width up), then whole blocks until the target.
+    order: list[list[int]] = [[] for _ in groups]
+    ranks: list[list[float]] = [[] for _ in groups]
+    for r, gi, u in pool:
+        order[gi].append(u)
+        ranks[gi].append(r)
+    allowed = [_round_removals(g, caps[gi], round_to) for gi, g in enumerate(groups)]
+    level = [max(i for i, a in enumerate(allowed[gi]) if a <= len(taken[gi])) for gi in range(len(groups))]
+    state.clear()
+    state.update(dense)  # the bookkeeping starts again from the dense widths
+    flops = other_flops + sum(c.flops() for c in state.values())
+    n_removed = 0
+    for gi in range(len(groups)):
+        chosen[gi].clear()
+        taken[gi].clear()
+        for u in order[gi][: allowed[gi][level[gi]]]:
+            take(gi, u)
+
+    def block(gi: int) -> tuple[float, int] | None:
+        """``(mean rank, group)`` of group ``gi``'s next block, or None when it has none."""
+        if level[gi] + 1 >= len(allowed[gi]):
+            return None
+        lo, hi = allowed[gi][level[gi]], allowed[gi][level[gi] + 1]
+        return sum(ranks[gi][lo:hi]) / (hi - lo), gi
+
+    def take_block(gi: int) -> None:
+        lo, hi = allowed[gi][level[gi]], allowed[gi][level[gi] + 1]
+        for u in order[gi][lo:hi]:
+            take(gi, u)
+        level[gi] += 1
+        nxt = block(gi)
+        if nxt is not None:
+            heapq.heappush(heap, nxt)
+
+    heap = [b for b in map(block, range(len(groups))) if b is not None]
+    heapq.heapify(heap)
+    passed_blocks: list[tuple[float, int]] = []
+    while heap and not done():
+        key, gi = heapq.heappop(heap)
+        lo, hi = allowed[gi][level[gi]], allowed[gi][level[gi] + 1]
+        # one group's units change disjoint channels of the same layers, each layer's FLOPs
+        # linear in them: the block's change is the sum of its units' changes
+        delta = sum(apply(gi, u, dry=True) for u in order[gi][lo:hi])
+        if target == "flops" and flops + delta < floor:
+            passed_blocks.append((key, gi))
+            continue
+        take_block(gi)
+    heap = passed_blocks
+    heapq.heapify(heap)
+    while heap and not done():
+        _, gi = heapq.heappop(heap)
+        take_block(gi)
     return [sorted(c) for c in chosen], flops
 
 
@@ -1844,7 +1947,16 @@ class ChannelEngine(PruningEngine):
     """The channel engine (``structure="channels"``): input-side Kron-OBS from a patch-form
     capture, greedy sequential scores per dependency group, one global ranking under per-group
     caps, the readers compensated, the channels cut (see the module docstring). Its change is a
-    :class:`ChannelChange` (each narrowed parameter's flat source positions)."""
+    :class:`ChannelChange` (each narrowed parameter's flat source positions).
+
+    ``round_to = m > 1`` (:class:`~lightning_eigendamage.PruneOptions`): every dependency group
+    that loses channels keeps a multiple of ``m`` of them, its lowest-ranked ones removed (kept
+    widths rounded up after the global selection, then whole blocks of ``m`` taken, lowest mean
+    rank first, until the target: :func:`_select`). A group of at most ``m`` channels, or whose
+    caps allow no narrower multiple, stays whole (``report.skipped`` says so). A grouped conv's
+    units (one channel per conv group, ``w`` wide) and an attention block's heads (``d`` wide)
+    go whole: the kept width ``k·w`` is a multiple of ``m``, so ``k`` steps by
+    ``m / gcd(m, w)`` (heads whose ``d`` is a multiple of ``m`` are not constrained)."""
 
     name = "channels"
     a_form = "patch"
@@ -1859,7 +1971,6 @@ class ChannelEngine(PruningEngine):
         "form",
         "train_rotations",
         "form_by",
-        "round_to",
         "shots",
         "reconstruct",
         "reconstruct_damping",
@@ -2021,7 +2132,18 @@ class ChannelEngine(PruningEngine):
             flops_before=flops_before,
             rank_by=RANK_BY[options.rank_by],
             latency=_latency_by_module(model, an.latency),
+            round_to=options.round_to,
         )
+        if options.round_to > 1:  # the groups no multiple of round_to can narrow, and why
+            caps = _caps(groups, options.layer_cap, options.min_rank)
+            for g, cap in zip(groups, caps):
+                if cap and _round_removals(g, cap, options.round_to) == [0]:
+                    kind = "heads" if g.head_dim else "group"
+                    left[f"{kind} of {names.get(g.root, '?')}"] = (
+                        f"left whole: round_to={options.round_to}: no narrower width of its {g.n} "
+                        f"channels (units of {len(g.units[0])}) is a multiple of it within the caps "
+                        f"(at most {cap} removed)"
+                    )
         return ChannelPlan(
             tuple(
                 {
