@@ -41,13 +41,15 @@ def _group(scores: list[float], flops: list[int], width: int = 1) -> channels_mo
     return channels_mod._Group(nn.Identity(), None, n, per, [], [], [], units, list(flops))
 
 
-def _scenario(seed: int, widths: tuple[int, ...] = (1, 1, 1, 1)) -> tuple[list, int]:
-    """Four groups of 5 to 40 units with random scores and per-unit FLOPs; the total FLOPs."""
+def _scenario(seed: int, widths: tuple[int, ...] = (1, 1, 1, 1), ties: bool = False) -> tuple[list, int]:
+    """Four groups of 5 to 40 units with random scores (with ``ties``, five values only) and
+    per-unit FLOPs; the total FLOPs."""
     gen = torch.Generator().manual_seed(seed)
     groups = []
     for w in widths:
         k = int(torch.randint(5, 41, (1,), generator=gen))
-        scores = torch.rand(k, generator=gen).tolist()
+        scores = torch.rand(k, generator=gen)
+        scores = ((scores * 5).floor() / 5 if ties else scores).tolist()
         flops = [int(f) for f in torch.randint(50, 5000, (1,), generator=gen).repeat(k)]
         groups.append(_group(scores, flops, w))
     total = sum(sum(g.unit_flops) for g in groups) + 10_000  # FLOPs outside the groups
@@ -69,11 +71,13 @@ def _select(groups: list, total: int, ratio: float, round_to: int, target: str =
     )
 
 
-def _plain_ranking(groups: list, total: int, ratio: float, target: str, tol: float = 0.03) -> list:
+def _plain_ranking(
+    groups: list, total: int, ratio: float, target: str, tol: float = 0.03, cap: float = 0.95
+) -> list:
     """The global ranking without rounding, written out independently: units by score (ties by
     group, then unit), each group under its cap; with a FLOPs target, a unit that would land
     below ``(1 − tol)·goal`` is passed over and taken afterwards only if the goal is not met."""
-    caps = [max(0, min(math.floor(0.95 * g.n + 1e-9), g.n - 1)) for g in groups]
+    caps = [max(0, min(math.floor(cap * g.n + 1e-9), g.n - 1)) for g in groups]
     pool = sorted(
         (float(g.scores[g.units[u]].sum()), gi, u) for gi, g in enumerate(groups) for u in range(len(g.units))
     )
@@ -108,13 +112,15 @@ def _plain_ranking(groups: list, total: int, ratio: float, target: str, tol: flo
     return [sorted(c) for c in chosen]
 
 
+@pytest.mark.parametrize("cap", [0.95, 0.5])
+@pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("target", ["flops", "channels"])
-def test_round_to_1_selects_exactly_as_the_plain_global_ranking(target: str) -> None:
+def test_round_to_1_selects_exactly_as_the_plain_global_ranking(target: str, ties: bool, cap: float) -> None:
     for seed in range(40):
-        groups, total = _scenario(seed)
+        groups, total = _scenario(seed, ties=ties)
         for ratio in (0.3, 0.5, 0.75, 0.9):
-            chosen, _ = _select(groups, total, ratio, 1, target)
-            assert chosen == _plain_ranking(groups, total, ratio, target), (seed, ratio)
+            chosen, _ = _select(groups, total, ratio, 1, target, cap=cap)
+            assert chosen == _plain_ranking(groups, total, ratio, target, cap=cap), (seed, ratio)
 
 
 def _ranked(g: channels_mod._Group) -> list[int]:
@@ -167,6 +173,18 @@ def test_a_block_that_would_overshoot_the_goal_is_passed_over_for_a_smaller_one(
     assert chosen == [list(range(8)), []] and planned == total - 800
     chosen, planned = _select([a, b], total, 700 / total, 1)  # unrounded: one of B's channels
     assert chosen == [[], [0]] and planned == total - 1000
+
+
+def test_kept_widths_are_rounded_up_then_blocks_go_by_their_mean_rank() -> None:
+    """The plain ranking takes A's 7 lowest channels (kept 9). With round_to=4 A keeps 12 (its 3
+    highest-ranked removed ones come back, not 8 kept by rounding to the nearest multiple); the
+    next block is then B's 4 lowest (mean rank 0.75), not A's next 4 (mean 0.95)."""
+    a = _group([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 2.0] + [3.0] * 8, [100] * 16)
+    b = _group([0.75] * 16, [100] * 16)
+    total = 1600 + 1600 + 10_000
+    assert _select([a, b], total, 700 / total, 1)[0] == [list(range(7)), []]
+    chosen, planned = _select([a, b], total, 700 / total, 4)
+    assert chosen == [[0, 1, 2, 3], [0, 1, 2, 3]] and planned == total - 800
 
 
 def test_the_counts_a_group_may_lose_step_by_what_makes_its_width_a_multiple() -> None:
