@@ -7,6 +7,7 @@ distributed run asks for it (``prune(..., distributed=True)``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -21,7 +22,11 @@ def is_distributed(group: Any = None) -> bool:
 
 
 def all_reduce_capture(
-    result: CaptureResult, widths: dict[str, tuple[int, int]], device: torch.device, group: Any = None
+    result: CaptureResult,
+    widths: dict[str, tuple[int, int]],
+    device: torch.device,
+    group: Any = None,
+    flags_for: Iterable[str] = (),
 ) -> CaptureResult:
     """Sum factor sums and row counts over all processes, in place, in sorted layer order.
 
@@ -32,10 +37,12 @@ def all_reduce_capture(
 
     Args:
         widths: layer name → ``(d_in, d_out)``, the factor sizes (needed where a process has none).
+        flags_for: more layers (hooked without factors) whose flags are combined.
     """
     if not is_distributed(group):
         return result
     names = sorted(widths)
+    flagged = sorted(set(names).union(flags_for))
     for name in names:
         lf = result.layers.setdefault(name, LayerFactors())
         d_in, d_out = widths[name]
@@ -56,8 +63,10 @@ def all_reduce_capture(
         device=device,
     )
     dist.all_reduce(counts, group=group)
+    for name in flagged:
+        result.layers.setdefault(name, LayerFactors())
     flags = torch.tensor(
-        [[result.layers[n].fired, result.layers[n].reached, result.layers[n].max_calls] for n in names],
+        [[result.layers[n].fired, result.layers[n].reached, result.layers[n].max_calls] for n in flagged],
         dtype=torch.float64,
         device=device,
     )
@@ -65,6 +74,8 @@ def all_reduce_capture(
     for i, name in enumerate(names):
         lf = result.layers[name]
         lf.a_rows, lf.g_rows, lf.examples = (int(v) for v in counts[i].tolist())
+    for i, name in enumerate(flagged):
+        lf = result.layers[name]
         lf.fired, lf.reached = bool(flags[i, 0]), bool(flags[i, 1])
         lf.max_calls = int(flags[i, 2])
     result.batches, result.skipped_batches = int(counts[-1, 0]), int(counts[-1, 1])

@@ -9,7 +9,8 @@ either through the steps below, so none of them knows which engine it runs:
 
 1. ``candidates`` and ``a_form``: which layers to capture K-FAC factors on, and the form of
    ``A`` the engine's scores need (``"channel"``: ``C_in × C_in``; ``"patch"``:
-   ``C_in·k² × C_in·k²``).
+   ``C_in·k² × C_in·k²``); ``factor_layers``: those whose factors the scores read (the channel
+   engine's: the readers of the groups that can change width), the others only seen to run.
 2. ``check``: before training, whether the engine can prune this model at all (the channel
    engine needs a dependency graph); raises with the reason. What it built (the channel
    engine's traced graph) is returned, and ``analyse`` reuses it while it still describes the
@@ -76,6 +77,14 @@ class PruningEngine(ABC):
     def candidates(self, model: nn.Module, options: PruneOptions) -> list[Candidate]:
         """Every layer whose factors may be captured, with the reason for each one that will
         not be pruned (``Candidate.skipped``); ``hook_module`` is where the hooks go."""
+
+    def factor_layers(
+        self, model: nn.Module, candidates: Sequence[Candidate], options: PruneOptions, prepared: Any = None
+    ) -> list[str]:
+        """The names of the ``candidates`` whose K-FAC factors :meth:`analyse` reads: a capture
+        computes factors for these and only sees the others run. ``prepared``: what
+        :meth:`check` returned. The default: every candidate that is not skipped."""
+        return [c.name for c in candidates if c.skipped is None]
 
     def check(self, model: nn.Module, example: Any, options: PruneOptions) -> Any:
         """Raise (RuntimeError, with the reason) if this engine cannot prune ``model`` at all;

@@ -428,11 +428,14 @@ def _collect_groups(
     allowed: Callable[[nn.Module], str | None] | None = None,
     left: dict[str, str] | None = None,
     progress: Progress | None = None,
+    found: list[Any] | None = None,
 ) -> list[_Group]:
     """The prunable groups, scored. ``allowed(module)`` gives the reason a member forbids its
-    group (the group is left whole, the reason put in ``left`` under "group of <root>"), or None."""
+    group (the group is left whole, the reason put in ``left`` under "group of <root>"), or None.
+    ``found``: ``dg``'s groups with ``ignored`` (:func:`_all_groups`), if already listed."""
     groups = []
-    found = list(dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)))
+    if found is None:
+        found = _all_groups(dg, ignored)
     for group in (progress or Progress(False)).bar(found, len(found), "scoring the channel groups"):
         root_item = group[0]
         root = root_item.dep.target.module
@@ -465,6 +468,26 @@ def _collect_groups(
             (rows if side == "out" else cols).append((module, list(item.idxs), list(item.root_idxs)))
         groups.append(_Group(root, root_item.dep.handler, n, s, effects, rows, cols, units or []))
     return groups
+
+
+def _all_groups(dg: Any, ignored: list[nn.Module]) -> list[Any]:
+    """Every Torch-Pruning dependency group of ``dg`` rooted at a Conv2d/Linear, ``ignored``
+    layers' outputs kept."""
+    return list(dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)))
+
+
+def _factor_modules(found: list[Any], dg: Any, allowed: Callable[[Any], str | None]) -> set[nn.Module]:
+    """The layers whose factors the scores of ``found`` read: the readers (in-side members) of
+    every group that ``allowed`` (with every scorable layer taken as scored) and its units do not
+    leave whole in any case. A group's producers and the readers of a group left whole (e.g. the
+    LayerNorm-coupled width of a transformer's residual stream) need none."""
+    need: set[nn.Module] = set()
+    for group in found:
+        members = [it.dep.target.module for it in group]
+        if any(allowed(m) for m in members) or isinstance(_units(group, dg), str):
+            continue
+        need.update(it.dep.target.module for it in group if dg.is_in_channel_pruning_fn(it.dep.handler))
+    return need
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1436,6 +1459,22 @@ def scores_from_factors(
     return scores, updates
 
 
+def _ran_once(
+    layers: dict[str, nn.Module], captured: CaptureResult, skipped: dict[str, str]
+) -> set[nn.Module]:
+    """The layers of ``layers`` (hooked without factors) that ran at most once per forward pass
+    of the capture; why each other one cannot change width goes to ``skipped``."""
+    out = set()
+    for name, module in layers.items():
+        lf = captured.layers.get(name)
+        why = "no capture hook saw it" if lf is None else lf.unusable(factors=False)
+        if why is None:
+            out.add(module)
+        else:
+            skipped[name] = why
+    return out
+
+
 def _grouped_scores(
     module: nn.Conv2d, w: torch.Tensor, a: torch.Tensor, g: torch.Tensor, damping: float, t: float
 ) -> tuple[torch.Tensor, GroupedInputObsUpdate]:
@@ -1696,6 +1735,30 @@ class ChannelGraph:
     # the measured latency table (``rank_by="*_per_latency"``), kept for the next rounds:
     # {"setting": {...}, "layers": {name: [a, b, c, d]}} (see :mod:`.latency`)
     latency: dict[str, Any] | None = None
+    # the dependency groups listed at the model's current widths: (widths key, groups), see groups()
+    _groups: tuple[Any, list[Any]] | None = field(default=None, repr=False)
+
+    def groups(self, model: nn.Module) -> list[Any]:
+        """The graph's dependency groups rooted at a Conv2d/Linear, with the output layers and the
+        attention internals (the head blocks' producers) kept; listed once per set of widths
+        (Torch-Pruning builds a group's indices from the layers' widths, so a round that narrows
+        the model lists them again)."""
+        key = tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+        if self._groups is None or self._groups[0] != key:
+            inside = [p for b in find_head_blocks(model) for p in b.producers]
+            self._groups = (key, _all_groups(self.graph, self.ignored + inside))
+        return self._groups[1]
+
+    def factor_layers(
+        self, model: nn.Module, layers: dict[str, nn.Module], exclude: Any, skipped: dict[str, str]
+    ) -> list[str]:
+        """The names of ``layers`` (the scorable ones) whose K-FAC factors the scores read: the
+        readers of the groups that can change width (:func:`_factor_modules`) and the attention
+        blocks' output projections."""
+        allowed = _allowed_in(model, exclude, set(layers.values()), dict(skipped))
+        need = _factor_modules(self.groups(model), self.graph, allowed)
+        need.update(b.reader for b in find_head_blocks(model))
+        return [n for n, m in layers.items() if m in need]
 
     @property
     def how(self) -> str | None:
@@ -1739,6 +1802,8 @@ class ChannelAnalysis:
     heads: list[tuple[HeadBlock, int]] = field(default_factory=list)
     # the latency table the ranking uses (``rank_by="*_per_latency"``), or None
     latency: dict[str, Any] | None = None
+    # the graph's dependency groups at the analysed widths (:meth:`ChannelGraph.groups`)
+    found: list[Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -1784,9 +1849,11 @@ class ChannelPlan:
 
 
 def _allowed_in(
-    model: nn.Module, exclude: Any, scored: Scores, skipped: dict[str, str]
+    model: nn.Module, exclude: Any, scored: Scores | set[nn.Module], skipped: dict[str, str]
 ) -> Callable[[Any], str | None]:
-    """``member → reason`` a dependency group must stay whole, or None (see :func:`prune_channels`)."""
+    """``member → reason`` a dependency group must stay whole, or None (see :func:`prune_channels`).
+    ``scored``: the Conv2d/Linear layers whose channels may change (scored, or seen to run once per
+    forward pass where the scores need no factors of theirs)."""
     by_module = {m: n for n, m in model.named_modules()}
     excluded = excluded_modules(model, exclude)
 
@@ -1979,6 +2046,19 @@ class ChannelEngine(PruningEngine):
     def candidates(self, model: nn.Module, options: PruneOptions) -> list[Candidate]:
         return scorable_layers(model, options.exclude, options.max_factor_dim)[0]
 
+    def factor_layers(
+        self, model: nn.Module, candidates: Sequence[Candidate], options: PruneOptions, prepared: Any = None
+    ) -> list[str]:
+        """The readers of the groups that can change width and the attention blocks' output
+        projections (:meth:`ChannelGraph.factor_layers`); every scorable layer without a graph
+        that describes ``model``."""
+        names = super().factor_layers(model, candidates, options, prepared)
+        if not isinstance(prepared, ChannelGraph) or not prepared.describes(model):
+            return names
+        layers = {c.name: c.unit for c in candidates if c.skipped is None}
+        skipped = {c.name: c.skipped for c in candidates if c.skipped is not None}
+        return prepared.factor_layers(model, layers, options.exclude, skipped)
+
     def check(self, model: nn.Module, example: Any, options: PruneOptions) -> ChannelGraph:
         """The model's dependency graph (RuntimeError if it cannot be built), for :meth:`analyse`."""
         _torch_pruning()
@@ -2010,20 +2090,21 @@ class ChannelEngine(PruningEngine):
         check_usable_parameters(model, "channel pruning")
         device = params[0].device
         example = to_device(split_batch(batches[0], options.input_fn)[0], device)
-        if prepared is not None and prepared.describes(model):
-            graph, ignored = prepared.graph, prepared.ignored
-        else:  # an ungroupable model fails before the capture
+        if prepared is None or not prepared.describes(model):  # an ungroupable model fails here
             ignored = _output_layers(model, example, _forward)
-            graph = channel_graph(model, example, ignored)
+            prepared = ChannelGraph(channel_graph(model, example, ignored), ignored, _module_signature(model))
+        graph, ignored = prepared.graph, prepared.ignored
         _, layers, skipped = scorable_layers(model, options.exclude, options.max_factor_dim)
         for name, why in untraced_layers(graph).items():
             skipped.setdefault(name, why)
+        # factors only where the scores read them; the other layers are hooked to see them run
+        factor_names = prepared.factor_layers(model, layers, options.exclude, skipped)
         if captured is None and layers:
             captured = capture_factors(
                 model,
                 layers,
                 batches,
-                factors_for=list(layers),
+                factors_for=factor_names,
                 a_form="patch",
                 generator=torch.Generator(device=device).manual_seed(options.seed),
                 fisher=options.fisher,
@@ -2037,16 +2118,19 @@ class ChannelEngine(PruningEngine):
         if captured is None:
             raise RuntimeError("no Conv2d/Linear layer can be scored: " + _reasons(skipped))
         if distributed:
-            widths = {n: (_a_width(m), m.weight.shape[0]) for n, m in layers.items()}
-            all_reduce_capture(captured, widths, device)
+            widths = {n: (_a_width(layers[n]), layers[n].weight.shape[0]) for n in factor_names}
+            all_reduce_capture(captured, widths, device, flags_for=layers)
         if captured.batches == 0:
             raise RuntimeError(
                 f"all {captured.skipped_batches} batches gave non-finite curvature (NaN/Inf in "
                 "activations or gradients); the model was left unchanged"
             )
-        in_scores, updates = scores_from_factors(layers, captured, options.damping, skipped)
-        if not in_scores:
+        readers = {n: layers[n] for n in factor_names}
+        in_scores, updates = scores_from_factors(readers, captured, options.damping, skipped)
+        if readers and not in_scores:  # (no readers: no group can change width, and says why)
             raise RuntimeError("no Conv2d/Linear layer can be scored: " + _reasons(skipped))
+        others = {n: m for n, m in layers.items() if n not in readers}
+        changeable = set(in_scores) | _ran_once(others, captured, skipped)
         heads = _usable_heads(model, example, options.exclude, updates, skipped)
         latency = None
         if RANK_BY[options.rank_by].endswith("per_latency"):
@@ -2063,13 +2147,14 @@ class ChannelEngine(PruningEngine):
             in_scores,
             updates,
             skipped,
-            _allowed_in(model, options.exclude, in_scores, skipped),
+            _allowed_in(model, options.exclude, changeable, skipped),
             captured.batches,
             captured.skipped_batches,
             calibration,
             device,
             heads,
             latency,
+            prepared.groups(model),
         )
 
     def decide(
@@ -2118,6 +2203,7 @@ class ChannelEngine(PruningEngine):
             an.allowed,
             left,
             progress_of(options),
+            an.found,
         )
         steps = options.greedy_steps
         groups += [_head_group(b, cost, an.updates[b.reader], steps, relative) for b, cost in an.heads]

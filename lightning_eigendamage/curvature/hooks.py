@@ -224,11 +224,14 @@ class LayerFactors:
         """``T``: output locations per example (``H_out·W_out``, tokens, or 1)."""
         return self.g_rows / max(self.examples, 1)
 
-    def unusable(self) -> str | None:
+    def unusable(self, factors: bool = True) -> str | None:
         """Why these factors cannot score the layer (run more than once per forward pass, never
-        run, or no gradient reached it), or None."""
+        run, or no gradient reached it), or None. With ``factors=False`` (a layer hooked only to
+        see it run, its factors not computed): whether it ran, at most once per forward pass."""
         if self.max_calls > 1:
             return f"called {self.max_calls} times per forward pass"
+        if not factors:
+            return None if self.fired else "never called in the forward pass"
         if not self.reached or self.a_rows == 0 or self.g_rows == 0:
             return "never called, or no gradient reached its output"
         return None

@@ -636,9 +636,14 @@ class EigenDamagePruning(Callback):
         """A K-FAC capture in the engine's form of ``A``, its hooks installed on every candidate
         layer (factors for those not skipped); the caller closes it with ``remove()``."""
         cands = self._candidates(pl_module)
+        if self._structure is None:
+            factors_for = [c.name for c in cands if c.skipped is None]
+        else:  # the channel engine reads the factors of the readers of changeable groups only
+            options, prepared = self._round_options(), self._round_prepared()
+            factors_for = self.engine.factor_layers(pl_module, cands, options, prepared)
         return KFACapture(
             {c.name: c.hook_module for c in cands},
-            factors_for=[c.name for c in cands if c.skipped is None],
+            factors_for=factors_for,
             a_form=self.engine.a_form,
             routes=_routes(pl_module, cands),
         ).__enter__()
