@@ -83,6 +83,8 @@ ENGINE_RANKED: dict[str, dict[str, Any]] = {
         "latency_batch": 128,
         "latency_mode": "training",
     },
+    # kron-obs-in-seq's ranking with every group's kept width a multiple of 8 (round_to)
+    "kron-obs-in-seq-r8": {"rank_by": "relative", "round_to": 8},
 }
 # a peer's channels (Torch-Pruning's importance chooses them) removed with the input-side Kron-OBS
 # compensation of their readers: separates "which channels go" from "how the rest absorb them"

@@ -233,6 +233,7 @@ INPUT_OBS = (
     "kron-obs-in-seq-median",
     "kron-obs-in-seq-latency",
     "kron-obs-in-seq-latency-train",
+    "kron-obs-in-seq-r8",
 )
 # Torch-Pruning L1's channels with the input-side compensation (benchmarks.baselines_tp)
 COMPENSATED = ("l1-comp",)

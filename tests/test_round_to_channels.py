@@ -361,3 +361,17 @@ def test_a_bad_round_to_is_a_clear_error(bad) -> None:
 def test_the_channel_engine_accepts_round_to() -> None:
     assert "round_to" not in channels_mod.ChannelEngine.unused
     assert PruneOptions(structure="channels", round_to=8).round_to == 8
+
+
+def test_prune_channels_takes_round_to_as_prune_does() -> None:
+    """``prune_channels(round_to=…)`` is ``prune(structure="channels", round_to=…)``: the same
+    widths."""
+    from lightning_eigendamage import prune_channels
+
+    model, batches = _setup(_Plain)
+    other, _ = _setup(_Plain)
+    prune_channels(model, batches, ratio=0.5, target="flops", round_to=8)
+    _prune(other, batches, 0.5, "flops", 8)
+    plain, _ = _setup(_Plain)
+    prune_channels(plain, batches, ratio=0.5, target="flops")
+    assert _shapes(model) == _shapes(other) != _shapes(plain)
