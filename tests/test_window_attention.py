@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -117,16 +118,23 @@ def test_the_routed_capture_hands_proj_the_attention_output() -> None:
         torch.testing.assert_close(r, _unwindow(d, attn, height, width), rtol=1e-5, atol=1e-6)
 
 
-def test_a_small_swin_loses_heads_and_widths_and_reloads(tmp_path) -> None:
-    net, x = _swin(), _x(8)
+def _prune_heads(net: nn.Module, x: torch.Tensor, heads: str) -> tuple[Any, list[int]]:
+    """``prune_channels`` at ÷1.67 FLOPs on one batch of ``x``: the report and each attention's
+    head count after (read from its ``heads`` attribute), fewer in all, at least one each."""
     batches = [(x, torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(2)))]
     before = [b.num_heads for b in find_head_blocks(net)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = prune_channels(net, batches, ratio=0.4, target="flops")
     assert report.target_reached
-    after = [b.module.num_heads for b in find_head_blocks(net)]
+    after = [getattr(b.module, heads) for b in find_head_blocks(net)]
     assert sum(after) < sum(before) and all(h >= 1 for h in after)
+    return report, after
+
+
+def test_a_small_swin_loses_heads_and_widths_and_reloads(tmp_path) -> None:
+    net, x = _swin(), _x(8)
+    report, after = _prune_heads(net, x, "num_heads")
     assert any(m.out_features < 64 for n, m in net.named_modules() if n.endswith("mlp.0"))
     # heads went, so their qkv rows went: not listed as left whole
     assert not any(k.endswith(".attn.qkv") for k in report.skipped)
@@ -234,15 +242,8 @@ def test_removing_maxvit_heads_equals_zeroing_their_merge_columns(heads: list[in
 
 def test_a_small_maxvit_loses_heads_and_reloads(tmp_path) -> None:
     net, x = _maxvit(), _mx(8)
-    batches = [(x, torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(2)))]
-    before = [b.num_heads for b in find_head_blocks(net)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        report = prune_channels(net, batches, ratio=0.4, target="flops")
-    assert report.target_reached
+    report, after = _prune_heads(net, x, "n_heads")
     blocks = find_head_blocks(net)
-    after = [b.module.n_heads for b in blocks]
-    assert sum(after) < sum(before) and all(h >= 1 for h in after)
     for b in blocks:
         m, h = b.module, b.module.n_heads
         assert (b.num_heads, b.head_dim) == (h, 8) and m.scale_factor == 32**-0.5
