@@ -270,3 +270,14 @@ def test_a_small_maxvit_loses_heads_and_reloads(tmp_path) -> None:
         assert [type(b.module) for b in got] == [type(b.module) for b in blocks], load
         with torch.no_grad():
             assert torch.equal(fresh(x), y), load
+
+
+def test_attention_projections_are_not_reported_as_outside_the_traced_parts() -> None:
+    """MaxViT's attention modules cannot be traced, but their heads can go: a pruning that keeps
+    every head does not list ``merge`` or ``to_qkv`` as left whole for the parts."""
+    net, x = _maxvit(), _mx(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = prune_channels(net, [(x, torch.randint(0, 10, (8,)))], ratio=0.1, target="flops")
+    listed = [k for k, why in report.skipped.items() if why.startswith("in a part whose")]
+    assert not any(k.endswith((".merge", ".to_qkv")) for k in listed), listed

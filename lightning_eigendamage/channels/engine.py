@@ -2102,8 +2102,13 @@ class ChannelEngine(PruningEngine):
             prepared = ChannelGraph(channel_graph(model, example, ignored), ignored, _module_signature(model))
         graph, ignored = prepared.graph, prepared.ignored
         _, layers, skipped = scorable_layers(model, options.exclude, options.max_factor_dim)
+        # an attention block's projections lose heads whether or not a part covers them (its
+        # heads are reported on their own, "heads of <block>", where they cannot go)
+        projections = {m for b in find_head_blocks(model) for m in (b.reader, *b.producers)}
+        in_heads = {n for n, m in model.named_modules() if m in projections}
         for name, why in untraced_layers(graph).items():
-            skipped.setdefault(name, why)
+            if name not in in_heads:
+                skipped.setdefault(name, why)
         # factors only where the scores read them; the other layers are hooked to see them run
         factor_names = prepared.factor_layers(model, layers, options.exclude, skipped)
         if captured is None and layers:
