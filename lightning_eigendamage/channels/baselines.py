@@ -479,26 +479,29 @@ class _GreedyReader:
     ``P``, not ``(A_KK)⁻¹``).
 
     Readers with the same layout (the same channels on the same local columns, as many outputs,
-    one device: DenseNet's 1×1 convs reading one layer's growth) are stacked, ``(R, C_out, d)``
-    and ``(R, d, d)``, and advance together: one batched operation per step instead of one per
-    reader."""
+    one device: DenseNet's 1×1 convs reading one layer's growth) are stacked and advance
+    together: one batched operation per step instead of one per reader. ``W`` and ``G·W`` are
+    held transposed, ``(R, d, C_out)``, and ``P`` ``(R, d, d)`` is gathered through its flat
+    positions, so that every selection of columns is a gather of whole rows (several times
+    faster than selecting along the last dimension)."""
 
     def __init__(self, readers: Sequence[tuple[Reader, tuple[dict[int, list[int]], list[int]]]]) -> None:
         """``readers``: each with its :func:`_layout`, the first's local layout shared by all."""
         if any(r.update.g is None for r, _ in readers):
             raise ValueError("every reader needs its G (InputObsUpdate.g) to weigh the damage")
         self.cols, mine = readers[0][1]
-        ws, ps, gws = [], [], []
+        wts, ps, gwts = [], [], []
         for r, (_, columns) in readers:
             u = r.update
             w = u.weight.detach().to(GREEDY_DTYPE)
             idx = torch.tensor(columns, device=w.device)
-            ws.append(w.index_select(1, idx))
+            w = w.index_select(1, idx)
+            wts.append(w.T)
             ps.append(u.a_inv.detach().to(GREEDY_DTYPE).index_select(0, idx).index_select(1, idx))
-            gws.append(u.g.detach().to(w.device, GREEDY_DTYPE) @ ws[-1])
-        self.w, self.p, self.gw = torch.stack(ws), torch.stack(ps), torch.stack(gws)
+            gwts.append((u.g.detach().to(w.device, GREEDY_DTYPE) @ w).T)
+        self.wt, self.p, self.gwt = torch.stack(wts), torch.stack(ps), torch.stack(gwts)
         self.t = torch.tensor([float(r.update.locations) for r, _ in readers], dtype=GREEDY_DTYPE)
-        self.t = self.t.to(self.w.device)
+        self.t = self.t.to(self.wt.device)
         self.pos = torch.arange(len(mine))  # local column → kept position (-1: removed)
 
     @staticmethod
@@ -507,21 +510,30 @@ class _GreedyReader:
         w = reader.update.weight
         return (tuple(sorted((c, tuple(cc)) for c, cc in cols.items())), int(w.shape[0]), str(w.device))
 
+    def _block(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``P[:, rows][:, :, cols]`` ``(R, |rows|, |cols|)`` by one gather of its flat positions."""
+        r, d, _ = self.p.shape
+        flat = (rows[:, None] * d + cols[None, :]).flatten()
+        return self.p.reshape(r, d * d).index_select(1, flat).view(r, rows.numel(), cols.numel())
+
     def add_increments(self, inc: torch.Tensor, live: set[int]) -> None:
         """``inc[c] += Σ_readers ½·T·tr(W_cᵀ G W_c (P_cc)⁻¹)`` for every live channel ``c`` read."""
         by_size: dict[int, list[tuple[int, list[int]]]] = {}
         for c, cc in self.cols.items():
             if c in live:
                 by_size.setdefault(len(cc), []).append((c, cc))
+        r, d, c_out = self.wt.shape
         for members in by_size.values():  # channels of one column count, batched
             chans = torch.tensor([c for c, _ in members])
-            idx = self.pos[torch.tensor([cc for _, cc in members])].to(self.w.device)  # (m, s)
-            blocks = self.p[:, idx[:, :, None], idx[:, None, :]]  # P_cc (R, m, s, s)
-            wc = self.w[:, :, idx].permute(0, 2, 3, 1)  # (R, m, s, C_out)
-            gwc = self.gw[:, :, idx].permute(0, 2, 3, 1)
+            idx = self.pos[torch.tensor([cc for _, cc in members])].to(self.wt.device)  # (m, s)
+            m, s = idx.shape
+            flat = (idx[:, :, None] * d + idx[:, None, :]).flatten()
+            blocks = self.p.reshape(r, d * d).index_select(1, flat).view(r, m, s, s)  # P_cc
+            wc = self.wt.index_select(1, idx.flatten()).view(r, m, s, c_out)  # W_cᵀ
+            gwc = self.gwt.index_select(1, idx.flatten()).view(r, m, s, c_out)
             # tr(W_cᵀ G W_c (P_cc)⁻¹) = Σ (G W_c) ⊙ (W_c (P_cc)⁻¹), by a solve (P_cc is SPD;
             # a division where a channel is one column)
-            sol = wc / blocks if blocks.shape[-1] == 1 else torch.linalg.solve(blocks, wc)
+            sol = wc / blocks if s == 1 else torch.linalg.solve(blocks, wc)
             per = (gwc * sol).sum((2, 3)) * (0.5 * self.t)[:, None]  # (R, m)
             inc.index_add_(0, chans, per.sum(0).to("cpu", torch.float64))
 
@@ -531,16 +543,18 @@ class _GreedyReader:
         gone = [x for c in channels if c in self.cols for x in self.cols.pop(c)]
         if not gone:
             return
-        mask = torch.zeros(self.w.shape[2], dtype=torch.bool)
+        mask = torch.zeros(self.wt.shape[1], dtype=torch.bool)
         mask[self.pos[torch.tensor(gone)]] = True
-        r, k = mask.nonzero().flatten().to(self.w.device), (~mask).nonzero().flatten().to(self.w.device)
-        p_r = self.p.index_select(1, r)  # (R, |R|, d): each block of P gathered once, P_KR = P_RKᵀ
+        dev = self.wt.device
+        r, k = mask.nonzero().flatten().to(dev), (~mask).nonzero().flatten().to(dev)
+        p_r = self.p.index_select(1, r)  # (R, |R|, d): P_KR = P_RKᵀ
         p_rk = p_r.index_select(2, k)
-        coeff = torch.linalg.solve(p_r.index_select(2, r), p_rk)  # (P_RR)⁻¹ P_RK
-        # each kept block gathered once (one copy), then updated in place
-        self.w = self.w.index_select(2, k).baddbmm_(self.w.index_select(2, r), coeff, alpha=-1)
-        self.gw = self.gw.index_select(2, k).baddbmm_(self.gw.index_select(2, r), coeff, alpha=-1)
-        self.p = self.p[:, k[:, None], k].baddbmm_(p_rk.transpose(1, 2), coeff, alpha=-1)
+        coeff = torch.linalg.solve(p_r.index_select(2, r), p_rk)  # (P_RR)⁻¹ P_RK  (R, |R|, |K|)
+        # each kept block gathered once (one copy), then updated in place: W_Kᵀ −= Cᵀ W_Rᵀ
+        coeff_t = coeff.transpose(1, 2)
+        self.wt = self.wt.index_select(1, k).baddbmm_(coeff_t, self.wt.index_select(1, r), alpha=-1)
+        self.gwt = self.gwt.index_select(1, k).baddbmm_(coeff_t, self.gwt.index_select(1, r), alpha=-1)
+        self.p = self._block(k, k).baddbmm_(p_rk.transpose(1, 2), coeff, alpha=-1)
         kept = self.pos >= 0
         kept[kept.clone()] = ~mask
         self.pos = torch.where(kept, kept.long().cumsum(0) - 1, -1)
