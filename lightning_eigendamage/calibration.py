@@ -72,11 +72,17 @@ def downstream_batchnorms(
         if torch.is_tensor(x) and x.grad_fn is not None and module not in found and _reaches(x, nodes):
             found.append(module)
 
+    tracked = [
+        m
+        for m in model.modules()
+        if isinstance(m, _BATCHNORMS) and m.track_running_stats and m.running_mean is not None
+    ]
+    if not tracked or not pruned:  # nothing to find: no forward (a transformer has no BatchNorm)
+        return found
     for m in pruned:
         handles.append(m.register_forward_hook(mark))
-    for m in model.modules():
-        if isinstance(m, _BATCHNORMS) and m.track_running_stats and m.running_mean is not None:
-            handles.append(m.register_forward_pre_hook(check))
+    for m in tracked:
+        handles.append(m.register_forward_pre_hook(check))
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:

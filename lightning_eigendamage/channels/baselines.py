@@ -361,6 +361,17 @@ def input_obs_scores(
     return 0.5 * locations * torch.einsum("cob,cbe,coe->c", gw, m, wc)
 
 
+def _submatrix(m: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``m[rows][:, cols]`` ``(|rows|, |cols|)`` of a matrix ``m`` ``(..., n, d)`` (leading
+    dimensions batched) by one gather of the flat positions ``rows·d + cols`` from the flattened
+    matrix: several times faster on CPU than two selections, the second along the last dimension."""
+    n, d = m.shape[-2:]
+    flat = (rows[:, None] * d + cols[None, :]).flatten()
+    lead = m.shape[:-2]
+    out = m.reshape(*lead, n * d).index_select(len(lead), flat)
+    return out.view(*lead, rows.numel(), cols.numel())
+
+
 def input_obs_update(
     weight: torch.Tensor, a_inv: torch.Tensor, removed: Sequence[int] | torch.Tensor, block: int = 1
 ) -> torch.Tensor:
@@ -389,8 +400,8 @@ def input_obs_update(
     kept = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
     kept[cols] = False
     keep = kept.nonzero().flatten()
-    p_r = _f64(a_inv).index_select(0, cols)  # P_R,:  (|R|, d)
-    p_rr, p_rk = p_r.index_select(1, cols), p_r.index_select(1, keep)
+    p = _f64(a_inv)
+    p_rr, p_rk = _submatrix(p, cols, cols), _submatrix(p, cols, keep)  # P_RR, P_RK
     try:  # P_RR is SPD: Cholesky, and only the kept columns' coefficients (|R|, |K|)
         coeff = torch.cholesky_solve(p_rk, torch.linalg.cholesky(p_rr))
     except torch.linalg.LinAlgError:
@@ -510,12 +521,6 @@ class _GreedyReader:
         w = reader.update.weight
         return (tuple(sorted((c, tuple(cc)) for c, cc in cols.items())), int(w.shape[0]), str(w.device))
 
-    def _block(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """``P[:, rows][:, :, cols]`` ``(R, |rows|, |cols|)`` by one gather of its flat positions."""
-        r, d, _ = self.p.shape
-        flat = (rows[:, None] * d + cols[None, :]).flatten()
-        return self.p.reshape(r, d * d).index_select(1, flat).view(r, rows.numel(), cols.numel())
-
     def add_increments(self, inc: torch.Tensor, live: set[int]) -> None:
         """``inc[c] += Σ_readers ½·T·tr(W_cᵀ G W_c (P_cc)⁻¹)`` for every live channel ``c`` read."""
         by_size: dict[int, list[tuple[int, list[int]]]] = {}
@@ -547,14 +552,13 @@ class _GreedyReader:
         mask[self.pos[torch.tensor(gone)]] = True
         dev = self.wt.device
         r, k = mask.nonzero().flatten().to(dev), (~mask).nonzero().flatten().to(dev)
-        p_r = self.p.index_select(1, r)  # (R, |R|, d): P_KR = P_RKᵀ
-        p_rk = p_r.index_select(2, k)
-        coeff = torch.linalg.solve(p_r.index_select(2, r), p_rk)  # (P_RR)⁻¹ P_RK  (R, |R|, |K|)
+        p_rk = _submatrix(self.p, r, k)  # (R, |R|, |K|): P_KR = P_RKᵀ
+        coeff = torch.linalg.solve(_submatrix(self.p, r, r), p_rk)  # (P_RR)⁻¹ P_RK
         # each kept block gathered once (one copy), then updated in place: W_Kᵀ −= Cᵀ W_Rᵀ
         coeff_t = coeff.transpose(1, 2)
         self.wt = self.wt.index_select(1, k).baddbmm_(coeff_t, self.wt.index_select(1, r), alpha=-1)
         self.gwt = self.gwt.index_select(1, k).baddbmm_(coeff_t, self.gwt.index_select(1, r), alpha=-1)
-        self.p = self._block(k, k).baddbmm_(p_rk.transpose(1, 2), coeff, alpha=-1)
+        self.p = _submatrix(self.p, k, k).baddbmm_(p_rk.transpose(1, 2), coeff, alpha=-1)
         kept = self.pos >= 0
         kept[kept.clone()] = ~mask
         self.pos = torch.where(kept, kept.long().cumsum(0) - 1, -1)
