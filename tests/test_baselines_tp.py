@@ -80,7 +80,8 @@ def _resnet_with_dead_channels() -> TinyResNet:
     return m
 
 
-@pytest.mark.parametrize("method", METHODS)
+# round_to=8 keeps widths in multiples of 8: it cannot remove just the dead channels here
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "kron-obs-in-seq-r8"])
 def test_removes_real_channels_and_preserves_outputs_when_they_are_zero(method):
     model = _resnet_with_dead_channels()
     batches = _batches()
@@ -346,3 +347,15 @@ def test_the_engine_checks_its_scores_and_options_before_any_change():
             assert torch.equal(v, state[k])
     report = remove_channels(model, x, ratio=np.float32(0.5), scores=good)  # NumPy numbers are numbers
     assert report.channels_removed == 3 and model[0].out_channels == 3
+
+
+def test_the_round_to_8_method_keeps_multiples_of_8() -> None:
+    """``kron-obs-in-seq-r8`` is ``prune_channels(round_to=8)``: the 12-wide groups keep 8, the
+    8-wide ones stay whole (no narrower multiple), and the report says why."""
+    model = _resnet()
+    batches = _batches()
+    report = prune_baseline(model, batches, "kron-obs-in-seq-r8", ratio=0.2, target="channels")
+    widths = {g["root"]: g["channels"] - len(g["removed"]) for g in report.groups}
+    assert widths and all(w % 8 == 0 for w in widths.values()), widths
+    assert model.l2.c1.out_channels == 8
+    assert any("round_to=8" in why for why in report.skipped.values())
