@@ -127,15 +127,22 @@ def _first_example(example):
 
 
 def time_modules(
-    modules: dict[str, nn.Module], example: torch.Tensor, repeats: int = 7, *, backward: bool = False
+    modules: dict[str, nn.Module],
+    example: torch.Tensor,
+    repeats: int = 7,
+    *,
+    backward: bool = False,
+    train_mode: bool = False,
 ) -> dict[str, float]:
     """Median seconds of one eval forward of each module on ``example``, calls interleaved.
 
     With ``backward``, the time of a training step's share instead: the forward plus the backward
     to the input and to every trainable parameter (``torch.autograd.grad`` with an output
-    gradient of ones, so no ``.grad`` is written). Used to pick the fastest equivalent form of a
-    layer for a declared setting (the device and batch size of ``example``). Modes are restored
-    afterwards.
+    gradient of ones, so no ``.grad`` is written). With ``train_mode`` the modules run in training
+    mode (BatchNorm on the batch's statistics, as in a training step), else in eval mode. Used to
+    pick the fastest equivalent form of a layer, and to time a layer at several widths
+    (:mod:`~lightning_eigendamage.channels.latency`), for a declared setting (the device and batch
+    size of ``example``). Modes are restored afterwards.
     """
     modes = {m: m.training for mod in modules.values() for m in mod.modules()}
     sync = torch.cuda.synchronize if example.device.type == "cuda" else (lambda: None)
@@ -156,7 +163,7 @@ def time_modules(
     try:
         with torch.set_grad_enabled(backward):
             for k, mod in modules.items():
-                run(k, mod.eval())  # warm-up
+                run(k, mod.train(train_mode))  # warm-up
             for _ in range(repeats):
                 for k, mod in modules.items():
                     sync()

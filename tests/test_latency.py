@@ -176,3 +176,38 @@ def test_the_callback_keeps_the_table_in_its_state_and_a_resumed_fit_never_remea
     )
     assert len(cb2.reports) == 2 and calls == [1]
     assert cb2.reports[1].latency_table == cb.reports[0].latency_table
+
+
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_each_width_is_timed_in_the_mode_asked_for(mode: str, monkeypatch) -> None:
+    """A training-step table times every copy of the layer forward and backward in training mode
+    (BatchNorm on the batch's statistics); an inference table a forward in eval mode. Seen
+    through the shared timer (``costs.time_modules``), which records each module's mode."""
+    from lightning_eigendamage import costs
+
+    seen: list[tuple[bool, bool, bool]] = []
+    real = costs.time_modules
+
+    def spy(modules, example, repeats=7, *, backward=False, train_mode=False):
+        flags: list[bool] = []
+        hooks = [
+            m.register_forward_pre_hook(lambda mod, inp: flags.append(mod.training)) for m in modules.values()
+        ]
+        try:
+            out = real(modules, example, repeats, backward=backward, train_mode=train_mode)
+        finally:
+            for h in hooks:
+                h.remove()
+        seen.append((backward, all(flags), not any(flags)))
+        return out
+
+    monkeypatch.setattr(latency_mod, "time_modules", spy)
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    table = latency_mod.measure(
+        {"c": conv}, {"c": (4, 6, 6)}, batch=2, memory_format="model", mode=mode, repeats=1
+    )
+    assert set(table) == {"c"} and len(seen) >= 4
+    training = mode == "training"
+    assert all(b == training and (ran_train if training else ran_eval) for b, ran_train, ran_eval in seen), (
+        seen
+    )

@@ -17,13 +17,13 @@ or ``"damage_per_latency"``: a channel's score over the time its removal saves.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..costs import time_modules
 
 # (c_in, c_out) fractions of a layer's widths at which it is timed (a depthwise conv: the first
 # of each pair); six points for four coefficients
@@ -79,32 +79,6 @@ def _copy_at(m: nn.Module, c_in: int, c_out: int, device: torch.device, dtype: t
     else:
         layer = nn.Linear(c_in, c_out, bias=m.bias is not None)
     return layer.to(device=device, dtype=dtype)
-
-
-def _time(layer: nn.Module, x: torch.Tensor, repeats: int, training: bool) -> float:
-    """Median seconds of a forward (inference) or a forward and backward (training step share)."""
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    params = [p for p in layer.parameters() if p.requires_grad]
-    layer.train(training)
-
-    def run() -> None:
-        if not training:
-            with torch.inference_mode():
-                layer(x)
-            return
-        xi = x.detach().requires_grad_(True)
-        out = layer(xi)
-        torch.autograd.grad(out, [xi, *params], grad_outputs=torch.ones_like(out))
-
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def _fit(features: list[list[float]], times: list[float]) -> list[float]:
@@ -168,7 +142,8 @@ def measure(
             if cl and x.dim() == 4:
                 layer = layer.to(memory_format=torch.channels_last)
                 x = x.contiguous(memory_format=torch.channels_last)
-            times.append(_time(layer, x, repeats, mode == "training"))
+            train = mode == "training"
+            times.append(time_modules({name: layer}, x, repeats, backward=train, train_mode=train)[name])
             groups = a if _depthwise(m) else (m.groups if isinstance(m, nn.Conv2d) else 1)
             feats.append([1.0, a / groups * b, b, a] if not _depthwise(m) else [1.0, float(a)])
         coef = _fit(feats, times)
