@@ -719,8 +719,10 @@ def _select(
     while heap and not done():
         key, gi = heapq.heappop(heap)
         lo, hi = allowed[gi][level[gi]], allowed[gi][level[gi] + 1]
-        # one group's units change disjoint channels of the same layers, each layer's FLOPs
-        # linear in them: the block's change is the sum of its units' changes
+        # the block's change, as the sum of its units' changes from the current widths: exact
+        # where each layer's FLOPs are linear in the group's channels (a layer that both reads
+        # and writes the group is bilinear, and the sum slightly overstates the saving); only
+        # the tolerance test below uses it, the bookkeeping takes the units one by one
         delta = sum(apply(gi, u, dry=True) for u in order[gi][lo:hi])
         if target == "flops" and flops + delta < floor:
             passed_blocks.append((key, gi))
