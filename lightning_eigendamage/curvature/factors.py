@@ -101,9 +101,8 @@ def conv_channel_a(
         if cache is not None:
             cache[key] = prep
     crop, ih, iw, uniform, weight = prep
-    if not crop:
-        top, bottom, left, right = conv_padding(conv)
-        x = F.pad(x, (left, right, top, bottom), mode=conv.padding_mode)
+    if not crop:  # a padding mode other than zeros: its border pixels are read
+        x = _padded(x, conv)
     if ih is not None:
         x = x.index_select(2, ih)
     if iw is not None:
@@ -116,14 +115,19 @@ def conv_channel_a(
     return a, reads
 
 
-def conv_patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """Unfolded input patches ``(N, C_in·kh·kw, T)`` of a conv input ``x`` ``(N, C_in, H, W)`` (any
-    padding mode), in ``weight.reshape(C_out, -1)`` column order."""
+def _padded(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """A conv input ``x`` ``(N, C_in, H, W)`` padded as ``conv`` pads it (any padding mode)."""
     top, bottom, left, right = conv_padding(conv)
     if any((top, bottom, left, right)):
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         x = F.pad(x, (left, right, top, bottom), mode=mode)
-    return F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+    return x
+
+
+def conv_patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """Unfolded input patches ``(N, C_in·kh·kw, T)`` of a conv input ``x`` ``(N, C_in, H, W)`` (any
+    padding mode), in ``weight.reshape(C_out, -1)`` column order."""
+    return F.unfold(_padded(x, conv), conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
 
 
 _BLOCK_FLOATS = 2**25  # at most ~128 MiB (float32) of per-row products held at once
@@ -145,10 +149,7 @@ def conv_patch_a(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, int]:
       ``kh·kw``) times the input's size;
     - *unfolding* (:func:`conv_patches`) and one Gram of the patches.
     """
-    top, bottom, left, right = conv_padding(conv)
-    if any((top, bottom, left, right)):
-        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        x = F.pad(x, (left, right, top, bottom), mode=mode)
+    x = _padded(x, conv)
     n, c, hp, wp = x.shape
     (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
     h_out = (hp - dh * (kh - 1) - 1) // sh + 1
