@@ -116,6 +116,7 @@ RANK_BY = {
 Scores = dict[nn.Module, torch.Tensor]
 Update = Callable[[Sequence[int]], tuple[torch.Tensor, torch.Tensor | None]]
 _BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
+_LAYERS = (nn.Conv2d, nn.Linear)
 
 
 def _torch_pruning() -> Any:
@@ -1234,15 +1235,17 @@ def cut_channels(
         m: {k: t.shape for k, t in [*m._parameters.items(), *m._buffers.items()] if t is not None}
         for m in touched
     }
+    # Stand-ins hold the codes: the model's own Parameters are never given other data (a change
+    # of dtype would reset their gradient accumulators, and with them DDP's hooks).
     held = []
     with torch.no_grad():
         for module in touched:
-            for key, p in module._parameters.items():
+            for key, p in list(module._parameters.items()):
                 if p is None:
                     continue
-                held.append((module, key, p, p.data, p.grad))
-                p.grad = None
-                p.data = torch.arange(p.numel(), dtype=torch.float64, device=p.device).reshape(p.shape)
+                held.append((module, key, p))
+                codes = torch.arange(p.numel(), dtype=torch.float64, device=p.device).reshape(p.shape)
+                module._parameters[key] = nn.Parameter(codes, requires_grad=p.requires_grad)
     change = ChannelChange()
     try:
         for name, root, removed in entries:
@@ -1257,13 +1260,13 @@ def cut_channels(
             group.prune()
     finally:
         with torch.no_grad():
-            for module, key, old, data, grad in held:
+            for module, key, old in held:
                 new = module._parameters.get(key)
                 if new is None:
                     continue
-                if new.shape == data.shape:
-                    new.data = data
-                    new.grad = grad
+                data, grad = old.data, old.grad
+                if new.shape == data.shape:  # not cut: the model's own Parameter, untouched
+                    module._parameters[key] = old
                     continue
                 codes = new.data.reshape(-1)
                 index = codes.to(torch.int64)
@@ -1315,6 +1318,176 @@ def _check_pruned(model: nn.Module, example: Any, shapes_before: list[tuple[int,
             "tensor comes from a narrowed group without autograd history to show it (detached, "
             "or an integer result); exclude the layer that produces it. The model was left as it was"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# The trial cut: does narrowing a group remove its channels and nothing else?
+# ---------------------------------------------------------------------------------------------
+
+# a removed channel's readers see zeros where the cut model has no channel: both outputs agree to
+# this relative tolerance (of the output's largest magnitude), or the dtype's 64 ulps if coarser
+_TRIAL_RTOL = 1e-3
+_TRIAL_ROWS = 2  # examples of the traced batch the trial forwards
+
+
+def _head(example: Any, k: int) -> Any:
+    """The first ``k`` examples of ``example`` (tensors, tuples, lists, dicts of them)."""
+    if isinstance(example, torch.Tensor):
+        return example[:k] if example.dim() else example
+    if isinstance(example, dict):
+        return {key: _head(v, k) for key, v in example.items()}
+    if isinstance(example, (tuple, list)):
+        return type(example)(_head(e, k) for e in example)
+    return example
+
+
+def _outputs_differ(ref: Any, out: Any) -> str | None:
+    """Why two outputs of the model (tensors or nested tuples, lists, dicts of them) differ, or
+    None: equal shapes, and floating values within ``max(_TRIAL_RTOL, 64·eps)`` of the reference's
+    largest magnitude (exact for other dtypes)."""
+    if torch.is_tensor(ref) != torch.is_tensor(out):
+        return "the output's structure changed"
+    if torch.is_tensor(ref):
+        if ref.shape != out.shape:
+            return f"an output of shape {tuple(ref.shape)} became {tuple(out.shape)}"
+        if not ref.is_floating_point():
+            return None if torch.equal(ref, out) else "an integer output changed"
+        a, b = ref.detach().double(), out.detach().double()
+        scale = float(a.abs().max()) if a.numel() else 0.0
+        tol = max(_TRIAL_RTOL, 64 * torch.finfo(ref.dtype).eps) * scale + 1e-30
+        worst = float((a - b).abs().max()) if a.numel() else 0.0
+        if not worst <= tol:
+            return f"an output moved by {worst:.3g} (largest magnitude {scale:.3g})"
+        return None
+    if isinstance(ref, dict):
+        if not isinstance(out, dict) or list(ref) != list(out):
+            return "the output's structure changed"
+        return next((w for k in ref if (w := _outputs_differ(ref[k], out[k]))), None)
+    if isinstance(ref, (tuple, list)):
+        if not isinstance(out, (tuple, list)) or len(ref) != len(out):
+            return "the output's structure changed"
+        return next((w for r, o in zip(ref, out) if (w := _outputs_differ(r, o))), None)
+    return None
+
+
+def _masking(columns: dict[nn.Module, list[int]]) -> list[Any]:
+    """Forward pre-hooks that zero, in each Conv2d/Linear reader's input, the channels in
+    ``columns`` (dimension 1 of a conv's input, the last of a Linear's): what the reader computes
+    once those channels are removed from its input. Returns the handles."""
+    handles = []
+    for module, cols in columns.items():
+        if not isinstance(module, _LAYERS) or not cols:
+            continue
+        index = torch.tensor(sorted(set(cols)), dtype=torch.long)
+        dim = 1 if isinstance(module, nn.Conv2d) else -1
+
+        def zero(mod: nn.Module, args: tuple, index: torch.Tensor = index, dim: int = dim) -> tuple:
+            x = args[0].clone()
+            x.index_fill_(dim, index.to(x.device), 0)
+            return (x, *args[1:])
+
+        handles.append(module.register_forward_pre_hook(zero))
+    return handles
+
+
+def _trial(
+    model: nn.Module, graph: Any, entries: list[tuple[str, nn.Module, list[int]]], example: Any
+) -> str | None:
+    """Cut ``entries`` (``(root name, root, removed root channels)``) from ``model`` and put it
+    back: None if the narrowed model computes on ``example`` (eval mode) what the model computes
+    with the removed channels zeroed in every Conv2d/Linear that reads them, else why not."""
+    _, columns, _ = _removed_indices(graph, entries)
+    handles = _masking(columns)
+    try:
+        ref = _run(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+    snapshot = _Snapshot(model)
+    plan = [{"root": name, "removed": removed} for name, _, removed in entries]
+    try:
+        cut_channels(model, plan, graph)
+        out = _run(model, example)
+    except Exception as err:  # noqa: BLE001 — the reason is reported, the model put back
+        return f"the narrowed model fails ({type(err).__name__}: {err})"
+    finally:
+        snapshot.restore()
+    return _outputs_differ(ref, out)
+
+
+def wrong_groups(
+    model: nn.Module,
+    graph: Any,
+    ignored: list[nn.Module],
+    example: Any,
+    allowed: Callable[[Any], str | None],
+    names: dict[nn.Module, str] | None = None,
+) -> dict[str, tuple[list[nn.Module], str]]:
+    """The dependency groups of ``graph`` whose removal is not what the graph says.
+
+    Torch-Pruning maps channels through the operations it knows; one it does not model (a channel
+    shuffle written with ``view``/``transpose``, a split by hand, a reduction over channels) can
+    leave the graph buildable while a cut misroutes the channels after it, silently or with a shape
+    error. Each group that may change width (``allowed`` admits every member, its conv-group units
+    tie, at least two units) loses one unit (the middle one), all groups at once, on the model
+    itself, which is then put back: the narrowed model must compute on the first examples of
+    ``example`` (eval mode) what the full model computes with those channels zeroed in every
+    Conv2d/Linear that reads them (:func:`_outputs_differ`). If it does not, the groups are
+    halved until each failing one is found (``2·k·log₂ G`` trials for ``k`` of ``G`` groups).
+
+    Returns:
+        ``{root name: (the group's producers, reason)}``: the producers are for Torch-Pruning's
+        ``ignored_layers`` (the group is then never listed), the reason for the report.
+    """
+    names = names if names is not None else {m: n for n, m in model.named_modules()}
+    candidates: list[tuple[str, nn.Module, list[int], list[nn.Module]]] = []
+    wrong: dict[str, tuple[list[nn.Module], str]] = {}
+    for group in _all_groups(graph, ignored):
+        root = group[0].dep.target.module
+        if any(allowed(it.dep.target.module) for it in group):
+            continue
+        producers = [
+            it.dep.target.module
+            for it in group
+            if graph.is_out_channel_pruning_fn(it.dep.handler) and isinstance(it.dep.target.module, _LAYERS)
+        ]
+        try:  # an index outside a member's width: the mapping itself is broken, no trial needed
+            _check_group(graph, group, root, names)
+        except UntraceableError as err:
+            wrong[names.get(root, "?")] = (producers, str(err).removesuffix(_UNTRACEABLE))
+            continue
+        units = _units(group, graph)
+        if isinstance(units, str):
+            continue
+        units = units or [[c] for c in range(len(group[0].idxs))]
+        if len(units) >= 2:
+            candidates.append((names.get(root, "?"), root, sorted(units[len(units) // 2]), producers))
+    if not candidates:
+        return wrong
+    x = _head(example, _TRIAL_ROWS)
+    try:
+        _run(model, x)
+    except Exception:  # noqa: BLE001 — a model that needs the whole batch gets it
+        x = example
+
+    def search(items: list[tuple[str, nn.Module, list[int], list[nn.Module]]]) -> bool:
+        why = _trial(model, graph, [(n, r, rm) for n, r, rm, _ in items], x)
+        if why is None:
+            return False
+        why = f"cutting one of its channels changes what the model computes beyond removing it ({why})"
+        if len(items) == 1:
+            wrong[items[0][0]] = (items[0][3], why)
+            return True
+        half = len(items) // 2
+        found = search(items[:half])
+        found = search(items[half:]) or found
+        if not found:  # only together: none alone (a rare interaction), so all of them
+            for name, _, _, producers in items:
+                wrong[name] = (producers, why + ", with other groups cut at once")
+        return True
+
+    search(candidates)
+    return wrong
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1745,6 +1918,9 @@ class ChannelGraph:
     # the measured latency table (``rank_by="*_per_latency"``), kept for the next rounds:
     # {"setting": {...}, "layers": {name: [a, b, c, d]}} (see :mod:`.latency`)
     latency: dict[str, Any] | None = None
+    # groups left whole because cutting them misroutes channels (:func:`wrong_groups`):
+    # {"group of <root>": reason}; their producers are among ``ignored``
+    left: dict[str, str] = field(default_factory=dict)
     # the dependency groups listed at the model's current widths: (widths key, groups), see groups()
     _groups: tuple[Any, list[Any]] | None = field(default=None, repr=False)
 
@@ -1892,6 +2068,28 @@ def _allowed_in(
         return None
 
     return allowed
+
+
+def _checked_graph(model: nn.Module, example: Any, options: PruneOptions) -> ChannelGraph:
+    """The model's :class:`ChannelGraph` on ``example``: its output layers kept, and the groups
+    whose trial cut misroutes channels (:func:`wrong_groups`, over the groups that could change
+    width with every scorable layer scored) kept whole, with the reason."""
+    ignored = _output_layers(model, example, _forward)
+    graph = channel_graph(model, example, ignored)
+    _, layers, skipped = scorable_layers(model, options.exclude, options.max_factor_dim)
+    skipped.update(untraced_layers(graph))
+    allowed = _allowed_in(model, options.exclude, set(layers.values()), skipped)
+    inside = [p for b in find_head_blocks(model) for p in b.producers]  # attention internals
+    wrong = wrong_groups(model, graph, ignored + inside, example, allowed)
+    left = {
+        f"group of {root}": (
+            f"left whole: {why}: an operation on its channels that Torch-Pruning's graph does not "
+            "model (a channel shuffle, split or view written by hand)"
+        )
+        for root, (_, why) in wrong.items()
+    }
+    ignored = ignored + [p for producers, _ in wrong.values() for p in producers if p not in ignored]
+    return ChannelGraph(graph, ignored, _module_signature(model), left=left)
 
 
 def latency_setting(options: PruneOptions, device: torch.device) -> dict[str, Any]:
@@ -2070,10 +2268,10 @@ class ChannelEngine(PruningEngine):
         return prepared.factor_layers(model, layers, options.exclude, skipped)
 
     def check(self, model: nn.Module, example: Any, options: PruneOptions) -> ChannelGraph:
-        """The model's dependency graph (RuntimeError if it cannot be built), for :meth:`analyse`."""
+        """The model's dependency graph (RuntimeError if it cannot be built), for :meth:`analyse`,
+        with the groups whose cut is not what the graph says left out (:func:`wrong_groups`)."""
         _torch_pruning()
-        ignored = _output_layers(model, example, _forward)
-        return ChannelGraph(channel_graph(model, example, ignored), ignored, _module_signature(model))
+        return _checked_graph(model, example, options)
 
     def analyse(
         self,
@@ -2101,10 +2299,10 @@ class ChannelEngine(PruningEngine):
         device = params[0].device
         example = to_device(split_batch(batches[0], options.input_fn)[0], device)
         if prepared is None or not prepared.describes(model):  # an ungroupable model fails here
-            ignored = _output_layers(model, example, _forward)
-            prepared = ChannelGraph(channel_graph(model, example, ignored), ignored, _module_signature(model))
+            prepared = _checked_graph(model, example, options)
         graph, ignored = prepared.graph, prepared.ignored
         _, layers, skipped = scorable_layers(model, options.exclude, options.max_factor_dim)
+        skipped.update(prepared.left)
         # an attention block's projections lose heads whether or not a part covers them (its
         # heads are reported on their own, "heads of <block>", where they cannot go)
         projections = {m for b in find_head_blocks(model) for m in (b.reader, *b.producers)}
