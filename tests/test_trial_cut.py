@@ -115,7 +115,7 @@ def test_the_cut_model_equals_the_masked_model_where_the_graph_is_right():
         if isinstance(units, str):  # left whole in any case (why not: the string)
             continue
         tried += 1
-        assert engine._trial(net, graph, [(names[root], root, units[0])], x) is None, names[root]
+        assert engine._trial(net, graph, [(names[root], group, units[0])], x) is None, names[root]
     assert tried >= 3
 
 

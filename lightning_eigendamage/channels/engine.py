@@ -1206,8 +1206,8 @@ def cut_channels(
 
     Returns:
         A :class:`ChannelChange`: for every narrowed parameter, the flat positions its elements
-        come from. They are found by cutting the parameters while they hold their own flat
-        positions (float64, exact up to 2⁵³ elements), so every Torch-Pruning handler is followed
+        come from. They are found by cutting stand-in parameters that hold the flat positions
+        (float32 up to 2²⁴ elements, float64 beyond: exact), so every Torch-Pruning handler is followed
         exactly, whatever dimension it cuts; the values, gradients and memory formats are then put
         back from those positions.
 
@@ -1230,7 +1230,18 @@ def cut_channels(
             chans = sorted(set(removed_cols.get(module, [])))
             if chans:
                 module.weight.add_(update(chans).reshape(module.weight.shape).to(module.weight))
-    # The cut, on the parameters' own flat positions.
+    return _cut(model, entries, graph, touched, names)
+
+
+def _cut(
+    model: nn.Module,
+    entries: list[tuple[str, nn.Module, list[int]]],
+    graph: Any,
+    touched: Iterable[nn.Module],
+    names: dict[nn.Parameter, str],
+) -> ChannelChange:
+    """:func:`cut_channels`' cut of ``entries`` (``(root name, root, removed root channels)``),
+    ``touched`` every module of their groups, ``names`` the model's parameters' names."""
     shapes = {
         m: {k: t.shape for k, t in [*m._parameters.items(), *m._buffers.items()] if t is not None}
         for m in touched
@@ -1244,7 +1255,8 @@ def cut_channels(
                 if p is None:
                     continue
                 held.append((module, key, p))
-                codes = torch.arange(p.numel(), dtype=torch.float64, device=p.device).reshape(p.shape)
+                exact = torch.float32 if p.numel() <= 2**24 else torch.float64  # integers stay exact
+                codes = torch.arange(p.numel(), dtype=exact, device=p.device).reshape(p.shape)
                 module._parameters[key] = nn.Parameter(codes, requires_grad=p.requires_grad)
     change = ChannelChange()
     try:
@@ -1270,7 +1282,7 @@ def cut_channels(
                     continue
                 codes = new.data.reshape(-1)
                 index = codes.to(torch.int64)
-                if not bool((index.to(torch.float64) == codes).all()) or (
+                if not bool((index.to(codes.dtype) == codes).all()) or (
                     index.numel() and (int(index.min()) < 0 or int(index.max()) >= data.numel())
                 ):
                     raise RuntimeError(
@@ -1327,7 +1339,7 @@ def _check_pruned(model: nn.Module, example: Any, shapes_before: list[tuple[int,
 # a removed channel's readers see zeros where the cut model has no channel: both outputs agree to
 # this relative tolerance (of the output's largest magnitude), or the dtype's 64 ulps if coarser
 _TRIAL_RTOL = 1e-3
-_TRIAL_ROWS = 2  # examples of the traced batch the trial forwards
+_TRIAL_ROWS = 1  # examples of the traced batch the trial forwards (all, if the model needs more)
 
 
 def _head(example: Any, k: int) -> Any:
@@ -1390,23 +1402,36 @@ def _masking(columns: dict[nn.Module, list[int]]) -> list[Any]:
     return handles
 
 
-def _trial(
-    model: nn.Module, graph: Any, entries: list[tuple[str, nn.Module, list[int]]], example: Any
-) -> str | None:
-    """Cut ``entries`` (``(root name, root, removed root channels)``) from ``model`` and put it
-    back: None if the narrowed model computes on ``example`` (eval mode) what the model computes
-    with the removed channels zeroed in every Conv2d/Linear that reads them, else why not."""
-    _, columns, _ = _removed_indices(graph, entries)
+def _trial(model: nn.Module, graph: Any, cuts: list[tuple[str, Any, list[int]]], example: Any) -> str | None:
+    """Cut ``cuts`` (``(root name, its full Torch-Pruning group, removed root channels)``) from
+    ``model`` and put it back: None if the narrowed model computes on ``example`` (eval mode)
+    what the model computes with the removed channels zeroed in every Conv2d/Linear that reads
+    them, else why not."""
+    columns: dict[nn.Module, list[int]] = {}
+    touched: dict[nn.Module, None] = {}
+    for _, group, removed in cuts:  # the columns each reader loses, from the full group's mapping
+        gone = set(removed)
+        for item in group:
+            module = item.dep.target.module
+            if isinstance(module, nn.Module):
+                touched.setdefault(module, None)
+            if graph.is_in_channel_pruning_fn(item.dep.handler):
+                cols = [int(i) for i, r in zip(item.idxs, item.root_idxs) if r in gone]
+                columns.setdefault(module, []).extend(cols)
     handles = _masking(columns)
     try:
+        ref = _run(model, _head(example, _TRIAL_ROWS))
+        example = _head(example, _TRIAL_ROWS)
+    except Exception:  # noqa: BLE001 — a model that needs the whole batch gets it
         ref = _run(model, example)
     finally:
         for h in handles:
             h.remove()
     snapshot = _Snapshot(model)
-    plan = [{"root": name, "removed": removed} for name, _, removed in entries]
+    entries = [(name, group[0].dep.target.module, removed) for name, group, removed in cuts]
+    names = {p: n for n, p in model.named_parameters(remove_duplicate=False)}
     try:
-        cut_channels(model, plan, graph)
+        _cut(model, entries, graph, touched, names)
         out = _run(model, example)
     except Exception as err:  # noqa: BLE001 — the reason is reported, the model put back
         return f"the narrowed model fails ({type(err).__name__}: {err})"
@@ -1422,6 +1447,7 @@ def wrong_groups(
     example: Any,
     allowed: Callable[[Any], str | None],
     names: dict[nn.Module, str] | None = None,
+    found: list[Any] | None = None,
 ) -> dict[str, tuple[list[nn.Module], str]]:
     """The dependency groups of ``graph`` whose removal is not what the graph says.
 
@@ -1434,15 +1460,16 @@ def wrong_groups(
     ``example`` (eval mode) what the full model computes with those channels zeroed in every
     Conv2d/Linear that reads them (:func:`_outputs_differ`). If it does not, the groups are
     halved until each failing one is found (``2·k·log₂ G`` trials for ``k`` of ``G`` groups).
+    ``found``: ``graph``'s groups with ``ignored`` (:func:`_all_groups`), if already listed.
 
     Returns:
         ``{root name: (the group's producers, reason)}``: the producers are for Torch-Pruning's
         ``ignored_layers`` (the group is then never listed), the reason for the report.
     """
     names = names if names is not None else {m: n for n, m in model.named_modules()}
-    candidates: list[tuple[str, nn.Module, list[int], list[nn.Module]]] = []
+    candidates: list[tuple[str, Any, list[int], list[nn.Module]]] = []
     wrong: dict[str, tuple[list[nn.Module], str]] = {}
-    for group in _all_groups(graph, ignored):
+    for group in _all_groups(graph, ignored) if found is None else found:
         root = group[0].dep.target.module
         if any(allowed(it.dep.target.module) for it in group):
             continue
@@ -1461,17 +1488,13 @@ def wrong_groups(
             continue
         units = units or [[c] for c in range(len(group[0].idxs))]
         if len(units) >= 2:
-            candidates.append((names.get(root, "?"), root, sorted(units[len(units) // 2]), producers))
+            candidates.append((names.get(root, "?"), group, sorted(units[len(units) // 2]), producers))
     if not candidates:
         return wrong
-    x = _head(example, _TRIAL_ROWS)
-    try:
-        _run(model, x)
-    except Exception:  # noqa: BLE001 — a model that needs the whole batch gets it
-        x = example
+    x = example
 
-    def search(items: list[tuple[str, nn.Module, list[int], list[nn.Module]]]) -> bool:
-        why = _trial(model, graph, [(n, r, rm) for n, r, rm, _ in items], x)
+    def search(items: list[tuple[str, Any, list[int], list[nn.Module]]]) -> bool:
+        why = _trial(model, graph, [(n, g, rm) for n, g, rm, _ in items], x)
         if why is None:
             return False
         why = f"cutting one of its channels changes what the model computes beyond removing it ({why})"
@@ -1899,6 +1922,11 @@ def _min_channels(value: Any) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def _widths_key(model: nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Every parameter's name and shape: the widths a listing of dependency groups is valid for."""
+    return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+
+
 def _module_signature(model: nn.Module) -> tuple[tuple[str, int], ...]:
     return tuple((n, id(m)) for n, m in model.named_modules())
 
@@ -1929,7 +1957,7 @@ class ChannelGraph:
         attention internals (the head blocks' producers) kept; listed once per set of widths
         (Torch-Pruning builds a group's indices from the layers' widths, so a round that narrows
         the model lists them again)."""
-        key = tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+        key = _widths_key(model)
         if self._groups is None or self._groups[0] != key:
             inside = [p for b in find_head_blocks(model) for p in b.producers]
             self._groups = (key, _all_groups(self.graph, self.ignored + inside))
@@ -2080,7 +2108,8 @@ def _checked_graph(model: nn.Module, example: Any, options: PruneOptions) -> Cha
     skipped.update(untraced_layers(graph))
     allowed = _allowed_in(model, options.exclude, set(layers.values()), skipped)
     inside = [p for b in find_head_blocks(model) for p in b.producers]  # attention internals
-    wrong = wrong_groups(model, graph, ignored + inside, example, allowed)
+    found = _all_groups(graph, ignored + inside)
+    wrong = wrong_groups(model, graph, ignored + inside, example, allowed, found=found)
     left = {
         f"group of {root}": (
             f"left whole: {why}: an operation on its channels that Torch-Pruning's graph does not "
@@ -2089,7 +2118,10 @@ def _checked_graph(model: nn.Module, example: Any, options: PruneOptions) -> Cha
         for root, (_, why) in wrong.items()
     }
     ignored = ignored + [p for producers, _ in wrong.values() for p in producers if p not in ignored]
-    return ChannelGraph(graph, ignored, _module_signature(model), left=left)
+    checked = ChannelGraph(graph, ignored, _module_signature(model), left=left)
+    if not wrong:  # the groups just listed are the graph's at these widths (see groups())
+        checked._groups = (_widths_key(model), found)
+    return checked
 
 
 def latency_setting(options: PruneOptions, device: torch.device) -> dict[str, Any]:
