@@ -159,3 +159,54 @@ def test_pruning_leaves_the_misrouted_group_whole_and_cuts_the_rest():
     assert net.a.out_channels == 8 and net.b.in_channels == 8
     assert net.b.out_channels < 6 or net.c.out_channels < 6
     assert torch.isfinite(net(x)).all()
+
+
+class _Dense(nn.Module):
+    """Two DenseNet layers: each concatenates its input with a new conv's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.n1, self.c1 = nn.BatchNorm2d(6), nn.Conv2d(6, 4, 3, padding=1)
+        self.n2, self.c2 = nn.BatchNorm2d(10), nn.Conv2d(10, 4, 3, padding=1)
+        self.n3 = nn.BatchNorm2d(14)
+        self.fc = nn.Linear(14, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = torch.cat([h, self.c1(torch.relu(self.n1(h)))], 1)
+        h = torch.cat([h, self.c2(torch.relu(self.n2(h)))], 1)
+        return self.fc(torch.relu(self.n3(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("make", [_Dense, _Clean])
+def test_the_trial_changes_nothing_where_the_graph_is_right(make, monkeypatch):
+    # the trial cuts every group, concatenations included (Torch-Pruning keeps their sizes in
+    # the graph), then puts the model back: pruning must give what it gives without the trial
+    torch.manual_seed(0)
+    net = make().eval()
+    x = _x(16)
+    batches = [(x, torch.randint(0, 5, (16,), generator=torch.Generator().manual_seed(1)))]
+    plain = copy.deepcopy(net)
+    prune_channels(net, batches, ratio=0.3)
+    monkeypatch.setattr(engine, "wrong_groups", lambda *a, **k: {})
+    prune_channels(plain, batches, ratio=0.3)
+    assert {k: v.shape for k, v in net.state_dict().items()} == {
+        k: v.shape for k, v in plain.state_dict().items()
+    }
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, plain.state_dict()[k]), k
+    assert torch.equal(net(x), plain(x))
+
+
+def test_a_concatenation_is_cut_right_after_the_trial():
+    torch.manual_seed(0)
+    net = _Dense().eval()
+    x = _x(16)
+    assert _wrong(net, x) == {}
+    report = prune_channels(net, [(x, torch.randint(0, 5, (16,)))], ratio=0.3)
+    widths = (net.stem.out_channels, net.c1.out_channels, net.c2.out_channels)
+    assert sum(widths) < 14 and report.channels_removed == 14 - sum(widths)
+    assert (net.n2.num_features, net.c2.in_channels) == (widths[0] + widths[1],) * 2
+    assert (net.n3.num_features, net.fc.in_features) == (sum(widths),) * 2
+    assert torch.isfinite(net(x)).all()

@@ -295,17 +295,34 @@ def _refreeze(frozen: list[tuple[nn.Module, str]]) -> None:
             param.requires_grad_(False)
 
 
+def _plain_state(value: Any) -> bool:
+    """Whether ``value`` is plain data a Torch-Pruning operation node keeps (sizes, offsets)."""
+    if isinstance(value, list):
+        return all(isinstance(v, (int, type(None))) for v in value)
+    return isinstance(value, (bool, int, float, str, type(None)))
+
+
 class _Snapshot:
     """What channel removal changes, to put back on failure: per module its Parameter and buffer
     objects (the same objects go back, so optimizers and references stay valid), a copy of their
     values, its plain attributes (``in_channels``, ``num_features``…) and the keys of its
     state_dict hooks (a cut marks the narrowed layers: :func:`cut_channels`) and its class (a
     head-pruned ``nn.MultiheadAttention`` changes class). Other hooks and
-    attributes are never touched. Memory: one copy of the parameters and buffers."""
+    attributes are never touched. Memory: one copy of the parameters and buffers.
+
+    With ``graph`` (Torch-Pruning's, or a :class:`~.parts.PartsGraph`), also the plain state of
+    its operation nodes: a cut updates the sizes a concatenation or split keeps
+    (``concat_sizes``, ``split_sizes``, ``offsets``), which a model put back must find as they were."""
 
     _PLAIN = (bool, int, float, str, tuple, type(None))
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, graph: Any = None) -> None:
+        own = set(model.modules())
+        self.ops = [
+            (op, {k: list(v) if isinstance(v, list) else v for k, v in vars(op).items() if _plain_state(v)})
+            for op in getattr(graph, "module2node", {})
+            if isinstance(op, nn.Module) and op not in own
+        ]
         self.items = []
         with torch.no_grad():
             for m in model.modules():
@@ -316,6 +333,8 @@ class _Snapshot:
                 self.items.append((m, params, bufs, values, attrs, set(m._state_dict_hooks), type(m)))
 
     def restore(self) -> None:
+        for op, state in self.ops:
+            op.__dict__.update({k: list(v) if isinstance(v, list) else v for k, v in state.items()})
         with torch.no_grad():
             for m, params, bufs, values, attrs, hooks, cls in self.items:
                 if type(m) is not cls:  # a head-pruned MultiheadAttention changes class
@@ -1057,7 +1076,7 @@ def remove_channels(
     widths_before = {names[m]: _widths(m) for m in costs if m in names}
 
     dg = graph if graph is not None else dependency_graph(model, example_inputs, ignored)
-    snapshot, frozen = (_Snapshot(model) if atomic else None), _frozen(model)
+    snapshot, frozen = (_Snapshot(model, dg) if atomic else None), _frozen(model)
     model.eval()
     try:
         left: dict[str, str] = {}
@@ -1427,7 +1446,7 @@ def _trial(model: nn.Module, graph: Any, cuts: list[tuple[str, Any, list[int]]],
     finally:
         for h in handles:
             h.remove()
-    snapshot = _Snapshot(model)
+    snapshot = _Snapshot(model, graph)
     entries = [(name, group[0].dep.target.module, removed) for name, group, removed in cuts]
     names = {p: n for n, p in model.named_parameters(remove_duplicate=False)}
     try:
@@ -2510,7 +2529,7 @@ class ChannelEngine(PruningEngine):
         params_before, flops_before = count_params(model), count_flops(model, an.example, _forward)
         shapes_before = _output_shapes(_run(model, an.example))
         widths = {m: m.weight[0].numel() for m in an.updates}
-        snapshot, frozen = _Snapshot(model), _frozen(model)
+        snapshot, frozen = _Snapshot(model, an.graph), _frozen(model)
         recalibrated: list[str] = []
         try:
             model.eval()
@@ -2749,7 +2768,7 @@ def restore_channels(
                     f"({n} → {width}): this checkpoint is not a channel-pruned copy of this model"
                 )
             cuts.append((root, fn, list(range(width, n))))
-    snapshot, frozen = _Snapshot(model), _frozen(model)
+    snapshot, frozen = _Snapshot(model, dg), _frozen(model)
     try:
         for root, fn, idxs in cuts:
             dg.get_pruning_group(root, fn, idxs).prune()
