@@ -710,8 +710,8 @@ def main(argv: list[str] | None = None) -> None:
             "\n## Channel round, one CPU thread (the zoo's protocol: random weights, ÷1.67 FLOPs, 2×4 images)"
         )
         print(
-            f"{'model':<12} {'check':>7} {'analysis':>9} {'decide':>8} {'single':>8} {'surgery':>8} {'round':>7} "
-            f"{'(greedy+analysis)/(single+analysis)':>36}"
+            f"{'model':<12} {'check':>7} {'analysis':>9} {'decide':>8} {'single':>8} {'surgery':>8} "
+            f"{'round':>7} {'(greedy+analysis)/(single+analysis)':>36}"
         )
         for name, size in {"mobilenet_v3_small": 32}.items() if args.smoke else ROUND_MODELS.items():
             r = channel_round(name, size, device)

@@ -210,3 +210,36 @@ def test_a_concatenation_is_cut_right_after_the_trial():
     assert (net.n2.num_features, net.c2.in_channels) == (widths[0] + widths[1],) * 2
     assert (net.n3.num_features, net.fc.in_features) == (sum(widths),) * 2
     assert torch.isfinite(net(x)).all()
+
+
+class _Gated(nn.Module):
+    """A gated conv: ``b`` reads ``u * σ(v)``, ``u`` and ``v`` the two halves of ``a``'s output,
+    so ``a``'s channels ``i`` and ``i + 8`` can only go together."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, v = self.a(x).chunk(2, 1)
+        return self.fc(torch.relu(self.b(u * torch.sigmoid(v))).mean((2, 3)))
+
+
+def test_channels_a_gate_ties_go_together():
+    torch.manual_seed(0)
+    net = _Gated().eval()
+    x = _x(16)
+    graph = channel_graph(net, x, [net.fc])
+    group = next(g for g in engine._all_groups(graph, [net.fc]) if g[0].dep.target.module is net.a)
+    assert engine._units(group, graph) == [[i, i + 8] for i in range(8)]
+    with torch.no_grad():  # two gated channels that b never reads: removing them changes nothing
+        net.b.weight[:, [1, 5]] = 0
+    before = net(x)
+    report = prune_channels(
+        net, [(x, torch.randint(0, 5, (16,)))], ratio=4 / 24, recalibrate_bn=False, greedy_steps=None
+    )
+    entry = next(g for g in report.groups if g["root"] == "a")
+    assert sorted(entry["removed"]) == [1, 5, 9, 13]  # the two dead pairs, nothing else
+    assert (net.a.out_channels, net.b.in_channels) == (12, 6)
+    torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-6)

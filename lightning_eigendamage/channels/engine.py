@@ -412,7 +412,67 @@ def _units(group: Any, dg: Any) -> list[list[int]] | None | str:
         if units is not None and units != mine:
             return "two grouped convolutions tie the group's channels differently"
         units = mine
-    return units
+    tied = _tied_roots(group, dg)
+    if tied is None or isinstance(tied, str):
+        return units if tied is None else tied
+    if units is not None:
+        return "a grouped convolution and an operation that ties its channels in one group"
+    return tied
+
+
+def _tied_roots(group: Any, dg: Any) -> list[list[int]] | None | str:
+    """The root channels of ``group`` that Torch-Pruning removes together although its listing
+    gives each its own root (a gate ``u * σ(v)`` on the two halves of one conv's output: removing
+    ``u_i`` removes the product's channel ``i``, so ``v_i`` goes too), or None where each goes
+    alone, or the reason the group must stay whole (ties of unequal sizes).
+
+    Only a group in which some member sees a part of the root channels (a split) can tie them;
+    there, the group of one root channel is built (the middle one, the first, the last): where
+    each removes only itself there are no ties, otherwise every channel is probed and the sets of
+    the root's own channels each removes are the units. Cached on the group."""
+    cached = getattr(group, "_led_tied_roots", False)
+    if cached is not False:
+        return cached
+    n = len(group[0].idxs)
+    everything = set(range(n))
+    tied: list[list[int]] | None | str = None
+    if any({int(r) for r in it.root_idxs if r is not None} != everything for it in group):
+        root, fn = group[0].dep.target.module, group[0].dep.handler
+
+        def removes(c: int) -> list[int]:
+            probe = dg.get_pruning_group(root, fn, [c])
+            return sorted(
+                {
+                    int(i)
+                    for it in probe
+                    if it.dep.target.module is root and dg.is_out_channel_pruning_fn(it.dep.handler)
+                    for i in it.idxs
+                }
+            )
+
+        if any(removes(c) != [c] for c in {n // 2, 0, n - 1}):
+            units, seen = [], set()
+            for c in range(n):
+                if c in seen:
+                    continue
+                unit = removes(c)
+                if c not in unit or seen & set(unit):
+                    tied = "an operation ties the group's channels in overlapping sets"
+                    break
+                units.append(unit)
+                seen |= set(unit)
+            else:
+                sizes = {len(u) for u in units}
+                tied = (
+                    units
+                    if len(sizes) == 1
+                    else "an operation ties the group's channels in sets of unequal sizes"
+                )
+    try:
+        group._led_tied_roots = tied
+    except AttributeError:  # a group that takes no attributes is probed again next time
+        pass
+    return tied
 
 
 def _group_score(group: Any, dg: Any, n: int, scores: Scores | None, importance: Any, in_scores: Scores):
