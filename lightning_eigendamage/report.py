@@ -222,8 +222,9 @@ def _reason_of(name: str, why: str) -> tuple[str, str, str]:
     why, _, tip = why.partition(";")
     if name.startswith("group of ") and why.startswith("left whole: "):
         rest = why.removeprefix("left whole: ")
-        _member, _, tail = rest.partition(" ")
-        why = f"group left whole: a member {tail}" if tail else f"group left whole: {rest}"
+        _member, _, tail = rest.partition(" ")  # "<member> is excluded…", "<member> (GroupNorm) …"
+        named = tail.startswith(("is ", "("))
+        why = f"group left whole: a member {tail}" if named else f"group left whole: {rest}"
     return why, name.removeprefix("group of "), tip.strip()
 
 

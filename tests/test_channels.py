@@ -245,8 +245,12 @@ def test_type_errors_name_the_problem():
 def test_empty_batches_and_nothing_prunable_are_clear_errors():
     with pytest.raises(ValueError, match="empty"):
         prune_channels(_net(), [], ratio=0.5)
-    with pytest.raises(RuntimeError, match="no Conv2d/Linear"):
-        prune_channels(_net(), _batches(), ratio=0.5, exclude=[nn.Conv2d, nn.Linear])
+    net = _net()
+    state = copy.deepcopy(net.state_dict())
+    with pytest.raises(RuntimeError, match="no dependency group .* can change width: 4× .* excluded by user"):
+        prune_channels(net, _batches(), ratio=0.5, exclude=[nn.Conv2d, nn.Linear])
+    for k, v in net.state_dict().items():  # found before anything was captured or changed
+        assert torch.equal(v, state[k])
 
 
 def test_a_layer_run_twice_is_not_scored_and_its_groups_stay_whole():

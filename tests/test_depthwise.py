@@ -115,8 +115,11 @@ def test_nothing_removed_keeps_the_function() -> None:
 
 def test_a_channel_multiplier_leaves_the_group_whole_and_says_why() -> None:
     model, batches = _setup(multiplier=2)
-    report = prune_channels(model, batches, ratio=0.2, exclude=["stem"])
-    assert model.dw.out_channels == 48 and report.channels_removed == 0
+    with pytest.raises(RuntimeError, match="no dependency group .* can change width: .*channel multiplier 2"):
+        prune_channels(model, batches, ratio=0.2, exclude=["stem"])  # (stem: the only other group)
+    assert model.dw.out_channels == 48
+    report = prune_channels(model, batches, ratio=0.2)  # the stem's group can go: it says why not dw's
+    assert model.dw.out_channels == 48 and report.channels_removed > 0
     assert any("channel multiplier 2" in why for why in report.skipped.values()), report.skipped
 
 
@@ -175,12 +178,11 @@ def test_reasons_are_grouped_once_each_with_their_names() -> None:
         ("group left whole: a member (LayerNorm) has parameters", ["c"]),
     ]
     model, batches = _setup(multiplier=2)
-    report = prune_channels(model, batches, ratio=0.2, exclude=["stem"])
-    text = report.summary()
-    section = text.split("\nleft whole: ")[1]
-    lines = section.splitlines()
-    assert sum("2× group left whole: a member is not scored (depthwise" in x for x in lines) == 1
-    assert "  1× excluded by user: stem" in lines
+    with pytest.raises(RuntimeError) as err:  # every group left whole: the reasons, once each
+        prune_channels(model, batches, ratio=0.2, exclude=["stem"])
+    lines = str(err.value).split(": ", 1)[1].split("; ")
+    assert sum(x.startswith("2× group left whole: a member is not scored (depthwise") for x in lines) == 1
+    assert "1× group left whole: a member is excluded by user: proj" in lines
 
 
 def test_the_callback_does_not_list_a_following_depthwise_conv_as_left_alone(caplog) -> None:

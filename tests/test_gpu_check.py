@@ -77,9 +77,11 @@ def test_gpu_check_quick_on_cpu(tmp_path: Path) -> None:
         _positive(r["prune_s"]) and _positive(r["flops_x"]) for r in speed["prune"].values()
     )
     (rnd,) = speed["rounds"].values()  # one channel round, by phase
-    parts = ("analysis_s", "decide_single_s", "decide_greedy_s", "surgery_s")
+    parts = ("check_s", "analysis_s", "decide_single_s", "decide_greedy_s", "surgery_s")
     assert all(_positive(rnd[k]) for k in (*parts, "round_s", "greedy_over_single")), rnd
-    assert rnd["round_s"] == pytest.approx(rnd["analysis_s"] + rnd["decide_greedy_s"] + rnd["surgery_s"])
+    assert rnd["round_s"] == pytest.approx(
+        rnd["check_s"] + rnd["analysis_s"] + rnd["decide_greedy_s"] + rnd["surgery_s"]
+    )
     for r in speed["memory"].values():
         assert all(_positive(r[k]) for k in ("train_peak_mb", "prune_peak_mb", "ratio", "factors_mb")), r
     vs = speed["vs_torch_pruning"]

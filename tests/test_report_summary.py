@@ -215,3 +215,23 @@ def test_layers_too_wide_for_their_factor_share_one_reason_line() -> None:
 
     skipped = {n: _too_large((d, 30), 64) for n, d in (("a", 100), ("b", 200), ("c", 300))}
     assert reason_lines(skipped) == ["3× a K-FAC factor wider than max_factor_dim=64: a, b, c"]
+
+
+def test_a_group_reason_names_its_member_only_where_it_starts_with_one():
+    from lightning_eigendamage.report import reason_lines
+
+    lines = reason_lines(
+        {
+            "group of a": "left whole: conv1 is excluded by user",
+            "group of b": "left whole: bn (GroupNorm) needs its channel count to stay a multiple",
+            "group of c": "left whole: round_to=8: no narrower width of its 12 channels",
+            "group of d": "left whole: cutting one of its channels changes what the model computes",
+        },
+        names=3,
+    )
+    assert sorted(lines) == [
+        "1× group left whole: a member (GroupNorm) needs its channel count to stay a multiple: b",
+        "1× group left whole: a member is excluded by user: a",
+        "1× group left whole: cutting one of its channels changes what the model computes: d",
+        "1× group left whole: round_to=8: no narrower width of its 12 channels: c",
+    ]

@@ -243,3 +243,33 @@ def test_channels_a_gate_ties_go_together():
     assert sorted(entry["removed"]) == [1, 5, 9, 13]  # the two dead pairs, nothing else
     assert (net.a.out_channels, net.b.in_channels) == (12, 6)
     torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-6)
+
+
+class _FlipEverywhere(nn.Module):
+    """Every group's channels are read reversed: channels can remove none of them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.b(torch.relu(self.a(x)).flip(1))).flip(1)
+        return self.fc(h.mean((2, 3)))
+
+
+def test_auto_prunes_the_eigenbasis_where_channels_can_change_no_group():
+    from lightning_eigendamage import PruneOptions, PruningWarning, prune
+    from lightning_eigendamage.engine import prepare
+
+    torch.manual_seed(0)
+    net = _FlipEverywhere().eval()
+    x = _x(16)
+    _, reason = prepare("channels", net, x, PruneOptions(structure="channels"))
+    assert reason.startswith("no dependency group of this model can change width: 2× group left whole")
+    with pytest.warns(PruningWarning, match="prunes the eigenbasis: .*no dependency group"):
+        report = prune(net, [(x, torch.randint(0, 5, (16,)))], ratio=0.3, structure="auto")
+    assert report.structure == "eigenbasis" and "can change width" in report.structure_reason
+    assert report.target_reached and torch.isfinite(net(x)).all()
+    with pytest.raises(RuntimeError, match="no dependency group"):  # asked for channels: an error
+        prune_channels(_FlipEverywhere().eval(), [(x, torch.randint(0, 5, (16,)))], ratio=0.3)
