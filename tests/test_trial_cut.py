@@ -273,3 +273,46 @@ def test_auto_prunes_the_eigenbasis_where_channels_can_change_no_group():
     assert report.target_reached and torch.isfinite(net(x)).all()
     with pytest.raises(RuntimeError, match="no dependency group"):  # asked for channels: an error
         prune_channels(_FlipEverywhere().eval(), [(x, torch.randint(0, 5, (16,)))], ratio=0.3)
+
+
+def test_the_callback_prunes_a_gated_model_with_channels_and_a_misrouted_one_in_its_eigenbasis(caplog):
+    import logging
+    import warnings
+
+    from lit_models import LitClassifier, image_data, loader, trainer
+
+    from lightning_eigendamage import EigenDamagePruning
+
+    class Gated10(_Gated):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 10)
+
+    class Flip10(_FlipEverywhere):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 10)
+
+    for make, structure in ((Gated10, "channels"), (Flip10, "eigenbasis")):
+        torch.manual_seed(0)
+        model = LitClassifier(make())
+        cb = EigenDamagePruning({0: 0.3}, structure="auto", verbose=False)
+        with caplog.at_level(logging.INFO), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer(max_epochs=1, callbacks=[cb]).fit(model, loader(image_data(32, size=8)))
+        assert cb.structure == structure and cb.reports[0].structure == structure
+        assert torch.isfinite(model.net(torch.randn(2, 3, 8, 8))).all()
+        if structure == "channels":  # the gate's halves lose channels in pairs
+            assert (
+                cb.reports[0].channels_removed > 0 and model.net.a.out_channels == 2 * model.net.b.in_channels
+            )
+    assert model.net.a.out_channels == 8  # the eigenbasis keeps widths
+    assert (
+        "structure='auto' prunes eigenbasis (channels are not possible here: no dependency group"
+        in caplog.text
+    )
+    with pytest.raises(
+        RuntimeError, match="structure='channels'.* cannot prune this model: no dependency group"
+    ):
+        cb = EigenDamagePruning({0: 0.3}, structure="channels", verbose=False)
+        trainer(max_epochs=1, callbacks=[cb]).fit(LitClassifier(Flip10()), loader(image_data(32, size=8)))
