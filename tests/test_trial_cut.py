@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_eigendamage.channels import engine, prune_channels
+from lightning_eigendamage.channels import engine, prune_channels, restore_channels
 from lightning_eigendamage.channels.engine import channel_graph, wrong_groups
 
 
@@ -243,6 +243,9 @@ def test_channels_a_gate_ties_go_together():
     assert sorted(entry["removed"]) == [1, 5, 9, 13]  # the two dead pairs, nothing else
     assert (net.a.out_channels, net.b.in_channels) == (12, 6)
     torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-6)
+    fresh = _Gated().eval()  # a checkpoint narrows a fresh model by whole pairs too
+    restore_channels(fresh, net.state_dict(), x)
+    assert torch.equal(fresh(x), net(x))
 
 
 class _FlipEverywhere(nn.Module):

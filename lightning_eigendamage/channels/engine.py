@@ -2872,7 +2872,20 @@ def restore_channels(
                     f"the checkpoint narrows {names.get(hit, '?')}, whose outputs are the model's "
                     f"({n} → {width}): this checkpoint is not a channel-pruned copy of this model"
                 )
-            cuts.append((root, fn, list(range(width, n))))
+            units = _units(group, dg)  # channels that go together (grouped convs, gates) go so
+            size = len(units[0]) if isinstance(units, list) and units else 1
+            if (n - width) % size:
+                raise ValueError(
+                    f"{names[root]}.weight has {width} output channels in the checkpoint; the model's "
+                    f"group rooted there has {n} in units of {size} that go together: this "
+                    "checkpoint is not a channel-pruned copy of it"
+                )
+            gone = (
+                sorted(c for u in units[len(units) - (n - width) // size :] for c in u)
+                if size > 1
+                else list(range(width, n))
+            )
+            cuts.append((root, fn, gone))
     snapshot, frozen = _Snapshot(model, dg), _frozen(model)
     try:
         for root, fn, idxs in cuts:
