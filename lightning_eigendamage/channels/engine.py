@@ -1418,6 +1418,7 @@ def _check_pruned(model: nn.Module, example: Any, shapes_before: list[tuple[int,
 # a removed channel's readers see zeros where the cut model has no channel: both outputs agree to
 # this relative tolerance (of the output's largest magnitude), or the dtype's 64 ulps if coarser
 _TRIAL_RTOL = 1e-4  # 60× the largest float32 difference seen on the 20 zoo models (1.6e-6)
+_CHECK_ROWS = 2  # examples the narrowed model is run on after the cut (two: BatchNorm in train mode)
 _TRIAL_ROWS = 1  # examples of the traced batch the trial forwards (all, if the model needs more)
 
 
@@ -1851,8 +1852,8 @@ def sequential_group_scores(
 def _spd_inverse(a: torch.Tensor, damping: float) -> torch.Tensor:
     """``(A + γ·(tr A / n)·I)⁻¹`` by Cholesky (several times faster than the ``eigh`` of
     :func:`~lightning_eigendamage.baselines.damped_inverse`, which it falls back to)."""
-    try:
-        return torch.cholesky_inverse(torch.linalg.cholesky(damped(a, damping)))
+    try:  # contiguous: cholesky_inverse returns a transposed layout, which every gather would copy
+        return torch.cholesky_inverse(torch.linalg.cholesky(damped(a, damping))).contiguous()
     except torch.linalg.LinAlgError:
         return damped_inverse(a, damping)
 
@@ -2632,7 +2633,8 @@ class ChannelEngine(PruningEngine):
         costs, _ = _layer_costs(model, an.example)
         before = {names[m]: _widths(m) for m in costs if m in names}
         params_before, flops_before = count_params(model), count_flops(model, an.example, _forward)
-        shapes_before = _output_shapes(_run(model, an.example))
+        probe = _head(an.example, _CHECK_ROWS)  # the examples the narrowed model is checked on
+        shapes_before = _output_shapes(_run(model, probe))
         widths = {m: m.weight[0].numel() for m in an.updates}
         snapshot, frozen = _Snapshot(model, an.graph), _frozen(model)
         recalibrated: list[str] = []
@@ -2649,7 +2651,7 @@ class ChannelEngine(PruningEngine):
             _refreeze(frozen)
             for m, mode in modes.items():
                 m.training = mode
-            _check_pruned(model, an.example, shapes_before, any(modes.values()))
+            _check_pruned(model, probe, shapes_before, any(modes.values()))
             if options.recalibrate_bn:
                 touched = [m for m, w in widths.items() if m.weight[0].numel() < w]
                 bns = downstream_batchnorms(model, touched, an.example, _forward)
