@@ -42,7 +42,9 @@ def prune(
         structure: ``"eigenbasis"`` (default: every Conv2d/Linear rewritten in its eigenbasis,
             widths kept), ``"channels"`` (whole channels removed, layers stay plain and narrower;
             needs ``torch-pruning``) or ``"auto"`` (channels if the model's channel dependency
-            graph can be built from the first batch, the eigenbasis otherwise; a
+            graph can be built from the first batch and some group of it can change width, the
+            eigenbasis otherwise, and also where channel pruning raises a ``RuntimeError`` (the
+            model is put back first; not with ``distributed=True``); a
             :class:`~lightning_eigendamage.PruningWarning` says why when it falls back).
         options: a :class:`~lightning_eigendamage.PruneOptions` instead of keyword options (its
             ``structure`` wins).
@@ -59,7 +61,8 @@ def prune(
             raise TypeError(f"options must be a PruneOptions or None, got {type(options).__name__}")
         structure = options.structure
     prepared, why = None, None  # the channel graph "auto" traced (reused), and why it chose
-    if structure == "auto":
+    auto, given = structure == "auto", options  # ("auto": channels that fail fall back)
+    if auto:
         batches = list(batches)
         structure, prepared, why = _auto(
             model, batches, options.resolved("channels") if options else None, kwargs
@@ -67,28 +70,52 @@ def prune(
         if options is not None:
             options = options.resolved(structure)
     if structure == "eigenbasis":
-        try:
-            report = pruner.prune(
-                model, batches, ratio=ratio, options=options, distributed=distributed, **kwargs
-            )
-        except ValueError as err:
-            if not str(err).startswith("no prunable layer"):
-                raise
-            raise ValueError(
-                f"{err}. structure='channels' (or 'auto') may prune it: it also removes the channels "
-                "of depthwise and grouped convolutions, the feed-forward widths of Transformer "
-                "layers and whole attention heads, which the eigenbasis leaves alone"
-            ) from None
-        report.structure_reason = why
-        return report
+        return _eigenbasis(model, batches, ratio, options, distributed, kwargs, why)
     engine = get_engine(structure)
     if options is None:
         options = PruneOptions(structure=structure, **kwargs)
     elif kwargs:
         raise ValueError(f"pass the options either in options= or as keywords, not both ({sorted(kwargs)})")
-    report, _ = engine.prune(
-        model, batches, ratio=ratio, options=options, distributed=distributed, prepared=prepared
-    )
+    try:
+        report, _ = engine.prune(
+            model, batches, ratio=ratio, options=options, distributed=distributed, prepared=prepared
+        )
+    except RuntimeError as err:  # the engine put the model back as it was
+        if not auto or distributed:  # (distributed: every rank must take the same way)
+            raise
+        warnings.warn(
+            f"prune(structure='auto') prunes the eigenbasis: channels failed on this model ({err})",
+            PruningWarning,
+            stacklevel=2,
+        )
+        fallback = given.resolved("eigenbasis") if given is not None else None
+        return _eigenbasis(
+            model, batches, ratio, fallback, distributed, kwargs, auto_reason(f"they failed: {err}")
+        )
+    report.structure_reason = why
+    return report
+
+
+def _eigenbasis(
+    model: nn.Module,
+    batches: Any,
+    ratio: float,
+    options: PruneOptions | None,
+    distributed: bool,
+    kwargs: dict[str, Any],
+    why: str | None,
+) -> PruneReport:
+    """The eigenbasis engine's prune, its report saying why it was chosen (``why``)."""
+    try:
+        report = pruner.prune(model, batches, ratio=ratio, options=options, distributed=distributed, **kwargs)
+    except ValueError as err:
+        if not str(err).startswith("no prunable layer"):
+            raise
+        raise ValueError(
+            f"{err}. structure='channels' (or 'auto') may prune it: it also removes the channels "
+            "of depthwise and grouped convolutions, the feed-forward widths of Transformer "
+            "layers and whole attention heads, which the eigenbasis leaves alone"
+        ) from None
     report.structure_reason = why
     return report
 

@@ -319,3 +319,28 @@ def test_the_callback_prunes_a_gated_model_with_channels_and_a_misrouted_one_in_
     ):
         cb = EigenDamagePruning({0: 0.3}, structure="channels", verbose=False)
         trainer(max_epochs=1, callbacks=[cb]).fit(LitClassifier(Flip10()), loader(image_data(32, size=8)))
+
+
+def test_auto_falls_back_to_the_eigenbasis_where_the_channel_cut_fails(monkeypatch):
+    from lightning_eigendamage import PruningWarning, prune
+    from lightning_eigendamage.channels.engine import ChannelEngine
+
+    def fails(self, model, *args, **kwargs):
+        raise RuntimeError("the narrowed model fails on the example inputs (a test)")
+
+    monkeypatch.setattr(ChannelEngine, "apply", fails)
+    torch.manual_seed(0)
+    net = _Clean().eval()
+    x = _x(16)
+    batches = [(x, torch.randint(0, 5, (16,)))]
+    widths = {n: tuple(p.shape) for n, p in net.named_parameters()}
+    with pytest.raises(RuntimeError, match="a test"):  # asked for channels: the error
+        prune(net, batches, ratio=0.3, structure="channels")
+    assert {n: tuple(p.shape) for n, p in net.named_parameters()} == widths
+    with pytest.warns(PruningWarning, match="prunes the eigenbasis: channels failed on this model .*a test"):
+        report = prune(net, batches, ratio=0.3, structure="auto")
+    assert (
+        report.structure == "eigenbasis"
+        and "they failed: the narrowed model fails" in report.structure_reason
+    )
+    assert report.target_reached and torch.isfinite(net(x)).all()
