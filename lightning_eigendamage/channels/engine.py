@@ -1520,6 +1520,18 @@ def _trial(model: nn.Module, graph: Any, cuts: list[tuple[str, Any, list[int]]],
     return _outputs_differ(ref, out)
 
 
+def _why_whole(group: Any, graph: Any, allowed: Callable[[Any], str | None]) -> str | None:
+    """Why ``group`` cannot change width whatever its scores (a member ``allowed`` refuses, units
+    that tie badly, a single unit), or None."""
+    reason = next((r for r in (allowed(it.dep.target.module) for it in group) if r), None)
+    if reason is not None:
+        return reason
+    units = _units(group, graph)
+    if isinstance(units, str):
+        return units
+    return "a group of one channel" if len(units or group[0].idxs) < 2 else None
+
+
 def wrong_groups(
     model: nn.Module,
     graph: Any,
@@ -1552,7 +1564,7 @@ def wrong_groups(
     wrong: dict[str, tuple[list[nn.Module], str]] = {}
     for group in _all_groups(graph, ignored) if found is None else found:
         root = group[0].dep.target.module
-        if any(allowed(it.dep.target.module) for it in group):
+        if _why_whole(group, graph, allowed) is not None:
             continue
         producers = [
             it.dep.target.module
@@ -1565,18 +1577,13 @@ def wrong_groups(
             detail = str(err).removesuffix(_UNTRACEABLE)
             wrong[names.get(root, "?")] = (producers, f"its index mapping is broken; {detail}")
             continue
-        units = _units(group, graph)
-        if isinstance(units, str):
-            continue
-        units = units or [[c] for c in range(len(group[0].idxs))]
-        if len(units) >= 2:
-            candidates.append((names.get(root, "?"), group, sorted(units[len(units) // 2]), producers))
+        units = _units(group, graph) or [[c] for c in range(len(group[0].idxs))]
+        candidates.append((names.get(root, "?"), group, sorted(units[len(units) // 2]), producers))
     if not candidates:
         return wrong
-    x = example
 
     def search(items: list[tuple[str, Any, list[int], list[nn.Module]]]) -> bool:
-        why = _trial(model, graph, [(n, g, rm) for n, g, rm, _ in items], x)
+        why = _trial(model, graph, [(n, g, rm) for n, g, rm, _ in items], example)
         if why is None:
             return False
         why = f"cutting one of its channels changes what the model computes beyond removing it; {why}"
@@ -2229,13 +2236,7 @@ def _check_changeable(
         root = names.get(group[0].dep.target.module, "?")
         if root in wrong:
             continue
-        reason = next((r for r in (allowed(it.dep.target.module) for it in group) if r), None)
-        if reason is None:
-            units = _units(group, graph)
-            if isinstance(units, str):
-                reason = units
-            elif len(units or group[0].idxs) < 2:
-                reason = "a group of one channel"
+        reason = _why_whole(group, graph, allowed)
         if reason is None:
             return
         why[f"group of {root}"] = f"left whole: {reason}"
