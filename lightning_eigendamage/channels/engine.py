@@ -1499,9 +1499,9 @@ def _trial(model: nn.Module, graph: Any, cuts: list[tuple[str, Any, list[int]]],
                 cols = [int(i) for i, r in zip(item.idxs, item.root_idxs) if r in gone]
                 columns.setdefault(module, []).extend(cols)
     handles = _masking(columns)
+    few = _head(example, _TRIAL_ROWS)
     try:
-        ref = _run(model, _head(example, _TRIAL_ROWS))
-        example = _head(example, _TRIAL_ROWS)
+        ref, example = _run(model, few), few
     except Exception:  # noqa: BLE001 — a model that needs the whole batch gets it
         ref = _run(model, example)
     finally:
