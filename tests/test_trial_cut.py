@@ -344,3 +344,36 @@ def test_auto_falls_back_to_the_eigenbasis_where_the_channel_cut_fails(monkeypat
         and "they failed: the narrowed model fails" in report.structure_reason
     )
     assert report.target_reached and torch.isfinite(net(x)).all()
+
+
+def test_under_ddp_every_rank_checks_rank_0s_input(monkeypatch):
+    # the check runs the model (the trial cut), so its outcome may depend on the data: every
+    # rank checks the input rank 0 broadcasts, and all decide alike
+    from lit_models import LitClassifier
+
+    from lightning_eigendamage import EigenDamagePruning
+    from lightning_eigendamage.lightning import callback as callback_module
+
+    class Clean10(_Clean):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(12 * 2 * 2, 10)
+
+    rank0 = torch.randn(3, 3, 8, 8)
+    seen, broadcast = [], []
+    real = callback_module.prepare
+    monkeypatch.setattr(callback_module, "_is_distributed", lambda trainer: True)
+    monkeypatch.setattr(callback_module, "broadcast_object", lambda obj: broadcast.append(obj) or rank0)
+    monkeypatch.setattr(
+        callback_module,
+        "prepare",
+        lambda name, m, example, o: seen.append(example) or real(name, m, example, o),
+    )
+    model = LitClassifier(Clean10())
+    model._trainer = object()  # (read only by the patched _is_distributed)
+    cb = EigenDamagePruning({0: 0.3}, structure="auto", verbose=False)
+    local = torch.randn(16, 3, 8, 8)
+    cb._decide_structure(model, (local, torch.zeros(16, dtype=torch.long)))
+    assert len(broadcast) == 1 and torch.equal(broadcast[0], local)  # this rank offered its own
+    assert len(seen) == 1 and torch.equal(seen[0], rank0)  # and checked rank 0's
+    assert cb.structure == "channels"

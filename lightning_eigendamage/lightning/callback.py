@@ -68,9 +68,9 @@ from typing_extensions import override
 
 from ..attention import functional_owners
 from ..checkpoint import PrunedLoadingHook, has_pruned_loading
-from ..curvature import KFACapture, capture_batch, check_categorical, split_batch, target_of
+from ..curvature import KFACapture, capture_batch, check_categorical, split_batch, target_of, to_device
 from ..discovery import Candidate, dynamic_skips, find_layers, no_prunable_message
-from ..distributed import is_distributed
+from ..distributed import broadcast_object, is_distributed
 from ..engine import PruningEngine, auto_reason, engine_names, get_engine, prepare
 from ..gradual import (
     GradualRemoval,
@@ -556,13 +556,19 @@ class EigenDamagePruning(Callback):
         engine = get_engine(target)
         if type(engine).check is PruningEngine.check:  # nothing to check (the eigenbasis)
             return
-        if batch is None:
+        example = None if batch is None else self._input_of(batch)
+        if _is_distributed(pl_module.trainer):  # every rank checks rank 0's input: the check runs
+            # the model (the channel engine's trial cut), so every rank must decide alike
+            on_cpu = None if example is None else to_device(example, torch.device("cpu"))
+            if pl_module.device.type == "cuda":  # the copies to the host are non-blocking
+                torch.cuda.synchronize(pl_module.device)
+            example = broadcast_object(on_cpu)
+            example = None if example is None else to_device(example, pl_module.device)
+        if example is None:
             reason: str | None = "the training data gave no batch to trace the model with"
         else:
             with _preserve_rng(pl_module.device):
-                prepared, reason = prepare(
-                    target, pl_module, self._input_of(batch), self.options.resolved(target)
-                )
+                prepared, reason = prepare(target, pl_module, example, self.options.resolved(target))
             self._prepared = prepared  # the traced graph, reused by every round (re-traced if stale)
         if self._structure is not None:
             if reason is not None:
@@ -572,7 +578,7 @@ class EigenDamagePruning(Callback):
                 )
             return
         self._structure = "channels" if reason is None else "eigenbasis"
-        self._structure_reason = auto_reason(reason, self._prepared if batch is not None else None)
+        self._structure_reason = auto_reason(reason, self._prepared if example is not None else None)
         rank_zero_info(
             f"EigenDamagePruning: structure='auto' prunes {self._structure} ({self._structure_reason})"
         )
