@@ -16,6 +16,7 @@ from torch import nn
 
 from .channels import engine as _channels_engine  # noqa: F401  (registers the channel engine)
 from .curvature import split_batch, to_device
+from .distributed import rank_zero_input
 from .eigenbasis import pruner
 from .engine import auto_reason, get_engine, prepare
 from .options import PruneOptions
@@ -65,7 +66,7 @@ def prune(
     if auto:
         batches = list(batches)
         structure, prepared, why = _auto(
-            model, batches, options.resolved("channels") if options else None, kwargs
+            model, batches, options.resolved("channels") if options else None, kwargs, distributed
         )
         if options is not None:
             options = options.resolved(structure)
@@ -121,7 +122,11 @@ def _eigenbasis(
 
 
 def _auto(
-    model: nn.Module, batches: list[Any], options: PruneOptions | None, kwargs: dict[str, Any]
+    model: nn.Module,
+    batches: list[Any],
+    options: PruneOptions | None,
+    kwargs: dict[str, Any],
+    distributed: bool = False,
 ) -> tuple[str, Any, str]:
     """``("channels", graph, why)`` if the channel engine can prune ``model`` (its graph builds on
     the first batch), else ``("eigenbasis", None, why)`` with a warning that says why."""
@@ -135,6 +140,8 @@ def _auto(
             structure="channels", input_fn=kwargs.get("input_fn"), forward_fn=kwargs.get("forward_fn")
         )
     example = to_device(split_batch(batches[0], options.input_fn)[0], params[0].device)
+    if distributed:  # the check runs the model: every process checks rank 0's input
+        example = rank_zero_input(example)
     prepared, reason = prepare("channels", model, example, options)
     if reason is None:
         return "channels", prepared, auto_reason(None, prepared)

@@ -116,3 +116,22 @@ def test_latency_forms_are_timed_on_rank_0_only_and_shared(tmp_path):
     for k, v in r0["state"].items():
         if isinstance(v, torch.Tensor):
             assert torch.equal(v, r1["state"][k]), k
+
+
+def _input_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    from lightning_eigendamage.distributed import rank_zero_input
+
+    with _group(rank, world, init_file):
+        mine = {"x": torch.full((2, 3), float(rank)), "mask": (torch.ones(2) * rank, [torch.tensor(rank)])}
+        got = rank_zero_input(mine)
+        none = rank_zero_input(None if rank == 0 else torch.ones(1), torch.device("cpu"))
+        torch.save({"got": got, "none": none}, os.path.join(out_dir, f"input{rank}.pt"))
+
+
+def test_rank_zero_input_gives_every_rank_rank_0s_input(tmp_path):
+    mp.spawn(_input_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        r = torch.load(tmp_path / f"input{rank}.pt", weights_only=False)
+        assert torch.equal(r["got"]["x"], torch.zeros(2, 3))
+        assert torch.equal(r["got"]["mask"][0], torch.zeros(2)) and r["got"]["mask"][1][0].item() == 0
+        assert r["none"] is None  # rank 0 had no input: none on every rank

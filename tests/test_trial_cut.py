@@ -363,7 +363,9 @@ def test_under_ddp_every_rank_checks_rank_0s_input(monkeypatch):
     seen, broadcast = [], []
     real = callback_module.prepare
     monkeypatch.setattr(callback_module, "_is_distributed", lambda trainer: True)
-    monkeypatch.setattr(callback_module, "broadcast_object", lambda obj: broadcast.append(obj) or rank0)
+    monkeypatch.setattr(
+        callback_module, "rank_zero_input", lambda obj, device: broadcast.append(obj) or rank0
+    )
     monkeypatch.setattr(
         callback_module,
         "prepare",

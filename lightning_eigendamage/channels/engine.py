@@ -75,7 +75,7 @@ from ..discovery import (
     excluded_modules,
     find_layers,
 )
-from ..distributed import all_reduce_capture, broadcast_object, is_distributed
+from ..distributed import all_reduce_capture, broadcast_object, is_distributed, rank_zero_input
 from ..engine import PruningEngine, get_engine, register_engine
 from ..gradual import MarkedLayer
 from ..optim import TransplantReport, carry_sliced_state
@@ -2457,7 +2457,7 @@ class ChannelEngine(PruningEngine):
         device = params[0].device
         example = to_device(split_batch(batches[0], options.input_fn)[0], device)
         if prepared is None or not prepared.describes(model):  # an ungroupable model fails here
-            prepared = _checked_graph(model, example, options)
+            prepared = _checked_graph(model, rank_zero_input(example) if distributed else example, options)
         graph, ignored = prepared.graph, prepared.ignored
         _, layers, skipped = scorable_layers(model, options.exclude, options.max_factor_dim)
         skipped.update(prepared.left)

@@ -68,9 +68,9 @@ from typing_extensions import override
 
 from ..attention import functional_owners
 from ..checkpoint import PrunedLoadingHook, has_pruned_loading
-from ..curvature import KFACapture, capture_batch, check_categorical, split_batch, target_of, to_device
+from ..curvature import KFACapture, capture_batch, check_categorical, split_batch, target_of
 from ..discovery import Candidate, dynamic_skips, find_layers, no_prunable_message
-from ..distributed import broadcast_object, is_distributed
+from ..distributed import is_distributed, rank_zero_input
 from ..engine import PruningEngine, auto_reason, engine_names, get_engine, prepare
 from ..gradual import (
     GradualRemoval,
@@ -559,11 +559,7 @@ class EigenDamagePruning(Callback):
         example = None if batch is None else self._input_of(batch)
         if _is_distributed(pl_module.trainer):  # every rank checks rank 0's input: the check runs
             # the model (the channel engine's trial cut), so every rank must decide alike
-            on_cpu = None if example is None else to_device(example, torch.device("cpu"))
-            if pl_module.device.type == "cuda":  # the copies to the host are non-blocking
-                torch.cuda.synchronize(pl_module.device)
-            example = broadcast_object(on_cpu)
-            example = None if example is None else to_device(example, pl_module.device)
+            example = rank_zero_input(example, pl_module.device)
         if example is None:
             reason: str | None = "the training data gave no batch to trace the model with"
         else:
