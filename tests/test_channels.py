@@ -259,10 +259,12 @@ def test_a_layer_run_twice_is_not_scored_and_its_groups_stay_whole():
             super().__init__()
             self.a = nn.Linear(4, 8)
             self.shared = nn.Linear(8, 8)
-            self.c = nn.Linear(8, 3)
+            self.c = nn.Linear(8, 8)
+            self.e = nn.Linear(8, 3)
 
         def forward(self, x):
-            return self.c(torch.relu(self.shared(torch.relu(self.shared(torch.relu(self.a(x)))))))
+            h = torch.relu(self.shared(torch.relu(self.shared(torch.relu(self.a(x))))))
+            return self.e(torch.relu(self.c(h)))
 
     torch.manual_seed(0)
     net = Twice().eval()
@@ -271,6 +273,7 @@ def test_a_layer_run_twice_is_not_scored_and_its_groups_stay_whole():
     report = prune_channels(net, batches, ratio=0.3)
     assert report.skipped["shared"] == "called 2 times per forward pass"
     assert (net.a.out_features, net.shared.in_features, net.shared.out_features) == (8, 8, 8)
+    assert net.c.out_features < 8  # the group after it is free
 
 
 def test_layers_with_too_wide_factors_are_not_scored_before_any_capture(monkeypatch):

@@ -379,3 +379,33 @@ def test_under_ddp_every_rank_checks_rank_0s_input(monkeypatch):
     assert len(broadcast) == 1 and torch.equal(broadcast[0], local)  # this rank offered its own
     assert len(seen) == 1 and torch.equal(seen[0], rank0)  # and checked rank 0's
     assert cb.structure == "channels"
+
+
+class _Shared(nn.Module):
+    """One conv applied twice (shared weights): its channels cannot change, and it ties every
+    group of the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.block = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.block(torch.relu(self.block(torch.relu(self.stem(x))))))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_a_layer_called_twice_is_known_at_the_check_so_auto_prunes_the_eigenbasis():
+    from lightning_eigendamage import PruningWarning, prune
+
+    torch.manual_seed(0)
+    x = _x(16)
+    batches = [(x, torch.randint(0, 5, (16,)))]
+    with pytest.raises(
+        RuntimeError, match=r"can change width: 1× .*not scored \(called 2 times per forward pass\)"
+    ):
+        prune_channels(_Shared().eval(), batches, ratio=0.3)
+    net = _Shared().eval()
+    with pytest.warns(PruningWarning, match="prunes the eigenbasis"):
+        report = prune(net, batches, ratio=0.3, structure="auto", target="flops")
+    assert report.structure == "eigenbasis" and report.reached > 0 and torch.isfinite(net(x)).all()

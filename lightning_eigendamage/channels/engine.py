@@ -2187,6 +2187,35 @@ def _allowed_in(
     return allowed
 
 
+def _untraced_skips(model: nn.Module, graph: Any) -> dict[str, str]:
+    """The layers no traced part covers, with the reason (:func:`untraced_layers`), but for an
+    attention block's projections: they lose heads whether or not a part covers them (where
+    heads cannot go, "heads of <block>" says why)."""
+    projections = {m for b in find_head_blocks(model) for m in (b.reader, *b.producers)}
+    in_heads = {n for n, m in model.named_modules() if m in projections}
+    return {name: why for name, why in untraced_layers(graph).items() if name not in in_heads}
+
+
+def _calls(model: nn.Module, example: Any, layers: dict[str, nn.Module]) -> dict[str, int]:
+    """How many times each of ``layers`` runs in one forward pass (eval mode, the first example;
+    the whole ``example`` if the model needs more)."""
+    counts = dict.fromkeys(layers, 0)
+    handles = [
+        m.register_forward_hook(lambda mod, args, out, name=name: counts.__setitem__(name, counts[name] + 1))
+        for name, m in layers.items()
+    ]
+    try:
+        try:
+            _run(model, _head(example, _TRIAL_ROWS))
+        except Exception:  # noqa: BLE001 — a model that needs the whole batch gets it
+            counts.update(dict.fromkeys(layers, 0))
+            _run(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
 def _checked_graph(model: nn.Module, example: Any, options: PruneOptions) -> ChannelGraph:
     """The model's :class:`ChannelGraph` on ``example``: its output layers kept, and the groups
     whose trial cut misroutes channels (:func:`wrong_groups`, over the groups that could change
@@ -2194,8 +2223,13 @@ def _checked_graph(model: nn.Module, example: Any, options: PruneOptions) -> Cha
     ignored = _output_layers(model, example, _forward)
     graph = channel_graph(model, example, ignored)
     _, layers, skipped = scorable_layers(model, options.exclude, options.max_factor_dim)
-    skipped.update(untraced_layers(graph))
-    allowed = _allowed_in(model, options.exclude, set(layers.values()), skipped)
+    for name, why in _untraced_skips(model, graph).items():
+        skipped.setdefault(name, why)
+    for name, n in _calls(model, example, layers).items():  # as the capture will find them
+        if n > 1:
+            skipped.setdefault(name, f"called {n} times per forward pass")
+    scored = {m for name, m in layers.items() if name not in skipped}
+    allowed = _allowed_in(model, options.exclude, scored, skipped)
     inside = [p for b in find_head_blocks(model) for p in b.producers]  # attention internals
     found = _all_groups(graph, ignored + inside)
     wrong = wrong_groups(model, graph, ignored + inside, example, allowed, found=found)
@@ -2461,13 +2495,8 @@ class ChannelEngine(PruningEngine):
         graph, ignored = prepared.graph, prepared.ignored
         _, layers, skipped = scorable_layers(model, options.exclude, options.max_factor_dim)
         skipped.update(prepared.left)
-        # an attention block's projections lose heads whether or not a part covers them (its
-        # heads are reported on their own, "heads of <block>", where they cannot go)
-        projections = {m for b in find_head_blocks(model) for m in (b.reader, *b.producers)}
-        in_heads = {n for n, m in model.named_modules() if m in projections}
-        for name, why in untraced_layers(graph).items():
-            if name not in in_heads:
-                skipped.setdefault(name, why)
+        for name, why in _untraced_skips(model, graph).items():
+            skipped.setdefault(name, why)
         # factors only where the scores read them; the other layers are hooked to see them run
         factor_names = prepared.factor_layers(model, layers, options.exclude, skipped)
         if captured is None and layers:
