@@ -7,13 +7,13 @@ distributed run asks for it (``prune(..., distributed=True)``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .curvature import CaptureResult, LayerFactors
+from .curvature import CaptureResult, LayerFactors, to_device
 
 
 def is_distributed(group: Any = None) -> bool:
@@ -129,40 +129,16 @@ def broadcast_object(obj: Any, group: Any = None) -> Any:
     return box[0]
 
 
-def rank_zero_input(example: Any, device: torch.device | None = None, group: Any = None) -> Any:
+def rank_zero_input(example: Any, device: torch.device, group: Any = None) -> Any:
     """Rank 0's ``example`` (a model input: tensors, or tuples, lists, dicts of them; or None) on
-    every process, on ``device`` (default: the device of this process's ``example``), identity
-    when not distributed. Call it on every process. For checks that run the model, so that every
-    process checks the same input and decides alike."""
+    every process, on ``device``; identity when not distributed. Call it on every process. For
+    checks that run the model, so that every process checks the same input and decides alike."""
     if not is_distributed(group):
         return example
-    if device is None:
-        device = next(_tensors(example), torch.zeros(0)).device
-    on_cpu = _moved(example, torch.device("cpu"))
-    if device.type == "cuda":  # copies to the host may be non-blocking
+    on_cpu = to_device(example, torch.device("cpu"))
+    if device.type == "cuda":  # the copies to the host are non-blocking
         torch.cuda.synchronize(device)
-    return _moved(broadcast_object(on_cpu, group), device)
-
-
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (tuple, list)):
-        for v in obj:
-            yield from _tensors(v)
-
-
-def _moved(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _moved(v, device) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_moved(v, device) for v in obj)
-    return obj
+    return to_device(broadcast_object(on_cpu, group), device)
 
 
 def _global_rank(group_rank: int, group: Any) -> int:

@@ -141,7 +141,7 @@ def _auto(
         )
     example = to_device(split_batch(batches[0], options.input_fn)[0], params[0].device)
     if distributed:  # the check runs the model: every process checks rank 0's input
-        example = rank_zero_input(example)
+        example = rank_zero_input(example, params[0].device)
     prepared, reason = prepare("channels", model, example, options)
     if reason is None:
         return "channels", prepared, auto_reason(None, prepared)

@@ -123,7 +123,7 @@ def _input_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
     with _group(rank, world, init_file):
         mine = {"x": torch.full((2, 3), float(rank)), "mask": (torch.ones(2) * rank, [torch.tensor(rank)])}
-        got = rank_zero_input(mine)
+        got = rank_zero_input(mine, torch.device("cpu"))
         none = rank_zero_input(None if rank == 0 else torch.ones(1), torch.device("cpu"))
         torch.save({"got": got, "none": none}, os.path.join(out_dir, f"input{rank}.pt"))
 

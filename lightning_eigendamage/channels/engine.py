@@ -219,20 +219,21 @@ def _layer_costs(model: nn.Module, example: Any) -> tuple[dict[nn.Module, _Layer
     mods = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     handles = [m.register_forward_hook(hook) for m in mods]
     try:
-        _run(model, _first(example))
+        _run(model, _head(example, 1))
     finally:
         for h in handles:
             h.remove()
     return costs, order
 
 
-def _first(example: Any) -> Any:
+def _head(example: Any, k: int) -> Any:
+    """The first ``k`` examples of ``example`` (tensors, tuples, lists, dicts of them)."""
     if isinstance(example, torch.Tensor):
-        return example[:1]
+        return example[:k] if example.dim() else example
     if isinstance(example, dict):
-        return {k: _first(v) for k, v in example.items()}
+        return {key: _head(v, k) for key, v in example.items()}
     if isinstance(example, (tuple, list)):
-        return type(example)(_first(e) for e in example)
+        return type(example)(_head(e, k) for e in example)
     return example
 
 
@@ -1422,17 +1423,6 @@ _CHECK_ROWS = 2  # examples the narrowed model is run on after the cut (two: Bat
 _TRIAL_ROWS = 1  # examples of the traced batch the trial forwards (all, if the model needs more)
 
 
-def _head(example: Any, k: int) -> Any:
-    """The first ``k`` examples of ``example`` (tensors, tuples, lists, dicts of them)."""
-    if isinstance(example, torch.Tensor):
-        return example[:k] if example.dim() else example
-    if isinstance(example, dict):
-        return {key: _head(v, k) for key, v in example.items()}
-    if isinstance(example, (tuple, list)):
-        return type(example)(_head(e, k) for e in example)
-    return example
-
-
 def _outputs_differ(ref: Any, out: Any) -> str | None:
     """Why two outputs of the model (tensors or nested tuples, lists, dicts of them) differ, or
     None: equal shapes, and floating values within ``max(_TRIAL_RTOL, 64·eps)`` of the reference's
@@ -2307,7 +2297,7 @@ def _latency_table(
     layers = {names[m]: m for m in costs if m in names}
     if reuse is not None and reuse.get("setting") == setting and set(layers) <= set(reuse.get("layers", {})):
         return reuse
-    shapes = input_shapes(model, lambda: _run(model, _first(example)), layers)
+    shapes = input_shapes(model, lambda: _run(model, _head(example, 1)), layers)
     table = measure(
         layers,
         shapes,
@@ -2343,7 +2333,7 @@ def _usable_heads(
     if not blocks:
         return []
     excluded = excluded_modules(model, exclude)
-    calls = record_calls(blocks, lambda: _run(model, _first(example)))  # per example, as the FLOPs
+    calls = record_calls(blocks, lambda: _run(model, _head(example, 1)))  # per example, as the FLOPs
     out = []
     for b in blocks:
         members = [b.module, b.reader, *b.producers]
@@ -2491,7 +2481,9 @@ class ChannelEngine(PruningEngine):
         device = params[0].device
         example = to_device(split_batch(batches[0], options.input_fn)[0], device)
         if prepared is None or not prepared.describes(model):  # an ungroupable model fails here
-            prepared = _checked_graph(model, rank_zero_input(example) if distributed else example, options)
+            prepared = _checked_graph(
+                model, rank_zero_input(example, device) if distributed else example, options
+            )
         graph, ignored = prepared.graph, prepared.ignored
         _, layers, skipped = scorable_layers(model, options.exclude, options.max_factor_dim)
         skipped.update(prepared.left)
