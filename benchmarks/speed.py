@@ -15,7 +15,10 @@ in a fresh subprocess per phase: the phase's own peak RSS (``VmHWM`` reset throu
 (CPU), or ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (CUDA: tensor
 memory only, without the CUDA context and the caching allocator's unused reserve).
 ``--profile`` also prints where the time of the plain, empirical-capture and true-Fisher steps
-goes (self time per op).
+goes (self time per op). Each engine's capture is timed with its own form of ``A`` and the
+examples of each batch it takes by default (``PruningSchedule(fisher_examples="auto")``: every
+example for the eigenbasis, 32 for channels: ``benchmarks/fisher_examples.py`` measures what that
+costs in accuracy).
 
 A channel round (``prune(structure="channels")``, the default structure of the callback) is timed
 by phase on one CPU thread on DenseNet-121 (64²) and ViT-B/16 (224²) with the zoo's protocol
@@ -58,6 +61,7 @@ from benchmarks.models import resnet32, vgg19  # noqa: E402
 from lightning_eigendamage import prune  # noqa: E402
 from lightning_eigendamage.curvature import KFACapture, capture_batch, capture_factors  # noqa: E402
 from lightning_eigendamage.eigenbasis.pruner import find_layers  # noqa: E402
+from lightning_eigendamage.engine import get_engine  # noqa: E402
 
 TARGETS = {  # the capture targets hold for either structure's A (channel form, patch form)
     "empirical_capture": 1.15,
@@ -173,6 +177,7 @@ def capture_cost(
     steps_per_epoch: int,
     profile: bool = False,
     a_form: str = "channel",
+    max_examples: int | None = None,
 ) -> dict[str, float]:
     """Capture batch against a plain training step, interleaved: the user's step with the hooks on
     (empirical Fisher) and the step plus the sampled pass (true Fisher), with ``A`` in
@@ -192,7 +197,7 @@ def capture_cost(
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
-    cap = KFACapture(modules, a_form=a_form)
+    cap = KFACapture(modules, a_form=a_form, max_examples=max_examples)
     cap.__enter__()
     cap.remove()
 
@@ -278,7 +283,6 @@ def channel_round(name: str, size: int, device: torch.device, threads: int = 1) 
     (the dependency graph and its trial cut) is timed apart: the callback runs it once, before
     training; ``round_s`` (a ``prune()`` call) includes it."""
     from lightning_eigendamage import PruneOptions
-    from lightning_eigendamage.engine import get_engine
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -681,10 +685,24 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'model':<10} {'plain ms':>9} {'empirical':>10} {'true step':>10} {'epoch':>7}")
         results["capture"] = {}
         for name in small:
-            for form in ("channel", "patch"):  # the eigenbasis engine's A, the channel engine's
+            for engine in ("eigenbasis", "channels"):
+                # each engine's form of A, with the examples its capture takes by default
+                # (PruningSchedule(fisher_examples="auto"): every one, 32 of each batch)
+                form, examples = get_engine(engine).a_form, get_engine(engine).capture_examples
                 key = name if form == "channel" else f"{name}/patch"
                 prof = args.profile and form == "channel"
-                r = capture_cost(name, batch, repeats, device, fisher_batches, 391, profile=prof, a_form=form)
+                r = capture_cost(
+                    name,
+                    batch,
+                    repeats,
+                    device,
+                    fisher_batches,
+                    391,
+                    profile=prof,
+                    a_form=form,
+                    max_examples=examples,
+                )
+                r["max_examples"] = examples
                 results["capture"][key] = r
                 print(
                     f"{key:<10} {1000 * r['plain_s']:>9.1f} {r['empirical_ratio']:>9.3f}× "

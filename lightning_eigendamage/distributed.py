@@ -73,7 +73,8 @@ def all_reduce_capture(
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
     for i, name in enumerate(names):
         lf = result.layers[name]
-        lf.a_rows, lf.g_rows, lf.examples = (int(v) for v in counts[i].tolist())
+        rows_a, rows_g, lf.examples = counts[i].tolist()
+        lf.a_rows, lf.g_rows = int(rows_a), int(rows_g)
     for i, name in enumerate(flagged):
         lf = result.layers[name]
         lf.fired, lf.reached = bool(flags[i, 0]), bool(flags[i, 1])

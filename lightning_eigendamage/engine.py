@@ -10,7 +10,9 @@ either through the steps below, so none of them knows which engine it runs:
 1. ``candidates`` and ``a_form``: which layers to capture K-FAC factors on, and the form of
    ``A`` the engine's scores need (``"channel"``: ``C_in × C_in``; ``"patch"``:
    ``C_in·k² × C_in·k²``); ``factor_layers``: those whose factors the scores read (the channel
-   engine's: the readers of the groups that can change width), the others only seen to run.
+   engine's: the readers of the groups that can change width), the others only seen to run;
+   ``capture_examples``: how many examples of each training batch the callback's capture needs
+   by default (``PruningSchedule(fisher_examples="auto")``).
 2. ``check``: before training, whether the engine can prune this model at all (the channel
    engine needs a dependency graph); raises with the reason. What it built (the channel
    engine's traced graph) is returned, and ``analyse`` reuses it while it still describes the
@@ -64,6 +66,9 @@ class PruningEngine(ABC):
 
     name: ClassVar[str]
     a_form: ClassVar[str]
+    # At most this many examples of each captured training batch feed the callback's factors
+    # under PruningSchedule(fisher_examples="auto") (None: every example).
+    capture_examples: ClassVar[int | None] = None
     # Options (fields of PruneOptions): the engine's values for those left at None, the values it
     # accepts, and those it does not use (they must keep their defaults).
     defaults: ClassVar[dict[str, Any]] = {}

@@ -411,6 +411,49 @@ def test_captured_factors_match_an_independent_capture(fisher: str) -> None:
     _assert_factors_close(cb.rounds[0]["factors"], want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fisher", ["true", "empirical"])
+def test_fisher_examples_takes_the_factors_from_every_s_th_example(fisher: str) -> None:
+    """fisher_examples=4 of batches of 16: the factors are those of examples 0, 4, 8, … alone
+    (the true Fisher's sampled pass runs on them once the first batch checked that it may; the
+    empirical Fisher's hooks thin the rows of your own step, which accumulates over 2 batches).
+    The true Fisher's first batch samples labels for all 16 examples: its G is compared only
+    with the empirical one's thinning (exact), A in both cases."""
+    torch.manual_seed(0)
+    net, ds = small_cnn(bn=False), image_data(48)
+    model = LitClassifier(copy.deepcopy(net), lr=0.0, momentum=0.0)
+    cb = Recording(schedule=PruningSchedule(epochs={0: 0.5}, fisher_examples=4), fisher=fisher, seed=3)
+    _fit(model, cb, loader(ds, 16), max_epochs=1, accumulate_grad_batches=2)
+    assert cb.rounds[0]["batches"] == 3
+    gen = torch.Generator().manual_seed(3)
+    thinned = torch.utils.data.Subset(ds, range(0, 48, 4))
+    want = _reference_factors(net, thinned, 4, fisher=fisher, generator=gen)
+    whole = _reference_factors(net, ds, 16, fisher=fisher, generator=torch.Generator().manual_seed(3))
+    got = cb.rounds[0]["factors"]
+    if fisher == "true":  # A only (the labels are sampled)
+        got, want, whole = ({n: f[:1] for n, f in d.items()} for d in (got, want, whole))
+    _assert_factors_close(got, want, rtol=1e-5)
+    with pytest.raises(AssertionError):  # and not those of every example
+        _assert_factors_close(got, whole, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("structure", "rows"), [("channels", 32), ("eigenbasis", 64)])
+def test_fisher_examples_auto_is_the_engine_s_choice(structure: str, rows: int) -> None:
+    """The default fisher_examples="auto": 32 examples of each batch of 64 for the channel
+    engine, all of them for the eigenbasis (one row per example for the Linear layers)."""
+
+    class Rows(EigenDamagePruning):
+        def prune_model(self, trainer, pl_module, captured, fraction, example):
+            self.rows = {n: lf.a_rows for n, lf in captured.layers.items() if lf.a_sum is not None}
+            return super().prune_model(trainer, pl_module, captured, fraction, example)
+
+    torch.manual_seed(0)
+    model = LitClassifier(small_cnn())
+    cb = Rows(schedule=PruningSchedule(at_start=0.3, fisher_batches=1), structure=structure, verbose=False)
+    assert cb.schedule.fisher_examples == "auto"
+    _fit(model, cb, loader(image_data(64), 64), max_epochs=1)
+    assert cb.rows["net.9"] == rows
+
+
 def test_fp16_with_grad_scaler_gives_float32_factors() -> None:
     """Empirical Fisher under float16 autocast with a GradScaler (loss × 2¹²): G must be unscaled.
     Tolerance: 2 % relative (Frobenius) per factor, float16 activations and gradients."""

@@ -2417,6 +2417,9 @@ class ChannelEngine(PruningEngine):
 
     name = "channels"
     a_form = "patch"
+    # The channel scores keep their choices on factors from 32 examples of each batch (the
+    # converged networks, benchmarks/fisher_examples.py); the capture then costs a quarter.
+    capture_examples = 32
     defaults = {"layer_cap": 0.95, "rank_by": "relative"}
     followers = (_FOLLOWS,)
     choices = {

@@ -153,13 +153,16 @@ def capture_batch(
     *inputs* (a floating-point model input is made to carry a gradient for this), so no weight
     gradient is computed and ``.grad`` is never written; a layer whose input carries no gradient
     (e.g. after a frozen stem) is reached through its weight instead. Returns whether the batch
-    was committed (finite).
+    was committed (finite). Where ``cap`` takes its factors from every ``s``-th example
+    (``KFACapture(max_examples=...)``) and the model is in eval mode, a tensor input runs as those
+    examples alone.
 
     - ``fisher="true"``: targets are sampled from the model (:func:`sampled_loss`) with
       ``generator``; the global RNG is not used.
     - ``fisher="empirical"``: ``loss_fn(output, target)`` (default :func:`default_loss`), which
       must return the loss averaged over the batch's ``N`` examples; it is multiplied by ``N``.
     """
+    inp, target, check = _thinned(model, cap, inp, target, forward_fn)
     if isinstance(inp, torch.Tensor) and inp.is_floating_point() and not inp.requires_grad:
         # A non-leaf alias that requires grad: the backward can stop at the first layer's input.
         inp = inp.detach() + torch.zeros((), dtype=inp.dtype, device=inp.device, requires_grad=True)
@@ -204,7 +207,63 @@ def capture_batch(
     except BaseException:
         cap.abort_batch()
         raise
-    return cap.end_batch(n)
+    committed = cap.end_batch(n)
+    if check > 1:
+        _check_slicing(model, cap, inp, output, check)
+    return committed
+
+
+_SLICE_RTOL = 1e-4  # a thinned pass must give the whole pass's outputs of its examples to this
+
+
+def _thinned(
+    model: nn.Module, cap: HookCapture, inp: Any, target: Any, forward_fn: Callable | None
+) -> tuple[Any, Any, int]:
+    """The batch the pass runs on, and the step ``s`` of the check still to do (1: none).
+
+    Where ``cap`` takes its factors from every ``s``-th example (:meth:`KFACapture.example_step`),
+    the model is in eval mode and the input is one tensor (with a tensor target of the same
+    length, or none), the pass runs on every ``s``-th entry of the input's first dimension alone:
+    it costs ``1/s`` as much and gives the same factors, *if* that dimension holds examples that
+    are computed each on its own. That is checked once per capture, on its first such batch: the
+    batch runs whole (the hooks thin the rows) and the caller compares the thinned pass's outputs
+    with the whole pass's (:func:`_check_slicing`). A model that fails (a sequence-first input,
+    examples that interact, random outputs) always runs whole. Anything else runs whole too."""
+    step_of = getattr(cap, "example_step", None)
+    if step_of is None or forward_fn is not None or not isinstance(inp, torch.Tensor) or inp.dim() == 0:
+        return inp, target, 1
+    if model.training or cap.slices is False:  # a batch statistic would see fewer examples
+        return inp, target, 1
+    step = step_of(inp.shape[0])
+    if step == 1:
+        return inp, target, 1
+    if target is not None and not (
+        isinstance(target, torch.Tensor) and target.dim() > 0 and target.shape[0] == inp.shape[0]
+    ):
+        return inp, target, 1
+    if cap.slices is None:
+        return inp, target, step  # whole, and checked
+    return inp[::step], (None if target is None else target[::step]), 1
+
+
+def _check_slicing(
+    model: nn.Module, cap: HookCapture, inp: torch.Tensor, output: torch.Tensor, step: int
+) -> None:
+    """Whether ``model`` on every ``step``-th example of ``inp`` alone gives those examples' rows
+    of ``output`` (the whole batch's), to :data:`_SLICE_RTOL` of its largest entry; recorded in
+    ``cap.slices`` for the capture's next batches (the hooks are off: nothing is recorded)."""
+    try:
+        with torch.no_grad():
+            alone = model(inp.detach()[::step])
+    except Exception:  # e.g. a model that needs its whole batch: it runs whole
+        cap.slices = False
+        return
+    want = output.detach()[::step]
+    ok = isinstance(alone, torch.Tensor) and alone.shape == want.shape and want.numel() > 0
+    if ok:
+        scale = float(want.abs().max())
+        ok = bool(torch.isfinite(alone).all()) and float((alone - want).abs().max()) <= _SLICE_RTOL * scale
+    cap.slices = bool(ok)
 
 
 def capture_factors(
@@ -214,6 +273,7 @@ def capture_factors(
     *,
     factors_for: Iterable[str],
     a_form: str = "channel",
+    max_examples: int | None = None,
     **options: Unpack[CaptureOptions],
 ) -> CaptureResult:
     """Run ``model`` over ``batches`` in eval mode and accumulate K-FAC factors of ``modules``.
@@ -222,14 +282,17 @@ def capture_factors(
     statistics, dropout is off) and its modes are restored afterwards; hooks are removed also on
     errors. ``options`` (``fisher``, ``loss_fn``, ``input_fn``, ``likelihood``, ``class_dim``,
     ``generator``, ``max_batches``, ``forward_fn``) are those of :func:`drive_capture`; see
-    :func:`capture_batch` for the two Fisher types. An ``nn.MultiheadAttention``'s ``out_proj``
+    :func:`capture_batch` for the two Fisher types; ``max_examples`` is
+    :class:`~lightning_eigendamage.curvature.KFACapture`'s. An ``nn.MultiheadAttention``'s ``out_proj``
     among ``factors_for`` is captured through its module call
     (:func:`~lightning_eigendamage.attention.route_out_projection`).
     """
     factors_for = list(factors_for)
     owners = functional_owners(model)
     routes = {modules[n]: owners[modules[n]] for n in factors_for if n in modules and modules[n] in owners}
-    cap = KFACapture(modules, factors_for=factors_for, a_form=a_form, routes=routes)
+    cap = KFACapture(
+        modules, factors_for=factors_for, a_form=a_form, routes=routes, max_examples=max_examples
+    )
     drive_capture(model, cap, batches, what="curvature", **options)
     return cap.result()
 

@@ -203,7 +203,7 @@ class LayerFactors:
     g_sum: torch.Tensor | None = None
     a_rows: int = 0
     g_rows: int = 0
-    examples: int = 0
+    examples: float = 0  # examples whose rows entered G (fractional where a layer's rows were thinned)
     geometry: Geometry | None = None
     input_shape: tuple[int, ...] | None = None  # per-example shape of the hooked module's input
     max_calls: int = 0  # most forward calls seen in one pass
@@ -222,7 +222,7 @@ class LayerFactors:
     @property
     def locations(self) -> float:
         """``T``: output locations per example (``H_out·W_out``, tokens, or 1)."""
-        return self.g_rows / max(self.examples, 1)
+        return self.g_rows / self.examples if self.examples > 0 else 0.0
 
     def unusable(self, factors: bool = True) -> str | None:
         """Why these factors cannot score the layer (run more than once per forward pass, never
@@ -263,6 +263,13 @@ class KFACapture(HookCapture):
             does the type-specific factor maths.
         factors_for: names whose factors are computed; others only record that they fired.
         a_form: ``"channel"`` or ``"patch"`` (conv ``A``).
+        max_examples: at most this many entries along the first dimension of each layer's input
+            (the batch's examples) enter that layer's factors per batch: every ``s``-th, with
+            ``s = ⌈N / max_examples⌉`` (:meth:`example_step`); None: all. ``A``, ``G`` and ``T``
+            are then estimated from those examples (the factor products cost ``1/s`` as much);
+            :func:`~lightning_eigendamage.curvature.capture_batch` runs its pass on those
+            examples alone where it can slice the batch and the model computes each example on
+            its own (checked on the first batch, ``slices``).
     """
 
     layer_type = LayerFactors
@@ -276,9 +283,14 @@ class KFACapture(HookCapture):
         a_form: str = "channel",
         accum_dtype: torch.dtype = torch.float64,
         routes: dict[nn.Module, nn.Module] | None = None,
+        max_examples: int | None = None,
     ) -> None:
         if a_form not in A_FORMS:
             raise ValueError(f"a_form must be one of {A_FORMS}, got {a_form!r}")
+        if max_examples is not None and (
+            isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1
+        ):
+            raise ValueError(f"max_examples must be a positive int or None, got {max_examples!r}")
         super().__init__(modules, factors_for=factors_for, accum_dtype=accum_dtype, routes=routes)
         from ..adapters import adapter_for  # here, not at import: the adapters use factors.py
 
@@ -289,7 +301,17 @@ class KFACapture(HookCapture):
                     f"{name}: no adapter for {type(self.modules[name]).__name__} (not a prunable type)"
                 )
         self.a_form = a_form
+        self.max_examples = max_examples
+        # whether capture_batch may run its pass on the thinned examples alone (None: not yet
+        # checked; it checks on the first batch it could)
+        self.slices: bool | None = None
         self._count_cache: dict = {}
+
+    def example_step(self, n: int) -> int:
+        """``s``: of a batch of ``n`` examples every ``s``-th feeds the factors (1: all of them)."""
+        if self.max_examples is None or n <= self.max_examples:
+            return 1
+        return -(-n // self.max_examples)
 
     @property
     def pending_examples(self) -> int:
@@ -365,7 +387,7 @@ class KFACapture(HookCapture):
         layer.g_sum = p["g"] if layer.g_sum is None else layer.g_sum + p["g"]
         layer.a_rows += p["a_rows"]
         layer.g_rows += p["g_rows"]
-        layer.examples += n_examples
+        layer.examples += n_examples * p["kept"]
 
     def record(self, name: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         lf = self.layers[name]
@@ -375,12 +397,16 @@ class KFACapture(HookCapture):
         if lf.geometry is None:
             lf.geometry = adapter.geometry(module, x, output)
             lf.input_shape = tuple(x.shape[1:])
-        xc = x.to(compute_dtype(x.dtype))
+        step = self.example_step(n)
+        xs, outs = (x, output) if step == 1 else (x[::step], output[::step])
+        xc = xs.to(compute_dtype(x.dtype))
         # Inside a training step under autocast the products below would run in bf16/fp16
         # (fp16 overflows on large sums): factors are always computed in float32 or better.
         with _autocast_off(x.device):
-            a, rows = adapter.a_factor(module, xc, output, self.a_form, self._count_cache)
-        lf._pending = {"a": a.to(self.accum_dtype), "a_rows": rows, "n": n}
+            a, rows = adapter.a_factor(module, xc, outs, self.a_form, self._count_cache)
+        # kept: the share of the batch whose rows enter the factors (T = g_rows / examples)
+        lf._pending = {"a": a.to(self.accum_dtype), "a_rows": rows, "n": n, "step": step}
+        lf._pending["kept"] = xs.shape[0] / n
         # Where a backward must reach for this layer's output hook to fire: its input if that
         # carries a gradient (no weight gradient is then computed), else its weight.
         live = inputs[0]
@@ -396,8 +422,10 @@ class KFACapture(HookCapture):
             lf._pending.pop("grad_target", None)
             if not self.recording or "a" not in lf._pending:
                 return
+            step = lf._pending["step"]
+            grad = grad.detach() if step == 1 else grad.detach()[::step]
             with _autocast_off(grad.device):
-                g, rows = adapter.g_factor(grad.detach().to(compute_dtype(grad.dtype)))
+                g, rows = adapter.g_factor(grad.to(compute_dtype(grad.dtype)))
             scale = float(self.grad_scale) ** 2
             lf._pending["g"] = g.to(self.accum_dtype) * scale
             lf._pending["g_rows"] = rows
@@ -473,7 +501,7 @@ class KFACapture(HookCapture):
                 g_sum=sums["g_sum"],
                 a_rows=int(entry["a_rows"]),
                 g_rows=int(entry["g_rows"]),
-                examples=int(entry["examples"]),
+                examples=float(entry["examples"]),
                 geometry=None if geo is None else Geometry(*(int(v) for v in geo)),
                 input_shape=None if entry["input_shape"] is None else tuple(entry["input_shape"]),
                 max_calls=int(entry["max_calls"]),

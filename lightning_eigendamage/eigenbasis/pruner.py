@@ -1245,6 +1245,8 @@ class EigenbasisEngine(PruningEngine):
 
     name = "eigenbasis"
     a_form = "channel"
+    # Every example: the eigenvalue ranking loses accuracy on fewer (benchmarks/fisher_examples.py)
+    capture_examples = None
     defaults = {"layer_cap": 0.75, "rank_by": "damage_per_cost"}
     choices = {"rank_by": ("damage", "damage_per_cost"), "target": ("directions", "params", "flops")}
     unused = ("damping", "greedy_steps")

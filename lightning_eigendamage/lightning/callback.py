@@ -648,7 +648,14 @@ class EigenDamagePruning(Callback):
             factors_for=factors_for,
             a_form=self.engine.a_form,
             routes=_routes(pl_module, cands),
+            max_examples=self._fisher_examples(),
         ).__enter__()
+
+    def _fisher_examples(self) -> int | None:
+        """The capture's ``max_examples``: the schedule's ``fisher_examples``, or the engine's
+        ``capture_examples`` for ``"auto"``."""
+        fe = self.schedule.fisher_examples
+        return self.engine.capture_examples if fe == "auto" else fe
 
     def _captured_batches(self, trainer: pl.Trainer) -> int:
         """Finite batches captured so far for the next round, summed over DDP ranks.

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 from ..values import as_int, as_real
 
 TARGETS = ("directions", "params", "flops")
-_OBJECT_KEYS = ("epochs", "steps", "at_start", "fisher_batches", "target")
+_OBJECT_KEYS = ("epochs", "steps", "at_start", "fisher_batches", "fisher_examples", "target")
 _EXAMPLE = "e.g. schedule={1: 0.5} (prune 50 % at the end of epoch 1) or PruningSchedule(epochs={1: 0.5})"
 
 
@@ -279,6 +279,14 @@ class PruningSchedule:
             only a few batches. The default, 16, keeps the overhead of a 391-batch CIFAR epoch
             under 5 % (``benchmarks/speed.py``); ``None``: every batch of the window (the paper's
             one pass over the training set).
+        fisher_examples: of each captured batch, at most this many examples feed the factors
+            (every ``s``-th, ``s = ⌈N / fisher_examples⌉``): the sampled pass of the true Fisher
+            runs on those examples alone, and the factor products of the empirical Fisher (in
+            your own training step) read only their rows. ``"auto"`` (default): the engine's
+            choice, 32 for ``"channels"`` (its choices stay as good, ``benchmarks/
+            fisher_examples.py``, and the capture costs a quarter) and every example for
+            ``"eigenbasis"`` (its eigenvalue ranking loses accuracy on fewer); ``None``: every
+            example.
         target: ``"directions"`` (default), ``"params"`` or ``"flops"``: what ``fraction`` counts.
 
     Raises:
@@ -291,6 +299,7 @@ class PruningSchedule:
     steps: Mapping[int, float] = field(default_factory=dict)
     at_start: float | None = None
     fisher_batches: int | None = 16
+    fisher_examples: int | str | None = "auto"
     target: str = "directions"
 
     def __post_init__(self) -> None:
@@ -304,6 +313,14 @@ class PruningSchedule:
             if n is None or n < 1:
                 raise ValueError(f"fisher_batches must be an integer ≥ 1 or None (every batch), got {fb!r}")
             object.__setattr__(self, "fisher_batches", n)
+        fe = self.fisher_examples
+        if fe is not None and fe != "auto":
+            n = as_int(fe)
+            if n is None or n < 1:
+                raise ValueError(
+                    f"fisher_examples must be an integer ≥ 1, 'auto' or None (every example), got {fe!r}"
+                )
+            object.__setattr__(self, "fisher_examples", n)
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if not self.epochs and not self.steps and self.at_start is None:
