@@ -188,7 +188,7 @@ def _patch_a_by_row_lags(
     rows_used = spans[0]
     z = x.as_strided((rows_used, c, kw, n, w_out), (s[2], s[1], s[3] * dw, s[0], s[3] * sw))
     z = z.reshape(rows_used, width, n * w_out)  # one copy, kw times the input rows it holds
-    a6 = x.new_zeros(c, kh, kw, c, kh, kw)
+    a6 = x.new_empty(c, kh, kw, c, kh, kw)  # every block (a, a') is written below
     chunk = max(1, _BLOCK_FLOATS // (width * width))
     for lag in range(kh):
         shift = lag * dh

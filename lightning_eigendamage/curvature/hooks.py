@@ -383,8 +383,9 @@ class KFACapture(HookCapture):
         p = layer._pending
         if "a" not in p or "g" not in p:
             return
-        layer.a_sum = p["a"] if layer.a_sum is None else layer.a_sum + p["a"]
-        layer.g_sum = p["g"] if layer.g_sum is None else layer.g_sum + p["g"]
+        # in place: a fresh d×d sum every batch costs its allocation (page faults) on wide layers
+        layer.a_sum = p["a"] if layer.a_sum is None else layer.a_sum.add_(p["a"])
+        layer.g_sum = p["g"] if layer.g_sum is None else layer.g_sum.add_(p["g"])
         layer.a_rows += p["a_rows"]
         layer.g_rows += p["g_rows"]
         layer.examples += n_examples * p["kept"]
@@ -494,7 +495,8 @@ class KFACapture(HookCapture):
                     raise ValueError(
                         f"saved {key} of {name!r} is {tuple(t.shape)}, the layer needs ({d}, {d})"
                     )
-                sums[key] = None if t is None else t.to(dev, self.accum_dtype)
+                # a copy: later batches add to the sums in place, not to the caller's state
+                sums[key] = None if t is None else t.to(dev, self.accum_dtype, copy=True)
             geo = entry["geometry"]
             new[name] = LayerFactors(
                 a_sum=sums["a_sum"],
