@@ -651,6 +651,10 @@ class EigenDamagePruning(Callback):
             max_examples=self._fisher_examples(),
         ).__enter__()
 
+    def _examples_text(self) -> str:
+        m = self._fisher_examples()
+        return "" if m is None else f", at most {m} examples of each (fisher_examples)"
+
     def _fisher_examples(self) -> int | None:
         """The capture's ``max_examples``: the schedule's ``fisher_examples``, or the engine's
         ``capture_examples`` for ``"auto"``."""
@@ -1107,7 +1111,8 @@ class EigenDamagePruning(Callback):
         lines = [
             f"EigenDamagePruning round {len(self.reports)} ({point.describe()}, fraction "
             f"{point.fraction:g} of {report.target}, {report.structure}): factors from "
-            f"{captured.batches} batch(es) ({captured.skipped_batches} non-finite skipped); "
+            f"{captured.batches} batch(es){self._examples_text()} ({captured.skipped_batches} "
+            "non-finite skipped); "
             f"capture {timing['capture_s']:.2f} s, prune {timing['prune_s']:.2f} s, "
             f"optimizer {timing['optim_s']:.2f} s",
             report.summary(),
