@@ -10,7 +10,9 @@ pruning callback takes it to ``÷k`` FLOPs on a schedule:
   ``1 − k^(−1/3)`` of the FLOPs left.
 
 Methods: ``channels`` and ``eigenbasis`` (``EigenDamagePruning(structure=...)`` with its defaults,
-true Fisher from ``fisher_batches=10`` training batches before each round), and ``tp-l1``
+true Fisher from ``fisher_batches=10`` training batches before each round, of which
+``--fisher-examples`` examples each: ``auto``, the default, or ``all`` as the rows recorded
+without the field), and ``tp-l1``
 (Torch-Pruning's L1 magnitude, the best peer of the converged grid, applied by a small callback at
 the same points, with the same optimizer rebuild). Recorded: test accuracy (10,000 images) after
 the fit, FLOPs reached, the median eval latency at batch 64 of the pruned and the dense network
@@ -123,15 +125,23 @@ class TorchPruningL1(pl.Callback):
             self._prune(trainer, pl_module, f)
 
 
-def row_key(model: str, flops_x: float, method: str, schedule: str, seed: int) -> str:
-    return f"{model}|{flops_x:g}|{method}|{schedule}|{seed}"
+def row_key(model: str, flops_x: float, method: str, schedule: str, seed: int, examples: str = "all") -> str:
+    """A row's identity; rows from before ``--fisher-examples`` existed used every example."""
+    return f"{model}|{flops_x:g}|{method}|{schedule}|{seed}" + ("" if examples == "all" else f"|{examples}")
+
+
+def _examples(value: str) -> int | str | None:
+    """``--fisher-examples``: "auto", "all" (every example) or a count."""
+    return None if value == "all" else value if value == "auto" else int(value)
 
 
 def done() -> set[str]:
     if not RECORDS.exists():
         return set()
     return {
-        row_key(r["model"], r["flops_x"], r["method"], r["schedule"], r["seed"])
+        row_key(
+            r["model"], r["flops_x"], r["method"], r["schedule"], r["seed"], r.get("fisher_examples", "all")
+        )
         for r in map(json.loads, RECORDS.open())
     }
 
@@ -144,11 +154,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     epochs = SCHEDULES[args.schedule]
     steps = epochs * math.ceil(len(data.y_train) / RECIPE["batch"])
     fraction = 1.0 - 1.0 / args.flops_x
+    examples = _examples(args.fisher_examples)
     if args.schedule == "oneshot":
-        schedule = PruningSchedule(at_start=fraction, target="flops", fisher_batches=10)
+        schedule = PruningSchedule(
+            at_start=fraction, target="flops", fisher_batches=10, fisher_examples=examples
+        )
     else:
         per = 1.0 - args.flops_x ** (-1.0 / 3)
-        schedule = PruningSchedule(epochs={0: per, 1: per, 2: per}, target="flops", fisher_batches=10)
+        schedule = PruningSchedule(
+            epochs={0: per, 1: per, 2: per}, target="flops", fisher_batches=10, fisher_examples=examples
+        )
     if args.method == "tp-l1":
         g = torch.Generator().manual_seed(10_000 + args.seed)
         idx = torch.randperm(len(data.y_train), generator=g)[:128]
@@ -193,6 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "method": args.method,
         "schedule": args.schedule,
         "seed": args.seed,
+        "fisher_examples": args.fisher_examples,
         "epochs": epochs,
         "acc": accuracy(pruned, data.x_test, data.y_test),
         "flops_reached_x": flops_dense / max(flops_pruned, 1),
@@ -275,6 +291,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=["channels", "tp-l1"], choices=METHODS)
     p.add_argument("--schedule", default="oneshot", choices=sorted(SCHEDULES))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--fisher-examples",
+        default="auto",
+        help='PruningSchedule(fisher_examples=...): "auto" (default), "all" (every example, as the rows '
+        "without this field) or a count",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--data-root", default="data")
@@ -290,7 +312,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.method is None:
         p.error("--method is required (or --compare)")
-    if row_key(args.model, args.flops_x, args.method, args.schedule, args.seed) in done():
+    if (
+        row_key(args.model, args.flops_x, args.method, args.schedule, args.seed, args.fisher_examples)
+        in done()
+    ):
         print("already recorded")
         return
     rec = run(args)
