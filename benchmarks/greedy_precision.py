@@ -1,4 +1,5 @@
-"""Do the greedy channel scores choose the same channels in float32 as in float64?
+"""Do the greedy channel scores (and the readers' ``A⁻¹``) choose the same channels in float32 as
+in float64?
 
     python benchmarks/greedy_precision.py [--data-root data] [--threads 1]
                                           [--out benchmarks/results/converged/greedy_precision.jsonl]
@@ -6,11 +7,15 @@
 On each converged network of ``benchmarks/converged.py`` (full Fashion-MNIST, the dense weights
 committed in ``benchmarks/results/converged/``) and at ÷2 and ÷4 FLOPs, the channel engine
 (``structure="channels"``, ``target="flops"``, seed 0, the grid's calibration batches of seed 0)
-analyses a fresh copy and decides with the greedy states in float64 and in float32
-(``lightning_eigendamage.channels.baselines.GREEDY_DTYPE``). A row records the channels removed,
-how many differ between the two plans (symmetric difference, summed over the groups), the time
-of each decision and the test accuracy right after the cut (BatchNorm re-estimated, no
-fine-tune). The rows replace the file's.
+analyses a fresh copy and decides in three variants: the greedy states and the readers' ``A⁻¹``
+in float64 (``float64``), the greedy states in float32 (``float32``:
+``lightning_eigendamage.channels.baselines.GREEDY_DTYPE``), and both in float32
+(``float32-inverse``: ``lightning_eigendamage.channels.engine.INVERSE_DTYPE``, the Cholesky
+factorisation and inverse). A row records the channels removed, how many differ between
+``float32`` and ``float64`` (``differing``) and between ``float32-inverse`` and ``float32``
+(``differing_inverse``) (symmetric difference, summed over the groups), the time of each analysis
+and decision and the test accuracy right after the cut (BatchNorm re-estimated, no fine-tune).
+The rows replace the file's.
 """
 
 from __future__ import annotations
@@ -32,23 +37,34 @@ from benchmarks.converged import accuracy, calibration, load_dense  # noqa: E402
 from benchmarks.data import load_data  # noqa: E402
 from lightning_eigendamage import PruneOptions  # noqa: E402
 from lightning_eigendamage.channels import baselines as greedy  # noqa: E402
+from lightning_eigendamage.channels import engine as channel_engine  # noqa: E402
 from lightning_eigendamage.engine import get_engine  # noqa: E402
 
 MODELS = ("resnet20-narrow", "vgg-narrow", "mobilenetv2-narrow")
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
+VARIANTS = {  # (greedy dtype, inverse dtype)
+    "float64": (torch.float64, torch.float64),
+    "float32": (torch.float32, torch.float64),
+    "float32-inverse": (torch.float32, torch.float32),
+}
+
+
+def _differing(a: dict, b: dict) -> int:
+    return sum(len(a[k] ^ b.get(k, set())) for k in a) + sum(len(b[k]) for k in b if k not in a)
 
 
 def compare(model: str, ratio: float, data: object, calib: list) -> dict:
-    """One model at one ratio: the plans, times and accuracies with each greedy dtype."""
+    """One model at one ratio: the plans, times and accuracies of each variant."""
     engine, dense = get_engine("channels"), load_dense(model)
     options = PruneOptions(structure="channels", target="flops", seed=0)
-    removed, seconds, acc = {}, {}, {}
-    default = greedy.GREEDY_DTYPE
+    removed, seconds, analyse_s, acc = {}, {}, {}, {}
+    defaults = greedy.GREEDY_DTYPE, channel_engine.INVERSE_DTYPE
     try:
-        for name, dtype in DTYPES.items():
-            greedy.GREEDY_DTYPE = dtype
+        for name, (greedy_dtype, inverse_dtype) in VARIANTS.items():
+            greedy.GREEDY_DTYPE, channel_engine.INVERSE_DTYPE = greedy_dtype, inverse_dtype
             net = copy.deepcopy(dense)
+            t0 = time.perf_counter()
             analysis = engine.analyse(net, calib, options)
+            analyse_s[name] = time.perf_counter() - t0
             t0 = time.perf_counter()
             plan = engine.decide(analysis, ratio, options)
             seconds[name] = time.perf_counter() - t0
@@ -56,13 +72,14 @@ def compare(model: str, ratio: float, data: object, calib: list) -> dict:
             removed[name] = {g["root"]: set(g["removed"]) for g in plan.groups}
             acc[name] = accuracy(net, data.x_test, data.y_test)
     finally:
-        greedy.GREEDY_DTYPE = default
-    a, b = removed["float64"], removed["float32"]
+        greedy.GREEDY_DTYPE, channel_engine.INVERSE_DTYPE = defaults
     return {
         "model": model,
         "flops_x": round(1 / (1 - ratio), 2),
-        "removed": sum(len(v) for v in a.values()),
-        "differing": sum(len(a[k] ^ b.get(k, set())) for k in a) + sum(len(b[k]) for k in b if k not in a),
+        "removed": sum(len(v) for v in removed["float64"].values()),
+        "differing": _differing(removed["float64"], removed["float32"]),
+        "differing_inverse": _differing(removed["float32"], removed["float32-inverse"]),
+        "analyse_s": analyse_s,
         "decide_s": seconds,
         "accuracy": acc,
     }

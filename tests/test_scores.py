@@ -226,3 +226,26 @@ def test_eigh_factors_batches_same_size_factors_and_matches_one_by_one(monkeypat
     monkeypatch.setattr(torch.linalg, "eigh", batch_fails)
     for f, (evals, evecs) in zip(factors, eigenbasis.eigh_factors(factors)):
         torch.testing.assert_close(evecs @ torch.diag(evals) @ evecs.T, f, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reader_inverse_precision_follows_the_model(dtype: torch.dtype) -> None:
+    """The readers' ``A⁻¹`` is factorised in float32 for a float32 model (to float32 rounding of
+    the float64 inverse) and in float64 for a float64 model (to float64 rounding)."""
+    from lightning_eigendamage.channels.baselines import damped_inverse
+    from lightning_eigendamage.channels.engine import scores_from_factors
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1)).to(dtype)
+    x = torch.randn(8, 3, 7, 7, dtype=dtype)
+    layers = {"2": net[2]}
+    cap = capture_factors(net, layers, [x], factors_for=["2"], a_form="patch")
+    _, updates = scores_from_factors(layers, cap, 1e-3, {})
+    want = damped_inverse(cap.layers["2"].a(), 1e-3)
+    got = updates[net[2]].a_inv
+    assert got.dtype == torch.float64
+    err = float((got - want).abs().max() / want.abs().max())
+    if dtype == torch.float64:
+        assert err < 1e-11
+    else:
+        assert 1e-11 < err < 1e-4  # float32 rounding: neither exact nor off
