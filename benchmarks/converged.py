@@ -39,6 +39,7 @@ import math
 import shlex
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,39 @@ def calibration(data: Any, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]
         )
         for i in range(CALIB_BATCHES)
     ]
+
+
+def comparison_main(
+    argv: list[str] | None,
+    doc: str | None,
+    script: str,
+    out: Path,
+    rows: Callable[[str, Any, list], Iterable[dict[str, Any]]],
+    models: Sequence[str],
+    threads: int = 1,
+) -> None:
+    """The command line of a script that compares variants on the converged networks
+    (``greedy_precision.py``, ``fisher_examples.py``): ``--data-root``, ``--threads``,
+    ``--models``, ``--out``; the calibration batches of seed 0; ``rows(model, data, calib)`` per
+    model, each row printed and written with the command (the rows replace ``--out``'s)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--threads", type=int, default=threads)
+    p.add_argument("--models", nargs="*", default=list(models), choices=list(models))
+    p.add_argument("--out", default=str(out))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data = load_data("fashion-mnist", root=args.data_root)
+    calib = calibration(data, 0)
+    given = argv if argv is not None else sys.argv[1:]
+    command = f"python benchmarks/{script} " + shlex.join(given)
+    written = []
+    for model in args.models:
+        for row in rows(model, data, calib):
+            row = row | {"command": command.strip()}
+            print(json.dumps(row), flush=True)
+            written.append(row)
+    Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in written))
 
 
 def dense_path(model: str) -> Path:

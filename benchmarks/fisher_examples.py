@@ -1,6 +1,6 @@
 """Does estimating the factors from fewer examples of each batch change what gets pruned?
 
-    python benchmarks/fisher_examples.py [--data-root data] [--threads 2]
+    python benchmarks/fisher_examples.py [--data-root data] [--threads 2] [--models ...]
                                          [--out benchmarks/results/converged/fisher_examples.jsonl]
 
 ``PruningSchedule(fisher_examples=m)`` makes the callback estimate ``A`` and ``G`` from every
@@ -19,10 +19,7 @@ rows replace the file's.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -31,14 +28,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.converged import accuracy, calibration, load_dense  # noqa: E402
-from benchmarks.data import load_data  # noqa: E402
+from benchmarks.converged import accuracy, comparison_main, load_dense  # noqa: E402
 from lightning_eigendamage import PruneOptions  # noqa: E402
 from lightning_eigendamage.costs import count_flops  # noqa: E402
 from lightning_eigendamage.engine import get_engine  # noqa: E402
 
 MODELS = ("resnet20-narrow", "vgg-narrow", "mobilenetv2-narrow")
 EXAMPLES = (None, 32, 16)
+STRUCTURES = ("channels", "eigenbasis")
 
 
 def thinned(calib: list, m: int | None) -> list:
@@ -88,26 +85,15 @@ def _calibration(analysis: object, calib: list) -> list:
     return calib  # eigenbasis: the batches
 
 
+def rows(model: str, data: object, calib: list) -> list[dict]:
+    return [
+        compare(model, structure, ratio, data, calib) for structure in STRUCTURES for ratio in (0.5, 0.75)
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", default="data")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--out", default=str(ROOT / "benchmarks/results/converged/fisher_examples.jsonl"))
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    data = load_data("fashion-mnist", root=args.data_root)
-    calib = calibration(data, 0)
-    given = argv if argv is not None else sys.argv[1:]
-    command = "python benchmarks/fisher_examples.py " + shlex.join(given)
-    rows = []
-    for model in args.models:
-        for structure in ("channels", "eigenbasis"):
-            for ratio in (0.5, 0.75):
-                row = compare(model, structure, ratio, data, calib) | {"command": command.strip()}
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-    Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = ROOT / "benchmarks/results/converged/fisher_examples.jsonl"
+    comparison_main(argv, __doc__, "fisher_examples.py", out, rows, MODELS, threads=2)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Do the greedy channel scores (and the readers' ``A⁻¹``) choose the same channels in float32 as
 in float64?
 
-    python benchmarks/greedy_precision.py [--data-root data] [--threads 1]
+    python benchmarks/greedy_precision.py [--data-root data] [--threads 1] [--models ...]
                                           [--out benchmarks/results/converged/greedy_precision.jsonl]
 
 On each converged network of ``benchmarks/converged.py`` (full Fashion-MNIST, the dense weights
@@ -20,10 +20,7 @@ The rows replace the file's.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -33,8 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.converged import accuracy, calibration, load_dense  # noqa: E402
-from benchmarks.data import load_data  # noqa: E402
+from benchmarks.converged import accuracy, comparison_main, load_dense  # noqa: E402
 from lightning_eigendamage import PruneOptions  # noqa: E402
 from lightning_eigendamage.channels import baselines as greedy  # noqa: E402
 from lightning_eigendamage.channels import engine as channel_engine  # noqa: E402
@@ -85,24 +81,13 @@ def compare(model: str, ratio: float, data: object, calib: list) -> dict:
     }
 
 
+def rows(model: str, data: object, calib: list) -> list[dict]:
+    return [compare(model, ratio, data, calib) for ratio in (0.5, 0.75)]
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", default="data")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=str(ROOT / "benchmarks/results/converged/greedy_precision.jsonl"))
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    data = load_data("fashion-mnist", root=args.data_root)
-    calib = calibration(data, 0)
-    given = argv if argv is not None else sys.argv[1:]
-    command = "python benchmarks/greedy_precision.py " + shlex.join(given)
-    rows = []
-    for model in MODELS:
-        for ratio in (0.5, 0.75):
-            row = compare(model, ratio, data, calib) | {"command": command.strip()}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = ROOT / "benchmarks/results/converged/greedy_precision.jsonl"
+    comparison_main(argv, __doc__, "greedy_precision.py", out, rows, MODELS)
 
 
 if __name__ == "__main__":
