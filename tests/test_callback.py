@@ -454,6 +454,21 @@ def test_fisher_examples_auto_is_the_engine_s_choice(structure: str, rows: int) 
     assert cb.rows["net.9"] == rows
 
 
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_prints_each_round_s_phases(progress: bool, capsys: pytest.CaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = LitClassifier(small_cnn())
+    schedule = PruningSchedule(at_start=0.3, fisher_batches=1)
+    cb = EigenDamagePruning(schedule, structure="channels", verbose=False, progress=progress)
+    assert cb.progress is progress
+    _fit(model, cb, loader(image_data(32), 16), max_epochs=1)
+    err = capsys.readouterr().err
+    phases = ("channels: analysis (curvature capture and scores)", "channels: decision", "channels: surgery")
+    for phase in phases:
+        assert (f"{phase}" in err) is progress, (phase, err[-2000:])
+    assert ("done in" in err) is progress
+
+
 def test_fp16_with_grad_scaler_gives_float32_factors() -> None:
     """Empirical Fisher under float16 autocast with a GradScaler (loss × 2¹²): G must be unscaled.
     Tolerance: 2 % relative (Frobenius) per factor, float16 activations and gradients."""

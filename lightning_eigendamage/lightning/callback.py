@@ -140,6 +140,9 @@ class EigenDamagePruning(Callback):
             keeps (a round resumed inside its capture window).
         seed: seed of the generator used to sample labels for the true Fisher.
         verbose: print a per-layer table after each round (rank zero).
+        progress: each round also prints its phases as they start and end, with their times
+            (analysis, decision, surgery), and a bar over the channel engine's group scores, on
+            stderr (rank zero), as ``prune(progress=True)`` does (default False).
         gradual: a :class:`~lightning_eigendamage.GradualRemoval` (``steps``, ``penalty``) for
             gradual removal in the eigenbasis before every epoch and step point (default None:
             off). See "Gradual removal" below.
@@ -233,6 +236,7 @@ class EigenDamagePruning(Callback):
     greedy_steps = property(lambda self: self.options.greedy_steps)
     recalibrate_bn = property(lambda self: self.options.recalibrate_bn)
     seed = property(lambda self: self.options.seed)
+    progress = property(lambda self: self.options.progress)
 
     def __init__(
         self,
@@ -264,6 +268,7 @@ class EigenDamagePruning(Callback):
         recalibrate_bn: bool = True,
         seed: int = 0,
         verbose: bool = True,
+        progress: bool = False,
         gradual: GradualRemoval | None = None,
     ) -> None:
         super().__init__()
