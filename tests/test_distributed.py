@@ -25,7 +25,7 @@ def _setup():
     return model, x, y
 
 
-def _capture(model, batches):
+def _capture(model, batches, **kw):
     cands = [c for c in find_layers(model)]
     return capture_factors(
         model,
@@ -33,6 +33,7 @@ def _capture(model, batches):
         batches,
         factors_for=[c.name for c in cands if c.skipped is None],
         fisher="empirical",
+        **kw,
     )
 
 
@@ -84,6 +85,42 @@ def test_two_ranks_on_halves_equal_one_process_on_the_whole_batch(tmp_path):
     # ...and the same plan a single process makes from the whole batch.
     report = prune(model, [(x, y)], ratio=0.5, fisher="empirical")
     assert r0["plan"] == [(r.name, r.kept_in, r.kept_out, r.form) for r in report.layers]
+
+
+def _thinned_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    from lightning_eigendamage.distributed import all_reduce_capture
+
+    with _group(rank, world, init_file):
+        model, x, y = _setup()
+        half = slice(rank * 8, (rank + 1) * 8)
+        # every 2nd example of each rank's half, through the hooks (a forward_fn runs whole)
+        captured = _capture(model, [(x[half], y[half])], max_examples=4, forward_fn=lambda m, b: m(b[0]))
+        widths = {
+            n: (lf.a_sum.shape[0], lf.g_sum.shape[0])
+            for n, lf in captured.layers.items()
+            if lf.a_sum is not None
+        }
+        all_reduce_capture(captured, widths, torch.device("cpu"))
+        out = {
+            n: (captured.layers[n].a(), captured.layers[n].g(), captured.layers[n].locations) for n in widths
+        }
+        torch.save(out, os.path.join(out_dir, f"thinned{rank}.pt"))
+
+
+def test_thinned_factors_reduce_over_ranks_to_those_of_the_kept_examples(tmp_path):
+    """Each rank keeps every 2nd example of its half (``max_examples=4`` of 8): the reduced
+    factors and ``T`` are those of one process on every 2nd example of the whole batch."""
+    mp.spawn(_thinned_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "thinned0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "thinned1.pt", weights_only=True)
+    model, x, y = _setup()
+    single = _capture(copy.deepcopy(model), [(x[::2], y[::2])])
+    for name, (a, g, t) in r0.items():
+        lf = single.layers[name]
+        torch.testing.assert_close(a, lf.a(), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(g, lf.g(), rtol=1e-5, atol=1e-9)
+        assert t == lf.locations == r1[name][2]
+        torch.testing.assert_close(r1[name][0], a, rtol=0, atol=0)
 
 
 def _latency_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
