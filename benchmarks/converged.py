@@ -160,6 +160,12 @@ def calibration(data: Any, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]
     ]
 
 
+def plan_difference(a: dict[Any, set[int]], b: dict[Any, set[int]]) -> int:
+    """Channels removed by one channel plan and not the other (``{group root: removed}`` each),
+    summed over the groups: the symmetric difference."""
+    return sum(len(a[k] ^ b.get(k, set())) for k in a) + sum(len(b[k]) for k in b if k not in a)
+
+
 def comparison_main(
     argv: list[str] | None,
     doc: str | None,

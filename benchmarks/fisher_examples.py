@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.converged import accuracy, comparison_main, load_dense  # noqa: E402
+from benchmarks.converged import accuracy, comparison_main, load_dense, plan_difference  # noqa: E402
 from lightning_eigendamage import PruneOptions  # noqa: E402
 from lightning_eigendamage.costs import count_flops  # noqa: E402
 from lightning_eigendamage.engine import get_engine  # noqa: E402
@@ -69,11 +69,7 @@ def compare(model: str, structure: str, ratio: float, data: object, calib: list)
     if removed:
         a = removed["None"]
         row["removed"] = sum(len(v) for v in a.values())
-        row["differing"] = {
-            k: sum(len(a[g] ^ b.get(g, set())) for g in a) + sum(len(b[g]) for g in b if g not in a)
-            for k, b in removed.items()
-            if k != "None"
-        }
+        row["differing"] = {k: plan_difference(a, b) for k, b in removed.items() if k != "None"}
     return row
 
 

@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.converged import accuracy, comparison_main, load_dense  # noqa: E402
+from benchmarks.converged import accuracy, comparison_main, load_dense, plan_difference  # noqa: E402
 from lightning_eigendamage import PruneOptions  # noqa: E402
 from lightning_eigendamage.channels import baselines as greedy  # noqa: E402
 from lightning_eigendamage.channels import engine as channel_engine  # noqa: E402
@@ -42,10 +42,6 @@ VARIANTS = {  # (greedy dtype, inverse dtype)
     "float32": (torch.float32, torch.float64),
     "float32-inverse": (torch.float32, torch.float32),
 }
-
-
-def _differing(a: dict, b: dict) -> int:
-    return sum(len(a[k] ^ b.get(k, set())) for k in a) + sum(len(b[k]) for k in b if k not in a)
 
 
 def compare(model: str, ratio: float, data: object, calib: list) -> dict:
@@ -73,8 +69,8 @@ def compare(model: str, ratio: float, data: object, calib: list) -> dict:
         "model": model,
         "flops_x": round(1 / (1 - ratio), 2),
         "removed": sum(len(v) for v in removed["float64"].values()),
-        "differing": _differing(removed["float64"], removed["float32"]),
-        "differing_inverse": _differing(removed["float32"], removed["float32-inverse"]),
+        "differing": plan_difference(removed["float64"], removed["float32"]),
+        "differing_inverse": plan_difference(removed["float32"], removed["float32-inverse"]),
         "analyse_s": analyse_s,
         "decide_s": seconds,
         "accuracy": acc,
