@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +85,28 @@ def count_flops(
     batch, run as ``forward_fn(model, example)``); its first example is used. The model's
     training flags are restored afterwards.
     """
+    return int(_counted(model, example, forward_fn).get_total_flops())
+
+
+def count_layer_flops(
+    model: nn.Module,
+    example: torch.Tensor | tuple | list | dict,
+    names: Iterable[str],
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+) -> dict[str, int]:
+    """``{name: FLOPs}``: what the submodules ``names`` of ``model`` compute in one forward pass
+    per example, counted as :func:`count_flops` counts the model (every call of a module run
+    twice is counted; 0 for a module that does not run or is called functionally)."""
+    counts = _counted(model, example, forward_fn).get_flop_counts()
+    root = type(model).__name__
+    return {name: int(sum(counts.get(f"{root}.{name}", {}).values())) for name in names}
+
+
+def _counted(
+    model: nn.Module, example: Any, forward_fn: Callable[[nn.Module, Any], Any] | None
+) -> FlopCounterMode:
+    """The FlopCounterMode of one forward pass of the first example of ``example`` (eval mode,
+    no grad, the modules' own path; training flags put back)."""
     x = _first_example(example)
     modes = {m: m.training for m in model.modules()}
     model.eval()
@@ -99,7 +121,7 @@ def count_flops(
     finally:
         for m, mode in modes.items():
             m.training = mode
-    return int(counter.get_total_flops())
+    return counter
 
 
 @contextlib.contextmanager

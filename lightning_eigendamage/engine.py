@@ -98,6 +98,13 @@ class PruningEngine(ABC):
         default accepts every model and returns None."""
         return None
 
+    def unreachable(self, model: nn.Module, prepared: Any) -> dict[str, str]:
+        """``{layer name: reason}``: the layers this engine cannot prune because it cannot analyse
+        the part of ``model`` that holds them (``prepared``: what :meth:`check` returned), for
+        ``prune(structure="auto")`` to prune them with the eigenbasis engine instead. The
+        default: none."""
+        return {}
+
     @abstractmethod
     def analyse(
         self,

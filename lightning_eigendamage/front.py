@@ -19,6 +19,7 @@ from .curvature import split_batch, to_device
 from .distributed import rank_zero_input
 from .eigenbasis import pruner
 from .engine import auto_reason, get_engine, prepare
+from .fallback import channels_with_eigenbasis
 from .options import PruneOptions
 from .report import PruneReport, PruningWarning
 
@@ -46,7 +47,10 @@ def prune(
             graph can be built from the first batch and some group of it can change width, the
             eigenbasis otherwise, and also where channel pruning raises a ``RuntimeError`` (the
             model is put back first; not with ``distributed=True``); a
-            :class:`~lightning_eigendamage.PruningWarning` says why when it falls back).
+            :class:`~lightning_eigendamage.PruningWarning` says why when it falls back. Where
+            the graph can be traced only part by part, the layers no traced part covers are
+            pruned in their eigenbasis and the rest loses channels, the model as a whole meeting
+            the target (``report.eigenbasis_layers`` lists them; :mod:`~lightning_eigendamage.fallback`).
         options: a :class:`~lightning_eigendamage.PruneOptions` instead of keyword options (its
             ``structure`` wins).
         distributed: call on every process of an initialised process group (see the engines).
@@ -78,9 +82,14 @@ def prune(
     elif kwargs:
         raise ValueError(f"pass the options either in options= or as keywords, not both ({sorted(kwargs)})")
     try:
-        report, _ = engine.prune(
-            model, batches, ratio=ratio, options=options, distributed=distributed, prepared=prepared
-        )
+        if auto:  # layers no traced part of the channel graph covers: in their eigenbasis
+            report = channels_with_eigenbasis(
+                model, batches, ratio, options, engine, distributed=distributed, prepared=prepared
+            )
+        else:
+            report, _ = engine.prune(
+                model, batches, ratio=ratio, options=options, distributed=distributed, prepared=prepared
+            )
     except RuntimeError as err:  # the engine put the model back as it was
         if not auto or distributed:  # (distributed: every rank must take the same way)
             raise

@@ -59,7 +59,10 @@ class PruneReport:
     batch, memory_format, mode}, "layers": {name: [a, b, c, d]}}``, see
     :mod:`~lightning_eigendamage.channels.latency`). ``structure_reason``: with
     ``structure="auto"``, why this structure was chosen (the reason channels were not possible,
-    when the eigenbasis was); None when the structure was named.
+    when the eigenbasis was); None when the structure was named. ``eigenbasis_layers``: with
+    ``structure="auto"``, the layers of a channel-pruned model that no traced part of its channel
+    graph covers, pruned in their eigenbasis instead (their ``layers`` entries are the
+    eigenbasis'), with the reason channels could not reach them.
     """
 
     params_before: int
@@ -90,6 +93,7 @@ class PruneReport:
     skipped: dict[str, str] = field(default_factory=dict)
     structure_reason: str | None = None
     latency_table: dict[str, Any] | None = None
+    eigenbasis_layers: dict[str, str] = field(default_factory=dict)
 
     @property
     def flops_fraction_removed(self) -> float:
@@ -134,8 +138,11 @@ class PruneReport:
             heads = ("layer", "before in→out", "kept in→out" if eigen else "after in→out")
             cells = [(r.name, f"{r.in_features}→{r.out_features}", f"{r.kept_in}→{r.kept_out}") for r in rows]
             w = [max(len(c[i]) for c in [heads, *cells]) for i in range(3)]
+            mixed = bool(self.eigenbasis_layers)  # channels, some layers in their eigenbasis
             for i, c in enumerate([heads, *cells]):
                 form = ("form" if i == 0 else rows[i - 1].form) if eigen else ""
+                if mixed and i > 0 and rows[i - 1].name in self.eigenbasis_layers:
+                    form = f"eigenbasis ({rows[i - 1].form}; kept: eigen-directions)"
                 lines.append(f"{c[0]:<{w[0]}}  {c[1]:>{w[1]}}  {c[2]:>{w[2]}}  {form}".rstrip())
         heads = [g for g in self.groups or [] if g.get("head_dim")]
         if heads:  # attention blocks (channel engine): heads before → after
@@ -146,6 +153,12 @@ class PruneReport:
             ]
             more = f", … ({len(cells) - 6} more)" if len(cells) > 6 else ""
             lines.append(f"{'heads':<9} {', '.join(cells[:6])}{more}")
+        if self.eigenbasis_layers:
+            lines.append(
+                f"eigenbasis: {_plural(len(self.eigenbasis_layers), 'layer', 'layers')} no traced part of "
+                "the channel graph covers, rewritten in their eigenbasis instead"
+            )
+            lines += ["  " + line for line in reason_lines(self.eigenbasis_layers, names=3)]
         left = self.left_whole
         if left:
             groups = sum(1 for name in left if name.startswith("group of "))

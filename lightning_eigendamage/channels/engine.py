@@ -2073,7 +2073,7 @@ class ChannelGraph:
             return None
         n, left = len(self.graph.parts), len(self.graph.uncovered())
         return (
-            f"part by part ({n} parts traced alone, {left} layers outside them left whole; the "
+            f"part by part ({n} parts traced alone, {left} layers outside them; the "
             f"whole model's graph: {self.graph.error})"
         )
 
@@ -2470,6 +2470,12 @@ class ChannelEngine(PruningEngine):
         with the groups whose cut is not what the graph says left out (:func:`wrong_groups`)."""
         _torch_pruning()
         return _checked_graph(model, example, options)
+
+    def unreachable(self, model: nn.Module, prepared: ChannelGraph | None) -> dict[str, str]:
+        """The Conv2d/Linear layers in no part of the model Torch-Pruning could trace (none for a
+        whole graph; attention projections are not among them: their heads may still go), with
+        the reason."""
+        return {} if prepared is None else _untraced_skips(model, prepared.graph)
 
     def analyse(
         self,

@@ -1,0 +1,188 @@
+"""``prune(structure="auto")`` on a model whose channel graph covers only part of it.
+
+Torch-Pruning traces a model part by part when the whole graph fails
+(:mod:`lightning_eigendamage.channels.parts`); a layer in no part it could trace cannot lose
+channels (:meth:`~lightning_eigendamage.engine.PruningEngine.unreachable` lists them with the
+reason). Under ``structure="auto"`` those layers are pruned in their eigenbasis instead, and the
+rest loses channels, so that the model as a whole meets the target:
+
+1. the eigenbasis engine prunes the unreachable layers alone (every other module excluded), asked
+   for their share of the target: with ``X`` the model's FLOPs (or parameters) and ``X_u`` the
+   unreachable layers', it removes ``ratio · X_u`` (``ratio · X_u / X`` of the model). For a
+   ``"channels"`` target it removes ``ratio`` of their eigen-directions. BatchNorm is not
+   re-estimated here (the channel step does it once, at the end);
+2. the channel engine prunes the rest (the rewritten layers excluded) for what is left:
+   ``(ratio · X − E) / X₁`` of the model as it now is (``E`` removed by step 1, ``X₁`` what
+   remains), so a layer the eigenbasis could not shrink (the last layer, under ``exempt_last``)
+   is made up for by channels, as when it was left whole;
+3. one report: the channel step's, counted from the original model, with the rewritten layers'
+   entries from the eigenbasis step and :attr:`~lightning_eigendamage.PruneReport.eigenbasis_layers`
+   saying which layers were rewritten and why.
+
+All or nothing: if the channel step fails, the rewritten layers are put back (the original
+modules, untouched by step 1) and the error propagates, so that ``prune`` can fall back to the
+eigenbasis for the whole model as it does when channels fail. If step 1 fails or has nothing to
+prune, the layers stay whole, with a warning, and the channel step runs as if it had not been tried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+from torch import nn
+
+from .costs import count_flops, count_layer_flops
+from .curvature import split_batch, to_device
+from .eigenbasis import pruner
+from .engine import PruningEngine, get_engine
+from .options import PruneOptions
+from .report import TARGET_TOLERANCE, PruneReport, PruningWarning, TargetNotReachedWarning
+
+
+def channels_with_eigenbasis(
+    model: nn.Module,
+    batches: list[Any],
+    ratio: float,
+    options: PruneOptions,
+    engine: PruningEngine,
+    *,
+    distributed: bool = False,
+    prepared: Any = None,
+) -> PruneReport:
+    """``engine.prune`` (the channel engine, ``options`` resolved for it), with the layers it
+    cannot reach (``engine.unreachable(model, prepared)``) pruned in their eigenbasis first
+    (see the module docstring). Without such layers, exactly ``engine.prune``."""
+    unreachable = engine.unreachable(model, prepared)
+    names = sorted(unreachable)
+    originals = {name: model.get_submodule(name) for name in names}
+    eigen = _eigenbasis_step(model, batches, ratio, options, names, distributed) if names else None
+    if eigen is None:  # nothing to rewrite, or nothing rewritten: the channel step alone
+        return engine.prune(
+            model, batches, ratio=ratio, options=options, distributed=distributed, prepared=prepared
+        )[0]
+    rewritten = [n for n in names if model.get_submodule(n) is not originals[n]]
+    kept = [model.get_submodule(n) for n in rewritten]
+    channel_options = dataclasses.replace(
+        options, exclude=(*options.exclude, *(m for layer in kept for m in layer.modules()))
+    )
+    rest = _channel_ratio(ratio, options.target, eigen)
+    try:
+        report, _ = engine.prune(model, batches, ratio=rest, options=channel_options, distributed=distributed)
+    except BaseException:
+        for name in rewritten:  # the channel engine put back what it changed; this puts back ours
+            model.set_submodule(name, originals[name])
+        raise
+    return _merged(report, eigen, ratio, {n: unreachable[n] for n in rewritten})
+
+
+def _eigenbasis_step(
+    model: nn.Module,
+    batches: list[Any],
+    ratio: float,
+    options: PruneOptions,
+    names: list[str],
+    distributed: bool,
+) -> PruneReport | None:
+    """The unreachable layers ``names`` pruned in their eigenbasis for their share of the target:
+    its report, or None (a warning says why) if that failed or
+    changed nothing."""
+    target = "directions" if options.target == "channels" else options.target
+    share = ratio
+    if target in ("flops", "params"):
+        example = to_device(split_batch(batches[0], options.input_fn)[0], next(model.parameters()).device)
+        if target == "flops":
+            total = count_flops(model, example, options.forward_fn)
+            part = sum(count_layer_flops(model, example, names, options.forward_fn).values())
+        else:
+            total = sum(p.numel() for p in model.parameters())
+            part = sum(p.numel() for n in names for p in model.get_submodule(n).parameters())
+        share = ratio * part / max(total, 1)
+    if share <= 0.0:
+        return None
+    inside = {m for n in names for m in model.get_submodule(n).modules()}
+    outside = [
+        m
+        for name, m in model.named_modules()
+        if name and m not in inside and not any(_encloses(name, n) for n in names)
+    ]
+    eigen = get_engine("eigenbasis")
+    reset = {name: None for name in eigen.defaults}  # the eigenbasis' own defaults (caps, ranking)
+    reset.update({f.name: f.default for f in dataclasses.fields(PruneOptions) if f.name in eigen.unused})
+    eigen_options = dataclasses.replace(
+        options,
+        **reset,
+        structure="eigenbasis",
+        target=target,
+        exclude=(*options.exclude, *outside),
+        recalibrate_bn=False,
+    )
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = pruner.prune(model, batches, ratio=share, options=eigen_options, distributed=distributed)
+    except (RuntimeError, ValueError) as err:
+        _replay(caught)
+        if str(err).startswith("no prunable layer"):  # e.g. the last layer, under exempt_last
+            return None
+        warnings.warn(
+            f"prune(structure='auto'): {len(names)} layer(s) the channel graph cannot cover are left "
+            f"whole: pruning them in their eigenbasis failed ({err})",
+            PruningWarning,
+            stacklevel=4,
+        )
+        return None
+    _replay(caught)
+    if not any(r.name in names and r.skipped is None for r in report.layers):
+        return None
+    return report
+
+
+def _encloses(outer: str, inner: str) -> bool:
+    """Whether module ``outer`` holds module ``inner`` (qualified names)."""
+    return inner.startswith(outer + ".")
+
+
+def _replay(caught: list[warnings.WarningMessage]) -> None:
+    """Emit again what the eigenbasis step warned, but its own target (a share of the model's,
+    which the channel step completes)."""
+    for w in caught:
+        if not issubclass(w.category, TargetNotReachedWarning):
+            warnings.warn(w.message, w.category, stacklevel=5)
+
+
+def _channel_ratio(ratio: float, target: str, eigen: PruneReport) -> float:
+    """What the channel step must remove, as a fraction of the model after the eigenbasis step."""
+    if target not in ("flops", "params"):
+        return ratio
+    before = eigen.flops_before if target == "flops" else eigen.params_before
+    after = eigen.flops_after if target == "flops" else eigen.params_after
+    left = ratio * before - (before - after)  # what the whole target still needs removed
+    return min(max(left / max(after, 1), 0.0), 0.999)
+
+
+def _merged(report: PruneReport, eigen: PruneReport, ratio: float, why: dict[str, str]) -> PruneReport:
+    """The channel step's report counted from the original model (the eigenbasis step's
+    ``*_before``), with the rewritten layers ``why`` reported by the eigenbasis step."""
+
+    def within(name: str) -> bool:
+        bare = name.removeprefix("group of ").removeprefix("heads of ")
+        return any(bare == n or _encloses(n, bare) for n in why)
+
+    report.params_before, report.flops_before = eigen.params_before, eigen.flops_before
+    report.ratio = ratio
+    report.layers = [r for r in report.layers if not within(r.name)] + [
+        r for r in eigen.layers if r.name in why
+    ]
+    report.skipped = {k: v for k, v in report.skipped.items() if not within(k)}
+    report.eigenbasis_layers = dict(why)
+    if report.target in ("flops", "params"):
+        before = report.flops_before if report.target == "flops" else report.params_before
+        after = report.flops_after if report.target == "flops" else report.params_after
+        report.reached = 1.0 - after / max(before, 1)
+        report.target_reached = report.reached >= ratio - TARGET_TOLERANCE
+        if report.target_reached:
+            report.limited_by = None
+    return report

@@ -1,0 +1,164 @@
+"""``prune(structure="auto")`` where the channel graph covers only part of the model
+(:mod:`lightning_eigendamage.fallback`): the layers no traced part covers are pruned in their
+eigenbasis, the rest loses channels, and the model as a whole meets the target.
+
+Checked against independent computations: the rewritten layer equals an eigenbasis pruning of
+that layer alone asked for its share of the target, the share computed from the conv's FLOPs by
+hand; the whole model's FLOPs are counted again from the pruned model; a channel step that fails
+leaves every module and tensor of the model as it was; the mixed model reloads exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from test_channel_parts import ShuffleNet, _batches
+from torch import nn
+
+from lightning_eigendamage import PruneReport, prune, restore_pruned
+from lightning_eigendamage.channels.engine import ChannelEngine
+from lightning_eigendamage.costs import count_flops, count_layer_flops
+from lightning_eigendamage.eigenbasis.layers import KFELayer
+from lightning_eigendamage.engine import get_engine
+from lightning_eigendamage.fallback import channels_with_eigenbasis
+from lightning_eigendamage.options import PruneOptions
+from lightning_eigendamage.report import TARGET_TOLERANCE
+
+RATIO = 0.3
+
+
+def _quiet_prune(model: nn.Module, batches, **kwargs) -> PruneReport:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return prune(model, batches, ratio=RATIO, target="flops", **kwargs)
+
+
+def test_layer_flops_are_the_convs_multiply_adds():
+    net = ShuffleNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    got = count_layer_flops(net, x, ["stem.0", "head", "units.0.branch.3"])
+    assert got == {
+        "stem.0": 2 * 3 * 8 * 9 * 8 * 8,
+        "head": 2 * 8 * 10,
+        "units.0.branch.3": 2 * 12 * 9 * 8 * 8,  # depthwise: one input channel per output
+    }
+
+
+def test_auto_prunes_the_uncovered_layer_in_its_eigenbasis_for_its_share():
+    torch.manual_seed(0)
+    net = ShuffleNet().eval()
+    batches = _batches()
+    x = batches[0][0]
+    reference = copy.deepcopy(net)
+    report = _quiet_prune(net, batches, structure="auto")
+
+    # the stem (in no traced part) is rewritten, the branches lose channels
+    assert isinstance(net.stem[0], KFELayer)
+    assert set(report.eigenbasis_layers) == {"stem.0"}
+    assert report.eigenbasis_layers["stem.0"].startswith("in a part whose channel dependencies")
+    assert all(u.branch[0].out_channels < 12 for u in net.units)
+    assert "stem.0" not in report.skipped and "stem.0" not in report.left_whole
+
+    # the whole model meets the target, counted again on the pruned model
+    before, after = count_flops(reference, x), count_flops(net, x)
+    assert (report.flops_before, report.flops_after) == (before, after)
+    assert RATIO - TARGET_TOLERANCE <= 1 - after / before <= RATIO + 0.02 and report.target_reached
+
+    # the stem is what an eigenbasis pruning of it alone, asked for its share, gives
+    share = RATIO * (2 * 3 * 8 * 9 * 8 * 8) / before
+    alone = copy.deepcopy(reference)
+    others = [m for name, m in alone.named_modules() if name and name not in ("stem", "stem.0")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prune(
+            alone,
+            batches,
+            ratio=share,
+            target="flops",
+            structure="eigenbasis",
+            exclude=others,
+            recalibrate_bn=False,
+        )
+    assert isinstance(alone.stem[0], KFELayer)
+    assert (alone.stem[0].rank_in, alone.stem[0].rank_out) == (net.stem[0].rank_in, net.stem[0].rank_out)
+    torch.testing.assert_close(net.stem[0](x), alone.stem[0](x), rtol=1e-5, atol=1e-6)
+
+    entry = next(r for r in report.layers if r.name == "stem.0")
+    assert entry.skipped is None and entry.kept_out == net.stem[0].rank_out
+    assert "rewritten in their eigenbasis" in report.summary()
+    assert PruneReport.from_dict(report.to_dict()).eigenbasis_layers == report.eigenbasis_layers
+
+
+def test_structure_channels_leaves_the_uncovered_layer_whole():
+    torch.manual_seed(0)
+    net = ShuffleNet().eval()
+    report = _quiet_prune(net, _batches(), structure="channels")
+    assert type(net.stem[0]) is nn.Conv2d and net.stem[0].out_channels == 8
+    assert report.eigenbasis_layers == {}
+    assert report.skipped["stem.0"].startswith("in a part whose channel dependencies")
+
+
+def test_the_mixed_model_reloads_exactly(tmp_path):
+    torch.manual_seed(0)
+    net = ShuffleNet().eval()
+    batches = _batches()
+    _quiet_prune(net, batches, structure="auto")
+    x = batches[1][0]
+    out = net(x)
+    torch.save(net.state_dict(), tmp_path / "mixed.pt")
+    fresh = ShuffleNet().eval()
+    restore_pruned(fresh, tmp_path / "mixed.pt")
+    assert isinstance(fresh.stem[0], KFELayer)
+    torch.testing.assert_close(fresh(x), out, rtol=0, atol=0)
+
+
+def test_a_failed_channel_step_puts_the_rewritten_layers_back(monkeypatch):
+    torch.manual_seed(0)
+    net = ShuffleNet().eval()
+    batches = _batches()
+    modules = dict(net.named_modules())
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("surgery failed")
+
+    monkeypatch.setattr(ChannelEngine, "apply", fail)
+    engine = get_engine("channels")
+    options = PruneOptions(structure="channels", target="flops")
+    prepared = engine.check(net, batches[0][0], options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="surgery failed"):
+            channels_with_eigenbasis(net, batches, RATIO, options, engine, prepared=prepared)
+    assert dict(net.named_modules()).keys() == modules.keys()
+    assert all(net.get_submodule(n) is m for n, m in modules.items() if n)
+    after = net.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+
+    # through prune(structure="auto"): the whole model then goes to the eigenbasis
+    with pytest.warns(UserWarning, match="channels failed on this model"):
+        report = prune(net, batches, ratio=RATIO, target="flops", structure="auto")
+    assert report.structure == "eigenbasis" and report.eigenbasis_layers == {}
+
+
+def test_a_model_whose_graph_builds_is_pruned_by_channels_alone():
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.fc = (
+                nn.Conv2d(3, 8, 3, padding=1),
+                nn.Conv2d(8, 8, 3, padding=1),
+                nn.Linear(8, 10),
+            )
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = Plain().eval()
+    report = _quiet_prune(net, _batches(), structure="auto")
+    assert report.structure == "channels" and report.eigenbasis_layers == {}
+    assert not any(isinstance(m, KFELayer) for m in net.modules())
