@@ -539,7 +539,7 @@ def _flops(module: nn.Module, call: tuple[tuple, dict]) -> tuple[int, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), module_path(), counter:
+    with torch.enable_grad(), module_path(), counter:  # as costs.count_flops, for the same reason
         out = module(*call[0], **call[1])
     return int(counter.get_total_flops()), out
 

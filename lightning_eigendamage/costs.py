@@ -1,7 +1,7 @@
 """Parameter and FLOP accounting.
 
 Model totals are counted with :class:`torch.utils.flop_counter.FlopCounterMode` (2 FLOPs per
-multiply-add, biases and element-wise ops ignored), per example, in eval mode under ``no_grad``.
+multiply-add, biases and element-wise ops ignored), per example, in eval mode (no backward is run).
 Per-layer costs of candidate forms are analytic (same convention) so that forms can be compared
 before any module is built.
 """
@@ -9,6 +9,7 @@ before any module is built.
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -102,16 +103,51 @@ def count_layer_flops(
     return {name: int(sum(counts.get(f"{root}.{name}", {}).values())) for name in names}
 
 
+def _fused_rnn_flops(input_shape: Any, weight_shapes: Any) -> int:
+    """``2 · rows · Σ |W|`` for a fused recurrent op: every input row (time step × example, or
+    a packed row) meets every 2-d weight once (the gates' input and hidden products, a
+    projection), as the decomposed path's matrix products would count it."""
+    rows = math.prod(input_shape[:-1]) if len(input_shape) > 1 else input_shape[0]
+    return 2 * rows * sum(math.prod(w) for w in weight_shapes if w is not None and len(w) == 2)
+
+
+def _mkldnn_rnn_layer_flops(
+    input: Any, weight0: Any, weight1: Any, *args: Any, out_val: Any = None, **kwargs: Any
+) -> int:
+    """``aten.mkldnn_rnn_layer`` (CPU LSTM: one layer, one direction; weights ``w_ih``, ``w_hh``)."""
+    return _fused_rnn_flops(input, [weight0, weight1])
+
+
+def _cudnn_rnn_flops(input: Any, weight: Any, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """``aten._cudnn_rnn`` (every layer and direction at once; ``weight`` lists their tensors)."""
+    return _fused_rnn_flops(input, weight)
+
+
+# FlopCounterMode has no rule for the fused recurrent kernels (an nn.LSTM on CPU, any nn.RNN on
+# cuDNN): without these, a recurrent model's FLOPs would leave its recurrent layers out
+_RNN_FLOPS = {
+    getattr(torch.ops.aten, op): fn
+    for op, fn in (("mkldnn_rnn_layer", _mkldnn_rnn_layer_flops), ("_cudnn_rnn", _cudnn_rnn_flops))
+    if hasattr(torch.ops.aten, op)
+}
+
+
 def _counted(
     model: nn.Module, example: Any, forward_fn: Callable[[nn.Module, Any], Any] | None
 ) -> FlopCounterMode:
     """The FlopCounterMode of one forward pass of the first example of ``example`` (eval mode,
-    no grad, the modules' own path; training flags put back)."""
+    the modules' own path; training flags put back). Nothing is backpropagated."""
     x = _first_example(example)
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with torch.no_grad(), module_path(), FlopCounterMode(display=False) as counter:
+        # under autograd: inside no_grad a view of a parameter (``p.expand(N, -1)`` fed to a
+        # submodule) requires grad without a grad_fn, which FlopCounterMode's module tracker rejects
+        with (
+            torch.enable_grad(),
+            module_path(),
+            FlopCounterMode(display=False, custom_mapping=_RNN_FLOPS) as counter,
+        ):
             if forward_fn is not None:
                 forward_fn(model, x)
             elif isinstance(x, dict):

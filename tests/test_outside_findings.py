@@ -1,6 +1,9 @@
 """What an outside user found (the one-callback issue, point 5), each reproduced from its
 description: non-finite calibration batches, Torch-Pruning's trace failing half-way, the probe's
-effect on a seeded loader, ``channels_last`` weights, and the messages for unusable models."""
+effect on a seeded loader, ``channels_last`` weights, and the messages for unusable models; and
+what trying the library on models its tests did not cover found: a Linear feeding an
+``nn.GRU``, a parameter expanded to the batch, the FLOPs of fused recurrent kernels, NaN
+calibration batches under channels."""
 
 from __future__ import annotations
 
@@ -134,3 +137,139 @@ def test_restore_channels_into_a_meta_model_is_refused() -> None:
     meta = TinyResNet().to("meta")
     with pytest.raises(ValueError, match="meta device, where load_state_dict copies nothing"):
         restore_channels(meta, src.state_dict(), torch.randn(1, 3, 12, 12, device="meta"))
+
+
+# -- found by trying the library on models its tests did not cover ----------------------------
+
+
+class _ConvGru(nn.Module):
+    """Conv features, then a Linear feeding an ``nn.GRU`` (Torch-Pruning's index mapping raises
+    IndexError on the Linear's group), then a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU()
+        )
+        self.inp = nn.Linear(16, 24)
+        self.rnn = nn.GRU(24, 32, batch_first=True)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = self.features(x).flatten(2).transpose(1, 2)  # (N, H·W, 16)
+        out, _ = self.rnn(torch.relu(self.inp(seq)))
+        return self.fc(out[:, -1])
+
+
+def _seq_batches(n: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(n)]
+
+
+def test_a_layer_feeding_a_gru_is_left_whole_and_the_rest_loses_channels():
+    torch.manual_seed(0)
+    net = _ConvGru().eval()
+    batches = _seq_batches()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = prune(net, batches, ratio=0.3, target="flops", structure="channels")
+    assert net.features[0].out_channels < 16  # inside a part Torch-Pruning can trace
+    assert (net.inp.out_features, net.rnn.input_size) == (24, 24)
+    assert report.left_whole["inp"].endswith(
+        "could not build the channel group of inp (IndexError: list index out of range)"
+    )
+    assert net(batches[0][0]).shape == (8, 5)
+
+
+def test_a_model_with_only_a_layer_feeding_a_gru_says_why_and_auto_takes_the_eigenbasis():
+    class LinearGru(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.rnn, self.fc = (
+                nn.Linear(10, 24),
+                nn.GRU(24, 32, batch_first=True),
+                nn.Linear(32, 5),
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.rnn(torch.relu(self.inp(x)))[0].mean(1))
+
+    torch.manual_seed(0)
+    net = LinearGru()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    batches = [(torch.randn(8, 12, 10), torch.randint(0, 5, (8,))) for _ in range(2)]
+    with pytest.raises(RuntimeError, match=r"could not build the channel group of inp \(IndexError"):
+        prune(net, batches, ratio=0.4, target="flops", structure="channels")
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
+    with pytest.warns(PruningWarning, match="prunes the eigenbasis"):
+        report = prune(net, batches, ratio=0.4, target="flops", structure="auto")
+    assert report.structure == "eigenbasis"
+
+
+class _LearnedMemory(nn.Module):
+    """A learned memory expanded to the batch and fed to a decoder (DETR-style queries)."""
+
+    def __init__(self, expand: bool) -> None:
+        super().__init__()
+        self.expand = expand
+        self.emb = nn.Embedding(50, 32)
+        layer = nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.dec = nn.TransformerDecoder(layer, 1)
+        self.mem = nn.Parameter(torch.randn(1, 6, 32))
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        mem = self.mem.expand(n, -1, -1) if self.expand else self.mem.repeat(n, 1, 1)
+        return self.fc(self.dec(self.emb(x), mem).mean(1))
+
+
+@pytest.mark.parametrize("structure", ["channels", "eigenbasis"])
+def test_a_parameter_expanded_to_the_batch_is_counted_and_pruned(structure):
+    from lightning_eigendamage.costs import count_flops
+
+    torch.manual_seed(0)
+    net = _LearnedMemory(expand=True)
+    x = torch.randint(0, 50, (8, 12))
+    other = _LearnedMemory(expand=False)
+    other.load_state_dict(net.state_dict())
+    assert count_flops(net, x) == count_flops(other, x) > 0  # was: AssertionError from the counter
+    batches = [(x, torch.randint(0, 5, (8,))) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = prune(net, batches, ratio=0.3, target="flops", structure=structure)
+    assert report.flops_after < report.flops_before and net(x).shape == (8, 5)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_recurrent_flops_count_every_gate_product(kind):
+    from lightning_eigendamage.costs import count_flops
+
+    gates, t, i, h = (4 if kind == "LSTM" else 3), 12, 16, 32
+    rnn = getattr(nn, kind)(i, h, num_layers=2, bidirectional=True, batch_first=True)
+    # per direction and time step: the gates' products with the input and the hidden state
+    expected = 2 * t * 2 * gates * h * (i + h) + 2 * t * 2 * gates * h * (2 * h + h)
+    assert count_flops(rnn, torch.randn(3, t, i)) == expected  # an LSTM on CPU was counted as 0
+    if kind == "LSTM":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # oneDNN has no projections: the default path
+            proj = nn.LSTM(i, h, proj_size=8, batch_first=True)
+            assert count_flops(proj, torch.randn(3, t, i)) == 2 * t * (gates * h * (i + 8) + 8 * h)
+
+
+def test_non_finite_calibration_outputs_are_named_by_the_channel_engine():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 5),
+    )
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    batches = [(torch.full((8, 3, 8, 8), float("nan")), torch.randint(0, 5, (8,)))]
+    with pytest.raises(RuntimeError, match="output on the first calibration batch is not finite"):
+        prune(net, batches, ratio=0.4, target="flops", structure="channels")
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())

@@ -1000,7 +1000,9 @@ def _check_index_mappings(dg: Any, ignored: list[nn.Module], names: dict[nn.Modu
     """Probe every root Torch-Pruning's ``get_all_groups`` would start from with one channel:
     if that channel maps to an index outside a member's width, the graph's index mapping is
     broken (torchvision's MaxViT: one channel of ``to_qkv`` maps to 18,432 indices of a
-    1,536-wide layer), and the full group would exhaust memory. Raises RuntimeError then."""
+    1,536-wide layer), and the full group would exhaust memory. Raises RuntimeError then, and
+    where Torch-Pruning cannot build the group at all (a Linear feeding an ``nn.GRU``: its index
+    mapping raises IndexError)."""
     skip = set(ignored) | set(getattr(dg, "IGNORED_LAYERS_IN_TRACING", []))
     for module in list(dg.module2node):
         if module in skip or not isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -1008,7 +1010,14 @@ def _check_index_mappings(dg: Any, ignored: list[nn.Module], names: dict[nn.Modu
         pruner = dg.get_pruner_of_module(module)
         if pruner is None or not pruner.get_out_channels(module):
             continue
-        _check_group(dg, dg.get_pruning_group(module, pruner.prune_out_channels, [0]), module, names)
+        try:
+            group = dg.get_pruning_group(module, pruner.prune_out_channels, [0])
+        except Exception as err:  # noqa: BLE001 — Torch-Pruning's own failure (a layer feeding an nn.GRU)
+            raise UntraceableError(
+                f"Torch-Pruning could not build the channel group of {names.get(module, '?')} "
+                f"({type(err).__name__}: {err})" + _UNTRACEABLE
+            ) from err
+        _check_group(dg, group, module, names)
 
 
 def _check_group(dg: Any, group: Any, root: nn.Module, names: dict[nn.Module, str]) -> None:
@@ -1497,6 +1506,11 @@ def _trial(model: nn.Module, graph: Any, cuts: list[tuple[str, Any, list[int]]],
     finally:
         for h in handles:
             h.remove()
+    if not _finite(ref):  # every cut would "differ": say what is really wrong
+        raise RuntimeError(
+            "the model's output on the first calibration batch is not finite (NaN or Inf): check "
+            "the batches and the weights; nothing was removed"
+        )
     snapshot = _Snapshot(model, graph)
     entries = [(name, group[0].dep.target.module, removed) for name, group, removed in cuts]
     names = {p: n for n, p in model.named_parameters(remove_duplicate=False)}
@@ -1508,6 +1522,17 @@ def _trial(model: nn.Module, graph: Any, cuts: list[tuple[str, Any, list[int]]],
     finally:
         snapshot.restore()
     return _outputs_differ(ref, out)
+
+
+def _finite(out: Any) -> bool:
+    """Whether every floating tensor in ``out`` (nested in tuples, lists and dicts) is finite."""
+    if torch.is_tensor(out):
+        return not out.is_floating_point() or bool(torch.isfinite(out).all())
+    if isinstance(out, dict):
+        return all(_finite(v) for v in out.values())
+    if isinstance(out, (tuple, list)):
+        return all(_finite(v) for v in out)
+    return True
 
 
 def _why_whole(group: Any, graph: Any, allowed: Callable[[Any], str | None]) -> str | None:
