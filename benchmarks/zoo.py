@@ -2,12 +2,15 @@
 
     python benchmarks/zoo.py [--models resnet18 vit_b_16 ...] [--flops-x 1.67] [--size 64]
                              [--out benchmarks/results/zoo.jsonl] [--threads 2]
-                             [--method prune|prune_channels]
+                             [--method prune|prune_channels|auto]
 
 ``--method prune_channels`` runs :func:`~lightning_eigendamage.prune_channels` instead (records in
 ``zoo_channels.jsonl``); its ``reload`` check saves and loads the whole pickled model (a
 channel-pruned model has no ``restore_pruned`` records), and ``skipped`` lists the layers not
-scored and the groups left whole.
+scored and the groups left whole. ``--method auto`` runs ``prune(structure="auto")``, the
+callback's default structure (records in ``zoo_auto.jsonl``, reloaded as the channel rows): each
+row also says which structure was chosen (``structure``) and which layers were pruned in their
+eigenbasis because no traced part of the channel graph covers them (``eigenbasis_layers``).
 
 Each model is built with random weights (``weights=None``, ``torch.manual_seed(0)``; accuracy is
 not the point) and pruned in place by ``prune(target="flops", ratio=1 - 1/flops_x)`` with the
@@ -81,6 +84,7 @@ MODELS = (
 FIXED_SIZE = {"vit_b_16": 224, "maxvit_t": 224}  # the architectures that need one input size
 RESULTS = Path(__file__).resolve().parent / "results" / "zoo.jsonl"
 CHANNEL_RESULTS = RESULTS.with_name("zoo_channels.jsonl")
+AUTO_RESULTS = RESULTS.with_name("zoo_auto.jsonl")
 
 
 def build(name: str) -> torch.nn.Module:
@@ -140,6 +144,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             if args.rank_by != "relative":  # by measured time: at the batch the speed-up is timed at
                 ranking = {"rank_by": args.rank_by, "latency_batch": args.speed_batch or 8}
             report = prune_channels(model, batches, ratio=1.0 - 1.0 / args.flops_x, target="flops", **ranking)
+        elif args.method == "auto":
+            report = prune(model, batches, ratio=1.0 - 1.0 / args.flops_x, target="flops", structure="auto")
         else:
             report = prune(model, batches, ratio=1.0 - 1.0 / args.flops_x, target="flops")
     rec["prune_s"] = round(time.perf_counter() - t0, 2)
@@ -150,14 +156,17 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "params_before": report.params_before,
         "params_after": report.params_after,
     }
-    if args.method == "prune_channels":
+    if args.method == "auto":
+        rec["structure"] = report.structure
+        rec["eigenbasis_layers"] = dict(report.eigenbasis_layers)
+    if args.method == "prune_channels" or (args.method == "auto" and report.structure == "channels"):
         now = {n: m.weight.shape for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
         rec |= {
             "target_reached": rec["flops_reached_x"] >= 0.97 * args.flops_x,
             "limited_by": None,
             "layers": len(shapes),
             "pruned_layers": sum(1 for n, shape in shapes.items() if now.get(n) != shape),
-            "skipped": dict(report.skipped),
+            "skipped": dict(report.left_whole),
         }
     else:
         rec |= {
@@ -172,7 +181,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         y = model(held_out)
     rec["finite"] = bool(torch.isfinite(y).all())
     buf = io.BytesIO()
-    if args.method == "prune_channels":
+    if args.method in ("prune_channels", "auto"):
         torch.save(model, buf)
         buf.seek(0)
         fresh = torch.load(buf, weights_only=False).eval()
@@ -225,37 +234,53 @@ def speedup(
 def table(records: list[dict[str, Any]], method: str = "prune", source: str = "zoo.jsonl") -> str:
     """A markdown table of the records (the last row per model, FLOPs target and size)."""
     last = {(r["model"], r["flops_x"], r["size"]): r for r in records}
-    flag = "" if method == "prune" else " --method prune_channels"
+    flag = "" if method == "prune" else f" --method {method}"
     reload = (
         "restored with `restore_pruned`"
         if method == "prune"
         else "loaded from the whole pickled model (`torch.save(model)`)"
     )
+    call = 'prune(..., structure="auto")' if method == "auto" else f"{method}()"
     ranks = {r["rank_by"] for r in records if "rank_by" in r} or {"relative"}
     ranked = "" if ranks <= {"relative"} else ", rank_by=" + "/".join(sorted(repr(k) for k in ranks))
-    out = "" if source in ("zoo.jsonl", "zoo_channels.jsonl") else f" --out benchmarks/results/{source}"
+    out = (
+        ""
+        if source in ("zoo.jsonl", "zoo_channels.jsonl", "zoo_auto.jsonl")
+        else f" --out benchmarks/results/{source}"
+    )
     lines = [
-        f"# torchvision architectures pruned by `{method}()`{' ranked by measured time' if ranked else ''}",
+        f"# torchvision architectures pruned by `{call}`{' ranked by measured time' if ranked else ''}",
         "",
         f"Generated by `python benchmarks/zoo.py --table{flag}{out}` from `{source}`",
         "(each row holds its command).",
-        f'Random weights; `{method}(model, batches, ratio=1 - 1/k, target="flops"{ranked})` with the',
+        f'Random weights; `{call.split("(")[0]}(model, batches, ratio=1 - 1/k, target="flops"{ranked}'
+        + (', structure="auto"' if method == "auto" else "")
+        + ")` with the",
         "other defaults on random images with random labels (latency tables measured at the speed-up's",
         f"batch, where ranked by time). *Reload*: largest output difference of a fresh copy {reload}.",
         "*Trains*: a training step gives finite gradients.",
         "",
         "*Speed-up*: dense / pruned eval latency at the batch shown, on the row's threads, timed",
         "alternately in the row's process (median of 7; – where the row has no timing).",
+        *(
+            [
+                '*Structure*: what `"auto"` chose; *in eigenbasis*: layers no traced part of the '
+                "channel graph covers, pruned in their eigenbasis instead.",
+            ]
+            if method == "auto"
+            else []
+        ),
         "",
         "| model | input | ÷FLOPs asked | reached | speed-up | params kept | layers pruned / listed | "
-        "left whole | warnings | reload | trains | prune s | ok |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        + ("structure | in eigenbasis | " if method == "auto" else "")
+        + "left whole | warnings | reload | trains | prune s | ok |",
+        "|" + " --- |" * (15 if method == "auto" else 13),
     ]
     for r in last.values():
         if "error" in r:
             lines.append(
                 f"| {r['model']} | {r['size']}² | ÷{r['flops_x']:g} | {r['error'][:80]} |"
-                + " |" * 7
+                + " |" * (9 if method == "auto" else 7)
                 + " no |"
             )
             continue
@@ -267,7 +292,12 @@ def table(records: list[dict[str, Any]], method: str = "prune", source: str = "z
             + (f"{r['speedup']:.2f}× (b{r['speed_batch']})" if "speedup" in r else "–")
             + " | "
             f"{r['params_after'] / r['params_before']:.0%} | {r['pruned_layers']} / {r['layers']} | "
-            f"{whole} | {warned} | "
+            + (
+                f"{r['structure']} | {', '.join(r['eigenbasis_layers']) or '–'} | "
+                if method == "auto"
+                else ""
+            )
+            + f"{whole} | {warned} | "
             f"{r['reload_max_abs']:.1e} | {'yes' if r['trains'] else 'no'} | {r['prune_s']:.1f} | "
             f"{'yes' if r['ok'] else '**no**'} |"
         )
@@ -287,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--redo", action="store_true", help="run models already recorded again (the last row wins)"
     )
-    p.add_argument("--method", choices=("prune", "prune_channels"), default="prune")
+    p.add_argument("--method", choices=("prune", "prune_channels", "auto"), default="prune")
     p.add_argument(
         "--rank-by",
         default="relative",
@@ -298,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", action="store_true", help="write zoo.md beside --out from its records; no runs")
     args = p.parse_args(argv)
     if args.out is None:
-        args.out = CHANNEL_RESULTS if args.method == "prune_channels" else RESULTS
+        args.out = {"prune_channels": CHANNEL_RESULTS, "auto": AUTO_RESULTS}.get(args.method, RESULTS)
     if args.table:
         records = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
         args.out.with_suffix(".md").write_text(table(records, args.method, args.out.name))
@@ -330,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         rec["threads"] = args.threads
         rec["date"] = time.strftime("%Y-%m-%d %H:%M")
         cmd = f"python benchmarks/zoo.py --models {name} --flops-x {args.flops_x:g} --size {args.size}"
-        cmd += "" if args.method == "prune" else " --method prune_channels"
+        cmd += "" if args.method == "prune" else f" --method {args.method}"
         cmd += "" if args.rank_by == "relative" else f" --rank-by {args.rank_by} --out {args.out}"
         cmd += f" --batch {args.batch} --batches {args.batches} --threads {args.threads}"
         rec["command"] = cmd + f" --speed-batch {args.speed_batch} --speed-repeats {args.speed_repeats}"

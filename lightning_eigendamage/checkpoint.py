@@ -378,8 +378,9 @@ def narrowed_modules(
     (``in_channels``/``out_channels``/``groups`` of a depthwise conv, ``in_features``/
     ``out_features``, ``num_features``, ``normalized_shape``, ``num_channels``) set from them.
     Modules in :class:`~lightning_eigendamage.layers.KFELayer` and under the names in ``skip``
-    (layers restored from their records) are left to those. A tensor of another shape (larger, or
-    another rank) is left for the loading checks to report.
+    (layers restored from their records) are left to those; a module that loads by rules of its
+    own (its own ``_load_from_state_dict``) is not narrowed itself, but its children are. A
+    tensor of another shape (larger, or another rank) is left for the loading checks to report.
 
     Raises:
         ValueError: narrower tensors for a module whose widths cannot be read from its shapes
@@ -402,7 +403,8 @@ def narrowed_modules(
             inside.update(id(m) for m in module.modules())
             continue
         if not _loads_by_torch_rules(module):
-            inside.update(id(m) for m in module.modules())
+            # its own keys are left to torch (it may rename them), but its children still load
+            # by torch's recursion: those marked narrowed are narrowed (torchvision's MLPBlock)
             continue
         pre = prefix + (f"{name}." if name else "")
         if pre[:-1] not in marked:

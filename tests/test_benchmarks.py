@@ -193,3 +193,19 @@ def test_zoo_redraws_a_zero_initialised_head():
 
     # torchvision initialises ViT's head to zeros: behind it no gradient reaches any layer
     assert zoo.build("vit_b_16").heads.head.weight.any()
+
+
+def test_zoo_runs_auto_and_records_the_structure(tmp_path):
+    from benchmarks import zoo
+
+    out = tmp_path / "zoo_auto.jsonl"
+    argv = ["--models", "shufflenet_v2_x0_5", "--size", "32", "--batch", "2", "--threads", "1"]
+    assert zoo.main([*argv, "--method", "auto", "--speed-batch", "0", "--out", str(out)]) == 0
+    (rec,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rec["method"] == "auto" and rec["structure"] == "channels" and rec["ok"]
+    # its first conv is in no traced part: in its eigenbasis, no longer left whole
+    assert list(rec["eigenbasis_layers"]) == ["conv1.0"] and "conv1.0" not in rec["skipped"]
+    assert rec["reload_max_abs"] == 0.0 and rec["flops_reached_x"] == pytest.approx(1.67, rel=0.03)
+    assert zoo.main(["--table", "--method", "auto", "--out", str(out)]) == 0
+    md = (tmp_path / "zoo_auto.md").read_text()
+    assert 'pruned by `prune(..., structure="auto")`' in md and "| channels | conv1.0 |" in md

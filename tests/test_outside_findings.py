@@ -273,3 +273,68 @@ def test_non_finite_calibration_outputs_are_named_by_the_channel_engine():
     with pytest.raises(RuntimeError, match="output on the first calibration batch is not finite"):
         prune(net, batches, ratio=0.4, target="flops", structure="channels")
     assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_channel_pruned_torchvision_vit_reloads_into_a_fresh_one():
+    """torchvision's ``MLPBlock`` loads by rules of its own (``_load_from_state_dict``): its
+    Linear children were not narrowed, and the load failed with a size mismatch."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from lightning_eigendamage import enable_pruned_loading, restore_pruned
+
+    def build() -> nn.Module:
+        return VisionTransformer(
+            image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=256, num_classes=10
+        )
+
+    torch.manual_seed(0)
+    net = build()
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prune(net, batches, ratio=0.4, target="flops", structure="channels")
+    assert net.encoder.layers[0].mlp[0].out_features < 256
+    net.eval()
+    x = batches[0][0]
+    want = net(x)
+    fresh = restore_pruned(build(), net.state_dict()).eval()
+    torch.testing.assert_close(fresh(x), want, rtol=0, atol=0)
+    hooked = build()
+    enable_pruned_loading(hooked)
+    hooked.load_state_dict(net.state_dict())
+    torch.testing.assert_close(hooked.eval()(x), want, rtol=0, atol=0)
+
+
+def test_an_index_mapping_that_outgrows_the_model_stops_the_group_build():
+    """torchvision's Swin V2 took all memory building one channel's group (its mapped index lists
+    grow around the graph's cycles); the build now stops once a mapping outgrows every dimension.
+    Here a flatten maps one channel of ``a`` to 16 features of ``fc``: a bound of 15 stops it, 16
+    lets it through, and Torch-Pruning's mapping classes are put back either way."""
+    from torch_pruning.dependency import index_mapping
+
+    from lightning_eigendamage.channels import engine as channels_mod
+    from lightning_eigendamage.channels.parts import UntraceableError
+
+    class Flat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 16, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.a(x)).flatten(1))
+
+    net = Flat().eval()
+    dg = channels_mod.dependency_graph(net, torch.randn(2, 3, 4, 4))
+    pruner = dg.get_pruner_of_module(net.a)
+    before = dict(vars(index_mapping._FlattenIndexMapping))["__call__"]
+    with pytest.raises(UntraceableError, match="maps one channel of a to 16 indices"):
+        with channels_mod._bounded_index_mappings(15, "a"):
+            dg.get_pruning_group(net.a, pruner.prune_out_channels, [0])
+    assert vars(index_mapping._FlattenIndexMapping)["__call__"] is before
+    with channels_mod._bounded_index_mappings(16, "a"):
+        group = dg.get_pruning_group(net.a, pruner.prune_out_channels, [0])
+    assert vars(index_mapping._FlattenIndexMapping)["__call__"] is before
+    assert any(it.dep.target.module is net.fc and len(it.idxs) == 16 for it in group)

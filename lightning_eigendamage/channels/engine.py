@@ -1004,6 +1004,8 @@ def _check_index_mappings(dg: Any, ignored: list[nn.Module], names: dict[nn.Modu
     where Torch-Pruning cannot build the group at all (a Linear feeding an ``nn.GRU``: its index
     mapping raises IndexError)."""
     skip = set(ignored) | set(getattr(dg, "IGNORED_LAYERS_IN_TRACING", []))
+    # one channel never maps to more indices than the widest dimension of any parameter
+    widest = max((max(p.shape) for m in names for p in m.parameters(recurse=False) if p.dim()), default=1)
     for module in list(dg.module2node):
         if module in skip or not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
@@ -1011,13 +1013,54 @@ def _check_index_mappings(dg: Any, ignored: list[nn.Module], names: dict[nn.Modu
         if pruner is None or not pruner.get_out_channels(module):
             continue
         try:
-            group = dg.get_pruning_group(module, pruner.prune_out_channels, [0])
+            with _bounded_index_mappings(widest, names.get(module, "?")):
+                group = dg.get_pruning_group(module, pruner.prune_out_channels, [0])
+        except UntraceableError:
+            raise
         except Exception as err:  # noqa: BLE001 — Torch-Pruning's own failure (a layer feeding an nn.GRU)
             raise UntraceableError(
                 f"Torch-Pruning could not build the channel group of {names.get(module, '?')} "
                 f"({type(err).__name__}: {err})" + _UNTRACEABLE
             ) from err
         _check_group(dg, group, module, names)
+
+
+@contextlib.contextmanager
+def _bounded_index_mappings(limit: int, root: str) -> Iterator[None]:
+    """While building one channel's group: every Torch-Pruning index mapping (flatten, concat,
+    slice, split…) that maps it to more than ``limit`` indices raises UntraceableError. Through
+    some reshapes (torchvision's Swin V2) the mapped index lists grow on every step around the
+    graph's cycles, and the group would take all memory before any index could be checked. The
+    mapping classes are put back as they were on exit."""
+    from torch_pruning.dependency import index_mapping
+
+    classes = [
+        c
+        for c in vars(index_mapping).values()
+        if isinstance(c, type) and c.__module__ == index_mapping.__name__ and "__call__" in vars(c)
+    ]
+    calls = {c: vars(c)["__call__"] for c in classes}
+
+    def bounded(call: Callable[..., Any]) -> Callable[..., Any]:
+        def mapped(self: Any, idxs: Any) -> Any:
+            out = call(self, idxs)
+            if len(out) > limit:
+                raise UntraceableError(
+                    f"Torch-Pruning maps one channel of {root} to {len(out)} indices, more than any "
+                    f"dimension of the model ({limit}): its index mapping through this model's "
+                    "reshapes grows without bound" + _UNTRACEABLE
+                )
+            return out
+
+        return mapped
+
+    for c, call in calls.items():
+        c.__call__ = bounded(call)
+    try:
+        yield
+    finally:
+        for c, call in calls.items():
+            c.__call__ = call
 
 
 def _check_group(dg: Any, group: Any, root: nn.Module, names: dict[nn.Module, str]) -> None:
