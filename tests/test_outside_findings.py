@@ -8,6 +8,7 @@ calibration batches under channels."""
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -338,3 +339,67 @@ def test_an_index_mapping_that_outgrows_the_model_stops_the_group_build():
         group = dg.get_pruning_group(net.a, pruner.prune_out_channels, [0])
     assert vars(index_mapping._FlattenIndexMapping)["__call__"] is before
     assert any(it.dep.target.module is net.fc and len(it.idxs) == 16 for it in group)
+
+
+class _TwoHeads(nn.Module):
+    """A classifier and a regressor on one trunk: ``forward`` returns both."""
+
+    def __init__(self, only_logits: bool = False) -> None:
+        super().__init__()
+        self.only_logits = only_logits
+        self.trunk = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
+        self.fc, self.cls, self.reg = nn.Linear(8, 16), nn.Linear(16, 10), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        h = torch.relu(self.fc(self.trunk(x)))
+        return self.cls(h) if self.only_logits else (self.cls(h), self.reg(h))
+
+
+def test_the_empirical_fisher_takes_a_loss_of_several_outputs():
+    """With ``fisher="empirical"`` the user's ``loss_fn`` may take a tuple output (it was refused:
+    "curvature capture needs a tensor of logits"); its factors are those of the same loss written
+    on the logits alone, and the model is pruned through ``prune``."""
+    import torch.nn.functional as F
+
+    from lightning_eigendamage.curvature import capture_factors
+
+    torch.manual_seed(0)
+    both, logits = _TwoHeads(), _TwoHeads(only_logits=True)
+    logits.load_state_dict(both.state_dict())
+    g = torch.Generator().manual_seed(3)
+    batches = [
+        (
+            torch.randn(8, 3, 6, 6, generator=g),
+            (torch.randint(0, 10, (8,), generator=g), torch.randn(8, 4, generator=g)),
+        )
+        for _ in range(2)
+    ]
+    names = ["trunk.0", "fc", "cls"]
+
+    def factors(net: nn.Module, loss_fn: Any) -> dict[str, Any]:
+        layers = {n: net.get_submodule(n) for n in names}
+        cap = capture_factors(net, layers, batches, factors_for=names, fisher="empirical", loss_fn=loss_fn)
+        return {n: (cap.layers[n].a(), cap.layers[n].g()) for n in names}
+
+    got = factors(both, lambda o, t: F.cross_entropy(o[0], t[0]) + 0.0 * F.mse_loss(o[1], t[1]))
+    want = factors(logits, lambda o, t: F.cross_entropy(o, t[0]))
+    for n in names:
+        torch.testing.assert_close(got[n][0], want[n][0], rtol=1e-6, atol=0)
+        torch.testing.assert_close(got[n][1], want[n][1], rtol=1e-6, atol=1e-12)
+    with pytest.raises(TypeError, match="or fisher='empirical' with a loss_fn"):
+        factors(both, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = prune(
+            both,
+            batches,
+            ratio=0.3,
+            target="flops",
+            structure="channels",
+            fisher="empirical",
+            loss_fn=lambda o, t: F.cross_entropy(o[0], t[0]) + F.mse_loss(o[1], t[1]),
+        )
+    out = both(batches[0][0])
+    assert report.flops_after < report.flops_before and [o.shape for o in out] == [(8, 10), (8, 4)]

@@ -161,6 +161,8 @@ def capture_batch(
       ``generator``; the global RNG is not used.
     - ``fisher="empirical"``: ``loss_fn(output, target)`` (default :func:`default_loss`), which
       must return the loss averaged over the batch's ``N`` examples; it is multiplied by ``N``.
+      With a ``loss_fn`` the output may be anything it takes (a tuple of heads): ``N`` is the
+      first dimension of its first tensor.
     """
     inp, target, check = _thinned(model, cap, inp, target, forward_fn)
     if isinstance(inp, torch.Tensor) and inp.is_floating_point() and not inp.requires_grad:
@@ -170,12 +172,13 @@ def capture_batch(
     try:
         with torch.enable_grad():
             output = model(inp) if forward_fn is None else forward_fn(model, inp)
-            if not isinstance(output, torch.Tensor):
+            if not isinstance(output, torch.Tensor) and (fisher == "true" or loss_fn is None):
                 raise TypeError(
                     f"the model returned {type(output).__name__}; curvature capture needs a "
-                    "tensor of logits (pass forward_fn=lambda model, batch: ... returning them)"
+                    "tensor of logits (pass forward_fn=lambda model, batch: ... returning them), "
+                    "or fisher='empirical' with a loss_fn(output, target) that takes this output"
                 )
-            n = output.shape[0]
+            n = _examples_in(output)
             if fisher == "true":
                 loss = sampled_loss(output, likelihood, class_dim, generator)
                 cap.grad_scale = 1.0
@@ -214,6 +217,26 @@ def capture_batch(
 
 
 _SLICE_RTOL = 1e-4  # a thinned pass must give the whole pass's outputs of its examples to this
+
+
+def _examples_in(output: Any) -> int:
+    """The batch size of a model's output: the first dimension of its first tensor (searched
+    through tuples, lists and dicts: a model with several heads, under a ``loss_fn`` of its own)."""
+    if isinstance(output, torch.Tensor) and output.dim() > 0:
+        return output.shape[0]
+    items = (
+        output.values()
+        if isinstance(output, Mapping)
+        else output
+        if isinstance(output, (tuple, list))
+        else ()
+    )
+    for item in items:
+        try:
+            return _examples_in(item)
+        except TypeError:
+            continue
+    raise TypeError(f"the model's output ({type(output).__name__}) holds no tensor with a batch dimension")
 
 
 def _thinned(
@@ -256,6 +279,9 @@ def _check_slicing(
         with torch.no_grad():
             alone = model(inp.detach()[::step])
     except Exception:  # e.g. a model that needs its whole batch: it runs whole
+        cap.slices = False
+        return
+    if not isinstance(output, torch.Tensor):  # several outputs: not compared, the batch runs whole
         cap.slices = False
         return
     want = output.detach()[::step]
