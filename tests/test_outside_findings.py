@@ -403,3 +403,25 @@ def test_the_empirical_fisher_takes_a_loss_of_several_outputs():
         )
     out = both(batches[0][0])
     assert report.flops_after < report.flops_before and [o.shape for o in out] == [(8, 10), (8, 4)]
+
+
+def test_per_pixel_logits_with_the_default_class_dim_are_warned_about():
+    """An FCN's ``(N, C, H, W)`` logits under the default ``class_dim=-1`` had their width
+    sampled as the classes, silently; ``class_dim=1`` is quiet and gives other factors."""
+    from lightning_eigendamage.curvature import capture_factors
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 5, 1))
+    batches = [(torch.randn(4, 3, 6, 6), None)]
+    layers = {"0": net[0], "2": net[2]}
+
+    def factors(class_dim: int) -> torch.Tensor:
+        cap = capture_factors(net, layers, batches, factors_for=list(layers), class_dim=class_dim)
+        return cap.layers["2"].g()
+
+    with pytest.warns(PruningWarning, match=r"class_dim=-1 takes its last dimension \(6\) as the classes"):
+        wrong = factors(-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PruningWarning)
+        right = factors(1)
+    assert wrong.shape == right.shape == (5, 5) and not torch.allclose(wrong, right)

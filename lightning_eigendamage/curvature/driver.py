@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import functional_owners
+from ..report import PruningWarning
 from .hooks import CaptureResult, HookCapture, KFACapture
 
 if TYPE_CHECKING:
@@ -74,9 +76,19 @@ def to_device(obj: Any, device: torch.device) -> Any:
 
 def check_categorical(output: Any, class_dim: int) -> None:
     """ValueError if ``output`` is a tensor with a single logit on ``class_dim``: a softmax over
-    one class is constant, so a categorical likelihood (or cross-entropy) gives zero curvature."""
+    one class is constant, so a categorical likelihood (or cross-entropy) gives zero curvature.
+    A :class:`~lightning_eigendamage.PruningWarning` if a 4-d output ``(N, C, H, W)`` would have
+    its width taken as the classes (``class_dim=-1``)."""
     if not isinstance(output, torch.Tensor) or output.dim() == 0:
         return
+    if output.dim() == 4 and class_dim in (-1, 3):
+        warnings.warn(
+            f"the model's output {tuple(output.shape)} looks like per-location logits (N, C, H, W), "
+            f"but class_dim={class_dim} takes its last dimension ({output.shape[-1]}) as the classes: "
+            "for segmentation-style outputs pass class_dim=1",
+            PruningWarning,
+            stacklevel=3,
+        )
     if output.movedim(class_dim, -1).shape[-1] == 1:
         raise ValueError(
             f"the model's output {tuple(output.shape)} has a single logit on class_dim={class_dim}: a "
