@@ -1004,8 +1004,10 @@ def _check_index_mappings(dg: Any, ignored: list[nn.Module], names: dict[nn.Modu
     where Torch-Pruning cannot build the group at all (a Linear feeding an ``nn.GRU``: its index
     mapping raises IndexError)."""
     skip = set(ignored) | set(getattr(dg, "IGNORED_LAYERS_IN_TRACING", []))
-    # one channel never maps to more indices than the widest dimension of any parameter
+    # one channel maps to at most a feature map's worth of indices (a flatten before a Linear):
+    # far more than 64 times the widest dimension of any parameter is a mapping that keeps growing
     widest = max((max(p.shape) for m in names for p in m.parameters(recurse=False) if p.dim()), default=1)
+    widest *= _INDEX_GROWTH
     for module in list(dg.module2node):
         if module in skip or not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
@@ -1023,6 +1025,9 @@ def _check_index_mappings(dg: Any, ignored: list[nn.Module], names: dict[nn.Modu
                 f"({type(err).__name__}: {err})" + _UNTRACEABLE
             ) from err
         _check_group(dg, group, module, names)
+
+
+_INDEX_GROWTH = 64  # see _check_index_mappings
 
 
 @contextlib.contextmanager
@@ -1046,9 +1051,9 @@ def _bounded_index_mappings(limit: int, root: str) -> Iterator[None]:
             out = call(self, idxs)
             if len(out) > limit:
                 raise UntraceableError(
-                    f"Torch-Pruning maps one channel of {root} to {len(out)} indices, more than any "
-                    f"dimension of the model ({limit}): its index mapping through this model's "
-                    "reshapes grows without bound" + _UNTRACEABLE
+                    f"Torch-Pruning maps one channel of {root} to {len(out)} indices, more than "
+                    f"{limit} ({_INDEX_GROWTH}× any dimension of the model): its index mapping "
+                    "through this model's reshapes grows without bound" + _UNTRACEABLE
                 )
             return out
 
