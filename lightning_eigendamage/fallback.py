@@ -1,4 +1,5 @@
-"""``prune(structure="auto")`` on a model whose channel graph covers only part of it.
+"""``structure="auto"`` on a model whose channel graph covers only part of it (``prune()`` and
+the callback's rounds).
 
 Torch-Pruning traces a model part by part when the whole graph fails
 (:mod:`lightning_eigendamage.channels.parts`); a layer in no part it could trace cannot lose
@@ -19,6 +20,11 @@ rest loses channels, so that the model as a whole meets the target:
    entries from the eigenbasis step and :attr:`~lightning_eigendamage.PruneReport.eigenbasis_layers`
    saying which layers were rewritten and why.
 
+The callback runs both steps on the factors it captured during the epoch (the unreachable
+layers' among them, in the channel engine's patch form; :func:`~.curvature.channel_form` gives
+the eigenbasis its channel form, exactly) and carries the optimizer state across both
+(:class:`MixedChange`, :func:`carry_optimizer_state`).
+
 All or nothing: if the channel step fails, the rewritten layers are put back (the original
 modules, untouched by step 1) and the error propagates, so that ``prune`` can fall back to the
 eigenbasis for the whole model as it does when channels fail. If step 1 fails or has nothing to
@@ -29,16 +35,32 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from .costs import count_flops, count_layer_flops
-from .curvature import split_batch, to_device
-from .eigenbasis import pruner
+from .curvature import CaptureResult, channel_form, split_batch, to_device
+from .eigenbasis.layers import KFELayer
 from .engine import PruningEngine, get_engine
 from .options import PruneOptions
 from .report import TARGET_TOLERANCE, PruneReport, PruningWarning, TargetNotReachedWarning
+
+if TYPE_CHECKING:
+    from torch.optim import Optimizer
+
+    from .optim import TransplantReport
+
+
+@dataclass
+class MixedChange:
+    """What a round of :func:`channels_with_eigenbasis` changed: the eigenbasis engine's change
+    of the rewritten layers (None if none was) and the channel engine's change of the rest."""
+
+    eigen: Any
+    channels: Any
 
 
 def channels_with_eigenbasis(
@@ -50,31 +72,98 @@ def channels_with_eigenbasis(
     *,
     distributed: bool = False,
     prepared: Any = None,
-) -> PruneReport:
+    captured: CaptureResult | None = None,
+) -> tuple[PruneReport, MixedChange]:
     """``engine.prune`` (the channel engine, ``options`` resolved for it), with the layers it
     cannot reach (``engine.unreachable(model, prepared)``) pruned in their eigenbasis first
-    (see the module docstring). Without such layers, exactly ``engine.prune``."""
-    unreachable = engine.unreachable(model, prepared)
+    (see the module docstring). ``captured``: factors already accumulated (the callback's, in
+    the channel engine's form, the unreachable layers' among them), used by both steps; else
+    each step captures its own on ``batches``. Without such layers, ``engine.prune`` alone."""
+    unreachable = unreachable_layers(engine, model, prepared)
     names = sorted(unreachable)
+    if captured is not None:  # the layers whose factors were captured
+        names = [n for n in names if n in captured.layers and captured.layers[n].unusable() is None]
     originals = {name: model.get_submodule(name) for name in names}
-    eigen = _eigenbasis_step(model, batches, ratio, options, names, distributed) if names else None
-    if eigen is None:  # nothing to rewrite, or nothing rewritten: the channel step alone
-        return engine.prune(
-            model, batches, ratio=ratio, options=options, distributed=distributed, prepared=prepared
-        )[0]
+    first = _eigenbasis_step(model, batches, ratio, options, names, distributed, captured) if names else None
+    if first is None:  # nothing to rewrite, or nothing rewritten: the channel step alone
+        report, change = engine.prune(
+            model,
+            batches,
+            ratio=ratio,
+            options=options,
+            captured=captured,
+            distributed=distributed,
+            prepared=prepared,
+        )
+        return report, MixedChange(None, change)
+    eigen, eigen_change = first
     rewritten = [n for n in names if model.get_submodule(n) is not originals[n]]
     kept = [model.get_submodule(n) for n in rewritten]
     channel_options = dataclasses.replace(
         options, exclude=(*options.exclude, *(m for layer in kept for m in layer.modules()))
     )
     rest = _channel_ratio(ratio, options.target, eigen)
+    if captured is not None:  # the channel step reads the factors of its own layers only
+        captured = dataclasses.replace(
+            captured, layers={k: v for k, v in captured.layers.items() if k not in names}
+        )
     try:
-        report, _ = engine.prune(model, batches, ratio=rest, options=channel_options, distributed=distributed)
+        report, change = engine.prune(
+            model, batches, ratio=rest, options=channel_options, captured=captured, distributed=distributed
+        )
     except BaseException:
         for name in rewritten:  # the channel engine put back what it changed; this puts back ours
             model.set_submodule(name, originals[name])
         raise
-    return _merged(report, eigen, ratio, {n: unreachable[n] for n in rewritten})
+    return _merged(report, eigen, ratio, {n: unreachable[n] for n in rewritten}), MixedChange(
+        eigen_change, change
+    )
+
+
+def carry_optimizer_state(
+    engine: PruningEngine,
+    model: nn.Module,
+    old_optimizers: Sequence[Optimizer],
+    new_optimizers: Sequence[Optimizer],
+    change: MixedChange,
+) -> TransplantReport:
+    """The optimizers' state carried across both steps of ``change``: the channel engine's carry
+    (every parameter it sliced or kept), then the eigenbasis engine's for the rewritten layers
+    (their new parameters from the old layer's state)."""
+    report = engine.carry_optimizer_state(model, old_optimizers, new_optimizers, change.channels)
+    if change.eigen:
+        eigen = get_engine("eigenbasis").carry_optimizer_state(
+            model, old_optimizers, new_optimizers, change.eigen
+        )
+        report.carried += eigen.carried  # (its ``kept`` counts the untouched parameters again)
+        report.reset.update(eigen.reset)
+    return report
+
+
+def replaced_parameters(
+    engine: PruningEngine, change: MixedChange
+) -> list[tuple[str, list[nn.Parameter], list[nn.Parameter]]]:
+    """Per changed layer or parameter of either step: its name, its old and its new parameters."""
+    out = list(engine.replaced_parameters(change.channels))
+    if change.eigen:
+        out += get_engine("eigenbasis").replaced_parameters(change.eigen)
+    return out
+
+
+def unreachable_layers(engine: PruningEngine, model: nn.Module, prepared: Any) -> dict[str, str]:
+    """``engine.unreachable(model, prepared)`` but the stages of layers already rewritten in their
+    eigenbasis (such a layer is pruned again as a whole, by the eigenbasis engine's own rounds):
+    the layers this module prunes in their eigenbasis, with the reason."""
+    return {n: why for n, why in engine.unreachable(model, prepared).items() if _plain(model, n)}
+
+
+def _plain(model: nn.Module, name: str) -> bool:
+    """Whether the layer ``name`` is in no eigenbasis layer (a rewritten layer's stages are
+    pruned again as that layer, not one by one)."""
+    parts = name.split(".")
+    return not any(
+        isinstance(model.get_submodule(".".join(parts[:i])), KFELayer) for i in range(1, len(parts))
+    )
 
 
 def _eigenbasis_step(
@@ -84,10 +173,10 @@ def _eigenbasis_step(
     options: PruneOptions,
     names: list[str],
     distributed: bool,
-) -> PruneReport | None:
+    captured: CaptureResult | None,
+) -> tuple[PruneReport, Any] | None:
     """The unreachable layers ``names`` pruned in their eigenbasis for their share of the target:
-    its report, or None (a warning says why) if that failed or
-    changed nothing."""
+    its report and change, or None (a warning says why where that failed) if nothing changed."""
     target = "directions" if options.target == "channels" else options.target
     share = ratio
     if target in ("flops", "params"):
@@ -118,11 +207,15 @@ def _eigenbasis_step(
         exclude=(*options.exclude, *outside),
         recalibrate_bn=False,
     )
+    if captured is not None:  # the callback's factors, in the eigenbasis' form of A
+        captured = channel_form(captured, names, {n: model.get_submodule(n) for n in names})
     caught: list[warnings.WarningMessage] = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            report = pruner.prune(model, batches, ratio=share, options=eigen_options, distributed=distributed)
+            report, change = eigen.prune(
+                model, batches, ratio=share, options=eigen_options, captured=captured, distributed=distributed
+            )
     except (RuntimeError, ValueError) as err:
         _replay(caught)
         if str(err).startswith("no prunable layer"):  # e.g. the last layer, under exempt_last
@@ -137,7 +230,7 @@ def _eigenbasis_step(
     _replay(caught)
     if not any(r.name in names and r.skipped is None for r in report.layers):
         return None
-    return report
+    return report, change
 
 
 def _encloses(outer: str, inner: str) -> bool:

@@ -83,7 +83,7 @@ def prune(
         raise ValueError(f"pass the options either in options= or as keywords, not both ({sorted(kwargs)})")
     try:
         if auto:  # layers no traced part of the channel graph covers: in their eigenbasis
-            report = channels_with_eigenbasis(
+            report, _ = channels_with_eigenbasis(
                 model, batches, ratio, options, engine, distributed=distributed, prepared=prepared
             )
         else:

@@ -172,3 +172,31 @@ def test_rank_zero_input_gives_every_rank_rank_0s_input(tmp_path):
         assert torch.equal(r["got"]["x"], torch.zeros(2, 3))
         assert torch.equal(r["got"]["mask"][0], torch.zeros(2)) and r["got"]["mask"][1][0].item() == 0
         assert r["none"] is None  # rank 0 had no input: none on every rank
+
+
+def _mixed_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    from test_channel_parts import ShuffleNet, _batches
+
+    with _group(rank, world, init_file):
+        torch.manual_seed(0)
+        model = ShuffleNet().eval()
+        (x, y), _ = _batches()
+        half = slice(rank * 8, (rank + 1) * 8)
+        report = prune(
+            model, [(x[half], y[half])], ratio=0.3, target="flops", structure="auto", distributed=True
+        )
+        _save_result(out_dir, f"mixed{rank}.pt", model, report, eigen=sorted(report.eigenbasis_layers))
+
+
+def test_auto_prunes_the_uncovered_layers_alike_on_every_rank(tmp_path):
+    """``prune(structure="auto", distributed=True)`` on a model traced part by part: the
+    eigenbasis step and the channel step take one decision over both ranks (the layer no part
+    covers rewritten alike, bitwise-equal parameters)."""
+    mp.spawn(_mixed_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "mixed0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "mixed1.pt", weights_only=True)
+    assert r0["eigen"] == r1["eigen"] == ["stem.0"]
+    assert r0["plan"] == r1["plan"] and r0["state"].keys() == r1["state"].keys()
+    for k, v in r0["state"].items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, r1["state"][k]), k

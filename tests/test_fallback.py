@@ -162,3 +162,73 @@ def test_a_model_whose_graph_builds_is_pruned_by_channels_alone():
     report = _quiet_prune(net, _batches(), structure="auto")
     assert report.structure == "channels" and report.eigenbasis_layers == {}
     assert not any(isinstance(m, KFELayer) for m in net.modules())
+
+
+@pytest.mark.parametrize("stride, mode", [(1, "zeros"), (2, "zeros"), (1, "reflect")])
+def test_the_channel_form_of_a_patch_capture_is_the_channel_capture(stride, mode):
+    """``channel_form`` sums the patch form's diagonal kernel blocks over ``k`` times the rows:
+    the channel-form capture of the same batches, to float64 rounding."""
+    from lightning_eigendamage.curvature import capture_factors, channel_form
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 5, 3, stride=stride, padding=1, padding_mode=mode),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.LazyLinear(4),
+    )
+    net(torch.randn(1, 3, 7, 7))
+    net = net.double()
+    batches = [(torch.randn(6, 3, 7, 7, dtype=torch.float64), torch.randint(0, 4, (6,))) for _ in range(2)]
+    layers = {"0": net[0], "3": net[3]}
+
+    def capture(form: str):
+        return capture_factors(
+            net, layers, batches, factors_for=list(layers), a_form=form, fisher="empirical"
+        )
+
+    patch, channel = capture("patch"), capture("channel")
+    assert patch.layers["0"].a_sum.shape == (27, 27)
+    got = channel_form(patch, ["0", "3"], layers)
+    for name in layers:
+        g, w = got.layers[name], channel.layers[name]
+        assert g.a_rows == w.a_rows
+        torch.testing.assert_close(g.a(), w.a(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(g.g(), w.g(), rtol=1e-12, atol=1e-14)
+    assert patch.layers["0"].a_sum.shape == (27, 27)  # the patch capture is not changed
+
+
+def test_the_callback_under_auto_prunes_the_uncovered_layer_in_its_eigenbasis(tmp_path):
+    """The same split in a callback round, from the factors captured during training: the stem
+    is rewritten, its optimizer state carried over, training goes on (a second round too: it
+    failed on the rewritten stem's stages), and the checkpoint reloads into a fresh module."""
+    from lit_models import LitClassifier, image_data, loader, trainer
+
+    from lightning_eigendamage import EigenDamagePruning, PruningSchedule, enable_pruned_loading
+
+    torch.manual_seed(0)
+    model = LitClassifier(ShuffleNet())
+    schedule = PruningSchedule({0: RATIO, 1: RATIO}, target="flops")
+    cb = EigenDamagePruning(schedule, structure="auto", verbose=False)
+    t = trainer(max_epochs=3, callbacks=[cb], enable_checkpointing=True, default_root_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(model, loader(image_data(32, size=8)))
+    report, again = cb.reports  # the second round prunes the rewritten stem no further
+    assert again.eigenbasis_layers == {} and again.target_reached
+    assert cb.structure == "channels" and set(report.eigenbasis_layers) == {"net.stem.0"}
+    assert isinstance(model.net.stem[0], KFELayer)
+    assert all(u.branch[0].out_channels < 12 for u in model.net.units)
+    assert report.target_reached and 1 - report.flops_after / report.flops_before >= RATIO - TARGET_TOLERANCE
+    carried = cb.transplants[0]["carried"]
+    assert any(name.startswith("net.stem.0.") for name in carried), carried
+    assert any(name.startswith("net.units.") for name in carried), carried
+    x = torch.randn(2, 3, 8, 8)
+    model.eval()
+    want = model(x)
+    assert torch.isfinite(want).all()
+    (ckpt,) = tmp_path.rglob("*.ckpt")
+    fresh = LitClassifier(ShuffleNet())
+    enable_pruned_loading(fresh)
+    fresh.load_state_dict(torch.load(ckpt, weights_only=True)["state_dict"])
+    torch.testing.assert_close(fresh.eval()(x), want, rtol=0, atol=0)

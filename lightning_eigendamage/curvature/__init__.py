@@ -54,7 +54,7 @@ from .factors import (
     linear_a,
     output_g,
 )
-from .hooks import CaptureResult, HookCapture, KFACapture, LayerFactors
+from .hooks import CaptureResult, HookCapture, KFACapture, LayerFactors, channel_form
 
 __all__ = [
     "A_FORMS",
@@ -68,6 +68,7 @@ __all__ = [
     "capture_batch",
     "check_categorical",
     "capture_factors",
+    "channel_form",
     "compute_dtype",
     "conv_channel_a",
     "conv_padding",

@@ -9,8 +9,9 @@ ran in); :class:`KFACapture` records the K-FAC factors of :mod:`.factors`, and
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import torch
@@ -246,6 +247,27 @@ class CaptureResult:
     fire_order: list[str]
     batches: int
     skipped_batches: int
+
+
+def channel_form(
+    result: CaptureResult, names: Iterable[str], modules: Mapping[str, nn.Module]
+) -> CaptureResult:
+    """``result`` (a patch-form capture) with the factors of the convolutions among ``names`` in
+    the channel form of ``A``: the sum over kernel offsets of the patch form's diagonal blocks,
+    ``A_c = Σ_δ A_p[(·, δ), (·, δ)]`` over ``N·T·k`` reads (``k`` offsets per location), which is
+    exactly the channel form's ``Σ_{n,t,δ} a_{tδ} a_{tδ}ᵀ``. Linear layers (and every other
+    layer) are shared as they are; ``result`` is not changed."""
+    layers = dict(result.layers)
+    for name in names:
+        module, lf = modules[name], layers[name]
+        kernel = getattr(module, "kernel_size", None)
+        if kernel is None or lf.a_sum is None:
+            continue
+        k = math.prod(kernel)
+        c = lf.a_sum.shape[0] // k
+        a = lf.a_sum.reshape(c, k, c, k).diagonal(dim1=1, dim2=3).sum(-1)
+        layers[name] = replace(lf, a_sum=a, a_rows=lf.a_rows * k, _pending={})
+    return replace(result, layers=layers)
 
 
 class KFACapture(HookCapture):

@@ -72,6 +72,9 @@ from ..curvature import KFACapture, capture_batch, check_categorical, split_batc
 from ..discovery import Candidate, dynamic_skips, find_layers, no_prunable_message
 from ..distributed import is_distributed, rank_zero_input
 from ..engine import PruningEngine, auto_reason, engine_names, get_engine, prepare
+from ..fallback import MixedChange, channels_with_eigenbasis, unreachable_layers
+from ..fallback import carry_optimizer_state as carry_mixed_state
+from ..fallback import replaced_parameters as mixed_replaced
 from ..gradual import (
     GradualRemoval,
     GradualWindow,
@@ -648,6 +651,10 @@ class EigenDamagePruning(Callback):
         else:  # the channel engine reads the factors of the readers of changeable groups only
             options, prepared = self._round_options(), self._round_prepared()
             factors_for = self.engine.factor_layers(pl_module, cands, options, prepared)
+            if self._mixed():  # the layers channels cannot reach go to the eigenbasis: their factors too
+                hooked = {c.name for c in cands}
+                more = unreachable_layers(self.engine, pl_module, prepared)
+                factors_for += [n for n in more if n in hooked and n not in factors_for]
         return KFACapture(
             {c.name: c.hook_module for c in cands},
             factors_for=factors_for,
@@ -1014,7 +1021,11 @@ class EigenDamagePruning(Callback):
 
         Returns the report and the engine's change, used to carry optimizer state over: for the
         eigenbasis, per rebuilt layer its :class:`~lightning_eigendamage.plan.LayerChange`; for
-        channels a :class:`~lightning_eigendamage.channels.ChannelChange`.
+        channels a :class:`~lightning_eigendamage.channels.ChannelChange`; under
+        ``structure="auto"`` with channels, where layers no traced part of the channel graph covers
+        were pruned in their eigenbasis (from the same captured factors, as
+        :func:`~lightning_eigendamage.prune` does), a
+        :class:`~lightning_eigendamage.fallback.MixedChange` of both.
         """
         options = self._round_options()
         if options.recalibrate_bn and self._example_saved:
@@ -1023,6 +1034,18 @@ class EigenDamagePruning(Callback):
                 "EigenDamagePruning: BatchNorm statistics are not re-estimated in this round: it "
                 "resumed inside its capture window, and the checkpoint keeps one example, not a batch"
             )
+        if self._mixed():  # layers in no traced part of the channel graph: in their eigenbasis
+            report, change = channels_with_eigenbasis(
+                pl_module,
+                [example],
+                fraction,
+                options,
+                self.engine,
+                distributed=_is_distributed(trainer),
+                prepared=self._round_prepared(),
+                captured=captured,
+            )
+            return report, (change if change.eigen else change.channels)  # channels alone: their own
         return self.engine.prune(
             pl_module,
             [example],
@@ -1032,6 +1055,11 @@ class EigenDamagePruning(Callback):
             distributed=_is_distributed(trainer),
             prepared=self._round_prepared(),
         )
+
+    def _mixed(self) -> bool:
+        """Whether rounds prune in both structures: ``structure="auto"`` chose channels, and the
+        layers no traced part of the channel graph covers go to the eigenbasis."""
+        return self.options.structure == "auto" and self._structure == "channels"
 
     def on_after_surgery(
         self,
@@ -1197,8 +1225,12 @@ class EigenDamagePruning(Callback):
                 "EigenDamagePruning: the rebuilt optimizers have a different number of param groups; "
                 "learning rates and other group hyperparameters were not restored"
             )
-        report = self.engine.carry_optimizer_state(pl_module, old_optimizers, new_optimizers, changes)
-        replaced = self.engine.replaced_parameters(changes)
+        if isinstance(changes, MixedChange):
+            report = carry_mixed_state(self.engine, pl_module, old_optimizers, new_optimizers, changes)
+            replaced = mixed_replaced(self.engine, changes)
+        else:
+            report = self.engine.carry_optimizer_state(pl_module, old_optimizers, new_optimizers, changes)
+            replaced = self.engine.replaced_parameters(changes)
         self._check_coverage(pl_module, old_optimizers, new_optimizers, replaced)
         return report
 
