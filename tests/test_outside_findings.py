@@ -425,3 +425,40 @@ def test_per_pixel_logits_with_the_default_class_dim_are_warned_about():
         warnings.simplefilter("error", PruningWarning)
         right = factors(1)
     assert wrong.shape == right.shape == (5, 5) and not torch.allclose(wrong, right)
+
+
+@pytest.mark.parametrize("structure", ["channels", "auto"])
+def test_a_keyboard_interrupt_from_a_forward_hook_during_the_trace_propagates(structure):
+    """Torch-Pruning retries a failed forward with other arguments under a bare ``except``: a
+    ``KeyboardInterrupt`` raised in the model's own forward pre-hook while it traced was
+    swallowed (``"auto"`` then pruned the eigenbasis)."""
+    from lightning_eigendamage.channels import engine as channels_mod
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)
+    )
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    tracing = {"on": False}
+    real = channels_mod._traced_graph
+
+    def traced(*args, **kwargs):
+        tracing["on"] = True
+        try:
+            return real(*args, **kwargs)
+        finally:
+            tracing["on"] = False
+
+    def hook(module, args):
+        if tracing["on"] and not tracing.get("pressed"):  # once: Torch-Pruning's retry then runs
+            tracing["pressed"] = True
+            raise KeyboardInterrupt("pressed during the trace")
+
+    net.register_forward_pre_hook(hook)
+    batches = [(torch.randn(8, 3, 6, 6), torch.randint(0, 5, (8,)))]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(channels_mod, "_traced_graph", traced)
+        with pytest.raises(KeyboardInterrupt, match="pressed during the trace"):
+            prune(net, batches, ratio=0.4, target="flops", structure=structure)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
+    assert "_call_impl" not in net.__dict__ and type(net[0]) is nn.Conv2d

@@ -932,9 +932,9 @@ def untraced_layers(graph: Any) -> dict[str, str]:
 def _traced_graph(tp: Any, model: nn.Module, traced: Any) -> Any:
     """Torch-Pruning's trace, all or nothing: the hooks it registers are removed whatever happens
     (a failed trace leaves its own on every layer), a ``KeyboardInterrupt`` (or any other
-    non-``Exception``) raised inside the model stays what it is (Torch-Pruning retries a failed
-    forward with other arguments, which would hide it), and the error names the model's own
-    failure rather than that of the retry."""
+    non-``Exception``) raised inside the model's call (its forward or its hooks) stays what it is
+    (Torch-Pruning retries a failed forward with other arguments, which would hide it), and the
+    error names the model's own failure rather than that of the retry."""
     hook_tables = [
         (table, set(table))
         for m in model.modules()
@@ -942,17 +942,19 @@ def _traced_graph(tp: Any, model: nn.Module, traced: Any) -> Any:
         if attr.endswith(("hooks", "hooks_with_kwargs", "hooks_always_called")) and isinstance(table, dict)
     ]
     raised: list[BaseException] = []
-    own = model.__dict__.get("forward")
-    forward = model.forward
+    # the whole call is watched, not only ``forward``: a ``KeyboardInterrupt`` raised in one of
+    # the model's forward hooks must not be swallowed by the retry either
+    own = model.__dict__.get("_call_impl")
+    call = model._call_impl
 
     def recording(*args: Any, **kwargs: Any) -> Any:
         try:
-            return forward(*args, **kwargs)
+            return call(*args, **kwargs)
         except BaseException as err:
             raised.append(err)
             raise
 
-    model.forward = recording
+    model.__dict__["_call_impl"] = recording
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -978,9 +980,9 @@ def _traced_graph(tp: Any, model: nn.Module, traced: Any) -> Any:
                 ) from cause
     finally:
         if own is None:
-            model.__dict__.pop("forward", None)
+            model.__dict__.pop("_call_impl", None)
         else:
-            model.forward = own
+            model.__dict__["_call_impl"] = own
         for table, before in hook_tables:
             for key in [k for k in table if k not in before]:
                 del table[key]
