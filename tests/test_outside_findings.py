@@ -462,3 +462,24 @@ def test_a_keyboard_interrupt_from_a_forward_hook_during_the_trace_propagates(st
             prune(net, batches, ratio=0.4, target="flops", structure=structure)
     assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
     assert "_call_impl" not in net.__dict__ and type(net[0]) is nn.Conv2d
+
+
+@pytest.mark.parametrize("structure", ["channels", "auto"])
+def test_a_channels_target_is_reached_with_its_whole_channels(structure):
+    """0.4 of 64 prunable channels is 25 whole channels: the selection removed them and the
+    report said the target was missed, "the groups that may be narrowed are exhausted"."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PruningWarning)  # no "target not reached" warning either
+        report = prune(net, batches, ratio=0.4, target="channels", structure=structure)
+    assert (report.channels_total, report.channels_removed) == (64, 25)
+    assert report.target_reached and report.limited_by is None
+    assert 64 - (net[0].out_channels + net[2].out_channels) == 25

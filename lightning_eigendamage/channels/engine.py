@@ -659,7 +659,7 @@ def _select(
     dense = {m: _LayerCost(c.coef, c.c_in, c.c_out, c.groups, c.depthwise) for m, c in costs.items()}
     state = dict(dense)
     flops = other_flops + sum(c.flops() for c in state.values())
-    goal_channels = math.floor(ratio * sum(g.n for g in groups) + 1e-9)
+    goal_channels = _channels_goal(ratio, sum(g.n for g in groups))
     goal_flops = (1.0 - ratio) * flops_before
     chosen: list[list[int]] = [[] for _ in groups]
     n_removed = 0
@@ -860,6 +860,20 @@ def _check_scores(table: Scores | None, side: str) -> None:
             )
         if not torch.is_tensor(s) or s.numel() != n or not bool(torch.isfinite(s).all()):
             raise ValueError(f"the scores of {type(module).__name__} {module} must be {n} finite numbers")
+
+
+def _channels_goal(ratio: float, total: int) -> int:
+    """The whole channels a ``"channels"`` target asks for, ``⌊ratio · total⌋``: the selection
+    stops there."""
+    return math.floor(ratio * total + 1e-9)
+
+
+def _target_met(target: str, ratio: float, reached: float, n_removed: int, total: int) -> bool:
+    """A ``"flops"`` target within :data:`TARGET_TOLERANCE`; a ``"channels"`` target once its
+    whole channels (:func:`_channels_goal`) are gone (0.4 of 64 channels is 25 of them)."""
+    if target == "channels":
+        return n_removed >= _channels_goal(ratio, total)
+    return reached >= ratio - TARGET_TOLERANCE
 
 
 _LIMITED = "the groups that may be narrowed are exhausted (per-group caps, groups left whole: see skipped)"
@@ -1242,9 +1256,9 @@ def remove_channels(
         method=method,
         fisher="",
         layers=layer_reports(widths_before, model, left),
-        target_reached=reached >= ratio - TARGET_TOLERANCE,
+        target_reached=_target_met(target, ratio, reached, n_removed, total),
         reached=reached,
-        limited_by=None if reached >= ratio - TARGET_TOLERANCE else _LIMITED,
+        limited_by=None if _target_met(target, ratio, reached, n_removed, total) else _LIMITED,
         structure="channels",
         channels_total=total,
         channels_removed=n_removed,
@@ -2792,7 +2806,7 @@ class ChannelEngine(PruningEngine):
                 if plan.target == "flops"
                 else n_removed / max(total, 1)
             )
-            ok = reached >= plan.ratio - TARGET_TOLERANCE
+            ok = _target_met(plan.target, plan.ratio, reached, n_removed, total)
             # what was left alone: not the layers that lost channels, nor the depthwise convs
             # (not scored, they follow their group: where it stays whole, the group says why)
             narrowed = {r.name for r in layer_reports(before, model) if (r.removed_in or r.removed_out)}
