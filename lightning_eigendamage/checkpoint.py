@@ -111,7 +111,7 @@ def restore_pruned(
     """
     state_dict = state_dict_of(checkpoint)
     records = records_in(state_dict)
-    replacements = layers_for_records(model, records)
+    replacements = layers_for_records(model, records, narrower=channel_pruned(state_dict))
     replacements.update(narrowed_modules(model, state_dict, skip=records))
     check_loadable(model, state_dict, strict=strict, replacements=replacements)
     old = {name: model.get_submodule(name) for name in replacements}
@@ -179,7 +179,7 @@ class PrunedLoadingHook:
             k[len(prefix) :]: v for k, v in state_dict.items() if isinstance(k, str) and k.startswith(prefix)
         }
         records = records_in(local)
-        replacements = layers_for_records(module, records)
+        replacements = layers_for_records(module, records, narrower=channel_pruned(state_dict))
         replacements.update(narrowed_modules(module, state_dict, prefix=prefix, skip=records))
         assign = bool((local_metadata or {}).get("assign_to_params_buffers", False))
         check_loadable(
@@ -363,6 +363,14 @@ def check_loadable(
             f"cannot load the state_dict into {type(model).__name__} (nothing was changed):\n\t"
             + "\n\t".join(problems)
         )
+
+
+def channel_pruned(state_dict: Mapping[str, Any]) -> bool:
+    """Whether ``state_dict`` marks some module as narrowed (:class:`NarrowedMark`): a checkpoint
+    of a model that lost channels, whose eigenbasis records may then be narrower than the layers
+    of a freshly built model."""
+    metadata = getattr(state_dict, "_metadata", None) or {}
+    return any(isinstance(v, Mapping) and isinstance(v.get(NARROWED), Mapping) for v in metadata.values())
 
 
 def narrowed_modules(

@@ -483,3 +483,47 @@ def test_a_channels_target_is_reached_with_its_whole_channels(structure):
     assert (report.channels_total, report.channels_removed) == (64, 25)
     assert report.target_reached and report.limited_by is None
     assert 64 - (net[0].out_channels + net[2].out_channels) == 25
+
+
+def test_a_model_pruned_by_channels_then_in_its_eigenbasis_reloads():
+    """A layer that lost channels and was then rewritten in its eigenbasis has a record narrower
+    than the freshly built layer: ``restore_pruned`` refused it ("record widths 32→31 do not
+    match the model's 32→32")."""
+    from lightning_eigendamage import enable_pruned_loading, restore_pruned
+    from lightning_eigendamage.eigenbasis.layers import KFELayer
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+        )  # fmt: skip
+
+    net = build()
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prune(net, batches, ratio=0.4, target="flops", structure="channels")
+        prune(net, batches, ratio=0.3, target="flops", structure="eigenbasis")
+    narrowed_then_rewritten = [
+        m for m in net.modules() if isinstance(m, KFELayer) and (m.in_features < 16 or m.out_features < 16)
+    ]
+    assert narrowed_then_rewritten
+    x = batches[1][0]
+    want = net.eval()(x)
+    fresh = restore_pruned(build(), net.state_dict()).eval()
+    torch.testing.assert_close(fresh(x), want, rtol=0, atol=0)
+    hooked = build()
+    enable_pruned_loading(hooked)
+    hooked.load_state_dict(net.state_dict())
+    torch.testing.assert_close(hooked.eval()(x), want, rtol=0, atol=0)
+    # a record narrower than its layer is still refused where nothing lost channels
+    plain = build()
+    state = net.state_dict()
+    state._metadata = {k: v for k, v in state._metadata.items() if "lightning_eigendamage" not in v}
+    with pytest.raises(ValueError, match="record widths"):
+        restore_pruned(plain, state)

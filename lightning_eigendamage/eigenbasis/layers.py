@@ -168,13 +168,15 @@ def stage_like(template: nn.Module, c_in: int, c_out: int, *, pointwise: bool, b
         return adapter.stage(template, c_in, c_out, pointwise=pointwise, bias=bias)
 
 
-def empty_from_record(template: nn.Module, record: dict[str, Any]) -> KFELayer:
+def empty_from_record(template: nn.Module, record: dict[str, Any], *, narrower: bool = False) -> KFELayer:
     """An uninitialised :class:`KFELayer` with the architecture in ``record``.
 
     ``template`` is the layer's original module (e.g. a Conv2d, as in a freshly built model);
     it supplies kernel size, stride, padding etc. Weights are left as initialised: load them.
     The record is checked in full (kind, widths, form, ranks between 1 and the widths) before
-    anything is allocated.
+    anything is allocated. ``narrower``: the record's widths may be narrower than the template's
+    (a layer that lost channels before it was rewritten in its eigenbasis: the checkpoint of a
+    channel-pruned model); the layer is then built over a template of the record's widths.
 
     Raises:
         ValueError: the record does not describe a pruned layer over ``template``.
@@ -186,7 +188,18 @@ def empty_from_record(template: nn.Module, record: dict[str, Any]) -> KFELayer:
     if record.get("kind") != kind:
         raise ValueError(f"record is for a {record.get('kind')!r} layer, model has a {kind!r} here")
     c_in, c_out = _in_width(template), _out_width(template)
-    if (record.get("in_features"), record.get("out_features")) != (c_in, c_out):
+    w_in, w_out = record.get("in_features"), record.get("out_features")
+    if (
+        narrower
+        and (w_in, w_out) != (c_in, c_out)
+        and all(isinstance(w, int) and not isinstance(w, bool) for w in (w_in, w_out))
+        and 1 <= w_in <= c_in
+        and 1 <= w_out <= c_out
+        and getattr(template, "groups", 1) == 1
+    ):
+        template = stage_like(template, w_in, w_out, pointwise=False, bias=template.bias is not None)
+        c_in, c_out = w_in, w_out
+    if (w_in, w_out) != (c_in, c_out):
         raise ValueError(
             f"record widths {record.get('in_features')}→{record.get('out_features')} do not "
             f"match the model's {c_in}→{c_out}"

@@ -185,11 +185,15 @@ def records_in(state_dict: dict) -> dict[str, dict]:
     return out
 
 
-def layers_for_records(model: nn.Module, records: dict[str, dict]) -> dict[str, nn.Module]:
+def layers_for_records(
+    model: nn.Module, records: dict[str, dict], *, narrower: bool = False
+) -> dict[str, nn.Module]:
     """The empty pruned layers that ``records`` ask for, by name; ``model`` is not changed.
 
     Modules already matching their record are left out. Every record is checked against the
     module it names (kind, widths, form, ranks) before this returns, so a bad record raises here.
+    ``narrower``: records may be narrower than their modules (the checkpoint of a model that
+    lost channels before layers were rewritten; see :func:`~.layers.empty_from_record`).
 
     Raises:
         ValueError: a record names a module the model lacks, or does not fit it.
@@ -210,7 +214,7 @@ def layers_for_records(model: nn.Module, records: dict[str, dict]) -> dict[str, 
         else:
             template = mod
         try:
-            replacements[name] = empty_from_record(template, rec)
+            replacements[name] = empty_from_record(template, rec, narrower=narrower)
         except ValueError as err:
             raise ValueError(f"cannot restore pruned layer {name!r}: {err}") from None
     return replacements
