@@ -16,7 +16,10 @@ rest loses channels, so that the model as a whole meets the target:
    ``(ratio · X − E) / X₁`` of the model as it now is (``E`` removed by step 1, ``X₁`` what
    remains), so a layer the eigenbasis could not shrink (the last layer, under ``exempt_last``)
    is made up for by channels, as when it was left whole;
-3. one report: the channel step's, counted from the original model, with the rewritten layers'
+3. where the channel step could not remove its part (every group at its cap), ``prune()`` prunes
+   the unreachable layers again in their eigenbasis for what the target still lacks (factors
+   captured anew; not in the callback, whose factors are those from before the round);
+4. one report: the channel step's, counted from the original model, with the rewritten layers'
    entries from the eigenbasis step and :attr:`~lightning_eigendamage.PruneReport.eigenbasis_layers`
    saying which layers were rewritten and why.
 
@@ -107,17 +110,75 @@ def channels_with_eigenbasis(
         captured = dataclasses.replace(
             captured, layers={k: v for k, v in captured.layers.items() if k not in names}
         )
+    caught: list[warnings.WarningMessage] = []
     try:
-        report, change = engine.prune(
-            model, batches, ratio=rest, options=channel_options, captured=captured, distributed=distributed
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report, change = engine.prune(
+                model,
+                batches,
+                ratio=rest,
+                options=channel_options,
+                captured=captured,
+                distributed=distributed,
+            )
     except BaseException:
+        _replay(caught)
         for name in rewritten:  # the channel engine put back what it changed; this puts back ours
             model.set_submodule(name, originals[name])
         raise
-    return _merged(report, eigen, ratio, {n: unreachable[n] for n in rewritten}), MixedChange(
-        eigen_change, change
+    _replay(caught)  # (its target is a part of the whole one: said below if the whole is missed)
+    merged = _merged(report, eigen, ratio, {n: unreachable[n] for n in rewritten})
+    if captured is None and not merged.target_reached and merged.target in ("flops", "params"):
+        merged = _topped_up(model, batches, options, names, distributed, merged, unreachable)
+    if not merged.target_reached:
+        warnings.warn(
+            f"removed {merged.reached:.3f} of the {merged.target} for a ratio of {ratio:.3f} "
+            f"(channels, and {len(merged.eigenbasis_layers)} layer(s) in their eigenbasis): "
+            f"{merged.limited_by or 'the channel groups and the eigenbasis layers are exhausted'}",
+            TargetNotReachedWarning,
+            stacklevel=3,
+        )
+    return merged, MixedChange(eigen_change, change)
+
+
+def _topped_up(
+    model: nn.Module,
+    batches: list[Any],
+    options: PruneOptions,
+    names: list[str],
+    distributed: bool,
+    report: PruneReport,
+    unreachable: dict[str, str],
+) -> PruneReport:
+    """Where the channel step could not remove its part (its groups exhausted), the unreachable
+    layers ``names`` pruned again in their eigenbasis for what the target still lacks (factors
+    captured anew on ``batches``); ``report`` brought up to date. Not in the callback, whose
+    factors are those of the layers before the round."""
+    before = report.flops_before if report.target == "flops" else report.params_before
+    after = report.flops_after if report.target == "flops" else report.params_after
+    lacking = report.ratio * before - (before - after)
+    if lacking <= 0 or after <= 0:
+        return report
+    step = _eigenbasis_step(
+        model, batches, report.ratio, options, names, distributed, None, share=lacking / after
     )
+    if step is None:
+        return report
+    more, _ = step
+    again = {r.name for r in more.layers if r.name in names and r.skipped is None}
+    report.layers = [r for r in report.layers if r.name not in again] + [
+        r for r in more.layers if r.name in again
+    ]
+    report.eigenbasis_layers = {**report.eigenbasis_layers, **{n: unreachable[n] for n in again}}
+    report.skipped = {k: v for k, v in report.skipped.items() if k not in again}
+    report.params_after, report.flops_after = more.params_after, more.flops_after
+    after = report.flops_after if report.target == "flops" else report.params_after
+    report.reached = 1.0 - after / max(before, 1)
+    report.target_reached = report.reached >= report.ratio - TARGET_TOLERANCE
+    if report.target_reached:
+        report.limited_by = None
+    return report
 
 
 def carry_optimizer_state(
@@ -174,12 +235,16 @@ def _eigenbasis_step(
     names: list[str],
     distributed: bool,
     captured: CaptureResult | None,
+    *,
+    share: float | None = None,
 ) -> tuple[PruneReport, Any] | None:
-    """The unreachable layers ``names`` pruned in their eigenbasis for their share of the target:
-    its report and change, or None (a warning says why where that failed) if nothing changed."""
+    """The unreachable layers ``names`` pruned in their eigenbasis for their share of the target
+    (``share`` of the model, if given): its report and change, or None (a warning says why where
+    that failed) if nothing changed."""
     target = "directions" if options.target == "channels" else options.target
-    share = ratio
-    if target in ("flops", "params"):
+    if share is None and target not in ("flops", "params"):
+        share = ratio
+    elif share is None:
         example = to_device(split_batch(batches[0], options.input_fn)[0], next(model.parameters()).device)
         if target == "flops":
             total = count_flops(model, example, options.forward_fn)
@@ -239,8 +304,8 @@ def _encloses(outer: str, inner: str) -> bool:
 
 
 def _replay(caught: list[warnings.WarningMessage]) -> None:
-    """Emit again what the eigenbasis step warned, but its own target (a share of the model's,
-    which the channel step completes)."""
+    """Emit again what a step warned, but about its own target (a part of the whole one, whose
+    outcome :func:`channels_with_eigenbasis` says)."""
     for w in caught:
         if not issubclass(w.category, TargetNotReachedWarning):
             warnings.warn(w.message, w.category, stacklevel=5)
