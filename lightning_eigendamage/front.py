@@ -8,10 +8,12 @@ model's channel dependency graph can be built and the eigenbasis otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterable
 from typing import Any
 
+import torch.distributed as dist
 from torch import nn
 
 from .channels import engine as _channels_engine  # noqa: F401  (registers the channel engine)
@@ -22,6 +24,8 @@ from .engine import auto_reason, get_engine, prepare
 from .fallback import channels_with_eigenbasis
 from .options import PruneOptions
 from .report import PruneReport, PruningWarning
+
+_OPTION_FIELDS = {f.name for f in dataclasses.fields(PruneOptions)}
 
 
 def prune(
@@ -61,6 +65,14 @@ def prune(
     Returns:
         The report; ``report.structure`` says which structure was pruned.
     """
+    ratio = pruner.check_ratio(ratio)  # before anything runs, whichever structure takes it
+    if distributed and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "distributed=True needs an initialised torch.distributed process group "
+            "(torch.distributed.init_process_group) on every process; none is"
+        )
+    if options is None and structure == "auto":  # every structure "auto" may take must accept them
+        PruneOptions(structure="auto", **{k: v for k, v in kwargs.items() if k in _OPTION_FIELDS})
     if options is not None:
         if not isinstance(options, PruneOptions):
             raise TypeError(f"options must be a PruneOptions or None, got {type(options).__name__}")

@@ -527,3 +527,36 @@ def test_a_model_pruned_by_channels_then_in_its_eigenbasis_reloads():
     state._metadata = {k: v for k, v in state._metadata.items() if "lightning_eigendamage" not in v}
     with pytest.raises(ValueError, match="record widths"):
         restore_pruned(plain, state)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"ratio": "0.5"}, ValueError, r"ratio must be a number in \[0, 1\), got '0.5'"),
+        ({"ratio": None}, ValueError, "ratio must be a number"),
+        (
+            {"ratio": 0.4, "structure": "auto", "target": "params"},
+            ValueError,
+            "pass the structure explicitly",
+        ),
+        ({"ratio": 0.4, "structure": "auto", "shots": 2}, ValueError, "pass the structure explicitly"),
+        ({"ratio": 0.4, "distributed": True}, RuntimeError, "needs an initialised torch.distributed"),
+        ({"ratio": 0.4, "class_dim": 5}, ValueError, "class_dim=5 is out of range"),
+    ],
+)
+def test_bad_prune_arguments_name_the_argument_and_change_nothing(kwargs, error, match):
+    """Each was an error from deep inside (a ``TypeError`` on ``<=``, torch's ``IndexError``), a
+    refusal only once ``"auto"`` had chosen, or, for ``distributed=True`` without a process
+    group, a silent single-process run."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 4))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    batches = [(torch.randn(4, 3, 6, 6), torch.randint(0, 4, (4,)))]
+    with pytest.raises(error, match=match):
+        prune(net, batches, **kwargs)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
+
+
+def test_the_callback_refuses_a_verbose_that_is_not_a_bool():
+    with pytest.raises(TypeError, match="verbose must be True or False, got 'yes'"):
+        EigenDamagePruning({0: 0.5}, verbose="yes")

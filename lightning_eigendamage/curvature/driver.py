@@ -81,6 +81,11 @@ def check_categorical(output: Any, class_dim: int) -> None:
     its width taken as the classes (``class_dim=-1``)."""
     if not isinstance(output, torch.Tensor) or output.dim() == 0:
         return
+    if not -output.dim() <= class_dim < output.dim():
+        raise ValueError(
+            f"class_dim={class_dim} is out of range for the model's output of shape "
+            f"{tuple(output.shape)}: pass the dimension that holds the classes' logits"
+        )
     if output.dim() == 4 and class_dim in (-1, 3):
         warnings.warn(
             f"the model's output {tuple(output.shape)} looks like per-location logits (N, C, H, W), "

@@ -303,6 +303,8 @@ class EigenDamagePruning(Callback):
         # The callback's rounds run on factors captured during training: one shot, no
         # reconstruction; BatchNorm is re-estimated on the round's example batch.
         self.options = PruneOptions.from_arguments(locals(), target=self.schedule.target, reconstruct=False)
+        if not isinstance(verbose, bool):  # "no" or 0.5 would silently count as True
+            raise TypeError(f"verbose must be True or False, got {verbose!r}")
         self.verbose = verbose
         self.gradual = gradual
         self._load_hook: Any = None
