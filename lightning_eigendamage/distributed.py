@@ -21,6 +21,16 @@ def is_distributed(group: Any = None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
+def check_process_group(distributed: bool) -> None:
+    """ValueError if ``distributed`` is asked for without an initialised process group."""
+    if distributed and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            "distributed=True needs an initialised torch.distributed process group (run under "
+            "torchrun, or call dist.init_process_group first); in a single process pass "
+            "distributed=False"
+        )
+
+
 def all_reduce_capture(
     result: CaptureResult,
     widths: dict[str, tuple[int, int]],

@@ -13,12 +13,11 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
-import torch.distributed as dist
 from torch import nn
 
 from .channels import engine as _channels_engine  # noqa: F401  (registers the channel engine)
 from .curvature import split_batch, to_device
-from .distributed import rank_zero_input
+from .distributed import check_process_group, rank_zero_input
 from .eigenbasis import pruner
 from .engine import auto_reason, get_engine, prepare
 from .fallback import channels_with_eigenbasis
@@ -66,13 +65,7 @@ def prune(
         The report; ``report.structure`` says which structure was pruned.
     """
     ratio = pruner.check_ratio(ratio)  # before anything runs, whichever structure takes it
-    if distributed and not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            "distributed=True needs an initialised torch.distributed process group "
-            "(torch.distributed.init_process_group) on every process; none is"
-        )
-    if options is None and structure == "auto":  # every structure "auto" may take must accept them
-        PruneOptions(structure="auto", **{k: v for k, v in kwargs.items() if k in _OPTION_FIELDS})
+    check_process_group(distributed)
     if options is not None:
         if not isinstance(options, PruneOptions):
             raise TypeError(f"options must be a PruneOptions or None, got {type(options).__name__}")
@@ -86,11 +79,14 @@ def prune(
         )
         if options is not None:
             options = options.resolved(structure)
+        elif structure == "eigenbasis":  # the options the chosen structure refuses: said as such
+            _chosen(structure, why, lambda: PruneOptions(structure=structure, **_fields(kwargs)))
     if structure == "eigenbasis":
         return _eigenbasis(model, batches, ratio, options, distributed, kwargs, why)
     engine = get_engine(structure)
     if options is None:
-        options = PruneOptions(structure=structure, **kwargs)
+        make = lambda: PruneOptions(structure=structure, **kwargs)  # noqa: E731
+        options = _chosen(structure, why, make) if auto else make()
     elif kwargs:
         raise ValueError(f"pass the options either in options= or as keywords, not both ({sorted(kwargs)})")
     try:
@@ -116,6 +112,23 @@ def prune(
         )
     report.structure_reason = why
     return report
+
+
+def _fields(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments that are :class:`PruneOptions` fields (not the eigenbasis' extras)."""
+    return {k: v for k, v in kwargs.items() if k in _OPTION_FIELDS}
+
+
+def _chosen(structure: str, why: str | None, make: Any) -> PruneOptions:
+    """``make()`` (the options for the structure ``"auto"`` chose), a ValueError it raises saying
+    which structure was chosen and why."""
+    try:
+        return make()
+    except ValueError as err:
+        raise ValueError(
+            f"{err} (structure='auto' chose {structure!r} for this model: {why}; pass the structure "
+            "explicitly, or options it accepts)"
+        ) from None
 
 
 def _eigenbasis(

@@ -40,7 +40,13 @@ from ..discovery import (
     hookable,
     no_prunable_message,
 )
-from ..distributed import all_reduce_capture, broadcast_object, is_distributed, split_eigh
+from ..distributed import (
+    all_reduce_capture,
+    broadcast_object,
+    check_process_group,
+    is_distributed,
+    split_eigh,
+)
 from ..engine import PruningEngine, register_engine
 from ..gradual import MarkedLayer, marked_layers
 from ..optim import TransplantReport, carry_optimizer_state, stage_parameters
@@ -1066,12 +1072,7 @@ def prune(
         RuntimeError: every batch gave non-finite curvature (the model is left unchanged).
     """
     ratio = check_ratio(ratio)
-    if distributed and not (dist.is_available() and dist.is_initialized()):
-        raise ValueError(
-            "distributed=True needs an initialised torch.distributed process group (run under "
-            "torchrun, or call dist.init_process_group first); in a single process pass "
-            "distributed=False"
-        )
+    check_process_group(distributed)
     if options is None:
         options = PruneOptions.from_arguments(locals())
     else:
