@@ -106,9 +106,9 @@ def channels_with_eigenbasis(
         options, exclude=(*options.exclude, *(m for layer in kept for m in layer.modules()))
     )
     rest = _channel_ratio(ratio, options.target, eigen)
-    if captured is not None:  # the channel step reads the factors of its own layers only
+    if captured is not None:  # the rewritten layers' factors are not the channel step's
         captured = dataclasses.replace(
-            captured, layers={k: v for k, v in captured.layers.items() if k not in names}
+            captured, layers={k: v for k, v in captured.layers.items() if k not in rewritten}
         )
     caught: list[warnings.WarningMessage] = []
     try:

@@ -318,3 +318,42 @@ def test_what_the_channel_step_cannot_remove_the_eigenbasis_layers_take(monkeypa
     with pytest.warns(TargetNotReachedWarning, match="in their eigenbasis"):
         torch.manual_seed(0)
         prune(_Nested().eval(), batches, ratio=0.4, target="flops", structure="auto")
+
+
+def test_a_callback_round_reports_why_the_uncovered_layers_it_left_whole_were_left():
+    """The eigenbasis step rewrites only some of the uncovered layers (its global ranking); the
+    others were reported as "no capture hook saw it", their factors having been taken from the
+    channel step too."""
+    from lit_models import LitClassifier, image_data, loader, trainer
+
+    from lightning_eigendamage import EigenDamagePruning, PruningSchedule
+
+    class Block(nn.Module):
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(_split_shuffle(self.conv2(torch.relu(self.conv1(x)))) + x)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.block = nn.Conv2d(3, 16, 3, padding=1), Block(16)
+            self.inner = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 16, 1))
+            self.head = nn.Linear(16, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.inner(self.block(torch.relu(self.stem(x)))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = LitClassifier(Net())
+    cb = EigenDamagePruning(PruningSchedule({0: RATIO}, target="flops"), structure="auto", verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_epochs=1, callbacks=[cb]).fit(model, loader(image_data(32, size=8)))
+    (report,) = cb.reports
+    uncovered = {"net.stem", "net.block.conv1", "net.block.conv2"}
+    assert report.eigenbasis_layers and set(report.eigenbasis_layers) < uncovered
+    for name in uncovered - set(report.eigenbasis_layers):  # left whole, with the real reason
+        assert report.left_whole[name].startswith("in a part whose channel dependencies"), report.left_whole
