@@ -38,21 +38,38 @@ class NarrowedMark:
     ``weights_only=True``), so that a loading hook narrows exactly the layers that were narrowed,
     from their tensors' shapes (:func:`narrowed_modules`). An attention module whose heads were
     removed also records its head count as ``num_heads`` (MaxViT's attention holds it as
-    ``n_heads``). A class, so the module stays picklable."""
+    ``n_heads``), and every mark the shapes the layer's tensors had before its first narrowing
+    as ``dense`` (tensor name → shape), so that a checkpoint is not loaded into a model built
+    with other widths. A class, so the module stays picklable."""
+
+    def __init__(self, dense: dict[str, tuple[int, ...]] | None = None) -> None:
+        self.dense = dense
 
     def __call__(self, module: nn.Module, state_dict: Any, prefix: str, local_metadata: dict) -> None:
         meta: dict[str, Any] = {"structure": "channels"}
         heads = head_count(module)
         if heads is not None:
             meta["num_heads"] = heads
+        dense = getattr(self, "dense", None)  # (marks pickled before it was recorded have none)
+        if dense:
+            meta["dense"] = {k: list(v) for k, v in dense.items()}
         local_metadata[NARROWED] = meta
 
 
-def mark_narrowed(module: nn.Module) -> None:
-    """Register :class:`NarrowedMark` on ``module`` (once)."""
+def mark_narrowed(module: nn.Module, dense: Mapping[str, Any] | None = None) -> None:
+    """Register :class:`NarrowedMark` on ``module`` (once: a later narrowing keeps the first
+    mark, whose ``dense`` shapes are the layer's before any). ``dense``: its tensors' shapes
+    before this narrowing (name → shape), if known."""
+    if not _is_narrowed(module):
+        shapes = None if dense is None else {k: tuple(int(d) for d in v) for k, v in dense.items()}
+        module.register_state_dict_post_hook(NarrowedMark(shapes))
+
+
+def _is_narrowed(module: nn.Module) -> bool:
+    """Whether ``module`` carries a :class:`NarrowedMark` (it lost channels in this process, or
+    was narrowed to a checkpoint's widths)."""
     hooks = getattr(module, "_state_dict_hooks", {})
-    if not any(isinstance(getattr(h, "hook", h), NarrowedMark) for h in hooks.values()):
-        module.register_state_dict_post_hook(NarrowedMark())
+    return any(isinstance(getattr(h, "hook", h), NarrowedMark) for h in hooks.values())
 
 
 def state_dict_of(checkpoint: str | os.PathLike | IO[bytes] | dict[str, Any]) -> dict[str, Any]:
@@ -426,12 +443,32 @@ def narrowed_modules(
             if any(a > b for a, b in zip(value.shape, t.shape)):
                 continue
             shapes[key] = tuple(value.shape)
+        dense = metadata[pre[:-1]][NARROWED].get("dense")
+        if shapes and isinstance(dense, Mapping) and not _is_narrowed(module):
+            _check_dense(module, dense, name or type(module).__name__)
         heads = metadata[pre[:-1]][NARROWED].get("num_heads")
         now = head_count(module)
         heads = heads if isinstance(heads, int) and now is not None and heads != now else None
         if shapes or heads is not None:
             out[name] = _narrowed(module, shapes, name or type(module).__name__, heads)
     return _nested(out)
+
+
+def _check_dense(module: nn.Module, dense: Mapping[str, Any], name: str) -> None:
+    """ValueError unless the never-narrowed ``module`` has the shapes the checkpoint's layer had
+    before it lost channels (``dense``): a model built with other widths would take the pruned
+    widths and load without complaint."""
+    for key, shape in dense.items():
+        t = module._parameters.get(key)
+        if t is None:
+            t = module._buffers.get(key)
+        if t is None or not isinstance(shape, (list, tuple)):
+            continue
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(
+                f"the checkpoint was pruned from a model whose {name}.{key} had shape {tuple(shape)}; "
+                f"this model's has {tuple(t.shape)}: build the model as it was before pruning"
+            )
 
 
 def _nested(out: dict[str, nn.Module]) -> dict[str, nn.Module]:
@@ -458,7 +495,9 @@ def _narrowed(
     for attr, value in vars(module).items():  # its own hook tables, not the original's
         if attr.endswith(("hooks", "hooks_with_kwargs", "hooks_always_called")) and isinstance(value, dict):
             setattr(new, attr, type(value)(value))
-    mark_narrowed(new)
+    mark_narrowed(
+        new, {k: t.shape for k, t in [*module._parameters.items(), *module._buffers.items()] if t is not None}
+    )
     for key, shape in shapes.items():
         old = module._parameters.get(key)
         if old is None:

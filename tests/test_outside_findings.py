@@ -560,3 +560,42 @@ def test_bad_prune_arguments_name_the_argument_and_change_nothing(kwargs, error,
 def test_the_callback_refuses_a_verbose_that_is_not_a_bool():
     with pytest.raises(TypeError, match="verbose must be True or False, got 'yes'"):
         EigenDamagePruning({0: 0.5}, verbose="yes")
+
+
+@pytest.mark.parametrize("mid", [24, 64, 8])
+def test_a_channel_pruned_checkpoint_is_refused_by_a_model_built_with_other_widths(mid, tmp_path):
+    """The checkpoint records each narrowed layer's shapes before pruning: a model built with
+    another width there took the pruned widths and loaded without complaint (24, 64), or failed
+    with a puzzling message (8). A model built as before pruning still loads it exactly."""
+    from lightning_eigendamage import enable_pruned_loading, restore_pruned
+
+    def build(width: int) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(32, 10),
+        )  # fmt: skip
+
+    torch.manual_seed(0)
+    net = build(32)
+    batches = [(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prune(net, batches, ratio=0.5, target="flops", structure="channels")
+    torch.save(net.state_dict(), tmp_path / "p.pt")
+    other = build(mid)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="the checkpoint was pruned from a model whose"):
+        restore_pruned(other, tmp_path / "p.pt")
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in before.items())
+    hooked = build(mid)
+    enable_pruned_loading(hooked)
+    with pytest.raises(ValueError, match="build the model as it was before pruning"):
+        hooked.load_state_dict(torch.load(tmp_path / "p.pt", weights_only=True))
+    x = batches[0][0]
+    same = restore_pruned(build(32), tmp_path / "p.pt")
+    torch.testing.assert_close(same.eval()(x), net.eval()(x), rtol=0, atol=0)
+    # saved again after the reload, the checkpoint still records the widths from before pruning
+    again = build(mid)
+    with pytest.raises(ValueError, match="the checkpoint was pruned from a model whose"):
+        restore_pruned(again, same.state_dict())

@@ -1456,7 +1456,7 @@ def _cut(
             k: t.shape for k, t in [*module._parameters.items(), *module._buffers.items()] if t is not None
         }
         if now != before:
-            mark_narrowed(module)
+            mark_narrowed(module, before)
     return change
 
 
@@ -2906,6 +2906,11 @@ def _cut_heads(model: nn.Module, block: HeadBlock, heads: list[int], change: Cha
     """Remove ``heads`` of ``block`` (:func:`~lightning_eigendamage.attention.remove_heads`), mark
     its narrowed modules for checkpoints, and add its parameters to ``change`` (composed with a
     slice :func:`cut_channels` already made of the same parameter)."""
+    members = (block.module, block.reader, *block.producers)
+    before = {
+        m: {k: t.shape for k, t in [*m._parameters.items(), *m._buffers.items()] if t is not None}
+        for m in members
+    }
     for rel, old, new, index in remove_heads(block, heads):
         name = f"{block.name}.{rel}" if block.name else rel
         prior = change.params.get(name)
@@ -2913,8 +2918,8 @@ def _cut_heads(model: nn.Module, block: HeadBlock, heads: list[int], change: Cha
             change.params[name] = ParamSlice(prior.old, new, prior.index[index.to(prior.index.device)])
         else:
             change.params[name] = ParamSlice(old, new, index)
-    for m in (block.module, block.reader, *block.producers):
-        mark_narrowed(m)
+    for m in members:
+        mark_narrowed(m, before[m])
 
 
 def _reasons(skipped: dict[str, str]) -> str:
