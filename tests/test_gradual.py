@@ -309,6 +309,35 @@ def test_the_window_survives_state_dict_and_a_resume_inside_it(fits) -> None:
     assert len(resumed.reports) == 1 and resumed.gradual_window is None
 
 
+@pytest.mark.parametrize("structure", ["eigenbasis", "channels"])
+def test_a_resume_while_the_next_windows_factors_are_captured_is_the_uninterrupted_run(
+    structure: str, tmp_path: Path
+) -> None:
+    """The window of steps 13..17 reads the factors of the 16 batches before it, from step 0 on:
+    the checkpoints at the ends of epochs 0 and 1 fall among them. They hold those factors now
+    (they did not: the resumed run captured again from fewer batches, planned another window and
+    ended up to 1.04 away from the uninterrupted run's weights)."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(48, 3, 12, 12, generator=g), torch.randint(0, 10, (48,), generator=g))
+
+    def fit(ckpt: Path | None, where: Path) -> nn.Module:
+        cb = EigenDamagePruning({2: 0.3}, structure=structure, gradual=GradualRemoval(5, 1.0), verbose=False)
+        keep = ModelCheckpoint(dirpath=where, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+        torch.manual_seed(0)
+        model = LitClassifier(small_cnn(bn=False), lr=0.05)
+        t = trainer(max_epochs=3, callbacks=[cb, keep], enable_checkpointing=True, deterministic=True)
+        t.fit(model, loader(data, batch_size=8), ckpt_path=None if ckpt is None else str(ckpt))
+        assert len(cb.reports) == 1
+        return model
+
+    full = fit(None, tmp_path / "full").state_dict()
+    for epoch in (0, 1):
+        resumed = fit(tmp_path / "full" / f"epoch={epoch}.ckpt", tmp_path / f"from{epoch}").state_dict()
+        assert resumed.keys() == full.keys()
+        for k, v in full.items():  # (an eigenbasis layer's record is plain data)
+            assert torch.equal(resumed[k], v) if torch.is_tensor(v) else resumed[k] == v, (epoch, k)
+
+
 def test_state_dict_without_the_option_is_unchanged() -> None:
     assert "gradual" not in EigenDamagePruning({0: 0.5}, structure="eigenbasis").state_dict()
     assert (

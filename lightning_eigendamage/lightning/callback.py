@@ -357,6 +357,7 @@ class EigenDamagePruning(Callback):
         self._emp_active = False
         self._emp_backward = False
         self._saved_capture: dict[str, Any] | None = None
+        self._saved_window_capture: dict[str, Any] | None = None  # the gradual window's, likewise
         # Gradual removal: the step after which each epoch/step point prunes, the active window,
         # the capture its plan is made from, and the window's live tensors (resolved lazily).
         self._gradual_ends: dict[str, int] = {}
@@ -440,15 +441,22 @@ class EigenDamagePruning(Callback):
                 rank_zero_warn("EigenDamagePruning: saved sampling-generator state does not fit this device")
             self._generator_state = None
         saved, self._saved_capture = self._saved_capture, None
+        window_saved, self._saved_window_capture = self._saved_window_capture, None
         # Under DDP every rank loads rank 0's checkpoint: only rank 0 takes the saved factors back
         # (they are rank 0's); the other ranks restart their share of the window.
-        if saved is not None and trainer.global_rank == 0:
-            self._release_capture()
-            cap = self._ensure_capture(pl_module)
+        for saved_factors, release, ensure in (
+            (saved, self._release_capture, self._ensure_capture),
+            (window_saved, self._release_window_capture, self._ensure_window_capture),
+        ):
+            if saved_factors is None or trainer.global_rank != 0:
+                continue
+            example = self._gexample
+            release()
+            self._gexample = example  # (released with the window capture; it is the saved one)
             try:
-                cap.load_state_dict(saved)
+                ensure(pl_module).load_state_dict(saved_factors)
             except (ValueError, KeyError, TypeError) as err:
-                self._release_capture()
+                release()
                 rank_zero_warn(
                     f"EigenDamagePruning: the factors saved in the checkpoint do not fit this model "
                     f"({err}); the capture window restarts"
@@ -456,6 +464,9 @@ class EigenDamagePruning(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._gcap is not None and self._gexample is None:  # as below, for a gradual window
+            with _preserve_rng(pl_module.device, trainer.train_dataloader):
+                self._gexample = next(self._train_batches(trainer, pl_module, 1), None)
         if self._cap is not None and self._example is None:
             # Resumed inside a capture window whose example batch could not be saved: any training
             # batch serves (the example only gives the input shape for FLOP counts).
@@ -1302,7 +1313,9 @@ class EigenDamagePruning(Callback):
         ``C_in² + C_out²`` numbers per prunable layer) with the window's batch counts and one
         example (the first row of the last captured batch, if it is made of tensors). With
         ``gradual`` set, also ``"gradual"``: the active window's plain data
-        (:meth:`~lightning_eigendamage.gradual.GradualWindow.to_dict`) or None."""
+        (:meth:`~lightning_eigendamage.gradual.GradualWindow.to_dict`) or None, and
+        ``"window_capture"`` / ``"window_example"``: the factors captured so far for the next
+        window and its example, when the checkpoint falls among the batches they come from."""
         gen = self._generator_state
         if gen is None and self._generator is not None:
             gen = self._generator.get_state()
@@ -1324,6 +1337,10 @@ class EigenDamagePruning(Callback):
         }
         if self.gradual is not None:
             state["gradual"] = self._window.to_dict() if self._window is not None else None
+            # the next window's factors, when the checkpoint falls among the batches they come from
+            gcap = self._gcap
+            state["window_capture"] = gcap.state_dict() if gcap is not None else self._saved_window_capture
+            state["window_example"] = _plain_example(self._gexample) if gcap is not None else None
         return state
 
     @override
@@ -1360,8 +1377,11 @@ class EigenDamagePruning(Callback):
         self._epoch_captured = int(state_dict.get("epoch_captured", 0))
         self._example = state_dict.get("example")
         self._example_saved = self._example is not None  # one row: too few for BatchNorm statistics
-        # The active window of gradual removal, if any (its capture in progress is not saved).
+        # The active window of gradual removal, if any, and the factors of the next one captured
+        # so far (hooked up again in on_fit_start, as the round's).
         self._release_window_capture()
+        self._saved_window_capture = state_dict.get("window_capture")
+        self._gexample = state_dict.get("window_example")
         window = state_dict.get("gradual")
         self._window = (
             GradualWindow.from_dict(window) if window is not None and self.gradual is not None else None
