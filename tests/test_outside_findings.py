@@ -13,13 +13,14 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lit_models import LitClassifier, image_data, small_cnn, trainer
+from lit_models import LitClassifier, image_data, loader, small_cnn, trainer
 from models import TinyResNet, conv_batches, warm_up_bn
 from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_eigendamage import (
     EigenDamagePruning,
+    PruningSchedule,
     PruningWarning,
     prune,
     prune_channels,
@@ -599,3 +600,24 @@ def test_a_channel_pruned_checkpoint_is_refused_by_a_model_built_with_other_widt
     again = build(mid)
     with pytest.raises(ValueError, match="the checkpoint was pruned from a model whose"):
         restore_pruned(again, same.state_dict())
+
+
+def test_a_step_point_on_the_step_that_ends_an_epoch_point_is_refused_before_training():
+    """``steps={4: ...}`` with ``epochs={0: ...}`` at 4 steps per epoch: one round ran, the other
+    was skipped at run time ("no curvature was captured"). Refused before training now, the model
+    untouched; a step point one step later is accepted."""
+    torch.manual_seed(0)
+    data = loader(image_data(32, size=8), 8)  # 4 steps per epoch
+    model = LitClassifier(small_cnn())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cb = EigenDamagePruning(PruningSchedule(epochs={0: 0.3}, steps={4: 0.3}), verbose=False)
+    with pytest.raises(
+        ValueError, match="the step point 4 and the epoch point 0 fall on the same optimizer step"
+    ):
+        trainer(max_epochs=2, callbacks=[cb]).fit(model, data)
+    assert model.steps_run == 0 and all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    cb = EigenDamagePruning(PruningSchedule(epochs={0: 0.3}, steps={6: 0.3}), verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_epochs=2, callbacks=[cb]).fit(LitClassifier(small_cnn()), data)
+    assert len(cb.reports) == 2

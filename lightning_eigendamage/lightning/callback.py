@@ -497,6 +497,24 @@ class EigenDamagePruning(Callback):
             total = float("inf")
         for msg in self.schedule.validate_steps(total, done=self._done):
             rank_zero_warn(f"EigenDamagePruning: {msg}")
+        self._check_coinciding_points(trainer)
+
+    def _check_coinciding_points(self, trainer: pl.Trainer) -> None:
+        """ValueError (before any training) if a step point falls on the optimizer step that ends
+        an epoch point's epoch: both rounds would be due at once, on the same factors, and the
+        second would find none and be skipped."""
+        batches = trainer.num_training_batches
+        if not isinstance(batches, int) or batches <= 0 or trainer.max_steps not in (-1, None):
+            return  # (under max_steps the epochs may be cut short: no fixed epoch length)
+        per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches))
+        ends = {(p.at + 1) * per_epoch: p for p in self._pending() if p.kind == "epoch"}
+        for p in self._pending():
+            if p.kind == "step" and p.at in ends:
+                raise ValueError(
+                    f"EigenDamagePruning: the step point {p.at} and the epoch point {ends[p.at].at} "
+                    f"fall on the same optimizer step ({per_epoch} steps per epoch): the second round "
+                    "would find no factors captured for it. Merge them into one point, or move one"
+                )
 
     def _check_gradual(self, trainer: pl.Trainer) -> None:
         """The step after which each epoch and step point prunes, and whether the windows fit.
