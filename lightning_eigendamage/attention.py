@@ -97,9 +97,10 @@ class PrunedHeadsAttention(nn.MultiheadAttention):
         if mask is None and is_causal and not hint:
             mask = _causal(length, key.shape[0], float_dtype, q.device)
         pad = _additive(key_padding_mask, float_dtype)
-        if self.bias_k is not None and self.bias_v is not None:
-            k = torch.cat([k, self.bias_k.repeat(1, n, 1)])
-            v = torch.cat([v, self.bias_v.repeat(1, n, 1)])
+        bias_k, bias_v = self.bias_k, self.bias_v  # (locals: TorchScript refines their Optional)
+        if bias_k is not None and bias_v is not None:
+            k = torch.cat([k, bias_k.repeat(1, n, 1)])
+            v = torch.cat([v, bias_v.repeat(1, n, 1)])
             mask = None if mask is None else F.pad(mask, (0, 1))
             pad = None if pad is None else F.pad(pad, (0, 1))
         q = q.reshape(length, n * h, d).transpose(0, 1)
@@ -117,15 +118,23 @@ class PrunedHeadsAttention(nn.MultiheadAttention):
             if mask.dim() == 2:
                 mask = mask.reshape(1, length, s)
             elif mask.shape[0] != n * h:
-                raise RuntimeError(
-                    f"attn_mask of shape {tuple(mask.shape)}: a 3-D mask must be (batch·num_heads, L, S) "
-                    f"= ({n * h}, {length}, {s}); this attention has {h} heads (some were pruned)"
+                raise RuntimeError(  # (str/concatenation: the forward compiles with TorchScript)
+                    "attn_mask of shape " + str(list(mask.shape)) + ": a 3-D mask must be "
+                    "(batch·num_heads, L, S) = ("
+                    + str(n * h)
+                    + ", "
+                    + str(length)
+                    + ", "
+                    + str(s)
+                    + "); this attention has "
+                    + str(h)
+                    + " heads (some were pruned)"
                 )
         if pad is not None:
             pad = pad.reshape(n, 1, 1, s).expand(n, h, 1, s).reshape(n * h, 1, s)
             mask = pad if mask is None else mask + pad
         p = self.dropout if self.training else 0.0
-        weights = None
+        weights: torch.Tensor | None = None
         if need_weights:
             logits = torch.bmm(q * (1.0 / math.sqrt(d)), k.transpose(1, 2))
             if mask is not None:
@@ -140,9 +149,11 @@ class PrunedHeadsAttention(nn.MultiheadAttention):
             if not batched:
                 weights = weights.squeeze(0)
         else:
-            m4 = None
+            m4: torch.Tensor | None = None
             if mask is not None:  # (n·h or 1, L or 1, S) → broadcastable (n or 1, h or 1, L or 1, S)
-                m4 = mask.reshape(n, h, *mask.shape[1:]) if mask.shape[0] == n * h else mask[None]
+                m4 = (
+                    mask.reshape(n, h, mask.shape[1], mask.shape[2]) if mask.shape[0] == n * h else mask[None]
+                )
             z = F.scaled_dot_product_attention(
                 q.reshape(n, h, length, d),
                 k.reshape(n, h, s, d),

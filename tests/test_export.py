@@ -100,3 +100,45 @@ def test_onnx_export_matches_eager(tmp_path):
     (out,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias_kv", [False, True])
+def test_a_head_pruned_attention_compiles_with_torchscript(bias_kv):
+    """A head-pruned ``nn.MultiheadAttention`` (``PrunedHeadsAttention``) failed to script
+    (``Optional[Tensor]`` has no ``repeat``). Scripted, it computes what it does eagerly: inside
+    an ``nn.TransformerEncoderLayer``, and alone with its attention weights and ``bias_k``."""
+    import warnings
+
+    from torch import nn
+
+    from lightning_eigendamage.attention import PrunedHeadsAttention
+
+    class Text(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Linear(8, 32)
+            self.enc = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+            self.fc = nn.Linear(32, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.enc(self.emb(x)).mean(1))
+
+    torch.manual_seed(0)
+    net = Text().eval()
+    if bias_kv:
+        net.enc.self_attn = nn.MultiheadAttention(32, 4, batch_first=True, add_bias_kv=True).eval()
+    batches = [(torch.randn(8, 6, 8), torch.randint(0, 10, (8,))) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prune(net, batches, ratio=0.5, target="flops", structure="channels")
+    attn = net.enc.self_attn
+    assert isinstance(attn, PrunedHeadsAttention) and attn.num_heads < 4
+    x = batches[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(net)(x), net(x), rtol=1e-5, atol=1e-6)
+        z = net.emb(x)
+        scripted = torch.jit.script(attn)
+        got, got_w = scripted(z, z, z, need_weights=True)
+        want, want_w = attn(z, z, z, need_weights=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
