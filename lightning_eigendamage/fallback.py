@@ -155,8 +155,7 @@ def _topped_up(
     layers ``names`` pruned again in their eigenbasis for what the target still lacks (factors
     captured anew on ``batches``); ``report`` brought up to date. Not in the callback, whose
     factors are those of the layers before the round."""
-    before = report.flops_before if report.target == "flops" else report.params_before
-    after = report.flops_after if report.target == "flops" else report.params_after
+    before, after = _totals(report, report.target)
     lacking = report.ratio * before - (before - after)
     if lacking <= 0 or after <= 0:
         return report
@@ -173,12 +172,7 @@ def _topped_up(
     report.eigenbasis_layers = {**report.eigenbasis_layers, **{n: unreachable[n] for n in again}}
     report.skipped = {k: v for k, v in report.skipped.items() if k not in again}
     report.params_after, report.flops_after = more.params_after, more.flops_after
-    after = report.flops_after if report.target == "flops" else report.params_after
-    report.reached = 1.0 - after / max(before, 1)
-    report.target_reached = report.reached >= report.ratio - TARGET_TOLERANCE
-    if report.target_reached:
-        report.limited_by = None
-    return report
+    return _recounted(report)
 
 
 def carry_optimizer_state(
@@ -315,8 +309,7 @@ def _channel_ratio(ratio: float, target: str, eigen: PruneReport) -> float:
     """What the channel step must remove, as a fraction of the model after the eigenbasis step."""
     if target not in ("flops", "params"):
         return ratio
-    before = eigen.flops_before if target == "flops" else eigen.params_before
-    after = eigen.flops_after if target == "flops" else eigen.params_after
+    before, after = _totals(eigen, target)
     left = ratio * before - (before - after)  # what the whole target still needs removed
     return min(max(left / max(after, 1), 0.0), 0.999)
 
@@ -336,11 +329,24 @@ def _merged(report: PruneReport, eigen: PruneReport, ratio: float, why: dict[str
     ]
     report.skipped = {k: v for k, v in report.skipped.items() if not within(k)}
     report.eigenbasis_layers = dict(why)
+    return _recounted(report)
+
+
+def _totals(report: PruneReport, target: str) -> tuple[int, int]:
+    """``(before, after)`` of ``report`` in the unit of a ``"flops"``/``"params"`` target."""
+    if target == "flops":
+        return report.flops_before, report.flops_after
+    return report.params_before, report.params_after
+
+
+def _recounted(report: PruneReport) -> PruneReport:
+    """``report`` with ``reached`` and ``target_reached`` (and ``limited_by``, once reached)
+    counted again from its totals, for a ``"flops"``/``"params"`` target (a ``"channels"``
+    target's are the channel step's)."""
     if report.target in ("flops", "params"):
-        before = report.flops_before if report.target == "flops" else report.params_before
-        after = report.flops_after if report.target == "flops" else report.params_after
+        before, after = _totals(report, report.target)
         report.reached = 1.0 - after / max(before, 1)
-        report.target_reached = report.reached >= ratio - TARGET_TOLERANCE
+        report.target_reached = report.reached >= report.ratio - TARGET_TOLERANCE
         if report.target_reached:
             report.limited_by = None
     return report
