@@ -450,10 +450,7 @@ class EigenDamagePruning(Callback):
         ):
             if saved_factors is None or trainer.global_rank != 0:
                 continue
-            example = self._gexample
-            release()
-            self._gexample = example  # (released with the window capture; it is the saved one)
-            try:
+            try:  # (no capture is open here: load_state_dict released both)
                 ensure(pl_module).load_state_dict(saved_factors)
             except (ValueError, KeyError, TypeError) as err:
                 release()
