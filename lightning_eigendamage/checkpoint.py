@@ -386,8 +386,13 @@ def channel_pruned(state_dict: Mapping[str, Any]) -> bool:
     """Whether ``state_dict`` marks some module as narrowed (:class:`NarrowedMark`): a checkpoint
     of a model that lost channels, whose eigenbasis records may then be narrower than the layers
     of a freshly built model."""
+    return bool(_marked(state_dict))
+
+
+def _marked(state_dict: Mapping[str, Any]) -> set[str]:
+    """The module prefixes ``state_dict``'s metadata marks as narrowed (:class:`NarrowedMark`)."""
     metadata = getattr(state_dict, "_metadata", None) or {}
-    return any(isinstance(v, Mapping) and isinstance(v.get(NARROWED), Mapping) for v in metadata.values())
+    return {k for k, v in metadata.items() if isinstance(v, Mapping) and isinstance(v.get(NARROWED), Mapping)}
 
 
 def narrowed_modules(
@@ -414,9 +419,7 @@ def narrowed_modules(
     """
     out: dict[str, nn.Module] = {}
     metadata = getattr(state_dict, "_metadata", None) or {}
-    marked = {
-        k for k, v in metadata.items() if isinstance(v, Mapping) and isinstance(v.get(NARROWED), Mapping)
-    }
+    marked = _marked(state_dict)
     if not marked:
         return out
     skip = tuple(skip)
