@@ -163,9 +163,17 @@ class _ConvGru(nn.Module):
         return self.fc(out[:, -1])
 
 
+def _images(size: int, classes: int, seed: int = 0, n: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` batches of 8 random ``3 × size × size`` images with random labels below ``classes``."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(8, 3, size, size, generator=g), torch.randint(0, classes, (8,), generator=g))
+        for _ in range(n)
+    ]
+
+
 def _seq_batches(n: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(0)
-    return [(torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(n)]
+    return _images(6, 5, n=n)
 
 
 def test_a_layer_feeding_a_gru_is_left_whole_and_the_rest_loses_channels():
@@ -291,10 +299,7 @@ def test_a_channel_pruned_torchvision_vit_reloads_into_a_fresh_one():
 
     torch.manual_seed(0)
     net = build()
-    g = torch.Generator().manual_seed(1)
-    batches = [
-        (torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)
-    ]
+    batches = _images(32, 10, seed=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prune(net, batches, ratio=0.4, target="flops", structure="channels")
@@ -474,10 +479,7 @@ def test_a_channels_target_is_reached_with_its_whole_channels(structure):
         nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
     )  # fmt: skip
-    g = torch.Generator().manual_seed(0)
-    batches = [
-        (torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)
-    ]
+    batches = _images(8, 10, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", PruningWarning)  # no "target not reached" warning either
         report = prune(net, batches, ratio=0.4, target="channels", structure=structure)
@@ -502,10 +504,7 @@ def test_a_model_pruned_by_channels_then_in_its_eigenbasis_reloads():
         )  # fmt: skip
 
     net = build()
-    g = torch.Generator().manual_seed(0)
-    batches = [
-        (torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)
-    ]
+    batches = _images(8, 10, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prune(net, batches, ratio=0.4, target="flops", structure="channels")
