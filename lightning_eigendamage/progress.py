@@ -1,8 +1,9 @@
 """Progress of a pruning call, for ``prune(..., progress=True)``: one line per phase on stderr
 (analysis: capture and scores; decision; surgery), and a bar over the channel engine's group
-scores (the long step on large networks), drawn with ``tqdm`` when it is installed (Lightning
-depends on it) and as a line every tenth of the way otherwise. Silent when off, and on every
-process but rank 0 of a process group."""
+scores (the long step on large networks), drawn with ``tqdm`` on a terminal (when it is
+installed: Lightning depends on it) and as a line every tenth of the way otherwise (a log file
+gets whole lines, no carriage returns). Silent when off, and on every process but rank 0 of a
+process group."""
 
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ class Progress:
         """``items`` with a progress bar of ``total`` steps."""
         if not self.enabled:
             return items
+        if not _terminal(sys.stderr):
+            return self._lines(items, total, desc)
         try:
             from tqdm.auto import tqdm
         except ImportError:
@@ -62,6 +65,14 @@ class Progress:
             yield item
             if i % step == 0 or i == total:
                 self.say(f"{desc}: {i}/{total}")
+
+
+def _terminal(stream: Any) -> bool:
+    """Whether ``stream`` is a terminal (a bar redraws in place there; in a log it would not)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def progress_of(options: Any) -> Progress:
