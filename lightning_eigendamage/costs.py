@@ -175,8 +175,10 @@ def module_path() -> Iterator[None]:
 
 
 def _first_example(example):
+    """The first example of ``example``, copied (a model that changes its input in place must
+    not change the caller's batch)."""
     if isinstance(example, torch.Tensor):
-        return example[:1]
+        return example[:1].clone()
     if isinstance(example, dict):
         return {k: _first_example(v) for k, v in example.items()}
     if isinstance(example, (tuple, list)):

@@ -620,3 +620,51 @@ def test_a_step_point_on_the_step_that_ends_an_epoch_point_is_refused_before_tra
         warnings.simplefilter("ignore")
         trainer(max_epochs=2, callbacks=[cb]).fit(LitClassifier(small_cnn()), data)
     assert len(cb.reports) == 2
+
+
+class _Doubles(nn.Module):
+    """``x.mul_(2)`` (in place, on its input) or ``x * 2``, then two convs and a classifier."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.in_place = in_place
+        self.c1, self.c2, self.fc = (
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.Conv2d(16, 16, 3, padding=1),
+            nn.Linear(16, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.mul_(2) if self.in_place else x * 2
+        return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("structure", ["channels", "eigenbasis", "auto"])
+def test_a_model_that_changes_its_input_in_place_is_pruned_as_one_that_does_not(structure):
+    """The checks ran the model again and again on the caller's tensors: an in-place ``mul_``
+    doubled the calibration batch at each run, and every trial cut "changed what the model
+    computes" (channels: nothing prunable; ``"auto"``: the eigenbasis). The model now gets copies:
+    it is pruned exactly as the same model written out of place, and the batches are unchanged."""
+
+    def run(in_place: bool) -> tuple[nn.Module, Any, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        net = _Doubles(in_place)
+        g = torch.Generator().manual_seed(0)
+        xs = [torch.rand(8, 3, 8, 8, generator=g) for _ in range(3)]
+        kept = [x.clone() for x in xs]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = prune(
+                net,
+                [(x, torch.randint(0, 10, (8,))) for x in xs],
+                ratio=0.4,
+                target="flops",
+                structure=structure,
+            )
+        assert all(torch.equal(x, k) for x, k in zip(xs, kept))  # the caller's batches as they were
+        return net, report, xs
+
+    net, report, _ = run(True)
+    ref, want, _ = run(False)
+    assert report.structure == want.structure and report.flops_after == want.flops_after
+    assert [tuple(p.shape) for p in net.parameters()] == [tuple(p.shape) for p in ref.parameters()]

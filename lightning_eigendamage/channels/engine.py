@@ -239,10 +239,23 @@ def _head(example: Any, k: int) -> Any:
 
 def _run(model: nn.Module, example: Any, train: bool = False) -> Any:
     """``model(example)`` under no_grad in eval mode, or in train mode; modes, buffers (BatchNorm
-    statistics) and random streams are put back afterwards."""
+    statistics) and random streams are put back afterwards. The model gets a copy of the tensors
+    in ``example``: a model that changes its input in place (``x.mul_(2)``) would otherwise
+    change the calibration batch on every run (and each check would see another input)."""
     with _untouched(model, buffers=train), torch.no_grad(), module_path():
         model.train(train)
-        return model(example)
+        return model(_cloned(example))
+
+
+def _cloned(example: Any) -> Any:
+    """``example`` with every tensor in it (tuples, lists, dicts of them) copied."""
+    if isinstance(example, torch.Tensor):
+        return example.clone()
+    if isinstance(example, dict):
+        return {key: _cloned(v) for key, v in example.items()}
+    if isinstance(example, (tuple, list)):
+        return type(example)(_cloned(e) for e in example)
+    return example
 
 
 @contextlib.contextmanager
@@ -275,7 +288,7 @@ def _output_shapes(out: Any) -> list[tuple[int, ...]]:
 
 
 def _forward(model: nn.Module, example: Any) -> Any:
-    return model(example)
+    return model(_cloned(example))  # (a copy: see _run)
 
 
 def _frozen(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -902,6 +915,7 @@ def dependency_graph(model: nn.Module, example_inputs: Any, ignored: Iterable[nn
         )
     names = {m: n for n, m in model.named_modules()}
     # Torch-Pruning calls model(*example_inputs) first: a batch tensor must not be unpacked.
+    example_inputs = _cloned(example_inputs)  # (the trace runs the model several times: see _run)
     traced = (example_inputs,) if isinstance(example_inputs, (torch.Tensor, dict)) else example_inputs
     with _untouched(model), torch.enable_grad():  # Torch-Pruning traces in eval mode
         dg = _traced_graph(tp, model, traced)
