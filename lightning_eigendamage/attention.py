@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .costs import module_path
+from .nested import map_tensors
 
 
 class PrunedHeadsAttention(nn.MultiheadAttention):
@@ -527,13 +528,7 @@ def record_calls(blocks: Sequence[HeadBlock], run: Any) -> dict[nn.Module, tuple
 
 
 def _detach(x: Any) -> Any:
-    if torch.is_tensor(x):
-        return x.detach()
-    if isinstance(x, dict):
-        return {k: _detach(v) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_detach(v) for v in x)
-    return x
+    return map_tensors(torch.Tensor.detach, x)
 
 
 def _shapes(out: Any) -> list[tuple[int, ...]]:

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .nested import map_tensors
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -177,13 +179,7 @@ def module_path() -> Iterator[None]:
 def _first_example(example):
     """The first example of ``example``, copied (a model that changes its input in place must
     not change the caller's batch)."""
-    if isinstance(example, torch.Tensor):
-        return example[:1].clone()
-    if isinstance(example, dict):
-        return {k: _first_example(v) for k, v in example.items()}
-    if isinstance(example, (tuple, list)):
-        return type(example)(_first_example(v) for v in example)
-    return example
+    return map_tensors(lambda t: t[:1].clone(), example)
 
 
 def time_modules(

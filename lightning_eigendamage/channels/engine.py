@@ -78,6 +78,7 @@ from ..discovery import (
 from ..distributed import all_reduce_capture, broadcast_object, is_distributed, rank_zero_input
 from ..engine import PruningEngine, get_engine, register_engine
 from ..gradual import MarkedLayer
+from ..nested import map_tensors
 from ..optim import TransplantReport, carry_sliced_state
 from ..options import PruneOptions
 from ..progress import Progress, progress_of
@@ -228,13 +229,7 @@ def _layer_costs(model: nn.Module, example: Any) -> tuple[dict[nn.Module, _Layer
 
 def _head(example: Any, k: int) -> Any:
     """The first ``k`` examples of ``example`` (tensors, tuples, lists, dicts of them)."""
-    if isinstance(example, torch.Tensor):
-        return example[:k] if example.dim() else example
-    if isinstance(example, dict):
-        return {key: _head(v, k) for key, v in example.items()}
-    if isinstance(example, (tuple, list)):
-        return type(example)(_head(e, k) for e in example)
-    return example
+    return map_tensors(lambda t: t[:k] if t.dim() else t, example)
 
 
 def _run(model: nn.Module, example: Any, train: bool = False) -> Any:
@@ -249,13 +244,7 @@ def _run(model: nn.Module, example: Any, train: bool = False) -> Any:
 
 def _cloned(example: Any) -> Any:
     """``example`` with every tensor in it (tuples, lists, dicts of them) copied."""
-    if isinstance(example, torch.Tensor):
-        return example.clone()
-    if isinstance(example, dict):
-        return {key: _cloned(v) for key, v in example.items()}
-    if isinstance(example, (tuple, list)):
-        return type(example)(_cloned(e) for e in example)
-    return example
+    return map_tensors(torch.Tensor.clone, example)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import functional_owners
+from ..nested import map_tensors
 from ..report import PruningWarning
 from .hooks import CaptureResult, HookCapture, KFACapture
 
@@ -65,13 +66,7 @@ def target_of(batch: Any) -> Any:
 
 def to_device(obj: Any, device: torch.device) -> Any:
     """``obj`` with every tensor in it (also inside tuples, lists and dicts) moved to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(to_device(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj
+    return map_tensors(lambda t: t.to(device, non_blocking=True), obj)
 
 
 def check_categorical(output: Any, class_dim: int) -> None:
