@@ -285,12 +285,24 @@ def test_non_finite_calibration_outputs_are_named_by_the_channel_engine():
     assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
 
 
+def _reloads_exactly(net: nn.Module, build: Any, x: torch.Tensor) -> None:
+    """A freshly built model takes ``net``'s state_dict, through ``restore_pruned`` and through
+    ``enable_pruned_loading`` + ``load_state_dict``, and computes ``net``'s outputs bit for bit."""
+    from lightning_eigendamage import enable_pruned_loading, restore_pruned
+
+    want = net.eval()(x)
+    fresh = restore_pruned(build(), net.state_dict()).eval()
+    torch.testing.assert_close(fresh(x), want, rtol=0, atol=0)
+    hooked = build()
+    enable_pruned_loading(hooked)
+    hooked.load_state_dict(net.state_dict())
+    torch.testing.assert_close(hooked.eval()(x), want, rtol=0, atol=0)
+
+
 def test_a_channel_pruned_torchvision_vit_reloads_into_a_fresh_one():
     """torchvision's ``MLPBlock`` loads by rules of its own (``_load_from_state_dict``): its
     Linear children were not narrowed, and the load failed with a size mismatch."""
     from torchvision.models.vision_transformer import VisionTransformer
-
-    from lightning_eigendamage import enable_pruned_loading, restore_pruned
 
     def build() -> nn.Module:
         return VisionTransformer(
@@ -304,15 +316,7 @@ def test_a_channel_pruned_torchvision_vit_reloads_into_a_fresh_one():
         warnings.simplefilter("ignore")
         prune(net, batches, ratio=0.4, target="flops", structure="channels")
     assert net.encoder.layers[0].mlp[0].out_features < 256
-    net.eval()
-    x = batches[0][0]
-    want = net(x)
-    fresh = restore_pruned(build(), net.state_dict()).eval()
-    torch.testing.assert_close(fresh(x), want, rtol=0, atol=0)
-    hooked = build()
-    enable_pruned_loading(hooked)
-    hooked.load_state_dict(net.state_dict())
-    torch.testing.assert_close(hooked.eval()(x), want, rtol=0, atol=0)
+    _reloads_exactly(net, build, batches[0][0])
 
 
 def test_an_index_mapping_that_outgrows_the_model_stops_the_group_build():
@@ -492,7 +496,7 @@ def test_a_model_pruned_by_channels_then_in_its_eigenbasis_reloads():
     """A layer that lost channels and was then rewritten in its eigenbasis has a record narrower
     than the freshly built layer: ``restore_pruned`` refused it ("record widths 32→31 do not
     match the model's 32→32")."""
-    from lightning_eigendamage import enable_pruned_loading, restore_pruned
+    from lightning_eigendamage import restore_pruned
     from lightning_eigendamage.eigenbasis.layers import KFELayer
 
     def build() -> nn.Module:
@@ -513,14 +517,7 @@ def test_a_model_pruned_by_channels_then_in_its_eigenbasis_reloads():
         m for m in net.modules() if isinstance(m, KFELayer) and (m.in_features < 16 or m.out_features < 16)
     ]
     assert narrowed_then_rewritten
-    x = batches[1][0]
-    want = net.eval()(x)
-    fresh = restore_pruned(build(), net.state_dict()).eval()
-    torch.testing.assert_close(fresh(x), want, rtol=0, atol=0)
-    hooked = build()
-    enable_pruned_loading(hooked)
-    hooked.load_state_dict(net.state_dict())
-    torch.testing.assert_close(hooked.eval()(x), want, rtol=0, atol=0)
+    _reloads_exactly(net, build, batches[1][0])
     # a record narrower than its layer is still refused where nothing lost channels
     plain = build()
     state = net.state_dict()
