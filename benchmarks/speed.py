@@ -178,10 +178,12 @@ def capture_cost(
     profile: bool = False,
     a_form: str = "channel",
     max_examples: int | None = None,
+    a_columns: int = 1,
 ) -> dict[str, float]:
     """Capture batch against a plain training step, interleaved: the user's step with the hooks on
     (empirical Fisher) and the step plus the sampled pass (true Fisher), with ``A`` in
-    ``a_form`` (``"channel"``: the eigenbasis engine's; ``"patch"``: the channel engine's)."""
+    ``a_form`` (``"channel"``: the eigenbasis engine's; ``"patch"``: the channel engine's) on
+    ``max_examples`` of the batch and every ``a_columns``-th column (``KFACapture``'s)."""
     torch.manual_seed(0)
     model = make_model(name, device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -197,7 +199,7 @@ def capture_cost(
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
-    cap = KFACapture(modules, a_form=a_form, max_examples=max_examples)
+    cap = KFACapture(modules, a_form=a_form, max_examples=max_examples, a_columns=a_columns)
     cap.__enter__()
     cap.remove()
 
@@ -229,7 +231,8 @@ def capture_cost(
                 m.training = mode
 
     if profile:
-        _profile({"plain": plain, "empirical": empirical, "true": true_fisher}, name, device)
+        label = f"{name}/patch" if a_form == "patch" else name
+        _profile({"plain": plain, "empirical": empirical, "true": true_fisher}, label, device)
     t = interleaved({"plain": plain, "empirical": empirical, "true": true_fisher}, repeats, device)
     r_emp = t["empirical"] / t["plain"]
     r_true = t["true"] / t["plain"]
@@ -686,11 +689,12 @@ def main(argv: list[str] | None = None) -> None:
         results["capture"] = {}
         for name in small:
             for engine in ("eigenbasis", "channels"):
-                # each engine's form of A, with the examples its capture takes by default
-                # (PruningSchedule(fisher_examples="auto"): every one, 32 of each batch)
-                form, examples = get_engine(engine).a_form, get_engine(engine).capture_examples
+                # each engine's form of A, with the examples and columns its capture takes by
+                # default (PruningSchedule(fisher_examples="auto"))
+                eng = get_engine(engine)
+                form, examples, columns = eng.a_form, eng.capture_examples, eng.capture_columns
                 key = name if form == "channel" else f"{name}/patch"
-                prof = args.profile and form == "channel"
+                prof = args.profile
                 r = capture_cost(
                     name,
                     batch,
@@ -701,8 +705,9 @@ def main(argv: list[str] | None = None) -> None:
                     profile=prof,
                     a_form=form,
                     max_examples=examples,
+                    a_columns=columns,
                 )
-                r["max_examples"] = examples
+                r["max_examples"], r["a_columns"] = examples, columns
                 results["capture"][key] = r
                 print(
                     f"{key:<10} {1000 * r['plain_s']:>9.1f} {r['empirical_ratio']:>9.3f}× "

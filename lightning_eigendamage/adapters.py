@@ -35,6 +35,8 @@ class LayerAdapter:
 
     kind: str = ""
     module_type: type[nn.Module] = nn.Module
+    # whether a_factor takes columns=(every, first) (KFACapture(a_columns=...)): a conv's patch form
+    thins_columns: bool = False
 
     def widths(self, module: nn.Module) -> tuple[int, int]:
         """``(C_in, C_out)``."""
@@ -51,7 +53,10 @@ class LayerAdapter:
     def a_factor(
         self, module: nn.Module, x: torch.Tensor, output: torch.Tensor, a_form: str, cache: dict
     ) -> tuple[torch.Tensor, int]:
-        """``(Σ a aᵀ, rows)`` of one batch's input ``x``: ``(d_A, d_A)`` and the rows summed."""
+        """``(Σ a aᵀ, rows)`` of one batch's input ``x``: ``(d_A, d_A)`` and the rows summed.
+
+        An adapter with :attr:`thins_columns` also takes ``columns=(every, first)``: the
+        patch-form sum over output columns ``first, first + every, …`` only."""
         raise NotImplementedError
 
     def a_width(self, module: nn.Module, a_form: str) -> int:
@@ -146,6 +151,7 @@ class ConvAdapter(LayerAdapter):
 
     kind = "conv2d"
     module_type = nn.Conv2d
+    thins_columns = True
 
     def widths(self, module: nn.Module) -> tuple[int, int]:
         return module.in_channels, module.out_channels
@@ -171,12 +177,20 @@ class ConvAdapter(LayerAdapter):
         return Geometry(c_in, c_out, loc_in, loc_out, math.prod(module.kernel_size))
 
     def a_factor(
-        self, module: nn.Module, x: torch.Tensor, output: torch.Tensor, a_form: str, cache: dict
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        output: torch.Tensor,
+        a_form: str,
+        cache: dict,
+        columns: tuple[int, int] = (1, 0),
     ) -> tuple[torch.Tensor, int]:
         x2, out2 = self.as_2d(x), self.as_2d(output)
         if a_form == "channel":
             return conv_channel_a(x2, self.view(module), out2.shape[2], out2.shape[3], cache)
-        return conv_patch_a(x2, self.view(module))
+        every, first = columns
+        every = min(every, out2.shape[3])  # a map narrower than the step: every column
+        return conv_patch_a(x2, self.view(module), (every, first % every))
 
     def a_width(self, module: nn.Module, a_form: str) -> int:
         c_in = module.in_channels

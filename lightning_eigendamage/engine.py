@@ -11,8 +11,9 @@ either through the steps below, so none of them knows which engine it runs:
    ``A`` the engine's scores need (``"channel"``: ``C_in × C_in``; ``"patch"``:
    ``C_in·k² × C_in·k²``); ``factor_layers``: those whose factors the scores read (the channel
    engine's: the readers of the groups that can change width), the others only seen to run;
-   ``capture_examples``: how many examples of each training batch the callback's capture needs
-   by default (``PruningSchedule(fisher_examples="auto")``).
+   ``capture_examples`` and ``capture_columns``: how many examples of each training batch, and
+   every how many output columns of a conv's map in the patch form of ``A``, the callback's
+   capture reads by default (``PruningSchedule(fisher_examples="auto")``).
 2. ``check``: before training, whether the engine can prune this model at all (the channel
    engine needs a dependency graph); raises with the reason. What it built (the channel
    engine's traced graph) is returned, and ``analyse`` reuses it while it still describes the
@@ -69,6 +70,9 @@ class PruningEngine(ABC):
     # At most this many examples of each captured training batch feed the callback's factors
     # under PruningSchedule(fisher_examples="auto") (None: every example).
     capture_examples: ClassVar[int | None] = None
+    # ... and a conv's patch-form A reads every capture_columns-th column of its output map
+    # (KFACapture(a_columns=...)); 1: every column.
+    capture_columns: ClassVar[int] = 1
     # Options (fields of PruneOptions): the engine's values for those left at None, the values it
     # accepts, and those it does not use (they must keep their defaults).
     defaults: ClassVar[dict[str, Any]] = {}

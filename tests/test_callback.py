@@ -436,10 +436,15 @@ def test_fisher_examples_takes_the_factors_from_every_s_th_example(fisher: str) 
         _assert_factors_close(got, whole, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("structure", "rows"), [("channels", 32), ("eigenbasis", 64)])
-def test_fisher_examples_auto_is_the_engine_s_choice(structure: str, rows: int) -> None:
+@pytest.mark.parametrize(
+    ("structure", "rows", "conv_rows"), [("channels", 32, 32 * 6 * 3), ("eigenbasis", 64, 64 * 36 * 9)]
+)
+def test_fisher_examples_auto_is_the_engine_s_choice(structure: str, rows: int, conv_rows: int) -> None:
     """The default fisher_examples="auto": 32 examples of each batch of 64 for the channel
-    engine, all of them for the eigenbasis (one row per example for the Linear layers)."""
+    engine, all of them for the eigenbasis (one row per example for the Linear layers). The 3×3
+    conv on 6×6 maps: the channel engine's patch-form ``A`` reads every other column of the output
+    map of those 32 (6 rows of 3 each); the eigenbasis' channel form every read of every example
+    (36 positions, 9 offsets)."""
 
     class Rows(EigenDamagePruning):
         def prune_model(self, trainer, pl_module, captured, fraction, example):
@@ -452,6 +457,7 @@ def test_fisher_examples_auto_is_the_engine_s_choice(structure: str, rows: int) 
     assert cb.schedule.fisher_examples == "auto"
     _fit(model, cb, loader(image_data(64), 64), max_epochs=1)
     assert cb.rows["net.9"] == rows
+    assert cb.rows["net.5"] == conv_rows
 
 
 @pytest.mark.parametrize("progress", [True, False])

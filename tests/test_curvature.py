@@ -266,6 +266,28 @@ def test_hooks_removed_when_forward_raises():
     assert model.training
 
 
+@pytest.mark.parametrize(
+    "bad_value", [float("nan"), float("inf"), -1e25]
+)  # -1e25: finite, its square overflows
+@pytest.mark.parametrize("a_form", ["channel", "patch"])
+def test_a_batch_with_any_non_finite_factor_entry_is_skipped(bad_value: float, a_form: str) -> None:
+    """The finiteness check reads the factors' diagonals: one bad pixel of one example in one
+    channel, whatever makes the factors non-finite (NaN, inf, or a finite value whose products
+    overflow float32), drops the whole batch for every layer."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 25, 2))
+    mods = {"0": net[0], "3": net[3]}
+    good = torch.randn(4, 3, 5, 5)
+    bad = good.clone()
+    bad[1, 2, 4, 0] = bad_value
+    res = capture_factors(net, mods, [good, bad, good], factors_for=list(mods), a_form=a_form)
+    assert res.batches == 2 and res.skipped_batches == 1
+    ref = capture_factors(net, mods, [good, good], factors_for=list(mods), a_form=a_form)
+    for name in mods:
+        torch.testing.assert_close(res.layers[name].a(), ref.layers[name].a())
+        assert torch.isfinite(res.layers[name].g()).all()  # (its sampled labels differ from ref's)
+
+
 def test_non_finite_batches_are_skipped_and_counted():
     lin = nn.Linear(3, 2)
     good = torch.randn(4, 3)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import lightning_eigendamage.curvature.factors as factors
 from lightning_eigendamage import PruningSchedule
 from lightning_eigendamage.curvature import KFACapture, capture_batch, capture_factors, conv_patch_a
 
@@ -184,3 +185,88 @@ def test_a_sequence_first_input_is_never_sliced() -> None:
     for name in mods:
         torch.testing.assert_close(cap.layers[name].a(), hooks.layers[name].a())
     assert cap.layers["linear1"].locations == pytest.approx(12.0)  # T: the tokens of an example
+
+
+# -- KFACapture(a_columns=...): the patch-form A from every s-th output column -----------------
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, padding, dilation",
+    [
+        (3, 1, 1, 1),
+        (3, 2, 1, 1),
+        (1, 1, 0, 1),
+        (1, 2, 0, 1),
+        (3, 1, 2, 2),
+        (5, 2, 2, 1),
+        ((1, 3), 1, (0, 1), 1),
+    ],
+)
+@pytest.mark.parametrize("wide", [False, True])
+def test_patch_a_over_every_sth_column_is_the_gram_of_those_patches(
+    kernel: int, stride: int, padding: int, dilation: int, wide: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``conv_patch_a(x, conv, (every, first))`` against the Gram of the unfolded patches of the
+    output columns ``first, first + every, …``, by each of its ways: products per row lag and
+    row (``wide=False``), per row lag and range of rows (``wide=True``: what a layer at least
+    ``_WIDE`` wide takes at stride 1) and unfolding (1-row kernels)."""
+    monkeypatch.setattr(factors, "_WIDE", 1 if wide else 10**9)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 5, kernel, stride=stride, padding=padding, dilation=dilation).double()
+    x = torch.randn(3, 4, 11, 13, dtype=torch.float64)
+    h_out, w_out = conv(x).shape[2:]
+    patches = nn.functional.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    patches = patches.reshape(3, -1, h_out, w_out)
+    for every in (1, 2, 3):
+        for first in range(every):
+            a, rows = conv_patch_a(x, conv, (every, first))
+            p = patches[..., first::every].permute(0, 2, 3, 1).reshape(-1, patches.shape[1])
+            assert rows == p.shape[0] == 3 * h_out * len(range(first, w_out, every))
+            torch.testing.assert_close(a, p.T @ p, rtol=1e-12, atol=1e-10)
+
+
+def test_capture_thins_a_conv_columns_rotating_with_the_batch() -> None:
+    """Two batches at ``a_columns=2``: the conv's ``A`` is the mean over the even columns of the
+    first batch's map and the odd columns of the second's; ``G``, ``T`` and the Linear's ``A`` are
+    those of the whole capture; the channel form of ``A`` ignores the setting."""
+    net = _net()
+    mods = _layers(net)
+    batches = _two_batches(8)
+    whole = capture_factors(net, mods, batches, factors_for=list(mods), a_form="patch", fisher="empirical")
+    thin = capture_factors(
+        net, mods, batches, factors_for=list(mods), a_form="patch", fisher="empirical", a_columns=2
+    )
+    sums = {"0": 0.0, "2": 0.0}
+    rows = {"0": 0, "2": 0}
+    with torch.no_grad():
+        for b, (x, _) in enumerate(batches):
+            h = net[1](net[0](x))
+            for name, inp in (("0", x), ("2", h)):
+                conv = mods[name]
+                w_out = conv(inp).shape[3]
+                p = nn.functional.unfold(
+                    inp.double(), conv.kernel_size, conv.dilation, conv.padding, conv.stride
+                )
+                p = p.reshape(p.shape[0], p.shape[1], -1, w_out)[..., b % 2 :: 2]
+                p = p.permute(0, 2, 3, 1).reshape(-1, p.shape[1])
+                sums[name] = sums[name] + p.T @ p
+                rows[name] += p.shape[0]
+    for name in ("0", "2"):
+        lf, ref = thin.layers[name], whole.layers[name]
+        assert lf.a_rows == rows[name] < ref.a_rows
+        torch.testing.assert_close(lf.a(), sums[name] / rows[name], rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(lf.g(), ref.g(), rtol=0, atol=0)
+        assert lf.locations == ref.locations
+    torch.testing.assert_close(thin.layers["4"].a(), whole.layers["4"].a(), rtol=0, atol=0)
+    chan = capture_factors(
+        net, mods, batches, factors_for=list(mods), a_form="channel", fisher="empirical", a_columns=2
+    )
+    ref = capture_factors(net, mods, batches, factors_for=list(mods), a_form="channel", fisher="empirical")
+    for name in mods:
+        torch.testing.assert_close(chan.layers[name].a(), ref.layers[name].a(), rtol=0, atol=0)
+
+
+def test_a_columns_is_checked() -> None:
+    for bad in (0, -2, 1.5, True, None):
+        with pytest.raises(ValueError, match="a_columns must be a positive int"):
+            KFACapture({"l": nn.Linear(2, 2)}, a_columns=bad)

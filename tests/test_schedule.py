@@ -93,8 +93,10 @@ def test_bad_fisher_batches(fb: object) -> None:
 
 
 def test_bad_target() -> None:
-    with pytest.raises(ValueError, match=r"target must be one of \('directions', 'params', 'flops'\)"):
+    want = r"target must be one of \('directions', 'params', 'flops', 'channels'\)"
+    with pytest.raises(ValueError, match=want):
         PruningSchedule(epochs={0: 0.5}, target="latency")
+    assert PruningSchedule.from_any({"epochs": {0: 0.5}, "target": "channels"}).target == "channels"
 
 
 def test_validate_against_trainer_limits() -> None:

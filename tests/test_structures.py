@@ -30,6 +30,7 @@ from lightning_eigendamage import (
     GradualRemoval,
     KFELayer,
     PruneOptions,
+    PruningSchedule,
     enable_pruned_loading,
     restore_pruned,
 )
@@ -411,6 +412,25 @@ def test_auto_falls_back_to_the_eigenbasis_and_says_why(
             model, loader(image_data(32))
         )
     assert model.steps_run == 0
+
+
+def test_a_channels_target_in_the_schedule_removes_that_share_of_the_channels() -> None:
+    """``PruningSchedule(target="channels")`` with ``structure="channels"``: a round at 0.25 removes
+    ⌊0.25·n⌋ of the ``n`` prunable channels the report counts, as ``"directions"`` does there; the
+    eigenbasis refuses it when the callback is built."""
+    counts = {}
+    for target in ("channels", "directions"):
+        torch.manual_seed(0)
+        model = LitClassifier(small_cnn(), lr=0.01)
+        cb = Recorder(PruningSchedule(epochs={0: 0.25}, target=target), structure="channels")
+        trainer(max_epochs=1, callbacks=[cb]).fit(model, loader(image_data(64)))
+        report = cb.reports[0]
+        counts[target] = (report.channels_removed, report.channels_total)
+    assert counts["channels"] == counts["directions"]
+    removed, total = counts["channels"]
+    assert removed == int(0.25 * total)
+    with pytest.raises(ValueError, match="target"):
+        EigenDamagePruning(PruningSchedule(epochs={0: 0.5}, target="channels"), structure="eigenbasis")
 
 
 def test_channel_options_are_checked_in_the_constructor() -> None:

@@ -2525,6 +2525,9 @@ class ChannelEngine(PruningEngine):
     # The channel scores keep their choices on factors from 32 examples of each batch (the
     # converged networks, benchmarks/fisher_examples.py); the capture then costs a quarter.
     capture_examples = 32
+    # ... and on a patch-form A from every other column of each conv's output map
+    # (benchmarks/fisher_columns.py): the dearest product of a capture batch costs half.
+    capture_columns = 2
     defaults = {"layer_cap": 0.95, "rank_by": "relative"}
     followers = (_FOLLOWS,)
     choices = {

@@ -312,6 +312,7 @@ def capture_factors(
     factors_for: Iterable[str],
     a_form: str = "channel",
     max_examples: int | None = None,
+    a_columns: int = 1,
     **options: Unpack[CaptureOptions],
 ) -> CaptureResult:
     """Run ``model`` over ``batches`` in eval mode and accumulate K-FAC factors of ``modules``.
@@ -320,7 +321,7 @@ def capture_factors(
     statistics, dropout is off) and its modes are restored afterwards; hooks are removed also on
     errors. ``options`` (``fisher``, ``loss_fn``, ``input_fn``, ``likelihood``, ``class_dim``,
     ``generator``, ``max_batches``, ``forward_fn``) are those of :func:`drive_capture`; see
-    :func:`capture_batch` for the two Fisher types; ``max_examples`` is
+    :func:`capture_batch` for the two Fisher types; ``max_examples`` and ``a_columns`` are
     :class:`~lightning_eigendamage.curvature.KFACapture`'s. An ``nn.MultiheadAttention``'s ``out_proj``
     among ``factors_for`` is captured through its module call
     (:func:`~lightning_eigendamage.attention.route_out_projection`).
@@ -329,7 +330,12 @@ def capture_factors(
     owners = functional_owners(model)
     routes = {modules[n]: owners[modules[n]] for n in factors_for if n in modules and modules[n] in owners}
     cap = KFACapture(
-        modules, factors_for=factors_for, a_form=a_form, routes=routes, max_examples=max_examples
+        modules,
+        factors_for=factors_for,
+        a_form=a_form,
+        routes=routes,
+        max_examples=max_examples,
+        a_columns=a_columns,
     )
     drive_capture(model, cap, batches, what="curvature", **options)
     return cap.result()

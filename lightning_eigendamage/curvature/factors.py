@@ -133,7 +133,9 @@ def conv_patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 _BLOCK_FLOATS = 2**25  # at most ~128 MiB (float32) of per-row products held at once
 
 
-def conv_patch_a(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, int]:
+def conv_patch_a(
+    x: torch.Tensor, conv: nn.Conv2d, columns: tuple[int, int] = (1, 0)
+) -> tuple[torch.Tensor, int]:
     """Patch-form ``Σ_{n,t} p pᵀ`` ``(C_in·kh·kw, C_in·kh·kw)`` and the number of rows ``N·T``.
 
     ``p`` is the ``C_in·kh·kw`` patch read at output position ``t = (i, j)``: entry ``(c, a, b)``
@@ -148,17 +150,30 @@ def conv_patch_a(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, int]:
       about ``kh`` times fewer multiply-adds than the full Gram, and a copy ``kw`` (not
       ``kh·kw``) times the input's size;
     - *unfolding* (:func:`conv_patches`) and one Gram of the patches.
+
+    ``columns = (every, first)`` sums over the output columns ``j = first, first + every, …``
+    only (``every`` times fewer rows and products; the row count returned is of those): the
+    same maths on the input from column ``first·sw`` on, read at stride ``every·sw``.
     """
     x = _padded(x, conv)
     n, c, hp, wp = x.shape
     (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
     h_out = (hp - dh * (kh - 1) - 1) // sh + 1
     w_out = (wp - dw * (kw - 1) - 1) // sw + 1
+    every, first = columns
+    if every > 1 or first:
+        # output columns first, first + every, …: the input from column first·sw on, stride every·sw
+        x = x[..., first * sw :]
+        w_out = -(-(w_out - first) // every)
+        sw = sw * every
     # rows r = 0 … (kh−1−lag)·dh + (H_out−1)·sh of each lag's product are read
     spans = [(kh - 1 - lag) * dh + (h_out - 1) * sh + 1 for lag in range(kh)]
     if kh > 1 and sum(spans) < kh * kh * h_out:
-        return _patch_a_by_row_lags(x, (kh, kw), (sh, sw), (dh, dw), (h_out, w_out), spans), n * h_out * w_out
-    patches = F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)  # (N, d, T)
+        geometry = ((kh, kw), (sh, sw), (dh, dw), (h_out, w_out))
+        if sh == 1 and c * kw >= _WIDE:
+            return _patch_a_by_row_ranges(x, *geometry), n * h_out * w_out
+        return _patch_a_by_row_lags(x, *geometry, spans), n * h_out * w_out
+    patches = F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=(sh, sw))  # (N, d, T)
     d, t = patches.shape[1:]
     if 2 * t >= d:
         # many positions per example: Σ_n P_n P_nᵀ by batched products on (N, d, T) as it is
@@ -170,6 +185,61 @@ def conv_patch_a(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, int]:
         return a, n * t
     rows = patches.transpose(1, 2).reshape(-1, d)  # (N·T, d)
     return rows.T @ rows, rows.shape[0]
+
+
+# From this width C_in·kw on, a stride-1 conv's patch-form A is summed by one product per range
+# of input rows (_patch_a_by_row_ranges) rather than per row: each row's (C_in·kw)² product would
+# be written out, more than the N·W_out columns it reads when a wide layer's maps are small.
+_WIDE = 384
+
+
+def _patch_a_by_row_ranges(
+    x: torch.Tensor,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    out_size: tuple[int, int],
+) -> torch.Tensor:
+    """The row-lag sum of :func:`conv_patch_a` for a row stride of 1, by ranges of rows.
+
+    With ``Z`` ``(C·kw, Hp, N·W_out)`` (``Z[:, r]`` the input row ``r`` unfolded along the width),
+    the block of kernel rows ``(a, a + l)`` is ``M_l(a·dh, a·dh + H_out)``, where
+    ``M_l(lo, hi) = Σ_{lo ≤ r < hi} Z[:, r] Z[:, r + l·dh]ᵀ`` is one product over the rows of the
+    range side by side. The range ``[(kh−1−l)·dh, H_out)`` that every ``a`` reads is summed once
+    per lag; each ``a`` adds the rows before and after it (at most ``(kh−1)·dh`` each).
+    """
+    n, c, hp, _ = x.shape
+    (kh, kw), (_, sw), (dh, dw), (h_out, w_out) = kernel, stride, dilation, out_size
+    s = x.stride()
+    width = c * kw
+    # z[(c, b), r, (n, j)] = X[n, c, r, j·sw + b·dw]: one copy, kw times the input
+    z = x.as_strided((c, kw, hp, n, w_out), (s[1], s[3] * dw, s[2], s[0], s[3] * sw))
+    z = z.reshape(width, hp, n * w_out)
+
+    def rows(lo: int, hi: int, shift: int) -> torch.Tensor | None:
+        if hi <= lo:
+            return None
+        return z[:, lo:hi].reshape(width, -1) @ z[:, lo + shift : hi + shift].reshape(width, -1).T
+
+    a6 = x.new_empty(c, kh, kw, c, kh, kw)  # every block (a, a') is written below
+    for lag in range(kh):
+        shift = lag * dh
+        lo_all, hi_all = (kh - 1 - lag) * dh, h_out  # the rows every kernel row a reads
+        common = rows(lo_all, hi_all, shift)
+        for a in range(kh - lag):
+            lo, hi = a * dh, a * dh + h_out
+            if common is None:
+                block = rows(lo, hi, shift)
+            else:
+                block = common  # not changed in place: a fresh sum where a part is added
+                for part in (rows(lo, min(lo_all, hi), shift), rows(max(hi_all, lo), hi, shift)):
+                    if part is not None:
+                        block = block + part if block is common else block.add_(part)
+            block = block.view(c, kw, c, kw)
+            a6[:, a, :, :, a + lag, :] = block
+            if lag:
+                a6[:, a + lag, :, :, a, :] = block.permute(2, 3, 0, 1)
+    return a6.reshape(c * kh * kw, c * kh * kw)
 
 
 def _patch_a_by_row_lags(

@@ -292,6 +292,11 @@ class KFACapture(HookCapture):
             :func:`~lightning_eigendamage.curvature.capture_batch` runs its pass on those
             examples alone where it can slice the batch and the model computes each example on
             its own (checked on the first batch, ``slices``).
+        a_columns: with ``a_form="patch"``, a convolution's ``A`` of each batch comes from every
+            ``a_columns``-th column of its output map (the first one ``b mod a_columns`` on the
+            ``b``-th committed batch, so over ``a_columns`` batches every column is read as often):
+            the patch products cost ``1/a_columns`` as much, ``A`` is averaged over the rows read.
+            ``G`` is not thinned; a map narrower than ``a_columns`` is read whole.
     """
 
     layer_type = LayerFactors
@@ -306,6 +311,7 @@ class KFACapture(HookCapture):
         accum_dtype: torch.dtype = torch.float64,
         routes: dict[nn.Module, nn.Module] | None = None,
         max_examples: int | None = None,
+        a_columns: int = 1,
     ) -> None:
         if a_form not in A_FORMS:
             raise ValueError(f"a_form must be one of {A_FORMS}, got {a_form!r}")
@@ -313,6 +319,8 @@ class KFACapture(HookCapture):
             isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1
         ):
             raise ValueError(f"max_examples must be a positive int or None, got {max_examples!r}")
+        if isinstance(a_columns, bool) or not isinstance(a_columns, int) or a_columns < 1:
+            raise ValueError(f"a_columns must be a positive int, got {a_columns!r}")
         super().__init__(modules, factors_for=factors_for, accum_dtype=accum_dtype, routes=routes)
         from ..adapters import adapter_for  # here, not at import: the adapters use factors.py
 
@@ -324,6 +332,7 @@ class KFACapture(HookCapture):
                 )
         self.a_form = a_form
         self.max_examples = max_examples
+        self.a_columns = a_columns
         # whether capture_batch may run its pass on the thinned examples alone (None: not yet
         # checked; it checks on the first batch it could)
         self.slices: bool | None = None
@@ -396,7 +405,10 @@ class KFACapture(HookCapture):
 
     # -- what is recorded and committed ----------------------------------------------------------
     def pending_values(self, layer: LayerFactors) -> list[torch.Tensor]:
-        return [layer._pending[k] for k in ("a", "g") if k in layer._pending]
+        # The diagonals: A and G are Grams Σ v vᵀ, so |A_ij| ≤ √(A_ii·A_jj) and an entry that is not
+        # finite (a NaN or inf in v, or an overflow) makes one on the diagonal so; reading d
+        # entries, not d² (a patch-form A of a wide conv is (9·C_in)², as large as the step's work).
+        return [layer._pending[k].diagonal() for k in ("a", "g") if k in layer._pending]
 
     def clear_pending(self, layer: LayerFactors) -> None:
         layer._pending = {}
@@ -406,7 +418,9 @@ class KFACapture(HookCapture):
         if "a" not in p or "g" not in p:
             return
         # in place: a fresh d×d sum every batch costs its allocation (page faults) on wide layers
-        layer.a_sum = p["a"] if layer.a_sum is None else layer.a_sum.add_(p["a"])
+        # A as computed (float32 for float32 models): added into the accum_dtype sum in place, no
+        # converted copy of a (9·C_in)² patch form per batch
+        layer.a_sum = p["a"].to(self.accum_dtype) if layer.a_sum is None else layer.a_sum.add_(p["a"])
         layer.g_sum = p["g"] if layer.g_sum is None else layer.g_sum.add_(p["g"])
         layer.a_rows += p["a_rows"]
         layer.g_rows += p["g_rows"]
@@ -426,9 +440,13 @@ class KFACapture(HookCapture):
         # Inside a training step under autocast the products below would run in bf16/fp16
         # (fp16 overflows on large sums): factors are always computed in float32 or better.
         with _autocast_off(x.device):
-            a, rows = adapter.a_factor(module, xc, outs, self.a_form, self._count_cache)
+            if self.a_columns > 1 and self.a_form == "patch" and adapter.thins_columns:
+                columns = (self.a_columns, self.batches % self.a_columns)
+                a, rows = adapter.a_factor(module, xc, outs, self.a_form, self._count_cache, columns=columns)
+            else:
+                a, rows = adapter.a_factor(module, xc, outs, self.a_form, self._count_cache)
         # kept: the share of the batch whose rows enter the factors (T = g_rows / examples)
-        lf._pending = {"a": a.to(self.accum_dtype), "a_rows": rows, "n": n, "step": step}
+        lf._pending = {"a": a, "a_rows": rows, "n": n, "step": step}
         lf._pending["kept"] = xs.shape[0] / n
         # Where a backward must reach for this layer's output hook to fire: its input if that
         # carries a gradient (no weight gradient is then computed), else its weight.

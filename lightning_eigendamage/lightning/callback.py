@@ -689,11 +689,19 @@ class EigenDamagePruning(Callback):
             a_form=self.engine.a_form,
             routes=_routes(pl_module, cands),
             max_examples=self._fisher_examples(),
+            a_columns=self._fisher_columns(),
         ).__enter__()
 
     def _examples_text(self) -> str:
         m = self._fisher_examples()
-        return "" if m is None else f", at most {m} examples of each (fisher_examples)"
+        text = "" if m is None else f", at most {m} examples of each (fisher_examples)"
+        s = self._fisher_columns()
+        return text + (f", each conv's A from 1 column in {s} of its map" if s > 1 else "")
+
+    def _fisher_columns(self) -> int:
+        """The capture's ``a_columns``: the engine's ``capture_columns`` under
+        ``fisher_examples="auto"``, else every column."""
+        return self.engine.capture_columns if self.schedule.fisher_examples == "auto" else 1
 
     def _fisher_examples(self) -> int | None:
         """The capture's ``max_examples``: the schedule's ``fisher_examples``, or the engine's

@@ -8,6 +8,8 @@ in ``target`` units:
   ``fraction + 1/n`` for ``n`` pooled directions.
 - ``"params"`` / ``"flops"``: ``fraction`` of the model's current parameters / FLOPs is removed
   (the global threshold that meets it is found by bisection).
+- ``"channels"`` (``structure="channels"`` only, where it is what ``"directions"`` counts):
+  ``fraction`` of the prunable channels is removed.
 
 Fractions compose multiplicatively: ``{2: 0.5, 4: 0.5}`` with ``target="flops"`` keeps
 ``(1 − 0.5)·(1 − 0.5) = 25 %`` of the FLOPs.
@@ -30,7 +32,7 @@ from typing import Any, ClassVar
 
 from ..values import as_int, as_real
 
-TARGETS = ("directions", "params", "flops")
+TARGETS = ("directions", "params", "flops", "channels")
 _OBJECT_KEYS = ("epochs", "steps", "at_start", "fisher_batches", "fisher_examples", "target")
 _EXAMPLE = "e.g. schedule={1: 0.5} (prune 50 % at the end of epoch 1) or PruningSchedule(epochs={1: 0.5})"
 
@@ -284,10 +286,14 @@ class PruningSchedule:
             runs on those examples alone, and the factor products of the empirical Fisher (in
             your own training step) read only their rows. ``"auto"`` (default): the engine's
             choice, 32 for ``"channels"`` (its choices stay as good, ``benchmarks/
-            fisher_examples.py``, and the capture costs a quarter) and every example for
+            fisher_examples.py``, and the capture costs a quarter), each conv's patch-form ``A``
+            then read from every other column of its output map (as good again, ``benchmarks/
+            fisher_columns.py``; ``KFACapture(a_columns=2)``), and every example for
             ``"eigenbasis"`` (its eigenvalue ranking loses accuracy on fewer); ``None``: every
-            example.
-        target: ``"directions"`` (default), ``"params"`` or ``"flops"``: what ``fraction`` counts.
+            example (and column); an integer: that many examples, every column.
+        target: ``"directions"`` (default), ``"params"``, ``"flops"`` or ``"channels"`` (the
+            channel engine's own count, which ``"directions"`` means there): what ``fraction``
+            counts. The structure must accept it (checked by the callback at construction).
 
     Raises:
         ValueError: at construction, for any bad value (see :meth:`validate_for` for the checks
