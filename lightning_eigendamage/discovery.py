@@ -306,13 +306,36 @@ def dynamic_skips(
     return added
 
 
-def no_prunable_message(cands: list[Candidate]) -> str:
-    """The error text for a model with nothing left to prune, with each layer's reason."""
+# Layers with weights that no structure prunes (said in the messages of a model left with none)
+_UNPRUNED_TYPES = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)
+
+
+def unpruned_layers_note(model: nn.Module | None) -> str:
+    """``" (its nn.Conv3d ×2 are of a type no structure prunes)"``: the layers of ``model`` of
+    the types no structure prunes, counted by type; ``""`` if none (or no model)."""
+    if model is None:
+        return ""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, _UNPRUNED_TYPES) and registered_base(m) is None:
+            name = f"nn.{type(m).__name__}" if type(m).__module__.startswith("torch.") else type(m).__name__
+            counts[name] = counts.get(name, 0) + 1
+    if not counts:
+        return ""
+    listed = ", ".join(f"{name} ×{n}" for name, n in counts.items())
+    return f" (its {listed} are of a type no structure prunes)"
+
+
+def no_prunable_message(cands: list[Candidate], model: nn.Module | None = None) -> str:
+    """The error text for a model with nothing left to prune, with each layer's reason (and
+    ``model``'s layers of types no structure prunes, if given)."""
     if not cands:
-        return f"no prunable layer: the model has no {registered_names()}"
+        return f"no prunable layer: the model has no {registered_names()}{unpruned_layers_note(model)}"
     reasons = "; ".join(f"{c.name}: {c.skipped}" for c in cands[:12])
     more = f" (and {len(cands) - 12} more)" if len(cands) > 12 else ""
-    return f"no prunable layer: every candidate layer is skipped ({reasons}{more})"
+    return (
+        f"no prunable layer: every candidate layer is skipped ({reasons}{more}){unpruned_layers_note(model)}"
+    )
 
 
 def check_usable_parameters(model: nn.Module, what: str) -> None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from .channels import engine as _channels_engine  # noqa: F401  (registers the channel engine)
 from .curvature import split_batch, to_device
+from .discovery import unpruned_layers_note
 from .distributed import check_process_group, rank_zero_input
 from .eigenbasis import pruner
 from .engine import auto_reason, get_engine, prepare
@@ -146,6 +147,12 @@ def _eigenbasis(
     except ValueError as err:
         if not str(err).startswith("no prunable layer"):
             raise
+        text, note = str(err), unpruned_layers_note(model)
+        if why is not None:  # "auto" came here because channels could not prune it either
+            text = text.replace(note, "") if note and note in why else text  # said once
+            raise ValueError(f"{text}; structure='auto' tried channels first: {why}") from None
+        if text.startswith("no prunable layer: the model has no"):  # nor has it what channels prune
+            raise ValueError(text) from None
         raise ValueError(
             f"{err}. structure='channels' (or 'auto') may prune it: it also removes the channels "
             "of depthwise and grouped convolutions, the feed-forward widths of Transformer "

@@ -665,3 +665,31 @@ def test_a_model_that_changes_its_input_in_place_is_pruned_as_one_that_does_not(
     ref, want, _ = run(False)
     assert report.structure == want.structure and report.flops_after == want.flops_after
     assert [tuple(p.shape) for p in net.parameters()] == [tuple(p.shape) for p in ref.parameters()]
+
+
+def test_a_model_of_layer_types_no_structure_prunes_says_so_by_every_structure() -> None:
+    """Only nn.Conv3d layers: every structure refuses, naming the Conv3d layers; ``"auto"`` says
+    that it tried channels first (it used to advise trying 'channels' or 'auto'), the eigenbasis
+    no longer advises channels, which cannot prune it either; the model is left as it was."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv3d(2, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv3d(4, 4, 3, padding=1),
+        nn.AdaptiveAvgPool3d(1),
+        nn.Flatten(),
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [(torch.randn(4, 2, 5, 5, 5), torch.randint(0, 4, (4,)))]
+    note = "its nn.Conv3d ×2 are of a type no structure prunes"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PruningWarning)
+        with pytest.raises(ValueError, match="tried channels first") as auto:
+            prune(model, batches, ratio=0.5, structure="auto")
+        assert auto.value.args[0].count(note) == 1 and "may prune it" not in auto.value.args[0]
+        with pytest.raises(RuntimeError, match=note):
+            prune(model, batches, ratio=0.5, structure="channels")
+        with pytest.raises(ValueError, match=note) as eig:
+            prune(model, batches, ratio=0.5, structure="eigenbasis")
+        assert "may prune it" not in eig.value.args[0]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -74,6 +74,7 @@ from ..discovery import (
     check_usable_parameters,
     excluded_modules,
     find_layers,
+    unpruned_layers_note,
 )
 from ..distributed import all_reduce_capture, broadcast_object, is_distributed, rank_zero_input
 from ..engine import PruningEngine, get_engine, register_engine
@@ -2373,6 +2374,7 @@ def _check_changeable(
         raise RuntimeError(
             "no dependency group of this model can change width: Torch-Pruning's graph has no "
             "group rooted at a Conv2d/Linear layer whose outputs are not the model's"
+            + unpruned_layers_note(model)
         )
     raise RuntimeError(
         "no dependency group of this model can change width: " + "; ".join(reason_lines(why, names=3))

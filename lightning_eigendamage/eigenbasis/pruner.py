@@ -165,7 +165,7 @@ def analyse(
     check_usable_parameters(model, "prune")
     cands = find_layers(model, opts.exclude, unsupported=True, max_factor_dim=opts.max_factor_dim)
     if not any(c.skipped is None for c in cands):
-        raise ValueError(no_prunable_message(cands))
+        raise ValueError(no_prunable_message(cands, model))
     device = next(model.parameters()).device
 
     replay = _rng_snapshot(batches)
@@ -212,7 +212,7 @@ def analyse(
     dynamic_skips(cands, captured.layers, captured.fire_order, opts.exempt_last, backward=True)
     prunable = [c for c in cands if c.skipped is None]
     if not prunable:
-        raise ValueError(no_prunable_message(cands))
+        raise ValueError(no_prunable_message(cands, model))
 
     factors = [f for c in prunable for f in (captured.layers[c.name].a(), captured.layers[c.name].g())]
     factors = [f.to(device) for f in factors]

@@ -401,7 +401,7 @@ class EigenDamagePruning(Callback):
             )
         cands = self._candidates(pl_module)
         if not any(c.skipped is None for c in cands):
-            raise ValueError(f"EigenDamagePruning: {no_prunable_message(cands)}")
+            raise ValueError(f"EigenDamagePruning: {no_prunable_message(cands, pl_module)}")
         self._log_skips([(c.name, c.skipped) for c in cands if c.skipped is not None], "")
 
     def _check_spawn(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -569,7 +569,7 @@ class EigenDamagePruning(Callback):
                 raise ValueError(f"EigenDamagePruning: {err}") from None
         skips = dynamic_skips(cands, cap.layers, cap.fire_order, self.exempt_last, backward=False)
         if not any(c.skipped is None for c in cands):
-            raise ValueError(f"EigenDamagePruning: {no_prunable_message(cands)}")
+            raise ValueError(f"EigenDamagePruning: {no_prunable_message(cands, pl_module)}")
         self._log_skips(skips, " after a forward pass")
 
     def _round_prepared(self) -> Any:
