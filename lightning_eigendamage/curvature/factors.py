@@ -235,10 +235,7 @@ def _patch_a_by_row_ranges(
                 for part in (rows(lo, min(lo_all, hi), shift), rows(max(hi_all, lo), hi, shift)):
                     if part is not None:
                         block = block + part if block is common else block.add_(part)
-            block = block.view(c, kw, c, kw)
-            a6[:, a, :, :, a + lag, :] = block
-            if lag:
-                a6[:, a + lag, :, :, a, :] = block.permute(2, 3, 0, 1)
+            _put_block(a6, block, a, lag)
     return a6.reshape(c * kh * kw, c * kh * kw)
 
 
@@ -273,11 +270,18 @@ def _patch_a_by_row_lags(
                 if lo < hi:
                     sums[a] += prod[lo - r0 : hi - r0 : sh].sum(0)
         for a, block in enumerate(sums):
-            block = block.view(c, kw, c, kw)
-            a6[:, a, :, :, a + lag, :] = block
-            if lag:
-                a6[:, a + lag, :, :, a, :] = block.permute(2, 3, 0, 1)
+            _put_block(a6, block, a, lag)
     return a6.reshape(c * kh * kw, c * kh * kw)
+
+
+def _put_block(a6: torch.Tensor, block: torch.Tensor, a: int, lag: int) -> None:
+    """Write the block ``(C·kw, C·kw)`` of kernel rows ``(a, a + lag)`` into ``a6``
+    ``(C, kh, kw, C, kh, kw)``, and its transpose as the block ``(a + lag, a)``."""
+    c, _, kw = a6.shape[:3]
+    block = block.view(c, kw, c, kw)
+    a6[:, a, :, :, a + lag, :] = block
+    if lag:
+        a6[:, a + lag, :, :, a, :] = block.permute(2, 3, 0, 1)
 
 
 def linear_a(x: torch.Tensor) -> tuple[torch.Tensor, int]:
