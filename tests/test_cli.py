@@ -234,7 +234,7 @@ def test_fit_from_yaml_prunes(tmp_path: Path, spelling: str) -> None:
         (
             "schedule:\n  class_path: lightning_eigendamage.PruningSchedule\n"
             "  init_args: {epochs: {0: 0.5}, target: flop}",
-            r"target must be one of \('directions', 'params', 'flops'\), got 'flop'",
+            r"target must be one of \('directions', 'params', 'flops', 'channels'\), got 'flop'",
         ),
         ("schedule: {epochs: {0: 0.5}, fisher_batches: 0}", "fisher_batches must be an integer ≥ 1"),
         # Beyond max_epochs=2: checked against the Trainer in setup, before training.
