@@ -189,7 +189,8 @@ class ConvAdapter(LayerAdapter):
         if a_form == "channel":
             return conv_channel_a(x2, self.view(module), out2.shape[2], out2.shape[3], cache)
         every, first = columns
-        every = min(every, out2.shape[3])  # a map narrower than the step: every column
+        if out2.shape[3] < every:  # a map narrower than the step is read whole
+            every, first = 1, 0
         return conv_patch_a(x2, self.view(module), (every, first % every))
 
     def a_width(self, module: nn.Module, a_form: str) -> int:

@@ -127,9 +127,7 @@ def restore_pruned(
             missing or unexpected keys); the message names each key, with both shapes.
     """
     state_dict = state_dict_of(checkpoint)
-    records = records_in(state_dict)
-    replacements = layers_for_records(model, records, narrower=channel_pruned(state_dict))
-    replacements.update(narrowed_modules(model, state_dict, skip=records))
+    replacements = _replacements(model, state_dict, records_in(state_dict))
     check_loadable(model, state_dict, strict=strict, replacements=replacements)
     old = {name: model.get_submodule(name) for name in replacements}
     swap_modules(model, replacements)
@@ -139,6 +137,19 @@ def restore_pruned(
         swap_modules(model, old)
         raise
     return model
+
+
+def _replacements(
+    model: nn.Module, state_dict: Mapping[str, Any], records: Mapping[str, Any], prefix: str = ""
+) -> dict[str, nn.Module]:
+    """The modules that reshape ``model`` to ``state_dict`` (keys under ``prefix``): layers rebuilt
+    from their eigenbasis ``records`` and layers narrowed to the tensors' shapes, those inside a
+    narrowed module put into its copy (a projection rewritten in its eigenbasis inside an
+    attention module whose heads were removed), so that swapping installs both and ``model``'s own
+    modules are never changed."""
+    replacements = layers_for_records(model, records, narrower=channel_pruned(state_dict))
+    replacements.update(narrowed_modules(model, state_dict, prefix=prefix, skip=records))
+    return _nested(replacements)
 
 
 def enable_pruned_loading(model: nn.Module) -> Any:
@@ -196,8 +207,7 @@ class PrunedLoadingHook:
             k[len(prefix) :]: v for k, v in state_dict.items() if isinstance(k, str) and k.startswith(prefix)
         }
         records = records_in(local)
-        replacements = layers_for_records(module, records, narrower=channel_pruned(state_dict))
-        replacements.update(narrowed_modules(module, state_dict, prefix=prefix, skip=records))
+        replacements = _replacements(module, state_dict, records, prefix)
         assign = bool((local_metadata or {}).get("assign_to_params_buffers", False))
         check_loadable(
             module,

@@ -84,9 +84,10 @@ def count_flops(
 ) -> int:
     """FLOPs of one forward pass per example (FlopCounterMode: 2 per multiply-add), eval mode.
 
-    ``example`` is a model input with a leading batch dimension (or, with ``forward_fn``, a whole
-    batch, run as ``forward_fn(model, example)``); its first example is used. The model's
-    training flags are restored afterwards.
+    ``example`` is a model input with a leading batch dimension, run as ``model(example)`` (a
+    dict or tuple is one argument, as everywhere else; a model that takes keywords needs a
+    ``forward_fn``), or, with ``forward_fn``, a whole batch, run as ``forward_fn(model, example)``;
+    its first example is used. The model's training flags are restored afterwards.
     """
     return int(_counted(model, example, forward_fn).get_total_flops())
 
@@ -152,9 +153,7 @@ def _counted(
         ):
             if forward_fn is not None:
                 forward_fn(model, x)
-            elif isinstance(x, dict):
-                model(**x)
-            else:
+            else:  # as the capture and the checks run it: a dict input is one argument
                 model(x)
     finally:
         for m, mode in modes.items():

@@ -180,9 +180,11 @@ def _auto(
         options = PruneOptions(
             structure="channels", input_fn=kwargs.get("input_fn"), forward_fn=kwargs.get("forward_fn")
         )
-    example = to_device(split_batch(batches[0], options.input_fn)[0], params[0].device)
-    if distributed:  # the check runs the model: every process checks rank 0's input
-        example = rank_zero_input(example, params[0].device)
+    example = None  # with a forward_fn the check does not run: no input to find in the batch
+    if options.forward_fn is None:
+        example = to_device(split_batch(batches[0], options.input_fn)[0], params[0].device)
+        if distributed:  # the check runs the model: every process checks rank 0's input
+            example = rank_zero_input(example, params[0].device)
     prepared, reason = prepare("channels", model, example, options)
     if reason is None:
         return "channels", prepared, auto_reason(None, prepared)

@@ -270,3 +270,26 @@ def test_a_columns_is_checked() -> None:
     for bad in (0, -2, 1.5, True, None):
         with pytest.raises(ValueError, match="a_columns must be a positive int"):
             KFACapture({"l": nn.Linear(2, 2)}, a_columns=bad)
+
+
+def test_a_map_narrower_than_a_columns_is_read_whole() -> None:
+    """``a_columns=3`` on a conv whose output map is 2 wide: every column of every batch (it read
+    one in two, and column 0 on two batches of three); one 3 wide (not narrower) reads one
+    column a batch, each once over three batches."""
+    torch.manual_seed(0)
+    for width, rows_per_batch in ((2, 8 * 4 * 2), (3, 8 * 4 * 1)):
+        conv = nn.Conv2d(2, 3, (1, 1))
+        batches = [torch.randn(8, 2, 4, width) for _ in range(3)]
+        got = capture_factors(conv, {"c": conv}, batches, factors_for=["c"], a_form="patch", a_columns=3)
+        assert got.layers["c"].a_rows == 3 * rows_per_batch
+        # against the brute-force mean over the columns each batch read
+        picked = [x if width < 3 else x[..., b % 3 :: 3] for b, x in enumerate(batches)]
+        rows = torch.cat([p.permute(0, 2, 3, 1).reshape(-1, 2) for p in picked]).double()
+        torch.testing.assert_close(got.layers["c"].a(), rows.T @ rows / rows.shape[0])
+
+
+@pytest.mark.parametrize("columns", [(0, 0), (3, -1), (2, 2), (2, 7), (1, 1), (2.0, 0), (True, 0), (2, None)])
+def test_conv_patch_a_refuses_columns_that_select_nothing_or_are_not_integers(columns: tuple) -> None:
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    with pytest.raises(ValueError, match="columns must be"):
+        conv_patch_a(torch.randn(2, 2, 5, 5), conv, columns)

@@ -693,3 +693,123 @@ def test_a_model_of_layer_types_no_structure_prunes_says_so_by_every_structure()
             prune(model, batches, ratio=0.5, structure="eigenbasis")
         assert "may prune it" not in eig.value.args[0]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _SplitAttention(nn.Module):
+    """Attention with separate ``q_proj``/``k_proj``/``v_proj``/``out_proj`` and ``num_heads``."""
+
+    def __init__(self, d: int = 32, num_heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, d // num_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, _ = x.shape
+
+        def heads(v: torch.Tensor) -> torch.Tensor:
+            return v.view(n, t, self.num_heads, self.head_dim).transpose(1, 2)
+
+        o = nn.functional.scaled_dot_product_attention(
+            heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        )
+        return self.out_proj(o.transpose(1, 2).reshape(n, t, self.num_heads * self.head_dim))
+
+
+class _TokenClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.norm, self.attn, self.head = (
+            nn.Linear(8, 32),
+            nn.LayerNorm(32),
+            _SplitAttention(),
+            nn.Linear(32, 5),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        return self.head((h + self.attn(self.norm(h))).mean(1))
+
+
+def test_heads_removed_then_projections_in_their_eigenbasis_reload_and_a_failed_load_changes_nothing() -> (
+    None
+):
+    """Heads of a q/k/v/out-projection attention removed (channels), then its projections
+    rewritten in their eigenbasis: the fresh model's attention module was replaced by its narrowed
+    copy holding the original Linear children, after the rebuilt projections had been put into
+    the original: the load failed on missing keys, and the failed load left the fresh model's
+    projections rewritten. Now both routes reload exactly, and a load that fails leaves the fresh
+    model's modules and tensors as they were."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 6, 8), torch.randint(0, 5, (8,))) for _ in range(2)]
+    net = _TokenClassifier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PruningWarning)
+        prune(net, batches, ratio=0.4, structure="channels", target="flops")
+        assert net.attn.num_heads < 4
+        prune(net, batches, ratio=0.4, structure="eigenbasis", target="flops")
+    assert type(net.attn.q_proj).__name__ == "KFELayer"
+    _reloads_exactly(net, _TokenClassifier, batches[0][0])
+
+    from lightning_eigendamage import restore_pruned
+
+    bad = dict(net.state_dict())
+    bad["head.weight"] = torch.zeros(5, 31)
+    bad = type(net.state_dict())(bad)
+    bad._metadata = net.state_dict()._metadata
+    fresh = _TokenClassifier()
+    modules = dict(fresh.named_modules())
+    tensors = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(RuntimeError, match="head.weight"):
+        restore_pruned(fresh, bad)
+    assert dict(fresh.named_modules()) == modules and fresh.attn.num_heads == 4
+    assert all(torch.equal(tensors[k], v) for k, v in fresh.state_dict().items())
+
+
+class _DictInput(nn.Module):
+    """``forward(inp)`` with ``inp`` a dict; returns a dict of outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(8, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+
+    def forward(self, inp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        h = torch.relu(self.b(torch.relu(self.a(inp["x"]))))
+        return {"logits": self.head(h), "feat": h}
+
+
+def test_a_dict_input_is_one_argument_everywhere_and_auto_with_a_forward_fn_finds_no_input() -> None:
+    """The FLOP count called ``model(**input)`` where the capture and the checks call
+    ``model(input)``: the eigenbasis failed on a model taking a dict (channels did not). And
+    ``"auto"`` with a ``forward_fn`` on dict batches looked for the model's input (a TypeError)
+    before finding that a forward_fn makes it take the eigenbasis."""
+    from lightning_eigendamage.costs import count_flops
+
+    torch.manual_seed(0)
+    batches = [{"x": torch.randn(8, 8), "y": torch.randint(0, 4, (8,))} for _ in range(2)]
+    assert count_flops(_DictInput(), {"x": torch.randn(2, 8)}) == 2 * (8 * 32 + 32 * 32 + 32 * 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PruningWarning)
+        for structure in ("eigenbasis", "channels"):
+            torch.manual_seed(0)
+            net = _DictInput()
+            report = prune(
+                net,
+                batches,
+                ratio=0.5,
+                structure=structure,
+                target="flops",
+                input_fn=lambda b: {"x": b["x"]},
+                forward_fn=lambda m, b: m({"x": b["x"]})["logits"],
+            )
+            assert report.flops_after < report.flops_before
+        torch.manual_seed(0)
+        report = prune(
+            _DictInput(),
+            batches,
+            ratio=0.5,
+            structure="auto",
+            target="flops",
+            forward_fn=lambda m, b: m({"x": b["x"]})["logits"],
+        )
+    assert report.structure == "eigenbasis" and "forward_fn is given" in report.structure_reason
+    assert report.flops_after < report.flops_before

@@ -161,6 +161,13 @@ def conv_patch_a(
     h_out = (hp - dh * (kh - 1) - 1) // sh + 1
     w_out = (wp - dw * (kw - 1) - 1) // sw + 1
     every, first = columns
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"columns must be (every ≥ 1, first), got {columns!r}")
+    if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first < min(every, w_out):
+        raise ValueError(
+            f"columns must be (every, first) with 0 ≤ first < every and first < the output width "
+            f"{w_out}, got {columns!r}"
+        )
     if every > 1 or first:
         # output columns first, first + every, …: the input from column first·sw on, stride every·sw
         x = x[..., first * sw :]
