@@ -86,8 +86,10 @@ class PruneOptions:
     ``structure`` names the engine (:mod:`~lightning_eigendamage.engine`): ``"eigenbasis"``,
     ``"channels"`` or ``"auto"`` (decided with a model in hand: :meth:`resolved`). Options left
     at None (``layer_cap``, ``rank_by``) take the engine's default; values an engine does not
-    accept (a form for channels, a ``rank_by`` of the other engine) are a ValueError here, or in
-    :meth:`resolved` for ``"auto"``.
+    accept (a form for channels, a ``rank_by`` of the other engine) are a ValueError here; for
+    ``"auto"`` here only if no engine accepts them, else in :meth:`resolved` once the model has
+    decided the structure (``prune`` and the callback then say which structure was chosen, and
+    why, before anything is pruned or trained).
 
     Raises:
         ValueError / TypeError: at construction, for any bad value, saying what to pass.
@@ -182,12 +184,17 @@ class PruneOptions:
             object.__setattr__(self, name, bool(value))
         if self.structure != "auto":
             self._resolve_in_place()
-        else:  # every engine "auto" may choose must accept the options, or the user must choose
+        else:  # some engine "auto" may choose must accept the options (which one: by the model)
+            refusals = []
             for name in engine_names():
                 try:
                     replace(self, structure=name)
                 except ValueError as err:
-                    raise ValueError(f"{err}; with structure='auto' pass the structure explicitly") from None
+                    refusals.append(str(err))
+                else:
+                    break
+            else:
+                raise ValueError("no structure takes these options: " + "; ".join(refusals))
 
     def _resolve_in_place(self) -> None:
         """Fill the engine's defaults and check the options it does not accept."""

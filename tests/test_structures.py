@@ -433,6 +433,36 @@ def test_a_channels_target_in_the_schedule_removes_that_share_of_the_channels() 
         EigenDamagePruning(PruningSchedule(epochs={0: 0.5}, target="channels"), structure="eigenbasis")
 
 
+def test_auto_takes_options_one_structure_takes_and_checks_them_against_its_choice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``target="channels"`` (channels only) with the default ``structure="auto"``: the callback
+    is built (it refused, asking for an explicit structure), prunes channels where the graph
+    builds, and where it does not, refuses before any training step, naming the structure chosen
+    and why. Options no structure takes are refused at construction."""
+    torch.manual_seed(0)
+    model = LitClassifier(small_cnn())
+    cb = Recorder(PruningSchedule(epochs={0: 0.25}, target="channels"), structure="auto")
+    trainer(max_epochs=1, callbacks=[cb]).fit(model, loader(image_data(32)))
+    assert cb.structure == "channels" and cb.reports[0].channels_removed > 0
+
+    import torch_pruning as tp
+
+    def fails(self, *args, **kwargs):
+        raise ZeroDivisionError("integer division or modulo by zero")
+
+    monkeypatch.setattr(tp.DependencyGraph, "build_dependency", fails)
+    model = LitClassifier(small_cnn())
+    cb = EigenDamagePruning(PruningSchedule(epochs={0: 0.25}, target="channels"), verbose=False)
+    with pytest.raises(
+        ValueError, match=r"structure='auto' chose eigenbasis for this model \(channels are not"
+    ):
+        trainer(max_epochs=1, callbacks=[cb]).fit(model, loader(image_data(32)))
+    assert model.steps_run == 0
+    with pytest.raises(ValueError, match="no structure takes these options"):
+        EigenDamagePruning({0: 0.5}, form="bottleneck", rank_by="relative")
+
+
 def test_channel_options_are_checked_in_the_constructor() -> None:
     # gradual removal works with both structures (an engine without a penalty would be refused)
     assert EigenDamagePruning({2: 0.5}, structure="channels", gradual=GradualRemoval(steps=2, penalty=1.0))

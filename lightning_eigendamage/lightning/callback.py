@@ -600,7 +600,7 @@ class EigenDamagePruning(Callback):
             reason: str | None = "the training data gave no batch to trace the model with"
         else:
             with _preserve_rng(pl_module.device):
-                prepared, reason = prepare(target, pl_module, example, self.options.resolved(target))
+                prepared, reason = prepare(target, pl_module, example, self._check_options(target))
             self._prepared = prepared  # the traced graph, reused by every round (re-traced if stale)
         if self._structure is not None:
             if reason is not None:
@@ -611,9 +611,30 @@ class EigenDamagePruning(Callback):
             return
         self._structure = "channels" if reason is None else "eigenbasis"
         self._structure_reason = auto_reason(reason, self._prepared if example is not None else None)
+        try:  # the options must fit the structure chosen (PruneOptions took them for some structure)
+            self.options.resolved(self._structure)
+        except ValueError as err:
+            raise ValueError(
+                f"EigenDamagePruning: structure='auto' chose {self._structure} for this model "
+                f"({self._structure_reason}), and {err}; pass the structure explicitly, or options "
+                "it takes"
+            ) from None
         rank_zero_info(
             f"EigenDamagePruning: structure='auto' prunes {self._structure} ({self._structure_reason})"
         )
+
+    def _check_options(self, structure: str) -> PruneOptions:
+        """The options the engine ``structure``'s check runs with: ours resolved for it, or, under
+        ``"auto"`` with options only the other structure takes, those the check reads (the input
+        and forward functions) alone: which structure it is, is what the check decides."""
+        try:
+            return self.options.resolved(structure)
+        except ValueError:
+            if self.options.structure != "auto":
+                raise
+            return PruneOptions(
+                structure=structure, input_fn=self.options.input_fn, forward_fn=self.options.forward_fn
+            )
 
     def _candidates(self, pl_module: pl.LightningModule) -> list[Candidate]:
         """Every candidate layer of ``pl_module`` for the engine (the eigenbasis engine's before
