@@ -91,7 +91,7 @@ def prune(
     elif kwargs:
         raise ValueError(f"pass the options either in options= or as keywords, not both ({sorted(kwargs)})")
     try:
-        if auto:  # layers no traced part of the channel graph covers: in their eigenbasis
+        if auto:  # layers channels cannot reach (untraced, or a Conv1d): in their eigenbasis
             report, _ = channels_with_eigenbasis(
                 model, batches, ratio, options, engine, distributed=distributed, prepared=prepared
             )

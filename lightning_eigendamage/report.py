@@ -60,9 +60,10 @@ class PruneReport:
     :mod:`~lightning_eigendamage.channels.latency`). ``structure_reason``: with
     ``structure="auto"``, why this structure was chosen (the reason channels were not possible,
     when the eigenbasis was); None when the structure was named. ``eigenbasis_layers``: with
-    ``structure="auto"``, the layers of a channel-pruned model that no traced part of its channel
-    graph covers, pruned in their eigenbasis instead (their ``layers`` entries are the
-    eigenbasis'), with the reason channels could not reach them.
+    ``structure="auto"``, the layers of a channel-pruned model that channels cannot reach (no
+    traced part of its channel graph covers them, or they are of a type whose channels are never
+    removed, ``nn.Conv1d``), pruned in their eigenbasis instead (their ``layers`` entries are the
+    eigenbasis'), with the reason.
     """
 
     params_before: int
@@ -155,8 +156,8 @@ class PruneReport:
             lines.append(f"{'heads':<9} {', '.join(cells[:6])}{more}")
         if self.eigenbasis_layers:
             lines.append(
-                f"eigenbasis: {_plural(len(self.eigenbasis_layers), 'layer', 'layers')} no traced part of "
-                "the channel graph covers, rewritten in their eigenbasis instead"
+                f"eigenbasis: {_plural(len(self.eigenbasis_layers), 'layer', 'layers')} channels cannot "
+                "reach, rewritten in their eigenbasis instead"
             )
             lines += ["  " + line for line in reason_lines(self.eigenbasis_layers, names=3)]
         left = self.left_whole

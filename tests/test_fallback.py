@@ -357,3 +357,75 @@ def test_a_callback_round_reports_why_the_uncovered_layers_it_left_whole_were_le
     assert report.eigenbasis_layers and set(report.eigenbasis_layers) < uncovered
     for name in uncovered - set(report.eigenbasis_layers):  # left whole, with the real reason
         assert report.left_whole[name].startswith("in a part whose channel dependencies"), report.left_whole
+
+
+class _Audio(nn.Module):
+    """Conv1d layers (most of the FLOPs) and a Linear head: only the Linear group can lose
+    channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv1d(1, 16, 9, stride=2, padding=4)
+        self.c1 = nn.Conv1d(16, 32, 5, padding=2)
+        self.c2 = nn.Conv1d(32, 32, 1)
+        self.fc, self.out = nn.Linear(32, 32), nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c2(torch.relu(self.c1(torch.relu(self.stem(x))))))
+        return self.out(torch.relu(self.fc(x.mean(-1))))
+
+
+def _audio_batches() -> list:
+    gen = torch.Generator().manual_seed(0)
+    return [
+        (torch.randn(8, 1, 64, generator=gen), torch.randint(0, 5, (8,), generator=gen)) for _ in range(2)
+    ]
+
+
+def test_conv1d_layers_go_to_the_eigenbasis_under_auto():
+    """Channels are removed only from Conv2d/Linear groups: "auto" chose channels (the graph
+    builds) and removed 0.5 % of a Conv1d network's FLOPs, asked for ÷2. Its Conv1d layers are now
+    pruned in their eigenbasis for their share, the Linear group by channels for the rest; the
+    target is met, counted again on the pruned model, and the model reloads exactly."""
+    torch.manual_seed(0)
+    net, batches = _Audio().eval(), _audio_batches()
+    x = batches[0][0]
+    before = count_flops(net, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = prune(net, batches, ratio=0.5, target="flops", structure="auto")
+    assert report.structure == "channels"
+    assert set(report.eigenbasis_layers) == {"c1", "c2"}  # the 1-channel stem: kept whole, said so
+    assert "only Conv2d and Linear layers lose channels" in report.left_whole["stem"]
+    assert all(
+        "only Conv2d and Linear layers lose channels" in why for why in report.eigenbasis_layers.values()
+    )
+    assert isinstance(net.c1, KFELayer) and isinstance(net.c2, KFELayer)
+    after = count_flops(net, x)
+    assert (report.flops_before, report.flops_after) == (before, after)
+    assert 1 - after / before >= 0.5 - TARGET_TOLERANCE and report.target_reached
+    assert "channels cannot reach" in report.summary()
+    fresh = restore_pruned(_Audio().eval(), net.state_dict())
+    torch.testing.assert_close(fresh(x), net(x), rtol=0, atol=0)
+
+
+def test_the_callback_under_auto_prunes_conv1d_layers_in_their_eigenbasis():
+    """The same through a callback round, from the factors captured during training (the patch
+    form of a Conv1d's ``A`` from every other time step, in the channel form for the eigenbasis):
+    the Conv1d layers are rewritten, the target met, training goes on with finite weights."""
+    from lit_models import LitClassifier, loader, trainer
+    from torch.utils.data import TensorDataset
+
+    from lightning_eigendamage import EigenDamagePruning, PruningSchedule
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(32, 1, 64), torch.randint(0, 5, (32,)))
+    model = LitClassifier(_Audio())
+    cb = EigenDamagePruning(PruningSchedule({0: 0.5}, target="flops"), verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_epochs=2, callbacks=[cb]).fit(model, loader(data, 8))
+    (report,) = cb.reports
+    assert cb.structure == "channels" and {"net.c1", "net.c2"} <= set(report.eigenbasis_layers)
+    assert isinstance(model.net.c1, KFELayer) and report.target_reached
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -2570,9 +2570,14 @@ class ChannelEngine(PruningEngine):
 
     def unreachable(self, model: nn.Module, prepared: ChannelGraph | None) -> dict[str, str]:
         """The Conv2d/Linear layers in no part of the model Torch-Pruning could trace (none for a
-        whole graph; attention projections are not among them: their heads may still go), with
-        the reason."""
-        return {} if prepared is None else _untraced_skips(model, prepared.graph)
+        whole graph; attention projections are not among them: their heads may still go), and
+        the layers of the other types the eigenbasis prunes (``nn.Conv1d``), whose channels this
+        engine never removes, with the reason."""
+        out = {} if prepared is None else _untraced_skips(model, prepared.graph)
+        for c in find_layers(model):
+            if c.skipped is None and not isinstance(c.unit, _LAYERS) and c.name not in out:
+                out[c.name] = f"{type(c.unit).__name__}: only Conv2d and Linear layers lose channels"
+        return out
 
     def analyse(
         self,

@@ -1079,7 +1079,7 @@ class EigenDamagePruning(Callback):
         Returns the report and the engine's change, used to carry optimizer state over: for the
         eigenbasis, per rebuilt layer its :class:`~lightning_eigendamage.plan.LayerChange`; for
         channels a :class:`~lightning_eigendamage.channels.ChannelChange`; under
-        ``structure="auto"`` with channels, where layers no traced part of the channel graph covers
+        ``structure="auto"`` with channels, where layers channels cannot reach (untraced, Conv1d)
         were pruned in their eigenbasis (from the same captured factors, as
         :func:`~lightning_eigendamage.prune` does), a
         :class:`~lightning_eigendamage.fallback.MixedChange` of both.
@@ -1115,7 +1115,7 @@ class EigenDamagePruning(Callback):
 
     def _mixed(self) -> bool:
         """Whether rounds prune in both structures: ``structure="auto"`` chose channels, and the
-        layers no traced part of the channel graph covers go to the eigenbasis."""
+        layers channels cannot reach (untraced, Conv1d) go to the eigenbasis."""
         return self.options.structure == "auto" and self._structure == "channels"
 
     def on_after_surgery(
