@@ -813,3 +813,34 @@ def test_a_dict_input_is_one_argument_everywhere_and_auto_with_a_forward_fn_find
         )
     assert report.structure == "eigenbasis" and "forward_fn is given" in report.structure_reason
     assert report.flops_after < report.flops_before
+
+
+class _RawConv(nn.Module):
+    """A conv applied through ``F.conv2d`` with a Parameter of the model's own, between layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(24, 16, 3, 3) * 0.1)
+        self.c3, self.fc, self.head = nn.Conv2d(24, 32, 3, padding=1), nn.Linear(32, 32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(nn.functional.conv2d(torch.relu(self.stem(x)), self.w, padding=1))
+        return self.head(torch.relu(self.fc(torch.relu(self.c3(x)).mean((2, 3)))))
+
+
+def test_a_group_reaching_a_parameter_used_in_forward_is_left_whole_and_the_rest_pruned() -> None:
+    """The stem's group holds a Parameter the forward uses through ``F.conv2d``, whose index
+    mapping Torch-Pruning gets wrong: the decision raised an ``UntraceableError`` for the whole
+    model (blaming "this model's reshapes"). Now that group is left whole with the reason and the
+    other groups meet the target; the pruned model reloads exactly."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))) for _ in range(2)]
+    net = _RawConv()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PruningWarning)
+        report = prune(net, batches, ratio=0.5, structure="channels", target="flops")
+    assert net.stem.out_channels == 16 and net.w.shape == (24, 16, 3, 3)
+    assert "used directly in forward" in report.left_whole["group of stem"]
+    assert report.target_reached and net.c3.out_channels < 32
+    _reloads_exactly(net, _RawConv, batches[0][0])

@@ -524,13 +524,18 @@ def _collect_groups(
         root_item = group[0]
         root = root_item.dep.target.module
         n = len(root_item.idxs)
-        _check_group(dg, group, root, names)
+        why = None
         if allowed is not None:
             why = next((r for r in (allowed(it.dep.target.module) for it in group) if r), None)
-            if why is not None:
-                if left is not None:
-                    left[f"group of {names.get(root, '?')}"] = f"left whole: {why}"
-                continue
+        if why is None:
+            try:  # a group whose index mapping is broken is never cut (left whole, said why)
+                _check_group(dg, group, root, names)
+            except UntraceableError as err:
+                why = "its index mapping is broken; " + str(err).removesuffix(_UNTRACEABLE)
+        if why is not None:
+            if left is not None:
+                left[f"group of {names.get(root, '?')}"] = f"left whole: {why}"
+            continue
         units = _units(group, dg)
         if isinstance(units, str):
             if left is not None:
