@@ -49,7 +49,7 @@ from .curvature import CaptureResult, channel_form, split_batch, to_device
 from .eigenbasis.layers import KFELayer
 from .engine import PruningEngine, get_engine
 from .options import PruneOptions
-from .report import TARGET_TOLERANCE, PruneReport, PruningWarning, TargetNotReachedWarning
+from .report import TARGET_TOLERANCE, PruneReport, PruningWarning, TargetNotReachedWarning, warn_user
 
 if TYPE_CHECKING:
     from torch.optim import Optimizer
@@ -132,12 +132,11 @@ def channels_with_eigenbasis(
     if captured is None and not merged.target_reached and merged.target in ("flops", "params"):
         merged = _topped_up(model, batches, options, names, distributed, merged, unreachable)
     if not merged.target_reached:
-        warnings.warn(
+        warn_user(
             f"removed {merged.reached:.3f} of the {merged.target} for a ratio of {ratio:.3f} "
             f"(channels, and {len(merged.eigenbasis_layers)} layer(s) in their eigenbasis): "
             f"{merged.limited_by or 'the channel groups and the eigenbasis layers are exhausted'}",
             TargetNotReachedWarning,
-            stacklevel=3,
         )
     return merged, MixedChange(eigen_change, change)
 

@@ -107,10 +107,11 @@ def prune(
             PruningWarning,
             stacklevel=2,
         )
-        fallback = given.resolved("eigenbasis") if given is not None else None
-        return _eigenbasis(
-            model, batches, ratio, fallback, distributed, kwargs, auto_reason(f"they failed: {err}")
+        why = auto_reason(f"they failed: {err}")
+        fallback = (
+            _chosen("eigenbasis", why, lambda: given.resolved("eigenbasis")) if given is not None else None
         )
+        return _eigenbasis(model, batches, ratio, fallback, distributed, kwargs, why)
     report.structure_reason = why
     return report
 
@@ -146,7 +147,12 @@ def _eigenbasis(
         report = pruner.prune(model, batches, ratio=ratio, options=options, distributed=distributed, **kwargs)
     except ValueError as err:
         if not str(err).startswith("no prunable layer"):
-            raise
+            if why is None:
+                raise
+            raise ValueError(  # an option the eigenbasis refuses, say: which structure and why
+                f"{err} (structure='auto' chose 'eigenbasis' for this model: {why}; pass the structure "
+                "explicitly, or options it accepts)"
+            ) from None
         text, note = str(err), unpruned_layers_note(model)
         if why is not None:  # "auto" came here because channels could not prune it either
             text = text.replace(note, "") if note and note in why else text  # said once

@@ -3,6 +3,9 @@ layer considered, and the warnings a call emits."""
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -295,6 +298,20 @@ class PruningWarning(UserWarning):
 
 class TargetNotReachedWarning(PruningWarning):
     """A ``"params"``/``"flops"`` target could not be met (caps, ``min_rank``, skipped layers)."""
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def warn_user(message: str, category: type[Warning]) -> None:
+    """``warnings.warn(message, category)`` attributed to the first frame outside this package
+    (the user's call of ``prune`` or of the engine, or Lightning's of the callback), however deep
+    in the package it is raised: a fixed ``stacklevel`` points inside the package when the same
+    step is reached through another front (``structure="auto"``'s fallback, say)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE + os.sep):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 class ZeroCurvatureWarning(PruningWarning):

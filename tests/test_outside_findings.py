@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from lightning_eigendamage import (
     EigenDamagePruning,
+    PruneOptions,
     PruningSchedule,
     PruningWarning,
     prune,
@@ -844,3 +845,54 @@ def test_a_group_reaching_a_parameter_used_in_forward_is_left_whole_and_the_rest
     assert "used directly in forward" in report.left_whole["group of stem"]
     assert report.target_reached and net.c3.out_channels < 32
     _reloads_exactly(net, _RawConv, batches[0][0])
+
+
+@pytest.mark.parametrize("structure", ["auto", "channels", "eigenbasis"])
+def test_a_missed_target_is_attributed_to_the_callers_line(structure: str) -> None:
+    """``TargetNotReachedWarning`` pointed inside the package where ``"auto"`` reached the step
+    through its fallback (``fallback.py``); it names the line that called ``prune`` for every
+    structure (and ``shots``)."""
+    from lightning_eigendamage import TargetNotReachedWarning
+
+    torch.manual_seed(0)
+    for extra in ({}, {"shots": 2} if structure == "eigenbasis" else {}):
+        net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+        batches = [(torch.randn(8, 6), torch.randint(0, 3, (8,)))]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            prune(net, batches, ratio=0.95, structure=structure, target="flops", **extra)
+        missed = [w for w in caught if issubclass(w.category, TargetNotReachedWarning)]
+        assert missed and all(w.filename == __file__ for w in missed), [
+            (w.filename, w.lineno) for w in missed
+        ]
+
+
+def test_auto_falling_back_after_channels_failed_names_its_choice_when_the_eigenbasis_refuses_an_option(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``target="channels"`` under ``"auto"``: when the channel prune fails after the check,
+    ``"auto"`` falls back to the eigenbasis, which does not count channels. The error said
+    ``structure='eigenbasis'`` as if the user had chosen it; it says ``"auto"`` chose it and why."""
+    from lightning_eigendamage.channels.engine import ChannelEngine
+
+    def fails(self, *args, **kwargs):
+        raise RuntimeError("a failure after the check")
+
+    monkeypatch.setattr(ChannelEngine, "prune", fails)
+    monkeypatch.setattr("lightning_eigendamage.front.channels_with_eigenbasis", fails)
+    torch.manual_seed(0)
+    net = small_cnn()
+    batches = [(torch.randn(8, 3, 12, 12), torch.randint(0, 10, (8,)))]
+    for options in ({"target": "channels"}, {"options": PruneOptions(structure="auto", target="channels")}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PruningWarning)
+            with pytest.raises(
+                ValueError, match=r"structure='auto' chose 'eigenbasis' for this model: .*a failure"
+            ):
+                prune(
+                    net,
+                    batches,
+                    ratio=0.3,
+                    **({"structure": "auto"} if "target" in options else {}),
+                    **options,
+                )

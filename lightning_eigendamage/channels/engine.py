@@ -83,7 +83,14 @@ from ..nested import map_tensors
 from ..optim import TransplantReport, carry_sliced_state
 from ..options import PruneOptions
 from ..progress import Progress, progress_of
-from ..report import TARGET_TOLERANCE, LayerReport, PruneReport, TargetNotReachedWarning, reason_lines
+from ..report import (
+    TARGET_TOLERANCE,
+    LayerReport,
+    PruneReport,
+    TargetNotReachedWarning,
+    reason_lines,
+    warn_user,
+)
 from ..values import as_int, as_real
 from .baselines import (
     DEFAULT_DAMPING,
@@ -2865,10 +2872,9 @@ class ChannelEngine(PruningEngine):
             for m, mode in modes.items():
                 m.training = mode
         if not ok:
-            warnings.warn(
+            warn_user(
                 f"removed {reached:.3f} of the {plan.target} for a ratio of {plan.ratio:.3f}: {_LIMITED}",
                 TargetNotReachedWarning,
-                stacklevel=3,
             )
         return report, change
 

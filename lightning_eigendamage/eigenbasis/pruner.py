@@ -52,7 +52,14 @@ from ..gradual import MarkedLayer, marked_layers
 from ..optim import TransplantReport, carry_optimizer_state, stage_parameters
 from ..options import PruneOptions
 from ..progress import progress_of
-from ..report import TARGET_TOLERANCE, LayerReport, PruneReport, TargetNotReachedWarning, ZeroCurvatureWarning
+from ..report import (
+    TARGET_TOLERANCE,
+    LayerReport,
+    PruneReport,
+    TargetNotReachedWarning,
+    ZeroCurvatureWarning,
+    warn_user,
+)
 from ..values import as_real
 from .basis import eigh_factors, to_kfe
 from .criteria import criterion, global_marks, global_threshold, keep_side
@@ -869,12 +876,11 @@ def _report(
         limited = None
         if not reached_ok:
             limited = _what_limits(an, opts)
-            warnings.warn(
+            warn_user(
                 f"prune: target not reached: asked to remove {ratio:.1%} of the {target}, removed "
                 f"{reached:.1%} (÷{1 / max(1e-12, 1 - reached):.2f} instead of "
                 f"÷{1 / max(1e-12, 1 - ratio):.2f}); limited by {limited}",
                 TargetNotReachedWarning,
-                stacklevel=4,
             )
     return PruneReport(
         params_before=an.totals["params"],
@@ -1229,12 +1235,11 @@ def _overall(
         out.limited_by = None
         if not out.target_reached:
             out.limited_by = last.limited_by or _what_limits(an, opts)
-            warnings.warn(
+            warn_user(
                 f"prune: target not reached: asked to remove {ratio:.1%} of the {opts.target} in "
                 f"{opts.shots} shots, removed {out.reached:.1%} (÷{1 / max(1e-12, 1 - out.reached):.2f} "
                 f"instead of ÷{1 / max(1e-12, 1 - ratio):.2f}); limited by {out.limited_by}",
                 TargetNotReachedWarning,
-                stacklevel=3,
             )
     return out
 
