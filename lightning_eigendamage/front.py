@@ -9,21 +9,20 @@ model's channel dependency graph can be built and the eigenbasis otherwise.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
 
 from .channels import engine as _channels_engine  # noqa: F401  (registers the channel engine)
-from .curvature import split_batch, to_device
+from .curvature import compiled_code_sees_hooks, split_batch, to_device
 from .discovery import unpruned_layers_note
 from .distributed import check_process_group, rank_zero_input
 from .eigenbasis import pruner
 from .engine import auto_reason, get_engine, prepare
 from .fallback import channels_with_eigenbasis
 from .options import PruneOptions
-from .report import PruneReport, PruningWarning
+from .report import PruneReport, PruningWarning, warn_user
 
 _OPTION_FIELDS = {f.name for f in dataclasses.fields(PruneOptions)}
 
@@ -65,6 +64,20 @@ def prune(
     Returns:
         The report; ``report.structure`` says which structure was pruned.
     """
+    with compiled_code_sees_hooks(model):  # a torch.compile'd submodule calls the capture's hooks
+        return _prune(model, batches, ratio, structure, options, distributed, kwargs)
+
+
+def _prune(
+    model: nn.Module,
+    batches: Iterable[Any],
+    ratio: float,
+    structure: str,
+    options: PruneOptions | None,
+    distributed: bool,
+    kwargs: dict[str, Any],
+) -> PruneReport:
+    """:func:`prune`'s body."""
     ratio = pruner.check_ratio(ratio)  # before anything runs, whichever structure takes it
     check_process_group(distributed)
     if options is not None:
@@ -102,10 +115,9 @@ def prune(
     except RuntimeError as err:  # the engine put the model back as it was
         if not auto or distributed:  # (distributed: every rank must take the same way)
             raise
-        warnings.warn(
+        warn_user(
             f"prune(structure='auto') prunes the eigenbasis: channels failed on this model ({err})",
             PruningWarning,
-            stacklevel=2,
         )
         why = auto_reason(f"they failed: {err}")
         fallback = (
@@ -194,9 +206,8 @@ def _auto(
     prepared, reason = prepare("channels", model, example, options)
     if reason is None:
         return "channels", prepared, auto_reason(None, prepared)
-    warnings.warn(
+    warn_user(
         f"prune(structure='auto') prunes the eigenbasis: channels are not possible here ({reason})",
         PruningWarning,
-        stacklevel=3,
     )
     return "eigenbasis", None, auto_reason(reason)

@@ -770,3 +770,28 @@ def test_compiled_network_is_pruned_without_recompiling_every_batch() -> None:
     with torch.no_grad():
         torch.testing.assert_close(compiled.eval()(x), net.eval()(x))
     assert counters["stats"]["unique_graphs"] <= 16
+
+
+@pytest.mark.parametrize("structure", ["auto", "eigenbasis"])
+def test_a_network_compiled_before_fit_calls_the_capture_hooks(structure: str) -> None:
+    """The compiled network already ran at the training batch's shape before fit (a sanity check,
+    the user's own call): its code had been compiled without the callback's hooks, which torch's
+    compiler then never called, and the probe found every layer "never called in the forward
+    pass". The capture now sees the layers; the round prunes and the compiled network computes
+    what the eager one does."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = small_cnn()
+    compiled = torch.compile(net, backend="eager")
+    x = torch.randn(16, 3, 12, 12)
+    with torch.no_grad():
+        compiled.eval()(x)  # compiled now, without any hook, as the probe will run it (a sanity check)
+    compiled.train()
+    cb = EigenDamagePruning(
+        schedule=PruningSchedule(epochs={0: 0.5}, fisher_batches=3), verbose=False, structure=structure
+    )
+    _fit(LitClassifier(compiled), cb, max_epochs=2)
+    assert len(cb.reports) == 1 and cb.reports[0].flops_after < cb.reports[0].flops_before
+    assert torch._dynamo.config.skip_nnmodule_hook_guards  # the setting is put back after fit
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.eval()(x), net.eval()(x))

@@ -142,3 +142,25 @@ def test_a_head_pruned_attention_compiles_with_torchscript(bias_kv):
         want, want_w = attn(z, z, z, need_weights=True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("structure", ["channels", "eigenbasis"])
+def test_prune_reaches_the_layers_of_a_submodule_compiled_before(structure):
+    """A model holding ``torch.compile(net)`` whose code was compiled, without hooks, on the
+    calibration batches' shape in eval mode: the capture's hooks were never called (every layer
+    "never called in the forward pass"). ``prune`` now makes the compiled code call them, puts
+    torch's setting back, and the compiled model computes what the eager one does."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = ConvNet()
+    batches = conv_batches(2, n=8, size=16)
+    warm_up_bn(net, batches)
+    wrapper = torch.nn.Sequential(torch.compile(net, backend="eager")).eval()
+    wrapper(batches[0][0])  # with autograd, as the capture's pass runs
+    with torch.no_grad():
+        wrapper(batches[0][0])  # and without, as the checks run
+    report = prune(wrapper, batches, ratio=0.5, structure=structure, target="flops")
+    assert report.flops_after < report.flops_before
+    assert torch._dynamo.config.skip_nnmodule_hook_guards
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(batches[0][0]), net.eval()(batches[0][0]), rtol=1e-5, atol=1e-6)

@@ -54,7 +54,15 @@ from .factors import (
     linear_a,
     output_g,
 )
-from .hooks import CaptureResult, HookCapture, KFACapture, LayerFactors, channel_form
+from .hooks import (
+    CaptureResult,
+    HookCapture,
+    KFACapture,
+    LayerFactors,
+    channel_form,
+    compiled_code_sees_hooks,
+    holds_compiled,
+)
 
 __all__ = [
     "A_FORMS",
@@ -69,6 +77,7 @@ __all__ = [
     "check_categorical",
     "capture_factors",
     "channel_form",
+    "compiled_code_sees_hooks",
     "compute_dtype",
     "conv_channel_a",
     "conv_padding",
@@ -77,6 +86,7 @@ __all__ = [
     "default_loss",
     "drive_capture",
     "gram",
+    "holds_compiled",
     "linear_a",
     "output_g",
     "sampled_loss",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -32,6 +32,35 @@ def is_capture_hook(fn: Any) -> bool:
 
 
 _C = TypeVar("_C", bound="HookCapture")
+
+
+def holds_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is, or holds, a ``torch.compile``'d module (an ``OptimizedModule``)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return any(isinstance(m, OptimizedModule) for m in model.modules())
+
+
+@contextlib.contextmanager
+def compiled_code_sees_hooks(model: nn.Module) -> Iterator[None]:
+    """While inside, the ``torch.compile``'d modules of ``model`` call the forward hooks registered
+    on their layers, whenever those are added or removed. By default torch's compiler does not
+    guard on module hooks: code compiled before a hook was registered never calls it, so a
+    capture saw no layer run (a Lightning sanity check had compiled the network first). Inside,
+    it guards on them (``torch._dynamo.config.skip_nnmodule_hook_guards = False``: a changed set
+    of hooks recompiles), and code compiled before is dropped (``torch.compiler.reset()``); the
+    setting is put back on exit. A model without compiled modules is left alone."""
+    if not holds_compiled(model):
+        yield
+        return
+    config = torch._dynamo.config
+    before = config.skip_nnmodule_hook_guards
+    config.skip_nnmodule_hook_guards = False
+    torch.compiler.reset()
+    try:
+        yield
+    finally:
+        config.skip_nnmodule_hook_guards = before
 
 
 class HookCapture:

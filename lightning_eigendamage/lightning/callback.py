@@ -68,7 +68,14 @@ from typing_extensions import override
 
 from ..attention import functional_owners
 from ..checkpoint import PrunedLoadingHook, has_pruned_loading
-from ..curvature import KFACapture, capture_batch, check_categorical, split_batch, target_of
+from ..curvature import (
+    KFACapture,
+    capture_batch,
+    check_categorical,
+    compiled_code_sees_hooks,
+    split_batch,
+    target_of,
+)
 from ..discovery import Candidate, dynamic_skips, find_layers, no_prunable_message
 from ..distributed import is_distributed, rank_zero_input
 from ..engine import PruningEngine, auto_reason, engine_names, get_engine, prepare
@@ -308,6 +315,9 @@ class EigenDamagePruning(Callback):
         self.verbose = verbose
         self.gradual = gradual
         self._load_hook: Any = None
+        # While fitting a model that holds torch.compile'd modules: their compiled code calls the
+        # hooks of every capture and check (compiled_code_sees_hooks), undone at teardown
+        self._compiled_hooks: contextlib.ExitStack | None = None
         self._fitted: weakref.ref | None = None  # the module of the last fit (see setup)
         self._reset_run_state()
 
@@ -390,6 +400,9 @@ class EigenDamagePruning(Callback):
         self._install_loading_hook(pl_module)
         if stage != "fit":
             return
+        self._release_compiled_hooks()
+        self._compiled_hooks = contextlib.ExitStack()
+        self._compiled_hooks.enter_context(compiled_code_sees_hooks(pl_module))
         _check_strategy(trainer.strategy)
         _check_other_callbacks(trainer)
         for msg in self.schedule.validate_for(trainer.max_epochs, trainer.max_steps):
@@ -1337,12 +1350,20 @@ class EigenDamagePruning(Callback):
         self._release_capture()
         self._release_window_capture()
         self._remove_loading_hook()  # Lightning calls no teardown after an exception
+        self._release_compiled_hooks()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release_capture()
         self._release_window_capture()
         self._remove_loading_hook()
+        if stage == "fit":
+            self._release_compiled_hooks()
+
+    def _release_compiled_hooks(self) -> None:
+        if self._compiled_hooks is not None:
+            self._compiled_hooks.close()
+            self._compiled_hooks = None
 
     def _remove_loading_hook(self) -> None:
         if self._load_hook is not None:
