@@ -620,6 +620,32 @@ def test_a_step_point_on_the_step_that_ends_an_epoch_point_is_refused_before_tra
     assert len(cb.reports) == 2
 
 
+def test_under_max_steps_an_epoch_point_never_reached_or_ending_on_a_step_point_is_refused() -> None:
+    """``Trainer(max_steps=...)`` (4 steps per epoch): an epoch point in an epoch the run never
+    reaches did nothing, silently; a step point on the step that ends an epoch point's epoch was
+    only refused without ``max_steps``. Both are refused before training now; the epoch that
+    ``max_steps`` cuts short ends at ``max_steps`` (Lightning still ends it), so a step point there
+    coincides too, and an epoch point in it is reached."""
+    data = loader(image_data(32, size=8), 8)  # 4 steps per epoch
+    cases = [
+        (PruningSchedule(epochs={2: 0.3}), 8, r"the epoch point\(s\) \[2\] are never reached: max_steps=8"),
+        (PruningSchedule(epochs={0: 0.3}, steps={4: 0.3}), 12, "the step point 4 and the epoch point 0"),
+        (PruningSchedule(epochs={1: 0.3}, steps={6: 0.3}), 6, "the step point 6 and the epoch point 1"),
+    ]
+    for schedule, max_steps, match in cases:
+        model = LitClassifier(small_cnn())
+        with pytest.raises(ValueError, match=match):
+            trainer(max_steps=max_steps, callbacks=[EigenDamagePruning(schedule, verbose=False)]).fit(
+                model, data
+            )
+        assert model.steps_run == 0
+    cb = EigenDamagePruning(PruningSchedule(epochs={1: 0.3}), verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_steps=6, callbacks=[cb]).fit(LitClassifier(small_cnn()), data)
+    assert len(cb.reports) == 1  # epoch 1, cut short at step 6, still prunes
+
+
 class _Doubles(nn.Module):
     """``x.mul_(2)`` (in place, on its input) or ``x * 2``, then two convs and a classifier."""
 

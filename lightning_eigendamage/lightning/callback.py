@@ -484,6 +484,7 @@ class EigenDamagePruning(Callback):
                 self._example = next(self._train_batches(trainer, pl_module, 1), None)
                 self._example_saved = False
         self._check_run_length(trainer)
+        self._check_coinciding_points(trainer)
         self._check_gradual(trainer)
         self._probe(trainer, pl_module)
         for p in self._pending():
@@ -507,17 +508,32 @@ class EigenDamagePruning(Callback):
             total = float("inf")
         for msg in self.schedule.validate_steps(total, done=self._done):
             rank_zero_warn(f"EigenDamagePruning: {msg}")
-        self._check_coinciding_points(trainer)
 
     def _check_coinciding_points(self, trainer: pl.Trainer) -> None:
-        """ValueError (before any training) if a step point falls on the optimizer step that ends
-        an epoch point's epoch: both rounds would be due at once, on the same factors, and the
-        second would find none and be skipped."""
+        """ValueError (before any training) if an epoch point is never reached (``max_steps``
+        ends the run in an earlier epoch: Lightning ends the epoch in which it stops, so epoch
+        ``e`` is reached if ``e·steps_per_epoch < max_steps``), or if a step point falls on the
+        optimizer step that ends an epoch point's epoch (``(e+1)·steps_per_epoch``, or
+        ``max_steps`` for the epoch it cuts short): both rounds would be due at once, on the same
+        factors, and the second would find none and be skipped."""
         batches = trainer.num_training_batches
-        if not isinstance(batches, int) or batches <= 0 or trainer.max_steps not in (-1, None):
-            return  # (under max_steps the epochs may be cut short: no fixed epoch length)
+        if not isinstance(batches, int) or batches <= 0:
+            return  # (no length: the epochs' ends are not known before training)
         per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches))
-        ends = {(p.at + 1) * per_epoch: p for p in self._pending() if p.kind == "epoch"}
+        last = trainer.max_steps if trainer.max_steps not in (-1, None) else None
+        if last is not None:
+            never = sorted(p.at for p in self._pending() if p.kind == "epoch" and p.at * per_epoch >= last)
+            if never:
+                raise ValueError(
+                    f"EigenDamagePruning: the epoch point(s) {never} are never reached: max_steps={last} "
+                    f"ends training in epoch {(last - 1) // per_epoch} ({per_epoch} optimizer steps per "
+                    "epoch). Move them, or raise max_steps"
+                )
+        ends = {
+            (p.at + 1) * per_epoch if last is None else min((p.at + 1) * per_epoch, last): p
+            for p in self._pending()
+            if p.kind == "epoch"
+        }
         for p in self._pending():
             if p.kind == "step" and p.at in ends:
                 raise ValueError(
