@@ -922,3 +922,38 @@ def test_auto_falling_back_after_channels_failed_names_its_choice_when_the_eigen
                     **({"structure": "auto"} if "target" in options else {}),
                     **options,
                 )
+
+
+@pytest.mark.parametrize("structure", ["auto", "eigenbasis"])
+def test_resuming_from_a_checkpoint_on_an_epochs_last_step_runs_that_epochs_round(
+    tmp_path, structure: str
+) -> None:
+    """A step checkpoint written on the last optimizer step of epoch 1, before its end (where the
+    epoch point's round runs): resumed from it, Lightning never ends epoch 1, and the round was
+    lost without a word. It now runs at the start of the resumed fit, from the factors the
+    checkpoint holds: the resumed run ends where the uninterrupted one does."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(root, ckpt=None):
+        torch.manual_seed(0)
+        model = LitClassifier(small_cnn())
+        cb = EigenDamagePruning(PruningSchedule(epochs={1: 0.3}), structure=structure, verbose=False)
+        every = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_train_steps=4, filename="{step}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer(
+                max_epochs=3, callbacks=[cb, every], enable_checkpointing=True, default_root_dir=root
+            ).fit(model, loader(image_data(32, size=8), 8), ckpt_path=ckpt)  # 4 steps per epoch
+        return model, cb
+
+    whole, cb_whole = run(tmp_path / "whole")
+    torch.manual_seed(1)  # the fresh model's own weights differ: they come from the checkpoint
+    resumed, cb_resumed = run(tmp_path / "resumed", ckpt=tmp_path / "whole" / "step=8.ckpt")
+    assert len(cb_whole.reports) == len(cb_resumed.reports) == 1
+    got, want = resumed.state_dict(), whole.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        if torch.is_tensor(want[k]):
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+        else:  # an eigenbasis layer's record
+            assert got[k] == want[k], k

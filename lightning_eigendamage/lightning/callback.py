@@ -490,6 +490,31 @@ class EigenDamagePruning(Callback):
         for p in self._pending():
             if p.due_at_fit_start():
                 self._prune_at_start(trainer, pl_module, p)
+        self._missed_epoch_ends(trainer, pl_module)
+
+    def _missed_epoch_ends(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """On a resume from a checkpoint written on an epoch's last optimizer step (a step
+        checkpoint), before the end of that epoch: Lightning goes on with the next epoch and never
+        ends that one, so its epoch point's round (due at that end) runs here, from the factors
+        the checkpoint holds, before any further step; a warning where it holds none."""
+        batches = trainer.num_training_batches
+        if trainer.global_step == 0 or not isinstance(batches, int) or batches <= 0:
+            return
+        ended = trainer.global_step // math.ceil(batches / max(1, trainer.accumulate_grad_batches))
+        for p in self._pending():
+            if p.kind != "epoch" or p.at >= ended:
+                continue
+            if self._has_factors_for(trainer, p):
+                rank_zero_info(
+                    f"EigenDamagePruning: the run resumes after the last step of epoch {p.at}, whose "
+                    "end Lightning does not run again: its round runs now"
+                )
+                self._run_round(trainer, pl_module, p, on_step=False)
+            else:
+                rank_zero_warn(
+                    f"EigenDamagePruning: the round of epoch {p.at} is skipped: the run resumes after "
+                    "the epoch's last step from a checkpoint that holds no factors for it"
+                )
 
     def _check_run_length(self, trainer: pl.Trainer) -> None:
         """Step points against the run's total optimizer steps, once the data is loaded.
