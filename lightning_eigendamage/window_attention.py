@@ -70,9 +70,7 @@ def reads_weights_itself(module: nn.Module) -> bool:
 class PrunedWindowAttention(ShiftedWindowAttention):
     """Swin V1 window attention with ``num_heads`` heads of ``head_dim`` (see the module
     docstring). Input and output ``(B, H, W, C)``; ``qkv``: ``(3·num_heads·head_dim, C)``,
-    ``proj``: ``(C, num_heads·head_dim)``."""
-
-    head_dim: int
+    ``proj``: ``(C, num_heads·head_dim)``. Scriptable (``torch.jit.script``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, height, width, _ = x.shape
@@ -86,7 +84,8 @@ class PrunedWindowAttention(ShiftedWindowAttention):
         windows = (ph // wh) * (pw // ww)
         n = wh * ww
         x = x.view(b, ph // wh, wh, pw // ww, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b * windows, n, c)
-        q, k, v = self.qkv(x).reshape(b * windows, n, 3, h, d).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).reshape(b * windows, n, 3, h, d).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # (indexed: TorchScript unpacks no tensor)
         attn = (q * d**-0.5).matmul(k.transpose(-2, -1)) + self.get_relative_position_bias()
         if sum(shift) > 0:
             attn = attn.view(b, windows, h, n, n) + _shift_mask(ph, pw, (wh, ww), shift, x)[None, :, None]
@@ -121,13 +120,14 @@ class PrunedRelativeAttention(RelativePositionalMultiHeadAttention):
     """MaxViT's relative-position attention with ``n_heads`` heads of ``head_dim`` (see the module
     docstring). Input and output ``(B, G, P, D)`` (``G`` groups of ``P`` tokens); ``to_qkv``:
     ``(3·n_heads·head_dim, D)``, ``merge``: ``(D, n_heads·head_dim)``, ``relative_position_bias_table``:
-    ``((2·size−1)², n_heads)``; ``scale_factor`` as built."""
+    ``((2·size−1)², n_heads)``; ``scale_factor`` as built. Scriptable (``torch.jit.script``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, g, p, _ = x.shape
         h, d = self.n_heads, self.head_dim
         # torchvision chunks the 3·h·d outputs into q, k, v, each reshaped to (h, d)
-        q, k, v = self.to_qkv(x).reshape(b, g, p, 3, h, d).permute(3, 0, 1, 4, 2, 5)  # (B, G, h, P, d)
+        qkv = self.to_qkv(x).reshape(b, g, p, 3, h, d).permute(3, 0, 1, 4, 2, 5)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, G, h, P, d) each
         attn = q.matmul((k * self.scale_factor).transpose(-2, -1)) + self.get_relative_positional_bias()
         out = F.softmax(attn, dim=-1).matmul(v)  # (B, G, h, P, d)
         return self.merge(out.permute(0, 1, 3, 2, 4).reshape(b, g, p, h * d))

@@ -154,6 +154,16 @@ def test_a_small_swin_loses_heads_and_widths_and_reloads(tmp_path) -> None:
         assert [b.module.num_heads for b in find_head_blocks(fresh)] == after, load
         with torch.no_grad():
             assert torch.equal(fresh(x), y), load
+    _scripts_as_eager(net, x)
+
+
+def _scripts_as_eager(net: nn.Module, x: torch.Tensor) -> None:
+    """``torch.jit.script`` of the head-pruned model computes what it computes eagerly (a class
+    annotation under postponed evaluation and a tensor unpacked into q, k, v failed to script)."""
+    assert any(type(m) in (PrunedWindowAttention, PrunedRelativeAttention) for m in net.modules())
+    scripted = torch.jit.script(net.eval())
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), net(x), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,6 +280,7 @@ def test_a_small_maxvit_loses_heads_and_reloads(tmp_path) -> None:
         assert [type(b.module) for b in got] == [type(b.module) for b in blocks], load
         with torch.no_grad():
             assert torch.equal(fresh(x), y), load
+    _scripts_as_eager(net, x)
 
 
 def test_attention_projections_are_not_reported_as_outside_the_traced_parts() -> None:
