@@ -9,6 +9,7 @@ model's channel dependency graph can be built and the eigenbasis otherwise.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterable
 from typing import Any
 
@@ -86,8 +87,9 @@ def _prune(
         structure = options.structure
     prepared, why = None, None  # the channel graph "auto" traced (reused), and why it chose
     auto, given = structure == "auto", options  # ("auto": channels that fail fall back)
-    if auto:
-        batches = list(batches)
+    if auto:  # at most max_batches (a stream is never drawn further: it may not end)
+        limit = options.max_batches if options is not None else kwargs.get("max_batches")
+        batches = list(batches if limit is None else itertools.islice(batches, limit))
         structure, prepared, why = _auto(
             model, batches, options.resolved("channels") if options else None, kwargs, distributed
         )
@@ -156,6 +158,8 @@ def _eigenbasis(
 ) -> PruneReport:
     """The eigenbasis engine's prune, its report saying why it was chosen (``why``)."""
     try:
+        if options is None:  # an option of another structure (damping=): a ValueError, as documented
+            PruneOptions(structure="eigenbasis", **_fields(kwargs))
         report = pruner.prune(model, batches, ratio=ratio, options=options, distributed=distributed, **kwargs)
     except ValueError as err:
         if not str(err).startswith("no prunable layer"):

@@ -957,3 +957,46 @@ def test_resuming_from_a_checkpoint_on_an_epochs_last_step_runs_that_epochs_roun
             torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
         else:  # an eigenbasis layer's record
             assert got[k] == want[k], k
+
+
+@pytest.mark.parametrize("structure", ["channels", "auto", "eigenbasis"])
+def test_max_batches_bounds_what_is_drawn_from_a_stream_and_what_recalibrates(structure: str) -> None:
+    """``max_batches=2`` on an endless stream: channels (and ``"auto"``) listed the whole iterable
+    (they never returned), the eigenbasis drew a third batch; channels re-estimated BatchNorm on
+    every batch given. Now exactly two are drawn, and the result is that of the first two alone."""
+    import itertools
+
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 3, 12, 12), torch.randint(0, 10, (8,))) for _ in range(3)]
+    drawn = []
+
+    def stream():
+        for i in itertools.count():
+            drawn.append(i)
+            if i > 20:  # (an endless stream drawn this far would never end)
+                raise RuntimeError("the stream was drawn past max_batches")
+            yield batches[i % 3]
+
+    torch.manual_seed(0)
+    net, ref = small_cnn(), small_cnn()
+    ref.load_state_dict(net.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PruningWarning)
+        prune(net, stream(), ratio=0.3, structure=structure, max_batches=2)
+        prune(ref, batches[:2], ratio=0.3, structure=structure)
+    assert drawn == [0, 1]
+    got, want = net.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        if torch.is_tensor(want[k]):
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+
+
+def test_an_option_of_another_structure_is_a_value_error_for_the_eigenbasis() -> None:
+    """``prune(structure="eigenbasis", damping=0.1)`` raised Python's ``TypeError`` (an unexpected
+    keyword); the documented ``ValueError`` names the option, before the model is touched."""
+    net = small_cnn()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match="damping"):
+        prune(net, [(torch.randn(4, 3, 12, 12), torch.randint(0, 10, (4,)))], ratio=0.3, damping=0.1)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import itertools
 import math
 import os
 import warnings
@@ -2607,7 +2608,11 @@ class ChannelEngine(PruningEngine):
                 f"batches must be an iterable of batches, got a single {type(batches).__name__}: "
                 "iterating it would give single examples (or keys); wrap one batch in a list"
             )
-        batches = list(batches)
+        # at most max_batches of them, for the capture and the BatchNorm re-estimation alike (a
+        # stream is never drawn further: it may not end)
+        batches = list(
+            batches if options.max_batches is None else itertools.islice(batches, options.max_batches)
+        )
         if not batches:
             raise ValueError("batches is empty: channel pruning needs at least one calibration batch")
         params = list(model.parameters())

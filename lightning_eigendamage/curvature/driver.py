@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -420,7 +421,5 @@ def _first_tensor(x: Any) -> torch.Tensor | None:
 
 
 def _limit(batches: Iterable[Any], n: int | None) -> Iterator[Any]:
-    for i, b in enumerate(batches):
-        if n is not None and i >= n:
-            return
-        yield b
+    """The first ``n`` of ``batches`` (all for None), never drawing one more from a stream."""
+    return iter(batches) if n is None else itertools.islice(batches, n)
