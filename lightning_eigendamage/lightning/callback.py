@@ -1211,7 +1211,8 @@ class EigenDamagePruning(Callback):
         if self.verbose:  # the scores can take a while on a large network: say where it is
             rank_zero_info(
                 f"EigenDamagePruning round {point.key}: curvature of {captured.batches} batch(es) "
-                f"captured ({t_capture:.1f} s); scoring and removing ({self._structure}) …"
+                f"captured{' on rank 0' if _is_distributed(trainer) else ''} ({t_capture:.1f} s); "
+                f"scoring and removing ({self._structure}) …"
             )
         old_optimizers = list(trainer.optimizers)
         with warnings.catch_warnings(record=True) as caught:
@@ -1239,7 +1240,9 @@ class EigenDamagePruning(Callback):
         self.timings.append(timing)
         self._log_round(pl_module, report, timing, on_step)
         if self.verbose:
-            rank_zero_info(self._round_text(point, report, captured, timing, transplant))
+            rank_zero_info(
+                self._round_text(point, report, captured, timing, transplant, _is_distributed(trainer))
+            )
 
     def _round_text(
         self,
@@ -1248,6 +1251,7 @@ class EigenDamagePruning(Callback):
         captured: Any,
         timing: dict[str, float],
         transplant: TransplantReport,
+        distributed: bool = False,
     ) -> str:
         """The console text of one round: where and how it ran, the report's own
         :meth:`~lightning_eigendamage.PruneReport.summary` (the same table ``prune()`` gives), the
@@ -1255,7 +1259,8 @@ class EigenDamagePruning(Callback):
         lines = [
             f"EigenDamagePruning round {len(self.reports)} ({point.describe()}, fraction "
             f"{point.fraction:g} of {report.target}, {report.structure}): factors from "
-            f"{captured.batches} batch(es){self._examples_text()} ({captured.skipped_batches} "
+            f"{captured.batches} batch(es){' over all ranks' if distributed else ''}"
+            f"{self._examples_text()} ({captured.skipped_batches} "
             "non-finite skipped); "
             f"capture {timing['capture_s']:.2f} s, prune {timing['prune_s']:.2f} s, "
             f"optimizer {timing['optim_s']:.2f} s",
