@@ -9,14 +9,13 @@ model's channel dependency graph can be built and the eigenbasis otherwise.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
 
 from .channels import engine as _channels_engine  # noqa: F401  (registers the channel engine)
-from .curvature import compiled_code_sees_hooks, split_batch, to_device
+from .curvature import compiled_code_sees_hooks, first_batches, split_batch, to_device
 from .discovery import unpruned_layers_note
 from .distributed import check_process_group, rank_zero_input
 from .eigenbasis import pruner
@@ -89,7 +88,7 @@ def _prune(
     auto, given = structure == "auto", options  # ("auto": channels that fail fall back)
     if auto:  # at most max_batches (a stream is never drawn further: it may not end)
         limit = options.max_batches if options is not None else kwargs.get("max_batches")
-        batches = list(batches if limit is None else itertools.islice(batches, limit))
+        batches = list(first_batches(batches, limit))
         structure, prepared, why = _auto(
             model, batches, options.resolved("channels") if options else None, kwargs, distributed
         )

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import heapq
-import itertools
 import math
 import os
 import warnings
@@ -67,7 +66,14 @@ from ..attention import (
 from ..calibration import downstream_batchnorms, recalibrate_batchnorm
 from ..checkpoint import mark_narrowed, state_dict_of
 from ..costs import count_flops, count_params, module_path
-from ..curvature import CaptureOptions, CaptureResult, capture_factors, split_batch, to_device
+from ..curvature import (
+    CaptureOptions,
+    CaptureResult,
+    capture_factors,
+    first_batches,
+    split_batch,
+    to_device,
+)
 from ..discovery import (
     FASTPATH,
     FUNCTIONAL,
@@ -2608,11 +2614,8 @@ class ChannelEngine(PruningEngine):
                 f"batches must be an iterable of batches, got a single {type(batches).__name__}: "
                 "iterating it would give single examples (or keys); wrap one batch in a list"
             )
-        # at most max_batches of them, for the capture and the BatchNorm re-estimation alike (a
-        # stream is never drawn further: it may not end)
-        batches = list(
-            batches if options.max_batches is None else itertools.islice(batches, options.max_batches)
-        )
+        # at most max_batches of them, for the capture and the BatchNorm re-estimation alike
+        batches = list(first_batches(batches, options.max_batches))
         if not batches:
             raise ValueError("batches is empty: channel pruning needs at least one calibration batch")
         params = list(model.parameters())

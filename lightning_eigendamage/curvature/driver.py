@@ -376,7 +376,7 @@ def drive_capture(
     seen = 0
     try:
         with cap:
-            for batch in _limit(batches, max_batches):
+            for batch in first_batches(batches, max_batches):
                 seen += 1
                 if forward_fn is None:
                     inp, target = split_batch(batch, input_fn)
@@ -420,6 +420,7 @@ def _first_tensor(x: Any) -> torch.Tensor | None:
     return None
 
 
-def _limit(batches: Iterable[Any], n: int | None) -> Iterator[Any]:
-    """The first ``n`` of ``batches`` (all for None), never drawing one more from a stream."""
+def first_batches(batches: Iterable[Any], n: int | None) -> Iterator[Any]:
+    """The first ``n`` of ``batches`` (all for None, the ``max_batches`` option), never drawing one
+    more from a stream (it may not end)."""
     return iter(batches) if n is None else itertools.islice(batches, n)

@@ -497,10 +497,10 @@ class EigenDamagePruning(Callback):
         checkpoint), before the end of that epoch: Lightning goes on with the next epoch and never
         ends that one, so its epoch point's round (due at that end) runs here, from the factors
         the checkpoint holds, before any further step; a warning where it holds none."""
-        batches = trainer.num_training_batches
-        if trainer.global_step == 0 or not isinstance(batches, int) or batches <= 0:
+        per_epoch = _steps_per_epoch(trainer)
+        if trainer.global_step == 0 or not per_epoch:
             return
-        ended = trainer.global_step // math.ceil(batches / max(1, trainer.accumulate_grad_batches))
+        ended = trainer.global_step // per_epoch
         for p in self._pending():
             if p.kind != "epoch" or p.at >= ended:
                 continue
@@ -541,10 +541,9 @@ class EigenDamagePruning(Callback):
         optimizer step that ends an epoch point's epoch (``(e+1)·steps_per_epoch``, or
         ``max_steps`` for the epoch it cuts short): both rounds would be due at once, on the same
         factors, and the second would find none and be skipped."""
-        batches = trainer.num_training_batches
-        if not isinstance(batches, int) or batches <= 0:
+        per_epoch = _steps_per_epoch(trainer)
+        if not per_epoch:
             return  # (no length: the epochs' ends are not known before training)
-        per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches))
         last = trainer.max_steps if trainer.max_steps not in (-1, None) else None
         if last is not None:
             never = sorted(p.at for p in self._pending() if p.kind == "epoch" and p.at * per_epoch >= last)
@@ -577,14 +576,13 @@ class EigenDamagePruning(Callback):
             return
         ends = {f"step:{s}": s for s in self.schedule.steps}
         if self.schedule.epochs:
-            n = trainer.num_training_batches
-            if not math.isfinite(n):
+            per_epoch = _steps_per_epoch(trainer)
+            if per_epoch is None:
                 raise ValueError(
                     "gradual removal before epoch points needs to know at which optimizer step each "
                     "epoch ends, but the training dataloader has no length; use step points "
                     "(PruningSchedule(steps={...})) or a dataloader with a length"
                 )
-            per_epoch = math.ceil(int(n) / max(1, trainer.accumulate_grad_batches))
             ends.update({f"epoch:{e}": (e + 1) * per_epoch for e in self.schedule.epochs})
         check_windows(ends, self.gradual.steps)
         self._gradual_ends = ends
@@ -1544,6 +1542,16 @@ def _check_strategy(strategy: Strategy) -> None:
         "FSDP, DeepSpeed, model-parallel and multi-device XLA strategies shard or wrap the "
         "parameters in ways the layer surgery cannot follow."
     )
+
+
+def _steps_per_epoch(trainer: pl.Trainer) -> int | None:
+    """Optimizer steps in one epoch, ``ceil(num_training_batches / accumulate_grad_batches)``
+    (Lightning steps on an epoch's last batch even when the accumulation is incomplete); None
+    while the training data has no length."""
+    batches = trainer.num_training_batches
+    if not isinstance(batches, (int, float)) or not math.isfinite(batches):
+        return None
+    return math.ceil(int(batches) / max(1, trainer.accumulate_grad_batches))
 
 
 def _is_distributed(trainer: pl.Trainer) -> bool:
