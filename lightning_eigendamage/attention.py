@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +77,10 @@ class PrunedHeadsAttention(nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if query.is_nested:
+            return self._nested_forward(
+                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+            )
         batched = query.dim() == 3
         if not batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -169,6 +174,45 @@ class PrunedHeadsAttention(nn.MultiheadAttention):
         elif self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+    @torch.jit.unused
+    def _nested_forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        need_weights: bool,
+        attn_mask: torch.Tensor | None,
+        average_attn_weights: bool,
+        is_causal: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Self-attention on a nested tensor ``(N, L_i, E)`` (``batch_first``): what
+        ``nn.TransformerEncoder`` passes its layers in eval mode when it is given a
+        ``src_key_padding_mask`` (it packs the unpadded rows and drops the mask). Computed padded
+        to ``max L_i`` with the padding masked out of the keys, the output packed again the same
+        way: each sequence's rows are those of the padded computation on it alone."""
+        if not (key is query and value is query) or not self.batch_first:
+            raise RuntimeError(
+                "PrunedHeadsAttention takes a nested tensor only for batch_first self-attention "
+                "(query, key and value the same nested tensor), as nn.TransformerEncoder passes it"
+            )
+        if key_padding_mask is not None:
+            raise RuntimeError("a nested tensor carries its own lengths: pass no key_padding_mask with it")
+        lengths = [int(t.shape[0]) for t in query.unbind()]
+        x = query.to_padded_tensor(0.0)
+        ends = torch.tensor(lengths, device=x.device)
+        pad = torch.arange(x.shape[1], device=x.device)[None, :] >= ends[:, None]  # (N, max L_i)
+        out, weights = self.forward(x, x, x, pad, need_weights, attn_mask, average_attn_weights, is_causal)
+        packed = torch.nested.nested_tensor([out[i, :n] for i, n in enumerate(lengths)], layout=query.layout)
+        return packed, weights
+
+
+# TorchScript reads the signature of an unused method with a resolver that does not see this
+# module's names: its annotations are given as objects, not strings
+PrunedHeadsAttention._nested_forward.__annotations__ = typing.get_type_hints(
+    PrunedHeadsAttention._nested_forward
+)
 
 
 def _causal(length: int, s: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

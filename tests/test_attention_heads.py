@@ -485,3 +485,29 @@ def test_a_failed_call_leaves_the_attention_as_it_was(monkeypatch) -> None:
     assert [id(p) for p in model.parameters()] == params
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("pruned_layers", [(0, 1), (1,)])
+def test_head_pruned_encoder_runs_on_the_nested_tensors_of_a_padding_mask(pruned_layers: tuple) -> None:
+    """In eval mode with a ``src_key_padding_mask``, ``nn.TransformerEncoder`` packs its input into
+    a nested tensor and drops the mask (its choice is made at construction): a head-pruned layer
+    gets the nested tensor. Its rows must equal the padded computation with the mask (nested
+    tensors off) at every position that is not padding."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2).eval()
+    for i in pruned_layers:
+        block = head_block("", enc.layers[i].self_attn)
+        assert block is not None
+        remove_heads(block, [1, 2])
+    x = torch.randn(3, 7, 16)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[0, 4:] = True
+    pad[2, 6:] = True
+    with torch.no_grad():
+        nested = enc(x, src_key_padding_mask=pad)
+        enc.use_nested_tensor = False
+        padded = enc(x, src_key_padding_mask=pad)
+    keep = ~pad
+    torch.testing.assert_close(nested[keep], padded[keep], rtol=1e-5, atol=1e-6)
+    assert torch.all(nested[pad] == 0)  # the encoder pads its packed output with zeros
