@@ -1000,3 +1000,26 @@ def test_an_option_of_another_structure_is_a_value_error_for_the_eigenbasis() ->
     with pytest.raises(ValueError, match="damping"):
         prune(net, [(torch.randn(4, 3, 12, 12), torch.randint(0, 10, (4,)))], ratio=0.3, damping=0.1)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+class _TwoInputs(nn.Module):
+    """A forward that needs a mask beside the input (a padding mask, as a text model takes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)) * mask[:, None])
+
+
+def test_channels_on_a_forward_that_needs_more_than_the_input_say_how_they_call_the_model() -> None:
+    """With structure="channels", a forward_fn changes only the capture: the graph is traced from
+    model(input). A model that cannot run so was a bare TypeError from inside the model."""
+    torch.manual_seed(0)
+    model = _TwoInputs()
+    batches = [(torch.randn(6, 8), torch.ones(6)) for _ in range(2)]
+    before = [t.clone() for t in model.state_dict().values()]
+    with pytest.raises(TypeError, match=r"calls the model as model\(input\).*missing 1 required"):
+        prune(model, batches, ratio=0.3, structure="channels", forward_fn=lambda m, b: m(*b))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values()))

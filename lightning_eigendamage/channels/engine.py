@@ -2331,11 +2331,31 @@ def _calls(model: nn.Module, example: Any, layers: dict[str, nn.Module]) -> dict
     return counts
 
 
+def _called_as_input(err: Exception, example: Any) -> Exception:
+    """``err``, raised by ``model(input)``, as an error of its kind that says that the channel
+    engine calls the model with the batch's input alone (the graph is traced from that call; a
+    ``forward_fn`` changes only what the capture computes)."""
+    what = f"a {type(example).__name__}" + (
+        f" of shape {tuple(example.shape)}" if torch.is_tensor(example) else ""
+    )
+    msg = (
+        f"channel pruning calls the model as model(input), input = {what} (the batch's first "
+        f"element, or input_fn(batch)), and traces that call; it failed: {type(err).__name__}: {err}. "
+        "A model whose forward needs more than that input cannot be channel-pruned (forward_fn "
+        "changes only the curvature capture); pass input_fn to pick the input, or use "
+        "structure='eigenbasis' with a forward_fn"
+    )
+    return type(err)(msg) if type(err) in (TypeError, ValueError, RuntimeError) else RuntimeError(msg)
+
+
 def _checked_graph(model: nn.Module, example: Any, options: PruneOptions) -> ChannelGraph:
     """The model's :class:`ChannelGraph` on ``example``: its output layers kept, and the groups
     whose trial cut misroutes channels (:func:`wrong_groups`, over the groups that could change
     width with every scorable layer scored) kept whole, with the reason."""
-    ignored = _output_layers(model, example, _forward)
+    try:
+        ignored = _output_layers(model, example, _forward)
+    except Exception as err:  # the first call of model(input): say what the engine called
+        raise _called_as_input(err, example) from err
     graph = channel_graph(model, example, ignored)
     _, layers, skipped = scorable_layers(model, options.exclude, options.max_factor_dim)
     for name, why in _untraced_skips(model, graph).items():
