@@ -19,9 +19,10 @@ is laid out ``(3, H, d)`` and whose relative-position bias table loses the head'
 become :class:`~lightning_eigendamage.window_attention.PrunedWindowAttention` and
 :class:`~lightning_eigendamage.window_attention.PrunedRelativeAttention`); a module with an integer
 ``num_heads`` and child Linears ``qkv`` (``3·D`` outputs) and ``proj`` (``D`` inputs); and one
-with ``num_heads`` and ``q_proj``/``k_proj``/``v_proj``/``out_proj``. A module of the last two
-forms is only pruned if its ``forward`` still runs with a head fewer once ``num_heads`` is
-lowered (checked on a copy).
+with ``num_heads`` and ``q_proj``/``k_proj``/``v_proj``/``out_proj`` (or ``o_proj``). A module of
+the last two forms is only pruned if its ``forward`` still runs with a head fewer once
+``num_heads`` is lowered (checked on a copy), with the attributes such code keeps beside it
+(:func:`set_head_count`: timm's ``attn_dim``, a ``num_key_value_heads`` equal to ``num_heads``).
 
 ``nn.MultiheadAttention`` cannot hold fewer heads than ``embed_dim // head_dim`` (it derives the
 head width from ``embed_dim``); a head-pruned one becomes :class:`PrunedHeadsAttention`, a
@@ -336,11 +337,37 @@ def head_block(name: str, module: nn.Module) -> HeadBlock | None:
         inner = kids["proj"].in_features
         if inner % h == 0 and kids["qkv"].out_features == 3 * inner:
             return HeadBlock(name, module, "qkv", h, inner // h, kids["proj"], _join(name, "proj"))
-    if all(_linear(kids.get(k)) for k in ("q_proj", "k_proj", "v_proj", "out_proj")):
-        inner = kids["out_proj"].in_features
+    out = next((k for k in ("out_proj", "o_proj") if _linear(kids.get(k))), None)
+    if out is not None and all(_linear(kids.get(k)) for k in ("q_proj", "k_proj", "v_proj")):
+        inner = kids[out].in_features
         if inner % h == 0 and all(kids[k].out_features == inner for k in ("q_proj", "k_proj", "v_proj")):
-            return HeadBlock(name, module, "split", h, inner // h, kids["out_proj"], _join(name, "out_proj"))
+            return HeadBlock(name, module, "split", h, inner // h, kids[out], _join(name, out))
     return None
+
+
+# Attributes that attention code written by hand keeps beside its head count and uses in its
+# forward: the inner width ``H·d`` (timm's ``attn_dim``, HuggingFace's ``all_head_size``, the
+# common ``inner_dim``) and, without grouped queries, the key/value head count (equal to ``H``).
+_WIDTH_ATTRIBUTES = ("attn_dim", "all_head_size", "inner_dim")
+_COUNT_ATTRIBUTES = ("num_key_value_heads", "num_kv_heads")
+
+
+def set_head_count(module: nn.Module, heads: int, head_dim: int) -> None:
+    """Set ``module``'s head count (:func:`heads_attribute`) to ``heads``, with the attributes
+    tied to it (``_WIDTH_ATTRIBUTES`` that equal ``H·head_dim`` become ``heads·head_dim``;
+    ``_COUNT_ATTRIBUTES`` that equal ``H`` become ``heads``; ``H`` the count before). Used when
+    heads are removed and when a checkpoint of a head-pruned model is loaded into a fresh one."""
+    before = head_count(module)
+    if before is not None and not isinstance(module, nn.MultiheadAttention) and not _window(module):
+        for key in _WIDTH_ATTRIBUTES:
+            v = getattr(module, key, None)
+            if type(v) is int and v == before * head_dim:
+                setattr(module, key, heads * head_dim)
+        for key in _COUNT_ATTRIBUTES:
+            v = getattr(module, key, None)
+            if type(v) is int and v == before:
+                setattr(module, key, heads)
+    setattr(module, heads_attribute(module), heads)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -543,7 +570,7 @@ def remove_heads(
 
         cut(m, "", "relative_position_bias_table", 1, block.num_heads, heads)
         as_pruned(m, block.head_dim)
-    setattr(m, heads_attribute(m), block.num_heads - len(heads))
+    set_head_count(m, block.num_heads - len(heads), block.head_dim)
     return out
 
 

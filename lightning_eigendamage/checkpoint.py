@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from .attention import PrunedHeadsAttention, head_block, head_count, heads_attribute
+from .attention import PrunedHeadsAttention, head_block, head_count, heads_attribute, set_head_count
 from .eigenbasis.layers import KFELayer, architecture_record, is_record, same_architecture
 from .eigenbasis.surgery import layers_for_records, records_in, swap_modules
 
@@ -555,7 +555,10 @@ def _narrowed(
             from .window_attention import as_pruned
 
             as_pruned(new, window.head_dim)
-        setattr(new, heads_attribute(module), heads)
+        if block is not None:  # with what its forward reads beside the count (timm's attn_dim)
+            set_head_count(new, heads, block.head_dim)
+        else:
+            setattr(new, heads_attribute(module), heads)
         widths = {}
     elif isinstance(module, nn.modules.conv._ConvNd):
         g = module.groups

@@ -81,6 +81,41 @@ class FixedWidthAttention(SplitAttention):
         return self.out_proj(z.transpose(1, 2).reshape(x.shape))
 
 
+class TimmAttention(QKVAttention):
+    """timm's current ``Attention``: it reshapes the heads' outputs to ``attn_dim`` (``H·d``, an
+    attribute beside ``num_heads``), so ``attn_dim`` must follow the head count."""
+
+    def __init__(self, dim: int = 16, num_heads: int = 4) -> None:
+        super().__init__(dim, num_heads)
+        self.attn_dim = num_heads * self.head_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        z = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(z.transpose(1, 2).reshape(b, n, self.attn_dim))
+
+
+class LlamaStyleAttention(nn.Module):
+    """``q_proj``/``k_proj``/``v_proj``/``o_proj`` with ``num_key_value_heads`` (equal to
+    ``num_heads``: no grouped queries) used for the keys and values, as HuggingFace's Llama-style
+    code writes it."""
+
+    def __init__(self, dim: int = 16, num_heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads, self.num_key_value_heads, self.head_dim = num_heads, num_heads, dim // num_heads
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.o_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        z = F.scaled_dot_product_attention(q, k, v)
+        return self.o_proj(z.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+
+
 class MHAWrapper(nn.Module):
     def __init__(self, dim: int = 16, num_heads: int = 4) -> None:
         super().__init__()
@@ -511,3 +546,40 @@ def test_head_pruned_encoder_runs_on_the_nested_tensors_of_a_padding_mask(pruned
     keep = ~pad
     torch.testing.assert_close(nested[keep], padded[keep], rtol=1e-5, atol=1e-6)
     assert torch.all(nested[pad] == 0)  # the encoder pads its packed output with zeros
+
+
+@pytest.mark.parametrize("cls", [TimmAttention, LlamaStyleAttention])
+def test_attention_that_reads_attributes_beside_its_head_count_loses_heads_and_reloads(cls, tmp_path) -> None:
+    """timm's ``attn_dim`` and a Llama-style ``num_key_value_heads`` (and the ``o_proj`` name):
+    their forwards fail with a head fewer unless those attributes follow ``num_heads``, so every
+    head was left whole. Removing a head must equal zeroing its output-projection columns, and a
+    fresh model must load the pruned weights with the same attributes."""
+    torch.manual_seed(0)
+    dense = Net(cls()).eval()
+    x = _batches()[0][0]
+    net = copy.deepcopy(dense)
+    (block,) = find_head_blocks(net)
+    assert (block.num_heads, block.head_dim) == (4, 4)
+    remove_heads(block, [2])
+    want = copy.deepcopy(dense)
+    with torch.no_grad():
+        reader = want.attn.proj if cls is TimmAttention else want.attn.o_proj
+        reader.weight[:, 8:12] = 0
+        torch.testing.assert_close(net(x), want(x), rtol=1e-5, atol=1e-6)
+    tied = "attn_dim" if cls is TimmAttention else "num_key_value_heads"
+    assert net.attn.num_heads == 3 and getattr(net.attn, tied) == (12 if cls is TimmAttention else 3)
+
+    torch.manual_seed(0)
+    net = Net(cls())
+    batches = _batches()
+    report = prune_channels(net, batches, ratio=0.3, exclude=["embed", "fc"])
+    (entry,) = [e for e in report.groups if e.get("head_dim")]
+    assert entry["removed"] and net.attn.num_heads == 4 - len(entry["removed"]) // 4
+    net.eval()
+    path = tmp_path / "pruned.pt"
+    torch.save(net.state_dict(), path)
+    for load in LOADERS:
+        fresh = reloaded(lambda: Net(cls()), net, path, x, load)
+        assert getattr(fresh.attn, tied) == getattr(net.attn, tied), load
+        with torch.no_grad():
+            assert torch.equal(fresh(x), net(x)), load
