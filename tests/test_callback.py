@@ -308,6 +308,19 @@ def test_stochastic_weight_averaging_beside_the_callback_is_refused_before_train
     assert model.steps_run == 0
 
 
+def test_ema_weight_averaging_beside_the_callback_is_refused_before_training() -> None:
+    """Lightning's WeightAveraging (EMA) keeps a copy of the weights, as SWA does: its first update
+    after a round failed on the changed shapes."""
+    callbacks = pytest.importorskip("lightning.pytorch.callbacks")
+    if not hasattr(callbacks, "EMAWeightAveraging"):
+        pytest.skip("this Lightning has no EMAWeightAveraging")
+    model = LitClassifier(small_cnn())
+    ema = callbacks.EMAWeightAveraging(decay=0.9)
+    with pytest.raises(ValueError, match="cannot run beside EMAWeightAveraging"):
+        _fit(model, [EigenDamagePruning(schedule={0: 0.5}), ema], max_epochs=2)
+    assert model.steps_run == 0
+
+
 def test_one_instance_fitting_a_new_model_starts_over_and_the_same_model_goes_on() -> None:
     import pickle
 

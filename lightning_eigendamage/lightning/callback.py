@@ -1503,14 +1503,18 @@ def _check_other_callbacks(trainer: pl.Trainer) -> None:
     pruning round changes the shapes, and the copy then no longer fits (Lightning's
     ``StochasticWeightAveraging`` copies the module at the start of fit and fails at its first
     update after a round)."""
-    from lightning.pytorch.callbacks import StochasticWeightAveraging
+    from lightning.pytorch import callbacks
 
+    # Lightning ≥ 2.6 also has WeightAveraging (EMAWeightAveraging and user subclasses)
+    names = ("StochasticWeightAveraging", "WeightAveraging")
+    copies = tuple(getattr(callbacks, n) for n in names if hasattr(callbacks, n))
     for cb in trainer.callbacks:
-        if isinstance(cb, StochasticWeightAveraging):
+        if isinstance(cb, copies):
+            name = type(cb).__name__
             raise ValueError(
-                "EigenDamagePruning cannot run beside StochasticWeightAveraging: SWA averages into "
-                "a copy of the model taken at the start of fit, and pruning changes the layers' "
-                "shapes. Prune in one fit, then start a second fit with SWA on the pruned model"
+                f"EigenDamagePruning cannot run beside {name}: it averages into a copy of the "
+                "model taken at the start of fit, and pruning changes the layers' shapes. Prune "
+                f"in one fit, then start a second fit with {name} on the pruned model"
             )
 
 
