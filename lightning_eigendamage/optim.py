@@ -192,6 +192,24 @@ def _transform_state(
     return new, None
 
 
+def _holds_whole_model_state(opt: Optimizer) -> bool:
+    """Whether ``opt`` keeps state over all its parameters as one vector (``LBFGS``: its
+    directions and previous gradient are flat vectors of every parameter, under the first one)."""
+    return isinstance(opt, torch.optim.LBFGS)
+
+
+_WHOLE_MODEL = (
+    "LBFGS keeps its history as vectors over all the parameters, whose length changed: it starts again"
+)
+
+
+def _reset_whole_model(opt: Optimizer, old_optimizers: Sequence[Optimizer], report: TransplantReport) -> None:
+    """Record that ``opt`` (:func:`_holds_whole_model_state`) starts without state, where the
+    optimizer it replaces had some."""
+    if any(_holds_whole_model_state(o) and any(o.state.values()) for o in old_optimizers):
+        report.reset[type(opt).__name__] = _WHOLE_MODEL
+
+
 def carry_optimizer_state(
     model: nn.Module,
     old_optimizers: Sequence[Optimizer],
@@ -226,6 +244,9 @@ def carry_optimizer_state(
 
     report = TransplantReport()
     for opt in new_optimizers:
+        if _holds_whole_model_state(opt):
+            _reset_whole_model(opt, old_optimizers, report)
+            continue
         for group in opt.param_groups:
             for p in group["params"]:
                 if id(p) in old_state:
@@ -287,6 +308,9 @@ def carry_sliced_state(
     origin = {id(new): (name, old, index) for name, (old, new, index) in slices.items()}
     report = TransplantReport()
     for opt in new_optimizers:
+        if _holds_whole_model_state(opt):
+            _reset_whole_model(opt, old_optimizers, report)
+            continue
         for group in opt.param_groups:
             for p in group["params"]:
                 if id(p) not in origin:

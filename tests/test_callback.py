@@ -808,3 +808,24 @@ def test_a_network_compiled_before_fit_calls_the_capture_hooks(structure: str) -
     assert torch._dynamo.config.skip_nnmodule_hook_guards  # the setting is put back after fit
     with torch.no_grad():
         torch.testing.assert_close(compiled.eval()(x), net.eval()(x))
+
+
+class _LBFGSClassifier(LitClassifier):
+    def configure_optimizers(self) -> Any:
+        return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=2, history_size=3)
+
+
+@pytest.mark.parametrize("structure", ["channels", "eigenbasis"])
+def test_lbfgs_starts_its_history_again_after_a_round(structure: str) -> None:
+    """LBFGS keeps flat vectors over all the parameters under the first one; carried over a round
+    they no longer fit (its first step after the round failed on the lengths)."""
+    torch.manual_seed(0)
+    model = _LBFGSClassifier(small_cnn())
+    cb = EigenDamagePruning(schedule={0: 0.5}, structure=structure, verbose=False)
+    _fit(model, cb, max_epochs=2)
+    assert len(cb.reports) == 1
+    assert set(cb.transplants[0]["reset"]) == {"LBFGS"}
+    assert "starts again" in cb.transplants[0]["reset"]["LBFGS"]
+    (opt,) = model.trainer.optimizers
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert opt.state[opt.param_groups[0]["params"][0]]["d"].numel() == n  # trained on after the round
