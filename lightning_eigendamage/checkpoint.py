@@ -65,6 +65,19 @@ def mark_narrowed(module: nn.Module, dense: Mapping[str, Any] | None = None) -> 
         module.register_state_dict_post_hook(NarrowedMark(shapes))
 
 
+def carry_mark(old: nn.Module, new: nn.Module) -> None:
+    """``new``, built to replace the narrowed layer ``old`` (its eigenbasis rewrite), keeps
+    ``old``'s :class:`NarrowedMark` (with its ``dense`` shapes): the state_dict still says the
+    model lost channels, so a fresh model accepts records narrower than its own layers."""
+    hooks = getattr(old, "_state_dict_hooks", {})
+    mark = next(
+        (getattr(h, "hook", h) for h in hooks.values() if isinstance(getattr(h, "hook", h), NarrowedMark)),
+        None,
+    )
+    if mark is not None and not _is_narrowed(new):
+        new.register_state_dict_post_hook(NarrowedMark(getattr(mark, "dense", None)))
+
+
 def _is_narrowed(module: nn.Module) -> bool:
     """Whether ``module`` carries a :class:`NarrowedMark` (it lost channels in this process, or
     was narrowed to a checkpoint's widths)."""

@@ -1023,3 +1023,86 @@ def test_channels_on_a_forward_that_needs_more_than_the_input_say_how_they_call_
     with pytest.raises(TypeError, match=r"calls the model as model\(input\).*missing 1 required"):
         prune(model, batches, ratio=0.3, structure="channels", forward_fn=lambda m, b: m(*b))
     assert all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values()))
+
+
+class _TrainOnlyAux(nn.Module):
+    """An auxiliary head that runs in training mode only (GoogLeNet's and Inception's), reading the
+    first conv's output; ``use_flag`` gates a second one behind a flag that is off."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 24, 3, padding=1)
+        self.c3 = nn.Conv2d(24, 24, 3, padding=1)
+        self.fc = nn.Linear(24, 5)
+        self.aux = nn.Sequential(nn.Conv2d(16, 8, 1), nn.ReLU(), nn.Flatten(), nn.LazyLinear(5))
+        self.flagged = nn.Linear(24, 5)
+        self.use_flag = False
+
+    def forward(self, x: torch.Tensor) -> Any:
+        f = torch.relu(self.c1(x))
+        g = torch.relu(self.c2(f))
+        out = self.fc(torch.relu(self.c3(g)).mean((2, 3)))
+        if self.use_flag:
+            out = out + self.flagged(g.mean((2, 3)))
+        return (out, self.aux(f)) if self.training else out
+
+
+def test_a_layer_that_runs_only_in_training_keeps_the_channels_it_reads() -> None:
+    """The channel graph is traced in eval mode: a train-only head reading ``c1`` was not in it,
+    ``c1`` was narrowed, and the next training step failed. Its group is now left whole (said
+    why), the others still narrow, and a layer that runs in neither mode is warned about."""
+    torch.manual_seed(0)
+    model = _TrainOnlyAux()
+    x = torch.randn(4, 3, 8, 8)
+    model(x)  # (the lazy layer)
+    model.eval()
+    batches = [(torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,))) for _ in range(2)]
+    with pytest.warns(PruningWarning, match=r"never ran .*\(flagged\)"):
+        report = prune(model, batches, ratio=0.3, target="flops", structure="channels")
+    assert model.c1.out_channels == 16 and model.aux[0].in_channels == 16
+    assert model.c2.out_channels < 24  # the groups no hidden layer reads still narrow
+    assert "read by aux.0" in report.left_whole["group of c1"]
+    model.train()
+    out, aux = model(x)  # the training-mode forward runs, the aux head on c1's 16 channels
+    assert out.shape == aux.shape == (4, 5)
+
+
+class _ResidualMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(12, 32), nn.Linear(32, 12), nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x + self.fc2(torch.relu(self.fc1(x))))
+
+
+@pytest.mark.parametrize("load", ["restore_pruned", "hook"])
+def test_channels_then_eigenbasis_on_every_narrowed_layer_reloads(load: str) -> None:
+    """When every layer that lost channels was then rewritten in its eigenbasis, the state_dict no
+    longer said the model lost channels, and a fresh model refused the narrower records."""
+    import io
+
+    from lightning_eigendamage import enable_pruned_loading, restore_pruned
+
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 12), torch.randint(0, 5, (8,))) for _ in range(3)]
+    model = _ResidualMLP()
+    prune(model, batches, ratio=0.5, target="flops", structure="channels")
+    assert model.fc1.out_features < 32
+    prune(model, batches, ratio=0.3, target="flops", structure="eigenbasis")
+    assert type(model.fc1).__name__ == type(model.fc2).__name__ == "KFELayer"
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    fresh = _ResidualMLP()
+    if load == "restore_pruned":
+        restore_pruned(fresh, buf)
+    else:
+        enable_pruned_loading(fresh)
+        fresh.load_state_dict(torch.load(buf, weights_only=True))
+    model.eval()
+    fresh.eval()
+    x = batches[0][0]
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))

@@ -94,6 +94,7 @@ from ..report import (
     TARGET_TOLERANCE,
     LayerReport,
     PruneReport,
+    PruningWarning,
     TargetNotReachedWarning,
     reason_lines,
     warn_user,
@@ -111,6 +112,7 @@ from .baselines import (
     input_obs_scores,
     weight_matrix,
 )
+from .hidden import train_only_readers
 from .latency import input_shapes, measure
 from .latency import seconds as latency_seconds
 from .parts import PartsGraph, UntraceableError, split_graph
@@ -2360,15 +2362,23 @@ def _checked_graph(model: nn.Module, example: Any, options: PruneOptions) -> Cha
     _, layers, skipped = scorable_layers(model, options.exclude, options.max_factor_dim)
     for name, why in _untraced_skips(model, graph).items():
         skipped.setdefault(name, why)
-    for name, n in _calls(model, example, layers).items():  # as the capture will find them
+    counts = _calls(model, example, layers)
+    for name, n in counts.items():  # as the capture will find them
         if n > 1:
             skipped.setdefault(name, f"called {n} times per forward pass")
     scored = {m for name, m in layers.items() if name not in skipped}
     allowed = _allowed_in(model, options.exclude, scored, skipped)
     inside = [p for b in find_head_blocks(model) for p in b.producers]  # attention internals
     found = _all_groups(graph, ignored + inside)
+    hidden = _train_only_groups(
+        model, example, graph, found, {n: layers[n] for n, c in counts.items() if not c}
+    )
+    if hidden:  # their producers' outputs kept, as the output layers'
+        ignored = ignored + [p for producers, _ in hidden.values() for p in producers if p not in ignored]
+        found = _all_groups(graph, ignored + inside)
     wrong = wrong_groups(model, graph, ignored + inside, example, allowed, found=found)
-    left = {
+    left = {f"group of {root}": why for root, (_, why) in hidden.items()}
+    left |= {
         f"group of {root}": (
             f"left whole: {kind} (an operation on its channels that Torch-Pruning's graph does not "
             "model: a channel shuffle, split or view written by hand, or a module it does not "
@@ -2383,6 +2393,57 @@ def _checked_graph(model: nn.Module, example: Any, options: PruneOptions) -> Cha
     if not wrong:  # the groups just listed are the graph's at these widths (see groups())
         checked._groups = (_widths_key(model), found)
     return checked
+
+
+def _train_only_groups(
+    model: nn.Module, example: Any, graph: Any, found: list[Any], unseen: dict[str, nn.Module]
+) -> dict[str, tuple[list[nn.Module], str]]:
+    """``{root name: (the group's producers, reason)}`` for every group of ``found`` whose output
+    channels a layer of ``unseen`` (never called in the eval-mode trace) reads when the model
+    runs in training mode (:func:`~.hidden.train_only_readers`). Unseen layers that run in
+    neither mode are named in a :class:`~lightning_eigendamage.report.PruningWarning`."""
+    if not unseen:
+        return {}
+
+    def run() -> None:
+        def leaf(t: torch.Tensor) -> torch.Tensor:
+            return t.clone().requires_grad_() if t.is_floating_point() else t.clone()
+
+        with _untouched(model), torch.enable_grad(), module_path():
+            model.train()
+            try:
+                model(map_tensors(leaf, _head(example, _CHECK_ROWS)))
+            except Exception:  # noqa: BLE001 — a model that needs the whole batch gets it
+                model(map_tensors(leaf, example))
+
+    readers, never = train_only_readers(model, unseen, run)
+    if never:
+        shown = ", ".join(never[:5]) + (f", … ({len(never) - 5} more)" if len(never) > 5 else "")
+        warn_user(
+            f"channels: {len(never)} layer(s) never ran on the calibration input, in eval or in "
+            f"training mode ({shown}): the channels they read cannot be traced, so if they run "
+            "later (a branch behind a flag) on channels that were removed, they fail. Exclude "
+            "the layers that feed them, or prune with structure='eigenbasis'",
+            PruningWarning,
+        )
+    names = {m: n for n, m in model.named_modules()}
+    out: dict[str, tuple[list[nn.Module], str]] = {}
+    for group in found:
+        outs = [it for it in group if graph.is_out_channel_pruning_fn(it.dep.handler)]
+        by = sorted({r for it in outs for r in readers.get(it.dep.target.module, ())})
+        if by:
+            root = names.get(group[0].dep.target.module, "?")
+            producers = [
+                it.dep.target.module
+                for it in outs
+                if isinstance(it.dep.target.module, (nn.Conv2d, nn.Linear))
+            ]
+            out[root] = (
+                producers,
+                f"left whole: its channels are also read by {', '.join(by[:3])}, which runs only "
+                "in training mode (the channel graph is traced in eval mode)",
+            )
+    return out
 
 
 def _check_changeable(

@@ -30,6 +30,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ..calibration import downstream_batchnorms, recalibrate_batchnorm, reconstruct
+from ..checkpoint import carry_mark
 from ..costs import Cost, Geometry, count_flops, count_params, form_cost, time_modules
 from ..curvature import CaptureResult, capture_factors, split_batch, to_device
 from ..discovery import (
@@ -779,6 +780,8 @@ def _apply(
                 replacements[w.name] = new
         final[w.name] = lp
     originals = {name: model.get_submodule(name) for name in replacements}  # this model's own
+    for name, new in replacements.items():  # a layer that lost channels stays marked as such
+        carry_mark(originals[name], new)
     with torch.no_grad():
         buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # BatchNorm statistics…
     swap_modules(model, replacements)
