@@ -7,6 +7,7 @@ calibration batches under channels."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -1106,3 +1107,41 @@ def test_channels_then_eigenbasis_on_every_narrowed_layer_reloads(load: str) -> 
     x = batches[0][0]
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
+
+
+@dataclasses.dataclass
+class _Out:
+    logits: torch.Tensor
+
+
+class _DataclassNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.fc = (
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.Conv2d(16, 24, 3, padding=1),
+            nn.Linear(24, 5),
+        )
+
+    def forward(self, x: torch.Tensor) -> _Out:
+        return _Out(self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3))))
+
+
+@pytest.mark.parametrize("structure", ["eigenbasis", "channels"])
+def test_a_model_returning_a_dataclass_is_pruned_with_a_loss_fn(structure: str) -> None:
+    """The error for such a model advises the empirical Fisher with a loss_fn; doing so failed
+    ("holds no tensor with a batch dimension"; channels: Torch-Pruning's trace iterated it)."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(6, 3, 12, 12), torch.randint(0, 5, (6,))) for _ in range(2)]
+    model = _DataclassNet()
+    report = prune(
+        model,
+        batches,
+        ratio=0.4,
+        target="flops",
+        structure=structure,
+        fisher="empirical",
+        loss_fn=lambda out, y: torch.nn.functional.cross_entropy(out.logits, y),
+    )
+    assert report.target_reached
+    assert model(batches[0][0]).logits.shape == (6, 5)  # the output layer kept its width

@@ -86,7 +86,7 @@ from ..discovery import (
 from ..distributed import all_reduce_capture, broadcast_object, is_distributed, rank_zero_input
 from ..engine import PruningEngine, get_engine, register_engine
 from ..gradual import MarkedLayer
-from ..nested import map_tensors
+from ..nested import map_tensors, tensors_in
 from ..optim import TransplantReport, carry_sliced_state
 from ..options import PruneOptions
 from ..progress import Progress, progress_of
@@ -112,7 +112,7 @@ from .baselines import (
     input_obs_scores,
     weight_matrix,
 )
-from .hidden import train_only_readers
+from .hidden import first_producers, train_only_readers
 from .latency import input_shapes, measure
 from .latency import seconds as latency_seconds
 from .parts import PartsGraph, UntraceableError, split_graph
@@ -283,14 +283,9 @@ def _untouched(model: nn.Module, *, buffers: bool = True) -> Iterator[None]:
 
 
 def _output_shapes(out: Any) -> list[tuple[int, ...]]:
-    """The shapes of every tensor in a model's output (tuples, lists, dicts), in a fixed order."""
-    if torch.is_tensor(out):
-        return [tuple(out.shape)]
-    if isinstance(out, dict):
-        return [s for k in out for s in _output_shapes(out[k])]
-    if isinstance(out, (tuple, list)):
-        return [s for o in out for s in _output_shapes(o)]
-    return []
+    """The shapes of every tensor in a model's output (tuples, lists, dicts, dataclasses), in a
+    fixed order."""
+    return [tuple(t.shape) for t in tensors_in(out)]
 
 
 def _forward(model: nn.Module, example: Any) -> Any:
@@ -998,7 +993,9 @@ def _traced_graph(tp: Any, model: nn.Module, traced: Any) -> Any:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                dg = tp.DependencyGraph().build_dependency(model, example_inputs=traced, verbose=False)
+                dg = tp.DependencyGraph().build_dependency(
+                    model, example_inputs=traced, verbose=False, output_transform=_output_tensors
+                )
             except BaseException as err:
                 first = next((e for e in raised if not isinstance(e, Exception)), None)
                 if first is not None:
@@ -1035,6 +1032,12 @@ def _traced_graph(tp: Any, model: nn.Module, traced: Any) -> Any:
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return dg
+
+
+def _output_tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output for Torch-Pruning's trace (which walks tuples, lists and
+    dicts itself, but not a dataclass)."""
+    return list(tensors_in(out))
 
 
 def _check_index_mappings(dg: Any, ignored: list[nn.Module], names: dict[nn.Module, str]) -> None:
@@ -1735,29 +1738,7 @@ def _output_layers(
             h.remove()
         for m, mode in modes.items():
             m.training = mode
-    roots: list[Any] = []
-    stack: list[Any] = [out]
-    while stack:  # every tensor in the output (tuples, lists, dicts)
-        o = stack.pop()
-        if torch.is_tensor(o):
-            roots.append(o.grad_fn)
-        elif isinstance(o, (tuple, list)):
-            stack.extend(o)
-        elif isinstance(o, dict):
-            stack.extend(o.values())
-    found: list[nn.Module] = []
-    seen: set = set()
-    while roots:
-        node = roots.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if node in made:
-            if made[node] not in found:
-                found.append(made[node])
-            continue
-        roots.extend(nxt for nxt, _ in node.next_functions)
-    return found
+    return first_producers([t.grad_fn for t in tensors_in(out)], made)
 
 
 def _grouped(module: nn.Module) -> bool:

@@ -12,23 +12,12 @@ flag) cannot be resolved; they are returned by name, to be reported.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 
-
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    """Every tensor in ``value`` (tuples, lists, dict values)."""
-    if torch.is_tensor(value):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
+from ..nested import tensors_in
 
 
 def train_only_readers(
@@ -54,13 +43,13 @@ def train_only_readers(
     names = {m: n for n, m in unseen.items()}
 
     def mark(module: nn.Module, args: tuple, out: Any) -> None:
-        for t in _tensors(out):
+        for t in tensors_in(out):
             if t.grad_fn is not None:
                 made.setdefault(t.grad_fn, module)
 
     def read(module: nn.Module, args: tuple) -> None:
         name = names[module]
-        fns = [t.grad_fn for t in _tensors(args) if t.grad_fn is not None]
+        fns = [t.grad_fn for t in tensors_in(args) if t.grad_fn is not None]
         inputs.setdefault(name, []).extend(fns)
         if not fns:
             inputs[name].append(None)  # ran, but with nothing to walk back from
@@ -76,15 +65,17 @@ def train_only_readers(
     producers: dict[nn.Module, set[str]] = {}
     never = [n for n in unseen if not inputs.get(n) or all(f is None for f in inputs[n])]
     for name, fns in inputs.items():
-        for module in _first_producers([f for f in fns if f is not None], made):
+        for module in first_producers([f for f in fns if f is not None], made):
             producers.setdefault(module, set()).add(name)
     return producers, never
 
 
-def _first_producers(fns: list[Any], made: dict[Any, nn.Module]) -> set[nn.Module]:
+def first_producers(fns: list[Any], made: dict[Any, nn.Module]) -> list[nn.Module]:
     """The modules of ``made`` (autograd node → the module whose output it made) first met on
-    every path back from ``fns`` through the autograd graph."""
-    found: set[nn.Module] = set()
+    every path back from the autograd nodes ``fns`` (None entries are skipped), in the order
+    found, each once: the layers whose outputs reach those tensors without passing through
+    another of them."""
+    found: list[nn.Module] = []
     stack, seen = list(fns), set()
     while stack:
         fn = stack.pop()
@@ -93,7 +84,8 @@ def _first_producers(fns: list[Any], made: dict[Any, nn.Module]) -> set[nn.Modul
         seen.add(fn)
         module = made.get(fn)
         if module is not None:
-            found.add(module)
+            if module not in found:
+                found.append(module)
             continue
         stack.extend(f for f, _ in fn.next_functions)
     return found

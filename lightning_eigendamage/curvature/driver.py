@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import functional_owners
-from ..nested import map_tensors
+from ..nested import map_tensors, tensors_in
 from ..report import PruningWarning
 from .hooks import CaptureResult, HookCapture, KFACapture
 
@@ -234,21 +234,11 @@ _SLICE_RTOL = 1e-4  # a thinned pass must give the whole pass's outputs of its e
 
 def _examples_in(output: Any) -> int:
     """The batch size of a model's output: the first dimension of its first tensor (searched
-    through tuples, lists and dicts: a model with several heads, under a ``loss_fn`` of its own)."""
-    if isinstance(output, torch.Tensor) and output.dim() > 0:
-        return output.shape[0]
-    items = (
-        output.values()
-        if isinstance(output, Mapping)
-        else output
-        if isinstance(output, (tuple, list))
-        else ()
-    )
-    for item in items:
-        try:
-            return _examples_in(item)
-        except TypeError:
-            continue
+    through tuples, lists, dicts and dataclasses: a model with several heads, under a ``loss_fn``
+    of its own)."""
+    for t in tensors_in(output):
+        if t.dim() > 0:
+            return t.shape[0]
     raise TypeError(f"the model's output ({type(output).__name__}) holds no tensor with a batch dimension")
 
 
