@@ -4,20 +4,23 @@
 or already pruned :class:`~lightning_eigendamage.KFELayer`, with the reasons known before running
 the model (sharing, grouping, frozen weights, fused fast paths, user exclusions);
 :func:`dynamic_skips` adds those known only after a forward pass (never called, called twice,
-the classifier, no gradient).
+the classifier, no gradient); :func:`weights_read_outside` finds, during one forward pass, the
+layers whose parameters the model also uses outside their own call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .adapters import LayerAdapter, adapter_for, registered_base, registered_names
 from .attention import reads_weights_itself
@@ -304,6 +307,60 @@ def dynamic_skips(
         if c.skipped is not None:
             added.append((c.name, c.skipped))
     return added
+
+
+class _ReadsOutside(TorchFunctionMode):
+    """Records the operations that take a watched parameter while its owner is not the module
+    being called (see :func:`weights_read_outside`)."""
+
+    def __init__(self, owners: dict[int, Candidate], calling: list[nn.Module], found: dict[str, str]) -> None:
+        super().__init__()
+        self.owners, self.calling, self.found = owners, calling, found
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        if name == "__get__":  # a property (w.T, w.dtype): the read of ``layer.weight`` fails too
+            name = "." + getattr(getattr(func, "__self__", None), "__name__", "?")
+        for t in (*args, *kwargs.values()):
+            c = self.owners.get(id(t)) if isinstance(t, torch.Tensor) else None
+            if c is not None and (not self.calling or self.calling[-1] is not c.hook_module):
+                self.found.setdefault(
+                    c.name,
+                    f"its parameters are also used outside its own call ({name}): it cannot be "
+                    "replaced by its eigenbasis stages",
+                )
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def weights_read_outside(cands: Iterable[Candidate]) -> Iterator[dict[str, str]]:
+    """While inside, every operation that takes the parameters of one of ``cands`` (its weight
+    read by ``F.conv2d(x, layer.weight)`` in the model's forward, or a weight tied to another
+    layer) outside that layer's own call is recorded: yields ``{layer name: reason}``, filled
+    as the model runs. Such a layer cannot become a :class:`~lightning_eigendamage.KFELayer`
+    (which has no ``weight``)."""
+    cands = [c for c in cands if c.skipped is None]
+    owners = {id(p): c for c in cands for p in c.hook_module.parameters(recurse=False)}
+    calling: list[nn.Module] = []
+    found: dict[str, str] = {}
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        calling.append(module)
+
+    def leave(module: nn.Module, args: tuple, out: Any) -> None:
+        calling.pop()
+
+    handles = []
+    for c in cands:
+        handles.append(c.hook_module.register_forward_pre_hook(enter, prepend=True))
+        handles.append(c.hook_module.register_forward_hook(leave, always_call=True))
+    try:
+        with _ReadsOutside(owners, calling, found):
+            yield found
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # Layers with weights that no structure prunes (said in the messages of a model left with none)

@@ -1145,3 +1145,34 @@ def test_a_model_returning_a_dataclass_is_pruned_with_a_loss_fn(structure: str) 
     )
     assert report.target_reached
     assert model(batches[0][0]).logits.shape == (6, 5)  # the output layer kept its width
+
+
+class _WeightReused(nn.Module):
+    """``c2``'s weight is used a second time functionally, and ``c1``'s dtype is read: after a
+    rewrite in the eigenbasis, ``self.c1.weight`` would not exist."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.c3, self.fc = nn.Conv2d(16, 24, 3, padding=1), nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c1(x.to(self.c1.weight.dtype)))
+        x = torch.relu(self.c2(x))
+        x = torch.relu(torch.nn.functional.conv2d(x, self.c2.weight, self.c2.bias, padding=1))
+        return self.fc(torch.relu(self.c3(x)).mean((2, 3)))
+
+
+def test_a_layer_whose_weight_the_forward_also_uses_stays_whole_in_the_eigenbasis() -> None:
+    """The eigenbasis replaced it by stages without a ``weight``, and the call failed with a bare
+    AttributeError from the model's forward."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(6, 3, 12, 12), torch.randint(0, 5, (6,))) for _ in range(2)]
+    model = _WeightReused()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = prune(model, batches, ratio=0.4, target="flops", structure="eigenbasis")
+    assert type(model.c2) is nn.Conv2d and "used outside its own call (conv2d)" in report.left_whole["c2"]
+    assert type(model.c1) is nn.Conv2d and "(.dtype)" in report.left_whole["c1"]
+    assert type(model.c3).__name__ == "KFELayer"
+    assert model(batches[0][0]).shape == (6, 5)

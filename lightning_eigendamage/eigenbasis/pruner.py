@@ -40,6 +40,7 @@ from ..discovery import (
     find_layers,
     hookable,
     no_prunable_message,
+    weights_read_outside,
 )
 from ..distributed import (
     all_reduce_capture,
@@ -188,10 +189,13 @@ def analyse(
     example = None
     if first is not _EMPTY:
         example = to_device(first if opts.forward_fn else split_batch(first, opts.input_fn)[0], device)
-    totals = {
-        "params": count_params(model),
-        "flops": count_flops(model, example, opts.forward_fn) if example is not None else 0,
-    }
+    totals = {"params": count_params(model), "flops": 0}
+    if example is not None:
+        with weights_read_outside(cands) as reads:  # (the FLOP count's forward pass)
+            totals["flops"] = count_flops(model, example, opts.forward_fn)
+        for c in cands:
+            if c.skipped is None and c.name in reads:
+                c.skipped = reads[c.name]
 
     if captured is None:
         captured = capture_factors(
