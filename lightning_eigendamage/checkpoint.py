@@ -204,8 +204,9 @@ class PrunedLoadingHook:
             record says (frozen if the layer was pruned with ``train_rotations=False``).
     """
 
-    def __init__(self, rotations_require_grad: bool | None = None) -> None:
+    def __init__(self, rotations_require_grad: bool | None = None, skeleton: nn.Module | None = None) -> None:
         self.rotations_require_grad = rotations_require_grad
+        self.skeleton = skeleton
 
     def __call__(
         self,
@@ -215,6 +216,29 @@ class PrunedLoadingHook:
         local_metadata: dict[str, Any] | None = None,
         *args: Any,
         **kwargs: Any,
+    ) -> None:
+        try:
+            self._reshape(module, state_dict, prefix, local_metadata)
+        except (ValueError, RuntimeError) as err:
+            resets = None if getattr(self, "skeleton", None) is None else dense_resets(module, self.skeleton)
+            if not resets:
+                raise
+            # pruned further than the checkpoint (a "best" checkpoint from before the last round):
+            # the changed modules go back to their dense form, then the checkpoint reshapes them
+            old = {name: module.get_submodule(name) for name in resets}
+            swap_modules(module, resets)
+            try:
+                self._reshape(module, state_dict, prefix, local_metadata)
+            except BaseException:
+                swap_modules(module, old)
+                raise err from None
+
+    def _reshape(
+        self,
+        module: nn.Module,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any] | None,
     ) -> None:
         local = {
             k[len(prefix) :]: v for k, v in state_dict.items() if isinstance(k, str) and k.startswith(prefix)
@@ -237,6 +261,57 @@ class PrunedLoadingHook:
                 for stage in (layer.rotate_in, layer.rotate_out):
                     if stage is not None:
                         stage.weight.requires_grad_(self.rotations_require_grad)
+
+
+def meta_skeleton(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are on the ``meta`` device (no memory):
+    its architecture as it is now, for :func:`dense_resets`."""
+    memo: dict[int, Any] = {}
+    for m in model.modules():
+        for p in m._parameters.values():
+            if p is not None and id(p) not in memo:
+                memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for b in m._buffers.values():
+            if b is not None and id(b) not in memo:
+                memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def attach_skeleton(model: nn.Module, skeleton: nn.Module) -> None:
+    """Give every :class:`PrunedLoadingHook` on ``model`` without one (the user's
+    :func:`enable_pruned_loading`) the ``skeleton`` to fall back on (:func:`dense_resets`)."""
+    for h in getattr(model, "_load_state_dict_pre_hooks", {}).values():
+        hook = getattr(h, "hook", h)
+        if isinstance(hook, PrunedLoadingHook) and getattr(hook, "skeleton", None) is None:
+            hook.skeleton = skeleton
+
+
+def _own_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {
+        k: tuple(t.shape) for k, t in [*module._parameters.items(), *module._buffers.items()] if t is not None
+    }
+
+
+def dense_resets(model: nn.Module, skeleton: nn.Module) -> dict[str, nn.Module]:
+    """Empty modules, built from ``skeleton`` (:func:`meta_skeleton` of ``model`` before it was
+    pruned), for the outermost modules of ``model`` that pruning changed (another type, other
+    tensor shapes or another head count), on their device: swapped in, they give back the
+    architecture the checkpoint loaders start from. Their values are left to the load."""
+    before = dict(skeleton.named_modules())
+    out: dict[str, nn.Module] = {}
+    for name, m in model.named_modules():
+        if not name or any(name.startswith(r + ".") for r in out):
+            continue
+        s = before.get(name)
+        if s is None:
+            continue
+        if type(m) is type(s) and _own_shapes(m) == _own_shapes(s) and head_count(m) == head_count(s):
+            continue
+        like = next(itertools.chain(m.parameters(), m.buffers()), None)
+        new = copy.deepcopy(s).to_empty(device=like.device if like is not None else "cpu")
+        new.train(m.training)
+        out[name] = new
+    return out
 
 
 def _strict_of_running_load() -> bool | None:

@@ -530,3 +530,41 @@ def test_loaded_generator_state_wins_over_a_reused_callbacks_own() -> None:
     assert torch.equal(cb.state_dict()["generator"], saved)
     cb.on_fit_start(Stub(), model)  # the resumed fit
     assert torch.equal(cb._generator.get_state(), saved)
+
+
+class _EpochLit(LossLit):
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        self.log("epoch_seen", float(self.current_epoch))
+
+
+@pytest.mark.parametrize("own_hook", [False, True])
+@pytest.mark.parametrize("structure", ["channels", "eigenbasis"])
+def test_test_with_the_best_checkpoint_from_before_the_last_round_loads_it(
+    structure: str, own_hook: bool, tmp_path: Path
+) -> None:
+    """``trainer.test(ckpt_path="best")`` after a fit whose best checkpoint comes before the last
+    round: the model in memory is narrower than the checkpoint (or has layers rewritten that the
+    checkpoint holds dense), and the load failed on the shapes. It must give what a fresh model
+    given that checkpoint gives (with the user's own ``enable_pruned_loading`` hook too)."""
+    torch.manual_seed(0)
+    model = _EpochLit()
+    if own_hook:
+        enable_pruned_loading(model)
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="epoch_seen", mode="min", save_top_k=1)
+    # a small first round leaves layers the second one rewrites (eigenbasis) or narrows further
+    cb = EigenDamagePruning(schedule={0: 0.05, 1: 0.5}, structure=structure, verbose=False)
+    t = trainer(callbacks=[cb, best], max_epochs=3, enable_checkpointing=True)
+    t.fit(model, _data(), _data())
+    assert len(cb.reports) == 2 and "epoch=0" in best.best_model_path
+    fresh = _EpochLit()
+    restore_pruned(fresh, best.best_model_path)
+    assert [type(m) for m in fresh.modules()] != [type(m) for m in model.modules()] or any(
+        a.shape != b.shape for a, b in zip(fresh.state_dict().values(), model.state_dict().values())
+    )  # the model in memory is not the checkpoint's architecture
+    (metrics,) = t.validate(model, _data(), ckpt_path="best", verbose=False)
+    x = image_data(8)[:][0]
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), fresh.eval()(x))
+    (again,) = trainer(callbacks=[]).validate(fresh, _data(), verbose=False)
+    assert metrics["val_loss"] == pytest.approx(again["val_loss"], rel=1e-6)

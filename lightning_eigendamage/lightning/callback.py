@@ -67,7 +67,7 @@ from torch import nn
 from typing_extensions import override
 
 from ..attention import functional_owners
-from ..checkpoint import PrunedLoadingHook, has_pruned_loading
+from ..checkpoint import PrunedLoadingHook, attach_skeleton, has_pruned_loading, meta_skeleton
 from ..curvature import (
     KFACapture,
     capture_batch,
@@ -315,6 +315,9 @@ class EigenDamagePruning(Callback):
         self.verbose = verbose
         self.gradual = gradual
         self._load_hook: Any = None
+        # (id of the model, its meta-device copy when first set up): what a checkpoint from
+        # before a later round is loaded into (PrunedLoadingHook's skeleton)
+        self._skeleton: tuple[int, nn.Module] | None = None
         # While fitting a model that holds torch.compile'd modules: their compiled code calls the
         # hooks of every capture and check (compiled_code_sees_hooks), undone at teardown
         self._compiled_hooks: contextlib.ExitStack | None = None
@@ -440,8 +443,11 @@ class EigenDamagePruning(Callback):
 
     def _install_loading_hook(self, pl_module: pl.LightningModule) -> None:
         self._remove_loading_hook()
+        if self._skeleton is None or self._skeleton[0] != id(pl_module):  # the model as first given
+            self._skeleton = (id(pl_module), meta_skeleton(pl_module))
+        attach_skeleton(pl_module, self._skeleton[1])  # (an enable_pruned_loading hook runs first)
         self._load_hook = pl_module.register_load_state_dict_pre_hook(
-            PrunedLoadingHook(rotations_require_grad=self.train_rotations)
+            PrunedLoadingHook(rotations_require_grad=self.train_rotations, skeleton=self._skeleton[1])
         )
 
     @override
