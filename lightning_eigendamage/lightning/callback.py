@@ -443,7 +443,8 @@ class EigenDamagePruning(Callback):
 
     def _install_loading_hook(self, pl_module: pl.LightningModule) -> None:
         self._remove_loading_hook()
-        if self._skeleton is None or self._skeleton[0] != id(pl_module):  # the model as first given
+        skeleton = getattr(self, "_skeleton", None)  # (an instance pickled by an older version has none)
+        if skeleton is None or skeleton[0] != id(pl_module):  # the model as first given
             self._skeleton = (id(pl_module), meta_skeleton(pl_module))
         attach_skeleton(pl_module, self._skeleton[1])  # (an enable_pruned_loading hook runs first)
         self._load_hook = pl_module.register_load_state_dict_pre_hook(
