@@ -27,7 +27,7 @@ from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, MultiStepLR, StepLR
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_eigendamage import EigenDamagePruning, KFELayer, PruningSchedule
+from lightning_eigendamage import EigenDamagePruning, KFELayer, PruningSchedule, enable_pruned_loading
 from lightning_eigendamage.costs import count_flops
 from lightning_eigendamage.curvature import KFACapture, capture_factors
 from lightning_eigendamage.eigenbasis.pruner import find_layers
@@ -829,3 +829,73 @@ def test_lbfgs_starts_its_history_again_after_a_round(structure: str) -> None:
     (opt,) = model.trainer.optimizers
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert opt.state[opt.param_groups[0]["params"][0]]["d"].numel() == n  # trained on after the round
+
+
+class _TwoOptimizers(LitClassifier):
+    """Manual optimization stepping two optimizers per batch: ``global_step`` grows by 2 a batch."""
+
+    def __init__(self) -> None:
+        super().__init__(small_cnn())
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        body, head = self.optimizers()
+        body.zero_grad()
+        head.zero_grad()
+        self.manual_backward(nn.functional.cross_entropy(self(x), y))
+        body.step()
+        head.step()
+
+    def configure_optimizers(self) -> Any:
+        head = list(self.net[-1].parameters())
+        ids = {id(p) for p in head}
+        body = [p for p in self.parameters() if id(p) not in ids]
+        return [torch.optim.SGD(body, lr=0.05, momentum=0.9), torch.optim.SGD(head, lr=0.05)]
+
+
+def test_manual_optimization_with_two_optimizers_prunes_at_global_steps() -> None:
+    """``global_step`` counts both optimizers' steps: a step point the run reaches was refused
+    (counted from batches); and a resume after epoch 0 (below) ran epoch 1's round at once, with
+    no factors, and lost it."""
+    torch.manual_seed(0)
+    data = loader(image_data(64), 16)  # 4 batches: 8 optimizer steps per epoch
+    cb = EigenDamagePruning(PruningSchedule(steps={12: 0.3}), verbose=False)
+    t = trainer(callbacks=[cb], max_epochs=2)
+    t.fit(_TwoOptimizers(), data)
+    assert t.global_step == 16 and len(cb.reports) == 1
+
+
+def test_manual_optimization_with_two_optimizers_resumes_after_an_epoch_without_losing_a_round(
+    tmp_path,
+) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    data = loader(image_data(64), 16)
+    torch.manual_seed(0)
+    ck = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    first = EigenDamagePruning(schedule={0: 0.3, 1: 0.3}, verbose=False)
+    with pytest.warns(UserWarning, match="before the round"):  # (stopped after epoch 0)
+        trainer(callbacks=[first, ck, _StopAfterFirstEpoch()], max_epochs=2, enable_checkpointing=True).fit(
+            _TwoOptimizers(), data
+        )
+    assert len(first.reports) == 1
+    again = EigenDamagePruning(schedule={0: 0.3, 1: 0.3}, verbose=False)
+    model = _TwoOptimizers()
+    enable_pruned_loading(model)
+    t = trainer(callbacks=[again], max_epochs=2)
+    t.fit(model, data, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert len(again.reports) == 2 and again.skipped_rounds == []
+
+
+class _StopAfterFirstEpoch(pl.Callback):
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.should_stop = True  # as EarlyStopping does
+
+
+def test_training_that_ends_before_a_scheduled_round_says_so() -> None:
+    torch.manual_seed(0)
+    cb = EigenDamagePruning(schedule={0: 0.3, 2: 0.3}, verbose=False)
+    with pytest.warns(UserWarning, match=r"training ended .* before the round\(s\) epoch:2 ran"):
+        _fit(LitClassifier(small_cnn()), [cb, _StopAfterFirstEpoch()], max_epochs=3)
+    assert len(cb.reports) == 1

@@ -532,6 +532,16 @@ class EigenDamagePruning(Callback):
         """
         if not self.schedule.steps:
             return
+        if _manual(trainer):
+            pending = [s for s in self.schedule.steps if f"step:{s}" not in self._done]
+            if pending and trainer.max_steps in (-1, None):
+                rank_zero_warn(
+                    "EigenDamagePruning: under manual optimization trainer.global_step counts every "
+                    "optimizer.step() the training step makes, which no count of batches predicts: "
+                    f"step points {pending} are not checked against the run's length (a point the "
+                    "run never reaches does not prune; the end of training says so)"
+                )
+            return
         try:
             total = trainer.estimated_stepping_batches
         except Exception:  # any failure means the length is unknown
@@ -585,10 +595,16 @@ class EigenDamagePruning(Callback):
         if self.schedule.epochs:
             per_epoch = _steps_per_epoch(trainer)
             if per_epoch is None:
+                why = (
+                    "under manual optimization the training step decides how many optimizer steps "
+                    "an epoch takes"
+                    if _manual(trainer)
+                    else "the training dataloader has no length"
+                )
                 raise ValueError(
                     "gradual removal before epoch points needs to know at which optimizer step each "
-                    "epoch ends, but the training dataloader has no length; use step points "
-                    "(PruningSchedule(steps={...})) or a dataloader with a length"
+                    f"epoch ends, but {why}; use step points (PruningSchedule(steps={{...}}))"
+                    + ("" if _manual(trainer) else " or a dataloader with a length")
                 )
             ends.update({f"epoch:{e}": (e + 1) * per_epoch for e in self.schedule.epochs})
         check_windows(ends, self.gradual.steps)
@@ -1393,6 +1409,15 @@ class EigenDamagePruning(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._release_capture()
         self._release_window_capture()
+        missed = [p.key for p in self._pending()]
+        if missed and not trainer.interrupted:
+            rank_zero_warn(
+                f"EigenDamagePruning: training ended (epoch {trainer.current_epoch}, global step "
+                f"{trainer.global_step}) before the round(s) {', '.join(missed)} ran: the model was "
+                "pruned less than scheduled. An early stop (EarlyStopping, should_stop), a step "
+                "point beyond the run's optimizer steps (under manual optimization global_step "
+                "counts every optimizer.step()), or limit_train_batches can cause this"
+            )
 
     @override
     def on_exception(
@@ -1555,10 +1580,20 @@ def _check_strategy(strategy: Strategy) -> None:
     )
 
 
+def _manual(trainer: pl.Trainer) -> bool:
+    """Whether the LightningModule steps its optimizers itself (``automatic_optimization=False``):
+    then ``trainer.global_step`` counts every ``optimizer.step()`` it makes (two per batch with two
+    optimizers, fewer where it accumulates), which no count of batches predicts."""
+    module = trainer.lightning_module
+    return module is not None and not module.automatic_optimization
+
+
 def _steps_per_epoch(trainer: pl.Trainer) -> int | None:
     """Optimizer steps in one epoch, ``ceil(num_training_batches / accumulate_grad_batches)``
     (Lightning steps on an epoch's last batch even when the accumulation is incomplete); None
-    while the training data has no length."""
+    while the training data has no length, and under manual optimization (:func:`_manual`)."""
+    if _manual(trainer):
+        return None
     batches = trainer.num_training_batches
     if not isinstance(batches, (int, float)) or not math.isfinite(batches):
         return None
