@@ -340,3 +340,45 @@ def carry_sliced_state(
                 opt.state[p] = new_state
                 report.carried.append(name)
     return report
+
+
+def group_map(
+    old: Optimizer,
+    new: Optimizer,
+    replaced: Sequence[tuple[str, Sequence[nn.Parameter], Sequence[nn.Parameter]]],
+) -> list[int] | None:
+    """For each param group of the rebuilt optimizer ``new``, the group of ``old`` it continues:
+    the old group of its first parameter that ``old`` held (a parameter kept as it was), or that
+    a pruned layer's new parameter replaces (``replaced``: per changed layer, its old and new
+    parameters; the layer's first old parameter that ``old`` held). None where some new group
+    has no such parameter (its hyperparameters cannot be told)."""
+    owner = {id(p): j for j, g in enumerate(old.param_groups) for p in g["params"]}
+    origin: dict[int, int] = {}
+    for _, before, after in replaced:
+        j = next((owner[id(p)] for p in before if id(p) in owner), None)
+        if j is not None:
+            for p in after:
+                origin.setdefault(id(p), j)
+    out = []
+    for group in new.param_groups:
+        j = next(
+            (
+                owner.get(id(p), origin.get(id(p)))
+                for p in group["params"]
+                if id(p) in owner or id(p) in origin
+            ),
+            None,
+        )
+        if j is None:
+            return None
+        out.append(j)
+    return out
+
+
+def remap_group_lists(state: dict[str, Any], mapping: list[int], n_old: int) -> dict[str, Any]:
+    """An LR scheduler's ``state_dict`` with every per-group list (``base_lrs``, ``_last_lr``,
+    ``min_lrs``, ``lr_lambdas``, …: a list of ``n_old`` entries) re-indexed to the rebuilt
+    optimizer's groups (``mapping``: :func:`group_map`); the rest as it is."""
+    return {
+        k: [v[j] for j in mapping] if isinstance(v, list) and len(v) == n_old else v for k, v in state.items()
+    }

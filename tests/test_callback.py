@@ -899,3 +899,37 @@ def test_training_that_ends_before_a_scheduled_round_says_so() -> None:
     with pytest.warns(UserWarning, match=r"training ended .* before the round\(s\) epoch:2 ran"):
         _fit(LitClassifier(small_cnn()), [cb, _StopAfterFirstEpoch()], max_epochs=3)
     assert len(cb.reports) == 1
+
+
+class _GroupPerParameter(LitClassifier):
+    """One param group per parameter (layer-wise learning rates) and a per-step LambdaLR."""
+
+    def configure_optimizers(self) -> Any:
+        groups = [
+            {"params": [p], "lr": 0.05 * 0.9**i, "name": n}
+            for i, (n, p) in enumerate(self.named_parameters())
+        ]
+        opt = torch.optim.SGD(groups, lr=0.05, momentum=0.9)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@pytest.mark.parametrize("structure", ["eigenbasis", "channels"])
+def test_a_group_per_parameter_keeps_its_schedule_when_a_round_changes_the_group_count(
+    structure: str,
+) -> None:
+    """The eigenbasis turns a layer's two parameters into three or four: the rebuilt optimizer has
+    more groups, and the old scheduler state (one base_lr per old group) made LambdaLR fail and
+    StepLR restart. Each new group continues the group of the layer it comes from."""
+    torch.manual_seed(0)
+    model = _GroupPerParameter(small_cnn())
+    cb = EigenDamagePruning(schedule={0: 0.5}, structure=structure, verbose=False)
+    t = _fit(model, cb, max_epochs=2)
+    (opt,) = t.optimizers
+    sched = t.lr_scheduler_configs[0].scheduler
+    assert len(sched.base_lrs) == len(opt.param_groups)
+    steps = t.global_step
+    for g in opt.param_groups:  # every group is where 8 steps of the schedule put it
+        assert g["lr"] == pytest.approx(g["initial_lr"] * 0.5**steps, rel=1e-9), g["name"]
+    names = [g["name"] for g in opt.param_groups]
+    assert names == [n for n, _ in model.named_parameters()]  # the new groups keep their own names

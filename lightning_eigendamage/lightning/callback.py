@@ -90,7 +90,7 @@ from ..gradual import (
     marked_mask,
     penalty_grad,
 )
-from ..optim import TransplantReport
+from ..optim import TransplantReport, group_map, remap_group_lists
 from ..options import PruneOptions
 from ..report import PruneReport, PruningWarning, reason_lines
 from .schedule import LoopState, PrunePoint, PruningSchedule
@@ -1333,6 +1333,10 @@ class EigenDamagePruning(Callback):
         param-group hyperparameters; carry optimizer state over."""
         strategy = trainer.strategy
         sched_states = [cfg.scheduler.state_dict() for cfg in trainer.lr_scheduler_configs]
+        sched_opts = [
+            _index(old_optimizers, getattr(cfg.scheduler, "optimizer", None))
+            for cfg in trainer.lr_scheduler_configs
+        ]
         hparams = [
             [{k: v for k, v in g.items() if k != "params"} for g in o.param_groups] for o in old_optimizers
         ]
@@ -1342,32 +1346,45 @@ class EigenDamagePruning(Callback):
             strategy.configure_ddp()
         strategy.setup_optimizers(trainer)
         new_optimizers = list(trainer.optimizers)
+        replaced = (
+            mixed_replaced(self.engine, changes)
+            if isinstance(changes, MixedChange)
+            else self.engine.replaced_parameters(changes)
+        )
+        # each rebuilt param group continues the old group its parameters come from (by position
+        # where the counts agree and no parameter says otherwise)
+        maps: list[list[int] | None] = [None] * len(new_optimizers)
+        if len(new_optimizers) == len(old_optimizers):
+            maps = [
+                group_map(o, n, replaced)
+                or (list(range(len(o.param_groups))) if len(o.param_groups) == len(n.param_groups) else None)
+                for o, n in zip(old_optimizers, new_optimizers)
+            ]
         configs = trainer.lr_scheduler_configs
         if len(configs) == len(sched_states):
-            for cfg, state in zip(configs, sched_states):
+            for cfg, state, i in zip(configs, sched_states, sched_opts):
+                if i is not None and maps[i] is not None:
+                    state = remap_group_lists(state, maps[i], len(old_optimizers[i].param_groups))
                 cfg.scheduler.load_state_dict(state)
         elif sched_states:
             rank_zero_warn(
                 f"EigenDamagePruning: configure_optimizers returned {len(configs)} LR scheduler(s) "
                 f"after pruning, {len(sched_states)} before; their state was not restored"
             )
-        if len(new_optimizers) == len(hparams) and all(
-            len(o.param_groups) == len(h) for o, h in zip(new_optimizers, hparams)
-        ):
-            for opt, groups in zip(new_optimizers, hparams):
-                for group, hp in zip(opt.param_groups, groups):
-                    group.update(hp)
+        if len(new_optimizers) == len(hparams) and all(m is not None for m in maps):
+            for opt, groups, mapping in zip(new_optimizers, hparams, maps):
+                for group, j in zip(opt.param_groups, mapping):
+                    group.update({k: v for k, v in groups[j].items() if not isinstance(v, str)})
         else:
             rank_zero_warn(
-                "EigenDamagePruning: the rebuilt optimizers have a different number of param groups; "
-                "learning rates and other group hyperparameters were not restored"
+                "EigenDamagePruning: the rebuilt optimizers' param groups do not correspond to the "
+                "old ones (a group holds no parameter of an old group); learning rates and other "
+                "group hyperparameters were not restored"
             )
         if isinstance(changes, MixedChange):
             report = carry_mixed_state(self.engine, pl_module, old_optimizers, new_optimizers, changes)
-            replaced = mixed_replaced(self.engine, changes)
         else:
             report = self.engine.carry_optimizer_state(pl_module, old_optimizers, new_optimizers, changes)
-            replaced = self.engine.replaced_parameters(changes)
         self._check_coverage(pl_module, old_optimizers, new_optimizers, replaced)
         return report
 
@@ -1578,6 +1595,11 @@ def _check_strategy(strategy: Strategy) -> None:
         "FSDP, DeepSpeed, model-parallel and multi-device XLA strategies shard or wrap the "
         "parameters in ways the layer surgery cannot follow."
     )
+
+
+def _index(items: list[Any], item: Any) -> int | None:
+    """The position of ``item`` (by identity) in ``items``, or None."""
+    return next((i for i, x in enumerate(items) if x is item), None)
 
 
 def _manual(trainer: pl.Trainer) -> bool:
