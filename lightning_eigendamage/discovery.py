@@ -403,6 +403,13 @@ def check_usable_parameters(model: nn.Module, what: str) -> None:
         ValueError: naming the parameters and what to do.
     """
     named = list(model.named_parameters())
+    lazy = [n for n, p in named if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise ValueError(
+            f"{what}: the model has lazy parameters that are not initialised yet ({', '.join(lazy[:5])}"
+            f"{', …' if len(lazy) > 5 else ''}); run the model once on a batch (model(x)) before "
+            "pruning it, so that they get their shapes"
+        )
     meta = [n for n, p in named if p.is_meta]
     if meta:
         raise ValueError(

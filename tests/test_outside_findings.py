@@ -1176,3 +1176,11 @@ def test_a_layer_whose_weight_the_forward_also_uses_stays_whole_in_the_eigenbasi
     assert type(model.c1) is nn.Conv2d and "(.dtype)" in report.left_whole["c1"]
     assert type(model.c3).__name__ == "KFELayer"
     assert model(batches[0][0]).shape == (6, 5)
+
+
+@pytest.mark.parametrize("structure", ["eigenbasis", "channels"])
+def test_uninitialised_lazy_layers_are_a_clear_error(structure: str) -> None:
+    model = nn.Sequential(nn.LazyConv2d(8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(5))
+    batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,)))]
+    with pytest.raises(ValueError, match=r"lazy parameters that are not initialised.*run the model once"):
+        prune(model, batches, ratio=0.3, structure=structure)
