@@ -1184,3 +1184,14 @@ def test_uninitialised_lazy_layers_are_a_clear_error(structure: str) -> None:
     batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,)))]
     with pytest.raises(ValueError, match=r"lazy parameters that are not initialised.*run the model once"):
         prune(model, batches, ratio=0.3, structure=structure)
+
+
+def test_per_pixel_labels_with_the_wrong_class_dim_say_which_class_dim() -> None:
+    """A segmentation output (N, C, H, W) with the default class_dim=-1: cross-entropy's own
+    "Expected input batch_size (288) to match target batch_size (1536)" said nothing useful."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 1))
+    batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4, 8, 8)))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the class_dim warning says it first)
+        with pytest.raises(ValueError, match=r"output \(4, 3, 8, 8\) has 96 rows .* pass the class_dim"):
+            prune(model, batches, ratio=0.3, structure="eigenbasis", fisher="empirical", exempt_last=False)

@@ -104,6 +104,13 @@ def default_loss(output: torch.Tensor, target: torch.Tensor, class_dim: int = -1
     check_categorical(output, class_dim)
     logits = output.movedim(class_dim, -1)
     flat = logits.reshape(-1, logits.shape[-1])
+    if not target.is_floating_point() and target.numel() != flat.shape[0]:  # class indices
+        raise ValueError(
+            f"the empirical Fisher's cross-entropy: the model's output {tuple(output.shape)} has "
+            f"{flat.shape[0]} rows of {flat.shape[1]} logits on class_dim={class_dim}, the target "
+            f"{tuple(target.shape)} has {target.numel()} labels; pass the class_dim of the output "
+            "(1 for (N, C, H, W)) or a loss_fn of your own"
+        )
     return F.cross_entropy(flat.float(), target.reshape(-1), reduction="sum") / output.shape[0]
 
 
