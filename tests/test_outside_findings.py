@@ -1195,3 +1195,31 @@ def test_per_pixel_labels_with_the_wrong_class_dim_say_which_class_dim() -> None
         warnings.simplefilter("ignore")  # (the class_dim warning says it first)
         with pytest.raises(ValueError, match=r"output \(4, 3, 8, 8\) has 96 rows .* pass the class_dim"):
             prune(model, batches, ratio=0.3, structure="eigenbasis", fisher="empirical", exempt_last=False)
+
+
+def test_a_channels_last_model_restored_from_an_eigenbasis_checkpoint_stays_channels_last() -> None:
+    import io
+
+    from lightning_eigendamage import restore_pruned
+
+    def build() -> nn.Module:
+        convs = [
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.Conv2d(32, 32, 3, padding=1),
+        ]
+        layers = [m for c in convs for m in (c, nn.ReLU())]
+        net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5))
+        return net.to(memory_format=torch.channels_last)
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 12, 12).to(memory_format=torch.channels_last)
+    batches = [(x, torch.randint(0, 5, (6,))) for _ in range(2)]
+    model = build()
+    prune(model, batches, ratio=0.5, target="flops", structure="eigenbasis")
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    fresh = restore_pruned(build(), buf)
+    cores = [m.core.weight for m in fresh.modules() if type(m).__name__ == "KFELayer"]
+    assert cores and all(w.is_contiguous(memory_format=torch.channels_last) for w in cores if w.shape[-1] > 1)

@@ -217,6 +217,9 @@ def layers_for_records(
             replacements[name] = empty_from_record(template, rec, narrower=narrower)
         except ValueError as err:
             raise ValueError(f"cannot restore pruned layer {name!r}: {err}") from None
+        w = getattr(template, "weight", None)
+        if isinstance(w, torch.Tensor) and is_channels_last(w):  # the memory format of the layer
+            replacements[name] = replacements[name].to(memory_format=torch.channels_last)
     return replacements
 
 
