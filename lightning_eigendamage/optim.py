@@ -342,16 +342,15 @@ def carry_sliced_state(
     return report
 
 
-def group_map(
+def group_origins(
     old: Optimizer,
     new: Optimizer,
     replaced: Sequence[tuple[str, Sequence[nn.Parameter], Sequence[nn.Parameter]]],
-) -> list[int] | None:
-    """For each param group of the rebuilt optimizer ``new``, the group of ``old`` it continues:
-    the old group of its first parameter that ``old`` held (a parameter kept as it was), or that
-    a pruned layer's new parameter replaces (``replaced``: per changed layer, its old and new
-    parameters; the layer's first old parameter that ``old`` held). None where some new group
-    has no such parameter (its hyperparameters cannot be told)."""
+) -> list[list[int]]:
+    """For each param group of the rebuilt optimizer ``new``, the groups of ``old`` its parameters
+    come from, in the order met: the old group of a parameter kept as it was, or, for a pruned
+    layer's new parameter, that of the layer's first old parameter ``old`` held (``replaced``:
+    per changed layer, its old and new parameters). Empty for a group of new parameters only."""
     owner = {id(p): j for j, g in enumerate(old.param_groups) for p in g["params"]}
     origin: dict[int, int] = {}
     for _, before, after in replaced:
@@ -361,18 +360,21 @@ def group_map(
                 origin.setdefault(id(p), j)
     out = []
     for group in new.param_groups:
-        j = next(
-            (
-                owner.get(id(p), origin.get(id(p)))
-                for p in group["params"]
-                if id(p) in owner or id(p) in origin
-            ),
-            None,
-        )
-        if j is None:
-            return None
-        out.append(j)
+        found = [owner.get(id(p), origin.get(id(p))) for p in group["params"]]
+        out.append(list(dict.fromkeys(j for j in found if j is not None)))
     return out
+
+
+def group_map(
+    old: Optimizer,
+    new: Optimizer,
+    replaced: Sequence[tuple[str, Sequence[nn.Parameter], Sequence[nn.Parameter]]],
+) -> list[int] | None:
+    """For each param group of the rebuilt optimizer ``new``, the group of ``old`` it continues:
+    the first of its :func:`group_origins`. None where some new group has none (its
+    hyperparameters cannot be told)."""
+    origins = group_origins(old, new, replaced)
+    return None if any(not o for o in origins) else [o[0] for o in origins]
 
 
 def remap_group_lists(state: dict[str, Any], mapping: list[int], n_old: int) -> dict[str, Any]:

@@ -933,3 +933,27 @@ def test_a_group_per_parameter_keeps_its_schedule_when_a_round_changes_the_group
         assert g["lr"] == pytest.approx(g["initial_lr"] * 0.5**steps, rel=1e-9), g["name"]
     names = [g["name"] for g in opt.param_groups]
     assert names == [n for n, _ in model.named_parameters()]  # the new groups keep their own names
+
+
+class _WithBackbone(LitClassifier):
+    def __init__(self) -> None:
+        net = small_cnn()
+        super().__init__(net)
+        self.backbone = net[:3]  # (the same modules: BackboneFinetuning freezes self.backbone)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+
+
+def test_a_round_after_backbone_finetuning_added_a_group_says_the_groups_merged() -> None:
+    """BackboneFinetuning adds the backbone as a second param group (its own learning rate) at
+    the unfreeze; configure_optimizers returns one group, so the rounds after it merge the two:
+    said, with both learning rates."""
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    torch.manual_seed(0)
+    cb = EigenDamagePruning(schedule={1: 0.5}, verbose=False)
+    ft = BackboneFinetuning(unfreeze_backbone_at_epoch=1, lambda_func=lambda e: 1.0)
+    with pytest.warns(UserWarning, match=r"holds parameters of 2 param groups .* learning rates \["):
+        _fit(_WithBackbone(), [cb, ft], max_epochs=2)
+    assert len(cb.reports) == 1

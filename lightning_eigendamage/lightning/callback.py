@@ -90,7 +90,7 @@ from ..gradual import (
     marked_mask,
     penalty_grad,
 )
-from ..optim import TransplantReport, group_map, remap_group_lists
+from ..optim import TransplantReport, group_map, group_origins, remap_group_lists
 from ..options import PruneOptions
 from ..report import PruneReport, PruningWarning, reason_lines
 from .schedule import LoopState, PrunePoint, PruningSchedule
@@ -1371,6 +1371,8 @@ class EigenDamagePruning(Callback):
                 f"EigenDamagePruning: configure_optimizers returned {len(configs)} LR scheduler(s) "
                 f"after pruning, {len(sched_states)} before; their state was not restored"
             )
+        if len(new_optimizers) == len(old_optimizers):
+            _warn_merged_groups(old_optimizers, new_optimizers, replaced)
         if len(new_optimizers) == len(hparams) and all(m is not None for m in maps):
             for opt, groups, mapping in zip(new_optimizers, hparams, maps):
                 for group, j in zip(opt.param_groups, mapping):
@@ -1595,6 +1597,23 @@ def _check_strategy(strategy: Strategy) -> None:
         "FSDP, DeepSpeed, model-parallel and multi-device XLA strategies shard or wrap the "
         "parameters in ways the layer surgery cannot follow."
     )
+
+
+def _warn_merged_groups(old: list[Any], new: list[Any], replaced: Any) -> None:
+    """Warn where a rebuilt param group holds the parameters of several old groups whose learning
+    rates differ (a group a callback added during training, as ``BackboneFinetuning`` does, which
+    ``configure_optimizers`` does not return): the group continues the first one's."""
+    for i, (o, n) in enumerate(zip(old, new)):
+        for g, origins in enumerate(group_origins(o, n, replaced)):
+            lrs = [o.param_groups[j].get("lr") for j in origins]
+            if len(set(lrs)) > 1:
+                rank_zero_warn(
+                    f"EigenDamagePruning: param group {g} of the rebuilt optimizer {i} holds parameters "
+                    f"of {len(origins)} param groups of the old one, with learning rates {lrs} (a group "
+                    "added during training, e.g. by BackboneFinetuning, is not returned by "
+                    f"configure_optimizers): it continues with the first's ({lrs[0]}). Return those "
+                    "groups from configure_optimizers, or prune before the unfreeze"
+                )
 
 
 def _index(items: list[Any], item: Any) -> int | None:
