@@ -511,3 +511,18 @@ def test_gradual_removal_with_channels_pulls_the_readers_off_the_channels_to_be_
     assert _marked(cb.at_prune, win) < 0.2 * _marked(plain.at_prune, win)
     assert cb.reports[0].structure == plain.reports[0].structure == "channels"
     assert cb.change < 0.6 * plain.change, (cb.change, plain.change)
+
+
+def test_epoch_windows_under_a_gradient_accumulation_scheduler_are_refused_before_training() -> None:
+    """A GradientAccumulationScheduler changes the optimizer steps per epoch after the windows
+    were placed from the epoch-0 accumulation: the window never opened, without a word."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    torch.manual_seed(0)
+    model = LitClassifier(small_cnn())
+    gradual = GradualRemoval(steps=3, penalty=1.0)
+    cb = EigenDamagePruning(schedule={1: 0.5}, structure="eigenbasis", gradual=gradual)
+    t = trainer(callbacks=[cb, GradientAccumulationScheduler({0: 2})], max_epochs=2)
+    with pytest.raises(ValueError, match="GradientAccumulationScheduler changes them"):
+        t.fit(model, loader(image_data(64), 8))
+    assert model.steps_run == 0

@@ -599,12 +599,18 @@ class EigenDamagePruning(Callback):
                     "under manual optimization the training step decides how many optimizer steps "
                     "an epoch takes"
                     if _manual(trainer)
+                    else "a GradientAccumulationScheduler changes them from epoch to epoch"
+                    if _varying_accumulation(trainer)
                     else "the training dataloader has no length"
                 )
                 raise ValueError(
                     "gradual removal before epoch points needs to know at which optimizer step each "
                     f"epoch ends, but {why}; use step points (PruningSchedule(steps={{...}}))"
-                    + ("" if _manual(trainer) else " or a dataloader with a length")
+                    + (
+                        ""
+                        if _manual(trainer) or _varying_accumulation(trainer)
+                        else " or a dataloader with a length"
+                    )
                 )
             ends.update({f"epoch:{e}": (e + 1) * per_epoch for e in self.schedule.epochs})
         check_windows(ends, self.gradual.steps)
@@ -1629,11 +1635,19 @@ def _manual(trainer: pl.Trainer) -> bool:
     return module is not None and not module.automatic_optimization
 
 
+def _varying_accumulation(trainer: pl.Trainer) -> bool:
+    """Whether a ``GradientAccumulationScheduler`` sets ``accumulate_grad_batches`` per epoch."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    return any(isinstance(cb, GradientAccumulationScheduler) for cb in trainer.callbacks)
+
+
 def _steps_per_epoch(trainer: pl.Trainer) -> int | None:
     """Optimizer steps in one epoch, ``ceil(num_training_batches / accumulate_grad_batches)``
     (Lightning steps on an epoch's last batch even when the accumulation is incomplete); None
-    while the training data has no length, and under manual optimization (:func:`_manual`)."""
-    if _manual(trainer):
+    while the training data has no length, under manual optimization (:func:`_manual`) and
+    while a ``GradientAccumulationScheduler`` changes the accumulation between epochs."""
+    if _manual(trainer) or _varying_accumulation(trainer):
         return None
     batches = trainer.num_training_batches
     if not isinstance(batches, (int, float)) or not math.isfinite(batches):
