@@ -148,8 +148,10 @@ class PruneOptions:
             set_(self, "greedy_steps", _positive_int("greedy_steps", self.greedy_steps))
         set_(self, "shots", _positive_int("shots", self.shots))
         d = as_real(self.reconstruct_damping)
-        if d is None or not d >= 0:
-            raise ValueError(f"reconstruct_damping must be a number ≥ 0, got {self.reconstruct_damping!r}")
+        if d is None or not 0 <= d < float("inf"):
+            raise ValueError(
+                f"reconstruct_damping must be a finite number ≥ 0, got {self.reconstruct_damping!r}"
+            )
         set_(self, "reconstruct_damping", d)
         if self.layer_cap is not None:
             cap = as_real(self.layer_cap)

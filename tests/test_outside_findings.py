@@ -1223,3 +1223,51 @@ def test_a_channels_last_model_restored_from_an_eigenbasis_checkpoint_stays_chan
     fresh = restore_pruned(build(), buf)
     cores = [m.core.weight for m in fresh.modules() if type(m).__name__ == "KFELayer"]
     assert cores and all(w.is_contiguous(memory_format=torch.channels_last) for w in cores if w.shape[-1] > 1)
+
+
+def test_the_eigenbasis_draws_from_the_global_stream_only_what_one_pass_of_a_loader_draws() -> None:
+    """A third ``iter()`` of a shuffling DataLoader (a check whether it was a one-shot iterator)
+    drew its next seed from the global generator, which the docs say is never drawn from."""
+    from torch.utils.data import TensorDataset
+
+    data = TensorDataset(torch.randn(64, 8), torch.randint(0, 4, (64,)))
+    torch.manual_seed(123)
+    for _ in DataLoader(data, batch_size=16, shuffle=True):
+        pass
+    one_pass = torch.get_rng_state()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    torch.manual_seed(123)
+    prune(model, DataLoader(data, batch_size=16, shuffle=True), ratio=0.5, structure="eigenbasis")
+    assert torch.equal(torch.get_rng_state(), one_pass)
+
+
+def test_an_infinite_reconstruct_damping_is_refused() -> None:
+    """It passed the "≥ 0" check and wrote NaN weights."""
+    with pytest.raises(ValueError, match="reconstruct_damping must be a finite number"):
+        PruneOptions(reconstruct_damping=float("inf"))
+
+
+def test_a_registered_criterion_of_the_wrong_shape_or_non_finite_is_refused() -> None:
+    """Scores of another length cut layers to that length (report: realised_fraction 4.6)."""
+    from lightning_eigendamage import register_criterion
+
+    def wrong_shape(w, lam_a, lam_g, t):
+        return torch.ones(3, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+
+    def not_finite(w, lam_a, lam_g, t):
+        return torch.full((w.shape[0],), float("nan")), torch.ones(w.shape[2])
+
+    register_criterion("_test_wrong_shape", wrong_shape)
+    register_criterion("_test_not_finite", not_finite)
+    batches = [(torch.randn(8, 8), torch.randint(0, 4, (8,))) for _ in range(2)]
+    for method, match in [
+        ("_test_wrong_shape", r"must return \(out scores \(16,\)"),
+        ("_test_not_finite", "non-finite"),
+    ]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        before = [t.clone() for t in model.state_dict().values()]
+        with pytest.raises(ValueError, match=match):
+            prune(model, batches, ratio=0.5, structure="eigenbasis", method=method)
+        assert all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values()))

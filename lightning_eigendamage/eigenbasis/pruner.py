@@ -243,7 +243,9 @@ def analyse(
         if not bool(torch.isfinite(w_star).all()):
             c.skipped = "non-finite weights"
             continue
-        s_out, s_in = score(w_star, lam_a, lam_g, lf.locations)
+        s_out, s_in = _checked_scores(
+            opts.method, score(w_star, lam_a, lam_g, lf.locations), w_star.shape, c.name
+        )
         if not (bool(s_out.any()) or bool(s_in.any())):
             zero.append(c.name)
         d_out, _, d_in = state.core.shape
@@ -314,6 +316,32 @@ def _recording(it: Iterable[Any], into: list[Any]) -> Iterable[Any]:
     for b in it:
         into.append(b)
         yield b
+
+
+def _checked_scores(
+    method: str, scores: Any, shape: torch.Size, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A criterion's ``(out scores, in scores)`` for a layer whose KFE weight is ``shape``
+    ``(r_out, k², r_in)``, checked: two tensors of ``r_out`` and ``r_in`` finite numbers (a
+    registered criterion of the wrong shape would cut the layer to its length)."""
+    r_out, _, r_in = shape
+    ok = isinstance(scores, (tuple, list)) and len(scores) == 2 and all(torch.is_tensor(t) for t in scores)
+    if ok:
+        s_out, s_in = scores
+        ok = tuple(s_out.shape) == (r_out,) and tuple(s_in.shape) == (r_in,)
+    if not ok:
+        got = (
+            [tuple(t.shape) if torch.is_tensor(t) else type(t).__name__ for t in scores]
+            if isinstance(scores, (tuple, list))
+            else type(scores).__name__
+        )
+        raise ValueError(
+            f"criterion {method!r} must return (out scores ({r_out},), in scores ({r_in},)) for layer "
+            f"{name!r}, got {got}"
+        )
+    if not (bool(torch.isfinite(s_out).all()) and bool(torch.isfinite(s_in).all())):
+        raise ValueError(f"criterion {method!r} gave non-finite scores for layer {name!r}")
+    return s_out, s_in
 
 
 def _direction_costs(geo: Geometry, d_in: int, d_out: int, target: str) -> tuple[float, float]:
@@ -1118,7 +1146,9 @@ def prune(
                 with progress.phase("eigenbasis: surgery"):
                     report, undo = _apply(model, an, plan, per_shot, changes=changes, **dist_kw)
                 undos.append(undo)
-            one_shot_iterator = not isinstance(batches, (list, tuple)) and iter(batches) is batches
+            # (an iterator, by protocol, is its own iter(); a DataLoader is not asked again: a
+            # shuffling one would draw its next seed from the global generator)
+            one_shot_iterator = isinstance(batches, Iterator)
             if an.calibration is not None and one_shot_iterator:
                 batches = an.calibration  # later shots reuse what it gave
             first = report if first is None else first
