@@ -263,3 +263,18 @@ def test_start_point_is_due_at_fit_start_only() -> None:
     captured, due_batch, due_epoch = _walk(point, epochs=2, batches=4, fisher_batches=None)
     assert captured == due_batch == due_epoch == []
     assert not EpochPoint(0, 0.5).due_at_fit_start() and not StepPoint(1, 0.5).due_at_fit_start()
+
+
+def test_a_checked_schedule_cannot_be_changed_afterwards() -> None:
+    """The dataclass is frozen, but its point dicts were not: ``s.epochs[1] = 1.5`` was taken, and
+    a fit failed at that point after the earlier rounds had pruned."""
+    import copy
+    import pickle
+
+    s = PruningSchedule(epochs={1: 0.5, 0: 0.2}, steps={5: 0.1})
+    with pytest.raises(TypeError, match="read-only"):
+        s.epochs[1] = 1.5
+    with pytest.raises(TypeError, match="read-only"):
+        s.steps.update({6: 0.2})
+    assert s.epochs == {0: 0.2, 1: 0.5} and list(s.epochs) == [0, 1]
+    assert pickle.loads(pickle.dumps(s)) == s and copy.deepcopy(s) == s and hash(s) == hash(copy.copy(s))

@@ -244,6 +244,32 @@ def _check_fraction(value: Any, where: str) -> float:
     return number
 
 
+class _Points(dict):
+    """``{point: fraction}``, checked once and read-only after (a frozen schedule whose points
+    could still be changed would prune by values it never checked); hashable, picklable."""
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(
+            "a PruningSchedule's points are read-only once checked; build a new schedule "
+            "(dataclasses.replace(schedule, epochs={...}))"
+        )
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _read_only  # type: ignore[assignment]
+    __ior__ = _read_only  # type: ignore[assignment]
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(self.items()))
+
+    def __reduce__(self) -> Any:
+        return (_Points, (dict(self),))
+
+    def __copy__(self) -> _Points:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> _Points:
+        return self
+
+
 def _check_points(points: Any, unit: str, minimum: int) -> dict[int, float]:
     if not isinstance(points, Mapping):
         raise TypeError(
@@ -260,7 +286,7 @@ def _check_points(points: Any, unit: str, minimum: int) -> dict[int, float]:
         if at < minimum:
             raise ValueError(f"schedule {unit} must be an integer ≥ {minimum}, got {at}; {_EXAMPLE}")
         out[at] = _check_fraction(fraction, f"for {unit} {at}")
-    return dict(sorted(out.items()))
+    return _Points(sorted(out.items()))
 
 
 @dataclass(frozen=True)
