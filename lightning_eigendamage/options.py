@@ -137,6 +137,12 @@ class PruneOptions:
         _one_of("latency_format", self.latency_format, LATENCY_FORMATS)
         _one_of("latency_mode", self.latency_mode, LATENCY_MODES)
         _one_of("structure", self.structure, engine_names() + ("auto",))
+        if self.loss_fn is not None and self.fisher != "empirical":
+            raise ValueError(
+                f"loss_fn is used only by fisher='empirical'; with fisher={self.fisher!r} the targets "
+                "are sampled from the model's outputs (likelihood=...) and loss_fn would be ignored: "
+                "pass fisher='empirical' with it, or leave it out"
+            )
         if self.rank_by is not None:
             _one_of("rank_by", self.rank_by, RANK_BY)
         set_ = object.__setattr__  # frozen: numbers are stored as Python ints and floats

@@ -1271,3 +1271,12 @@ def test_a_registered_criterion_of_the_wrong_shape_or_non_finite_is_refused() ->
         with pytest.raises(ValueError, match=match):
             prune(model, batches, ratio=0.5, structure="eigenbasis", method=method)
         assert all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values()))
+
+
+def test_a_loss_fn_the_true_fisher_would_ignore_is_refused() -> None:
+    """With the default fisher="true" the loss_fn was never called, without a word."""
+    with pytest.raises(ValueError, match="loss_fn is used only by fisher='empirical'"):
+        PruneOptions(loss_fn=lambda out, y: out.sum())
+    with pytest.raises(ValueError, match="loss_fn is used only by fisher='empirical'"):
+        EigenDamagePruning(schedule={0: 0.5}, loss_fn=lambda out, y: out.sum(), fisher="true")
+    PruneOptions(loss_fn=lambda out, y: out.sum(), fisher="empirical")  # (taken)
