@@ -223,8 +223,17 @@ def register_engine(engine: PruningEngine) -> PruningEngine:
         raise ValueError(f"an engine needs a name other than 'auto', got {getattr(engine, 'name', None)!r}")
     if engine.a_form not in ("channel", "patch"):
         raise ValueError(f"a_form must be 'channel' or 'patch', got {engine.a_form!r}")
+    old = _ENGINES.get(engine.name)
+    if old is not None and type(old).__module__.startswith(_BUILT_IN) and old is not engine:
+        raise ValueError(
+            f"structure={engine.name!r} is built in (prune() and the callback run it directly); "
+            "register your engine under another name"
+        )
     _ENGINES[engine.name] = engine
     return engine
+
+
+_BUILT_IN = __name__.rpartition(".")[0] + "."  # the package's own engines cannot be replaced
 
 
 def get_engine(name: str) -> PruningEngine:

@@ -599,6 +599,12 @@ def test_a_third_engine_needs_only_its_class_and_one_registration_line(
     model, batches = _cnn()
     assert prune(model, batches, ratio=0.3, structure="test-damage-channels").channels_removed > 0
 
+    class Shadow(ChannelEngine):  # a built-in name: prune() would never run it
+        name = "eigenbasis"
+
+    with pytest.raises(ValueError, match="structure='eigenbasis' is built in"):
+        register_engine(Shadow())
+
 
 class _Loadable(LitClassifier):
     """Built from hyperparameters alone, with pruned loading: ``load_from_checkpoint`` works."""
