@@ -22,7 +22,10 @@ def is_distributed(group: Any = None) -> bool:
 
 
 def check_process_group(distributed: bool) -> None:
-    """ValueError if ``distributed`` is asked for without an initialised process group."""
+    """TypeError unless ``distributed`` is a bool; ValueError if it is asked for without an
+    initialised process group."""
+    if not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be True or False, got {distributed!r}")
     if distributed and not (dist.is_available() and dist.is_initialized()):
         raise ValueError(
             "distributed=True needs an initialised torch.distributed process group (run under "

@@ -64,6 +64,8 @@ def prune(
     Returns:
         The report; ``report.structure`` says which structure was pruned.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     with compiled_code_sees_hooks(model):  # a torch.compile'd submodule calls the capture's hooks
         return _prune(model, batches, ratio, structure, options, distributed, kwargs)
 

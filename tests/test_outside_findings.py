@@ -1280,3 +1280,28 @@ def test_a_loss_fn_the_true_fisher_would_ignore_is_refused() -> None:
     with pytest.raises(ValueError, match="loss_fn is used only by fisher='empirical'"):
         EigenDamagePruning(schedule={0: 0.5}, loss_fn=lambda out, y: out.sum(), fisher="true")
     PruneOptions(loss_fn=lambda out, y: out.sum(), fisher="empirical")  # (taken)
+
+
+def test_the_eigenbasis_functions_check_their_options_model_and_plan() -> None:
+    """decide() took channel options on an eigenbasis analysis; None or "auto" options, a plan
+    for another target, a string for a model or distributed="no" ended in bare errors."""
+    from lightning_eigendamage import analyse, apply, decide
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    batches = [(torch.randn(16, 8), torch.randint(0, 4, (16,))) for _ in range(2)]
+    opts = PruneOptions(target="flops")
+    an = analyse(model, batches, opts)
+    with pytest.raises(ValueError, match="eigenbasis engine's; these options are for structure='channels'"):
+        decide(an, 0.5, PruneOptions(structure="channels"))
+    with pytest.raises(TypeError, match="takes a PruneOptions, got NoneType"):
+        decide(an, 0.5, None)
+    plan = decide(an, 0.5, PruneOptions(structure="auto", target="flops"))  # "auto": the eigenbasis
+    before = [t.clone() for t in model.state_dict().values()]
+    with pytest.raises(ValueError, match="decided for target='flops', the options say target='directions'"):
+        apply(model, an, plan, PruneOptions())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values()))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        prune("model", batches, ratio=0.5)
+    with pytest.raises(TypeError, match="distributed must be True or False"):
+        prune(model, batches, ratio=0.5, distributed="no")

@@ -146,6 +146,7 @@ def analyse(
         RuntimeError: every batch gave non-finite curvature, or no layer could be decomposed;
             called inside ``torch.inference_mode()``.
     """
+    options = _eigenbasis_options(options, "analyse")
     if isinstance(batches, (torch.Tensor, Mapping)):
         raise TypeError(
             f"batches must be an iterable of batches (a DataLoader, or a list such as [x] or "
@@ -316,6 +317,21 @@ def _recording(it: Iterable[Any], into: list[Any]) -> Iterable[Any]:
     for b in it:
         into.append(b)
         yield b
+
+
+def _eigenbasis_options(options: Any, what: str) -> PruneOptions:
+    """``options`` for this engine's :func:`analyse` / :func:`decide` / :func:`apply`: a
+    :class:`PruneOptions` of ``structure="eigenbasis"`` (``"auto"`` is resolved to it)."""
+    if not isinstance(options, PruneOptions):
+        raise TypeError(f"{what}() takes a PruneOptions, got {type(options).__name__}")
+    if options.structure == "auto":
+        return options.resolved("eigenbasis")
+    if options.structure != "eigenbasis":
+        raise ValueError(
+            f"{what}() is the eigenbasis engine's; these options are for structure="
+            f"{options.structure!r}: use get_engine({options.structure!r}) or prune(structure=...)"
+        )
+    return options
 
 
 def _checked_scores(
@@ -653,7 +669,7 @@ def decide(
     plan is broadcast, so every process applies the same surgery.
     """
     ratio = check_ratio(ratio)
-    opts, an = options, analysis
+    opts, an = _eigenbasis_options(options, "decide"), analysis
     by_latency = opts.form_by == "latency" and opts.form == "auto"
     plans, quantile = None, ratio
     if by_latency:
@@ -786,7 +802,14 @@ def _apply(
 ) -> tuple[PruneReport, Callable[[], None]]:
     """:func:`apply`, also returning a function that undoes it (for a multi-shot :func:`prune`
     that fails in a later shot)."""
-    an, opts = analysis, options
+    an, opts = analysis, _eigenbasis_options(options, "apply")
+    if not isinstance(plan, Plan):
+        raise TypeError(f"apply() takes the Plan that decide() returned, got {type(plan).__name__}")
+    if plan.target != opts.target:
+        raise ValueError(
+            f"the plan was decided for target={plan.target!r}, the options say target={opts.target!r}: "
+            "apply it with the options it was decided with"
+        )
     _check_analysis_fits(model, an)
     dense = copy.deepcopy(model) if opts.reconstruct and an.calibration is not None else None
     plans = _checked_plan(an, plan)
