@@ -254,12 +254,32 @@ class Conv1dAdapter(ConvAdapter):
 _REGISTRY: dict[type[nn.Module], LayerAdapter] = {}
 
 
+# what the base LayerAdapter leaves to each adapter (its versions raise NotImplementedError)
+_REQUIRED = ("widths", "geometry", "a_factor", "g_factor", "stage", "input_shape_at")
+
+
 def register(adapter: LayerAdapter) -> LayerAdapter:
-    """Make ``adapter.module_type`` prunable (exact type; replaces an earlier registration)."""
-    if not (isinstance(adapter.module_type, type) and issubclass(adapter.module_type, nn.Module)):
-        raise TypeError(f"adapter.module_type must be an nn.Module subclass, got {adapter.module_type!r}")
+    """Make ``adapter.module_type`` prunable (exact type; replaces an earlier registration).
+
+    Raises:
+        TypeError: ``adapter`` is not a :class:`LayerAdapter`, its ``module_type`` is not a
+            subclass of ``nn.Module`` (``nn.Module`` itself would match every module), or it
+            leaves one of the methods every adapter needs to the base class.
+        ValueError: no ``kind``, or another module type is registered under it.
+    """
+    if not isinstance(adapter, LayerAdapter):
+        raise TypeError(f"register() takes a LayerAdapter instance, got {type(adapter).__name__}")
+    mt = adapter.module_type
+    if not (isinstance(mt, type) and issubclass(mt, nn.Module)) or mt is nn.Module:
+        raise TypeError(f"adapter.module_type must be an nn.Module subclass (not nn.Module), got {mt!r}")
+    if not isinstance(adapter.kind, str) or not adapter.kind:
+        raise ValueError(f"an adapter needs a kind (a non-empty string), got {adapter.kind!r}")
     if any(a.kind == adapter.kind and t is not adapter.module_type for t, a in _REGISTRY.items()):
         raise ValueError(f"another module type is registered as {adapter.kind!r}")
+    missing = [n for n in _REQUIRED if getattr(type(adapter), n) is getattr(LayerAdapter, n)]
+    if missing:
+        name = type(adapter).__name__
+        raise TypeError(f"{name} must implement {', '.join(missing)} (LayerAdapter's versions raise)")
     _REGISTRY[adapter.module_type] = adapter
     return adapter
 

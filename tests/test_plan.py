@@ -173,6 +173,16 @@ def test_register_refuses_what_is_not_a_module_type() -> None:
     with pytest.raises(ValueError, match="registered as 'linear'"):
         register(Clash())
 
+    with pytest.raises(TypeError, match="not nn.Module"):  # it matched every module: prune() failed
+        register(LayerAdapter())
+
+    class Partial(LayerAdapter):
+        kind = "partial"
+        module_type = nn.Bilinear
+
+    with pytest.raises(TypeError, match="Partial must implement widths, geometry"):
+        register(Partial())
+
 
 def test_numbers_from_numpy_and_tensors_are_taken_as_python_numbers() -> None:
     """A config or a sweep hands over NumPy scalars and 0-d tensors; bools are never numbers."""
