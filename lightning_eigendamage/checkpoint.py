@@ -179,8 +179,13 @@ def enable_pruned_loading(model: nn.Module) -> Any:
 
     With the hook, ``model.load_state_dict`` is all or nothing: a state_dict that does not fit
     (see :class:`PrunedLoadingHook`) raises before any module is swapped or tensor copied.
+
+    The hook keeps ``model``'s architecture as it is at this call (:func:`meta_skeleton`, on the
+    meta device): a checkpoint from before a later round (``trainer.test(ckpt_path="best")``)
+    then loads into the model pruned further, its changed layers put back to that form first.
+    Call it once the layers exist (at the end of ``__init__``).
     """
-    return model.register_load_state_dict_pre_hook(PrunedLoadingHook())
+    return model.register_load_state_dict_pre_hook(PrunedLoadingHook(skeleton=meta_skeleton(model)))
 
 
 class PrunedLoadingHook:
@@ -204,7 +209,9 @@ class PrunedLoadingHook:
             record says (frozen if the layer was pruned with ``train_rotations=False``).
     """
 
-    def __init__(self, rotations_require_grad: bool | None = None, skeleton: nn.Module | None = None) -> None:
+    def __init__(
+        self, rotations_require_grad: bool | None = None, skeleton: dict[str, nn.Module] | None = None
+    ) -> None:
         self.rotations_require_grad = rotations_require_grad
         self.skeleton = skeleton
 
@@ -263,21 +270,34 @@ class PrunedLoadingHook:
                         stage.weight.requires_grad_(self.rotations_require_grad)
 
 
-def meta_skeleton(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose parameters and buffers are on the ``meta`` device (no memory):
-    its architecture as it is now, for :func:`dense_resets`."""
-    memo: dict[int, Any] = {}
-    for m in model.modules():
-        for p in m._parameters.values():
-            if p is not None and id(p) not in memo:
-                memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-        for b in m._buffers.values():
-            if b is not None and id(b) not in memo:
-                memo[id(b)] = torch.empty_like(b, device="meta")
-    return copy.deepcopy(model, memo)
+def meta_skeleton(model: nn.Module) -> dict[str, nn.Module] | None:
+    """The architecture of ``model`` as it is now, for :func:`dense_resets`: ``{name: a copy of
+    the module on the meta device (no memory)}`` for every module that pruning can change (one
+    with parameters or buffers of its own, or a head count), children included. None if a
+    module cannot be copied (its other attributes are copied too, and may refuse)."""
+    out: dict[str, nn.Module] = {}
+    try:
+        for name, m in model.named_modules():
+            own = any(True for _ in itertools.chain(m._parameters.values(), m._buffers.values()))
+            if not name or not (own or head_count(m) is not None):
+                continue
+            memo: dict[int, Any] = {}
+            for sub in m.modules():
+                for p in sub._parameters.values():
+                    if p is not None and id(p) not in memo:
+                        memo[id(p)] = nn.Parameter(
+                            torch.empty_like(p, device="meta"), requires_grad=p.requires_grad
+                        )
+                for b in sub._buffers.values():
+                    if b is not None and id(b) not in memo:
+                        memo[id(b)] = torch.empty_like(b, device="meta")
+            out[name] = copy.deepcopy(m, memo)
+    except Exception:  # noqa: BLE001 — no fallback, then: a load that does not fit fails as before
+        return None
+    return out
 
 
-def attach_skeleton(model: nn.Module, skeleton: nn.Module) -> None:
+def attach_skeleton(model: nn.Module, skeleton: dict[str, nn.Module] | None) -> None:
     """Give every :class:`PrunedLoadingHook` on ``model`` without one (the user's
     :func:`enable_pruned_loading`) the ``skeleton`` to fall back on (:func:`dense_resets`)."""
     for h in getattr(model, "_load_state_dict_pre_hooks", {}).values():
@@ -292,12 +312,12 @@ def _own_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
     }
 
 
-def dense_resets(model: nn.Module, skeleton: nn.Module) -> dict[str, nn.Module]:
+def dense_resets(model: nn.Module, skeleton: dict[str, nn.Module]) -> dict[str, nn.Module]:
     """Empty modules, built from ``skeleton`` (:func:`meta_skeleton` of ``model`` before it was
     pruned), for the outermost modules of ``model`` that pruning changed (another type, other
     tensor shapes or another head count), on their device: swapped in, they give back the
     architecture the checkpoint loaders start from. Their values are left to the load."""
-    before = dict(skeleton.named_modules())
+    before = skeleton
     out: dict[str, nn.Module] = {}
     for name, m in model.named_modules():
         if not name or any(name.startswith(r + ".") for r in out):

@@ -568,3 +568,54 @@ def test_test_with_the_best_checkpoint_from_before_the_last_round_loads_it(
         assert torch.equal(model.eval()(x), fresh.eval()(x))
     (again,) = trainer(callbacks=[]).validate(fresh, _data(), verbose=False)
     assert metrics["val_loss"] == pytest.approx(again["val_loss"], rel=1e-6)
+
+
+def test_the_users_own_hook_loads_an_earlier_checkpoint_into_a_model_pruned_further(tmp_path: Path) -> None:
+    """Without the callback (a ``ddp_spawn`` test process has only what the model carries): the
+    hook of ``enable_pruned_loading`` keeps the architecture from when it was registered."""
+    import copy
+
+    torch.manual_seed(0)
+    model = PrunableLit()
+    worker = copy.deepcopy(model)  # what a spawned process fits; the callback never sees `model`
+    ck = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    cb = EigenDamagePruning(schedule={0: 0.3, 1: 0.5}, structure="channels", verbose=False)
+    trainer(callbacks=[cb, ck], max_epochs=2, enable_checkpointing=True).fit(worker, _data())
+    model.load_state_dict(worker.state_dict())  # the final weights back, as ddp_spawn does
+    (first,) = sorted(tmp_path.glob("epoch=0*.ckpt"))
+    state = torch.load(first, weights_only=True)["state_dict"]
+    assert any(v.shape != model.state_dict()[k].shape for k, v in state.items() if k in model.state_dict())
+    model.load_state_dict(state)  # the model in memory was pruned further
+    fresh = PrunableLit()
+    fresh.load_state_dict(state)
+    x = image_data(8)[:][0]
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), fresh.eval()(x))
+
+
+class _StopAfterEpoch(pl.Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+def test_a_resume_with_fewer_batches_per_epoch_keeps_the_next_rounds(tmp_path: Path) -> None:
+    """Resumed with fewer batches per epoch (another world size under DDP), the epochs that had
+    ended were counted from global_step over the new steps per epoch: epoch 2's round ran at once,
+    with no factors, and was lost. Where the last batch stood is now saved with the callback."""
+    torch.manual_seed(0)
+    ck = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    first = EigenDamagePruning(schedule={0: 0.3, 2: 0.3}, structure="channels", verbose=False)
+    t = trainer(callbacks=[first, ck, _StopAfterEpoch(1)], max_epochs=3, enable_checkpointing=True)
+    with pytest.warns(UserWarning, match="before the round"):
+        t.fit(PrunableLit(), loader(image_data(64), 8))  # 8 steps per epoch
+    assert t.global_step == 16 and len(first.reports) == 1
+    again = EigenDamagePruning(schedule={0: 0.3, 2: 0.3}, structure="channels", verbose=False)
+    model = PrunableLit()
+    trainer(callbacks=[again], max_epochs=3).fit(
+        model, loader(image_data(64), 16), ckpt_path=str(tmp_path / "last.ckpt")
+    )
+    assert len(again.reports) == 2 and again.skipped_rounds == []

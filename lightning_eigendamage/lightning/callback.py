@@ -315,9 +315,9 @@ class EigenDamagePruning(Callback):
         self.verbose = verbose
         self.gradual = gradual
         self._load_hook: Any = None
-        # (id of the model, its meta-device copy when first set up): what a checkpoint from
+        # (the model's class, its meta-device copy when first set up): what a checkpoint from
         # before a later round is loaded into (PrunedLoadingHook's skeleton)
-        self._skeleton: tuple[int, nn.Module] | None = None
+        self._skeleton: tuple[type, dict[str, nn.Module] | None] | None = None
         # While fitting a model that holds torch.compile'd modules: their compiled code calls the
         # hooks of every capture and check (compiled_code_sees_hooks), undone at teardown
         self._compiled_hooks: contextlib.ExitStack | None = None
@@ -370,6 +370,8 @@ class EigenDamagePruning(Callback):
         self._emp_active = False
         self._emp_backward = False
         self._saved_capture: dict[str, Any] | None = None
+        self._last_batch: list[Any] | None = None  # [epoch, last batch of it?] (state_dict)
+        self._resumed_at: list[Any] | None = None  # the loaded "last_batch"
         self._saved_window_capture: dict[str, Any] | None = None  # the gradual window's, likewise
         # Gradual removal: the step after which each epoch/step point prunes, the active window,
         # the capture its plan is made from, and the window's live tensors (resolved lazily).
@@ -443,9 +445,11 @@ class EigenDamagePruning(Callback):
 
     def _install_loading_hook(self, pl_module: pl.LightningModule) -> None:
         self._remove_loading_hook()
+        # the model as first given; kept for another instance of its class (a copy under
+        # ddp_spawn, a fresh model fitted again): only the architecture is read from it
         skeleton = getattr(self, "_skeleton", None)  # (an instance pickled by an older version has none)
-        if skeleton is None or skeleton[0] != id(pl_module):  # the model as first given
-            self._skeleton = (id(pl_module), meta_skeleton(pl_module))
+        if skeleton is None or skeleton[0] is not type(pl_module):
+            self._skeleton = (type(pl_module), meta_skeleton(pl_module))
         attach_skeleton(pl_module, self._skeleton[1])  # (an enable_pruned_loading hook runs first)
         self._load_hook = pl_module.register_load_state_dict_pre_hook(
             PrunedLoadingHook(rotations_require_grad=self.train_rotations, skeleton=self._skeleton[1])
@@ -504,10 +508,14 @@ class EigenDamagePruning(Callback):
         checkpoint), before the end of that epoch: Lightning goes on with the next epoch and never
         ends that one, so its epoch point's round (due at that end) runs here, from the factors
         the checkpoint holds, before any further step; a warning where it holds none."""
-        per_epoch = _steps_per_epoch(trainer)
-        if trainer.global_step == 0 or not per_epoch:
-            return
-        ended = trainer.global_step // per_epoch
+        saved, self._resumed_at = self._resumed_at, None
+        if saved is not None:  # where the checkpoint's last batch stood: world-size independent
+            ended = int(saved[0]) + 1 if saved[1] else int(saved[0])
+        else:  # (a checkpoint from before that was saved: counted from the steps)
+            per_epoch = _steps_per_epoch(trainer)
+            if trainer.global_step == 0 or not per_epoch:
+                return
+            ended = trainer.global_step // per_epoch
         for p in self._pending():
             if p.kind != "epoch" or p.at >= ended:
                 continue
@@ -947,6 +955,10 @@ class EigenDamagePruning(Callback):
             # is asked again at the next batch end.
             if p.due_at_batch_end(state) and self._has_factors_for(trainer, p):
                 self._run_round(trainer, pl_module, p, on_step=True)
+        # where a checkpoint written now stands: on an epoch's last batch, that epoch's end is
+        # still to come (and a resume from it never runs it: _missed_epoch_ends)
+        last = bool(getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False))
+        self._last_batch = [int(trainer.current_epoch), last]
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -954,6 +966,7 @@ class EigenDamagePruning(Callback):
         for p in self._pending():
             if p.due_at_epoch_end(state) and self._has_factors_for(trainer, p):
                 self._run_round(trainer, pl_module, p, on_step=False)
+        self._last_batch = [int(trainer.current_epoch), True]  # (as on its last batch: ended)
 
     # ------------------------------------------------------------------------------------------
     # Gradual removal (docs/method.md §5.1, lightning_eigendamage.gradual)
@@ -1230,6 +1243,8 @@ class EigenDamagePruning(Callback):
                 f"({skipped} non-finite batch(es)); the model was left as it is"
             )
             return
+        if cap is None:  # a rank other than 0 on a resume (rank 0 alone took the saved factors)
+            cap = self._ensure_capture(pl_module)
         captured = cap.result()  # under DDP a rank whose batches were all non-finite brings zeros
         t_capture = self._cap_time
         self._release_capture()
@@ -1500,6 +1515,9 @@ class EigenDamagePruning(Callback):
             "capture_time": self._cap_time,
             "epoch_captured": self._epoch_captured,
             "example": _plain_example(self._example) if self._cap is not None else None,
+            # [epoch, whether it was that epoch's last batch] of the last training batch (also
+            # [epoch, True] after the epoch's end); None before the first batch
+            "last_batch": getattr(self, "_last_batch", None),
         }
         if self.gradual is not None:
             state["gradual"] = self._window.to_dict() if self._window is not None else None
@@ -1539,6 +1557,7 @@ class EigenDamagePruning(Callback):
         # Factors of an unfinished capture window: hooked up again in on_fit_start.
         self._release_capture()
         self._saved_capture = state_dict.get("capture")
+        self._resumed_at = state_dict.get("last_batch")
         self._cap_time = float(state_dict.get("capture_time", 0.0))
         self._epoch_captured = int(state_dict.get("epoch_captured", 0))
         self._example = state_dict.get("example")
