@@ -274,7 +274,7 @@ def test_several_shots_warn_once_for_the_whole_call_and_count_every_direction() 
         (dict(shots=0), "shots must be a positive integer"),
         (dict(seed=2**70), r"seed must be in \[0, 2\*\*64\)"),
         (dict(rank_by="flops"), "rank_by must be one of"),
-        (dict(reconstruct_damping=-1.0), "reconstruct_damping must be a number ≥ 0"),
+        (dict(reconstruct_damping=-1.0), "reconstruct_damping must be a finite number ≥ 0"),
         (dict(shots=2, changes={}), "with shots > 1 there are several"),
     ],
 )
