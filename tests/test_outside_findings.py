@@ -1305,3 +1305,17 @@ def test_the_eigenbasis_functions_check_their_options_model_and_plan() -> None:
         prune("model", batches, ratio=0.5)
     with pytest.raises(TypeError, match="distributed must be True or False"):
         prune(model, batches, ratio=0.5, distributed="no")
+
+
+def test_applying_an_analysis_to_a_copy_of_another_dtype_says_the_dtypes_differ() -> None:
+    import copy
+
+    from lightning_eigendamage import analyse, apply, decide
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    opts = PruneOptions(target="flops")
+    an = analyse(model, [torch.randn(16, 8)], opts)
+    plan = decide(an, 0.5, opts)
+    with pytest.raises(ValueError, match=r"dtypes differ \(torch.float64 now, torch.float32 when analysed"):
+        apply(copy.deepcopy(model).double(), an, plan, opts)

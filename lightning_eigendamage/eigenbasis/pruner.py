@@ -721,7 +721,12 @@ def _check_analysis_fits(model: nn.Module, an: Analysis) -> None:
         elif now[0] is not then[0]:
             why = f"it is a {type(unit).__name__} now, a {then[0].__name__} when analysed"
         elif now[1] != then[1]:
-            why = "its parameter shapes differ"
+            shapes = [(n, shape) for n, shape, _ in now[1]] != [(n, shape) for n, shape, _ in then[1]]
+            if shapes:
+                why = "its parameter shapes differ"
+            else:
+                dtypes = sorted({str(d) for _, _, d in then[1]}), sorted({str(d) for _, _, d in now[1]})
+                why = f"its dtypes differ ({', '.join(dtypes[1])} now, {', '.join(dtypes[0])} when analysed)"
         else:
             why = "its weights changed since"
         raise ValueError(
