@@ -69,20 +69,21 @@ def carry_mark(old: nn.Module, new: nn.Module) -> None:
     """``new``, built to replace the narrowed layer ``old`` (its eigenbasis rewrite), keeps
     ``old``'s :class:`NarrowedMark` (with its ``dense`` shapes): the state_dict still says the
     model lost channels, so a fresh model accepts records narrower than its own layers."""
-    hooks = getattr(old, "_state_dict_hooks", {})
-    mark = next(
-        (getattr(h, "hook", h) for h in hooks.values() if isinstance(getattr(h, "hook", h), NarrowedMark)),
-        None,
-    )
+    mark = _mark_of(old)
     if mark is not None and not _is_narrowed(new):
         new.register_state_dict_post_hook(NarrowedMark(getattr(mark, "dense", None)))
+
+
+def _mark_of(module: nn.Module) -> NarrowedMark | None:
+    """``module``'s :class:`NarrowedMark`, or None."""
+    hooks = getattr(module, "_state_dict_hooks", {})
+    return next((m for h in hooks.values() if isinstance(m := getattr(h, "hook", h), NarrowedMark)), None)
 
 
 def _is_narrowed(module: nn.Module) -> bool:
     """Whether ``module`` carries a :class:`NarrowedMark` (it lost channels in this process, or
     was narrowed to a checkpoint's widths)."""
-    hooks = getattr(module, "_state_dict_hooks", {})
-    return any(isinstance(getattr(h, "hook", h), NarrowedMark) for h in hooks.values())
+    return _mark_of(module) is not None
 
 
 def state_dict_of(checkpoint: str | os.PathLike | IO[bytes] | dict[str, Any]) -> dict[str, Any]:
@@ -317,12 +318,11 @@ def dense_resets(model: nn.Module, skeleton: dict[str, nn.Module]) -> dict[str, 
     pruned), for the outermost modules of ``model`` that pruning changed (another type, other
     tensor shapes or another head count), on their device: swapped in, they give back the
     architecture the checkpoint loaders start from. Their values are left to the load."""
-    before = skeleton
     out: dict[str, nn.Module] = {}
     for name, m in model.named_modules():
         if not name or any(name.startswith(r + ".") for r in out):
             continue
-        s = before.get(name)
+        s = skeleton.get(name)
         if s is None:
             continue
         if type(m) is type(s) and _own_shapes(m) == _own_shapes(s) and head_count(m) == head_count(s):
